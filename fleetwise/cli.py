@@ -1,0 +1,66 @@
+"""The `fleetwise` command line."""
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+model_app = typer.Typer(help="Model files.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that compare against a baseline measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+
+
+@model_app.command("init")
+def model_init(
+    out: Path = typer.Option(..., "--out", help="Directory to write the model to."),
+    preset: str = typer.Option("tiny", "--preset", help="tiny (tests) or small (benchmarks)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same files."),
+):
+    """Write a randomly initialised Llama model in Hugging Face layout."""
+    from fleetwise.worker.model_files import PRESETS, write_model
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}",
+                                 param_hint="--preset")
+    path = write_model(out, preset, seed)
+    typer.echo(f"wrote a {preset} model to {path}")
+
+
+@app.command()
+def worker(
+    model: Path = typer.Option(..., "--model", help="Model directory (Hugging Face layout)."),
+    role: str = typer.Option("mixed", "--role", help="prefill, decode or mixed."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8001, "--port"),
+    served_model_name: str = typer.Option(None, "--served-model-name", help="Name in the API (default: the directory name)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    block_size: int = typer.Option(16, "--block-size"),
+    num_blocks: int = typer.Option(None, "--num-blocks", help="KV cache blocks (default: from --kv-cache-mib)."),
+    kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", help="KV cache memory budget."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens"),
+    max_model_len: int = typer.Option(None, "--max-model-len"),
+    max_waiting: int = typer.Option(1024, "--max-waiting", help="Queue bound; beyond it requests get 429."),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
+    health_stall_seconds: float = typer.Option(30.0, "--health-stall-seconds",
+                                               help="/health turns 503 when one engine step takes longer."),
+):
+    """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
+    if role not in ("prefill", "decode", "mixed"):
+        raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
+    from fleetwise.worker.config import EngineConfig
+    from fleetwise.worker.server import serve
+    config = EngineConfig(
+        model=str(model), served_model_name=served_model_name, dtype=dtype, device=device,
+        block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_mib << 20,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
+        max_waiting=max_waiting)
+    serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds)
+
+
+if __name__ == "__main__":
+    app()

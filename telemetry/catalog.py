@@ -1,0 +1,30 @@
+"""Metric names shared by the worker, the router, the controllers and the dashboards.
+
+Serving metrics keep vLLM's names so that existing dashboards and endpoint pickers work;
+fleetwise's own metrics carry the `fleetwise_` prefix.
+"""
+
+# vLLM-compatible serving metrics, labelled with model_name
+NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
+NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
+INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
+E2E_REQUEST_LATENCY = "vllm:e2e_request_latency_seconds"
+PROMPT_TOKENS = "vllm:prompt_tokens"          # counter, exposed as ..._total
+GENERATION_TOKENS = "vllm:generation_tokens"  # counter, exposed as ..._total
+NUM_PREEMPTIONS = "vllm:num_preemptions"      # counter
+PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"  # counter, tokens
+PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"        # counter, tokens
+REQUEST_SUCCESS = "vllm:request_success"      # counter, label finished_reason
+
+# fleetwise worker metrics, labelled with model_name and role
+STEP_SECONDS = "fleetwise_step_seconds"
+STEP_FORWARD_SECONDS = "fleetwise_step_forward_seconds"
+BATCH_TOKENS = "fleetwise_batch_tokens"
+BATCH_SEQS = "fleetwise_batch_seqs"
+KV_BLOCKS_USED = "fleetwise_kv_blocks_used"
+KV_BLOCKS_FREE = "fleetwise_kv_blocks_free"
+REQUESTS_REJECTED = "fleetwise_requests_rejected"  # counter, label reason
+REQUEST_ERRORS = "fleetwise_request_errors"        # counter: requests failed inside the engine
+ENGINE_HEARTBEAT_AGE = "fleetwise_engine_heartbeat_age_seconds"

@@ -1,0 +1,150 @@
+"""Runs the engine loop in its own thread; the HTTP side awaits per-request output streams.
+
+The loop never waits on the HTTP side and the HTTP side never waits on a forward pass:
+requests and aborts travel to the loop through a queue, outputs come back through
+`call_soon_threadsafe`. The loop's heartbeat tells /health whether it is alive and stepping.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import AsyncIterator
+
+from .engine import LLMEngine, RequestError, RequestOutput
+from .sequence import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the worker's queue is full ({waiting} requests waiting); retry later")
+        self.retry_after = retry_after
+
+
+class EngineDead(Exception):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, idle_poll: float = 0.2):
+        self.engine = engine
+        self.idle_poll = idle_poll
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pending = 0  # submitted, not yet seen by the loop
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+        self.error: BaseException | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def stalled_for(self) -> float:
+        """Seconds since the loop last came round."""
+        return time.monotonic() - self.heartbeat
+
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting + self._pending
+
+    # -- called from the event loop ---------------------------------------------------------
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields outputs of all choices as they come; aborts the request if the consumer
+        stops early (a client that went away), so its blocks are freed at once."""
+        if not self.alive:
+            raise EngineDead("the engine loop is not running")
+        self.engine.validate(prompt_token_ids, params)
+        waiting = self.num_waiting()
+        if waiting >= self.engine.config.max_waiting:
+            raise QueueFull(waiting, retry_after=max(1, int(waiting * self.engine.last_step_seconds) + 1))
+        request_id = request_id or uuid.uuid4().hex
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._pending += 1
+        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._wake.set()
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self._commands.put(("abort", request_id))
+                self._wake.set()
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                self._drain_commands()
+                if not self.engine.has_work():
+                    self._wake.wait(self.idle_poll)
+                    self._wake.clear()
+                    continue
+                self.busy_since = time.monotonic()
+                outputs = self.engine.step()
+                self.busy_since = None
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as exc:  # the loop is gone: fail every open request, /health says so
+            log.exception("the engine loop died")
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"the engine failed: {exc}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, request_id, prompt, params = cmd
+                self._pending -= 1
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except RequestError as exc:
+                    self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+            else:
+                self.engine.abort_request(cmd[1])
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(exc)

@@ -1,0 +1,31 @@
+"""Engine settings (the ModelDeployment's engine section maps onto these)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    served_model_name: str | None = None
+    dtype: str = "auto"              # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"             # auto: cuda when present
+    block_size: int = 16
+    num_blocks: int | None = None    # KV blocks; None: sized from kv_cache_bytes
+    kv_cache_bytes: int = 256 << 20  # KV memory budget when num_blocks is None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_waiting: int = 1024          # queue bound; beyond it requests are refused (429)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be at least 1")
+        if self.served_model_name is None:
+            self.served_model_name = Path(self.model).name

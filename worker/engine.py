@@ -1,0 +1,247 @@
+"""The engine: requests in, one batched step at a time, token and text deltas out."""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .llama import ModelConfig
+from .metrics import WorkerMetrics
+from .model_runner import ModelRunner
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import SamplingParams, Sequence, SequenceStatus
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message says why and names the parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class RequestOutput:
+    """What one choice of a request gained in one step."""
+    request_id: str
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list = field(default_factory=list)  # per token: (logprob, [(id, logprob), ...])
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _TextState:
+    detok: IncrementalDetokenizer
+    emitted: int = 0  # characters of detok.text already sent
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, metrics: WorkerMetrics | None = None):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.runner = ModelRunner(config, self.model_config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.metrics = metrics or WorkerMetrics(config.served_model_name)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._text: dict[int, _TextState] = {}
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        # test-only fault switch: called with each batch before the forward pass
+        self.fault_hook: Callable[[ScheduledBatch], None] | None = None
+        self.last_step_forward_seconds = 0.0
+        self.last_step_seconds = 0.0
+
+    # -- requests ---------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{n + params.max_tokens} were requested ({n} in the prompt, {params.max_tokens} "
+                "for the completion); shorten the prompt or lower max_tokens", "max_tokens")
+        blocks = self.block_manager.blocks_needed(n + params.max_tokens)
+        if blocks > self.block_manager.num_blocks:
+            raise RequestError(f"the request needs {blocks} KV cache blocks but this worker has "
+                               f"{self.block_manager.num_blocks}; lower max_tokens", "max_tokens")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"stop token id {bad} is outside the vocabulary", "stop_token_ids")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seq = Sequence(prompt_token_ids, params, request_id, i, parent=seqs[0] if seqs else None)
+            detok = IncrementalDetokenizer(self.tokenizer)
+            detok.start(prompt_token_ids)
+            self._text[seq.seq_id] = _TextState(detok)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._text.pop(seq.seq_id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        bm = self.block_manager
+        q0, h0 = bm.prefix_queries, bm.prefix_hits
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        forward = 0.0
+        if batch:
+            t1 = time.perf_counter()
+            try:
+                if self.fault_hook:
+                    self.fault_hook(batch)
+                rows, sampled = self.runner.run(batch)
+                forward = time.perf_counter() - t1
+                self.scheduler.update_computed(batch)
+                outputs = self._process(batch, rows, sampled)
+            except Exception:
+                log.exception("a step of %d sequences failed; running them one by one", len(batch.seqs))
+                outputs = self._run_isolated(batch)
+        if bm.prefix_queries != q0:
+            self.metrics.on_admit(bm.prefix_queries - q0, bm.prefix_hits - h0)
+        self.last_step_seconds = time.perf_counter() - t0
+        self.last_step_forward_seconds = forward
+        used = bm.num_blocks - bm.num_free_blocks
+        self.metrics.on_step(self.last_step_seconds, forward, batch.num_tokens, len(batch.seqs),
+                             self.num_running, self.num_waiting, used, bm.num_free_blocks,
+                             len(batch.preempted))
+        return outputs
+
+    def _run_isolated(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A failed batch is retried one sequence at a time; only a sequence that fails on its
+        own is failed. Nothing advanced in the failed attempt, so the retry is exact."""
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                continue
+            single = ScheduledBatch([seq], [n])
+            try:
+                if self.fault_hook:
+                    self.fault_hook(single)
+                rows, sampled = self.runner.run(single)
+                self.scheduler.update_computed(single)
+                outputs.extend(self._process(single, rows, sampled))
+            except Exception as exc:
+                log.exception("request %s failed in the engine", seq.request_id)
+                outputs.append(self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def _process(self, batch: ScheduledBatch, rows: list[int], sampled) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for j, i in enumerate(rows):
+            seq = batch.seqs[i]
+            token = sampled.token_ids[j]
+            seq.append_token(token)
+            lp = sampled.logprobs[j]
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.metrics.on_first_token(now - seq.arrival_time)
+            else:
+                self.metrics.on_token(now - seq.last_token_time)
+            seq.last_token_time = now
+            outputs.append(self._emit(seq, token, lp))
+        return outputs
+
+    def _emit(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        p = seq.params
+        state = self._text[seq.seq_id]
+        reason = None
+        ids = seq.token_ids
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            reason = "stop"
+            ids = ids[:-1]  # the stop token's text is not part of the output
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        state.detok.step(ids)
+        if reason is not None:
+            state.detok.flush(ids)
+        text = state.detok.text
+        if p.stop:
+            hit = _find_stop(text, p.stop, state.emitted)
+            if hit is not None:
+                text = state.detok.text = text[:hit]
+                reason = "stop"
+        if reason is None and p.stop:
+            # hold back what could still become a stop string
+            ready = max(state.emitted, len(text) - (max(len(s) for s in p.stop) - 1))
+        else:
+            ready = len(text)
+        out = RequestOutput(seq.request_id, seq.index, [token], text[state.emitted:ready],
+                            [logprob] if logprob is not None else [],
+                            num_prompt_tokens=seq.num_prompt_tokens,
+                            num_output_tokens=seq.num_output_tokens,
+                            num_cached_tokens=seq.num_cached_tokens)
+        state.emitted = ready
+        if reason is not None:
+            self._finish(seq, reason, out)
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, out: RequestOutput | None = None,
+                error: str | None = None) -> RequestOutput:
+        if not seq.is_finished:
+            self.scheduler.finish(seq, reason)
+        out = out or RequestOutput(seq.request_id, seq.index, num_prompt_tokens=seq.num_prompt_tokens,
+                                   num_output_tokens=seq.num_output_tokens)
+        out.finished, out.finish_reason, out.error = True, reason, error
+        self.metrics.on_finish(reason, time.monotonic() - seq.arrival_time, seq.num_prompt_tokens,
+                               seq.num_output_tokens)
+        seqs = self.requests.get(seq.request_id, [])
+        self._text.pop(seq.seq_id, None)
+        if all(s.is_finished for s in seqs):
+            self.requests.pop(seq.request_id, None)
+        return out
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Earliest position of a stop string that ends after what was already sent."""
+    start = max(0, emitted - max(len(s) for s in stops))
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None

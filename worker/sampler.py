@@ -1,0 +1,143 @@
+"""Batched sampling on the model's device: one set of tensor operations for the whole batch.
+
+Order: penalties on the raw logits, then temperature, min-p, top-k and top-p, then one draw
+per row. Greedy rows take the argmax of the penalised logits. Random draws use the
+exponential race (argmax of p / q with q ~ Exp(1)), which equals sampling from p; rows with
+a seed draw their q from their own generator, so a seeded request gives the same tokens in
+any batch. Log-probabilities are those of the model's raw distribution.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .sequence import Sequence
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor | None     # [B], None when every row is greedy
+    greedy: torch.Tensor | None          # [B] bool
+    top_k: torch.Tensor | None           # [B] long, V where off
+    top_p: torch.Tensor | None           # [B]
+    min_p: torch.Tensor | None           # [B]
+    repetition: torch.Tensor | None      # [B]
+    presence: torch.Tensor | None        # [B]
+    frequency: torch.Tensor | None       # [B]
+    prompt_mask: torch.Tensor | None     # [B, V] bool: token occurs in the prompt
+    output_counts: torch.Tensor | None   # [B, V]: occurrences in the output so far
+    generators: dict[int, torch.Generator]
+    num_logprobs: list[int | None]
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+        ps = [s.params for s in seqs]
+        B = len(seqs)
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        all_greedy = all(p.greedy for p in ps)
+        meta = cls(None, None, None, None, None, None, None, None, None, None, {},
+                   [p.logprobs for p in ps])
+        if not all_greedy:
+            meta.greedy = col([p.greedy for p in ps], torch.bool)
+            meta.temperature = col([p.temperature if not p.greedy else 1.0 for p in ps])
+            if any(p.top_k > 0 for p in ps):
+                meta.top_k = col([p.top_k if p.top_k > 0 else vocab_size for p in ps], torch.long)
+            if any(p.top_p < 1.0 for p in ps):
+                meta.top_p = col([p.top_p for p in ps])
+            if any(p.min_p > 0 for p in ps):
+                meta.min_p = col([p.min_p for p in ps])
+            for i, s in enumerate(seqs):
+                if s.params.seed is not None and not s.params.greedy:
+                    meta.generators[i] = s.generator(device)
+        need_rep = any(p.repetition_penalty != 1.0 for p in ps)
+        need_freq = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        if need_rep or need_freq:
+            outputs = [s.output_token_ids for s in seqs]
+            width = max(1, max(len(o) for o in outputs))
+            padded = torch.full((B, width), vocab_size, dtype=torch.long)
+            for i, o in enumerate(outputs):
+                padded[i, :len(o)] = torch.tensor(o, dtype=torch.long)
+            counts = torch.zeros(B, vocab_size + 1, dtype=torch.float32)
+            counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+            meta.output_counts = counts[:, :vocab_size].to(device)
+            meta.presence = col([p.presence_penalty for p in ps])
+            meta.frequency = col([p.frequency_penalty for p in ps])
+            if need_rep:
+                meta.repetition = col([p.repetition_penalty for p in ps])
+                mask = torch.zeros(B, vocab_size + 1, dtype=torch.bool)
+                for i, s in enumerate(seqs):
+                    mask[i, s.token_ids[:s.num_prompt_tokens]] = True
+                meta.prompt_mask = mask[:, :vocab_size].to(device)
+        return meta
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: None, or (logprob of the sampled token, [(token id, logprob), ...] top-k)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    if m.output_counts is None:
+        return logits
+    if m.repetition is not None:
+        seen = m.prompt_mask | (m.output_counts > 0)
+        rep = m.repetition[:, None].expand_as(logits)
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    return (logits - m.frequency[:, None] * m.output_counts
+            - m.presence[:, None] * (m.output_counts > 0).float())
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (vocab - top_k).clamp(min=0)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p)[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(sorted_logits).scatter_(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
+    """logits: [B, V] float32."""
+    raw = logits
+    logits = apply_penalties(logits, m)
+    if m.temperature is None:
+        tokens = logits.argmax(dim=-1)
+    else:
+        greedy_tokens = logits.argmax(dim=-1)
+        x = logits / m.temperature[:, None]
+        if m.min_p is not None:
+            probs = x.softmax(dim=-1)
+            cutoff = m.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            x = x.masked_fill(probs < cutoff, float("-inf"))
+        if m.top_k is not None or m.top_p is not None:
+            x = apply_top_k_top_p(x, m.top_k, m.top_p)
+        probs = x.softmax(dim=-1)
+        q = torch.empty_like(probs).exponential_()
+        for row, gen in m.generators.items():
+            q[row].exponential_(generator=gen)
+        random_tokens = (probs / q).argmax(dim=-1)
+        tokens = torch.where(m.greedy, greedy_tokens, random_tokens)
+    token_list = tokens.tolist()
+    logprobs: list = [None] * len(token_list)
+    rows = [i for i, k in enumerate(m.num_logprobs) if k is not None]
+    if rows:
+        lp = raw[rows].log_softmax(dim=-1)
+        k = max(m.num_logprobs[i] for i in rows)
+        top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+        chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = m.num_logprobs[i]
+            logprobs[i] = (chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+    return SamplerOutput(token_list, logprobs)
