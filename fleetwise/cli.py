@@ -62,5 +62,20 @@ def worker(
     serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds)
 
 
+@bench_app.command("core")
+def bench_core(
+    requests: int = typer.Option(200, "--requests", help="Requests drawn from the Azure conversation trace."),
+    preset: str = typer.Option("small", "--preset", help="Model preset to benchmark."),
+    model: Path = typer.Option(None, "--model", help="Use this model directory instead of a preset."),
+    trace: Path = typer.Option(None, "--trace", help="Azure LLM trace CSV (default: the conversation trace)."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    seed: int = typer.Option(0, "--seed"),
+    skip: list[str] = typer.Option([], "--skip", help="Baselines to leave out: static, continuous."),
+):
+    """Throughput and latency of the core against transformers, on trace-shaped requests."""
+    from fleetwise.bench.core import run_core_bench
+    run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
+
+
 if __name__ == "__main__":
     app()
