@@ -68,10 +68,10 @@ class AsyncEngine:
 
     # -- called from the event loop ---------------------------------------------------------
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields outputs of all choices as they come; aborts the request if the consumer
-        stops early (a client that went away), so its blocks are freed at once."""
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams,
+               request_id: str | None = None) -> str:
+        """Checks and queues a request (raising RequestError, QueueFull or EngineDead at once);
+        its outputs are read with `stream`."""
         if not self.alive:
             raise EngineDead("the engine loop is not running")
         self.engine.validate(prompt_token_ids, params)
@@ -79,25 +79,40 @@ class AsyncEngine:
         if waiting >= self.engine.config.max_waiting:
             raise QueueFull(waiting, retry_after=max(1, int(waiting * self.engine.last_step_seconds) + 1))
         request_id = request_id or uuid.uuid4().hex
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
+        self._streams[request_id] = asyncio.Queue()
         self._pending += 1
         self._commands.put(("add", request_id, prompt_token_ids, params))
         self._wake.set()
-        remaining = params.n
+        return request_id
+
+    async def stream(self, request_id: str, n: int) -> AsyncIterator[RequestOutput]:
+        """Yields the outputs of all `n` choices as they come; if the consumer stops early
+        (a client that went away) the request is aborted and its blocks are freed at once."""
+        queue_ = self._streams[request_id]
+        remaining = n
         try:
             while remaining:
-                item = await stream.get()
+                item = await queue_.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
                     remaining -= 1
                 yield item
         finally:
-            self._streams.pop(request_id, None)
             if remaining:
-                self._commands.put(("abort", request_id))
-                self._wake.set()
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        request_id = self.submit(prompt_token_ids, params, request_id)
+        async for out in self.stream(request_id, params.n):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
 
     # -- the engine thread ------------------------------------------------------------------
 
