@@ -105,10 +105,10 @@ class LLMEngine:
         self.requests[request_id] = seqs
 
     def abort_request(self, request_id: str) -> None:
-        for seq in self.requests.pop(request_id, []):
+        for seq in list(self.requests.get(request_id, [])):
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-            self._text.pop(seq.seq_id, None)
+                self._finish(seq, "abort")
+        self.requests.pop(request_id, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -250,6 +250,10 @@ def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: fl
                 message += f" (and {len(errors) - 1} more problems)"
         return _error_response(APIError(400, message, param=".".join(loc) or None))
 
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, e: EngineDead):
+        return _error_response(APIError(503, str(e), type_="server_error", code="engine_unavailable"))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         return _error_response(APIError(e.status_code, str(e.detail), type_="invalid_request_error"))
