@@ -47,6 +47,9 @@ def worker(
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
     health_stall_seconds: float = typer.Option(30.0, "--health-stall-seconds",
                                                help="/health turns 503 when one engine step takes longer."),
+    kv_lease_seconds: float = typer.Option(30.0, "--kv-lease-seconds",
+                                           help="Prefill role: how long a prompt's KV waits for a decode worker."),
+    fault: list[str] = typer.Option([], "--fault", hidden=True, help="Test-only fault switches (corrupt-kv)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
@@ -58,8 +61,9 @@ def worker(
         block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_mib << 20,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
-        max_waiting=max_waiting)
-    serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds)
+        max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds)
+    serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
+          faults=frozenset(fault))
 
 
 @bench_app.command("core")

@@ -28,3 +28,10 @@ KV_BLOCKS_FREE = "fleetwise_kv_blocks_free"
 REQUESTS_REJECTED = "fleetwise_requests_rejected"  # counter, label reason
 REQUEST_ERRORS = "fleetwise_request_errors"        # counter: requests failed inside the engine
 ENGINE_HEARTBEAT_AGE = "fleetwise_engine_heartbeat_age_seconds"
+
+# prefill -> decode handoff
+KV_TRANSFER_BYTES = "fleetwise_kv_transfer_bytes"      # counter, label direction (sent|received)
+KV_TRANSFER_SECONDS = "fleetwise_kv_transfer_seconds"  # histogram, one pull
+KV_RECOMPUTES = "fleetwise_kv_recomputes"              # counter, label reason: prompts recomputed instead
+KV_LEASES = "fleetwise_kv_leases"                      # gauge: prompts held for a decode worker
+KV_LEASES_EXPIRED = "fleetwise_kv_leases_expired"      # counter: leases nobody pulled in time

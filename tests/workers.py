@@ -50,9 +50,10 @@ class RunningWorker:
                              f"{bm.num_blocks - bm.num_free_blocks} blocks held")
 
 
-def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds: float = 30.0) -> RunningWorker:
+def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds: float = 30.0,
+                 faults: frozenset[str] = frozenset()) -> RunningWorker:
     engine = AsyncEngine(LLMEngine(config, WorkerMetrics(config.served_model_name, role)))
-    app = build_app(engine, role, health_stall_seconds)
+    app = build_app(engine, role, health_stall_seconds, faults)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)

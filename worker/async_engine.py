@@ -66,10 +66,14 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting + self._pending
 
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: one step per waiting request, at least 1."""
+        return max(1, int(self.num_waiting() * self.engine.last_step_seconds) + 1)
+
     # -- called from the event loop ---------------------------------------------------------
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> str:
+               request_id: str | None = None, hold_kv: bool = False) -> str:
         """Checks and queues a request (raising RequestError, QueueFull or EngineDead at once);
         its outputs are read with `stream`."""
         if not self.alive:
@@ -77,13 +81,27 @@ class AsyncEngine:
         self.engine.validate(prompt_token_ids, params)
         waiting = self.num_waiting()
         if waiting >= self.engine.config.max_waiting:
-            raise QueueFull(waiting, retry_after=max(1, int(waiting * self.engine.last_step_seconds) + 1))
+            raise QueueFull(waiting, self.retry_after())
         request_id = request_id or uuid.uuid4().hex
         self._streams[request_id] = asyncio.Queue()
         self._pending += 1
-        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._commands.put(("add", request_id, prompt_token_ids, params, hold_kv))
         self._wake.set()
         return request_id
+
+    def open_stream(self, request_id: str) -> None:
+        """Output stream for a request that enters the engine by other means (a KV handoff)."""
+        self._streams[request_id] = asyncio.Queue()
+
+    async def call(self, fn, *args):
+        """Runs `fn(*args)` on the engine thread between two steps; its outputs, if it
+        returns a list of them, go to their streams."""
+        if not self.alive:
+            raise EngineDead("the engine loop is not running")
+        future = self._loop.create_future()
+        self._commands.put(("call", fn, args, future))
+        self._wake.set()
+        return await future
 
     async def stream(self, request_id: str, n: int) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of all `n` choices as they come; if the consumer stops early
@@ -121,6 +139,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._drain_commands()
+                if self.engine.leases:
+                    self.engine.expire_leases()
                 if not self.engine.has_work():
                     self._wake.wait(self.idle_poll)
                     self._wake.clear()
@@ -142,12 +162,22 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, prompt, params = cmd
+                _, request_id, prompt, params, hold_kv = cmd
                 self._pending -= 1
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, hold_kv)
                 except RequestError as exc:
                     self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+            elif cmd[0] == "call":
+                _, fn, args, future = cmd
+                try:
+                    result = fn(*args)
+                except Exception as exc:  # handed to the caller
+                    self._loop.call_soon_threadsafe(_settle, future, None, exc)
+                else:
+                    if isinstance(result, list) and result and isinstance(result[0], RequestOutput):
+                        self._loop.call_soon_threadsafe(self._dispatch, result)
+                    self._loop.call_soon_threadsafe(_settle, future, result, None)
             else:
                 self.engine.abort_request(cmd[1])
 
@@ -163,3 +193,21 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for stream in self._streams.values():
             stream.put_nowait(exc)
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def tagged(i: int, gen: AsyncIterator[RequestOutput]):
+    """(i, output) for each output of `gen`; closing this closes `gen`."""
+    try:
+        async for out in gen:
+            yield i, out
+    finally:
+        await gen.aclose()

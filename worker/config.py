@@ -20,6 +20,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_waiting: int = 1024          # queue bound; beyond it requests are refused (429)
     seed: int = 0
+    kv_lease_seconds: float = 30.0   # prefill role: how long a finished prompt's blocks wait for a decode worker
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

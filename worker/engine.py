@@ -1,12 +1,16 @@
 """The engine: requests in, one batched step at a time, token and text deltas out."""
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .kv_transfer import DTYPE_NAMES, KVHeader, model_id
 from .llama import ModelConfig
 from .metrics import WorkerMetrics
 from .model_runner import ModelRunner
@@ -42,6 +46,25 @@ class RequestOutput:
 
 
 @dataclass
+class KVLease:
+    """A finished prefill's blocks, kept for a decode worker until it pulls them or time runs out."""
+    seq: Sequence
+    deadline: float
+    readers: int = 0
+    released: bool = False  # by the decode worker (else it expired)
+
+
+@dataclass
+class KVReservation:
+    """Blocks a decode worker set aside for a prompt computed elsewhere: the tokens from
+    `start` on arrive from the prefill worker (those before are in its own prefix cache)."""
+    request_id: str
+    start: int
+    num_tokens: int
+    slots: torch.Tensor
+
+
+@dataclass
 class _TextState:
     detok: IncrementalDetokenizer
     emitted: int = 0  # characters of detok.text already sent
@@ -66,6 +89,9 @@ class LLMEngine:
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None
         self.last_step_forward_seconds = 0.0
         self.last_step_seconds = 0.0
+        self.model_id = model_id(config.model)
+        self.leases: dict[str, KVLease] = {}
+        self._lease_lock = threading.Lock()  # readers of a lease run on the HTTP side
 
     # -- requests ---------------------------------------------------------------------
 
@@ -90,8 +116,20 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"stop token id {bad} is outside the vocabulary", "stop_token_ids")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> None:
+        """`hold_kv`: a prefill; when it has its first token, its blocks stay under a lease
+        (the request id is the handle) for a decode worker to pull."""
+        seqs = self._new_request(request_id, prompt_token_ids, params)
+        if hold_kv and params.n != 1:
+            raise RequestError("a prefill handoff takes n=1", "n")
+        for seq in seqs:
+            seq.hold_kv = hold_kv
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        if request_id in self.requests or request_id in self.leases:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         seqs: list[Sequence] = []
@@ -101,8 +139,112 @@ class LLMEngine:
             detok.start(prompt_token_ids)
             self._text[seq.seq_id] = _TextState(detok)
             seqs.append(seq)
+        return seqs
+
+    # -- prefill side of a handoff: leases on finished prompts ---------------------------
+
+    def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """Keys and values of a held prompt from token `start` on, layer by layer. Safe to
+        call from another thread: the lease cannot expire while it is being read."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is None:
+                raise KeyError(handle)
+            seq = lease.seq
+            if lease.released:
+                raise KeyError(handle)
+            if not 0 <= start <= seq.num_prompt_tokens:
+                raise ValueError(f"start must be within the prompt (0..{seq.num_prompt_tokens})")
+            lease.readers += 1
+        mc = self.model_config
+        header = KVHeader(self.model_id, DTYPE_NAMES[self.runner.dtype], mc.num_hidden_layers,
+                          mc.num_key_value_heads, mc.head_dim, start, seq.num_prompt_tokens - start)
+        slots = self.slots(seq, start, seq.num_prompt_tokens)
+
+        def layers():
+            for cache in self.runner.kv_caches:
+                yield cache[0][slots], cache[1][slots]
+        return header, layers()
+
+    def close_kv(self, handle: str) -> None:
+        """Pairs with open_kv, whether the reader finished or not."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is not None:
+                lease.readers -= 1
+
+    def release_kv(self, handle: str) -> bool:
+        """The decode worker has the blocks (or gave up): free them now, or once the last reader is done."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is None:
+                return False
+            lease.deadline = 0.0
+            lease.released = True
+        self.expire_leases()
+        return True
+
+    def expire_leases(self) -> list[str]:
+        now = time.monotonic()
+        with self._lease_lock:
+            expired = [h for h, lease in self.leases.items() if lease.deadline <= now and lease.readers == 0]
+            gone = [self.leases.pop(h) for h in expired]
+            held = len(self.leases)
+        for lease in gone:
+            self.block_manager.free(lease.seq)
+        if gone:
+            self.metrics.on_leases(held, sum(not lease.released for lease in gone))
+        return expired
+
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        bs = self.block_manager.block_size
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return (table[pos // bs] * bs + pos % bs).to(self.runner.device)
+
+    # -- decode side of a handoff -----------------------------------------------------------
+
+    def reserve_kv(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                   params: SamplingParams, first_logprob=None) -> KVReservation | None:
+        """Takes a request whose prompt was computed elsewhere. Returns the slots to fill,
+        or None when there are no blocks to spare (the prompt is then recomputed here)."""
+        if params.n != 1:
+            raise RequestError("a decode handoff takes n=1", "n")
+        [seq] = self._new_request(request_id, prompt_token_ids, params)
+        seq.append_token(first_token)
+        if first_logprob is not None:
+            seq.output_logprobs.append(first_logprob)
+        seq.skip_draws = 1  # the prefill worker made the first draw of a seeded request
+        seq.status = SequenceStatus.RESERVED
+        self.requests[request_id] = [seq]
+        bm = self.block_manager
+        computed = bm.get_computed_blocks(seq)
+        n = len(prompt_token_ids)
+        num_new = n - len(computed) * bm.block_size
+        if not bm.can_allocate(seq, num_new, computed, self.scheduler.watermark):
+            return None
+        bm.allocate(seq, num_new, computed)
+        return KVReservation(request_id, seq.num_computed_tokens, num_new, self.slots(seq, seq.num_computed_tokens, n))
+
+    def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
+        """The reserved prompt's keys and values are in place (`received`) and it joins the
+        running batch, or they are not and it queues to be recomputed. Emits the first token."""
+        seqs = self.requests.get(request_id)
+        if not seqs or seqs[0].status != SequenceStatus.RESERVED:
+            return []  # aborted meanwhile
+        seq = seqs[0]
+        if received:
+            seq.num_computed_tokens = seq.num_prompt_tokens
+            self.block_manager.cache_full_blocks(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
             self.scheduler.add(seq)
-        self.requests[request_id] = seqs
+        seq.first_token_time = seq.last_token_time = time.monotonic()
+        lp = seq.output_logprobs[0] if seq.output_logprobs else None
+        return [self._emit(seq, seq.last_token, lp)]
 
     def abort_request(self, request_id: str) -> None:
         for seq in list(self.requests.get(request_id, [])):
@@ -227,7 +369,13 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, out: RequestOutput | None = None,
                 error: str | None = None) -> RequestOutput:
         if not seq.is_finished:
-            self.scheduler.finish(seq, reason)
+            hold = seq.hold_kv and reason == "length"
+            self.scheduler.finish(seq, reason, free=not hold)
+            if hold:
+                with self._lease_lock:
+                    self.leases[seq.request_id] = KVLease(seq, time.monotonic() + self.config.kv_lease_seconds)
+                    held = len(self.leases)
+                self.metrics.on_leases(held, 0)
         out = out or RequestOutput(seq.request_id, seq.index, num_prompt_tokens=seq.num_prompt_tokens,
                                    num_output_tokens=seq.num_output_tokens)
         out.finished, out.finish_reason, out.error = True, reason, error

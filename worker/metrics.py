@@ -41,6 +41,15 @@ class WorkerMetrics:
         self.rejected = Counter(c.REQUESTS_REJECTED, "Requests refused before reaching the engine.", mr + ["reason"], registry=r)
         self.errors = Counter(c.REQUEST_ERRORS, "Requests that failed inside the engine.", mr, registry=r)
         self.heartbeat_age = Gauge(c.ENGINE_HEARTBEAT_AGE, "Seconds since the engine loop last ran.", mr, registry=r)
+        self.kv_bytes = Counter(c.KV_TRANSFER_BYTES, "KV cache bytes moved between workers.",
+                                mr + ["direction"], registry=r)
+        self.kv_seconds = Histogram(c.KV_TRANSFER_SECONDS, "Time to pull one prompt's KV cache.", mr,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_recomputes = Counter(c.KV_RECOMPUTES, "Handed-off prompts recomputed instead of pulled.",
+                                     mr + ["reason"], registry=r)
+        self.kv_leases = Gauge(c.KV_LEASES, "Prompts whose KV cache is held for a decode worker.", mr, registry=r)
+        self.kv_leases_expired = Counter(c.KV_LEASES_EXPIRED, "KV leases freed because nobody pulled them.",
+                                         mr, registry=r)
         self.model_name, self.role = model_name, role
         self._m = {"model_name": model_name}
         self._mr = {"model_name": model_name, "role": role}
@@ -50,7 +59,8 @@ class WorkerMetrics:
                        self.prefix_queries, self.prefix_hits):
             metric.labels(**self._m)
         for metric in (self.step_seconds, self.forward_seconds, self.batch_tokens, self.batch_seqs,
-                       self.blocks_used, self.blocks_free, self.errors, self.heartbeat_age):
+                       self.blocks_used, self.blocks_free, self.errors, self.heartbeat_age,
+                       self.kv_seconds, self.kv_leases, self.kv_leases_expired):
             metric.labels(**self._mr)
 
     def on_step(self, seconds: float, forward_seconds: float, num_tokens: int, num_seqs: int,
@@ -84,6 +94,19 @@ class WorkerMetrics:
         self.generation_tokens.labels(**self._m).inc(output_tokens)
         if reason == "error":
             self.errors.labels(**self._mr).inc()
+
+    def on_kv_transfer(self, direction: str, nbytes: int, seconds: float | None = None) -> None:
+        self.kv_bytes.labels(direction=direction, **self._mr).inc(nbytes)
+        if seconds is not None:
+            self.kv_seconds.labels(**self._mr).observe(seconds)
+
+    def on_leases(self, held: int, expired: int) -> None:
+        self.kv_leases.labels(**self._mr).set(held)
+        if expired:
+            self.kv_leases_expired.labels(**self._mr).inc(expired)
+
+    def on_kv_recompute(self, reason: str) -> None:
+        self.kv_recomputes.labels(reason=reason, **self._mr).inc()
 
     def on_reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason, **self._mr).inc()

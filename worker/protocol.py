@@ -7,6 +7,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from .sequence import SamplingParams
 
 
+class APIError(Exception):
+    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 

@@ -51,7 +51,7 @@ class SamplingMetadata:
                 meta.min_p = col([p.min_p for p in ps])
             for i, s in enumerate(seqs):
                 if s.params.seed is not None and not s.params.greedy:
-                    meta.generators[i] = s.generator(device)
+                    meta.generators[i] = s.generator(device, vocab_size)
         need_rep = any(p.repetition_penalty != 1.0 for p in ps)
         need_freq = any(p.presence_penalty or p.frequency_penalty for p in ps)
         if need_rep or need_freq:

@@ -48,13 +48,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence (done, aborted or failed) and gives its blocks back at once."""
+    def finish(self, seq: Sequence, reason: str, free: bool = True) -> None:
+        """Ends a sequence (done, aborted or failed) and gives its blocks back at once,
+        unless `free` is False: then the caller holds them (a prefill's KV lease)."""
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if free:  # (a RESERVED sequence is in neither queue; its blocks are freed here too)
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

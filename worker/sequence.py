@@ -51,6 +51,7 @@ class SamplingParams:
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
+    RESERVED = auto()   # blocks allocated, keys and values arriving from a prefill worker
     FINISHED = auto()
 
 
@@ -64,6 +65,8 @@ class Sequence:
         self.request_id = request_id
         self.index = index               # choice index within its request (n > 1)
         self.parent = parent             # a sibling whose prompt blocks this one reuses
+        self.hold_kv = False             # prefill role: keep the prompt's blocks for a decode worker
+        self.skip_draws = 0              # random draws another worker already made for this request
         self.params = params
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -105,8 +108,11 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The request's own random stream (seeded requests only); it survives preemption."""
+    def generator(self, device: torch.device, vocab_size: int) -> torch.Generator:
+        """The request's own random stream (seeded requests only); it survives preemption
+        and continues where a prefill worker's left off."""
         if self._generator is None:
             self._generator = torch.Generator(device=device).manual_seed(self.params.seed + self.index)
+            for _ in range(self.skip_draws):
+                torch.empty(vocab_size, device=device).exponential_(generator=self._generator)
         return self._generator

@@ -15,25 +15,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, EngineDead, QueueFull
+from .async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from .config import EngineConfig
 from .engine import LLMEngine, RequestError, RequestOutput
 from .metrics import WorkerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .handoff import add_handoff_routes
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -133,12 +122,18 @@ class WorkerAPI:
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0])
 
-    async def run(self, prompts: list[list[int]], params_list, request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Starts every prompt (each with n choices); yields (prompt index, output)."""
-        submitted: list[str] = []
+    def check_capacity(self) -> None:
+        waiting = self.engine.num_waiting()
+        if waiting >= self.core.config.max_waiting:
+            self.metrics.on_reject("queue_full")
+            e = QueueFull(waiting, self.engine.retry_after())
+            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)})
+
+    def submit(self, prompt: list[int], params, hold_kv: bool = False) -> str:
+        """Queues one prompt in the engine; refusals become OpenAI-shaped errors."""
         try:
-            for ids, params in zip(prompts, params_list):
-                submitted.append(self.engine.submit(ids, params))
+            return self.engine.submit(prompt, params, hold_kv=hold_kv)
         except RequestError as e:
             self.metrics.on_reject("invalid")
             raise APIError(400, str(e), param=e.param)
@@ -148,11 +143,18 @@ class WorkerAPI:
                            headers={"Retry-After": str(e.retry_after)})
         except EngineDead as e:
             raise APIError(503, str(e), type_="server_error", code="engine_unavailable")
+
+    async def run(self, prompts: list[list[int]], params_list, request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Starts every prompt (each with n choices); yields (prompt index, output)."""
+        submitted: list[str] = []
+        try:
+            for ids, params in zip(prompts, params_list):
+                submitted.append(self.submit(ids, params))
         finally:
             if len(submitted) < len(prompts):
                 for request_id in submitted:
                     self.engine.abort(request_id)
-        return _merged([_tag(i, self.engine.stream(rid, p.n))
+        return _merged([tagged(i, self.engine.stream(rid, p.n))
                         for i, (rid, p) in enumerate(zip(submitted, params_list))])
 
     async def collect(self, stream: AsyncIterator, request: Request) -> list:
@@ -176,6 +178,70 @@ class WorkerAPI:
         finally:
             if not task.done():
                 task.cancel()
+
+    def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list]:
+        self.check_model(req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of not in (None, req.n):
+            raise APIError(400, "best_of must equal n when given", param="best_of")
+        prompts = self.completion_prompts(req)
+        return prompts, [self.params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
+
+    def prepare_chat(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        prompt = self.chat_prompt(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return prompt, self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs)
+
+    async def gather(self, stream, request: Request, n: int):
+        """A non-streaming response's choices: {choice index: text, tokens, logprobs, reason, count}."""
+        choices: dict[int, dict] = {}
+        cached = 0
+        for i, out in await self.collect(stream, request):
+            c = choices.setdefault(i * n + out.index, {"text": "", "tokens": [], "logprobs": [],
+                                                       "reason": None, "count": 0})
+            c["text"] += out.text
+            c["tokens"] += out.token_ids
+            c["logprobs"] += out.logprobs
+            c["count"] = out.num_output_tokens
+            cached = max(cached, out.num_cached_tokens)
+            if out.finished:
+                c["reason"] = out.finish_reason
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}", type_="server_error")
+        return dict(sorted(choices.items())), cached
+
+    async def respond_completion(self, req: CompletionRequest, prompts, stream, request: Request):
+        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_completion_events(self, stream, prompts, rid, created, n, include_usage),
+                                     media_type="text/event-stream")
+        choices, cached = await self.gather(stream, request, n)
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": k, "text": c["text"], "finish_reason": c["reason"],
+                             "logprobs": self.completion_logprobs(c["logprobs"], c["tokens"], 0)
+                             if req.logprobs is not None else None} for k, c in choices.items()],
+                "usage": _usage(prompts, {k: c["count"] for k, c in choices.items()}, cached)}
+
+    async def respond_chat(self, req: ChatCompletionRequest, prompt: list[int], stream, request: Request):
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_chat_events(self, stream, [prompt], rid, created, include_usage, req.logprobs),
+                                     media_type="text/event-stream")
+        choices, cached = await self.gather(stream, request, 1)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": [{"index": k, "message": {"role": "assistant", "content": c["text"]},
+                             "finish_reason": c["reason"],
+                             "logprobs": self.chat_logprobs(c["logprobs"], c["tokens"]) if req.logprobs else None}
+                            for k, c in choices.items()],
+                "usage": _usage([prompt], {k: c["count"] for k, c in choices.items()}, cached)}
 
     # -- logprobs ------------------------------------------------------------------------------
 
@@ -204,14 +270,6 @@ class WorkerAPI:
         return {"content": content}
 
 
-async def _tag(i: int, gen: AsyncIterator[RequestOutput]):
-    try:
-        async for out in gen:
-            yield i, out
-    finally:
-        await gen.aclose()
-
-
 def _usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(outs.values())
@@ -219,7 +277,9 @@ def _usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
             "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: float = 30.0) -> FastAPI:
+def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: float = 30.0,
+              faults: frozenset[str] = frozenset()) -> FastAPI:
+    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
     api = WorkerAPI(engine, role, health_stall_seconds)
 
     @asynccontextmanager
@@ -287,76 +347,15 @@ def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: fl
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        api.check_model(req.model)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of not in (None, req.n):
-            raise APIError(400, "best_of must equal n when given", param="best_of")
-        prompts = api.completion_prompts(req)
-        params = [api.params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
-        stream = await api.run(prompts, params, request)
-        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_completion_events(api, stream, prompts, rid, created, n, include_usage),
-                                     media_type="text/event-stream")
-        outs = await api.collect(stream, request)
-        texts, tokens, logprobs, reasons, counts, cached = {}, {}, {}, {}, {}, 0
-        for i, out in outs:
-            key = i * n + out.index
-            texts[key] = texts.get(key, "") + out.text
-            tokens.setdefault(key, []).extend(out.token_ids)
-            logprobs.setdefault(key, []).extend(out.logprobs)
-            counts[key] = out.num_output_tokens
-            if out.finished:
-                reasons[key] = out.finish_reason
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}", type_="server_error")
-            if out.index == 0:
-                cached = max(cached, out.num_cached_tokens)
-        choices = []
-        for key in sorted(texts.keys() | reasons.keys()):
-            lp = api.completion_logprobs(logprobs[key], tokens[key], 0) if req.logprobs is not None else None
-            choices.append({"index": key, "text": texts.get(key, ""), "logprobs": lp,
-                            "finish_reason": reasons.get(key)})
-        return {"id": rid, "object": "text_completion", "created": created, "model": api.model_name,
-                "choices": choices, "usage": _usage(prompts, counts, cached)}
+        prompts, params = api.prepare_completion(req)
+        return await api.respond_completion(req, prompts, await api.run(prompts, params, request), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        api.check_model(req.model)
-        prompt = api.chat_prompt(req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = [api.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs)]
-        stream = await api.run([prompt], params, request)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_events(api, stream, [prompt], rid, created, include_usage, req.logprobs),
-                                     media_type="text/event-stream")
-        outs = await api.collect(stream, request)
-        texts, tokens, lps, reasons, counts, cached = {}, {}, {}, {}, {}, 0
-        for _, out in outs:
-            k = out.index
-            texts[k] = texts.get(k, "") + out.text
-            tokens.setdefault(k, []).extend(out.token_ids)
-            lps.setdefault(k, []).extend(out.logprobs)
-            counts[k] = out.num_output_tokens
-            cached = max(cached, out.num_cached_tokens)
-            if out.finished:
-                reasons[k] = out.finish_reason
-                if out.error:
-                    raise APIError(500, f"generation failed: {out.error}", type_="server_error")
-        choices = [{"index": k, "message": {"role": "assistant", "content": texts.get(k, "")},
-                    "logprobs": api.chat_logprobs(lps[k], tokens[k]) if req.logprobs else None,
-                    "finish_reason": reasons.get(k)} for k in sorted(texts.keys() | reasons.keys())]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": api.model_name,
-                "choices": choices, "usage": _usage([prompt], counts, cached)}
+        prompt, params = api.prepare_chat(req)
+        return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
+    add_handoff_routes(app, api, faults)
     return app
 
 
@@ -431,9 +430,9 @@ def _chat_events(api: WorkerAPI, stream, prompts, rid, created, include_usage, l
 
 
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
-          health_stall_seconds: float = 30.0) -> None:
+          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = WorkerMetrics(config.served_model_name, role)
     engine = AsyncEngine(LLMEngine(config, metrics))
-    app = build_app(engine, role, health_stall_seconds)
+    app = build_app(engine, role, health_stall_seconds, faults)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,147 @@
+"""Prefill -> decode handoff between two real workers: same tokens as one mixed worker,
+corrupt or mismatched KV streams are recomputed, abandoned leases come back."""
+
+import time
+
+import httpx
+import pytest
+
+from fleetwise.worker.config import EngineConfig
+from fleetwise.worker.handoff import CORRUPT_KV
+from fleetwise.worker.model_files import write_model
+
+from .workers import start_worker
+
+
+def config(model_dir, **kw):
+    return EngineConfig(model=str(model_dir), served_model_name="tiny", block_size=8, num_blocks=256, **kw)
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_dir):
+    workers = {"mixed": start_worker(config(tiny_model_dir), "mixed"),
+               "prefill": start_worker(config(tiny_model_dir), "prefill"),
+               "decode": start_worker(config(tiny_model_dir), "decode")}
+    yield workers
+    for w in workers.values():
+        w.stop()
+
+
+def handoff(prefill, decode, kind: str, request: dict) -> httpx.Response:
+    p = httpx.post(prefill.url + "/internal/prefill", json={"kind": kind, "request": request}, timeout=30)
+    assert p.status_code == 200, p.text
+    first = p.json()
+    body = {"kind": kind, "request": request, "prompt_token_ids": first["prompt_token_ids"],
+            "first_token": first["first_token"], "first_logprob": first["first_logprob"],
+            "prefill_url": prefill.url, "handle": first["handle"]}
+    return httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+
+
+def recomputes(worker, reason: str) -> float:
+    return worker.core.metrics.kv_recomputes.labels(model_name="tiny", role=worker.core.metrics.role,
+                                                    reason=reason)._value.get()
+
+
+PROMPTS = ["the router hands prompts to", "a decode worker generates " * 9, "x", "café 🙂 " * 20]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_handoff_gives_the_mixed_workers_tokens(fleet, prompt):
+    request = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
+    want = httpx.post(fleet["mixed"].url + "/v1/completions", json=request, timeout=30).json()
+    got = handoff(fleet["prefill"], fleet["decode"], "completion", request)
+    assert got.status_code == 200, got.text
+    got = got.json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got["choices"][0]["logprobs"]["tokens"] == want["choices"][0]["logprobs"]["tokens"]
+    assert got["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+        want["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4)
+    assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    fleet["prefill"].wait_idle()  # the decode worker released the lease
+    fleet["decode"].wait_idle()
+
+
+def test_streamed_chat_handoff_and_seeded_sampling(fleet):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 20,
+               "temperature": 0.9, "seed": 42, "stream": True}
+    want = httpx.post(fleet["mixed"].url + "/v1/chat/completions", json=request, timeout=30).text
+    got = handoff(fleet["prefill"], fleet["decode"], "chat", request)
+
+    def content(sse: str) -> str:
+        import json
+        chunks = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert got.status_code == 200 and got.text.rstrip().endswith("data: [DONE]")
+    assert content(got.text) == content(want) != ""
+
+
+def test_handoff_recomputes_the_prompt_when_transfer_fails(tiny_model_dir, tmp_path, fleet):
+    request = {"model": "tiny", "prompt": "the same prompt every time " * 5, "max_tokens": 16, "temperature": 0}
+    want = httpx.post(fleet["mixed"].url + "/v1/completions", json=request, timeout=30).json()["choices"][0]["text"]
+    decode = fleet["decode"]
+
+    corrupt = start_worker(config(tiny_model_dir), "prefill", faults=frozenset({CORRUPT_KV}))
+    other = write_model(tmp_path / "other", "tiny", seed=9)  # same shapes, other weights
+    stranger = start_worker(EngineConfig(model=str(other), served_model_name="tiny", block_size=8,
+                                         num_blocks=256), "prefill")
+    try:
+        for prefill, reason in [(corrupt, "corrupt"), (stranger, "mismatch")]:
+            before = recomputes(decode, reason)
+            first = httpx.post(prefill.url + "/internal/prefill", json={"kind": "completion", "request": request}).json()
+            # the stranger's tokenizer and first token come from other files: hand over the
+            # right ones, so that only the KV differs
+            ours = httpx.post(fleet["prefill"].url + "/internal/prefill",
+                              json={"kind": "completion", "request": request}).json()
+            httpx.delete(f"{fleet['prefill'].url}/internal/kv/{ours['handle']}")
+            body = {"kind": "completion", "request": request, "prompt_token_ids": ours["prompt_token_ids"],
+                    "first_token": ours["first_token"], "prefill_url": prefill.url, "handle": first["handle"]}
+            r = httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want
+            assert recomputes(decode, reason) == before + 1
+            prefill.wait_idle()
+        # a handle nobody holds: refused, recomputed
+        before = recomputes(decode, "refused")
+        body["handle"], body["prefill_url"] = "no-such-handle", corrupt.url
+        r = httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+        assert r.json()["choices"][0]["text"] == want and recomputes(decode, "refused") == before + 1
+        decode.wait_idle()
+    finally:
+        corrupt.stop()
+        stranger.stop()
+
+
+def test_abandoned_lease_comes_back(tiny_model_dir):
+    prefill = start_worker(config(tiny_model_dir, kv_lease_seconds=0.5), "prefill")
+    try:
+        r = httpx.post(prefill.url + "/internal/prefill", json={"kind": "completion", "request": {
+            "model": "tiny", "prompt": "nobody comes for this " * 4, "max_tokens": 8}})
+        handle = r.json()["handle"]
+        bm = prefill.core.block_manager
+        assert handle and bm.num_free_blocks < bm.num_blocks
+        time.sleep(0.8)
+        prefill.wait_idle(timeout=2)
+        assert httpx.get(f"{prefill.url}/internal/kv/{handle}").status_code == 404
+        expired = prefill.core.metrics.kv_leases_expired.labels(model_name="tiny", role="prefill")._value.get()
+        assert expired == 1
+    finally:
+        prefill.stop()
+
+
+def test_roles_and_bad_handoff_requests(fleet):
+    request = {"model": "tiny", "prompt": "x", "max_tokens": 4}
+    r = httpx.post(fleet["decode"].url + "/internal/prefill", json={"kind": "completion", "request": request})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_role"
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
+                   json={"kind": "completion", "request": {**request, "n": 2}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
+                   json={"kind": "completion", "request": {**request, "max_tokens": 99999}})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json={"kind": "completion", "request": {"model": "tiny"}})
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    # max_tokens=1: the prefill finishes the request and holds nothing
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
+                   json={"kind": "completion", "request": {**request, "max_tokens": 1}})
+    assert r.status_code == 200 and r.json()["handle"] is None
+    fleet["prefill"].wait_idle()

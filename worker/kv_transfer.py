@@ -1,0 +1,151 @@
+"""The KV transfer format between a prefill and a decode worker.
+
+A stream carries the keys and values of a prompt's tokens, one frame per layer, so that
+the sender never builds the whole payload in memory and the receiver checks every layer
+before it writes a byte of it into its cache. Layout (integers little-endian):
+
+    b"FWKV" | version: u16 | header length: u32 | header: UTF-8 JSON
+    per layer:  b"LAYR" | layer: u32 | payload length: u64 | crc32(payload): u32 | payload
+    trailer:    b"DONE" | number of layers: u32
+
+The header names the model (`model_id`: a digest of its config and weight files), the
+dtype, the shape (`num_layers`, `num_kv_heads`, `head_dim`) and the token range
+(`start`, `num_tokens`). A payload is the layer's keys then values for those tokens, each
+`[num_tokens, num_kv_heads, head_dim]` in the header's dtype, C order. A receiver refuses
+a stream whose header does not match its own model and layout, a layer whose length or
+checksum is wrong, a stream that ends early or carries more than it announced.
+"""
+
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import torch
+
+MAGIC, LAYER, DONE = b"FWKV", b"LAYR", b"DONE"
+VERSION = 1
+_PREAMBLE = struct.Struct("<4sHI")
+_LAYER = struct.Struct("<4sIQI")
+_DONE = struct.Struct("<4sI")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class KVTransferError(Exception):
+    """A stream that must not be used; the decode worker recomputes the prompt instead."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason  # corrupt | mismatch | refused
+
+
+@dataclass
+class KVHeader:
+    model_id: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    start: int
+    num_tokens: int
+
+    @property
+    def payload_bytes(self) -> int:
+        return 2 * self.num_tokens * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
+
+
+def model_id(model_dir: str | Path) -> str:
+    """Identifies a model's weights without reading them whole: the config, and each
+    safetensors file's header (names, shapes, offsets), size and first and last MiB."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            h.update(fh.read(n))
+            h.update(str(size).encode())
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:32]
+
+
+def encode(header: KVHeader, layers: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[bytes]:
+    """Frames of a stream; `layers` yields each layer's (keys, values) for the token range."""
+    head = json.dumps(asdict(header)).encode()
+    yield _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head
+    count = 0
+    for i, (k, v) in enumerate(layers):
+        payload = _tensor_bytes(k) + _tensor_bytes(v)
+        yield _LAYER.pack(LAYER, i, len(payload), zlib.crc32(payload)) + payload
+        count += 1
+    yield _DONE.pack(DONE, count)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+class _Reader:
+    def __init__(self, chunks: AsyncIterator[bytes]):
+        self.chunks = chunks
+        self.buf = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            try:
+                chunk = await self.chunks.__anext__()
+            except StopAsyncIteration:
+                raise KVTransferError(f"the stream ended early ({len(self.buf)} of {n} bytes of a frame)")
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+async def decode(chunks: AsyncIterator[bytes], expect: KVHeader) -> AsyncIterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Checks a stream against what the receiver expects and yields (layer, keys, values)
+    only for layers whose length and checksum are right. Raises KVTransferError otherwise."""
+    r = _Reader(chunks)
+    magic, version, n = _PREAMBLE.unpack(await r.read(_PREAMBLE.size))
+    if magic != MAGIC or version != VERSION:
+        raise KVTransferError(f"not a KV stream of version {VERSION} (magic {magic!r}, version {version})")
+    try:
+        header = KVHeader(**json.loads(await r.read(n)))
+    except (ValueError, TypeError) as e:
+        raise KVTransferError(f"unreadable header: {e}")
+    for name in ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "start", "num_tokens"):
+        if getattr(header, name) != getattr(expect, name):
+            raise KVTransferError(f"{name} mismatch: the stream has {getattr(header, name)!r}, "
+                                  f"this worker expects {getattr(expect, name)!r}", "mismatch")
+    dtype = DTYPES[header.dtype]
+    shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
+    half = header.payload_bytes // 2
+    for i in range(header.num_layers):
+        tag, layer, size, crc = _LAYER.unpack(await r.read(_LAYER.size))
+        if tag != LAYER or layer != i:
+            raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
+        if size != header.payload_bytes:
+            raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
+        payload = await r.read(size)
+        if zlib.crc32(payload) != crc:
+            raise KVTransferError(f"layer {i}: checksum mismatch")
+        buf = bytearray(payload)
+        k = torch.frombuffer(buf, dtype=dtype, count=half // dtype.itemsize).view(shape)
+        v = torch.frombuffer(buf, dtype=dtype, offset=half, count=half // dtype.itemsize).view(shape)
+        yield i, k, v
+    tag, count = _DONE.unpack(await r.read(_DONE.size))
+    if tag != DONE or count != header.num_layers:
+        raise KVTransferError("the stream does not end where its header says")
+    if r.buf:
+        raise KVTransferError("bytes after the end of the stream")
+    try:
+        await r.chunks.__anext__()
+        raise KVTransferError("bytes after the end of the stream")
+    except StopAsyncIteration:
+        pass
