@@ -66,6 +66,29 @@ def worker(
           faults=frozenset(fault))
 
 
+@app.command()
+def router(
+    config: Path = typer.Option(..., "--config", help="Endpoints file: models with prefill/decode/mixed URLs."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    policy: str = typer.Option("prefix_affinity", "--policy",
+                               help="prefix_affinity, least_outstanding or round_robin."),
+    max_inflight: int = typer.Option(2048, "--max-inflight", help="Beyond it requests get 429."),
+    probe_interval: float = typer.Option(1.0, "--probe-interval", help="Seconds between health probes."),
+):
+    """Run the router: the OpenAI-compatible front door over the workers."""
+    from fleetwise.controllers.routing import POLICIES
+    from fleetwise.router.app import serve
+    from fleetwise.router.endpoints import ConfigError, StaticEndpoints
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
+    try:
+        StaticEndpoints(config)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--config")
+    serve(str(config), host, port, policy, max_inflight, probe_interval)
+
+
 @bench_app.command("core")
 def bench_core(
     requests: int = typer.Option(200, "--requests", help="Requests drawn from the Azure conversation trace."),

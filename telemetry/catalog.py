@@ -35,3 +35,13 @@ KV_TRANSFER_SECONDS = "fleetwise_kv_transfer_seconds"  # histogram, one pull
 KV_RECOMPUTES = "fleetwise_kv_recomputes"              # counter, label reason: prompts recomputed instead
 KV_LEASES = "fleetwise_kv_leases"                      # gauge: prompts held for a decode worker
 KV_LEASES_EXPIRED = "fleetwise_kv_leases_expired"      # counter: leases nobody pulled in time
+
+# router, labelled with model_name (and role / url where it says)
+ROUTER_REQUESTS = "fleetwise_router_requests"                 # counter: model_name, mode, status
+ROUTER_DECISIONS = "fleetwise_router_decisions"               # counter: model_name, role, policy
+ROUTER_RETRIES = "fleetwise_router_retries"                   # counter: model_name, role
+ROUTER_INFLIGHT = "fleetwise_router_inflight"                 # gauge
+ROUTER_REPLICA_HEALTHY = "fleetwise_router_replica_healthy"   # gauge: model_name, role, url
+ROUTER_REPLICA_OUTSTANDING = "fleetwise_router_replica_outstanding"  # gauge: model_name, role, url
+ROUTER_REQUEST_SECONDS = "fleetwise_router_request_seconds"   # histogram
+ROUTER_TTFT_SECONDS = "fleetwise_router_ttft_seconds"         # histogram: to the first streamed chunk

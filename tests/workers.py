@@ -55,16 +55,91 @@ def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds
     engine = AsyncEngine(LLMEngine(config, WorkerMetrics(config.served_model_name, role)))
     app = build_app(engine, role, health_stall_seconds, faults)
     port = free_port()
+    server, thread = _serve_in_thread(app, port)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 30)
+    return RunningWorker(url, engine, server, thread)
+
+
+def _serve_in_thread(app, port: int):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    return server, thread
+
+
+def wait_healthy(url: str, timeout: float = 60.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return RunningWorker(url, engine, server, thread)
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise RuntimeError("worker did not become healthy")
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+@dataclass
+class RunningRouter:
+    url: str
+    router: object
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def write_router_config(path, model: str, **roles) -> None:
+    import yaml
+    path.write_text(yaml.safe_dump({"models": [{"name": model, **{k: list(v) for k, v in roles.items()}}]}))
+
+
+def start_router(config_path, policy: str = "prefix_affinity", **kw) -> RunningRouter:
+    from fleetwise.router.app import Router, build_app
+    from fleetwise.router.endpoints import StaticEndpoints
+    router = Router(StaticEndpoints(config_path), policy, probe_interval=kw.pop("probe_interval", 0.2), **kw)
+    port = free_port()
+    server, thread = _serve_in_thread(build_app(router), port)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 30)
+    return RunningRouter(url, router, server, thread)
+
+
+@dataclass
+class WorkerProcess:
+    url: str
+    proc: "subprocess.Popen"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+
+
+def start_worker_process(model_dir, role: str, *args: str) -> WorkerProcess:
+    """A worker in its own process (`fleetwise worker`), for tests that kill it."""
+    import subprocess
+    import sys
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fleetwise", "worker", "--model", str(model_dir), "--role", role,
+                             "--port", str(port), "--served-model-name", "tiny", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 120, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return WorkerProcess(url, proc)

@@ -1,0 +1,121 @@
+"""Which replica gets a request: round-robin, least outstanding requests, prefix affinity.
+
+Pure decisions over the router's view of its replicas; the router does the I/O.
+"""
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    model: str
+    role: str                 # prefill | decode | mixed
+    healthy: bool = True      # last probe or request succeeded
+    routable: bool = True     # the control plane may take a replica out (draining, quarantined)
+    outstanding: int = 0      # requests sent and not yet finished
+    failures: int = 0         # consecutive failed requests or probes
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.routable
+
+
+def prefix_keys(text: str, step: int = 64, max_chunks: int = 32) -> list[int]:
+    """Keys of the text's leading chunks, shortest first: two prompts share the first k keys
+    when they share the first k * step characters."""
+    h = hashlib.blake2b(digest_size=8)
+    keys = []
+    for i in range(0, min(len(text), step * max_chunks), step):
+        h.update(text[i:i + step].encode())
+        keys.append(int.from_bytes(h.copy().digest(), "little"))
+    return keys
+
+
+def _score(key: int, url: str) -> bytes:
+    return hashlib.blake2b(f"{key}:{url}".encode(), digest_size=8).digest()
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self):
+        self._next = 0
+
+    def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
+        live = [r for r in replicas if r.available]
+        if not live:
+            return None
+        self._next += 1
+        return live[self._next % len(live)]
+
+
+class LeastOutstanding:
+    name = "least_outstanding"
+
+    def __init__(self):
+        self._rr = RoundRobin()
+
+    def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
+        live = [r for r in replicas if r.available]
+        if not live:
+            return None
+        least = min(r.outstanding for r in live)
+        return self._rr.choose([r for r in live if r.outstanding == least])
+
+
+class PrefixAffinity:
+    """Requests sharing a prompt prefix go to the replica that served that prefix last (its
+    prefix cache holds it), unless that replica is loaded beyond `load_factor` times the mean
+    plus `slack`; then the least loaded one takes it. A prefix never seen goes to its
+    rendezvous-hash choice among the replicas within the bound, so routers agree without
+    talking to each other."""
+    name = "prefix_affinity"
+
+    def __init__(self, load_factor: float = 1.25, slack: int = 2, max_entries: int = 200_000):
+        self.load_factor, self.slack, self.max_entries = load_factor, slack, max_entries
+        self.table: OrderedDict[int, str] = OrderedDict()
+        self.hits = 0
+
+    def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
+        live = [r for r in replicas if r.available]
+        if not live:
+            return None
+        mean = sum(r.outstanding for r in live) / len(live)
+        bound = self.load_factor * mean + self.slack
+        within = [r for r in live if r.outstanding <= bound]
+        by_url = {r.url: r for r in within}
+        chosen = None
+        for key in reversed(keys or []):
+            url = self.table.get(key)
+            if url in by_url:
+                chosen = by_url[url]
+                self.hits += 1
+                break
+        if chosen is None and keys:
+            chosen = max(within, key=lambda r: _score(keys[0], r.url))
+        if chosen is None:
+            least = min(r.outstanding for r in within)
+            chosen = next(r for r in within if r.outstanding == least)
+        for key in keys or []:
+            self.table[key] = chosen.url
+            self.table.move_to_end(key)
+        while len(self.table) > self.max_entries:
+            self.table.popitem(last=False)
+        return chosen
+
+    def forget(self, url: str) -> None:
+        """A replica that is gone: its prefixes route afresh."""
+        for key in [k for k, u in self.table.items() if u == url]:
+            del self.table[key]
+
+
+POLICIES = {p.name: p for p in (RoundRobin, LeastOutstanding, PrefixAffinity)}
+
+
+def make_policy(name: str):
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]()

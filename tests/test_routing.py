@@ -1,0 +1,79 @@
+"""Routing policies (pure): who gets a request, never a replica that is down or gone."""
+
+import random
+
+from fleetwise.controllers.routing import LeastOutstanding, PrefixAffinity, Replica, RoundRobin, make_policy, prefix_keys
+
+
+def replicas(n=4):
+    return [Replica(f"http://w{i}", "m", "mixed") for i in range(n)]
+
+
+def test_round_robin_cycles_over_available_replicas():
+    rs = replicas(3)
+    rs[1].healthy = False
+    p = RoundRobin()
+    picks = [p.choose(rs).url for _ in range(6)]
+    assert set(picks) == {"http://w0", "http://w2"}
+    assert picks[0] != picks[1]
+    rs[0].routable = rs[2].healthy = False
+    assert p.choose(rs) is None
+
+
+def test_least_outstanding_prefers_the_idle_replica():
+    rs = replicas(3)
+    rs[0].outstanding, rs[1].outstanding, rs[2].outstanding = 5, 1, 3
+    assert LeastOutstanding().choose(rs) is rs[1]
+    rs[1].healthy = False
+    assert LeastOutstanding().choose(rs) is rs[2]
+
+
+def test_prefix_keys_share_exactly_the_common_prefix():
+    a = prefix_keys("x" * 200 + "tail one", step=64)
+    b = prefix_keys("x" * 200 + "other tail", step=64)
+    assert a[:3] == b[:3] and a[3] != b[3]
+    assert prefix_keys("", step=64) == []
+    assert len(prefix_keys("y" * 10_000, step=64, max_chunks=8)) == 8
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_replica_and_spreads_others():
+    rs = replicas(4)
+    p = PrefixAffinity()
+    system = "you are a helpful assistant. " * 10
+    first = p.choose(rs, prefix_keys(system + "question 1"))
+    for i in range(2, 20):
+        assert p.choose(rs, prefix_keys(system + f"question {i}")) is first
+    rng = random.Random(0)
+    spread = {p.choose(rs, prefix_keys(f"{rng.random()} unrelated prompt")).url for _ in range(200)}
+    assert spread == {r.url for r in rs}
+
+
+def test_prefix_affinity_does_not_overload_one_replica():
+    rs = replicas(4)
+    p = PrefixAffinity(load_factor=1.25, slack=2)
+    keys = prefix_keys("shared prefix " * 20)
+    home = p.choose(rs, keys)
+    home.outstanding = 10  # mean 2.5 -> bound 5.1: the home replica is over it
+    other = p.choose(rs, keys)
+    assert other is not home and other.outstanding == 0
+    home.outstanding = 0
+    assert p.choose(rs, keys) is other  # the prefix now lives where it went last
+
+
+def test_prefix_affinity_never_routes_to_a_replica_that_is_gone():
+    rs = replicas(3)
+    p = PrefixAffinity()
+    keys = prefix_keys("sticky " * 30)
+    home = p.choose(rs, keys)
+    home.healthy = False
+    assert p.choose(rs, keys) is not home
+    p.forget(home.url)
+    assert home.url not in p.table.values()
+    remaining = [r for r in rs if r is not home]
+    assert p.choose(remaining, keys) in remaining
+
+
+def test_unknown_policy_is_refused():
+    import pytest
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        make_policy("random_walk")
