@@ -67,6 +67,29 @@ def worker(
 
 
 @app.command()
+def up(
+    model: Path = typer.Option(None, "--model", help="Model directory (default: write the tiny model)."),
+    mode: str = typer.Option("disaggregated", "--mode", help="disaggregated (prefill + decode) or colocated (mixed)."),
+    port: int = typer.Option(8000, "--port", help="The router's port."),
+    prefill: int = typer.Option(1, "--prefill", help="Prefill workers (disaggregated)."),
+    decode: int = typer.Option(1, "--decode", help="Decode workers (disaggregated)."),
+    mixed: int = typer.Option(1, "--mixed", help="Mixed workers (colocated)."),
+    workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
+    kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", help="KV cache per worker."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """The main job on one machine: router + prefill and decode workers as local processes."""
+    if mode not in ("disaggregated", "colocated"):
+        raise typer.BadParameter("must be disaggregated or colocated", param_hint="--mode")
+    for name, value in (("--prefill", prefill), ("--decode", decode), ("--mixed", mixed)):
+        if value < 1:
+            raise typer.BadParameter("must be at least 1", param_hint=name)
+    from fleetwise.up import run
+    raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device]))
+
+
+@app.command()
 def router(
     config: Path = typer.Option(..., "--config", help="Endpoints file: models with prefill/decode/mixed URLs."),
     host: str = typer.Option("127.0.0.1", "--host"),

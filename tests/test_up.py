@@ -1,0 +1,65 @@
+"""`fleetwise up`: the whole fleet as processes, serving, and gone without a trace on Ctrl-C or SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from .workers import free_port, wait_healthy
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes (its parent has not reaped it yet)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode, sig, own_model", [("disaggregated", signal.SIGINT, False),
+                                                  ("colocated", signal.SIGTERM, True)])
+def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_model):
+    port = free_port()
+    args = [sys.executable, "-m", "fleetwise", "up", "--port", str(port), "--workdir", str(tmp_path), "--mode", mode]
+    if own_model:
+        args += ["--model", str(tiny_model_dir), "--mixed", "2"]
+    up = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, 120, up)
+        name = "tiny"
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "hello", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        pids = json.loads((tmp_path / "pids.json").read_text())
+        assert len(pids) == 3  # prefill + decode + router, or two mixed + router
+        assert all(alive(p) for p in pids.values())
+        up.send_signal(sig)
+        out, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, out
+        assert "fleet ready" in out and "fleet stopped" in out
+        assert not [name for name, p in pids.items() if alive(p)]
+        if not own_model:
+            assert (tmp_path / "models" / "tiny" / "config.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_up_refuses_a_busy_port(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "fleetwise", "up", "--port", str(port), "--workdir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "in use" in r.stdout
