@@ -127,5 +127,29 @@ def bench_core(
     run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
 
 
+@bench_app.command("pd")
+def bench_pd(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    preset: str = typer.Option("small", "--preset", help="Model preset."),
+    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths", help="Comma-separated prompt lengths."),
+    repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
+):
+    """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
+    from fleetwise.bench.pd import run_pd_bench
+    run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
+
+
+@bench_app.command("router")
+def bench_router(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    rate: int = typer.Option(500, "--rate", help="Requests per second offered."),
+    seconds: float = typer.Option(10.0, "--seconds", help="Duration of each run."),
+    skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
+):
+    """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
+    from fleetwise.bench.router import run_router_bench
+    run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
+
+
 if __name__ == "__main__":
     app()
