@@ -62,11 +62,19 @@ _WORDS = (
 ).split()
 
 
-def _corpus(seed: int, lines: int = 4000) -> list[str]:
+_SYLLABLES = ("ka ri to ne sa mi lo ve du pa stra gen tion ing er ly ex pro con bi the qu "
+              "zo ff sch ach ei au ou ph ck ll ss str").split()
+
+
+def _corpus(seed: int, lines: int = 6000) -> list[str]:
+    """Text to train the tokenizer on: real words and enough invented ones (syllable
+    strings) for the larger vocabularies to fill up."""
     rng = random.Random(seed)
+    invented = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(6000)]
     out = []
     for _ in range(lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        words = [rng.choice(_WORDS) if rng.random() < 0.5 else rng.choice(invented)
+                 for _ in range(rng.randint(4, 16))]
         sep = rng.choice([" ", " ", " ", ", ", "_", "."])
         out.append(sep.join(words) + rng.choice([".", "!", "?", ":", "\n", " {}", "()"]))
     return out
