@@ -1,0 +1,203 @@
+"""Where each prefill and decode replica goes (pure; the operator binds what this decides).
+
+A pool's replicas go only to nodes with the pool's GPU product (Splitwise pairs prompt
+machines with token machines of another type), that are schedulable, whose taints the
+workers tolerate and that have the GPUs free. Among those, replicas spread: fewest
+replicas of the same pool on the node, then in its power domain, then the most free GPUs
+left (so a node is not split between pools when another is empty). A power domain
+(`PowerBudget`) admits a replica only while the nameplate power of everything placed in it
+stays within `limitWatts x oversubscription`. When nothing fits, the decision says which
+constraint ruled each node out.
+"""
+
+import heapq
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+# board power by product, for placement under a power budget; a node label
+# `fleetwise.dev/gpu-watts` overrides it
+NAMEPLATE_WATTS = {
+    "H100": 700, "H200": 700, "B200": 1000, "A100": 400, "L40S": 350, "L4": 72, "A10": 150, "V100": 300,
+}
+DEFAULT_GPU_WATTS = 400
+TOLERATED_TAINTS = {GPU_RESOURCE}  # worker pods tolerate the usual "GPU nodes only" taint
+
+
+def gpu_family(product: str) -> str:
+    """'NVIDIA-H100-80GB-HBM3' -> 'H100'; matching a pool's gpuType is by family or exact product."""
+    for family in sorted(NAMEPLATE_WATTS, key=len, reverse=True):
+        if family in product.upper().replace("-", " ").replace("_", " ").split() or family in product.upper():
+            return family
+    return product
+
+
+def gpu_matches(product: str, wanted: str) -> bool:
+    return product == wanted or gpu_family(product) == gpu_family(wanted)
+
+
+@dataclass
+class Node:
+    name: str
+    gpu_product: str = ""
+    gpus_allocatable: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: list[tuple[str, str]] = field(default_factory=list)  # (key, effect)
+    unschedulable: bool = False
+    ready: bool = True
+    gpu_watts: float | None = None  # per GPU; None: from the product
+
+    @property
+    def watts_per_gpu(self) -> float:
+        if self.gpu_watts is not None:
+            return self.gpu_watts
+        return NAMEPLATE_WATTS.get(gpu_family(self.gpu_product), DEFAULT_GPU_WATTS)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A worker replica, placed (node set) or to place."""
+    name: str
+    pool: str          # "<namespace>/<deployment>/<role>"
+    gpus: int
+    gpu_type: str = ""
+    node: str | None = None
+
+
+@dataclass
+class PowerDomain:
+    name: str
+    selector: dict[str, str]   # node labels that put a node in this domain
+    limit_watts: float
+    oversubscription: float = 1.0
+
+    @property
+    def admit_watts(self) -> float:
+        return self.limit_watts * self.oversubscription
+
+    def contains(self, node: Node) -> bool:
+        return all(node.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass
+class Decision:
+    pod: Pod
+    node: str | None
+    reason: str = ""   # why nothing fits, when node is None
+
+
+@dataclass
+class _NodeState:
+    node: Node
+    free_gpus: int
+    domains: list[str]
+    pools: Counter = field(default_factory=Counter)
+
+
+class Placement:
+    """The cluster as placement sees it; `place` decides for new pods and books them, so
+    a batch of decisions never oversubscribes a node or a domain."""
+
+    def __init__(self, nodes: list[Node], placed: list[Pod], domains: list[PowerDomain] = ()):
+        self.domains = {d.name: d for d in domains}
+        self.nodes: dict[str, _NodeState] = {}
+        for n in nodes:
+            self.nodes[n.name] = _NodeState(n, n.gpus_allocatable, [d.name for d in domains if d.contains(n)])
+        self.domain_watts: dict[str, float] = defaultdict(float)
+        self.domain_pools: dict[str, Counter] = defaultdict(Counter)
+        for p in placed:
+            st = self.nodes.get(p.node or "")
+            if st is not None:
+                self._book(st, p)
+        self.by_family: dict[str, list[_NodeState]] = defaultdict(list)
+        for st in self.nodes.values():
+            self.by_family[gpu_family(st.node.gpu_product)].append(st)
+
+    def _book(self, st: _NodeState, pod: Pod) -> None:
+        st.free_gpus -= pod.gpus
+        st.pools[pod.pool] += 1
+        for d in st.domains:
+            self.domain_watts[d] += pod.gpus * st.node.watts_per_gpu
+            self.domain_pools[d][pod.pool] += 1
+
+    def _why_not(self, st: _NodeState, pod: Pod) -> str | None:
+        n = st.node
+        if not n.ready:
+            return "node not ready"
+        if n.unschedulable:
+            return "node cordoned"
+        if any(effect in ("NoSchedule", "NoExecute") and key not in TOLERATED_TAINTS for key, effect in n.taints):
+            return "untolerated taint"
+        if pod.gpu_type and not gpu_matches(n.gpu_product, pod.gpu_type):
+            return f"GPU type is not {pod.gpu_type}"
+        if st.free_gpus < pod.gpus:
+            return "not enough free GPUs"
+        watts = pod.gpus * n.watts_per_gpu
+        for d in st.domains:
+            dom = self.domains[d]
+            if self.domain_watts[d] + watts > dom.admit_watts:
+                return f"power budget {d} full"
+        return None
+
+    def _key(self, st: _NodeState, pod: Pod) -> tuple:
+        domain_load = max((self.domain_pools[d][pod.pool] for d in st.domains), default=0)
+        return (st.pools[pod.pool], domain_load, -st.free_gpus, st.node.name)
+
+    def place(self, pod: Pod) -> Decision:
+        return self.place_many([pod])[0]
+
+    def place_many(self, pods: list[Pod]) -> list[Decision]:
+        """Decisions in order. Pods of one pool share a lazily updated heap of candidate
+        nodes, so a pool of n replicas over m nodes costs O((n + m) log m), not O(n m)."""
+        decisions: list[Decision | None] = [None] * len(pods)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(pods):
+            groups[(p.pool, p.gpus, p.gpu_type)].append(i)
+        for (_, _, gpu_type), indices in groups.items():
+            family = gpu_family(gpu_type) if gpu_type else None
+            candidates = self.by_family.get(family, []) if family else list(self.nodes.values())
+            heap = [(self._key(st, pods[indices[0]]), st.node.name) for st in candidates
+                    if self._why_not(st, pods[indices[0]]) is None]
+            heapq.heapify(heap)
+            for i in indices:
+                pod = pods[i]
+                chosen = None
+                while heap:
+                    key, name = heapq.heappop(heap)
+                    st = self.nodes[name]
+                    if self._why_not(st, pod) is not None:
+                        continue  # full now (GPUs or power): never fits this group again
+                    fresh = self._key(st, pod)
+                    if fresh != key:  # spread counts moved since it was pushed
+                        heapq.heappush(heap, (fresh, name))
+                        continue
+                    chosen = st
+                    break
+                if chosen is None:
+                    decisions[i] = Decision(pod, None, self._explain(pod))
+                    continue
+                self._book(chosen, pod)
+                decisions[i] = Decision(pod, chosen.node.name)
+                if self._why_not(chosen, pod) is None:
+                    heapq.heappush(heap, (self._key(chosen, pod), chosen.node.name))
+        return decisions
+
+    def _explain(self, pod: Pod) -> str:
+        if not self.nodes:
+            return "no GPU nodes"
+        reasons = Counter(self._why_not(st, pod) or "fits" for st in self.nodes.values())
+        parts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        return f"0/{len(self.nodes)} nodes fit a {pod.gpus}-GPU {pod.gpu_type or 'any-GPU'} replica: {parts}"
+
+    def free_gpus(self, node: str) -> int:
+        return self.nodes[node].free_gpus
+
+    def domain_usage(self) -> dict[str, tuple[float, float]]:
+        """Nameplate watts booked per domain, and what it admits."""
+        return {d: (self.domain_watts[d], dom.admit_watts) for d, dom in self.domains.items()}
+
+
+def place_all(nodes: list[Node], placed: list[Pod], new: list[Pod], domains: list[PowerDomain] = ()) -> list[Decision]:
+    return Placement(nodes, placed, domains).place_many(new)
