@@ -64,6 +64,7 @@ class Pod:
     gpus: int
     gpu_type: str = ""
     node: str | None = None
+    tolerations: tuple[str, ...] = ()  # taint keys tolerated besides the GPU taint
 
 
 @dataclass
@@ -128,7 +129,8 @@ class Placement:
             return "node not ready"
         if n.unschedulable:
             return "node cordoned"
-        if any(effect in ("NoSchedule", "NoExecute") and key not in TOLERATED_TAINTS for key, effect in n.taints):
+        if any(effect in ("NoSchedule", "NoExecute") and key not in TOLERATED_TAINTS and key not in pod.tolerations
+               for key, effect in n.taints):
             return "untolerated taint"
         if pod.gpu_type and not gpu_matches(n.gpu_product, pod.gpu_type):
             return f"GPU type is not {pod.gpu_type}"

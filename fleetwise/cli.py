@@ -91,7 +91,10 @@ def up(
 
 @app.command()
 def router(
-    config: Path = typer.Option(..., "--config", help="Endpoints file: models with prefill/decode/mixed URLs."),
+    config: Path = typer.Option(None, "--config", help="Endpoints file: models with prefill/decode/mixed URLs."),
+    kubernetes: bool = typer.Option(False, "--kubernetes", help="Discover worker pods from the Kubernetes API."),
+    kubeconfig: str = typer.Option(None, "--kubeconfig", help="With --kubernetes (default: in-cluster)."),
+    namespace: str = typer.Option(None, "--namespace", help="With --kubernetes: only this namespace."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     policy: str = typer.Option("prefix_affinity", "--policy",
@@ -100,16 +103,41 @@ def router(
     probe_interval: float = typer.Option(1.0, "--probe-interval", help="Seconds between health probes."),
 ):
     """Run the router: the OpenAI-compatible front door over the workers."""
+    import logging
+
     from fleetwise.controllers.routing import POLICIES
     from fleetwise.router.app import serve
     from fleetwise.router.endpoints import ConfigError, StaticEndpoints
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
-    try:
-        StaticEndpoints(config)
-    except ConfigError as e:
-        raise typer.BadParameter(str(e), param_hint="--config")
-    serve(str(config), host, port, policy, max_inflight, probe_interval)
+    if (config is None) == (not kubernetes):
+        raise typer.BadParameter("give either --config FILE or --kubernetes", param_hint="--config")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if kubernetes:
+        from fleetwise.operator.main import load_client
+        from fleetwise.router.kube_source import KubernetesEndpoints
+        source = KubernetesEndpoints(load_client(kubeconfig), namespace)
+    else:
+        try:
+            source = StaticEndpoints(config)
+        except ConfigError as e:
+            raise typer.BadParameter(str(e), param_hint="--config")
+    serve(source, host, port, policy, max_inflight, probe_interval)
+
+
+@app.command()
+def operator(
+    kubeconfig: str = typer.Option(None, "--kubeconfig", help="Default: in-cluster, else ~/.kube/config."),
+    namespace: list[str] = typer.Option([], "--namespace", help="Namespaces to watch (default: all)."),
+    lease_namespace: str = typer.Option("default", "--lease-namespace", envvar="POD_NAMESPACE",
+                                        help="Where the leader-election Lease lives."),
+    metrics_port: int = typer.Option(9090, "--metrics-port", help="Prometheus metrics (0: off)."),
+    liveness_port: int = typer.Option(8080, "--liveness-port", help="kopf's /healthz (0: off)."),
+    tolerate_taint: list[str] = typer.Option([], "--tolerate-taint", help="Extra taint keys worker pods tolerate."),
+):
+    """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
+    from fleetwise.operator.main import run_operator
+    run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint)
 
 
 @bench_app.command("core")

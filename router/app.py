@@ -513,12 +513,10 @@ def build_app(router: Router) -> Starlette:
     ], lifespan=lifespan)
 
 
-def serve(config: str, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
+def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
           probe_interval: float = 1.0) -> None:
     import uvicorn
 
-    from .endpoints import StaticEndpoints
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    router = Router(StaticEndpoints(config), policy, max_inflight=max_inflight, probe_interval=probe_interval)
+    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval)
     uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)

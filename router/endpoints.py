@@ -97,14 +97,17 @@ class StaticEndpoints:
             log.error("keeping the previous endpoints: %s: %s", self.path, e)
             return []
         self._mtime = mtime
-        return self._swap(new)
-
-    def _swap(self, new: dict[str, ModelRoute]) -> list[str]:
-        """Keeps the state (outstanding, health) of replicas that stay."""
-        old = {(r.model, r.role, r.url): r for route in self._routes.values() for r in route.all()}
-        for route in new.values():
-            for role in ROLES:
-                route.replicas[role] = [old.get((r.model, r.role, r.url), r) for r in route.replicas[role]]
-        kept = {(r.model, r.role, r.url) for route in new.values() for r in route.all()}
+        gone = swap_routes(self._routes, new)
         self._routes = new
-        return sorted({url for (model, role, url) in old if (model, role, url) not in kept})
+        return gone
+
+
+def swap_routes(old_routes: dict[str, ModelRoute], new: dict[str, ModelRoute]) -> list[str]:
+    """Carries the state (outstanding, health) of replicas that stay into `new`; returns
+    the URLs of those that left."""
+    old = {(r.model, r.role, r.url): r for route in old_routes.values() for r in route.all()}
+    for route in new.values():
+        for role in ROLES:
+            route.replicas[role] = [old.get((r.model, r.role, r.url), r) for r in route.replicas[role]]
+    kept = {(r.model, r.role, r.url) for route in new.values() for r in route.all()}
+    return sorted({url for (model, role, url) in old if (model, role, url) not in kept})

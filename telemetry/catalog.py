@@ -45,3 +45,10 @@ ROUTER_REPLICA_HEALTHY = "fleetwise_router_replica_healthy"   # gauge: model_nam
 ROUTER_REPLICA_OUTSTANDING = "fleetwise_router_replica_outstanding"  # gauge: model_name, role, url
 ROUTER_REQUEST_SECONDS = "fleetwise_router_request_seconds"   # histogram
 ROUTER_TTFT_SECONDS = "fleetwise_router_ttft_seconds"         # histogram: to the first streamed chunk
+
+# operator
+OPERATOR_RECONCILES = "fleetwise_operator_reconciles"            # counter
+OPERATOR_RECONCILE_ERRORS = "fleetwise_operator_reconcile_errors"  # counter: reason
+OPERATOR_BIND_SECONDS = "fleetwise_operator_bind_seconds"        # histogram: pod created -> bound
+OPERATOR_PENDING_PODS = "fleetwise_operator_pending_pods"        # gauge: reason
+OPERATOR_API_REQUESTS = "fleetwise_operator_api_requests"        # counter: verb, resource

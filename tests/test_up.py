@@ -36,6 +36,11 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120, up)
+        lines = []
+        for line in up.stdout:  # the supervisor has seen every process healthy
+            lines.append(line)
+            if "fleet ready" in line:
+                break
         name = "tiny"
         r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "hello", "max_tokens": 5}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -44,6 +49,7 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         assert all(alive(p) for p in pids.values())
         up.send_signal(sig)
         out, _ = up.communicate(timeout=60)
+        out = "".join(lines) + out
         assert up.returncode == 0, out
         assert "fleet ready" in out and "fleet stopped" in out
         assert not [name for name, p in pids.items() if alive(p)]

@@ -1,0 +1,157 @@
+"""A real Kubernetes control plane on loopback for tests and benchmarks: kine (etcd API
+over SQLite), kube-apiserver with RBAC, kube-controller-manager, kube-scheduler and kwok for
+fake GPU nodes. Binaries come from testenv/k8s/build.sh (in .testenv/bin by default)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BIN = ROOT / ".testenv" / "bin"
+BINARIES = ("kine", "kwok", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
+ADMIN_TOKEN = "fleetwise-admin-token"
+
+
+class TestEnvError(RuntimeError):
+    pass
+
+
+def bin_dir() -> Path:
+    return Path(os.environ.get("FLEETWISE_TESTENV_BIN", DEFAULT_BIN))
+
+
+def ensure_built() -> Path:
+    """The binaries, built now if missing (needs Go; about 10 minutes the first time)."""
+    b = bin_dir()
+    if all((b / x).exists() for x in BINARIES):
+        return b
+    if shutil.which("go") is None:
+        raise TestEnvError("the Kubernetes test control plane is not built and there is no Go toolchain: "
+                           "install Go and run testenv/k8s/build.sh")
+    subprocess.run([str(ROOT / "testenv" / "k8s" / "build.sh")], check=True,
+                   env={**os.environ, "FLEETWISE_TESTENV_BIN": str(b)})
+    return b
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    bin: Path = field(default_factory=bin_dir)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    api_port: int = 0
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    def kubeconfig_for(self, token: str, name: str) -> Path:
+        path = self.workdir / f"kubeconfig-{name}"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}]}))
+        return path
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        log.close()
+
+    def start(self, timeout: float = 60.0) -> "Cluster":
+        w = self.workdir
+        w.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "genrsa", "-out", str(w / "sa.key"), "2048"], check=True, capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(w / "sa.key"), "-pubout", "-out", str(w / "sa.pub")],
+                       check=True, capture_output=True)
+        (w / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin,system:masters\n")
+        etcd, self.api_port = _port(), _port()
+        self._start("kine", ["--listen-address", f"127.0.0.1:{etcd}",
+                             "--endpoint", f"sqlite://{w}/kine.db?_journal=WAL&cache=shared"])
+        self._start("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{etcd}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}", f"--cert-dir={w}/certs",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={w}/sa.pub", f"--service-account-signing-key-file={w}/sa.key",
+            f"--token-auth-file={w}/tokens.csv", "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16", "--max-requests-inflight=1000",
+            "--max-mutating-requests-inflight=500"])
+        self.kubeconfig_for(ADMIN_TOKEN, "admin").rename(self.kubeconfig)
+        self._wait_ready(timeout)
+        kc = str(self.kubeconfig)
+        self._start("kube-controller-manager", [
+            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            f"--service-account-private-key-file={w}/sa.key", "--use-service-account-credentials=false",
+            "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false",
+            "--controllers=*,-nodeipam,-nodelifecycle"])
+        self._start("kube-scheduler", [
+            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false"])
+        self._start("kwok", [
+            f"--kubeconfig={kc}", "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--cidr=10.0.0.0/16", "--node-ip=10.0.0.1", "--node-lease-duration-seconds=40"])
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                    raise TestEnvError(f"{name} exited with {p.returncode}:\n{tail}")
+            try:
+                r = httpx.get(self.server + "/readyz", verify=False, timeout=2,
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TestEnvError("kube-apiserver did not become ready")
+
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+                              input=input, capture_output=True, text=True, check=check, timeout=120)
+
+    def stop(self) -> None:
+        for name in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "kine"):
+            p = self.procs.get(name)
+            if p and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def gpu_node(name: str, product: str, gpus: int = 8, labels: dict | None = None) -> dict:
+    """A kwok-managed node with GPUs (kwok keeps it Ready and runs what is bound to it)."""
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
+                     "labels": {"kubernetes.io/hostname": name, "type": "kwok", "nvidia.com/gpu.product": product,
+                                **(labels or {})}},
+        "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }

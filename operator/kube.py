@@ -1,0 +1,127 @@
+"""The operator's calls to the Kubernetes API, in one place (and counted)."""
+
+import datetime as dt
+import json
+import logging
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from fleetwise.spec import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None, on_request=None):
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.on_request = on_request or (lambda verb, resource: None)
+
+    def _count(self, verb: str, resource: str) -> None:
+        self.on_request(verb, resource)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def pods(self, namespace: str, selector: str) -> list[dict]:
+        self._count("list", "pods")
+        return self.api.sanitize_for_serialization(
+            self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+
+    def all_pods(self, selector: str = "") -> list[dict]:
+        self._count("list", "pods")
+        return self.api.sanitize_for_serialization(self.core.list_pod_for_all_namespaces(label_selector=selector).items)
+
+    def nodes(self) -> list[dict]:
+        self._count("list", "nodes")
+        return self.api.sanitize_for_serialization(self.core.list_node().items)
+
+    def power_budgets(self) -> list[dict]:
+        self._count("list", "powerbudgets")
+        return self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets")["items"]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def create_pod(self, namespace: str, pod: dict) -> None:
+        self._count("create", "pods")
+        self.core.create_namespaced_pod(namespace, pod)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self._count("delete", "pods")
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def patch_pod_metadata(self, namespace: str, name: str, labels: dict | None = None,
+                           annotations: dict | None = None) -> None:
+        self._count("patch", "pods")
+        meta = {}
+        if labels:
+            meta["labels"] = labels
+        if annotations:
+            meta["annotations"] = annotations
+        try:
+            self.core.patch_namespaced_pod(name, namespace, {"metadata": meta})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def bind(self, namespace: str, pod: str, node: str) -> bool:
+        """Binds through the pods/binding subresource. False when the pod is gone or bound
+        already (a 409 from a concurrent binder: the next reconcile re-reads)."""
+        self._count("create", "pods/binding")
+        body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        try:
+            # the generated client cannot deserialise a Binding answer: take it raw
+            self.core.create_namespaced_binding(namespace, body, _preload_content=False)
+            return True
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+
+    def ensure_service(self, namespace: str, service: dict) -> None:
+        self._count("create", "services")
+        try:
+            self.core.create_namespaced_service(namespace, service)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: dict) -> None:
+        self._count("patch", "modeldeployments/status")
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "modeldeployments", name,
+                                                              {"status": status})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+        meta = involved["metadata"]
+        self._count("create", "events")
+        body = {"metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                                   "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+                "type": type_, "reason": reason, "message": message[:1024], "source": {"component": "fleetwise-operator"},
+                "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1,
+                "reportingComponent": "fleetwise-operator"}
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as e:  # events are best effort
+            log.warning("event %s/%s not recorded: %s", reason, meta["name"], e.reason)
+
+
+def error_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message", e.reason)
+    except (TypeError, ValueError):
+        return str(e.reason)

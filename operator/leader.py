@@ -1,0 +1,96 @@
+"""Leader election on a coordination.k8s.io Lease: of several operator replicas, one acts.
+
+A replica acts only while it holds the lease; if it cannot renew before the lease runs out
+it exits at once rather than risk acting beside a new leader (its pod restarts and waits).
+"""
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class LeaderElector:
+    def __init__(self, api: client.ApiClient, namespace: str, name: str = "fleetwise-operator",
+                 identity: str | None = None, lease_seconds: int = 15, renew_every: float = 5.0):
+        self.coord = client.CoordinationV1Api(api)
+        self.namespace, self.name = namespace, name
+        self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
+        self.lease_seconds, self.renew_every = lease_seconds, renew_every
+        self._stop = threading.Event()
+
+    def _spec(self, acquire: bool, transitions: int) -> dict:
+        now = _now()
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                "renewTime": now.isoformat(), "leaseTransitions": transitions}
+        if acquire:
+            spec["acquireTime"] = now.isoformat()
+        return spec
+
+    def try_acquire(self) -> bool:
+        try:
+            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            body = {"metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec(True, 0)}
+            try:
+                self.coord.create_namespaced_lease(self.namespace, body)
+                return True
+            except ApiException as e2:
+                if e2.status == 409:
+                    return False
+                raise
+        spec = lease.spec
+        held_by_other = spec.holder_identity and spec.holder_identity != self.identity
+        renew = spec.renew_time
+        expired = renew is None or (_now() - renew).total_seconds() > (spec.lease_duration_seconds or self.lease_seconds)
+        if held_by_other and not expired:
+            return False
+        transitions = (spec.lease_transitions or 0) + (1 if held_by_other else 0)
+        body = {"metadata": {"name": self.name, "namespace": self.namespace,
+                             "resourceVersion": lease.metadata.resource_version},
+                "spec": self._spec(held_by_other or not spec.acquire_time, transitions)}
+        try:
+            self.coord.replace_namespaced_lease(self.name, self.namespace, body)
+            return True
+        except ApiException as e:
+            if e.status == 409:  # someone else renewed or took it first
+                return False
+            raise
+
+    def acquire(self) -> None:
+        """Blocks until this replica leads, then keeps renewing in the background."""
+        while not self.try_acquire():
+            log.info("waiting for the lease %s/%s", self.namespace, self.name)
+            time.sleep(self.renew_every)
+        log.info("leading as %s", self.identity)
+        threading.Thread(target=self._renew_forever, name="lease-renewer", daemon=True).start()
+
+    def _renew_forever(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self.renew_every):
+            try:
+                if self.try_acquire():
+                    last = time.monotonic()
+                    continue
+                log.error("lost the lease to another replica; exiting")
+            except Exception:  # network trouble: retry until the lease would have run out
+                log.exception("lease renewal failed")
+                if time.monotonic() - last < self.lease_seconds - self.renew_every:
+                    continue
+            os._exit(1)
+
+    def release(self) -> None:
+        self._stop.set()

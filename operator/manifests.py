@@ -1,0 +1,85 @@
+"""Kubernetes objects for a ModelDeployment's workers (pure functions of the spec)."""
+
+import secrets
+
+from fleetwise.controllers.placement import GPU_RESOURCE
+from fleetwise.spec import API_VERSION, ModelDeploymentSpec
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_MODEL = "fleetwise.dev/model"
+LABEL_ROLE = "fleetwise.dev/role"
+LABEL_POOL = "fleetwise.dev/pool"
+LABEL_DEPLOYMENT = "fleetwise.dev/deployment"
+LABEL_TEMPLATE = "fleetwise.dev/template-hash"
+LABEL_ROUTABLE = "fleetwise.dev/routable"
+ANNOTATION_DRAINING = "fleetwise.dev/draining-since"
+SCHEDULER_NAME = "fleetwise"
+WORKER_PORT = 8000
+
+
+def labels(name: str, spec: ModelDeploymentSpec, role: str) -> dict[str, str]:
+    return {MANAGED_BY: "fleetwise", LABEL_DEPLOYMENT: name, LABEL_MODEL: _label_value(spec.model.name),
+            LABEL_ROLE: role, LABEL_POOL: f"{name}-{role}"}
+
+
+def _label_value(v: str) -> str:
+    """Label values allow [A-Za-z0-9._-]; a model name may hold '/'."""
+    return v.replace("/", ".")[:63]
+
+
+def owner_reference(body: dict) -> dict:
+    meta = body["metadata"]
+    return {"apiVersion": API_VERSION, "kind": "ModelDeployment", "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str, tolerations: list[dict] = ()) -> dict:
+    name = body["metadata"]["name"]
+    pool = spec.pools()[role]
+    e = spec.engine
+    args = ["worker", "--model", spec.model.uri, "--served-model-name", spec.model.name, "--role", role,
+            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--block-size", str(e.block_size),
+            "--max-num-seqs", str(e.max_num_seqs), "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--dtype", e.dtype]
+    if e.kv_cache_mib:
+        args += ["--kv-cache-mib", str(e.kv_cache_mib)]
+    resources = {GPU_RESOURCE: str(pool.gpus_per_replica)}
+    if pool.resources:
+        for key in ("cpu", "memory"):
+            value = getattr(pool.resources, key)
+            if value is not None:
+                resources[key] = str(value)
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": f"{name}-{role}-{secrets.token_hex(3)}",
+            "labels": {**labels(name, spec, role), LABEL_TEMPLATE: template, LABEL_ROUTABLE: "true"},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": {
+            "schedulerName": SCHEDULER_NAME,
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 60,
+            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *tolerations],
+            "containers": [{
+                "name": "worker", "image": spec.image, "command": ["fleetwise"], "args": args,
+                "ports": [{"name": "http", "containerPort": WORKER_PORT}],
+                "readinessProbe": {"httpGet": {"path": "/health", "port": WORKER_PORT}, "periodSeconds": 5,
+                                   "failureThreshold": 2},
+                "livenessProbe": {"httpGet": {"path": "/health", "port": WORKER_PORT}, "periodSeconds": 10,
+                                  "failureThreshold": 6, "initialDelaySeconds": 60},
+                "resources": {"requests": resources, "limits": resources},
+            }],
+        },
+    }
+
+
+def pool_service(body: dict, spec: ModelDeploymentSpec, role: str) -> dict:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": f"{name}-{role}", "labels": labels(name, spec, role),
+                     "ownerReferences": [owner_reference(body)]},
+        "spec": {"selector": {LABEL_DEPLOYMENT: name, LABEL_ROLE: role, LABEL_ROUTABLE: "true"},
+                 "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": WORKER_PORT}]},
+    }

@@ -1,0 +1,122 @@
+"""Replica discovery from Kubernetes: the ready worker pods the operator labelled.
+
+A pod is a replica while it is Ready, has an IP, is not being deleted and is not marked
+`fleetwise.dev/routable=false` (draining or quarantined). Its model and role come from its
+labels. Tests whose pod IPs cannot be reached (kwok) give an address map: a JSON file of
+{"namespace/pod": "http://host:port"}, read at every refresh (`FLEETWISE_ADDRESS_MAP`).
+"""
+
+import json
+import logging
+import os
+import threading
+import time
+
+from kubernetes import client, watch
+
+from fleetwise.controllers.routing import Replica
+
+from .endpoints import ROLES, ModelRoute, swap_routes
+
+log = logging.getLogger(__name__)
+
+SELECTOR = "app.kubernetes.io/managed-by=fleetwise"
+MODEL_LABEL, ROLE_LABEL, ROUTABLE_LABEL = "fleetwise.dev/model", "fleetwise.dev/role", "fleetwise.dev/routable"
+PORT = 8000
+
+
+def replica_url(pod: dict, address_map: dict[str, str]) -> str | None:
+    meta, status = pod["metadata"], pod.get("status") or {}
+    mapped = address_map.get(f"{meta['namespace']}/{meta['name']}")
+    if mapped:
+        return mapped.rstrip("/")
+    ip = status.get("podIP")
+    return f"http://{ip}:{PORT}" if ip else None
+
+
+def routable(pod: dict) -> bool:
+    meta, status = pod["metadata"], pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return (ready and not meta.get("deletionTimestamp") and labels.get(ROUTABLE_LABEL) != "false"
+            and labels.get(ROLE_LABEL) in ROLES and bool(labels.get(MODEL_LABEL)))
+
+
+def routes_from_pods(pods: list[dict], address_map: dict[str, str]) -> dict[str, ModelRoute]:
+    routes: dict[str, ModelRoute] = {}
+    for pod in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
+        if not routable(pod):
+            continue
+        url = replica_url(pod, address_map)
+        if not url:
+            continue
+        labels = pod["metadata"]["labels"]
+        model, role = labels[MODEL_LABEL], labels[ROLE_LABEL]
+        route = routes.setdefault(model, ModelRoute(model))
+        route.replicas[role].append(Replica(url, model, role))
+    return routes
+
+
+class KubernetesEndpoints:
+    def __init__(self, api: client.ApiClient, namespace: str | None = None, address_map: str | None = None):
+        self.core = client.CoreV1Api(api)
+        self.api = api
+        self.namespace = namespace
+        self.address_map_path = address_map or os.environ.get("FLEETWISE_ADDRESS_MAP")
+        self._pods: dict[tuple[str, str], dict] = {}
+        self._lock = threading.Lock()
+        self._routes: dict[str, ModelRoute] = {}
+        self._synced = threading.Event()
+        threading.Thread(target=self._watch_forever, name="pod-watch", daemon=True).start()
+        self._synced.wait(30)
+        self.refresh()
+
+    def _list(self, **kw):
+        if self.namespace:
+            return self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR, **kw)
+        return self.core.list_pod_for_all_namespaces(label_selector=SELECTOR, **kw)
+
+    def _watch_forever(self) -> None:
+        while True:
+            try:
+                listing = self._list()
+                with self._lock:
+                    self._pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
+                                  for p in self.api.sanitize_for_serialization(listing.items)}
+                self._synced.set()
+                fn = self.core.list_namespaced_pod if self.namespace else self.core.list_pod_for_all_namespaces
+                args = (self.namespace,) if self.namespace else ()
+                for ev in watch.Watch().stream(fn, *args, label_selector=SELECTOR,
+                                               resource_version=listing.metadata.resource_version,
+                                               timeout_seconds=300):
+                    pod = self.api.sanitize_for_serialization(ev["object"])
+                    key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+                    with self._lock:
+                        if ev["type"] == "DELETED":
+                            self._pods.pop(key, None)
+                        else:
+                            self._pods[key] = pod
+            except Exception as e:  # expired resource version, API restart: list again
+                log.warning("pod watch restarting: %s", e)
+                time.sleep(1)
+
+    def _address_map(self) -> dict[str, str]:
+        if not self.address_map_path:
+            return {}
+        try:
+            with open(self.address_map_path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            log.error("address map %s unreadable: %s", self.address_map_path, e)
+            return {}
+
+    def models(self) -> dict[str, ModelRoute]:
+        return self._routes
+
+    def refresh(self) -> list[str]:
+        with self._lock:
+            pods = list(self._pods.values())
+        new = routes_from_pods(pods, self._address_map())
+        gone = swap_routes(self._routes, new)
+        self._routes = new
+        return gone
