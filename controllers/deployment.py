@@ -130,7 +130,9 @@ def _plan_pool(spec, role, pods: list[PodView], now: float, drain_timeout: float
         surge = desired + 1 - remaining
         if surge > 0:
             out.create += [(role, current)] * surge
-        out.events.append(("Normal", "RollingUpdate", f"{role}: {len(new)} of {desired} on template {current}"))
+        if retire or surge > 0:
+            out.events.append(("Normal", "RollingUpdate",
+                               f"{role}: {len(new)} of {desired} on template {current}; replacing {len(retire)}"))
         return
     extra = len(serving) - desired
     if extra > 0:

@@ -84,7 +84,7 @@ class Cluster:
                        check=True, capture_output=True)
         (w / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin,system:masters\n")
         etcd, self.api_port = _port(), _port()
-        self._start("kine", ["--listen-address", f"127.0.0.1:{etcd}",
+        self._start("kine", ["--listen-address", f"127.0.0.1:{etcd}", "--metrics-bind-address", "0",
                              "--endpoint", f"sqlite://{w}/kine.db?_journal=WAL&cache=shared"])
         self._start("kube-apiserver", [
             f"--etcd-servers=http://127.0.0.1:{etcd}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
@@ -101,7 +101,7 @@ class Cluster:
             f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
             f"--service-account-private-key-file={w}/sa.key", "--use-service-account-credentials=false",
             "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false",
-            "--controllers=*,-nodeipam,-nodelifecycle"])
+            "--controllers=*,-nodeipam"])
         self._start("kube-scheduler", [
             f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
             "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false"])

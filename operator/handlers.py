@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 from fleetwise.spec import GROUP, VERSION
 
 from . import manifests as m
+from .kube import error_message
 from .reconcile import Operator
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def reconciler(stopped: kopf.DaemonStopped, body, namespace: str, name: str, **_
         except ApiException as e:
             # 409 (a write raced another): re-read and go again; anything else: retry shortly
             _op.metrics.errors.labels(f"api_{e.status}").inc()
-            log.warning("reconcile %s/%s: API %s %s", namespace, name, e.status, e.reason)
+            log.warning("reconcile %s/%s: API %s: %s", namespace, name, e.status, error_message(e))
             delay = RETRY_SECONDS
         except Exception:
             _op.metrics.errors.labels("exception").inc()

@@ -81,7 +81,7 @@ class Kube:
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:
             # the generated client cannot deserialise a Binding answer: take it raw
-            self.core.create_namespaced_binding(namespace, body, _preload_content=False)
+            self.core.create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
             return True
         except ApiException as e:
             if e.status in (404, 409):

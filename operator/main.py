@@ -29,7 +29,11 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     api = load_client(kubeconfig)
+    if not client.Configuration.get_default_copy().verify_ssl:
+        import urllib3
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     metrics = OperatorMetrics()
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
@@ -40,15 +44,19 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     elector.acquire()
 
     @kopf.on.login()
-    def login(**kwargs):
-        # the same credentials as the kubernetes client above (kubeconfig or in-cluster)
+    def login(**_):
+        """kopf connects with the credentials the kubernetes client loaded above."""
         cfg = client.Configuration.get_default_copy()
+        header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+        scheme, token = header.split(" ", 1) if header and " " in header else (None, header)
         return kopf.ConnectionInfo(server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-                                   token=(cfg.api_key or {}).get("authorization", "").removeprefix("Bearer ") or None,
-                                   certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
-                                   default_namespace=lease_namespace)
+                                   scheme=scheme, token=token, username=cfg.username or None,
+                                   password=cfg.password or None, certificate_path=cfg.cert_file,
+                                   private_key_path=cfg.key_file)
+
     try:
-        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces or None,
+        scope = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
+        asyncio.run(kopf.operator(standalone=True, **scope,
                                   liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None))
     finally:
         elector.release()

@@ -162,7 +162,7 @@ class Operator:
     def _bind(self, body: dict, spec: ModelDeploymentSpec, unbound: list[dict]) -> list[dict]:
         """Places and binds; returns [{pod, reason}] for what does not fit."""
         ns = body["metadata"]["namespace"]
-        pending = []
+        pending, bound = [], []
         with self.placement_lock:
             with self.state.lock:
                 placement = Placement(list(self.state.nodes.values()), list(self.state.placed.values()),
@@ -180,19 +180,26 @@ class Operator:
                     pending.append({"pod": d.pod.name, "reason": d.reason})
                     continue
                 if self.kube.bind(ns, d.pod.name, d.node):
+                    bound.append(f"{d.pod.name} -> {d.node}")
                     with self.state.lock:
                         self.state.placed[(ns, d.pod.name)] = Pod(d.pod.name, d.pod.pool, d.pod.gpus, node=d.node)
                     created = x["metadata"].get("creationTimestamp")
                     if created:
                         self.metrics.bind_seconds.observe(max(0.0, time.time() - _epoch(created)))
+        if bound:
+            self.kube.event(body, "Normal", "Placed", f"bound {len(bound)} pod(s): {', '.join(bound[:10])}"
+                            + (" ..." if len(bound) > 10 else ""))
         by_reason: dict[str, int] = {}
         for item in pending:
             by_reason[_short_reason(item["reason"])] = by_reason.get(_short_reason(item["reason"]), 0) + 1
         for reason, count in by_reason.items():
             self.metrics.pending.labels(reason).set(count)
         if pending:
-            self.kube.event(body, "Warning", "Unschedulable", f"{len(pending)} pod(s) cannot be placed: "
-                            f"{pending[0]['reason']}")
+            message = f"{len(pending)} pod(s) cannot be placed: {pending[0]['reason']}"
+            previous = next((c.get("message") for c in (body.get("status") or {}).get("conditions") or []
+                             if c.get("type") == "Degraded"), None)
+            if message != previous:  # one Event per new situation, not one per reconcile
+                self.kube.event(body, "Warning", "Unschedulable", message)
         return pending
 
 

@@ -1,0 +1,164 @@
+"""The operator against a real kube-apiserver (kine, RBAC from the chart, kwok GPU nodes)."""
+
+import time
+
+import pytest
+
+from fleetwise.testenv import gpu_node
+
+from .k8s import apply, create_namespace, get, operator_kubeconfig, start_cluster, start_operator, wait_for
+
+NS = "models"
+H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = start_cluster(tmp_path_factory.mktemp("k8s"))
+    for i in range(3):
+        apply(c, gpu_node(f"h100-{i}", H100, labels={"rack": f"r{i % 2}"}))
+        apply(c, gpu_node(f"a100-{i}", A100, labels={"rack": f"r{i % 2}"}))
+    create_namespace(c, NS)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster):
+    kc = operator_kubeconfig(cluster)
+    op = start_operator(cluster, kc)
+    yield op, kc
+    op.stop()
+
+
+def md(name, prefill=2, decode=3, image="fleetwise:1", **extra):
+    return {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"model": {"name": name, "uri": "/models/tiny"}, "image": image,
+                     "prefill": {"replicas": prefill, "gpuType": "H100"},
+                     "decode": {"replicas": decode, "gpuType": "A100"}, **extra}}
+
+
+def pods(cluster, name, role=None):
+    sel = f"fleetwise.dev/deployment={name}" + (f",fleetwise.dev/role={role}" if role else "")
+    return [p for p in get(cluster, "pods", "-n", NS, "-l", sel)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+
+
+def condition(cluster, name, type_="Ready"):
+    status = get(cluster, "md", name, "-n", NS).get("status") or {}
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def converged(cluster, name, prefill, decode):
+    def check():
+        obj = get(cluster, "md", name, "-n", NS)
+        st = obj.get("status") or {}
+        ps, ds = pods(cluster, name, "prefill"), pods(cluster, name, "decode")
+        return (condition(cluster, name).get("status") == "True"
+                and st.get("observedGeneration") == obj["metadata"]["generation"]
+                and len(ps) == prefill and len(ds) == decode and all(ready(p) for p in ps + ds))
+    return check
+
+
+def test_disaggregated_pools_on_their_gpu_types_spread_and_ready(cluster, operator):
+    apply(cluster, md("llama"))
+    wait_for(converged(cluster, "llama", 2, 3), 90, what="llama Ready")
+    prefill, decode = pods(cluster, "llama", "prefill"), pods(cluster, "llama", "decode")
+    assert {p["spec"]["nodeName"] for p in prefill} <= {"h100-0", "h100-1", "h100-2"}
+    assert {p["spec"]["nodeName"] for p in decode} == {"a100-0", "a100-1", "a100-2"}  # spread
+    assert len({p["spec"]["nodeName"] for p in prefill}) == 2
+    for p in prefill + decode:
+        assert p["spec"]["schedulerName"] == "fleetwise"
+        assert p["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+        assert p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert p["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    st = get(cluster, "md", "llama", "-n", NS)["status"]
+    assert st["prefill"]["summary"] == "2/2" and st["decode"]["summary"] == "3/3"
+    out = cluster.kubectl("get", "md", "-n", NS).stdout
+    assert "MODE" in out and "PREFILL" in out and "DECODE" in out and "Disaggregated" in out and "2/2" in out
+    services = {s["metadata"]["name"] for s in get(cluster, "services", "-n", NS)["items"]}
+    assert {"llama-prefill", "llama-decode"} <= services
+
+
+def test_scale_up_down_and_replace(cluster, operator):
+    apply(cluster, md("llama", decode=5))
+    wait_for(converged(cluster, "llama", 2, 5), 90, what="scale up")
+    apply(cluster, md("llama", decode=2))
+    wait_for(converged(cluster, "llama", 2, 2), 90, what="scale down")
+    victim = pods(cluster, "llama", "prefill")[0]["metadata"]["name"]
+    cluster.kubectl("delete", "pod", victim, "-n", NS, "--wait=false")
+    wait_for(lambda: converged(cluster, "llama", 2, 2)() and victim not in
+             [p["metadata"]["name"] for p in pods(cluster, "llama", "prefill")], 90, what="replacement")
+
+
+def test_rollout_keeps_capacity(cluster, operator):
+    apply(cluster, md("llama", decode=2, image="fleetwise:2"))
+    lowest = 99
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ds = pods(cluster, "llama", "decode")
+        serving = [p for p in ds if ready(p) and p["metadata"]["labels"].get("fleetwise.dev/routable") != "false"]
+        lowest = min(lowest, len(serving))
+        images = {p["spec"]["containers"][0]["image"] for p in ds}
+        if converged(cluster, "llama", 2, 2)() and images == {"fleetwise:2"}:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("rollout did not finish")
+    assert lowest >= 2, f"ready, routable decode pods dropped to {lowest}"
+
+
+def test_invalid_resources_are_refused_naming_the_field(cluster, operator):
+    bad = md("bad", prefill=-1)
+    r = apply(cluster, bad, check=False)
+    assert r.returncode != 0 and "spec.prefill.replicas" in r.stderr
+    bad = md("bad")
+    bad["spec"]["mode"] = "Sideways"
+    r = apply(cluster, bad, check=False)
+    assert r.returncode != 0 and "spec.mode" in r.stderr and "Disaggregated" in r.stderr
+    bad = md("bad")
+    del bad["spec"]["model"]
+    r = apply(cluster, bad, check=False)
+    assert r.returncode != 0 and "spec.model" in r.stderr
+    bad = md("bad")
+    bad["spec"]["mode"] = "Colocated"
+    r = apply(cluster, bad, check=False)
+    assert r.returncode != 0 and "mixed pool" in r.stderr
+
+
+def test_unplaceable_pods_are_explained(cluster, operator):
+    apply(cluster, md("huge", prefill=1, decode=1, **{}) | {"spec": {
+        **md("huge")["spec"], "prefill": {"replicas": 1, "gpuType": "B200"}, "decode": {"replicas": 1, "gpuType": "A100"}}})
+    cond = wait_for(lambda: (c := condition(cluster, "huge", "Degraded")).get("status") == "True" and c, 60,
+                    what="Degraded")
+    assert "GPU type is not B200" in cond["message"]
+    events = cluster.kubectl("get", "events", "-n", NS, "--field-selector", "involvedObject.name=huge").stdout
+    assert "Unschedulable" in events
+    cluster.kubectl("delete", "md", "huge", "-n", NS)
+
+
+def test_operator_restart_mid_scale_up_converges_exactly(cluster, operator):
+    op, kc = operator
+    apply(cluster, md("restart", prefill=1, decode=1))
+    wait_for(converged(cluster, "restart", 1, 1), 90, what="restart Ready")
+    apply(cluster, md("restart", prefill=3, decode=3))
+    time.sleep(0.3)
+    op.stop(kill=True)
+    time.sleep(1)
+    fresh = start_operator(cluster, kc, "operator-2")
+    op.proc = fresh.proc  # the module fixture stops this one at the end
+    # the killed replica's lease must run out (15 s) before the new one acts
+    wait_for(converged(cluster, "restart", 3, 3), 120, what="converged after restart")
+    time.sleep(3)  # and nothing more is created once converged
+    assert len(pods(cluster, "restart", "prefill")) == 3 and len(pods(cluster, "restart", "decode")) == 3
+
+
+def test_delete_removes_everything(cluster, operator):
+    apply(cluster, md("gone", prefill=1, decode=1))
+    wait_for(converged(cluster, "gone", 1, 1), 90, what="gone Ready")
+    cluster.kubectl("delete", "md", "gone", "-n", NS, "--timeout=60s")
+    wait_for(lambda: not pods(cluster, "gone"), 60, what="pods removed")
