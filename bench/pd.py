@@ -252,45 +252,30 @@ async def prefill(http, url: str, model: str, prompt: list[int]) -> dict:
     return first
 
 
-async def pull_kv(http, url: str, handle: str, expect, sink) -> tuple[int, float]:
-    """As the decode worker pulls: stream, check every layer, copy it into cache-shaped
-    tensors. Returns (bytes on the wire, seconds)."""
-    from fleetwise.worker.kv_transfer import KVTransferError, decode
+async def pull_kv(session, url: str, handle: str, expect, sink) -> tuple[int, float]:
+    """Exactly as the decode worker pulls (kv_transfer.pull): stream, check every layer,
+    copy it into cache-shaped tensors. Returns (bytes on the wire, seconds)."""
+    from fleetwise.worker.kv_transfer import pull
+    t0 = time.perf_counter()
+    received = await pull(session, url, handle, expect, sink.slot_copy)
+    return received, time.perf_counter() - t0
+
+
+async def read_kv(session, url: str, handle: str) -> tuple[int, float]:
+    """The stream read off the wire with the same client and dropped: no checks, no copies."""
     received = 0
     t0 = time.perf_counter()
-    async with http.stream("GET", f"{url}/internal/kv/{handle}", params={"start": expect.start}) as r:
-        if r.status_code != 200:
-            raise KVTransferError(f"the prefill worker answered {r.status_code}", "refused")
-
-        async def counted():
-            nonlocal received
-            async for chunk in r.aiter_raw():
-                received += len(chunk)
-                yield chunk
-        layers = 0
-        async for layer, k, v in decode(counted(), expect):
-            sink.slot_copy(layer, k, v)
-            layers += 1
-    seconds = time.perf_counter() - t0
-    if layers != expect.num_layers:
-        raise KVTransferError(f"{layers} of {expect.num_layers} layers")
-    return received, seconds
-
-
-async def read_kv(http, url: str, handle: str) -> tuple[int, float]:
-    """The stream read off the wire and dropped: no checks, no copies."""
-    received = 0
-    t0 = time.perf_counter()
-    async with http.stream("GET", f"{url}/internal/kv/{handle}") as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"the prefill worker answered {r.status_code}")
-        async for chunk in r.aiter_raw():
+    async with session.get(f"{url}/internal/kv/{handle}") as r:
+        if r.status != 200:
+            raise RuntimeError(f"the prefill worker answered {r.status}")
+        async for chunk in r.content.iter_any():
             received += len(chunk)
     return received, time.perf_counter() - t0
 
 
 class _Sink:
-    """Stand-in for the decode worker's cache: index_copy_ of each layer into its slots."""
+    """Stand-in for the decode worker's cache. The worker copies whole blocks at a time
+    (LLMEngine.write_kv); blocks here are consecutive, so one copy per layer and kind."""
 
     def __init__(self, num_layers: int, num_tokens: int, heads: int, head_dim: int, dtype):
         import torch
@@ -299,8 +284,8 @@ class _Sink:
 
     def slot_copy(self, layer: int, k, v) -> None:
         cache = self.caches[layer]
-        cache[0].index_copy_(0, self.slots, k)
-        cache[1].index_copy_(0, self.slots, v)
+        cache[0].copy_(k)
+        cache[1].copy_(v)
 
 
 def _metric_values(text: str) -> dict[tuple[str, frozenset], float]:
@@ -585,7 +570,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
         "kv_trials_per_length": max(MIN_KV_TRIALS, repeats),
         "request": "streamed /v1/completions through the router, temperature 0, ignore_eos, "
                    "random token-id prompts distinct per request",
-        "kv_measure": "GET /internal/kv/{handle} with httpx aiter_raw, kv_transfer.decode against the expected "
+        "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull (aiohttp, as the decode worker), "
                       "header, index_copy_ into cache-shaped tensors (as the decode worker); http_read: the same "
                       "stream only read; baseline: loopback TCP, another process sendall()s the same number of "
                       "bytes, recv_into 4 MiB at a time; trials rotate the order of the three",
@@ -631,6 +616,8 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     notes: list[str] = []
     timeout = httpx.Timeout(600.0, connect=5.0)
     http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+    import aiohttp
+    kv_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), read_bufsize=1 << 20)
     routers = {m: fleet.routers[m].url for m in MODES}
     steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
     try:
@@ -659,7 +646,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                              DTYPES[expect.dtype])
                 times: dict[str, list[float]] = {k: [] for k in KV_TRIAL_KINDS}
                 try:
-                    nbytes, _ = await pull_kv(http, fleet.prefill.url, first["handle"], expect, sink)  # warm
+                    nbytes, _ = await pull_kv(kv_session, fleet.prefill.url, first["handle"], expect, sink)  # warm
                     for i in range(trials):
                         progress.update(task, description=f"KV transfer {L}: trial {i + 1}/{trials}")
                         k = i % len(KV_TRIAL_KINDS)  # rotate the order, so that drift hits all alike
@@ -668,9 +655,9 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                                 times[kind].append(sock.copy(nbytes))
                             else:
                                 if kind == "kv":
-                                    n, t = await pull_kv(http, fleet.prefill.url, first["handle"], expect, sink)
+                                    n, t = await pull_kv(kv_session, fleet.prefill.url, first["handle"], expect, sink)
                                 else:
-                                    n, t = await read_kv(http, fleet.prefill.url, first["handle"])
+                                    n, t = await read_kv(kv_session, fleet.prefill.url, first["handle"])
                                 if n != nbytes:
                                     raise RuntimeError(f"KV stream sizes differ between pulls: {nbytes} vs {n}")
                                 times[kind].append(t)
@@ -727,6 +714,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
             after = await kv_counters(http, fleet.decode.url)
     finally:
         await http.aclose()
+        await kv_session.close()
 
     e2e_rows = {}
     for L, by_mode in runs.items():

@@ -59,9 +59,9 @@ class KVReservation:
     """Blocks a decode worker set aside for a prompt computed elsewhere: the tokens from
     `start` on arrive from the prefill worker (those before are in its own prefix cache)."""
     request_id: str
-    start: int
+    start: int          # a multiple of the block size
     num_tokens: int
-    slots: torch.Tensor
+    blocks: torch.Tensor  # the blocks that hold tokens start .. start + num_tokens - 1
 
 
 @dataclass
@@ -159,11 +159,16 @@ class LLMEngine:
         mc = self.model_config
         header = KVHeader(self.model_id, DTYPE_NAMES[self.runner.dtype], mc.num_hidden_layers,
                           mc.num_key_value_heads, mc.head_dim, start, seq.num_prompt_tokens - start)
-        slots = self.slots(seq, start, seq.num_prompt_tokens)
+        bs = self.block_manager.block_size
+        first = start // bs
+        blocks = torch.tensor(seq.block_table[first:-(-seq.num_prompt_tokens // bs)], device=self.runner.device)
+        lo, hi = start - first * bs, seq.num_prompt_tokens - first * bs
 
-        def layers():
+        def layers():  # whole blocks at a time: one gather per layer and kind
             for cache in self.runner.kv_caches:
-                yield cache[0][slots], cache[1][slots]
+                k = cache[0].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
+                v = cache[1].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
+                yield k.flatten(0, 1)[lo:hi], v.flatten(0, 1)[lo:hi]
         return header, layers()
 
     def close_kv(self, handle: str) -> None:
@@ -196,12 +201,6 @@ class LLMEngine:
             self.metrics.on_leases(held, sum(not lease.released for lease in gone))
         return expired
 
-    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        bs = self.block_manager.block_size
-        pos = torch.arange(start, end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return (table[pos // bs] * bs + pos % bs).to(self.runner.device)
-
     # -- decode side of a handoff -----------------------------------------------------------
 
     def reserve_kv(self, request_id: str, prompt_token_ids: list[int], first_token: int,
@@ -224,7 +223,26 @@ class LLMEngine:
         if not bm.can_allocate(seq, num_new, computed, self.scheduler.watermark):
             return None
         bm.allocate(seq, num_new, computed)
-        return KVReservation(request_id, seq.num_computed_tokens, num_new, self.slots(seq, seq.num_computed_tokens, n))
+        first = seq.num_computed_tokens // bm.block_size
+        blocks = torch.tensor(seq.block_table[first:], dtype=torch.long, device=self.runner.device)
+        return KVReservation(request_id, seq.num_computed_tokens, num_new, blocks)
+
+    def write_kv(self, res: KVReservation, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Received keys and values of one layer into the reserved blocks: whole blocks in
+        one copy, the last partial block token by token. Only the receiving request owns
+        these blocks, so this may run outside the engine thread."""
+        bs = self.block_manager.block_size
+        cache = self.runner.kv_caches[layer]
+        full = res.num_tokens // bs
+        for i, src in enumerate((k, v)):
+            src = src.to(cache.device, cache.dtype)
+            if full:
+                cache[i].view(-1, bs, *cache.shape[2:]).index_copy_(
+                    0, res.blocks[:full], src[:full * bs].view(full, bs, *cache.shape[2:]))
+            tail = res.num_tokens - full * bs
+            if tail:
+                slots = res.blocks[full] * bs + torch.arange(tail, device=cache.device)
+                cache[i].index_copy_(0, slots, src[full * bs:])
 
     def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
         """The reserved prompt's keys and values are in place (`received`) and it joins the

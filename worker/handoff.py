@@ -13,14 +13,14 @@ import time
 import uuid
 from typing import Literal
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .engine import KVReservation, LLMEngine, RequestError
-from .kv_transfer import DTYPE_NAMES, KVHeader, KVTransferError, decode, encode
+from .kv_transfer import DTYPE_NAMES, KVHeader, KVTransferError, encode, pull, stream_size
 from .async_engine import tagged
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -69,8 +69,8 @@ def _error(status, message, param=None, code=None):
 
 def _corrupted(frames):
     for i, frame in enumerate(frames):
-        if i == 1:  # the first layer's frame: flip its last payload byte
-            frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
+        if i == 2:  # the first layer's keys: flip their last byte
+            frame = bytes(frame[:-1]) + bytes([frame[-1] ^ 0xFF])
         yield frame
 
 
@@ -78,8 +78,15 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
     core: LLMEngine = api.core
     engine = api.engine
     metrics = api.metrics
-    http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0),
-                             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+    sessions: list[aiohttp.ClientSession] = []
+
+    def http() -> aiohttp.ClientSession:
+        """One pooled client per worker, made in the serving event loop."""
+        if not sessions:
+            sessions.append(aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
+                connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20))
+        return sessions[0]
 
     def require(*roles: str) -> None:
         if api.role not in roles:
@@ -124,13 +131,15 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
         async def body():
             sent = 0
             try:
+                # gathering a layer and its checksum run off the event loop
                 while (chunk := await asyncio.to_thread(next, frames, None)) is not None:
                     sent += len(chunk)
                     yield chunk
             finally:
                 core.close_kv(handle)
                 metrics.on_kv_transfer("sent", sent)
-        return StreamingResponse(body(), media_type="application/octet-stream")
+        return StreamingResponse(body(), media_type="application/octet-stream",
+                                 headers={"content-length": str(stream_size(header))})
 
     @app.delete("/internal/kv/{handle}")
     async def release(handle: str):
@@ -178,21 +187,9 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
                               mc.num_key_value_heads, mc.head_dim, res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
-                async with http.stream("GET", f"{body.prefill_url}/internal/kv/{body.handle}",
-                                       params={"start": res.start}) as r:
-                    if r.status_code != 200:
-                        raise KVTransferError(f"the prefill worker answered {r.status_code}", "refused")
-
-                    async def counted():
-                        nonlocal received
-                        async for chunk in r.aiter_raw():
-                            received += len(chunk)
-                            yield chunk
-                    async for layer, k, v in decode(counted(), expect):
-                        cache = core.runner.kv_caches[layer]
-                        cache[0].index_copy_(0, res.slots, k.to(cache.device))
-                        cache[1].index_copy_(0, res.slots, v.to(cache.device))
-            except (KVTransferError, httpx.HTTPError) as e:
+                received = await pull(http(), body.prefill_url, body.handle, expect,
+                                      lambda layer, k, v: core.write_kv(res, layer, k, v))
+            except (KVTransferError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             body.handle, body.prefill_url, e)
                 metrics.on_kv_recompute(e.reason if isinstance(e, KVTransferError) else "unreachable")
@@ -205,6 +202,7 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
 
     async def _release(url: str, handle: str) -> None:
         try:
-            await http.delete(f"{url}/internal/kv/{handle}")
-        except httpx.HTTPError as e:  # the lease expires on its own
+            async with http().delete(f"{url}/internal/kv/{handle}"):
+                pass
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # the lease expires on its own
             log.info("could not release KV lease %s at %s: %s", handle, url, e)

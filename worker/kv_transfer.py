@@ -16,9 +16,11 @@ a stream whose header does not match its own model and layout, a layer whose len
 checksum is wrong, a stream that ends early or carries more than it announced.
 """
 
+import asyncio
 import hashlib
 import json
 import struct
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,48 +77,86 @@ def model_id(model_dir: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def encode(header: KVHeader, layers: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[bytes]:
-    """Frames of a stream; `layers` yields each layer's (keys, values) for the token range."""
+def stream_size(header: KVHeader) -> int:
+    """Bytes of the whole stream: sent as Content-Length, so nothing is chunk-framed."""
+    head = len(json.dumps(asdict(header)).encode())
+    return _PREAMBLE.size + head + header.num_layers * (_LAYER.size + header.payload_bytes) + _DONE.size
+
+
+def encode(header: KVHeader, layers: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[bytes | memoryview]:
+    """Frames of a stream; `layers` yields each layer's (keys, values) for the token range.
+    Payloads go out as views of the tensors' memory, not copies."""
     head = json.dumps(asdict(header)).encode()
     yield _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head
     count = 0
     for i, (k, v) in enumerate(layers):
-        payload = _tensor_bytes(k) + _tensor_bytes(v)
-        yield _LAYER.pack(LAYER, i, len(payload), zlib.crc32(payload)) + payload
+        kb, vb = _tensor_bytes(k), _tensor_bytes(v)
+        yield _LAYER.pack(LAYER, i, len(kb) + len(vb), zlib.crc32(vb, zlib.crc32(kb)))
+        yield kb
+        yield vb
         count += 1
     yield _DONE.pack(DONE, count)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-class _Reader:
+class _IteratorReader:
+    """`readexactly` over an async iterator of byte chunks."""
+
     def __init__(self, chunks: AsyncIterator[bytes]):
         self.chunks = chunks
         self.buf = bytearray()
 
-    async def read(self, n: int) -> bytes:
+    async def readexactly(self, n: int) -> bytes:
         while len(self.buf) < n:
             try:
                 chunk = await self.chunks.__anext__()
             except StopAsyncIteration:
                 raise KVTransferError(f"the stream ended early ({len(self.buf)} of {n} bytes of a frame)")
             self.buf += chunk
-        out = bytes(self.buf[:n])
+        out = bytes(memoryview(self.buf)[:n])
         del self.buf[:n]
         return out
 
+    async def at_eof(self) -> bool:
+        if self.buf:
+            return False
+        try:
+            await self.chunks.__anext__()
+            return False
+        except StopAsyncIteration:
+            return True
 
-async def decode(chunks: AsyncIterator[bytes], expect: KVHeader) -> AsyncIterator[tuple[int, torch.Tensor, torch.Tensor]]:
+
+class _StreamReader:
+    """An aiohttp response body (anything with readexactly and read)."""
+
+    def __init__(self, content):
+        self.content = content
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self.content.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise KVTransferError(f"the stream ended early ({len(e.partial)} of {n} bytes of a frame)")
+
+    async def at_eof(self) -> bool:
+        return not await self.content.read(1)
+
+
+async def decode(source, expect: KVHeader) -> AsyncIterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Checks a stream against what the receiver expects and yields (layer, keys, values)
-    only for layers whose length and checksum are right. Raises KVTransferError otherwise."""
-    r = _Reader(chunks)
-    magic, version, n = _PREAMBLE.unpack(await r.read(_PREAMBLE.size))
+    only for layers whose length and checksum are right. Raises KVTransferError otherwise.
+    `source`: an async iterator of byte chunks, or a stream with `readexactly` (aiohttp)."""
+    r = _StreamReader(source) if hasattr(source, "readexactly") else _IteratorReader(source)
+    magic, version, n = _PREAMBLE.unpack(await r.readexactly(_PREAMBLE.size))
     if magic != MAGIC or version != VERSION:
         raise KVTransferError(f"not a KV stream of version {VERSION} (magic {magic!r}, version {version})")
     try:
-        header = KVHeader(**json.loads(await r.read(n)))
+        header = KVHeader(**json.loads(await r.readexactly(n)))
     except (ValueError, TypeError) as e:
         raise KVTransferError(f"unreadable header: {e}")
     for name in ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "start", "num_tokens"):
@@ -125,27 +165,35 @@ async def decode(chunks: AsyncIterator[bytes], expect: KVHeader) -> AsyncIterato
                                   f"this worker expects {getattr(expect, name)!r}", "mismatch")
     dtype = DTYPES[header.dtype]
     shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
-    half = header.payload_bytes // 2
+    count = header.payload_bytes // 2 // dtype.itemsize
     for i in range(header.num_layers):
-        tag, layer, size, crc = _LAYER.unpack(await r.read(_LAYER.size))
+        tag, layer, size, crc = _LAYER.unpack(await r.readexactly(_LAYER.size))
         if tag != LAYER or layer != i:
             raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
         if size != header.payload_bytes:
             raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
-        payload = await r.read(size)
+        payload = await r.readexactly(size)
         if zlib.crc32(payload) != crc:
             raise KVTransferError(f"layer {i}: checksum mismatch")
-        buf = bytearray(payload)
-        k = torch.frombuffer(buf, dtype=dtype, count=half // dtype.itemsize).view(shape)
-        v = torch.frombuffer(buf, dtype=dtype, offset=half, count=half // dtype.itemsize).view(shape)
+        with warnings.catch_warnings():  # read-only bytes: the tensors are only read from
+            warnings.simplefilter("ignore", UserWarning)
+            k = torch.frombuffer(payload, dtype=dtype, count=count).view(shape)
+            v = torch.frombuffer(payload, dtype=dtype, offset=size // 2, count=count).view(shape)
         yield i, k, v
-    tag, count = _DONE.unpack(await r.read(_DONE.size))
-    if tag != DONE or count != header.num_layers:
+    tag, n_layers = _DONE.unpack(await r.readexactly(_DONE.size))
+    if tag != DONE or n_layers != header.num_layers:
         raise KVTransferError("the stream does not end where its header says")
-    if r.buf:
+    if not await r.at_eof():
         raise KVTransferError("bytes after the end of the stream")
-    try:
-        await r.chunks.__anext__()
-        raise KVTransferError("bytes after the end of the stream")
-    except StopAsyncIteration:
-        pass
+
+
+async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write) -> int:
+    """Pulls a held prompt's KV from a prefill worker with an aiohttp session, checks it and
+    hands each good layer to `write(layer, keys, values)`. Returns the bytes received;
+    raises KVTransferError (or the client's error) when the stream must not be used."""
+    async with session.get(f"{prefill_url}/internal/kv/{handle}", params={"start": str(expect.start)}) as r:
+        if r.status != 200:
+            raise KVTransferError(f"the prefill worker answered {r.status}", "refused")
+        async for layer, k, v in decode(r.content, expect):
+            write(layer, k, v)
+    return stream_size(expect)
