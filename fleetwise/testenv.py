@@ -77,6 +77,13 @@ class Cluster:
         log.close()
 
     def start(self, timeout: float = 60.0) -> "Cluster":
+        try:
+            return self._start_all(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, timeout: float) -> "Cluster":
         w = self.workdir
         w.mkdir(parents=True, exist_ok=True)
         subprocess.run(["openssl", "genrsa", "-out", str(w / "sa.key"), "2048"], check=True, capture_output=True)

@@ -22,7 +22,17 @@ KWOK_TAINT = "kwok.x-k8s.io/node"
 def start_cluster(workdir: Path) -> Cluster:
     """Fails loudly if the control plane cannot be built or started: never a silent skip."""
     b = ensure_built()
-    cluster = Cluster(workdir, b).start()
+    cluster = Cluster(workdir, b)
+    try:
+        cluster.start()
+        _install(cluster, b)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _install(cluster: Cluster, b: Path) -> None:
     cluster.kubectl("apply", "-f", str(CRDS))
     for crd in ("modeldeployments", "powerbudgets", "faultpolicies"):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}.fleetwise.dev", "--timeout=60s")
@@ -32,7 +42,6 @@ def start_cluster(workdir: Path) -> Cluster:
     rendered = subprocess.run([str(b / "helm"), "template", "t", str(CHART), "--namespace", SYSTEM_NS,
                                "--show-only", "templates/rbac.yaml"], capture_output=True, text=True, check=True)
     cluster.kubectl("apply", "-f", "-", input=rendered.stdout)
-    return cluster
 
 
 def _wait_default_sa(cluster: Cluster, ns: str, timeout: float = 60) -> None:
