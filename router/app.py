@@ -62,6 +62,15 @@ class RouterMetrics:
                                  buckets=BUCKETS, registry=r)
         self.ttft = Histogram(c.ROUTER_TTFT_SECONDS, "Time from request to the first streamed chunk.",
                               ["model_name"], buckets=BUCKETS, registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels):
+        """A metric's labelled series, looked up once (labels() costs more than inc())."""
+        key = (id(metric), labels)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = metric.labels(*labels)
+        return series
 
 
 @dataclass
@@ -114,13 +123,15 @@ class Router:
     # -- health ------------------------------------------------------------------------------
 
     def _mark(self, replica: Replica, ok: bool) -> None:
+        was = replica.healthy
         if ok:
             replica.failures = 0
             replica.healthy = True
         else:
             replica.failures += 1
             replica.healthy = False
-        self.metrics.healthy.labels(replica.model, replica.role, replica.url).set(1 if replica.healthy else 0)
+        if was != replica.healthy or replica.failures <= 1:
+            self.metrics.child(self.metrics.healthy, replica.model, replica.role, replica.url).set(int(replica.healthy))
 
     async def _probe(self, replica: Replica) -> None:
         try:
@@ -149,7 +160,7 @@ class Router:
 
     def _acquire(self, replica: Replica) -> Callable[[], None]:
         replica.outstanding += 1
-        gauge = self.metrics.outstanding.labels(replica.model, replica.role, replica.url)
+        gauge = self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url)
         gauge.set(replica.outstanding)
         done = []
 
@@ -173,7 +184,7 @@ class Router:
             if replica is None:
                 break
             tried.add(id(replica))
-            self.metrics.decisions.labels(model, role, self.policy_name).inc()
+            self.metrics.child(self.metrics.decisions, model, role, self.policy_name).inc()
             release = self._acquire(replica)
             resp = None
             try:
@@ -187,7 +198,8 @@ class Router:
                 if resp.status >= 500:
                     last_error = f"{replica.url} answered {resp.status}: {(await resp.read())[:200]!r}"
                     raise _Retry()
-                self._mark(replica, True)
+                if replica.failures or not replica.healthy:
+                    self._mark(replica, True)
                 ctype = resp.headers.get("content-type", "application/json")
                 if not stream or resp.status != 200:
                     body = await resp.read()
@@ -208,7 +220,7 @@ class Router:
                     last_error = f"{replica.url}: {type(e).__name__}: {e}"
                 log.warning("%s replica failed for %s, trying another: %s", role, model, last_error)
                 self._mark(replica, False)
-                self.metrics.retries.labels(model, role).inc()
+                self.metrics.child(self.metrics.retries, model, role).inc()
                 if resp is not None:
                     resp.close()
                 release()
@@ -242,7 +254,7 @@ class Router:
                                   code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
             mode = route.mode
             stream = bool(body.get("stream"))
-            keys = prefix_keys(_prompt_text(body, kind))
+            keys = prefix_keys(_prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
             self.inflight += 1
             self.metrics.inflight.set(self.inflight)
             try:
@@ -258,11 +270,11 @@ class Router:
         except RouterError as e:
             status = e.status
             if not mode:
-                self.metrics.requests.labels(model or "", mode, str(status)).inc()
+                self.metrics.child(self.metrics.requests, model or "", mode, str(status)).inc()
             return e.response()
         finally:
             if mode:
-                self.metrics.requests.labels(model, mode, str(status)).inc()
+                self.metrics.child(self.metrics.requests, model, mode, str(status)).inc()
 
     def _leave(self) -> None:
         self.inflight -= 1
@@ -271,9 +283,9 @@ class Router:
     def _respond(self, up: Upstream, model: str, t0: float) -> Response:
         if up.rest is None:
             self._leave()
-            self.metrics.latency.labels(model).observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
             return Response(up.body, status_code=up.status, media_type=up.content_type)
-        self.metrics.ttft.labels(model).observe(time.perf_counter() - t0)
+        self.metrics.child(self.metrics.ttft, model).observe(time.perf_counter() - t0)
 
         async def relay():
             try:
@@ -291,7 +303,7 @@ class Router:
             finally:
                 up.release()
                 self._leave()
-                self.metrics.latency.labels(model).observe(time.perf_counter() - t0)
+                self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
         return StreamingResponse(relay(), status_code=up.status, media_type="text/event-stream")
 
     async def disaggregated(self, route: ModelRoute, kind: str, body: dict, stream: bool,
@@ -504,13 +516,25 @@ def build_app(router: Router) -> Starlette:
         yield
         await router.stop()
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], lifespan=lifespan)
+    hot = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+    async def asgi(scope, receive, send):
+        """The two request paths skip Starlette's routing and middleware: they are every
+        request the router serves, and that stack is a good share of its overhead."""
+        kind = hot.get(scope.get("path")) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if kind is None:
+            await app(scope, receive, send)
+            return
+        response = await router.handle(Request(scope, receive), kind)
+        await response(scope, receive, send)
+    return asgi
 
 
 def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
@@ -519,4 +543,4 @@ def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_af
 
     router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval)
     uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+                proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)

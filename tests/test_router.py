@@ -200,10 +200,10 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         async def run():
             async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
                 tasks = [asyncio.create_task(one(client, i)) for i in range(200)]
-                await asyncio.sleep(1.5)
-                procs["decode"][0].kill()
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.4)  # prompts are still being prefilled
                 procs["prefill"][0].kill()
+                await asyncio.sleep(1.0)  # tokens are streaming
+                procs["decode"][0].kill()
                 assert sum(not t.done() for t in tasks) > 50, "the load ended before the faults"
                 return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
 
