@@ -179,5 +179,19 @@ def bench_router(
     run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
 
 
+@bench_app.command("operator")
+def bench_operator(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result goes."),
+    nodes: int = typer.Option(250, "--nodes", help="kwok GPU nodes."),
+    deployments: int = typer.Option(100, "--deployments", help="ModelDeployments to create at once."),
+    prefill: int = typer.Option(4, "--prefill", help="Prefill replicas per deployment."),
+    decode: int = typer.Option(6, "--decode", help="Decode replicas per deployment."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
+):
+    """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
+    from fleetwise.bench.operator import run_operator_bench
+    run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
+
+
 if __name__ == "__main__":
     app()

@@ -2,10 +2,12 @@
 over SQLite), kube-apiserver with RBAC, kube-controller-manager, kube-scheduler and kwok for
 fake GPU nodes. Binaries come from testenv/k8s/build.sh (in .testenv/bin by default)."""
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +164,101 @@ def gpu_node(name: str, product: str, gpus: int = 8, labels: dict | None = None)
         "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
         "status": {"capacity": capacity, "allocatable": capacity},
     }
+
+
+CRDS = ROOT / "charts" / "fleetwise" / "crds"
+CHART = ROOT / "charts" / "fleetwise"
+SYSTEM_NS = "fleetwise-system"
+KWOK_TAINT = "kwok.x-k8s.io/node"
+
+
+def start_cluster(workdir: Path) -> Cluster:
+    """A started control plane with the CRDs and the chart's RBAC installed. Fails loudly if
+    it cannot be built or started: the tests that need it never skip silently."""
+    b = ensure_built()
+    cluster = Cluster(workdir, b)
+    try:
+        cluster.start()
+        install(cluster, b)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def install(cluster: Cluster, b: Path) -> None:
+    cluster.kubectl("apply", "-f", str(CRDS))
+    for crd in ("modeldeployments", "powerbudgets", "faultpolicies"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}.fleetwise.dev", "--timeout=60s")
+    cluster.kubectl("create", "namespace", SYSTEM_NS)
+    _wait_default_sa(cluster, SYSTEM_NS)
+    # the chart's own RBAC, rendered by helm, is all the operator under test may use
+    rendered = subprocess.run([str(b / "helm"), "template", "t", str(CHART), "--namespace", SYSTEM_NS,
+                               "--show-only", "templates/rbac.yaml"], capture_output=True, text=True, check=True)
+    cluster.kubectl("apply", "-f", "-", input=rendered.stdout)
+
+
+def _wait_default_sa(cluster: Cluster, ns: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cluster.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"no default ServiceAccount in {ns}: is kube-controller-manager running?")
+
+
+def create_namespace(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("create", "namespace", ns)
+    _wait_default_sa(cluster, ns)
+
+
+def operator_kubeconfig(cluster: Cluster) -> Path:
+    token = cluster.kubectl("create", "token", "t-fleetwise-operator", "-n", SYSTEM_NS, "--duration=24h").stdout.strip()
+    return cluster.kubeconfig_for(token, "operator")
+
+
+@dataclass
+class OperatorProcess:
+    proc: subprocess.Popen
+    metrics_port: int
+    log: Path
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
+    metrics = _port()
+    log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
+    out = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "fleetwise", "operator", "--kubeconfig", str(kubeconfig),
+                             "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
+                             "--metrics-port", str(metrics), "--liveness-port", str(_port())],
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    return OperatorProcess(proc, metrics, log)
+
+
+def apply(cluster: Cluster, obj: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
+
+
+def get(cluster: Cluster, *args: str) -> dict:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

@@ -4,9 +4,8 @@ import time
 
 import pytest
 
-from fleetwise.testenv import gpu_node
-
-from .k8s import apply, create_namespace, get, operator_kubeconfig, start_cluster, start_operator, wait_for
+from fleetwise.testenv import (apply, create_namespace, get, gpu_node, operator_kubeconfig, start_cluster,
+                               start_operator, wait_for)
 
 NS = "models"
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
