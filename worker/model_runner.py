@@ -2,7 +2,7 @@
 
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
 from .llama import ModelConfig, load_model
 from .sampler import SamplerOutput, SamplingMetadata, sample
@@ -79,33 +79,29 @@ class ModelRunner:
         sample_rows = [i for i, s in enumerate(seqs) if starts[i] + counts[i] >= s.num_tokens]
         logits_indices = cu[1:][sample_rows] - 1
 
-        meta = AttentionMetadata(slot_mapping=slot_mapping)
-        if B == 1 and starts[0] == 0:
-            meta.prefill_fresh = True
-        else:
-            decode = (n_t == 1).nonzero().squeeze(1)
-            prefill = (n_t > 1).nonzero().squeeze(1)
-            if len(decode):
-                ld = int(ctx_t[decode].max())
-                meta.decode_tokens = cu[:-1][decode]
-                meta.decode_slots = self._context_slots(tables[decode], ld)
-                meta.decode_mask = (torch.arange(ld)[None, :] < ctx_t[decode][:, None])[:, None, None, :]
-            if len(prefill):
-                qp = int(n_t[prefill].max())
-                lp = int(ctx_t[prefill].max())
-                q_off = torch.arange(qp)
-                valid = q_off[None, :] < n_t[prefill][:, None]
-                meta.prefill_tokens = torch.where(valid, cu[:-1][prefill][:, None] + q_off[None, :], 0)
-                meta.prefill_valid = valid
-                meta.prefill_slots = self._context_slots(tables[prefill], lp)
-                q_pos = start_t[prefill][:, None] + q_off[None, :]
-                meta.prefill_mask = (torch.arange(lp)[None, None, :] <= q_pos[:, :, None])[:, None]
         dev = self.device
-        for name in ("slot_mapping", "decode_tokens", "decode_slots", "decode_mask",
-                     "prefill_tokens", "prefill_valid", "prefill_slots", "prefill_mask"):
-            value = getattr(meta, name)
-            if value is not None and value.device != dev:
-                setattr(meta, name, value.to(dev, non_blocking=True))
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(dev, non_blocking=True))
+        ctx, cu_list = ctx_t.tolist(), cu.tolist()
+        decodes = sorted((i for i in range(B) if counts[i] == 1), key=ctx.__getitem__)
+        for group in _length_groups(decodes, ctx):
+            lengths = [ctx[i] for i in group]
+            longest = lengths[-1]
+            slots = self._context_slots(tables[group], longest)
+            mask = None
+            if lengths[0] != longest:
+                mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+                mask = mask.to(dev, non_blocking=True)
+            meta.decode.append(DecodeGroup(torch.tensor([cu_list[i] for i in group]).to(dev, non_blocking=True),
+                                           slots.to(dev, non_blocking=True), mask))
+        for i in range(B):
+            if counts[i] == 1:
+                continue
+            chunk = PrefillChunk(cu_list[i], cu_list[i + 1])
+            if starts[i] > 0:
+                chunk.slots = self._context_slots(tables[i:i + 1], ctx[i])[0].to(dev, non_blocking=True)
+                q_pos = torch.arange(starts[i], ctx[i])
+                chunk.mask = (torch.arange(ctx[i])[None, :] <= q_pos[:, None]).to(dev, non_blocking=True)
+            meta.prefill.append(chunk)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         return ids, positions.to(dev, non_blocking=True), meta, logits_indices.to(dev), sample_rows
 
@@ -125,3 +121,19 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in rows]
         sampling = SamplingMetadata.build(seqs, self.model_config.vocab_size, self.device)
         return rows, sample(logits, sampling)
+
+
+def _length_groups(rows: list[int], ctx: list[int], spread: float = 1.15, max_groups: int = 16) -> list[list[int]]:
+    """Rows sorted by context length, cut into groups whose longest context is at most
+    `spread` times their shortest (padding waste under 15%), at most `max_groups` of them."""
+    if not rows:
+        return []
+    groups, current = [], [rows[0]]
+    for r in rows[1:]:
+        if ctx[r] > spread * ctx[current[0]] and len(groups) < max_groups - 1:
+            groups.append(current)
+            current = [r]
+        else:
+            current.append(r)
+    groups.append(current)
+    return groups
