@@ -105,7 +105,7 @@ def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeo
                 progress.update(task, completed=ready)
                 if ready >= want:
                     break
-                time.sleep(1)
+                time.sleep(2)  # kubectl listing 1,000 pods is load on the API server too
         elapsed = time.monotonic() - t0
         text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
         requests = _metric(text, "fleetwise_operator_api_requests_total")

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 30.0
 RETRY_SECONDS = 1.0
+COALESCE_SECONDS = 0.3  # after a wake-up, let the burst of pod events that follows settle
 
 _op: Operator | None = None
 _wake: dict[tuple[str, str], threading.Event] = {}
@@ -93,6 +94,8 @@ def reconciler(stopped: kopf.DaemonStopped, body, namespace: str, name: str, **_
         while waited < delay and not stopped and not event.is_set():
             event.wait(0.1)
             waited += 0.1
+        if event.is_set() and not stopped:
+            stopped.wait(COALESCE_SECONDS)
     with _wake_lock:
         _wake.pop((namespace, name), None)
 

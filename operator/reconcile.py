@@ -156,7 +156,8 @@ class Operator:
         pending = self._bind(body, spec, unbound) if unbound else []
         conditions = _conditions(p, pending)
         status = _status(body, {role: s for role, s in p.pools.items()}, conditions, pending)
-        self.kube.patch_status(ns, name, status)
+        if status != body.get("status"):  # most reconciles change nothing: no write
+            self.kube.patch_status(ns, name, status)
         return status
 
     def _bind(self, body: dict, spec: ModelDeploymentSpec, unbound: list[dict]) -> list[dict]:
