@@ -42,7 +42,7 @@ def ensure_built() -> Path:
     return b
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,7 +92,7 @@ class Cluster:
         subprocess.run(["openssl", "rsa", "-in", str(w / "sa.key"), "-pubout", "-out", str(w / "sa.pub")],
                        check=True, capture_output=True)
         (w / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin,system:masters\n")
-        etcd, self.api_port = _port(), _port()
+        etcd, self.api_port = free_port(), free_port()
         self._start("kine", ["--listen-address", f"127.0.0.1:{etcd}", "--metrics-bind-address", "0",
                              "--endpoint", f"sqlite://{w}/kine.db?_journal=WAL&cache=shared"])
         self._start("kube-apiserver", [
@@ -109,11 +109,11 @@ class Cluster:
         self._start("kube-controller-manager", [
             f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
             f"--service-account-private-key-file={w}/sa.key", "--use-service-account-credentials=false",
-            "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false",
             "--controllers=*,-nodeipam"])
         self._start("kube-scheduler", [
             f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={_port()}", "--leader-elect=false"])
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false"])
         self._start("kwok", [
             f"--kubeconfig={kc}", "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -234,12 +234,12 @@ class OperatorProcess:
 
 
 def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
-    metrics = _port()
+    metrics = free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
     out = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "fleetwise", "operator", "--kubeconfig", str(kubeconfig),
                              "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
-                             "--metrics-port", str(metrics), "--liveness-port", str(_port())],
+                             "--metrics-port", str(metrics), "--liveness-port", str(free_port())],
                             stdout=out, stderr=subprocess.STDOUT)
     out.close()
     return OperatorProcess(proc, metrics, log)

@@ -175,7 +175,6 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     path = tmp_path / "r.yaml"
     write_router_config(path, "tiny", prefill=[p.url for p in procs["prefill"]], decode=[p.url for p in procs["decode"]])
     router = start_router(path, policy="least_outstanding")
-    tok = Tokenizer(tiny_model_dir)
     try:
         prompts = [f"request {i} " + "with some shared context " * (i % 7) for i in range(200)]
         lengths = [64 + (i * 7) % 160 for i in range(200)]

@@ -2,7 +2,6 @@
 back-pressure, disconnects, failures inside the engine, health and metrics."""
 
 import concurrent.futures as cf
-import json
 import shutil
 import subprocess
 import threading

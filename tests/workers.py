@@ -2,7 +2,7 @@
 process so that a test can reach into the engine (fault switches, block accounting)."""
 
 import asyncio
-import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -10,17 +10,12 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
+from fleetwise.testenv import free_port
 from fleetwise.worker.async_engine import AsyncEngine
 from fleetwise.worker.config import EngineConfig
 from fleetwise.worker.engine import LLMEngine
 from fleetwise.worker.metrics import WorkerMetrics
 from fleetwise.worker.server import build_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
