@@ -120,9 +120,9 @@ class LLMEngine:
                     hold_kv: bool = False) -> None:
         """`hold_kv`: a prefill; when it has its first token, its blocks stay under a lease
         (the request id is the handle) for a decode worker to pull."""
-        seqs = self._new_request(request_id, prompt_token_ids, params)
         if hold_kv and params.n != 1:
             raise RequestError("a prefill handoff takes n=1", "n")
+        seqs = self._new_request(request_id, prompt_token_ids, params)
         for seq in seqs:
             seq.hold_kv = hold_kv
             self.scheduler.add(seq)
