@@ -67,6 +67,7 @@ class KubernetesEndpoints:
         self._lock = threading.Lock()
         self._routes: dict[str, ModelRoute] = {}
         self._synced = threading.Event()
+        self._closed = threading.Event()
         threading.Thread(target=self._watch_forever, name="pod-watch", daemon=True).start()
         self._synced.wait(30)
         self.refresh()
@@ -76,8 +77,11 @@ class KubernetesEndpoints:
             return self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR, **kw)
         return self.core.list_pod_for_all_namespaces(label_selector=SELECTOR, **kw)
 
+    def close(self) -> None:
+        self._closed.set()
+
     def _watch_forever(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 listing = self._list()
                 with self._lock:
@@ -88,7 +92,9 @@ class KubernetesEndpoints:
                 args = (self.namespace,) if self.namespace else ()
                 for ev in watch.Watch().stream(fn, *args, label_selector=SELECTOR,
                                                resource_version=listing.metadata.resource_version,
-                                               timeout_seconds=300):
+                                               timeout_seconds=30):
+                    if self._closed.is_set():
+                        return
                     pod = self.api.sanitize_for_serialization(ev["object"])
                     key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
                     with self._lock:
@@ -97,6 +103,8 @@ class KubernetesEndpoints:
                         else:
                             self._pods[key] = pod
             except Exception as e:  # expired resource version, API restart: list again
+                if self._closed.is_set():
+                    return
                 log.warning("pod watch restarting: %s", e)
                 time.sleep(1)
 

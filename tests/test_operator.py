@@ -161,3 +161,70 @@ def test_delete_removes_everything(cluster, operator):
     wait_for(converged(cluster, "gone", 1, 1), 90, what="gone Ready")
     cluster.kubectl("delete", "md", "gone", "-n", NS, "--timeout=60s")
     wait_for(lambda: not pods(cluster, "gone"), 60, what="pods removed")
+
+
+def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_model_dir, tmp_path):
+    """Real requests through the router to real workers standing behind the kwok pods (pod
+    IPs are not reachable here: a test-only address map points each pod at a local worker)."""
+    import json as _json
+
+    import httpx
+    from kubernetes import config
+
+    from fleetwise.router.app import Router, build_app
+    from fleetwise.router.kube_source import KubernetesEndpoints
+    from fleetwise.worker.config import EngineConfig
+
+    from .workers import _serve_in_thread, free_port, start_worker, wait_healthy
+
+    colocated = md("chat")
+    colocated["spec"] |= {"mode": "Colocated", "mixed": {"replicas": 2, "gpuType": "A100"}}
+    del colocated["spec"]["prefill"], colocated["spec"]["decode"]
+    apply(cluster, colocated)
+    wait_for(lambda: len([p for p in pods(cluster, "chat", "mixed") if ready(p)]) == 2
+             and condition(cluster, "chat").get("status") == "True", 90, what="chat Ready")
+    names = sorted(p["metadata"]["name"] for p in pods(cluster, "chat", "mixed"))
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="chat"), "mixed") for _ in names]
+    address_map = tmp_path / "addresses.json"
+    address_map.write_text(_json.dumps({f"{NS}/{n}": w.url for n, w in zip(names, workers)}))
+    api = config.new_client_from_config(str(cluster.kubeconfig))
+    source = KubernetesEndpoints(api, NS, str(address_map))
+    router = Router(source, "round_robin", probe_interval=0.2)
+    port = free_port()
+    server, thread = _serve_in_thread(build_app(router), port)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, 30)
+
+    def served(w):
+        return w.core.metrics.prompt_tokens.labels(model_name="chat")._value.get()
+
+    def send(n):
+        for i in range(n):
+            r = httpx.post(url + "/v1/completions", timeout=30,
+                           json={"model": "chat", "prompt": f"hello {i}", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+
+    try:
+        before = [served(w) for w in workers]
+        send(6)
+        assert all(served(w) > b for w, b in zip(workers, before)), "both pods' workers take requests"
+        # the operator (or a person) marks a pod not routable: it gets nothing more
+        cluster.kubectl("label", "pod", names[0], "-n", NS, "fleetwise.dev/routable=false", "--overwrite")
+        time.sleep(1.5)
+        before = [served(w) for w in workers]
+        send(6)
+        assert served(workers[0]) == before[0] and served(workers[1]) > before[1]
+        # a pod that goes away gets nothing more either, and no request fails
+        cluster.kubectl("label", "pod", names[0], "-n", NS, "fleetwise.dev/routable=true", "--overwrite")
+        cluster.kubectl("delete", "pod", names[1], "-n", NS, "--wait=false")
+        time.sleep(1.5)
+        before = [served(w) for w in workers]
+        send(6)
+        assert served(workers[1]) == before[1] and served(workers[0]) > before[0]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        source.close()
+        for w in workers:
+            w.stop()
+        cluster.kubectl("delete", "md", "chat", "-n", NS, "--wait=false")
