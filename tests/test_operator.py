@@ -228,3 +228,17 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
         for w in workers:
             w.stop()
         cluster.kubectl("delete", "md", "chat", "-n", NS, "--wait=false")
+
+
+def test_a_second_replica_waits_for_the_lease(cluster, operator):
+    _, kc = operator
+    standby = start_operator(cluster, kc, "standby")
+    try:
+        time.sleep(8)
+        log = standby.log.read_text()
+        assert standby.proc.poll() is None
+        assert "waiting for the lease" in log and "leading as" not in log and "Initial authentication" not in log
+        lease = get(cluster, "lease", "fleetwise-operator", "-n", "fleetwise-system")
+        assert lease["spec"]["holderIdentity"] and lease["spec"]["renewTime"]
+    finally:
+        standby.stop()

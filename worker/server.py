@@ -435,4 +435,6 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
     metrics = WorkerMetrics(config.served_model_name, role)
     engine = AsyncEngine(LLMEngine(config, metrics))
     app = build_app(engine, role, health_stall_seconds, faults)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
+    # to 50 s to finish; the pod's termination grace period is 60 s
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)
