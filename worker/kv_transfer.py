@@ -194,6 +194,15 @@ async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write) 
     async with session.get(f"{prefill_url}/internal/kv/{handle}", params={"start": str(expect.start)}) as r:
         if r.status != 200:
             raise KVTransferError(f"the prefill worker answered {r.status}", "refused")
-        async for layer, k, v in decode(r.content, expect):
-            write(layer, k, v)
+        writing = None  # a layer is written in a thread while the next one arrives
+        try:
+            async for layer, k, v in decode(r.content, expect):
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write, layer, k, v))
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
     return stream_size(expect)
