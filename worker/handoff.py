@@ -74,7 +74,8 @@ def _corrupted(frames):
         yield frame
 
 
-def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) -> None:
+def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
+    """Adds the endpoints; returns a coroutine function that closes their HTTP client."""
     core: LLMEngine = api.core
     engine = api.engine
     metrics = api.metrics
@@ -130,14 +131,21 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
 
         async def body():
             sent = 0
+            # the next frame (a layer's gather and checksum) is made in a thread while the
+            # current one is sent
+            upcoming = asyncio.ensure_future(asyncio.to_thread(next, frames, None))
             try:
-                # gathering a layer and its checksum run off the event loop
-                while (chunk := await asyncio.to_thread(next, frames, None)) is not None:
+                while (chunk := await upcoming) is not None:
+                    upcoming = asyncio.ensure_future(asyncio.to_thread(next, frames, None))
                     sent += len(chunk)
                     yield chunk
             finally:
-                core.close_kv(handle)
-                metrics.on_kv_transfer("sent", sent)
+                # the lease is let go only once no thread reads its blocks any more; no await
+                # here: a cancelled response would be cancelled again at every await
+                def done(_, sent=sent):
+                    core.close_kv(handle)
+                    metrics.on_kv_transfer("sent", sent)
+                upcoming.add_done_callback(done)
         return StreamingResponse(body(), media_type="application/octet-stream",
                                  headers={"content-length": str(stream_size(header))})
 
@@ -200,9 +208,15 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()) 
         finally:
             asyncio.create_task(_release(body.prefill_url, body.handle))
 
+    async def close() -> None:
+        for session in sessions:
+            await session.close()
+
     async def _release(url: str, handle: str) -> None:
         try:
             async with http().delete(f"{url}/internal/kv/{handle}"):
                 pass
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # the lease expires on its own
             log.info("could not release KV lease %s at %s: %s", handle, url, e)
+
+    return close

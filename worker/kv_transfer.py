@@ -17,6 +17,7 @@ checksum is wrong, a stream that ends early or carries more than it announced.
 """
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import struct
@@ -198,11 +199,16 @@ async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write) 
         try:
             async for layer, k, v in decode(r.content, expect):
                 if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(write, layer, k, v))
+                    await asyncio.wrap_future(writing)
+                writing = _writer.submit(write, layer, k, v)
             if writing is not None:
-                await writing
+                await asyncio.wrap_future(writing)
         finally:
-            if writing is not None and not writing.done():
-                await asyncio.wait([writing])
+            if writing is not None:
+                # blocks the loop for at most one layer's copy: the caller may free or reuse
+                # the blocks as soon as this returns, even when cancelled
+                concurrent.futures.wait([writing])
     return stream_size(expect)
+
+
+_writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")

@@ -287,6 +287,7 @@ def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: fl
         if engine._thread is None:
             engine.start(asyncio.get_running_loop())
         yield
+        await close_handoff()
         engine.stop()
 
     app = FastAPI(title="fleetwise worker", lifespan=lifespan)
@@ -355,7 +356,7 @@ def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: fl
         prompt, params = api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
-    add_handoff_routes(app, api, faults)
+    close_handoff = add_handoff_routes(app, api, faults)
     return app
 
 
