@@ -26,6 +26,7 @@ from fleetwise.controllers.routing import Replica, make_policy, prefix_keys
 from fleetwise.telemetry import catalog as c
 
 from .endpoints import EndpointSource, ModelRoute
+from .upstream import Pool, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class Router:
         self.request_timeout, self.probe_interval = request_timeout, probe_interval
         self.inflight = 0
         self.metrics = RouterMetrics()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # probes and lease releases
+        self.pool = Pool(read_timeout=request_timeout)  # requests
         self._prober: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class Router:
             self._prober.cancel()
         if self.session:
             await self.session.close()
+        self.pool.close()
 
     def policy(self, model: str, role: str):
         key = (model, role)
@@ -188,8 +191,7 @@ class Router:
             release = self._acquire(replica)
             resp = None
             try:
-                resp = await self.session.post(replica.url + path, data=payload,
-                                               headers={"content-type": "application/json"})
+                resp = await self.pool.post(replica.url, path, payload)
                 if resp.status == 429:
                     busy = Upstream(resp.status, resp.content_type, await resp.read(), replica=replica)
                     resp.release()
@@ -200,13 +202,13 @@ class Router:
                     raise _Retry()
                 if replica.failures or not replica.healthy:
                     self._mark(replica, True)
-                ctype = resp.headers.get("content-type", "application/json")
                 if not stream or resp.status != 200:
                     body = await resp.read()
                     resp.release()
                     release()
-                    return Upstream(resp.status, ctype, body, replica=replica)
-                first = await resp.content.readany()
+                    return Upstream(resp.status, resp.content_type, body, replica=replica)
+                chunks = resp.iter_chunks()
+                first = await anext(chunks, b"")
                 if not first:
                     last_error = f"{replica.url} closed the stream before the first chunk"
                     raise _Retry()
@@ -214,15 +216,15 @@ class Router:
                 def close(resp=resp, release=release):
                     resp.release()
                     release()
-                return Upstream(resp.status, ctype, first, resp.content.iter_any(), close, replica)
-            except (_Retry, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                return Upstream(resp.status, resp.content_type, first, chunks, close, replica)
+            except (_Retry, UpstreamError) as e:
                 if not isinstance(e, _Retry):
-                    last_error = f"{replica.url}: {type(e).__name__}: {e}"
+                    last_error = f"{replica.url}: {e}"
                 log.warning("%s replica failed for %s, trying another: %s", role, model, last_error)
                 self._mark(replica, False)
                 self.metrics.child(self.metrics.retries, model, role).inc()
                 if resp is not None:
-                    resp.close()
+                    resp.release()
                 release()
         if busy is not None:
             return busy
@@ -292,7 +294,7 @@ class Router:
                 yield up.body
                 async for chunk in up.rest:
                     yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except UpstreamError as e:
                 # tokens already reached the client: end the stream with a clear error
                 log.warning("stream from %s broke: %s", up.replica.url if up.replica else "?", e)
                 if up.replica:

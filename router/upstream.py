@@ -1,0 +1,166 @@
+"""A small pooled HTTP/1.1 client for the router's hot path (asyncio + httptools).
+
+The router sends every request through here: keep-alive connections per replica, the
+response head awaited, the body read whole or streamed chunk by chunk as it arrives.
+General-purpose clients spend more CPU per request than the proxying itself.
+"""
+
+import asyncio
+from collections import defaultdict
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The replica could not be reached or broke the response off."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: "Pool", key: tuple[str, int]):
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.head: asyncio.Future | None = None
+        self.chunks: asyncio.Queue | None = None
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.complete = False
+        self.closed = False
+        self._header_name = b""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes):
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamError(f"bad response: {e}"))
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if not self.complete:
+            self._fail(UpstreamError(f"connection closed: {exc or 'by the replica'}"))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes):
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self):
+        self.status = self.parser.get_status_code()
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes):
+        self.chunks.put_nowait(body)
+
+    def on_message_complete(self):
+        self.complete = True
+        self.chunks.put_nowait(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+        if self.chunks is not None:
+            self.chunks.put_nowait(exc)
+
+    # -- one exchange -------------------------------------------------------------------------
+
+    def send(self, request: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.head, self.chunks = loop.create_future(), asyncio.Queue()
+        self.status, self.headers, self.complete = 0, {}, False
+        self.transport.write(request)
+
+
+class Response:
+    def __init__(self, conn: _Connection, pool: "Pool"):
+        self._conn, self._pool = conn, pool
+        self.status = conn.status
+        self.content_type = conn.headers.get(b"content-type", b"application/json").decode("latin-1")
+        self._done = False
+
+    async def iter_chunks(self):
+        """Body chunks as they arrive; raises UpstreamError if the replica breaks off."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self._conn.chunks.get(), self._pool.read_timeout)
+            except asyncio.TimeoutError:
+                raise UpstreamError(f"the replica sent nothing for {self._pool.read_timeout:.0f} s")
+            if item is None:
+                self._done = True
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to the end on a keep-alive connection;
+        otherwise the connection is closed."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        idle = self._pool._idle[conn.key]
+        if (self._done and conn.complete and not conn.closed and conn.parser.should_keep_alive()
+                and len(idle) < self._pool.max_idle):
+            idle.append(conn)
+        else:
+            conn.transport.close()
+
+
+class Pool:
+    def __init__(self, connect_timeout: float = 2.0, read_timeout: float = 600.0, max_idle_per_host: int = 64):
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.max_idle = max_idle_per_host
+        self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
+
+    async def _connection(self, host: str, port: int) -> _Connection:
+        idle = self._idle[(host, port)]
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self, (host, port)), host, port), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
+        return conn
+
+    async def post(self, url: str, path: str, body: bytes) -> Response:
+        """Sends the request and waits for the response head."""
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 80
+        for attempt in (0, 1):  # a pooled connection may have been closed by the replica meanwhile
+            conn = await self._connection(host, port)
+            reused = conn.head is not None
+            conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, len(body), body))
+            try:
+                await asyncio.wait_for(conn.head, self.read_timeout)
+            except asyncio.TimeoutError:
+                conn.transport.close()
+                raise UpstreamError(f"no response from {host}:{port} in {self.read_timeout:.0f} s")
+            except UpstreamError:
+                conn.transport.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            return Response(conn, self)
+        raise UpstreamError("unreachable")
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.transport.close()
+        self._idle.clear()
