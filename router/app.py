@@ -11,8 +11,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import aiohttp
 import orjson
@@ -26,7 +25,8 @@ from fleetwise.controllers.routing import Replica, make_policy, prefix_keys
 from fleetwise.telemetry import catalog as c
 
 from .endpoints import EndpointSource, ModelRoute
-from .upstream import Pool, UpstreamError
+from .fanout import fan_out, merge_bodies, merge_streams
+from .upstream import Pool, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,6 @@ class RouterMetrics:
         if series is None:
             series = self._children[key] = metric.labels(*labels)
         return series
-
-
-@dataclass
-class Upstream:
-    """A replica's answer: the whole body, or the first chunk of a stream and the rest."""
-    status: int
-    content_type: str
-    body: bytes = b""
-    rest: AsyncIterator[bytes] | None = None
-    release: Callable[[], None] = lambda: None
-    replica: Replica | None = None
-    finished: list = field(default_factory=list)
 
 
 class Router:
@@ -310,7 +298,7 @@ class Router:
 
     async def disaggregated(self, route: ModelRoute, kind: str, body: dict, stream: bool,
                             keys: list[int]) -> Upstream:
-        subs = _fan_out(body, kind)
+        subs = fan_out(body, kind)
         if len(subs) == 1:
             return await self.handoff(route, kind, body, stream, keys)
         ups = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
@@ -328,8 +316,8 @@ class Router:
         offsets = [offset for _, offset in subs]
         counted = [offset % max(1, int(body.get("n") or 1)) == 0 for offset in offsets]
         if not stream:
-            return Upstream(200, "application/json", _merge_bodies(ups, offsets, counted))
-        return _merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
+            return Upstream(200, "application/json", merge_bodies(ups, offsets, counted))
+        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
 
     async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
         model = route.name
@@ -376,117 +364,6 @@ def _prompt_text(body: dict, kind: str) -> str:
     if isinstance(prompt, list):
         return " ".join(map(str, prompt))
     return prompt if isinstance(prompt, str) else ""
-
-
-def _fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
-    """One sub-request per prompt and choice (a handoff carries one sequence), with the
-    choice's index offset; seeded choices get seed + j, as a worker gives its j-th choice."""
-    n = body.get("n") or 1
-    if not isinstance(n, int) or n < 1:
-        return [(body, 0)]  # the prefill worker refuses it with a clear message
-    prompts = [None]
-    if kind == "completion":
-        p = body.get("prompt")
-        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-            prompts = p
-    if n == 1 and len(prompts) == 1:
-        return [(body, 0)]
-    subs = []
-    for i, p in enumerate(prompts):
-        for j in range(n):
-            sub = {**body, "n": 1}
-            if p is not None:
-                sub["prompt"] = p
-            if body.get("seed") is not None:
-                sub["seed"] = body["seed"] + j
-            subs.append((sub, i * n + j))
-    return subs
-
-
-def _merge_bodies(ups: list[Upstream], offsets: list[int], counted: list[bool]) -> bytes:
-    merged, choices = None, []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for up, offset, count_prompt in zip(ups, offsets, counted):
-        data = orjson.loads(up.body)
-        merged = merged or data
-        for ch in data["choices"]:
-            choices.append({**ch, "index": offset})
-        u = data.get("usage") or {}
-        if count_prompt:
-            usage["prompt_tokens"] += u.get("prompt_tokens", 0)
-        usage["completion_tokens"] += u.get("completion_tokens", 0)
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    merged["choices"] = sorted(choices, key=lambda ch: ch["index"])
-    merged["usage"] = usage
-    return orjson.dumps(merged)
-
-
-def _merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], include_usage: bool) -> Upstream:
-    """Interleaves several SSE streams into one, renumbering choices and summing usage."""
-    queue: asyncio.Queue = asyncio.Queue()
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    template: dict = {}
-
-    async def pump(up: Upstream, offset: int, count_prompt: bool):
-        buf = b""
-        try:
-            chunks = [up.body]
-            async def rest():
-                for ch in chunks:
-                    yield ch
-                async for ch in up.rest:
-                    yield ch
-            async for chunk in rest():
-                buf += chunk
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    if not event.startswith(b"data: {"):
-                        continue
-                    data = orjson.loads(event[6:])
-                    if "error" in data:
-                        await queue.put(event + b"\n\n")
-                        continue
-                    if not template:
-                        template.update({k: v for k, v in data.items() if k not in ("choices", "usage")})
-                    data["id"] = template["id"]
-                    if data.get("usage"):
-                        u = data["usage"]
-                        if count_prompt:
-                            usage["prompt_tokens"] += u.get("prompt_tokens", 0)
-                        usage["completion_tokens"] += u.get("completion_tokens", 0)
-                    if data.get("choices"):
-                        for ch in data["choices"]:
-                            ch["index"] = offset
-                        data.pop("usage", None)
-                        await queue.put(b"data: " + orjson.dumps(data) + b"\n\n")
-        finally:
-            await queue.put(None)
-
-    async def merged():
-        tasks = [asyncio.create_task(pump(u, o, cp)) for u, o, cp in zip(ups, offsets, counted)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                yield item
-            if include_usage:
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield b"data: " + orjson.dumps({**template, "choices": [], "usage": usage}) + b"\n\n"
-            yield b"data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    gen = merged()
-
-    def release():
-        for u in ups:
-            u.release()
-
-    return Upstream(200, "text/event-stream", b"", gen, release)
 
 
 def build_app(router: Router) -> Starlette:

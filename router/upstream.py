@@ -7,9 +7,13 @@ General-purpose clients spend more CPU per request than the proxying itself.
 
 import asyncio
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
+
+from fleetwise.controllers.routing import Replica
 
 
 class UpstreamError(Exception):
@@ -164,3 +168,15 @@ class Pool:
             for conn in conns:
                 conn.transport.close()
         self._idle.clear()
+
+
+@dataclass
+class Upstream:
+    """A replica's answer: the whole body, or the first chunk of a stream and the rest."""
+    status: int
+    content_type: str
+    body: bytes = b""
+    rest: AsyncIterator[bytes] | None = None
+    release: Callable[[], None] = lambda: None
+    replica: Replica | None = None
+    finished: list = field(default_factory=list)

@@ -1,0 +1,119 @@
+"""Disaggregated requests with several sequences (n > 1, prompt lists): one handoff per
+sequence, and their answers merged back into one OpenAI response or stream."""
+
+import asyncio
+
+import orjson
+
+from .upstream import Upstream
+
+
+def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
+    """One sub-request per prompt and choice (a handoff carries one sequence), with the
+    choice's index offset; seeded choices get seed + j, as a worker gives its j-th choice."""
+    n = body.get("n") or 1
+    if not isinstance(n, int) or n < 1:
+        return [(body, 0)]  # the prefill worker refuses it with a clear message
+    prompts = [None]
+    if kind == "completion":
+        p = body.get("prompt")
+        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            prompts = p
+    if n == 1 and len(prompts) == 1:
+        return [(body, 0)]
+    subs = []
+    for i, p in enumerate(prompts):
+        for j in range(n):
+            sub = {**body, "n": 1}
+            if p is not None:
+                sub["prompt"] = p
+            if body.get("seed") is not None:
+                sub["seed"] = body["seed"] + j
+            subs.append((sub, i * n + j))
+    return subs
+
+
+def merge_bodies(ups: list[Upstream], offsets: list[int], counted: list[bool]) -> bytes:
+    merged, choices = None, []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for up, offset, count_prompt in zip(ups, offsets, counted):
+        data = orjson.loads(up.body)
+        merged = merged or data
+        for ch in data["choices"]:
+            choices.append({**ch, "index": offset})
+        u = data.get("usage") or {}
+        if count_prompt:
+            usage["prompt_tokens"] += u.get("prompt_tokens", 0)
+        usage["completion_tokens"] += u.get("completion_tokens", 0)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    merged["choices"] = sorted(choices, key=lambda ch: ch["index"])
+    merged["usage"] = usage
+    return orjson.dumps(merged)
+
+
+def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], include_usage: bool) -> Upstream:
+    """Interleaves several SSE streams into one, renumbering choices and summing usage."""
+    queue: asyncio.Queue = asyncio.Queue()
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    template: dict = {}
+
+    async def pump(up: Upstream, offset: int, count_prompt: bool):
+        buf = b""
+        try:
+            chunks = [up.body]
+            async def rest():
+                for ch in chunks:
+                    yield ch
+                async for ch in up.rest:
+                    yield ch
+            async for chunk in rest():
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if not event.startswith(b"data: {"):
+                        continue
+                    data = orjson.loads(event[6:])
+                    if "error" in data:
+                        await queue.put(event + b"\n\n")
+                        continue
+                    if not template:
+                        template.update({k: v for k, v in data.items() if k not in ("choices", "usage")})
+                    data["id"] = template["id"]
+                    if data.get("usage"):
+                        u = data["usage"]
+                        if count_prompt:
+                            usage["prompt_tokens"] += u.get("prompt_tokens", 0)
+                        usage["completion_tokens"] += u.get("completion_tokens", 0)
+                    if data.get("choices"):
+                        for ch in data["choices"]:
+                            ch["index"] = offset
+                        data.pop("usage", None)
+                        await queue.put(b"data: " + orjson.dumps(data) + b"\n\n")
+        finally:
+            await queue.put(None)
+
+    async def merged():
+        tasks = [asyncio.create_task(pump(u, o, cp)) for u, o, cp in zip(ups, offsets, counted)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                yield item
+            if include_usage:
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield b"data: " + orjson.dumps({**template, "choices": [], "usage": usage}) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    gen = merged()
+
+    def release():
+        for u in ups:
+            u.release()
+
+    return Upstream(200, "text/event-stream", b"", gen, release)
