@@ -18,8 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from .config import EngineConfig
 from .engine import LLMEngine, RequestError, RequestOutput
-from .metrics import WorkerMetrics
 from .handoff import add_handoff_routes
+from .metrics import WorkerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger(__name__)
