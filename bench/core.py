@@ -34,10 +34,11 @@ import torch
 TRACE_FILE = "AzureLLMInferenceTrace_conv.csv"
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "azure-llm-trace-2023" / TRACE_FILE
 
-# Work knobs. The trace fitted to a 2048-token context averages ~650 tokens per request,
-# ~130k tokens for 200 requests; on a 2-core CPU the three systems together took ~12 minutes
-# at half of that. The extra factor on the lengths keeps a default run near ten minutes
-# there; override it with FLEETWISE_BENCH_LENGTH_SCALE (1.0: the context-fitted lengths).
+# Work knobs. The trace fitted to a 2048-token context averages ~620 tokens per request,
+# ~124k tokens for 200 requests: on a quiet 2-core CPU the three systems together take ~17
+# minutes at those lengths (transformers' continuous batching alone ~10), ~3 minutes at
+# 0.4 of them. The extra factor keeps a default run well inside ten minutes there, with room
+# for a busy machine; override it with FLEETWISE_BENCH_LENGTH_SCALE (1.0: the fitted lengths).
 DEFAULT_LENGTH_SCALE = 0.4
 STATIC_BATCH_SIZE = 16
 MAX_NUM_SEQS = 64
@@ -389,6 +390,8 @@ def run_static(model, reqs: list[Request], batch_size: int, pad_id: int, console
                  "prompt_tokens": int(sum(r.prompt_len for r in reqs))}
     res.notes.append("TTFT of a request is its batch's first token (all requests submitted at t0); "
                      "ITL is measured over the request's own tokens only")
+    res.notes.append("a padded batch can be longer than the context (transformers then warns); every "
+                     "row's positions follow its attention mask and stay within its own length")
     return res
 
 
