@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetwise.net import free_port
+
 MAX_TOKENS = 32           # completion tokens per end-to-end request
 WARMUP_MAX_TOKENS = 4
 KV_CACHE_MIB = 1024       # per worker
@@ -64,11 +66,6 @@ KV_TRIAL_KINDS = ("kv", "http_read", "socket")
 
 # -- processes ------------------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -509,7 +506,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
     logs = out / "logs"
     procs: list[Proc] = []
     for role in ("prefill", "decode", "mixed"):
-        port = _free_port()
+        port = free_port()
         procs.append(Proc(role, role, port, ["worker", "--model", str(model_dir), "--role", role,
                                              "--port", str(port), *worker_args], logs / f"{role}.log"))
     fleet = Fleet(name, *procs)
@@ -520,7 +517,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
     for mode, cfg in configs.items():
         path = out / f"router-{mode}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        port = _free_port()
+        port = free_port()
         r = Proc(f"router-{mode}", "router", port, ["router", "--config", str(path), "--port", str(port)],
                  logs / f"router-{mode}.log")
         fleet.routers[mode] = r

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fleetwise.net import free_port
 
 MODEL = "bench-model"
 NUM_BACKENDS = 2
@@ -165,11 +166,6 @@ def _run_loop(coro):
 
 # -- processes ---------------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent():
@@ -914,7 +910,7 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
     try:
         backends = []
         for k in range(NUM_BACKENDS):
-            port = _free_port()
+            port = free_port()
             procs.start(f"backend{k}", [sys.executable, "-m", "fleetwise.bench.router", "backend",
                                         "--port", str(port)])
             backends.append(f"http://127.0.0.1:{port}")
@@ -943,7 +939,7 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
             if argv is None:
                 systems.append(System(key, label, [b + "/v1/completions" for b in backends]))
                 continue
-            port, port2 = _free_port(), _free_port()
+            port, port2 = free_port(), free_port()
             argv = [a.replace("{port}", str(port)).replace("{port2}", str(port2)) for a in argv]
             p = procs.start(key, argv)
             systems.append(System(key, label, [f"http://127.0.0.1:{port}/v1/completions"], pid=p.pid, command=argv))

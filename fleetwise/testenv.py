@@ -5,7 +5,6 @@ fake GPU nodes. Binaries come from testenv/k8s/build.sh (in .testenv/bin by defa
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from fleetwise.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BIN = ROOT / ".testenv" / "bin"
@@ -41,11 +42,6 @@ def ensure_built() -> Path:
                    env={**os.environ, "FLEETWISE_TESTENV_BIN": str(b)})
     return b
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

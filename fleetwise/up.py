@@ -4,7 +4,6 @@ decode workers (or mixed workers), started, watched and stopped together."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from fleetwise.net import free_port, port_free
 
 console = Console()
 
@@ -48,19 +49,6 @@ class Proc:
         return self.popen.poll() if self.popen else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int, mixed: int,
@@ -69,7 +57,7 @@ def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int
     roles = [("prefill", prefill), ("decode", decode)] if mode == "disaggregated" else [("mixed", mixed)]
     for role, count in roles:
         for i in range(count):
-            p = _free_port()
+            p = free_port()
             procs.append(Proc(f"{role}-{i}", role, p, [
                 "worker", "--model", str(model), "--role", role, "--port", str(p),
                 "--served-model-name", name, *worker_args], workdir / "logs" / f"{role}-{i}.log"))
@@ -139,7 +127,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     if not (Path(model) / "config.json").exists():
         console.print(f"[red]{model} is not a model directory (no config.json)[/]")
         return 2
-    if not _port_free(port):
+    if not port_free(port):
         console.print(f"[red]port {port} is in use; choose another with --port[/]")
         return 2
     name = Path(model).name

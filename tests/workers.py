@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
-from fleetwise.testenv import free_port
+from fleetwise.net import free_port
 from fleetwise.worker.async_engine import AsyncEngine
 from fleetwise.worker.config import EngineConfig
 from fleetwise.worker.engine import LLMEngine
