@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 TRACE_FILE = "AzureLLMInferenceTrace_conv.csv"
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "azure-llm-trace-2023" / TRACE_FILE
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "data" / "azure-llm-trace-2023" / TRACE_FILE
 
 # Work knobs. The trace fitted to a 2048-token context averages ~620 tokens per request,
 # ~124k tokens for 200 requests: on a quiet 2-core CPU the three systems together take ~17
@@ -135,7 +135,8 @@ def resolve_trace(trace: Path | None) -> Path:
     raise SystemExit(
         f"error: the Azure LLM trace is missing: {candidates[0]} (from {where}) does not exist.\n"
         f"Pass --trace PATH/{TRACE_FILE}, or set FLEETWISE_TRACE_DIR to the folder that holds it "
-        "(a copy of github.com/Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv).")
+        "(the repository keeps a copy in data/azure-llm-trace-2023/; the original is\n"
+        "github.com/Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv).")
 
 
 def read_trace(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
