@@ -21,11 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from fleetwise.controllers.routing import Replica, make_policy, prefix_keys
 from fleetwise.telemetry import catalog as c
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
+from .policies import make_policy, prefix_keys
+from .replica import Replica
 from .upstream import Pool, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,7 @@ class Router:
     async def probe_all(self) -> None:
         for url in self.source.refresh():
             for policy in self.policies.values():
-                if hasattr(policy, "forget"):
-                    policy.forget(url)
+                policy.forget(url)
         replicas = [r for route in self.source.models().values() for r in route.all()]
         await asyncio.gather(*(self._probe(r) for r in replicas))
 
