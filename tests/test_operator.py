@@ -171,7 +171,7 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     import httpx
     from kubernetes import config
 
-    from fleetwise.router.app import Router, build_app
+    from fleetwise.router.proxy import Router, build_app
     from fleetwise.router.kube_source import KubernetesEndpoints
     from fleetwise.worker.config import EngineConfig
 

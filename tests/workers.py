@@ -95,7 +95,7 @@ def write_router_config(path, model: str, **roles) -> None:
 
 
 def start_router(config_path, policy: str = "prefix_affinity", **kw) -> RunningRouter:
-    from fleetwise.router.app import Router, build_app
+    from fleetwise.router.proxy import Router, build_app
     from fleetwise.router.endpoints import StaticEndpoints
     router = Router(StaticEndpoints(config_path), policy, probe_interval=kw.pop("probe_interval", 0.2), **kw)
     port = free_port()
