@@ -105,7 +105,7 @@ def router(
     """Run the router: the OpenAI-compatible front door over the workers."""
     import logging
 
-    from fleetwise.router.proxy import serve
+    from fleetwise.router.app import serve
     from fleetwise.router.endpoints import ConfigError, StaticEndpoints
     from fleetwise.router.policies import POLICIES
     if policy not in POLICIES:

@@ -1,4 +1,5 @@
-"""The router: OpenAI-compatible front door over the replicas of each model.
+"""The router's work on one request: pick a replica, send, retry elsewhere, hand off from
+prefill to decode, relay the answer.
 
 Colocated models: one mixed replica takes the whole request. Disaggregated models: a
 prefill replica computes the prompt and the first token, a decode replica pulls the KV
@@ -10,33 +11,28 @@ probes bring it back. Streams pass through chunk by chunk.
 import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager
-from typing import Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-
-from fleetwise.telemetry import catalog as c
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
-from .policies import make_policy, prefix_keys
+from .metrics import RouterMetrics
+from .policies import RoutingPolicy, make_policy, prefix_keys
 from .replica import Replica
 from .upstream import Pool, Upstream, UpstreamError
+from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
 
 PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
-BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class RouterError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
                  type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.code, self.headers, self.type, self.param = status, code, headers, type_, param
@@ -46,41 +42,13 @@ class RouterError(Exception):
                                        "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
-class RouterMetrics:
-    def __init__(self):
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter(c.ROUTER_REQUESTS, "Requests by model, mode and HTTP status.",
-                                ["model_name", "mode", "status"], registry=r)
-        self.decisions = Counter(c.ROUTER_DECISIONS, "Replica choices by model, role and policy.",
-                                 ["model_name", "role", "policy"], registry=r)
-        self.retries = Counter(c.ROUTER_RETRIES, "Attempts that failed before the client saw a byte.",
-                               ["model_name", "role"], registry=r)
-        self.inflight = Gauge(c.ROUTER_INFLIGHT, "Requests inside the router.", registry=r)
-        self.healthy = Gauge(c.ROUTER_REPLICA_HEALTHY, "1 while a replica takes requests.",
-                             ["model_name", "role", "url"], registry=r)
-        self.outstanding = Gauge(c.ROUTER_REPLICA_OUTSTANDING, "Requests sent to a replica and not finished.",
-                                 ["model_name", "role", "url"], registry=r)
-        self.latency = Histogram(c.ROUTER_REQUEST_SECONDS, "Time from request to last byte.", ["model_name"],
-                                 buckets=BUCKETS, registry=r)
-        self.ttft = Histogram(c.ROUTER_TTFT_SECONDS, "Time from request to the first streamed chunk.",
-                              ["model_name"], buckets=BUCKETS, registry=r)
-        self._children: dict[tuple, object] = {}
-
-    def child(self, metric, *labels):
-        """A metric's labelled series, looked up once (labels() costs more than inc())."""
-        key = (id(metric), labels)
-        series = self._children.get(key)
-        if series is None:
-            series = self._children[key] = metric.labels(*labels)
-        return series
-
-
 class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0):
         self.source = source
         self.policy_name = policy
-        self.policies = {}  # one per (model, role): each keeps its own affinity table
+        # one per (model, role): each keeps its own affinity table
+        self.policies: dict[tuple[str, str], RoutingPolicy] = {}
         make_policy(policy)  # fails early on an unknown name
         self.max_inflight, self.max_attempts = max_inflight, max_attempts
         self.request_timeout, self.probe_interval = request_timeout, probe_interval
@@ -106,7 +74,7 @@ class Router:
             await self.session.close()
         self.pool.close()
 
-    def policy(self, model: str, role: str):
+    def policy(self, model: str, role: str) -> RoutingPolicy:
         key = (model, role)
         if key not in self.policies:
             self.policies[key] = make_policy(self.policy_name)
@@ -115,17 +83,11 @@ class Router:
     # -- health ------------------------------------------------------------------------------
 
     def _mark(self, replica: Replica, ok: bool) -> None:
-        was = replica.healthy
-        if ok:
-            replica.failures = 0
-            replica.healthy = True
-        else:
-            replica.failures += 1
-            replica.healthy = False
-        if was != replica.healthy or replica.failures <= 1:
+        if replica.record(ok):
             self.metrics.child(self.metrics.healthy, replica.model, replica.role, replica.url).set(int(replica.healthy))
 
     async def _probe(self, replica: Replica) -> None:
+        assert self.session is not None
         try:
             async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
                 self._mark(replica, r.status == 200)
@@ -153,9 +115,9 @@ class Router:
         replica.outstanding += 1
         gauge = self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url)
         gauge.set(replica.outstanding)
-        done = []
+        done: list[int] = []
 
-        def release():
+        def release() -> None:
             if not done:
                 done.append(1)
                 replica.outstanding -= 1
@@ -201,7 +163,7 @@ class Router:
                     last_error = f"{replica.url} closed the stream before the first chunk"
                     raise _Retry()
 
-                def close(resp=resp, release=release):
+                def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
                     resp.release()
                     release()
                 return Upstream(resp.status, resp.content_type, first, chunks, close, replica)
@@ -223,7 +185,8 @@ class Router:
 
     async def handle(self, request: Request, kind: str) -> Response:
         t0 = time.perf_counter()
-        model, mode, status = "", "", 500
+        model: Any = ""  # whatever the body named, for the request metric
+        mode, status = "", 500
         try:
             raw = await request.body()
             try:
@@ -244,6 +207,7 @@ class Router:
                                   code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
             mode = route.mode
             stream = bool(body.get("stream"))
+            # hashing the prompt costs on every request: only prefix affinity reads the keys
             keys = prefix_keys(_prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
             self.inflight += 1
             self.metrics.inflight.set(self.inflight)
@@ -276,40 +240,41 @@ class Router:
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
             return Response(up.body, status_code=up.status, media_type=up.content_type)
         self.metrics.child(self.metrics.ttft, model).observe(time.perf_counter() - t0)
+        return StreamingResponse(self._relay(up, model, t0), status_code=up.status, media_type="text/event-stream")
 
-        async def relay():
-            try:
-                yield up.body
-                async for chunk in up.rest:
-                    yield chunk
-            except UpstreamError as e:
-                # tokens already reached the client: end the stream with a clear error
-                log.warning("stream from %s broke: %s", up.replica.url if up.replica else "?", e)
-                if up.replica:
-                    self._mark(up.replica, False)
-                err = {"error": {"message": f"the replica failed mid-stream: {type(e).__name__}",
-                                 "type": "server_error", "param": None, "code": "replica_failed"}}
-                yield b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
-            finally:
-                up.release()
-                self._leave()
-                self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
-        return StreamingResponse(relay(), status_code=up.status, media_type="text/event-stream")
+    async def _relay(self, up: Upstream, model: str, t0: float) -> AsyncIterator[bytes]:
+        assert up.rest is not None
+        try:
+            yield up.body
+            async for chunk in up.rest:
+                yield chunk
+        except UpstreamError as e:
+            # tokens already reached the client: end the stream with a clear error
+            log.warning("stream from %s broke: %s", up.replica.url if up.replica else "?", e)
+            if up.replica:
+                self._mark(up.replica, False)
+            err = {"error": {"message": f"the replica failed mid-stream: {type(e).__name__}",
+                             "type": "server_error", "param": None, "code": "replica_failed"}}
+            yield b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
+        finally:
+            up.release()
+            self._leave()
+            self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
 
     async def disaggregated(self, route: ModelRoute, kind: str, body: dict, stream: bool,
                             keys: list[int]) -> Upstream:
         subs = fan_out(body, kind)
         if len(subs) == 1:
             return await self.handoff(route, kind, body, stream, keys)
-        ups = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
-                                   return_exceptions=True)
-        failed = next((u for u in ups if isinstance(u, BaseException)), None)
-        if failed is None:
-            failed = next((u for u in ups if u.status != 200), None)
+        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
+                                        return_exceptions=True)
+        ups = [u for u in outcomes if not isinstance(u, BaseException)]
+        errors = [u for u in outcomes if isinstance(u, BaseException)]
+        failed: Upstream | BaseException | None = errors[0] if errors else next(
+            (u for u in ups if u.status != 200), None)
         if failed is not None:
             for u in ups:
-                if not isinstance(u, BaseException):
-                    u.release()
+                u.release()
             if isinstance(failed, BaseException):
                 raise failed
             return failed
@@ -325,18 +290,21 @@ class Router:
         pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys)
         if pre.status != 200:
             return pre  # the client's own error (4xx), or every prefill replica busy (429)
+        assert pre.replica is not None  # call() names the replica that answered
+        prefill_url = pre.replica.url
         first = orjson.loads(pre.body)
         dbody = orjson.dumps({"kind": kind, "request": body, "prompt_token_ids": first["prompt_token_ids"],
                               "first_token": first["first_token"], "first_logprob": first["first_logprob"],
-                              "prefill_url": pre.replica.url, "handle": first["handle"]})
+                              "prefill_url": prefill_url, "handle": first["handle"]})
         try:
             return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys)
         except RouterError:
             if first["handle"]:
-                asyncio.create_task(self._release_lease(pre.replica.url, first["handle"]))
+                asyncio.create_task(self._release_lease(prefill_url, first["handle"]))
             raise
 
     async def _release_lease(self, url: str, handle: str) -> None:
+        assert self.session is not None
         try:
             async with self.session.delete(f"{url}/internal/kv/{handle}"):
                 pass
@@ -364,62 +332,3 @@ def _prompt_text(body: dict, kind: str) -> str:
     if isinstance(prompt, list):
         return " ".join(map(str, prompt))
     return prompt if isinstance(prompt, str) else ""
-
-
-def build_app(router: Router) -> Starlette:
-    async def completions(request: Request):
-        return await router.handle(request, "completion")
-
-    async def chat(request: Request):
-        return await router.handle(request, "chat")
-
-    async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "fleetwise", "mode": route.mode}
-            for name, route in router.source.models().items()]})
-
-    async def health(request: Request):
-        summary = {name: {role: sum(r.available for r in rs) for role, rs in route.replicas.items() if rs}
-                   for name, route in router.source.models().items()}
-        servable = any(all(v > 0 for v in roles.values()) for roles in summary.values())
-        return JSONResponse({"status": "ok" if servable else "no_replicas", "models": summary,
-                             "inflight": router.inflight}, status_code=200 if servable else 503)
-
-    async def metrics(request: Request):
-        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await router.start()
-        await router.probe_all()
-        yield
-        await router.stop()
-
-    app = Starlette(routes=[
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ], lifespan=lifespan)
-    hot = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-
-    async def asgi(scope, receive, send):
-        """The two request paths skip Starlette's routing and middleware: they are every
-        request the router serves, and that stack is a good share of its overhead."""
-        kind = hot.get(scope.get("path")) if scope["type"] == "http" and scope.get("method") == "POST" else None
-        if kind is None:
-            await app(scope, receive, send)
-            return
-        response = await router.handle(Request(scope, receive), kind)
-        await response(scope, receive, send)
-    return asgi
-
-
-def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
-          probe_interval: float = 1.0) -> None:
-    import uvicorn
-
-    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval)
-    uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
-                proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)

@@ -1,0 +1,78 @@
+"""The router's HTTP face: an OpenAI-compatible ASGI app over a Router, and `serve` to run it.
+
+The two completion paths are dispatched straight to the Router; the rest (models, health,
+metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECTURE.md,
+"Data flow of one request").
+"""
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .endpoints import EndpointSource
+from .proxy import Router
+
+
+def build_app(router: Router) -> ASGIApp:
+    async def completions(request: Request) -> Response:
+        return await router.handle(request, "completion")
+
+    async def chat(request: Request) -> Response:
+        return await router.handle(request, "chat")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fleetwise", "mode": route.mode}
+            for name, route in router.source.models().items()]})
+
+    async def health(request: Request) -> Response:
+        summary = {name: {role: sum(r.available for r in rs) for role, rs in route.replicas.items() if rs}
+                   for name, route in router.source.models().items()}
+        servable = any(all(v > 0 for v in roles.values()) for roles in summary.values())
+        return JSONResponse({"status": "ok" if servable else "no_replicas", "models": summary,
+                             "inflight": router.inflight}, status_code=200 if servable else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await router.start()
+        await router.probe_all()
+        yield
+        await router.stop()
+
+    app = Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ], lifespan=lifespan)
+    hot = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        """The two request paths skip Starlette's routing and middleware: they are every
+        request the router serves, and that stack is a good share of its overhead."""
+        kind = hot.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if kind is None:
+            await app(scope, receive, send)
+            return
+        response = await router.handle(Request(scope, receive), kind)
+        await response(scope, receive, send)
+    return asgi
+
+
+def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
+          probe_interval: float = 1.0) -> None:
+    import uvicorn
+
+    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval)
+    uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
+                proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)
