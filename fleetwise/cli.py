@@ -105,9 +105,9 @@ def router(
     """Run the router: the OpenAI-compatible front door over the workers."""
     import logging
 
-    from fleetwise.controllers.routing import POLICIES
     from fleetwise.router.app import serve
     from fleetwise.router.endpoints import ConfigError, StaticEndpoints
+    from fleetwise.router.policies import POLICIES
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if (config is None) == (not kubernetes):

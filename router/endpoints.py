@@ -8,7 +8,7 @@ from typing import Protocol
 
 import yaml
 
-from fleetwise.controllers.routing import Replica
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "mixed")

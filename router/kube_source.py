@@ -14,9 +14,8 @@ import time
 
 from kubernetes import client, watch
 
-from fleetwise.controllers.routing import Replica
-
 from .endpoints import ROLES, ModelRoute, swap_routes
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from fleetwise.controllers.routing import Replica
+from .replica import Replica
 
 
 class UpstreamError(Exception):

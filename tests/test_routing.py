@@ -2,7 +2,8 @@
 
 import random
 
-from fleetwise.controllers.routing import LeastOutstanding, PrefixAffinity, Replica, RoundRobin, make_policy, prefix_keys
+from fleetwise.router.policies import LeastOutstanding, PrefixAffinity, RoundRobin, make_policy, prefix_keys
+from fleetwise.router.replica import Replica
 
 
 def replicas(n=4):

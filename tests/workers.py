@@ -95,8 +95,9 @@ def write_router_config(path, model: str, **roles) -> None:
 
 
 def start_router(config_path, policy: str = "prefix_affinity", **kw) -> RunningRouter:
-    from fleetwise.router.app import Router, build_app
+    from fleetwise.router.app import build_app
     from fleetwise.router.endpoints import StaticEndpoints
+    from fleetwise.router.proxy import Router
     router = Router(StaticEndpoints(config_path), policy, probe_interval=kw.pop("probe_interval", 0.2), **kw)
     port = free_port()
     server, thread = _serve_in_thread(build_app(router), port)

@@ -1,26 +1,28 @@
 """Which replica gets a request: round-robin, least outstanding requests, prefix affinity.
 
-Pure decisions over the router's view of its replicas; the router does the I/O.
+Pure decisions over the router's view of its replicas (no I/O, no event loop): the router
+does the calling, and anything else that routes (a simulator) can plug these in as they are.
 """
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import Protocol
+
+from .replica import Replica
 
 
-@dataclass(eq=False)
-class Replica:
-    url: str
-    model: str
-    role: str                 # prefill | decode | mixed
-    healthy: bool = True      # last probe or request succeeded
-    routable: bool = True     # the control plane may take a replica out (draining, quarantined)
-    outstanding: int = 0      # requests sent and not yet finished
-    failures: int = 0         # consecutive failed requests or probes
+class RoutingPolicy(Protocol):
+    """One policy instance routes among the replicas of one model and role."""
+    name: str
 
-    @property
-    def available(self) -> bool:
-        return self.healthy and self.routable
+    def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
+        """An available replica for a request whose prompt has these prefix keys, or None
+        when none is available."""
+        ...
+
+    def forget(self, url: str) -> None:
+        """The replica at `url` is gone: drop whatever the policy remembers of it."""
+        ...
 
 
 def prefix_keys(text: str, step: int = 64, max_chunks: int = 32) -> list[int]:
@@ -41,7 +43,7 @@ def _score(key: int, url: str) -> bytes:
 class RoundRobin:
     name = "round_robin"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._next = 0
 
     def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
@@ -51,11 +53,14 @@ class RoundRobin:
         self._next += 1
         return live[self._next % len(live)]
 
+    def forget(self, url: str) -> None:
+        pass
+
 
 class LeastOutstanding:
     name = "least_outstanding"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._rr = RoundRobin()
 
     def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
@@ -64,6 +69,9 @@ class LeastOutstanding:
             return None
         least = min(r.outstanding for r in live)
         return self._rr.choose([r for r in live if r.outstanding == least])
+
+    def forget(self, url: str) -> None:
+        pass
 
 
 class PrefixAffinity:
@@ -74,7 +82,7 @@ class PrefixAffinity:
     talking to each other."""
     name = "prefix_affinity"
 
-    def __init__(self, load_factor: float = 1.25, slack: int = 2, max_entries: int = 200_000):
+    def __init__(self, load_factor: float = 1.25, slack: int = 2, max_entries: int = 200_000) -> None:
         self.load_factor, self.slack, self.max_entries = load_factor, slack, max_entries
         self.table: OrderedDict[int, str] = OrderedDict()
         self.hits = 0
@@ -95,7 +103,8 @@ class PrefixAffinity:
                 self.hits += 1
                 break
         if chosen is None and keys:
-            chosen = max(within, key=lambda r: _score(keys[0], r.url))
+            first = keys[0]
+            chosen = max(within, key=lambda r: _score(first, r.url))
         if chosen is None:
             least = min(r.outstanding for r in within)
             chosen = next(r for r in within if r.outstanding == least)
@@ -112,10 +121,11 @@ class PrefixAffinity:
             del self.table[key]
 
 
-POLICIES = {p.name: p for p in (RoundRobin, LeastOutstanding, PrefixAffinity)}
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    RoundRobin.name: RoundRobin, LeastOutstanding.name: LeastOutstanding, PrefixAffinity.name: PrefixAffinity}
 
 
-def make_policy(name: str):
+def make_policy(name: str) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name]()

@@ -1,0 +1,334 @@
+"""The router's work on one request: pick a replica, send, retry elsewhere, hand off from
+prefill to decode, relay the answer.
+
+Colocated models: one mixed replica takes the whole request. Disaggregated models: a
+prefill replica computes the prompt and the first token, a decode replica pulls the KV
+and generates the rest (ARCHITECTURE.md, "Data flow of one request"). A replica that
+fails before the client has seen a byte is taken out and the request goes to another;
+probes bring it back. Streams pass through chunk by chunk.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .endpoints import EndpointSource, ModelRoute
+from .fanout import fan_out, merge_bodies, merge_streams
+from .metrics import RouterMetrics
+from .policies import RoutingPolicy, make_policy, prefix_keys
+from .replica import Replica
+from .upstream import Pool, Upstream, UpstreamError
+from .upstream import Response as UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+class RouterError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+                 type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers, self.type, self.param = status, code, headers, type_, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+class Router:
+    def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
+                 max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0):
+        self.source = source
+        self.policy_name = policy
+        # one per (model, role): each keeps its own affinity table
+        self.policies: dict[tuple[str, str], RoutingPolicy] = {}
+        make_policy(policy)  # fails early on an unknown name
+        self.max_inflight, self.max_attempts = max_inflight, max_attempts
+        self.request_timeout, self.probe_interval = request_timeout, probe_interval
+        self.inflight = 0
+        self.metrics = RouterMetrics()
+        self.session: aiohttp.ClientSession | None = None  # probes and lease releases
+        self.pool = Pool(read_timeout=request_timeout)  # requests
+        self._prober: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.request_timeout),
+            json_serialize=lambda o: orjson.dumps(o).decode())
+        self._prober = asyncio.create_task(self._probe_forever())
+
+    async def stop(self) -> None:
+        if self._prober:
+            self._prober.cancel()
+        if self.session:
+            await self.session.close()
+        self.pool.close()
+
+    def policy(self, model: str, role: str) -> RoutingPolicy:
+        key = (model, role)
+        if key not in self.policies:
+            self.policies[key] = make_policy(self.policy_name)
+        return self.policies[key]
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _mark(self, replica: Replica, ok: bool) -> None:
+        if replica.record(ok):
+            self.metrics.child(self.metrics.healthy, replica.model, replica.role, replica.url).set(int(replica.healthy))
+
+    async def _probe(self, replica: Replica) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                self._mark(replica, r.status == 200)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            self._mark(replica, False)
+
+    async def probe_all(self) -> None:
+        for url in self.source.refresh():
+            for policy in self.policies.values():
+                policy.forget(url)
+        replicas = [r for route in self.source.models().values() for r in route.all()]
+        await asyncio.gather(*(self._probe(r) for r in replicas))
+
+    async def _probe_forever(self) -> None:
+        while True:
+            try:
+                await self.probe_all()
+            except Exception:  # a probe round must never end the loop
+                log.exception("probe round failed")
+            await asyncio.sleep(self.probe_interval)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _acquire(self, replica: Replica) -> Callable[[], None]:
+        replica.outstanding += 1
+        gauge = self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url)
+        gauge.set(replica.outstanding)
+        done: list[int] = []
+
+        def release() -> None:
+            if not done:
+                done.append(1)
+                replica.outstanding -= 1
+                gauge.set(replica.outstanding)
+        return release
+
+    async def call(self, model: str, role: str, replicas: list[Replica], path: str, payload: bytes,
+                   stream: bool, keys: list[int]) -> Upstream:
+        """Sends to one replica after another until one answers: a 2xx, or a 4xx that is the
+        request's own fault; for a stream, until its first chunk has arrived."""
+        tried: set[int] = set()
+        last_error = "no replica of this role is available"
+        busy = None
+        policy = self.policy(model, role)
+        for _ in range(self.max_attempts):
+            replica = policy.choose([r for r in replicas if id(r) not in tried], keys)
+            if replica is None:
+                break
+            tried.add(id(replica))
+            self.metrics.child(self.metrics.decisions, model, role, self.policy_name).inc()
+            release = self._acquire(replica)
+            resp = None
+            try:
+                resp = await self.pool.post(replica.url, path, payload)
+                if resp.status == 429:
+                    busy = Upstream(resp.status, resp.content_type, await resp.read(), replica=replica)
+                    resp.release()
+                    release()
+                    continue
+                if resp.status >= 500:
+                    last_error = f"{replica.url} answered {resp.status}: {(await resp.read())[:200]!r}"
+                    raise _Retry()
+                if replica.failures or not replica.healthy:
+                    self._mark(replica, True)
+                if not stream or resp.status != 200:
+                    body = await resp.read()
+                    resp.release()
+                    release()
+                    return Upstream(resp.status, resp.content_type, body, replica=replica)
+                chunks = resp.iter_chunks()
+                first = await anext(chunks, b"")
+                if not first:
+                    last_error = f"{replica.url} closed the stream before the first chunk"
+                    raise _Retry()
+
+                def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
+                    resp.release()
+                    release()
+                return Upstream(resp.status, resp.content_type, first, chunks, close, replica)
+            except (_Retry, UpstreamError) as e:
+                if not isinstance(e, _Retry):
+                    last_error = f"{replica.url}: {e}"
+                log.warning("%s replica failed for %s, trying another: %s", role, model, last_error)
+                self._mark(replica, False)
+                self.metrics.child(self.metrics.retries, model, role).inc()
+                if resp is not None:
+                    resp.release()
+                release()
+        if busy is not None:
+            return busy
+        raise RouterError(503, f"no {role} replica of {model!r} could take the request: {last_error}",
+                          code="no_replica", type_="server_error")
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def handle(self, request: Request, kind: str) -> Response:
+        t0 = time.perf_counter()
+        model: Any = ""  # whatever the body named, for the request metric
+        mode, status = "", 500
+        try:
+            raw = await request.body()
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise RouterError(400, f"the body is not valid JSON: {e}")
+            if not isinstance(body, dict):
+                raise RouterError(400, "the body must be a JSON object")
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise RouterError(400, "model: a model name is required", param="model")
+            route = self.source.models().get(model)
+            if route is None:
+                raise RouterError(404, f"the model {model!r} does not exist; served: "
+                                  f"{', '.join(sorted(self.source.models()))}", code="model_not_found", param="model")
+            if self.inflight >= self.max_inflight:
+                raise RouterError(429, f"the router is at its limit of {self.max_inflight} requests in flight",
+                                  code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
+            mode = route.mode
+            stream = bool(body.get("stream"))
+            # hashing the prompt costs on every request: only prefix affinity reads the keys
+            keys = prefix_keys(_prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
+            self.inflight += 1
+            self.metrics.inflight.set(self.inflight)
+            try:
+                if mode == "colocated":
+                    up = await self.call(model, "mixed", route.replicas["mixed"], PATHS[kind], raw, stream, keys)
+                else:
+                    up = await self.disaggregated(route, kind, body, stream, keys)
+            except BaseException:
+                self._leave()
+                raise
+            status = up.status
+            return self._respond(up, model, t0)
+        except RouterError as e:
+            status = e.status
+            if not mode:
+                self.metrics.child(self.metrics.requests, model or "", mode, str(status)).inc()
+            return e.response()
+        finally:
+            if mode:
+                self.metrics.child(self.metrics.requests, model, mode, str(status)).inc()
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
+
+    def _respond(self, up: Upstream, model: str, t0: float) -> Response:
+        if up.rest is None:
+            self._leave()
+            self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
+            return Response(up.body, status_code=up.status, media_type=up.content_type)
+        self.metrics.child(self.metrics.ttft, model).observe(time.perf_counter() - t0)
+        return StreamingResponse(self._relay(up, model, t0), status_code=up.status, media_type="text/event-stream")
+
+    async def _relay(self, up: Upstream, model: str, t0: float) -> AsyncIterator[bytes]:
+        assert up.rest is not None
+        try:
+            yield up.body
+            async for chunk in up.rest:
+                yield chunk
+        except UpstreamError as e:
+            # tokens already reached the client: end the stream with a clear error
+            log.warning("stream from %s broke: %s", up.replica.url if up.replica else "?", e)
+            if up.replica:
+                self._mark(up.replica, False)
+            err = {"error": {"message": f"the replica failed mid-stream: {type(e).__name__}",
+                             "type": "server_error", "param": None, "code": "replica_failed"}}
+            yield b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
+        finally:
+            up.release()
+            self._leave()
+            self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
+
+    async def disaggregated(self, route: ModelRoute, kind: str, body: dict, stream: bool,
+                            keys: list[int]) -> Upstream:
+        subs = fan_out(body, kind)
+        if len(subs) == 1:
+            return await self.handoff(route, kind, body, stream, keys)
+        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
+                                        return_exceptions=True)
+        ups = [u for u in outcomes if not isinstance(u, BaseException)]
+        errors = [u for u in outcomes if isinstance(u, BaseException)]
+        failed: Upstream | BaseException | None = errors[0] if errors else next(
+            (u for u in ups if u.status != 200), None)
+        if failed is not None:
+            for u in ups:
+                u.release()
+            if isinstance(failed, BaseException):
+                raise failed
+            return failed
+        offsets = [offset for _, offset in subs]
+        counted = [offset % max(1, int(body.get("n") or 1)) == 0 for offset in offsets]
+        if not stream:
+            return Upstream(200, "application/json", merge_bodies(ups, offsets, counted))
+        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
+
+    async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
+        model = route.name
+        payload = orjson.dumps({"kind": kind, "request": body})
+        pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys)
+        if pre.status != 200:
+            return pre  # the client's own error (4xx), or every prefill replica busy (429)
+        assert pre.replica is not None  # call() names the replica that answered
+        prefill_url = pre.replica.url
+        first = orjson.loads(pre.body)
+        dbody = orjson.dumps({"kind": kind, "request": body, "prompt_token_ids": first["prompt_token_ids"],
+                              "first_token": first["first_token"], "first_logprob": first["first_logprob"],
+                              "prefill_url": prefill_url, "handle": first["handle"]})
+        try:
+            return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys)
+        except RouterError:
+            if first["handle"]:
+                asyncio.create_task(self._release_lease(prefill_url, first["handle"]))
+            raise
+
+    async def _release_lease(self, url: str, handle: str) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.delete(f"{url}/internal/kv/{handle}"):
+                pass
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass  # the lease expires on its own
+
+
+class _Retry(Exception):
+    pass
+
+
+def _prompt_text(body: dict, kind: str) -> str:
+    if kind == "chat":
+        parts = []
+        for m in body.get("messages") or []:
+            if isinstance(m, dict):
+                content = m.get("content")
+                if isinstance(content, list):
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                parts.append(f"{m.get('role')}:{content}")
+        return "\n".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return " ".join(map(str, prompt))
+    return prompt if isinstance(prompt, str) else ""

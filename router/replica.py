@@ -1,0 +1,32 @@
+"""The router's view of one worker: where it is, what it serves, whether it takes requests
+and how many it holds. The router keeps it current (requests, probes, discovery); routing
+policies only read it."""
+
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    model: str
+    role: str                 # prefill | decode | mixed
+    healthy: bool = True      # last probe or request succeeded
+    routable: bool = True     # the control plane may take a replica out (draining, quarantined)
+    outstanding: int = 0      # requests sent and not yet finished
+    failures: int = 0         # consecutive failed requests or probes
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.routable
+
+    def record(self, ok: bool) -> bool:
+        """Counts a request or probe that succeeded or failed; True when the health it
+        reports may have changed (a flip, or the first failure in a row)."""
+        was = self.healthy
+        if ok:
+            self.failures = 0
+            self.healthy = True
+        else:
+            self.failures += 1
+            self.healthy = False
+        return was != self.healthy or self.failures <= 1
