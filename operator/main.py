@@ -11,7 +11,8 @@ from prometheus_client import start_http_server
 from . import handlers
 from .kube import Kube
 from .leader import LeaderElector
-from .reconcile import Operator, OperatorMetrics
+from .metrics import OperatorMetrics
+from .reconcile import Operator
 
 log = logging.getLogger(__name__)
 
