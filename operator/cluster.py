@@ -3,8 +3,9 @@
 Watch events feed it, and so do the operator's own bindings, the moment the API server
 accepts them. That second feed is why this is a cache kept by hand rather than a
 `@kopf.index`: an index learns of a binding only when its pod's watch event comes back, and
-a reconcile that places in between would see the GPUs free and book them twice. It is read
-by reconciles in worker threads and written from the event loop, under one lock.
+a reconcile that places in between would see the GPUs free and book them twice. The event
+handlers write it from the event loop, reconciles read it and book into it from worker
+threads; one lock guards it.
 """
 
 import threading

@@ -56,7 +56,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 120
     settings.posting.level = logging.WARNING
     operator: Operator = memo.operator
-    operator.state.load(operator.kube)
+    operator.cluster.load(operator.kube)
 
 
 def reconcile_once(operator: Operator, body: dict) -> float:
@@ -119,7 +119,7 @@ def deleted(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
 
 @kopf.on.event("", "v1", "pods")
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.operator.state.on_pod(event["type"], _plain(body))
+    memo.operator.cluster.on_pod(event["type"], _plain(body))
     deployment = (body.get("metadata", {}).get("labels") or {}).get(m.LABEL_DEPLOYMENT)
     if deployment:
         memo.wakeups.wake(body["metadata"]["namespace"], deployment)
@@ -127,11 +127,11 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
 
 @kopf.on.event("", "v1", "nodes")
 async def node_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if memo.operator.state.on_node(event["type"], _plain(body)):
+    if memo.operator.cluster.on_node(event["type"], _plain(body)):
         memo.wakeups.wake_all()
 
 
 @kopf.on.event(GROUP, VERSION, "powerbudgets")
 async def budget_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.operator.state.on_budget(event["type"], _plain(body))
+    memo.operator.cluster.on_budget(event["type"], _plain(body))
     memo.wakeups.wake_all()

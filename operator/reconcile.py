@@ -49,14 +49,14 @@ def _ours_to_bind(pod: dict, deleted: set[str]) -> bool:
 @dataclass
 class Operator:
     kube: Kube
-    state: ClusterState = field(default_factory=ClusterState)
+    cluster: ClusterState = field(default_factory=ClusterState)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     tolerations: list[dict] = field(default_factory=list)  # extra ones for worker pods (e.g. kwok's)
     binder: Binder = field(init=False)
     _services: set[tuple[str, str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.binder = Binder(self.kube, self.state, self.metrics, self.tolerations)
+        self.binder = Binder(self.kube, self.cluster, self.metrics, self.tolerations)
 
     def reconcile(self, body: dict) -> dict:
         """Returns the status it wrote."""
