@@ -3,6 +3,7 @@
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -16,8 +17,14 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def epoch(ts: str) -> float:
+    """An API server timestamp ('2024-05-01T12:00:00Z') in seconds since the epoch."""
+    return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None, on_request=None):
+    def __init__(self, api_client: client.ApiClient | None = None,
+                 on_request: Callable[[str, str], None] | None = None) -> None:
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)

@@ -23,7 +23,7 @@ def _now() -> dt.datetime:
 
 class LeaderElector:
     def __init__(self, api: client.ApiClient, namespace: str, name: str = "fleetwise-operator",
-                 identity: str | None = None, lease_seconds: int = 15, renew_every: float = 5.0):
+                 identity: str | None = None, lease_seconds: int = 15, renew_every: float = 5.0) -> None:
         self.coord = client.CoordinationV1Api(api)
         self.namespace, self.name = namespace, name
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"

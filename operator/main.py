@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+from typing import Any
 
 import kopf
 from kubernetes import client, config
@@ -11,7 +12,8 @@ from prometheus_client import start_http_server
 from . import handlers
 from .kube import Kube
 from .leader import LeaderElector
-from .reconcile import Operator, OperatorMetrics
+from .metrics import OperatorMetrics
+from .reconcile import Operator
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,14 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     metrics = OperatorMetrics()
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
-    handlers.install(Operator(kube, metrics=metrics, tolerations=tolerations))
+    memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations))
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)
     elector.acquire()
 
     @kopf.on.login()
-    def login(**_):
+    def login(**_: Any) -> kopf.ConnectionInfo:
         """kopf connects with the credentials the kubernetes client loaded above."""
         cfg = client.Configuration.get_default_copy()
         header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
@@ -55,8 +57,9 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                                    private_key_path=cfg.key_file)
 
     try:
-        scope = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
-        asyncio.run(kopf.operator(standalone=True, **scope,
-                                  liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None))
+        liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
+        asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
+                                  liveness_endpoint=liveness, memo=memo))
     finally:
+        memo.reconcilers.shutdown(wait=False, cancel_futures=True)
         elector.release()

@@ -1,6 +1,7 @@
 """Kubernetes objects for a ModelDeployment's workers (pure functions of the spec)."""
 
 import secrets
+from collections.abc import Sequence
 
 from fleetwise.controllers.placement import GPU_RESOURCE
 from fleetwise.spec import API_VERSION, ModelDeploymentSpec
@@ -33,7 +34,8 @@ def owner_reference(body: dict) -> dict:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str, tolerations: list[dict] = ()) -> dict:
+def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
+               tolerations: Sequence[dict] = ()) -> dict:
     name = body["metadata"]["name"]
     pool = spec.pools()[role]
     e = spec.engine

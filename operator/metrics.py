@@ -1,0 +1,18 @@
+"""The operator's Prometheus metrics, in one registry that `fleetwise operator` serves."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fleetwise.telemetry import catalog as c
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.reconciles = Counter(c.OPERATOR_RECONCILES, "ModelDeployment reconciles.", registry=r)
+        self.errors = Counter(c.OPERATOR_RECONCILE_ERRORS, "Reconciles that failed.", ["reason"], registry=r)
+        self.bind_seconds = Histogram(c.OPERATOR_BIND_SECONDS, "Pod creation to binding.", registry=r,
+                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.pending = Gauge(c.OPERATOR_PENDING_PODS, "Worker pods that cannot be placed, by reason.",
+                             ["reason"], registry=r)
+        self.api_requests = Counter(c.OPERATOR_API_REQUESTS, "Kubernetes API requests.", ["verb", "resource"],
+                                    registry=r)
