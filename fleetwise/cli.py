@@ -105,6 +105,7 @@ def router(
     """Run the router: the OpenAI-compatible front door over the workers."""
     import logging
 
+    from fleetwise.logs import configure as configure_logs
     from fleetwise.router.app import serve
     from fleetwise.router.endpoints import ConfigError, StaticEndpoints
     from fleetwise.router.policies import POLICIES
@@ -112,7 +113,7 @@ def router(
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if (config is None) == (not kubernetes):
         raise typer.BadParameter("give either --config FILE or --kubernetes", param_hint="--config")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.INFO)
     if kubernetes:
         from fleetwise.operator.main import load_client
         from fleetwise.router.kube_source import KubernetesEndpoints

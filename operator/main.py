@@ -9,6 +9,8 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from fleetwise.logs import configure as configure_logs
+
 from . import handlers
 from .kube import Kube
 from .leader import LeaderElector
@@ -30,7 +32,7 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     api = load_client(kubeconfig)
     if not client.Configuration.get_default_copy().verify_ssl:

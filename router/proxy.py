@@ -15,8 +15,13 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import orjson
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from fleetwise.logs import incoming_request_id, request_id
+from fleetwise.protocol import (PROTOCOL_VERSION, REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER,
+                                DecodeRequest, PrefillAnswer, PrefillRequest)
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
@@ -132,6 +137,7 @@ class Router:
         last_error = "no replica of this role is available"
         busy = None
         policy = self.policy(model, role)
+        headers = _HEADERS % request_id.get().encode()
         for _ in range(self.max_attempts):
             replica = policy.choose([r for r in replicas if id(r) not in tried], keys)
             if replica is None:
@@ -141,7 +147,7 @@ class Router:
             release = self._acquire(replica)
             resp = None
             try:
-                resp = await self.pool.post(replica.url, path, payload)
+                resp = await self.pool.post(replica.url, path, payload, headers)
                 if resp.status == 429:
                     busy = Upstream(resp.status, resp.content_type, await resp.read(), replica=replica)
                     resp.release()
@@ -156,6 +162,9 @@ class Router:
                     body = await resp.read()
                     resp.release()
                     release()
+                    if resp.status == 400 and UNSUPPORTED_VERSION.encode() in body:
+                        last_error = f"{replica.url} does not speak protocol version {PROTOCOL_VERSION}"
+                        continue  # a replica of another version, mid-rollout: not the request's fault
                     return Upstream(resp.status, resp.content_type, body, replica=replica)
                 chunks = resp.iter_chunks()
                 first = await anext(chunks, b"")
@@ -184,6 +193,13 @@ class Router:
     # -- requests ----------------------------------------------------------------------------
 
     async def handle(self, request: Request, kind: str) -> Response:
+        rid = incoming_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id.set(rid)
+        response = await self._handle(request, kind)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    async def _handle(self, request: Request, kind: str) -> Response:
         t0 = time.perf_counter()
         model: Any = ""  # whatever the body named, for the request metric
         mode, status = "", 500
@@ -286,21 +302,25 @@ class Router:
 
     async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
         model = route.name
-        payload = orjson.dumps({"kind": kind, "request": body})
+        payload = PrefillRequest(kind=kind, request=body).model_dump_json().encode()  # type: ignore[arg-type]
         pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys)
         if pre.status != 200:
             return pre  # the client's own error (4xx), or every prefill replica busy (429)
         assert pre.replica is not None  # call() names the replica that answered
         prefill_url = pre.replica.url
-        first = orjson.loads(pre.body)
-        dbody = orjson.dumps({"kind": kind, "request": body, "prompt_token_ids": first["prompt_token_ids"],
-                              "first_token": first["first_token"], "first_logprob": first["first_logprob"],
-                              "prefill_url": prefill_url, "handle": first["handle"]})
+        try:
+            first = PrefillAnswer.model_validate_json(pre.body)
+        except ValidationError as e:
+            raise RouterError(502, f"the prefill worker {prefill_url} answered outside protocol version "
+                              f"{PROTOCOL_VERSION}: {e.errors()[0]['msg']}", code="bad_upstream", type_="server_error")
+        dbody = DecodeRequest(kind=kind, request=body, prompt_token_ids=first.prompt_token_ids,  # type: ignore[arg-type]
+                              first_token=first.first_token, first_logprob=first.first_logprob,
+                              prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
         try:
             return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys)
         except RouterError:
-            if first["handle"]:
-                asyncio.create_task(self._release_lease(prefill_url, first["handle"]))
+            if first.handle:
+                asyncio.create_task(self._release_lease(prefill_url, first.handle))
             raise
 
     async def _release_lease(self, url: str, handle: str) -> None:
@@ -310,6 +330,10 @@ class Router:
                 pass
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass  # the lease expires on its own
+
+
+# on every call to a worker: the request's id and the internal protocol's version
+_HEADERS = b"%s: %%s\r\n%s: %d\r\n" % (REQUEST_ID_HEADER.encode(), VERSION_HEADER.encode(), PROTOCOL_VERSION)
 
 
 class _Retry(Exception):

@@ -142,15 +142,16 @@ class Pool:
             raise UpstreamError(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         return conn
 
-    async def post(self, url: str, path: str, body: bytes) -> Response:
-        """Sends the request and waits for the response head."""
+    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"") -> Response:
+        """Sends the request and waits for the response head. `headers`: more header lines,
+        each ending in CRLF."""
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or 80
         for attempt in (0, 1):  # a pooled connection may have been closed by the replica meanwhile
             conn = await self._connection(host, port)
             reused = conn.head is not None
-            conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, len(body), body))
+            conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
+                      b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
                 async with asyncio.timeout(self.read_timeout):  # lighter than wait_for: no task
                     await conn.head
