@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from fleetwise import defaults
+
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 model_app = typer.Typer(help="Model files.", no_args_is_help=True)
@@ -34,20 +36,22 @@ def worker(
     role: str = typer.Option("mixed", "--role", help="prefill, decode or mixed."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8001, "--port"),
-    served_model_name: str = typer.Option(None, "--served-model-name", help="Name in the API (default: the directory name)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    block_size: int = typer.Option(16, "--block-size"),
+    served_model_name: str = typer.Option(None, "--served-model-name",
+                                          help="Name in the API (default: the directory name)."),
+    dtype: str = typer.Option(defaults.DTYPE, "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option(defaults.DEVICE, "--device", help="auto, cpu or cuda[:N]."),
+    block_size: int = typer.Option(defaults.BLOCK_SIZE, "--block-size"),
     num_blocks: int = typer.Option(None, "--num-blocks", help="KV cache blocks (default: from --kv-cache-mib)."),
-    kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", help="KV cache memory budget."),
-    max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
-    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens"),
+    kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache memory budget."),
+    max_num_seqs: int = typer.Option(defaults.MAX_NUM_SEQS, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(defaults.MAX_NUM_BATCHED_TOKENS, "--max-num-batched-tokens"),
     max_model_len: int = typer.Option(None, "--max-model-len"),
-    max_waiting: int = typer.Option(1024, "--max-waiting", help="Queue bound; beyond it requests get 429."),
+    max_waiting: int = typer.Option(defaults.MAX_WAITING, "--max-waiting",
+                                    help="Queue bound; beyond it requests get 429."),
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
-    health_stall_seconds: float = typer.Option(30.0, "--health-stall-seconds",
+    health_stall_seconds: float = typer.Option(defaults.HEALTH_STALL_SECONDS, "--health-stall-seconds",
                                                help="/health turns 503 when one engine step takes longer."),
-    kv_lease_seconds: float = typer.Option(30.0, "--kv-lease-seconds",
+    kv_lease_seconds: float = typer.Option(defaults.KV_LEASE_SECONDS, "--kv-lease-seconds",
                                            help="Prefill role: how long a prompt's KV waits for a decode worker."),
     fault: list[str] = typer.Option([], "--fault", hidden=True, help="Test-only fault switches (corrupt-kv)."),
 ):
@@ -75,8 +79,8 @@ def up(
     decode: int = typer.Option(1, "--decode", help="Decode workers (disaggregated)."),
     mixed: int = typer.Option(1, "--mixed", help="Mixed workers (colocated)."),
     workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
-    kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", help="KV cache per worker."),
-    device: str = typer.Option("auto", "--device"),
+    kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache per worker."),
+    device: str = typer.Option(defaults.DEVICE, "--device"),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -160,7 +164,8 @@ def bench_core(
 def bench_pd(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     preset: str = typer.Option("small", "--preset", help="Model preset."),
-    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths", help="Comma-separated prompt lengths."),
+    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths",
+                                       help="Comma-separated prompt lengths."),
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from fleetwise import defaults
+
 GROUP, VERSION = "fleetwise.dev", "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 ROLES = ("prefill", "decode", "mixed")
@@ -38,10 +40,10 @@ class Pool(_Spec):
 
 
 class Engine(_Spec):
-    block_size: Literal[8, 16, 32, 64, 128] = 16
-    max_num_seqs: int = Field(default=64, ge=1, le=4096)
-    max_num_batched_tokens: int = Field(default=2048, ge=16, le=1048576)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    block_size: Literal[8, 16, 32, 64, 128] = defaults.BLOCK_SIZE  # type: ignore[assignment]
+    max_num_seqs: int = Field(default=defaults.MAX_NUM_SEQS, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=defaults.MAX_NUM_BATCHED_TOKENS, ge=16, le=1048576)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = defaults.DTYPE  # type: ignore[assignment]
     kv_cache_mib: int | None = Field(default=None, ge=1, alias="kvCacheMiB")
 
     @model_validator(mode="after")

@@ -14,12 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def epoch(ts: str) -> float:
     """An API server timestamp ('2024-05-01T12:00:00Z') in seconds since the epoch."""
-    return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
 
 
 class Kube:
@@ -118,7 +118,8 @@ class Kube:
         body = {"metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
                 "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
                                    "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
-                "type": type_, "reason": reason, "message": message[:1024], "source": {"component": "fleetwise-operator"},
+                "type": type_, "reason": reason, "message": message[:1024],
+                "source": {"component": "fleetwise-operator"},
                 "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1,
                 "reportingComponent": "fleetwise-operator"}
         try:

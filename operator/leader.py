@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class LeaderElector:
@@ -55,7 +55,8 @@ class LeaderElector:
         spec = lease.spec
         held_by_other = spec.holder_identity and spec.holder_identity != self.identity
         renew = spec.renew_time
-        expired = renew is None or (_now() - renew).total_seconds() > (spec.lease_duration_seconds or self.lease_seconds)
+        duration = spec.lease_duration_seconds or self.lease_seconds
+        expired = renew is None or (_now() - renew).total_seconds() > duration
         if held_by_other and not expired:
             return False
         transitions = (spec.lease_transitions or 0) + (1 if held_by_other else 0)

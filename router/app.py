@@ -5,8 +5,8 @@ metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECT
 "Data flow of one request").
 """
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette

@@ -50,7 +50,8 @@ def parse_config(data) -> dict[str, ModelRoute]:
             raise ConfigError(f"models[{i}] needs a name")
         unknown = set(m) - {"name", *ROLES}
         if unknown:
-            raise ConfigError(f"models[{i}] ({m['name']}): unknown keys {sorted(unknown)}; allowed: name, {', '.join(ROLES)}")
+            raise ConfigError(f"models[{i}] ({m['name']}): unknown keys {sorted(unknown)}; "
+                              f"allowed: name, {', '.join(ROLES)}")
         if m["name"] in routes:
             raise ConfigError(f"model {m['name']!r} is listed twice")
         route = ModelRoute(m["name"])

@@ -11,7 +11,8 @@ probes bring it back. Streams pass through chunk by chunk.
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -20,8 +21,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fleetwise.logs import incoming_request_id, request_id
-from fleetwise.protocol import (PROTOCOL_VERSION, REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER,
-                                DecodeRequest, PrefillAnswer, PrefillRequest)
+from fleetwise.protocol import (
+    PROTOCOL_VERSION,
+    REQUEST_ID_HEADER,
+    UNSUPPORTED_VERSION,
+    VERSION_HEADER,
+    DecodeRequest,
+    PrefillAnswer,
+    PrefillRequest,
+)
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
@@ -62,6 +70,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None  # probes and lease releases
         self.pool = Pool(read_timeout=request_timeout)  # requests
         self._prober: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -96,7 +105,7 @@ class Router:
         try:
             async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
                 self._mark(replica, r.status == 200)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             self._mark(replica, False)
 
     async def probe_all(self) -> None:
@@ -320,7 +329,9 @@ class Router:
             return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys)
         except RouterError:
             if first.handle:
-                asyncio.create_task(self._release_lease(prefill_url, first.handle))
+                task = asyncio.create_task(self._release_lease(prefill_url, first.handle))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             raise
 
     async def _release_lease(self, url: str, handle: str) -> None:
@@ -328,7 +339,7 @@ class Router:
         try:
             async with self.session.delete(f"{url}/internal/kv/{handle}"):
                 pass
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass  # the lease expires on its own
 
 

@@ -7,8 +7,8 @@ General-purpose clients spend more CPU per request than the proxying itself.
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -138,7 +138,7 @@ class Pool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(self, (host, port)), host, port), self.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise UpstreamError(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         return conn
 

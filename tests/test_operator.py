@@ -4,8 +4,18 @@ import time
 
 import pytest
 
-from fleetwise.testenv import (apply, create_namespace, get, gpu_node, operator_kubeconfig, start_cluster,
-                               start_operator, wait_for)
+from fleetwise.testenv import (
+    apply,
+    create_namespace,
+    get,
+    gpu_node,
+    operator_kubeconfig,
+    start_cluster,
+    start_operator,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
 
 NS = "models"
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
@@ -130,8 +140,9 @@ def test_invalid_resources_are_refused_naming_the_field(cluster, operator):
 
 
 def test_unplaceable_pods_are_explained(cluster, operator):
-    apply(cluster, md("huge", prefill=1, decode=1, **{}) | {"spec": {
-        **md("huge")["spec"], "prefill": {"replicas": 1, "gpuType": "B200"}, "decode": {"replicas": 1, "gpuType": "A100"}}})
+    apply(cluster, md("huge", prefill=1, decode=1) | {"spec": {
+        **md("huge")["spec"], "prefill": {"replicas": 1, "gpuType": "B200"},
+        "decode": {"replicas": 1, "gpuType": "A100"}}})
     cond = wait_for(lambda: (c := condition(cluster, "huge", "Degraded")).get("status") == "True" and c, 60,
                     what="Degraded")
     assert "GPU type is not B200" in cond["message"]

@@ -1,8 +1,17 @@
 """What a ModelDeployment's status says, decided without a cluster."""
 
 from fleetwise.controllers.deployment import Plan, PoolStatus
-from fleetwise.controllers.status import (Condition, deployment_status, pending_by_reason, plan_applied,
-                                          pods_unplaceable, settled, short_reason, spec_invalid, unplaceable_news)
+from fleetwise.controllers.status import (
+    Condition,
+    deployment_status,
+    pending_by_reason,
+    plan_applied,
+    pods_unplaceable,
+    settled,
+    short_reason,
+    spec_invalid,
+    unplaceable_news,
+)
 
 T0, T1 = "2024-05-01T12:00:00Z", "2024-05-01T12:05:00Z"
 

@@ -1,0 +1,13 @@
+"""The engine's defaults, stated once for every place that has them: the worker's
+`EngineConfig`, the `fleetwise worker` options, and the ModelDeployment's engine section
+(`fleetwise/spec.py`, whose CRD schema in charts/ tests/test_spec.py checks against it)."""
+
+BLOCK_SIZE = 16                # tokens per KV block
+MAX_NUM_SEQS = 64              # sequences in the running batch
+MAX_NUM_BATCHED_TOKENS = 2048  # the per-step token budget; longer prompts are chunked
+DTYPE = "auto"                 # bfloat16 on CUDA, float32 on the CPU
+DEVICE = "auto"                # cuda when present
+KV_CACHE_MIB = 256             # KV memory when the number of blocks is not given
+MAX_WAITING = 1024             # queue bound; beyond it requests are refused (429)
+KV_LEASE_SECONDS = 30.0        # prefill role: how long a finished prompt's blocks wait for a decode worker
+HEALTH_STALL_SECONDS = 30.0    # /health turns 503 when one engine step takes longer
