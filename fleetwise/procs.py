@@ -58,18 +58,13 @@ class Process:
 
     def start(self) -> Self:
         """Starts the command, stdout and stderr appended to the log."""
-        out = subprocess.DEVNULL
+        preexec = _die_with_parent if self.die_with_parent and sys.platform.startswith("linux") else None
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            out = self.log.open("ab")
-        preexec = _die_with_parent if self.die_with_parent and sys.platform.startswith("linux") else None
-        try:
+        with self.log.open("ab") if self.log is not None else open(os.devnull, "wb") as out:
             self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           env={**os.environ, **self.env} if self.env else None,
                                           start_new_session=True, preexec_fn=preexec)
-        finally:
-            if self.log is not None:
-                out.close()
         return self
 
     @property

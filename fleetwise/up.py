@@ -115,9 +115,9 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 wait_healthy(procs, ready_timeout, ready=_ready, cancelled=lambda: bool(stopping),
                              on_progress=lambda n, total: status.update(f"starting the fleet: {n}/{total} healthy"))
             except ProcessError as e:
-                for p in e.procs:
-                    console.print(f"[red]{p.name} {'exited' if p.exited is not None else 'not healthy'}; "
-                                  f"last lines of {p.log}:[/]\n" + p.tail(15))
+                for failed in e.procs:
+                    console.print(f"[red]{failed.name} {'exited' if failed.exited is not None else 'not healthy'}; "
+                                  f"last lines of {failed.log}:[/]\n" + failed.tail(15))
                 return 1
         if stopping:
             return 130

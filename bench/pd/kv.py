@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,7 +28,7 @@ MIN_KV_TRIALS = 5         # KV pulls (and socket copies) per prompt length, at l
 KV_TRIAL_KINDS = ("kv", "http_read", "socket")
 
 
-def stats(values: list[float | None]) -> dict | None:
+def stats(values: Sequence[float | None]) -> dict | None:
     return summary(values, "mean", "median", "min", "max", "std", "n")
 
 

@@ -77,9 +77,9 @@ def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
     """The processes, not yet started; the routers' configs written under OUT."""
     import yaml
     name, logs = model_dir.name, out / "logs"
-    workers = [_server(role, ["worker", "--model", str(model_dir), "--role", role, *worker_args], logs)
-               for role in ("prefill", "decode", "mixed")]
-    fleet = Fleet(name, *workers)
+    prefill, decode, mixed = (_server(role, ["worker", "--model", str(model_dir), "--role", role, *worker_args], logs)
+                              for role in ("prefill", "decode", "mixed"))
+    fleet = Fleet(name, prefill, decode, mixed)
     configs = {"disaggregated": {"models": [{"name": name, "prefill": [fleet.prefill.url],
                                              "decode": [fleet.decode.url]}]},
                "colocated": {"models": [{"name": name, "mixed": [fleet.mixed.url]}]}}

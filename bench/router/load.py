@@ -141,7 +141,7 @@ async def _one(session: Any, url: str, body: bytes) -> str | None:
             if not data.startswith(b"{"):
                 return "bad body"
             return None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "timeout"
     except Exception as e:  # counted, never fatal: the run goes on
         return type(e).__name__

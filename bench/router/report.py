@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetwise.bench.harness import (AT_LEAST, AT_MOST, Target, cdf, figure, finish, header, label_bars, mark,
-                                     percentile, summary, target_values)
+                                     percentile, target_values)
 from fleetwise.bench.router.backend import COMPLETION, MODEL
 from fleetwise.bench.router.systems import (CLOSED_LOOP_CLIENTS, CLOSED_LOOP_WARMUP_S, SEED, TURN_WARMUP_S, WARMUP_S,
                                             System)
