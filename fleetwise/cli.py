@@ -156,7 +156,7 @@ def bench_core(
     skip: list[str] = typer.Option([], "--skip", help="Baselines to leave out: static, continuous."),
 ):
     """Throughput and latency of the core against transformers, on trace-shaped requests."""
-    from fleetwise.bench.core import run_core_bench
+    from fleetwise.bench.core.run import run_core_bench
     run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
 
 
@@ -169,7 +169,7 @@ def bench_pd(
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
-    from fleetwise.bench.pd import run_pd_bench
+    from fleetwise.bench.pd.run import run_pd_bench
     run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
 
 
@@ -181,7 +181,7 @@ def bench_router(
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
 ):
     """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
-    from fleetwise.bench.router import run_router_bench
+    from fleetwise.bench.router.run import run_router_bench
     run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import httpx
 import yaml
 
 from fleetwise.net import free_port
+from fleetwise.procs import Process, fleetwise_argv, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BIN = ROOT / ".testenv" / "bin"
@@ -48,7 +48,7 @@ def ensure_built() -> Path:
 class Cluster:
     workdir: Path
     bin: Path = field(default_factory=bin_dir)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, Process] = field(default_factory=dict)
     api_port: int = 0
 
     @property
@@ -69,10 +69,7 @@ class Cluster:
         return path
 
     def _start(self, name: str, args: list[str]) -> None:
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        log.close()
+        self.procs[name] = Process(name, [str(self.bin / name), *args], self.workdir / f"{name}.log").start()
 
     def start(self, timeout: float = 60.0) -> "Cluster":
         try:
@@ -120,9 +117,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
-                if p.poll() is not None:
-                    tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
-                    raise TestEnvError(f"{name} exited with {p.returncode}:\n{tail}")
+                if p.exited is not None:
+                    raise TestEnvError(f"{name} exited with {p.exited}:\n{p.tail(40)}")
             try:
                 r = httpx.get(self.server + "/readyz", verify=False, timeout=2,
                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -139,14 +135,9 @@ class Cluster:
                               input=input, capture_output=True, text=True, check=check, timeout=120)
 
     def stop(self) -> None:
-        for name in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "kine"):
-            p = self.procs.get(name)
-            if p and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        """One after the other, the API server's clients first and its store last."""
+        order = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "kine")
+        stop_all([[self.procs[name]] for name in order if name in self.procs], grace=10.0)
 
 
 def gpu_node(name: str, product: str, gpus: int = 8, labels: dict | None = None) -> dict:
@@ -214,31 +205,32 @@ def operator_kubeconfig(cluster: Cluster) -> Path:
 
 
 @dataclass
-class OperatorProcess:
-    proc: subprocess.Popen
-    metrics_port: int
-    log: Path
+class OperatorProcess(Process):
+    """`fleetwise operator` in its own process; `proc` is its Popen."""
+    metrics_port: int = 0
 
-    def stop(self, kill: bool = False) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill() if kill else self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.popen
+
+    @proc.setter
+    def proc(self, popen: subprocess.Popen | None) -> None:
+        self.popen = popen
+
+    def stop(self, grace: float = 20.0, kill: bool = False) -> None:
+        """SIGTERM and up to `grace` seconds to go; with `kill`, SIGKILL at once (a crash)."""
+        self.kill() if kill else super().stop(grace)
 
 
 def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
     metrics = free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
-    out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fleetwise", "operator", "--kubeconfig", str(kubeconfig),
-                             "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
-                             "--metrics-port", str(metrics), "--liveness-port", str(free_port())],
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    return OperatorProcess(proc, metrics, log)
+    proc = OperatorProcess(name, fleetwise_argv("operator", "--kubeconfig", str(kubeconfig),
+                                                "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
+                                                "--metrics-port", str(metrics), "--liveness-port", str(free_port())),
+                           log, metrics_port=metrics, die_with_parent=True)
+    proc.start()
+    return proc
 
 
 def apply(cluster: Cluster, obj: dict, check: bool = True) -> subprocess.CompletedProcess:

@@ -3,14 +3,16 @@ process so that a test can reach into the engine (fault switches, block accounti
 
 import asyncio
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
 import uvicorn
 
 from fleetwise.net import free_port
+from fleetwise.procs import Process, fleetwise_argv, wait_healthy as wait_processes
 from fleetwise.worker.async_engine import AsyncEngine
 from fleetwise.worker.config import EngineConfig
 from fleetwise.worker.engine import LLMEngine
@@ -63,18 +65,9 @@ def _serve_in_thread(app, port: int):
     return server, thread
 
 
-def wait_healthy(url: str, timeout: float = 60.0, proc=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not become healthy")
+def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Until url/health answers 200; fails at once if `proc` (the server's process) exits."""
+    wait_processes([Process(url, [], None, url, popen=proc)], timeout, interval=0.05)
 
 
 @dataclass
@@ -106,36 +99,25 @@ def start_router(config_path, policy: str = "prefix_affinity", **kw) -> RunningR
     return RunningRouter(url, router, server, thread)
 
 
-@dataclass
-class WorkerProcess:
-    url: str
-    proc: "subprocess.Popen"
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except Exception:
-                self.proc.kill()
+# the logs of worker processes, kept for a failed test to show
+LOGS = Path(tempfile.gettempdir()) / "fleetwise-test-workers"
 
 
-def start_worker_process(model_dir, role: str, *args: str) -> WorkerProcess:
+class WorkerProcess(Process):
+    """A worker in its own process; `kill()` is a crash, `stop()` a shutdown."""
+
+
+def start_worker_process(model_dir: Path, role: str, *args: str) -> WorkerProcess:
     """A worker in its own process (`fleetwise worker`), for tests that kill it."""
-    import subprocess
-    import sys
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetwise", "worker", "--model", str(model_dir), "--role", role,
-                             "--port", str(port), "--served-model-name", "tiny", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    log = LOGS / f"{role}-{port}.log"
+    log.unlink(missing_ok=True)
+    proc = WorkerProcess(f"{role} worker", fleetwise_argv(
+        "worker", "--model", str(model_dir), "--role", role, "--port", str(port), "--served-model-name", "tiny",
+        *args), log, f"http://127.0.0.1:{port}", die_with_parent=True).start()
     try:
-        wait_healthy(url, 120, proc)
+        wait_processes([proc], 120, interval=0.05)
     except Exception:
         proc.kill()
         raise
-    return WorkerProcess(url, proc)
+    return proc

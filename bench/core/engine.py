@@ -1,0 +1,121 @@
+"""The core benchmark's system under test: fleetwise's `LLMEngine`, driven step by step in
+the benchmark's own process (no HTTP), with what each step did: its time inside and outside
+the forward pass, and the KV slots its running sequences held against the tokens they hold."""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from fleetwise.bench.core.baselines import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
+from fleetwise.bench.core.result import SystemResult, latencies, percentiles, usage_since, usage_snapshot
+from fleetwise.bench.core.workload import Request
+from fleetwise.bench.harness import progress_bar
+
+KV_CACHE_MIB = 1024
+BLOCK_SIZE = 16
+
+
+@dataclass
+class _Steps:
+    """What the engine's steps did, one entry a step."""
+    block_size: int
+    step_s: list[float] = field(default_factory=list)
+    fwd_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    kv_alloc: int = 0
+    kv_used: int = 0
+    kv_alloc_peak: int = 0
+
+    def record(self, eng: Any, n_running_before: int, n_tokens: int) -> None:
+        self.step_s.append(eng.last_step_seconds)
+        self.fwd_s.append(eng.last_step_forward_seconds)
+        # KV slots held by the running sequences vs slots holding computed tokens
+        running = eng.scheduler.running
+        alloc = sum(len(s.block_table) for s in running) * self.block_size
+        self.kv_alloc += alloc
+        self.kv_used += sum(min(s.num_computed_tokens, s.num_tokens) for s in running)
+        self.kv_alloc_peak = max(self.kv_alloc_peak, alloc)
+        self.seqs.append(max(n_running_before, len(running)))
+        self.tokens.append(n_tokens)
+
+    def to_json(self, wall: float) -> dict:
+        sum_step, sum_fwd = float(sum(self.step_s)), float(sum(self.fwd_s))
+        return {
+            "steps": len(self.step_s),
+            "step_seconds_total": sum_step, "forward_seconds_total": sum_fwd,
+            "outside_forward_share": 1 - sum_fwd / sum_step if sum_step else 0.0,
+            "outside_step_share": 1 - sum_step / wall if wall else 0.0,
+            "step_s": percentiles(self.step_s),
+            "kv_slots_allocated": int(self.kv_alloc), "kv_slots_used": int(self.kv_used),
+            "kv_waste": 1 - self.kv_used / self.kv_alloc if self.kv_alloc else 0.0,
+            "kv_slots_allocated_peak": int(self.kv_alloc_peak),
+        }
+
+
+def run_core(model_dir: Path, reqs: list[Request], device: str, console: Console) -> tuple[SystemResult, Any]:
+    from fleetwise.worker.config import EngineConfig
+    from fleetwise.worker.engine import LLMEngine
+    from fleetwise.worker.sequence import SamplingParams
+
+    config = EngineConfig(model=str(model_dir), dtype="float32", device=device,
+                          max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                          kv_cache_bytes=KV_CACHE_MIB << 20, block_size=BLOCK_SIZE)
+    eng = LLMEngine(config)
+    bs = eng.block_manager.block_size
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    eng.add_request("warmup", reqs[0].prompt_ids[:8], params(4))
+    while eng.has_work():
+        eng.step()
+
+    stamps: dict[str, list[float]] = {r.request_id: [] for r in reqs}
+    outputs: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    steps = _Steps(bs)
+    preempt0 = eng.scheduler.num_preemptions
+    generated = 0
+    with progress_bar(console, "core      ", sum(r.output_len for r in reqs), "tokens") as advance:
+        usage0 = usage_snapshot()
+        t0 = time.perf_counter()
+        for r in reqs:
+            eng.add_request(r.request_id, r.prompt_ids, params(r.output_len))
+        while eng.has_work():
+            n_running_before = eng.num_running
+            outs = eng.step()
+            now = time.perf_counter()
+            n = 0
+            for o in outs:
+                if o.token_ids:
+                    stamps[o.request_id].append(now)
+                    outputs[o.request_id].extend(o.token_ids)
+                    n += len(o.token_ids)
+                if o.error:
+                    raise RuntimeError(f"{o.request_id} failed in the engine: {o.error}")
+            steps.record(eng, n_running_before, n)
+            generated += n
+            advance(n)
+        wall = time.perf_counter() - t0
+        usage = usage_since(usage0)
+    for r in reqs:
+        if len(outputs[r.request_id]) != r.output_len:
+            raise RuntimeError(f"{r.request_id}: {len(outputs[r.request_id])} tokens generated, "
+                               f"{r.output_len} requested")
+    ttft, itl = latencies(t0, stamps)
+    res = SystemResult("core", wall, sum(r.output_len for r in reqs), generated, ttft, itl, outputs)
+    res.extra = {
+        **usage, **steps.to_json(wall),
+        "kv_num_blocks": eng.block_manager.num_blocks, "block_size": bs,
+        "preemptions": eng.scheduler.num_preemptions - preempt0,
+        "mean_output_tokens_per_step": float(np.mean(steps.tokens)) if steps.tokens else 0.0,
+        "mean_running_seqs": float(np.mean(steps.seqs)) if steps.seqs else 0.0,
+        "engine": {k: v for k, v in asdict(config).items() if k != "model"},
+    }
+    res.notes.append("KV waste: 1 - (computed tokens held) / (block slots held) by the running "
+                     "sequences, summed over all steps (token-weighted)")
+    return res, eng

@@ -1,0 +1,209 @@
+"""What every benchmark shares: statistics, targets, the console and its progress bars,
+the JSON result and the PNG plot.
+
+Statistics: a percentile is numpy's default, linear interpolation between the two closest
+ranks (Hyndman and Fan's type 7): p50 of [1, 2, 3, 4] is 2.5. Every pNN in a result is that.
+
+Targets: a target is met when the measured value is at most (`AT_MOST`) or at least
+(`AT_LEAST`) the target value, the bound included: 1.0 ms against "at most 1 ms" is met.
+A measure that could not be taken meets nothing and fails nothing (None).
+"""
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks."""
+    return float(np.percentile(np.asarray(list(values), dtype=np.float64), q))
+
+
+def _q(name: str) -> float:
+    """"p50" -> 50, "p999" -> 99.9."""
+    digits = name[1:]
+    return int(digits) / 10 ** max(0, len(digits) - 2)
+
+
+def summary(values: Iterable[float | int | None], *fields: str, scale: float = 1.0) -> dict[str, Any] | None:
+    """Named statistics of the values (None left out), each times `scale`; None when no value is
+    left. Fields: pNN (p50, p90, p99, p999 = 99.9), mean, median, min, max, std, total, n.
+    min, max and total of whole numbers stay whole numbers."""
+    a = np.asarray([v for v in values if v is not None])
+    if a.size == 0:
+        return None
+    if scale != 1.0:
+        a = a * scale
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f == "n":
+            out[f] = int(a.size)
+        elif f in ("min", "max", "total"):
+            out[f] = (a.min() if f == "min" else a.max() if f == "max" else a.sum()).item()
+        elif f in ("mean", "median", "std"):
+            out[f] = float(getattr(np, f)(a))
+        else:
+            out[f] = percentile(a, _q(f))
+    return out
+
+
+# -- targets --------------------------------------------------------------------------------
+
+AT_MOST, AT_LEAST = "<=", ">="
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on one measure; `met` holds the rule of the module docstring."""
+    bound: str        # AT_MOST or AT_LEAST
+    value: float
+    label: str = ""   # what is measured, for the table
+    shown: str = ""   # the target as the table shows it, e.g. "<= 1 ms"
+
+    def met(self, measured: float | None, relative_to: float = 1.0) -> bool | None:
+        """`relative_to`: the target is `value` times that (a target set against a baseline)."""
+        if measured is None:
+            return None
+        bound = self.value * relative_to
+        return bool(measured <= bound if self.bound == AT_MOST else measured >= bound)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.bound, "value": self.value}
+
+
+def target_values(targets: dict[str, Target]) -> dict[str, dict[str, Any]]:
+    """The targets as a result states them: name -> {"op": "<=" or ">=", "value": ...}."""
+    return {name: t.to_json() for name, t in targets.items()}
+
+
+def mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("[green]yes[/green]" if ok else "[red]no[/red]")
+
+
+def targets_table(rows: Iterable[tuple[str, str, str, bool | None]]) -> Table:
+    """A table of (measure, measured, target, met) rows."""
+    t = Table(title="targets")
+    for col in ("measure", "measured", "target", "met"):
+        t.add_column(col)
+    for label, measured, shown, ok in rows:
+        t.add_row(label, measured, shown, mark(ok))
+    return t
+
+
+# -- console and progress ---------------------------------------------------------------------
+
+
+def make_console(min_width: int) -> Console:
+    """The terminal's console; in a log file, one wide enough for the tables."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, min_width))
+    return console
+
+
+def progress(console: Console, unit: str | None = None, percent: bool = False, remaining: bool = False,
+             auto_refresh: bool = True) -> Progress:
+    """A rich progress display: description, bar, done/total (`percent`: a percentage), then
+    `unit`, elapsed (and `remaining`) time. Add tasks to it inside `with`."""
+    columns: list[ProgressColumn | str] = [TextColumn("[bold]{task.description}"), BarColumn(),
+                                           TaskProgressColumn() if percent else MofNCompleteColumn()]
+    if unit:
+        columns.append(TextColumn(unit))
+    columns.append(TimeElapsedColumn())
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=False, auto_refresh=auto_refresh)
+
+
+@contextmanager
+def progress_bar(console: Console, description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """One bar; yields `advance(n)`. In a log file, a line at every tenth instead."""
+    if not console.is_terminal:
+        state = {"done": 0, "next": 1}
+        t0 = time.perf_counter()
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            while state["next"] <= 10 and state["done"] * 10 >= state["next"] * total:
+                console.print(f"{description.strip()}: {state['next'] * 10}% ({state['done']}/{total} {unit}, "
+                              f"{time.perf_counter() - t0:.0f} s)")
+                state["next"] += 1
+
+        yield advance
+        return
+    with progress(console, unit=unit, remaining=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+def header(benchmark: str) -> dict[str, str]:
+    """The first keys of every result."""
+    return {"benchmark": benchmark, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_json(path: Path, report: dict) -> Path:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def save_plot(draw: Callable[[Path], None], path: Path, console: Console) -> Path | None:
+    """`draw(path)`; a failure is printed, not raised: the numbers matter more than the picture."""
+    try:
+        draw(path)
+    except Exception as exc:
+        console.print(f"[yellow]plot not written: {type(exc).__name__}: {exc}[/yellow]")
+        return None
+    return path
+
+
+def wrote(console: Console, json_path: Path, png_path: Path | None) -> None:
+    console.print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
+
+
+# -- plots ----------------------------------------------------------------------------------
+
+
+def figure(ncols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure of `ncols` axes, drawn off screen (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def finish(fig: Any, path: Path, title: str) -> None:
+    """Title, layout, PNG at `path`; the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cdf(ax: Any, values: Iterable[float], **line: Any) -> None:
+    """The empirical CDF of the values (nothing for none)."""
+    v = np.sort(np.asarray(list(values), dtype=np.float64))
+    if v.size:
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, **line)
+
+
+def label_bars(ax: Any, bars: Any, labels: Iterable[str], fontsize: float = 8) -> None:
+    """A label above each bar."""
+    for b, label in zip(bars, labels):
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, max(b.get_height(), 0)), ha="center", va="bottom",
+                    fontsize=fontsize)

@@ -1,0 +1,262 @@
+"""`fleetwise bench pd`: prefill/decode disaggregation on one machine.
+
+Two measurements, each against a baseline taken in the same run (bench/pd/kv.py and
+bench/pd/e2e.py; the report is bench/pd/report.py, this module starts the fleet and runs them):
+
+  KV transfer   a prompt's keys and values pulled from a prefill worker
+                (GET /internal/kv/{handle}), read and checked by the decode worker's own code
+                (kv_transfer.decode with the header it expects) and copied into a cache-shaped
+                buffer, against a plain loopback TCP copy of the same number of bytes between
+                two processes (sendall from one buffer, recv_into another). A third kind of
+                trial only reads the same stream off the wire, which splits the pull's time
+                into the sender and HTTP on one side and the receiver's checks and copies on
+                the other. Trials rotate their order so that load from elsewhere hits all alike.
+  end to end    the same prompts through a router over a prefill and a decode worker
+                (disaggregated) and through a router over one mixed worker (colocated):
+                streamed completions, greedy, EOS ignored, so both do the same work. The two
+                modes alternate request by request.
+
+All processes are started here (`python -m fleetwise worker|router`, logs under OUT/logs)
+and stopped on the way out. Prompts are random token ids (no special tokens), distinct
+per request, so no prefix cache helps either side. When the longest prompt plus the
+completion does not fit the preset's context, the model is written again with a longer
+`max_position_embeddings` (same seed, same shapes, same weights) and the run says so.
+
+The result goes to OUT/pd.json and OUT/pd.png.
+"""
+
+import asyncio
+import json
+import os
+import platform
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from fleetwise.bench.harness import (header, make_console, progress, save_plot, target_values, write_json,
+                                     wrote)
+from fleetwise.bench.models import kv_bytes_per_token, preset_model
+from fleetwise.bench.pd.e2e import MODES, Prompts, complete, e2e_row, kv_counters, measure_e2e
+from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, SocketCopy, measure_length, overall
+from fleetwise.bench.pd.report import TARGET_LENGTH, TARGETS, e2e_notes, kv_notes, plot, print_summary
+from fleetwise.net import free_port
+from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
+
+MAX_TOKENS = 32           # completion tokens per end-to-end request
+WARMUP_MAX_TOKENS = 4
+KV_CACHE_MIB = 1024       # per worker
+MIN_BATCHED_TOKENS = 4096
+KV_LEASE_SECONDS = 300.0  # the benchmark pulls one lease several times
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Fleet:
+    """The workers (one of each role) and a router per mode."""
+    name: str
+    prefill: Process
+    decode: Process
+    mixed: Process
+    routers: dict[str, Process] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> list[Process]:
+        return [self.prefill, self.decode, self.mixed]
+
+
+def _server(name: str, args: list[str], logs: Path) -> Process:
+    port = free_port()
+    return Process(name, fleetwise_argv(*args, "--port", str(port)), logs / f"{name}.log", f"http://127.0.0.1:{port}")
+
+
+def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
+    """The processes, not yet started; the routers' configs written under OUT."""
+    import yaml
+    name, logs = model_dir.name, out / "logs"
+    prefill, decode, mixed = (_server(role, ["worker", "--model", str(model_dir), "--role", role, *worker_args], logs)
+                              for role in ("prefill", "decode", "mixed"))
+    fleet = Fleet(name, prefill, decode, mixed)
+    configs = {"disaggregated": {"models": [{"name": name, "prefill": [fleet.prefill.url],
+                                             "decode": [fleet.decode.url]}]},
+               "colocated": {"models": [{"name": name, "mixed": [fleet.mixed.url]}]}}
+    for mode, cfg in configs.items():
+        path = out / f"router-{mode}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path)], logs)
+    return fleet
+
+
+def _model_dir(out: Path, preset: str, need: int, console: Console) -> tuple[Path, dict]:
+    """The preset's model, with a longer context where `need` tokens do not fit its own."""
+    from fleetwise.worker.model_files import PRESETS
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    context = PRESETS[preset].max_position_embeddings
+    if need <= context:
+        return preset_model(out, preset, console), {"context": context, "context_override": None, "note": None}
+    longer = context
+    while longer < need:
+        longer *= 2
+    note = (f"the {preset} preset's context ({context} tokens) does not hold the longest prompt plus "
+            f"{MAX_TOKENS} output tokens ({need}); this run writes the {preset} preset with "
+            f"max_position_embeddings={longer} (same seed and weights, rope unchanged)")
+    return preset_model(out, preset, console, context=longer), {
+        "context": longer, "context_override": {"max_position_embeddings": longer}, "note": note}
+
+
+async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], repeats: int,
+                   sock: SocketCopy, console: Console) -> dict:
+    import aiohttp
+    import httpx
+
+    from fleetwise.worker.kv_transfer import model_id
+    from fleetwise.worker.model_runner import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
+    prompts = Prompts(model_dir, seed=0)
+    trials = max(MIN_KV_TRIALS, repeats)
+    notes: list[str] = []
+    http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
+                             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+    kv_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), read_bufsize=1 << 20)
+    routers = {m: fleet.routers[m].url for m in MODES}
+    steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
+    try:
+        with progress(console) as bar:
+            task = bar.add_task("warm-up", total=steps)
+            # warm-up: every length once through both routers (shapes, allocator, connections)
+            for L in lengths:
+                for mode in MODES:
+                    bar.update(task, description=f"warm-up {mode} {L}")
+                    await complete(http, routers[mode], fleet.name, prompts.new(L), WARMUP_MAX_TOKENS)
+                    bar.advance(task)
+            kv_rows = {str(L): await measure_length(http, kv_session, fleet.prefill.url, fleet.name,
+                                                    model_id(model_dir), prompts.new(L), cfg, dtype, trials, sock,
+                                                    bar, task, notes) for L in lengths}
+            before = await kv_counters(http, fleet.decode.url)
+            runs = await measure_e2e(http, routers, fleet.decode.url, fleet.name, prompts, lengths, repeats,
+                                     MAX_TOKENS, bar, task, notes)
+            after = await kv_counters(http, fleet.decode.url)
+    finally:
+        await http.aclose()
+        await kv_session.close()
+
+    e2e_rows = {L: e2e_row(by_mode) for L, by_mode in runs.items()}
+    target_ratio = e2e_notes(e2e_rows, notes)
+    worst = kv_notes(kv_rows, notes)
+    decode_view: dict[str, Any] = {k: after[k] - before[k] for k in after}
+    decode_view["bps"] = decode_view["bytes"] / decode_view["seconds"] if decode_view["seconds"] > 0 else None
+    return {
+        "kv_transfer": {"by_length": kv_rows, "overall": overall(kv_rows), "worst_ratio": worst,
+                        "decode_worker_during_e2e": decode_view},
+        "e2e": {"by_length": e2e_rows, "target_length": TARGET_LENGTH, "target_ratio": target_ratio},
+        "targets": {"kv_over_socket": TARGETS["kv_over_socket"].met(worst),
+                    "disaggregated_over_colocated_e2e":
+                        TARGETS["disaggregated_over_colocated_e2e"].met(target_ratio)},
+        "target_values": target_values(TARGETS),
+        "notes": notes,
+    }
+
+
+def _run_fleet(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], repeats: int, sock_bytes: int,
+               console: Console) -> dict:
+    """Start the fleet, measure, stop it (also on SIGTERM, as on Ctrl-C)."""
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    procs = [*fleet.workers, *fleet.routers.values()]
+    sock = None
+    try:
+        for p in procs:
+            if p.log is not None and p.log.exists():
+                p.log.unlink()
+            p.start()
+        with console.status("starting workers and routers") as status:
+            wait_healthy(procs, READY_TIMEOUT_S, interval=0.3, on_progress=lambda n, total: status.update(
+                f"starting workers and routers: {n}/{total} healthy"))
+        sock = SocketCopy(sock_bytes)
+        return asyncio.run(_measure(fleet, model_dir, cfg, lengths, repeats, sock, console))
+    except ProcessError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if sock is not None:
+            sock.close()
+        with console.status("stopping workers and routers"):
+            stop_all([list(fleet.routers.values()), fleet.workers])
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _print_setup(console: Console, model_dir: Path, cfg: dict, ctx: dict, lengths: list[int], repeats: int,
+                 batched: int, load_before: tuple[float, float, float]) -> None:
+    console.rule("fleetwise bench pd")
+    console.print(f"model {model_dir} ({cfg['num_hidden_layers']} layers, {cfg['num_key_value_heads']} KV "
+                  f"heads x {cfg['head_dim']}, context {ctx['context']})")
+    if ctx["note"]:
+        console.print(f"[yellow]note:[/yellow] {ctx['note']}")
+    console.print(f"prompt lengths {lengths}, {repeats} request(s) per length and mode, {MAX_TOKENS} output "
+                  f"tokens; workers: KV cache {KV_CACHE_MIB} MiB, max_num_batched_tokens {batched}; "
+                  f"load average before start {load_before[0]:.2f} on {os.cpu_count()} CPUs")
+    if load_before[0] > 0.5:
+        console.print("[yellow]note:[/yellow] the machine is busy with other work; timings may be noisy")
+
+
+def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
+                 prompt_lengths: list[int] | None = None, repeats: int = 3) -> dict:
+    """Start the fleet, measure, stop it; write OUT/pd.json and OUT/pd.png. Returns the report."""
+    console = make_console(150)
+    prompt_lengths = sorted(set(prompt_lengths or [512, 1024, 2048, 4096]))
+    if prompt_lengths[0] < 1:
+        raise SystemExit("error: prompt lengths must be at least 1")
+    if repeats < 1:
+        raise SystemExit("error: --repeats must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    need = prompt_lengths[-1] + MAX_TOKENS
+    model_dir, ctx = _model_dir(out, preset, need, console)
+    name = model_dir.name
+    batched = max(MIN_BATCHED_TOKENS, need)
+    worker_args = ["--kv-cache-mib", str(KV_CACHE_MIB), "--max-num-batched-tokens", str(batched),
+                   "--kv-lease-seconds", str(KV_LEASE_SECONDS), "--served-model-name", name]
+    fleet = plan_fleet(model_dir, worker_args, out)
+
+    load_before = os.getloadavg()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    _print_setup(console, model_dir, cfg, ctx, prompt_lengths, repeats, batched, load_before)
+    measures = _run_fleet(fleet, model_dir, cfg, prompt_lengths, repeats,
+                          need * kv_bytes_per_token(cfg) + (1 << 20), console)
+    load_after = os.getloadavg()
+
+    import torch
+    config = {
+        "model_dir": str(model_dir), "model_name": name, "preset": preset, **ctx,
+        "prompt_lengths": prompt_lengths, "repeats": repeats, "max_tokens": MAX_TOKENS,
+        "kv_cache_mib": KV_CACHE_MIB, "max_num_batched_tokens": batched, "kv_lease_seconds": KV_LEASE_SECONDS,
+        "worker_args": worker_args, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "kv_trials_per_length": max(MIN_KV_TRIALS, repeats),
+        "request": "streamed /v1/completions through the router, temperature 0, ignore_eos, "
+                   "random token-id prompts distinct per request",
+        "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull (aiohttp, as the decode worker), "
+                      "header, index_copy_ into cache-shaped tensors (as the decode worker); http_read: the same "
+                      "stream only read; baseline: loopback TCP, another process sendall()s the same number of "
+                      "bytes, recv_into 4 MiB at a time; trials rotate the order of the three",
+    }
+    if ctx["note"]:
+        measures["notes"].insert(0, ctx["note"])
+    if max(load_before[0], load_after[0]) > 0.5:
+        measures["notes"].append(f"other work ran on the machine (load average {load_before[0]:.2f} before, "
+                                 f"{load_after[0]:.2f} after, on {os.cpu_count()} CPUs): timings are noisy")
+    report = {**header("pd"), **measures, "config": config}
+    json_path = write_json(out / "pd.json", report)
+    png_path = save_plot(lambda p: plot(report, p), out / "pd.png", console)
+    console.rule("summary")
+    print_summary(console, report)
+    for line in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {line}")
+    wrote(console, json_path, png_path)
+    return report

@@ -1,0 +1,22 @@
+"""`python -m fleetwise.bench.router backend --port N`: a stand-in backend of the router benchmark."""
+
+import argparse
+import sys
+
+from fleetwise.bench.router.backend import serve_backend
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fleetwise.bench.router",
+                                 description="Pieces of `fleetwise bench router`.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backend", help="A stand-in OpenAI completions server that answers at once.")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "backend":
+        serve_backend(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
