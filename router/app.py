@@ -2,7 +2,7 @@
 
 The two completion paths are dispatched straight to the Router; the rest (models, health,
 metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECTURE.md,
-"Data flow of one request").
+"The path of one request").
 """
 
 from collections.abc import AsyncIterator

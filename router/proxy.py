@@ -3,7 +3,7 @@ prefill to decode, relay the answer.
 
 Colocated models: one mixed replica takes the whole request. Disaggregated models: a
 prefill replica computes the prompt and the first token, a decode replica pulls the KV
-and generates the rest (ARCHITECTURE.md, "Data flow of one request"). A replica that
+and generates the rest (ARCHITECTURE.md, "The path of one request"). A replica that
 fails before the client has seen a byte is taken out and the request goes to another;
 probes bring it back. Streams pass through chunk by chunk.
 """
