@@ -503,9 +503,9 @@ def run_continuous(model, reqs: list[Request], kv_tokens: int, console) -> Syste
 
 
 def run_core(model_dir: Path, reqs: list[Request], device: str, console) -> tuple[SystemResult, object]:
-    from fleetwise.worker.config import EngineConfig
-    from fleetwise.worker.engine import LLMEngine
-    from fleetwise.worker.sequence import SamplingParams
+    from fleetwise.worker.engine.config import EngineConfig
+    from fleetwise.worker.engine.engine import LLMEngine
+    from fleetwise.worker.engine.sequence import SamplingParams
 
     config = EngineConfig(model=str(model_dir), dtype="float32", device=device,
                           max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
@@ -729,7 +729,7 @@ def run_core_bench(requests: int = 200, preset: str = "small", model: Path | Non
     trace_path = resolve_trace(trace)
 
     if model is None:
-        from fleetwise.worker.model_files import PRESETS, write_model
+        from fleetwise.worker.model.files import PRESETS, write_model
         if preset not in PRESETS:
             raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         model_dir = out / "models" / preset

@@ -252,7 +252,7 @@ async def prefill(http, url: str, model: str, prompt: list[int]) -> dict:
 async def pull_kv(session, url: str, handle: str, expect, sink) -> tuple[int, float]:
     """Exactly as the decode worker pulls (kv_transfer.pull): stream, check every layer,
     copy it into cache-shaped tensors. Returns (bytes on the wire, seconds)."""
-    from fleetwise.worker.kv_transfer import pull
+    from fleetwise.worker.kv.transfer import pull
     t0 = time.perf_counter()
     received = await pull(session, url, handle, expect, sink.slot_copy)
     return received, time.perf_counter() - t0
@@ -458,7 +458,7 @@ class Fleet:
 
 
 def _model_dir(out: Path, preset: str, need: int, console) -> tuple[Path, dict]:
-    from fleetwise.worker.model_files import PRESETS, write_model
+    from fleetwise.worker.model.files import PRESETS, write_model
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     context = PRESETS[preset].max_position_embeddings
@@ -602,8 +602,8 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     import httpx
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fleetwise.worker.kv_transfer import DTYPE_NAMES, DTYPES, KVHeader, model_id
-    from fleetwise.worker.model_runner import resolve_device, resolve_dtype
+    from fleetwise.worker.engine.runner import resolve_device, resolve_dtype
+    from fleetwise.worker.kv.transfer import DTYPE_NAMES, DTYPES, KVHeader, model_id
 
     dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
     mid = model_id(model_dir)
@@ -772,6 +772,6 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
 def _framing(h) -> int:
     from dataclasses import asdict
 
-    from fleetwise.worker import kv_transfer as kt
+    from fleetwise.worker.kv import transfer as kt
     head = json.dumps(asdict(h)).encode()
     return kt._PREAMBLE.size + len(head) + h.num_layers * kt._LAYER.size + kt._DONE.size

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.engine import LLMEngine
-from fleetwise.worker.sampler import SamplingMetadata, apply_penalties, sample
-from fleetwise.worker.sequence import SamplingParams, Sequence
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
+from fleetwise.worker.engine.sequence import SamplingParams, Sequence
+from fleetwise.worker.model.sampler import SamplingMetadata, apply_penalties, sample
 
 V = 6
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])

@@ -11,11 +11,11 @@ import httpx
 import uvicorn
 
 from fleetwise.net import free_port
-from fleetwise.worker.async_engine import AsyncEngine
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.engine import LLMEngine
+from fleetwise.worker.api.server import build_app
+from fleetwise.worker.engine.async_engine import AsyncEngine
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
 from fleetwise.worker.metrics import WorkerMetrics
-from fleetwise.worker.server import build_app
 
 
 @dataclass

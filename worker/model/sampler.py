@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sequence import Sequence
+from ..engine.sequence import Sequence
 
 
 @dataclass

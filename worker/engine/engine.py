@@ -10,13 +10,13 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_transfer import DTYPE_NAMES, KVHeader, model_id
-from .llama import ModelConfig
-from .metrics import WorkerMetrics
-from .model_runner import ModelRunner
+from ..kv.transfer import DTYPE_NAMES, KVHeader, model_id
+from ..model.llama import ModelConfig
+from ..metrics import WorkerMetrics
+from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence, SequenceStatus
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from ..model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
-from .llama import ModelConfig, load_model
-from .sampler import SamplerOutput, SamplingMetadata, sample
+from ..model.llama import ModelConfig, load_model
+from ..model.sampler import SamplerOutput, SamplingMetadata, sample
 from .scheduler import ScheduledBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

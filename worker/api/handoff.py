@@ -19,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from .engine import KVReservation, LLMEngine, RequestError
-from .kv_transfer import DTYPE_NAMES, KVHeader, KVTransferError, encode, pull, stream_size
-from .async_engine import tagged
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from ..engine.engine import KVReservation, LLMEngine, RequestError
+from ..kv.transfer import DTYPE_NAMES, KVHeader, KVTransferError, encode, pull, stream_size
+from ..engine.async_engine import tagged
+from .openai import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, EngineDead, QueueFull, tagged
-from .config import EngineConfig
-from .engine import LLMEngine, RequestError, RequestOutput
+from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
+from ..engine.config import EngineConfig
+from ..engine.engine import LLMEngine, RequestError, RequestOutput
 from .handoff import add_handoff_routes
-from .metrics import WorkerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from ..metrics import WorkerMetrics
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger(__name__)
 
