@@ -603,7 +603,9 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fleetwise.worker.engine.runner import resolve_device, resolve_dtype
-    from fleetwise.worker.kv.transfer import DTYPE_NAMES, DTYPES, KVHeader, model_id
+    from fleetwise.worker.kv.transfer import DTYPE_NAMES, KVHeader
+    from fleetwise.worker.model.files import model_id
+    from fleetwise.worker.model.llama import DTYPES
 
     dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
     mid = model_id(model_dir)

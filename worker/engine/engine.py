@@ -10,7 +10,8 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from ..kv.transfer import DTYPE_NAMES, KVHeader, model_id
+from ..kv.transfer import DTYPE_NAMES, KVHeader
+from ..model.files import model_id
 from ..model.llama import ModelConfig
 from ..metrics import WorkerMetrics
 from .runner import ModelRunner
