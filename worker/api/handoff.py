@@ -2,7 +2,7 @@
 
 A prefill worker computes the prompt and the first token and keeps the prompt's blocks
 under a lease; the router passes the handle to a decode worker, which reserves blocks,
-pulls the keys and values (kv_transfer.py), releases the lease and decodes the rest in its
+pulls the keys and values (kv/transfer.py), releases the lease and decodes the rest in its
 own batch. A pull that fails for any reason is never used: the prompt is recomputed.
 """
 
@@ -19,9 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ..engine.engine import KVReservation, LLMEngine, RequestError
-from ..kv.transfer import DTYPE_NAMES, KVHeader, KVTransferError, encode, pull, stream_size
 from ..engine.async_engine import tagged
+from ..engine.engine import RequestError
+from ..kv.connector import KVConnector, KVReservation
+from ..kv.transfer import KVTransferError, encode, pull, stream_size
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,8 @@ def _corrupted(frames):
         yield frame
 
 
-def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
+def add_handoff_routes(app: FastAPI, api, connector: KVConnector, faults: frozenset[str] = frozenset()):
     """Adds the endpoints; returns a coroutine function that closes their HTTP client."""
-    core: LLMEngine = api.core
     engine = api.engine
     metrics = api.metrics
     sessions: list[aiohttp.ClientSession] = []
@@ -101,7 +101,7 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
         require("prefill", "mixed")
         _, prompt, params = _parse(api, body.kind, body.request)
         try:
-            core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
+            api.core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
         except RequestError as e:
             raise _error(400, str(e), e.param)
         hold = params.max_tokens > 1
@@ -112,15 +112,15 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
         held = hold and out.finish_reason == "length"
         return {"handle": rid if held else None, "prompt_token_ids": prompt, "first_token": out.token_ids[0],
                 "first_logprob": out.logprobs[0] if out.logprobs else None, "finish_reason": out.finish_reason,
-                "num_cached_tokens": out.num_cached_tokens, "model_id": core.model_id,
-                "kv_lease_seconds": core.config.kv_lease_seconds}
+                "num_cached_tokens": out.num_cached_tokens, "model_id": connector.model_id,
+                "kv_lease_seconds": connector.lease_seconds}
 
     @app.get("/internal/kv/{handle}")
     async def kv(handle: str, start: int = 0):
         """The held prompt's keys and values from token `start`, streamed layer by layer."""
         require("prefill", "mixed")
         try:
-            header, layers = core.open_kv(handle, start)
+            header, layers = connector.open_kv(handle, start)
         except KeyError:
             raise _error(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
         except ValueError as e:
@@ -143,7 +143,7 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
                 # the lease is let go only once no thread reads its blocks any more; no await
                 # here: a cancelled response would be cancelled again at every await
                 def done(_, sent=sent):
-                    core.close_kv(handle)
+                    connector.close_kv(handle)
                     metrics.on_kv_transfer("sent", sent)
                 upcoming.add_done_callback(done)
         return StreamingResponse(body(), media_type="application/octet-stream",
@@ -152,7 +152,7 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
     @app.delete("/internal/kv/{handle}")
     async def release(handle: str):
         require("prefill", "mixed")
-        if not await engine.call(core.release_kv, handle):
+        if not await engine.call(connector.release_kv, handle):
             raise _error(404, f"no KV lease {handle!r}", code="kv_not_found")
         return Response(status_code=204)
 
@@ -169,11 +169,11 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
         activated = False
         try:
             try:
-                res = await engine.call(core.reserve_kv, rid, prompt, body.first_token, params, body.first_logprob)
+                res = await engine.call(connector.reserve_kv, rid, prompt, body.first_token, params, body.first_logprob)
             except RequestError as e:
                 raise _error(400, str(e), e.param)
             received = await _pull(res, body) if body.handle else False
-            await engine.call(core.activate_kv, rid, received)
+            await engine.call(connector.activate_kv, rid, received)
             activated = True
         finally:
             if not activated:
@@ -190,13 +190,11 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
                 return False
             if res.num_tokens == 0:  # the whole prompt is in this worker's prefix cache
                 return True
-            mc = core.model_config
-            expect = KVHeader(core.model_id, DTYPE_NAMES[core.runner.dtype], mc.num_hidden_layers,
-                              mc.num_key_value_heads, mc.head_dim, res.start, res.num_tokens)
+            expect = connector.header(res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
                 received = await pull(http(), body.prefill_url, body.handle, expect,
-                                      lambda layer, k, v: core.write_kv(res, layer, k, v))
+                                      lambda layer, k, v: connector.write_kv(res, layer, k, v))
             except (KVTransferError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             body.handle, body.prefill_url, e)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.config import EngineConfig
 from ..engine.engine import LLMEngine, RequestError, RequestOutput
+from ..kv.connector import KVConnector
 from .handoff import add_handoff_routes
 from ..metrics import WorkerMetrics
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -277,7 +278,7 @@ def _usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
             "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: float = 30.0,
+def build_app(engine: AsyncEngine, kv: KVConnector, role: str = "mixed", health_stall_seconds: float = 30.0,
               faults: frozenset[str] = frozenset()) -> FastAPI:
     """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
     api = WorkerAPI(engine, role, health_stall_seconds)
@@ -356,7 +357,7 @@ def build_app(engine: AsyncEngine, role: str = "mixed", health_stall_seconds: fl
         prompt, params = api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
-    close_handoff = add_handoff_routes(app, api, faults)
+    close_handoff = add_handoff_routes(app, api, kv, faults)
     return app
 
 
@@ -433,9 +434,9 @@ def _chat_events(api: WorkerAPI, stream, prompts, rid, created, include_usage, l
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
           health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = WorkerMetrics(config.served_model_name, role)
-    engine = AsyncEngine(LLMEngine(config, metrics))
-    app = build_app(engine, role, health_stall_seconds, faults)
+    core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
+    core.kv_connector = kv = KVConnector(core)
+    app = build_app(AsyncEngine(core), kv, role, health_stall_seconds, faults)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
     # to 50 s to finish; the pod's termination grace period is 60 s
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)

@@ -139,8 +139,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._drain_commands()
-                if self.engine.leases:
-                    self.engine.expire_leases()
+                if self.engine.kv_connector is not None:
+                    self.engine.kv_connector.expire()
                 if not self.engine.has_work():
                     self._wake.wait(self.idle_poll)
                     self._wake.clear()

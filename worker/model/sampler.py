@@ -28,11 +28,14 @@ class SamplingMetadata:
     num_logprobs: list[int | None]
 
 
+# a sampled token's logprob and the top k: (logprob, [(token id, logprob), ...])
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    # per row: None, or (logprob of the sampled token, [(token id, logprob), ...] top-k)
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[TokenLogprob | None]  # per row, None where not asked
 
 
 def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
