@@ -38,7 +38,7 @@ class RequestOutput:
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list = field(default_factory=list)  # per token: (logprob, [(id, logprob), ...])
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
