@@ -11,7 +11,7 @@ from rich.console import Console
 def preset_model(out: Path, preset: str, console: Console, context: int | None = None) -> Path:
     """The preset's model under OUT/models, written once (again if its context differs).
     `context`: a longer max_position_embeddings than the preset's, same seed and weights."""
-    from fleetwise.worker.model_files import PRESETS, write_model
+    from fleetwise.worker.model.files import PRESETS, write_model
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     model_dir = out / "models" / (preset if context is None else f"{preset}-ctx{context}")

@@ -22,7 +22,7 @@ def model_init(
     seed: int = typer.Option(0, "--seed", help="Same seed, same files."),
 ):
     """Write a randomly initialised Llama model in Hugging Face layout."""
-    from fleetwise.worker.model_files import PRESETS, write_model
+    from fleetwise.worker.model.files import PRESETS, write_model
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}",
                                  param_hint="--preset")
@@ -58,8 +58,8 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
-    from fleetwise.worker.config import EngineConfig
-    from fleetwise.worker.server import serve
+    from fleetwise.worker.api.server import serve
+    from fleetwise.worker.engine.config import EngineConfig
     config = EngineConfig(
         model=str(model), served_model_name=served_model_name, dtype=dtype, device=device,
         block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_mib << 20,

@@ -84,7 +84,7 @@ def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
         worker_args: list[str], ready_timeout: float = 180.0) -> int:
-    from fleetwise.worker.model_files import write_model
+    from fleetwise.worker.model.files import write_model
     workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = workdir / "models" / "tiny"

@@ -1,6 +1,6 @@
 import pytest
 
-from fleetwise.worker.model_files import write_model
+from fleetwise.worker.model.files import write_model
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-import fleetwise.worker.block_manager as block_manager_module
-from fleetwise.worker.block_manager import BlockManager
-from fleetwise.worker.sequence import SamplingParams, Sequence
+import fleetwise.worker.engine.block_manager as block_manager_module
+from fleetwise.worker.engine.block_manager import BlockManager
+from fleetwise.worker.engine.sequence import SamplingParams, Sequence
 
 BS = 4
 

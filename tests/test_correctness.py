@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.engine import LLMEngine
-from fleetwise.worker.model_files import write_model
-from fleetwise.worker.sequence import SamplingParams
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
+from fleetwise.worker.engine.sequence import SamplingParams
+from fleetwise.worker.model.files import write_model
 
 from .reference import Reference
 

@@ -6,9 +6,9 @@ import time
 import httpx
 import pytest
 
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.handoff import CORRUPT_KV
-from fleetwise.worker.model_files import write_model
+from fleetwise.worker.api.handoff import CORRUPT_KV
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.model.files import write_model
 
 from .workers import start_worker
 

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fleetwise.cli import app
-from fleetwise.worker.model_files import write_model
-from fleetwise.worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from fleetwise.worker.model.files import write_model
+from fleetwise.worker.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = ["hello world", "café naïve über", "你好，世界", "emoji 🙂🚀 and ✓", "tabs\tand\nnewlines  ",
          "<|eot_id|> is text here", "ß" * 7, "\u0000\u0001 control", "mixed 42 ünïcödé 日本語テキスト"]
@@ -97,7 +97,7 @@ def test_incremental_detokenizer_never_splits_a_character(tiny_model_dir):
 
 
 def test_config_errors_are_clear(tmp_path, tiny_model_dir):
-    from fleetwise.worker.llama import ModelConfig
+    from fleetwise.worker.model.llama import ModelConfig
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_dir(tmp_path)
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
@@ -108,5 +108,5 @@ def test_config_errors_are_clear(tmp_path, tiny_model_dir):
         ModelConfig.from_dir(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
     with pytest.raises(ValueError, match="yarn"):
-        from fleetwise.worker.llama import rope_inv_freq
+        from fleetwise.worker.model.llama import rope_inv_freq
         rope_inv_freq(ModelConfig.from_dir(bad))

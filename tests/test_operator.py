@@ -185,7 +185,7 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     from fleetwise.router.app import build_app
     from fleetwise.router.kube_source import KubernetesEndpoints
     from fleetwise.router.proxy import Router
-    from fleetwise.worker.config import EngineConfig
+    from fleetwise.worker.engine.config import EngineConfig
 
     from .workers import _serve_in_thread, free_port, start_worker, wait_healthy
 

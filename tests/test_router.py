@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.tokenizer import Tokenizer
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.model.tokenizer import Tokenizer
 
 from .reference import Reference
 from .workers import start_router, start_worker, start_worker_process, write_router_config

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.engine import LLMEngine
-from fleetwise.worker.sampler import SamplingMetadata, apply_penalties, sample
-from fleetwise.worker.sequence import SamplingParams, Sequence
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
+from fleetwise.worker.engine.runner import sampling_metadata
+from fleetwise.worker.engine.sequence import SamplingParams, Sequence
+from fleetwise.worker.model.sampler import apply_penalties, sample
 
 V = 6
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -15,7 +16,7 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 def draw(params: SamplingParams, rows: int = 20000, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     seqs = [Sequence([1, 2, 3], params) for _ in range(rows)]
-    meta = SamplingMetadata.build(seqs, V, torch.device("cpu"))
+    meta = sampling_metadata(seqs, V, torch.device("cpu"))
     tokens = sample(LOGITS.expand(rows, V).clone(), meta).token_ids
     return torch.bincount(torch.tensor(tokens), minlength=V).float() / rows
 
@@ -43,7 +44,7 @@ def test_top_k_top_p_min_p_restrict_and_renormalise():
 
 def test_greedy_rows_are_argmax_in_a_mixed_batch():
     seqs = [Sequence([1], SamplingParams(temperature=0.0)), Sequence([1], SamplingParams(temperature=5.0))] * 50
-    meta = SamplingMetadata.build(seqs, V, torch.device("cpu"))
+    meta = sampling_metadata(seqs, V, torch.device("cpu"))
     tokens = sample(LOGITS.expand(100, V).clone(), meta).token_ids
     assert tokens[0::2] == [0] * 50
     assert len(set(tokens[1::2])) > 1
@@ -54,7 +55,7 @@ def test_penalties_arithmetic():
     seq.append_token(3)
     seq.append_token(3)
     seq.append_token(0)
-    meta = SamplingMetadata.build([seq], V, torch.device("cpu"))
+    meta = sampling_metadata([seq], V, torch.device("cpu"))
     out = apply_penalties(LOGITS[None].clone(), meta)[0]
     expected = LOGITS.clone()
     for t in (0, 1, 2, 3):  # seen in prompt or output: divided if positive, multiplied if not

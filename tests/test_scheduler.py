@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from fleetwise.worker.block_manager import BlockManager
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.scheduler import Scheduler
-from fleetwise.worker.sequence import SamplingParams, Sequence, SequenceStatus
+from fleetwise.worker.engine.block_manager import BlockManager
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.scheduler import Scheduler
+from fleetwise.worker.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 def next_token(token_ids):

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from fleetwise.worker.config import EngineConfig
+from fleetwise.worker.engine.config import EngineConfig
 
 from .workers import start_worker
 

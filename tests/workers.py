@@ -12,12 +12,14 @@ from pathlib import Path
 import uvicorn
 
 from fleetwise.net import free_port
-from fleetwise.procs import Process, fleetwise_argv, wait_healthy as wait_processes
-from fleetwise.worker.async_engine import AsyncEngine
-from fleetwise.worker.config import EngineConfig
-from fleetwise.worker.engine import LLMEngine
+from fleetwise.procs import Process, fleetwise_argv
+from fleetwise.procs import wait_healthy as wait_processes
+from fleetwise.worker.api.server import build_app
+from fleetwise.worker.engine.async_engine import AsyncEngine
+from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
+from fleetwise.worker.kv.connector import KVConnector
 from fleetwise.worker.metrics import WorkerMetrics
-from fleetwise.worker.server import build_app
 
 
 @dataclass
@@ -49,8 +51,10 @@ class RunningWorker:
 
 def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds: float = 30.0,
                  faults: frozenset[str] = frozenset()) -> RunningWorker:
-    engine = AsyncEngine(LLMEngine(config, WorkerMetrics(config.served_model_name, role)))
-    app = build_app(engine, role, health_stall_seconds, faults)
+    core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
+    core.kv_connector = connector = KVConnector(core)
+    engine = AsyncEngine(core)
+    app = build_app(engine, connector, role, health_stall_seconds, faults)
     port = free_port()
     server, thread = _serve_in_thread(app, port)
     url = f"http://127.0.0.1:{port}"

@@ -58,9 +58,9 @@ class _Steps:
 
 
 def run_core(model_dir: Path, reqs: list[Request], device: str, console: Console) -> tuple[SystemResult, Any]:
-    from fleetwise.worker.config import EngineConfig
-    from fleetwise.worker.engine import LLMEngine
-    from fleetwise.worker.sequence import SamplingParams
+    from fleetwise.worker.engine.config import EngineConfig
+    from fleetwise.worker.engine.engine import LLMEngine
+    from fleetwise.worker.engine.sequence import SamplingParams
 
     config = EngineConfig(model=str(model_dir), dtype="float32", device=device,
                           max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,

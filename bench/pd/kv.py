@@ -126,7 +126,7 @@ async def prefill(http: Any, url: str, model: str, prompt: list[int]) -> dict:
 async def pull_kv(session: Any, url: str, handle: str, expect: Any, sink: "_Sink") -> tuple[int, float]:
     """Exactly as the decode worker pulls (kv_transfer.pull): stream, check every layer,
     copy it into cache-shaped tensors. Returns (bytes on the wire, seconds)."""
-    from fleetwise.worker.kv_transfer import pull
+    from fleetwise.worker.kv.transfer import pull
     t0 = time.perf_counter()
     received = await pull(session, url, handle, expect, sink.slot_copy)
     return received, time.perf_counter() - t0
@@ -146,7 +146,7 @@ async def read_kv(session: Any, url: str, handle: str) -> tuple[int, float]:
 
 class _Sink:
     """Stand-in for the decode worker's cache. The worker copies whole blocks at a time
-    (LLMEngine.write_kv); blocks here are consecutive, so one copy per layer and kind."""
+    (KVConnector.write_kv); blocks here are consecutive, so one copy per layer and kind."""
 
     def __init__(self, num_layers: int, num_tokens: int, heads: int, head_dim: int, dtype: Any):
         import torch
@@ -197,7 +197,7 @@ async def measure_length(http: Any, kv_session: Any, prefill_url: str, name: str
                          notes: list[str]) -> dict:
     """One prompt's KV, prefilled once and pulled `trials` times of each kind: the row of its
     length in the result. `mid`: the model id of the files the workers serve."""
-    from fleetwise.worker.kv_transfer import DTYPE_NAMES, DTYPES, KVHeader
+    from fleetwise.worker.kv.transfer import DTYPE_NAMES, DTYPES, KVHeader
     L = len(prompt)
     progress.update(task, description=f"KV transfer: prefill {L}")
     first = await prefill(http, prefill_url, name, prompt)

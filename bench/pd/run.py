@@ -92,7 +92,7 @@ def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
 
 def _model_dir(out: Path, preset: str, need: int, console: Console) -> tuple[Path, dict]:
     """The preset's model, with a longer context where `need` tokens do not fit its own."""
-    from fleetwise.worker.model_files import PRESETS
+    from fleetwise.worker.model.files import PRESETS
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     context = PRESETS[preset].max_position_embeddings
@@ -113,8 +113,8 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     import aiohttp
     import httpx
 
-    from fleetwise.worker.kv_transfer import model_id
-    from fleetwise.worker.model_runner import resolve_device, resolve_dtype
+    from fleetwise.worker.model.files import model_id
+    from fleetwise.worker.engine.runner import resolve_device, resolve_dtype
 
     dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
     prompts = Prompts(model_dir, seed=0)

@@ -1,22 +1,24 @@
-"""The engine: requests in, one batched step at a time, token and text deltas out."""
+"""The engine: requests in, one batched step at a time, token and text deltas out.
+
+A KV connector (kv_hooks.py), when one is attached, may keep a finished request's blocks
+for another worker; the engine itself knows nothing of leases or transfers.
+"""
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
-import torch
-
+from ..metrics import WorkerMetrics
+from ..model.llama import ModelConfig
+from ..model.sampler import TokenLogprob
+from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_transfer import DTYPE_NAMES, KVHeader, model_id
-from .llama import ModelConfig
-from .metrics import WorkerMetrics
-from .model_runner import ModelRunner
+from .kv_hooks import KVHooks
+from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence, SequenceStatus
-from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +38,13 @@ class RequestOutput:
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list = field(default_factory=list)  # per token: (logprob, [(id, logprob), ...])
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
-
-
-@dataclass
-class KVLease:
-    """A finished prefill's blocks, kept for a decode worker until it pulls them or time runs out."""
-    seq: Sequence
-    deadline: float
-    readers: int = 0
-    released: bool = False  # by the decode worker (else it expired)
-
-
-@dataclass
-class KVReservation:
-    """Blocks a decode worker set aside for a prompt computed elsewhere: the tokens from
-    `start` on arrive from the prefill worker (those before are in its own prefix cache)."""
-    request_id: str
-    start: int          # a multiple of the block size
-    num_tokens: int
-    blocks: torch.Tensor  # the blocks that hold tokens start .. start + num_tokens - 1
 
 
 @dataclass
@@ -89,9 +72,7 @@ class LLMEngine:
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None
         self.last_step_forward_seconds = 0.0
         self.last_step_seconds = 0.0
-        self.model_id = model_id(config.model)
-        self.leases: dict[str, KVLease] = {}
-        self._lease_lock = threading.Lock()  # readers of a lease run on the HTTP side
+        self.kv_connector: KVHooks | None = None  # attached by whoever builds a worker
 
     # -- requests ---------------------------------------------------------------------
 
@@ -118,10 +99,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     hold_kv: bool = False) -> None:
-        """`hold_kv`: a prefill; when it has its first token, its blocks stay under a lease
-        (the request id is the handle) for a decode worker to pull."""
+        """`hold_kv`: a prefill; when it has its first token, the KV connector keeps its
+        blocks (the request id is the handle) for a decode worker to pull."""
         if hold_kv and params.n != 1:
             raise RequestError("a prefill handoff takes n=1", "n")
+        if hold_kv and self.kv_connector is None:
+            raise RequestError("this engine has no KV connector to hold a prefill's blocks")
         seqs = self._new_request(request_id, prompt_token_ids, params)
         for seq in seqs:
             seq.hold_kv = hold_kv
@@ -129,7 +112,8 @@ class LLMEngine:
         self.requests[request_id] = seqs
 
     def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        if request_id in self.requests or request_id in self.leases:
+        held = self.kv_connector is not None and self.kv_connector.holds(request_id)
+        if request_id in self.requests or held:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         seqs: list[Sequence] = []
@@ -141,72 +125,15 @@ class LLMEngine:
             seqs.append(seq)
         return seqs
 
-    # -- prefill side of a handoff: leases on finished prompts ---------------------------
+    # -- a request whose prompt another worker computed (the decode side of a handoff) ------
 
-    def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        """Keys and values of a held prompt from token `start` on, layer by layer. Safe to
-        call from another thread: the lease cannot expire while it is being read."""
-        with self._lease_lock:
-            lease = self.leases.get(handle)
-            if lease is None:
-                raise KeyError(handle)
-            seq = lease.seq
-            if lease.released:
-                raise KeyError(handle)
-            if not 0 <= start <= seq.num_prompt_tokens:
-                raise ValueError(f"start must be within the prompt (0..{seq.num_prompt_tokens})")
-            lease.readers += 1
-        mc = self.model_config
-        header = KVHeader(self.model_id, DTYPE_NAMES[self.runner.dtype], mc.num_hidden_layers,
-                          mc.num_key_value_heads, mc.head_dim, start, seq.num_prompt_tokens - start)
-        bs = self.block_manager.block_size
-        first = start // bs
-        blocks = torch.tensor(seq.block_table[first:-(-seq.num_prompt_tokens // bs)], device=self.runner.device)
-        lo, hi = start - first * bs, seq.num_prompt_tokens - first * bs
-
-        def layers():  # whole blocks at a time: one gather per layer and kind
-            for cache in self.runner.kv_caches:
-                k = cache[0].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
-                v = cache[1].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
-                yield k.flatten(0, 1)[lo:hi], v.flatten(0, 1)[lo:hi]
-        return header, layers()
-
-    def close_kv(self, handle: str) -> None:
-        """Pairs with open_kv, whether the reader finished or not."""
-        with self._lease_lock:
-            lease = self.leases.get(handle)
-            if lease is not None:
-                lease.readers -= 1
-
-    def release_kv(self, handle: str) -> bool:
-        """The decode worker has the blocks (or gave up): free them now, or once the last reader is done."""
-        with self._lease_lock:
-            lease = self.leases.get(handle)
-            if lease is None:
-                return False
-            lease.deadline = 0.0
-            lease.released = True
-        self.expire_leases()
-        return True
-
-    def expire_leases(self) -> list[str]:
-        now = time.monotonic()
-        with self._lease_lock:
-            expired = [h for h, lease in self.leases.items() if lease.deadline <= now and lease.readers == 0]
-            gone = [self.leases.pop(h) for h in expired]
-            held = len(self.leases)
-        for lease in gone:
-            self.block_manager.free(lease.seq)
-        if gone:
-            self.metrics.on_leases(held, sum(not lease.released for lease in gone))
-        return expired
-
-    # -- decode side of a handoff -----------------------------------------------------------
-
-    def reserve_kv(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                   params: SamplingParams, first_logprob=None) -> KVReservation | None:
-        """Takes a request whose prompt was computed elsewhere. Returns the slots to fill,
-        or None when there are no blocks to spare (the prompt is then recomputed here)."""
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                      params: SamplingParams, first_logprob: TokenLogprob | None = None) -> Sequence | None:
+        """Takes a request whose prompt and first token were computed elsewhere and sets
+        blocks aside for its prompt, reusing what the prefix cache holds. Returns the
+        sequence, whose prompt's keys and values are due from `num_computed_tokens` on, or
+        None when there are no blocks to spare. Either way the request waits, RESERVED,
+        for activate_prefilled."""
         if params.n != 1:
             raise RequestError("a decode handoff takes n=1", "n")
         [seq] = self._new_request(request_id, prompt_token_ids, params)
@@ -218,33 +145,13 @@ class LLMEngine:
         self.requests[request_id] = [seq]
         bm = self.block_manager
         computed = bm.get_computed_blocks(seq)
-        n = len(prompt_token_ids)
-        num_new = n - len(computed) * bm.block_size
+        num_new = seq.num_prompt_tokens - len(computed) * bm.block_size
         if not bm.can_allocate(seq, num_new, computed, self.scheduler.watermark):
             return None
         bm.allocate(seq, num_new, computed)
-        first = seq.num_computed_tokens // bm.block_size
-        blocks = torch.tensor(seq.block_table[first:], dtype=torch.long, device=self.runner.device)
-        return KVReservation(request_id, seq.num_computed_tokens, num_new, blocks)
+        return seq
 
-    def write_kv(self, res: KVReservation, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Received keys and values of one layer into the reserved blocks: whole blocks in
-        one copy, the last partial block token by token. Only the receiving request owns
-        these blocks, so this may run outside the engine thread."""
-        bs = self.block_manager.block_size
-        cache = self.runner.kv_caches[layer]
-        full = res.num_tokens // bs
-        for i, src in enumerate((k, v)):
-            src = src.to(cache.device, cache.dtype)
-            if full:
-                cache[i].view(-1, bs, *cache.shape[2:]).index_copy_(
-                    0, res.blocks[:full], src[:full * bs].view(full, bs, *cache.shape[2:]))
-            tail = res.num_tokens - full * bs
-            if tail:
-                slots = res.blocks[full] * bs + torch.arange(tail, device=cache.device)
-                cache[i].index_copy_(0, slots, src[full * bs:])
-
-    def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
+    def activate_prefilled(self, request_id: str, received: bool) -> list[RequestOutput]:
         """The reserved prompt's keys and values are in place (`received`) and it joins the
         running batch, or they are not and it queues to be recomputed. Emits the first token."""
         seqs = self.requests.get(request_id)
@@ -387,13 +294,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, out: RequestOutput | None = None,
                 error: str | None = None) -> RequestOutput:
         if not seq.is_finished:
-            hold = seq.hold_kv and reason == "length"
-            self.scheduler.finish(seq, reason, free=not hold)
-            if hold:
-                with self._lease_lock:
-                    self.leases[seq.request_id] = KVLease(seq, time.monotonic() + self.config.kv_lease_seconds)
-                    held = len(self.leases)
-                self.metrics.on_leases(held, 0)
+            held = self.kv_connector is not None and self.kv_connector.request_finished(seq, reason)
+            self.scheduler.finish(seq, reason, free=not held)
         out = out or RequestOutput(seq.request_id, seq.index, num_prompt_tokens=seq.num_prompt_tokens,
                                    num_output_tokens=seq.num_output_tokens)
         out.finished, out.finish_reason, out.error = True, reason, error

@@ -1,11 +1,15 @@
-"""Writes randomly initialised Llama models in Hugging Face layout (`fleetwise model init`).
+"""Model directories in Hugging Face layout: writes randomly initialised Llama models
+(`fleetwise model init`) and names a model's files by a digest (`model_id`).
 
-The directory holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json
-and generation_config.json, and loads unchanged in Hugging Face `transformers`.
+A written directory holds config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json and generation_config.json, and loads unchanged in Hugging Face
+`transformers`.
 """
 
+import hashlib
 import json
 import random
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,3 +191,20 @@ def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, **override
     }, indent=2) + "\n")
     save_file(_init_weights(p, vocab, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def model_id(model_dir: str | Path) -> str:
+    """Identifies a model's weights without reading them whole: the config, and each
+    safetensors file's header (names, shapes, offsets), size and first and last MiB."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            h.update(fh.read(n))
+            h.update(str(size).encode())
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:32]

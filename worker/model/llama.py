@@ -17,6 +17,9 @@ from torch import nn
 
 from .attention import AttentionMetadata, paged_attention, store_kv
 
+# the dtypes a model runs in, by the names configs and the KV stream header use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class ModelConfig:

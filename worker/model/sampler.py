@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .sequence import Sequence
-
 
 @dataclass
 class SamplingMetadata:
@@ -29,56 +27,15 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]
     num_logprobs: list[int | None]
 
-    @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingMetadata":
-        ps = [s.params for s in seqs]
-        B = len(seqs)
 
-        def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        all_greedy = all(p.greedy for p in ps)
-        meta = cls(None, None, None, None, None, None, None, None, None, None, {},
-                   [p.logprobs for p in ps])
-        if not all_greedy:
-            meta.greedy = col([p.greedy for p in ps], torch.bool)
-            meta.temperature = col([p.temperature if not p.greedy else 1.0 for p in ps])
-            if any(p.top_k > 0 for p in ps):
-                meta.top_k = col([p.top_k if p.top_k > 0 else vocab_size for p in ps], torch.long)
-            if any(p.top_p < 1.0 for p in ps):
-                meta.top_p = col([p.top_p for p in ps])
-            if any(p.min_p > 0 for p in ps):
-                meta.min_p = col([p.min_p for p in ps])
-            for i, s in enumerate(seqs):
-                if s.params.seed is not None and not s.params.greedy:
-                    meta.generators[i] = s.generator(device, vocab_size)
-        need_rep = any(p.repetition_penalty != 1.0 for p in ps)
-        need_freq = any(p.presence_penalty or p.frequency_penalty for p in ps)
-        if need_rep or need_freq:
-            outputs = [s.output_token_ids for s in seqs]
-            width = max(1, max(len(o) for o in outputs))
-            padded = torch.full((B, width), vocab_size, dtype=torch.long)
-            for i, o in enumerate(outputs):
-                padded[i, :len(o)] = torch.tensor(o, dtype=torch.long)
-            counts = torch.zeros(B, vocab_size + 1, dtype=torch.float32)
-            counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-            meta.output_counts = counts[:, :vocab_size].to(device)
-            meta.presence = col([p.presence_penalty for p in ps])
-            meta.frequency = col([p.frequency_penalty for p in ps])
-            if need_rep:
-                meta.repetition = col([p.repetition_penalty for p in ps])
-                mask = torch.zeros(B, vocab_size + 1, dtype=torch.bool)
-                for i, s in enumerate(seqs):
-                    mask[i, s.token_ids[:s.num_prompt_tokens]] = True
-                meta.prompt_mask = mask[:, :vocab_size].to(device)
-        return meta
+# a sampled token's logprob and the top k: (logprob, [(token id, logprob), ...])
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    # per row: None, or (logprob of the sampled token, [(token id, logprob), ...] top-k)
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[TokenLogprob | None]  # per row, None where not asked
 
 
 def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:

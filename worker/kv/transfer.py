@@ -8,9 +8,9 @@ before it writes a byte of it into its cache. Layout (integers little-endian):
     per layer:  b"LAYR" | layer: u32 | payload length: u64 | crc32(payload): u32 | payload
     trailer:    b"DONE" | number of layers: u32
 
-The header names the model (`model_id`: a digest of its config and weight files), the
-dtype, the shape (`num_layers`, `num_kv_heads`, `head_dim`) and the token range
-(`start`, `num_tokens`). A payload is the layer's keys then values for those tokens, each
+The header names the model (`model_id`, a digest of its config and weight files: see
+model/files.py), the dtype, the shape (`num_layers`, `num_kv_heads`, `head_dim`) and the
+token range (`start`, `num_tokens`). A payload is the layer's keys then values for those tokens, each
 `[num_tokens, num_kv_heads, head_dim]` in the header's dtype, C order. A receiver refuses
 a stream whose header does not match its own model and layout, a layer whose length or
 checksum is wrong, a stream that ends early or carries more than it announced.
@@ -18,24 +18,23 @@ checksum is wrong, a stream that ends early or carries more than it announced.
 
 import asyncio
 import concurrent.futures
-import hashlib
 import json
 import struct
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import torch
+
+from ..model.llama import DTYPES
 
 MAGIC, LAYER, DONE = b"FWKV", b"LAYR", b"DONE"
 VERSION = 1
 _PREAMBLE = struct.Struct("<4sHI")
 _LAYER = struct.Struct("<4sIQI")
 _DONE = struct.Struct("<4sI")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class KVTransferError(Exception):
@@ -59,23 +58,6 @@ class KVHeader:
     @property
     def payload_bytes(self) -> int:
         return 2 * self.num_tokens * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
-
-
-def model_id(model_dir: str | Path) -> str:
-    """Identifies a model's weights without reading them whole: the config, and each
-    safetensors file's header (names, shapes, offsets), size and first and last MiB."""
-    model_dir = Path(model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            h.update(fh.read(n))
-            h.update(str(size).encode())
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read())
-    return h.hexdigest()[:32]
 
 
 def stream_size(header: KVHeader) -> int:

@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncGenerator, AsyncIterator
 
 from .engine import LLMEngine, RequestError, RequestOutput
 from .sequence import SamplingParams
@@ -139,8 +139,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._drain_commands()
-                if self.engine.leases:
-                    self.engine.expire_leases()
+                if self.engine.kv_connector is not None:
+                    self.engine.kv_connector.expire()
                 if not self.engine.has_work():
                     self._wake.wait(self.idle_poll)
                     self._wake.clear()
@@ -204,7 +204,7 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
         future.set_result(result)
 
 
-async def tagged(i: int, gen: AsyncIterator[RequestOutput]):
+async def tagged(i: int, gen: AsyncIterator[RequestOutput]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(i, output) for each output of `gen`; closing this closes `gen`."""
     try:
         async for out in gen:

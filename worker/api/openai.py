@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sequence import SamplingParams
+from ..engine.sequence import SamplingParams
 
 
 class APIError(Exception):

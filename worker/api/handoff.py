@@ -2,7 +2,7 @@
 
 A prefill worker computes the prompt and the first token and keeps the prompt's blocks
 under a lease; the router passes the handle to a decode worker, which reserves blocks,
-pulls the keys and values (kv_transfer.py), releases the lease and decodes the rest in its
+pulls the keys and values (kv/transfer.py), releases the lease and decodes the rest in its
 own batch. A pull that fails for any reason is never used: the prompt is recomputed.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Literal
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Literal
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
@@ -19,10 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from .engine import KVReservation, LLMEngine, RequestError
-from .kv_transfer import DTYPE_NAMES, KVHeader, KVTransferError, encode, pull, stream_size
-from .async_engine import tagged
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from ..engine.async_engine import tagged
+from ..engine.engine import RequestError
+from ..engine.sequence import SamplingParams
+from ..kv.connector import KVConnector, KVReservation
+from ..kv.transfer import KVTransferError, encode, pull, stream_size
+from ..model.sampler import TokenLogprob
+from .openai import APIError, ChatCompletionRequest, CompletionRequest
+from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +43,22 @@ class DecodeRequest(BaseModel):
     request: dict
     prompt_token_ids: list[int]
     first_token: int
-    first_logprob: tuple[float, list[tuple[int, float]]] | None = None
+    first_logprob: TokenLogprob | None = None
     prefill_url: str | None = None
     handle: str | None = None  # None: nothing to pull (the prefill finished the request)
 
 
-def _parse(api, kind: str, body: dict):
+def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
+                                                         list[int], SamplingParams]:
     """The client's request as the public endpoint would read it: (request, prompt, params)."""
+    req: CompletionRequest | ChatCompletionRequest
     try:
         if kind == "completion":
             req = CompletionRequest.model_validate(body)
-            prompts, params = api.prepare_completion(req)
+            prompts, params_list = api.prepare_completion(req)
             if len(prompts) != 1:
                 raise _error(400, "a prefill/decode handoff takes one prompt per request", "prompt")
-            prompt, params = prompts[0], params[0]
+            prompt, params = prompts[0], params_list[0]
         else:
             req = ChatCompletionRequest.model_validate(body)
             prompt, params = api.prepare_chat(req)
@@ -63,73 +69,92 @@ def _parse(api, kind: str, body: dict):
     return req, prompt, params
 
 
-def _error(status, message, param=None, code=None):
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(status, message, param=param, code=code)
 
 
-def _corrupted(frames):
+def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
     for i, frame in enumerate(frames):
         if i == 2:  # the first layer's keys: flip their last byte
             frame = bytes(frame[:-1]) + bytes([frame[-1] ^ 0xFF])
         yield frame
 
 
-def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
+def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector,
+                       faults: frozenset[str] = frozenset()) -> Callable[[], Awaitable[None]]:
     """Adds the endpoints; returns a coroutine function that closes their HTTP client."""
-    core: LLMEngine = api.core
-    engine = api.engine
-    metrics = api.metrics
-    sessions: list[aiohttp.ClientSession] = []
+    handoff = Handoff(api, connector, faults)
+    app.post("/internal/prefill", response_model=None)(handoff.prefill)
+    app.get("/internal/kv/{handle}", response_model=None)(handoff.kv)
+    app.delete("/internal/kv/{handle}", response_model=None)(handoff.release)
+    app.post("/internal/decode", response_model=None)(handoff.decode_)
+    return handoff.close
 
-    def http() -> aiohttp.ClientSession:
+
+class Handoff:
+    def __init__(self, api: WorkerAPI, connector: KVConnector, faults: frozenset[str]):
+        self.api = api
+        self.engine = api.engine
+        self.metrics = api.metrics
+        self.connector = connector
+        self.faults = faults
+        self.sessions: list[aiohttp.ClientSession] = []
+
+    def http(self) -> aiohttp.ClientSession:
         """One pooled client per worker, made in the serving event loop."""
-        if not sessions:
-            sessions.append(aiohttp.ClientSession(
+        if not self.sessions:
+            self.sessions.append(aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
                 connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20))
-        return sessions[0]
+        return self.sessions[0]
 
-    def require(*roles: str) -> None:
-        if api.role not in roles:
-            raise _error(400, f"this worker's role is {api.role}; the endpoint needs {' or '.join(roles)}",
+    async def close(self) -> None:
+        for session in self.sessions:
+            await session.close()
+
+    def require(self, *roles: str) -> None:
+        if self.api.role not in roles:
+            raise _error(400, f"this worker's role is {self.api.role}; the endpoint needs {' or '.join(roles)}",
                          code="wrong_role")
 
-    @app.post("/internal/prefill")
-    async def prefill(body: PrefillRequest, request: Request):
+    # -- prefill side ----------------------------------------------------------------------------
+
+    async def prefill(self, body: PrefillRequest, request: Request) -> dict:
         """Computes the prompt and samples the first token; holds the prompt's KV blocks
         under a lease (the handle) unless the first token already ends the request."""
-        require("prefill", "mixed")
+        self.require("prefill", "mixed")
+        api = self.api
         _, prompt, params = _parse(api, body.kind, body.request)
         try:
-            core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
+            api.core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
         except RequestError as e:
             raise _error(400, str(e), e.param)
         hold = params.max_tokens > 1
         rid = api.submit(prompt, dataclasses.replace(params, max_tokens=1), hold_kv=hold)
-        [(_, out)] = await api.collect(tagged(0, engine.stream(rid, 1)), request)
+        [(_, out)] = await api.collect(tagged(0, self.engine.stream(rid, 1)), request)
         if out.error:
             raise _error(500, f"prefill failed: {out.error}")
         held = hold and out.finish_reason == "length"
         return {"handle": rid if held else None, "prompt_token_ids": prompt, "first_token": out.token_ids[0],
                 "first_logprob": out.logprobs[0] if out.logprobs else None, "finish_reason": out.finish_reason,
-                "num_cached_tokens": out.num_cached_tokens, "model_id": core.model_id,
-                "kv_lease_seconds": core.config.kv_lease_seconds}
+                "num_cached_tokens": out.num_cached_tokens, "model_id": self.connector.model_id,
+                "kv_lease_seconds": self.connector.lease_seconds}
 
-    @app.get("/internal/kv/{handle}")
-    async def kv(handle: str, start: int = 0):
+    async def kv(self, handle: str, start: int = 0) -> StreamingResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer."""
-        require("prefill", "mixed")
+        self.require("prefill", "mixed")
+        connector, metrics = self.connector, self.metrics
         try:
-            header, layers = core.open_kv(handle, start)
+            header, layers = connector.open_kv(handle, start)
         except KeyError:
             raise _error(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
         except ValueError as e:
             raise _error(400, str(e), param="start")
         frames = encode(header, layers)
-        if CORRUPT_KV in faults:
+        if CORRUPT_KV in self.faults:
             frames = _corrupted(frames)
 
-        async def body():
+        async def body() -> AsyncIterator[bytes | memoryview]:
             sent = 0
             # the next frame (a layer's gather and checksum) is made in a thread while the
             # current one is sent
@@ -142,25 +167,26 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
             finally:
                 # the lease is let go only once no thread reads its blocks any more; no await
                 # here: a cancelled response would be cancelled again at every await
-                def done(_, sent=sent):
-                    core.close_kv(handle)
+                def done(_: object, sent: int = sent) -> None:
+                    connector.close_kv(handle)
                     metrics.on_kv_transfer("sent", sent)
                 upcoming.add_done_callback(done)
         return StreamingResponse(body(), media_type="application/octet-stream",
                                  headers={"content-length": str(stream_size(header))})
 
-    @app.delete("/internal/kv/{handle}")
-    async def release(handle: str):
-        require("prefill", "mixed")
-        if not await engine.call(core.release_kv, handle):
+    async def release(self, handle: str) -> Response:
+        self.require("prefill", "mixed")
+        if not await self.engine.call(self.connector.release_kv, handle):
             raise _error(404, f"no KV lease {handle!r}", code="kv_not_found")
         return Response(status_code=204)
 
-    @app.post("/internal/decode")
-    async def decode_(body: DecodeRequest, request: Request):
+    # -- decode side -----------------------------------------------------------------------------
+
+    async def decode_(self, body: DecodeRequest, request: Request) -> StreamingResponse | dict:
         """Continues a request whose prompt a prefill worker computed: pulls its KV (or
         recomputes the prompt when that fails) and answers like the public endpoint."""
-        require("decode", "mixed")
+        self.require("decode", "mixed")
+        api, engine, connector = self.api, self.engine, self.connector
         req, _, params = _parse(api, body.kind, body.request)
         prompt = body.prompt_token_ids
         api.check_capacity()
@@ -169,34 +195,34 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
         activated = False
         try:
             try:
-                res = await engine.call(core.reserve_kv, rid, prompt, body.first_token, params, body.first_logprob)
+                res = await engine.call(connector.reserve_kv, rid, prompt, body.first_token, params,
+                                        body.first_logprob)
             except RequestError as e:
                 raise _error(400, str(e), e.param)
-            received = await _pull(res, body) if body.handle else False
-            await engine.call(core.activate_kv, rid, received)
+            received = await self._pull(res, body) if body.handle else False
+            await engine.call(connector.activate_kv, rid, received)
             activated = True
         finally:
             if not activated:
                 engine.abort(rid)
         stream = tagged(0, engine.stream(rid, 1))
-        if body.kind == "completion":
+        if isinstance(req, CompletionRequest):
             return await api.respond_completion(req, [prompt], stream, request)
         return await api.respond_chat(req, prompt, stream, request)
 
-    async def _pull(res: KVReservation | None, body: DecodeRequest) -> bool:
+    async def _pull(self, res: KVReservation | None, body: DecodeRequest) -> bool:
+        metrics = self.metrics
         try:
             if res is None:
                 metrics.on_kv_recompute("no_blocks")
                 return False
             if res.num_tokens == 0:  # the whole prompt is in this worker's prefix cache
                 return True
-            mc = core.model_config
-            expect = KVHeader(core.model_id, DTYPE_NAMES[core.runner.dtype], mc.num_hidden_layers,
-                              mc.num_key_value_heads, mc.head_dim, res.start, res.num_tokens)
+            expect = self.connector.header(res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
-                received = await pull(http(), body.prefill_url, body.handle, expect,
-                                      lambda layer, k, v: core.write_kv(res, layer, k, v))
+                received = await pull(self.http(), body.prefill_url, body.handle, expect,
+                                      lambda layer, k, v: self.connector.write_kv(res, layer, k, v))
             except (KVTransferError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             body.handle, body.prefill_url, e)
@@ -206,17 +232,11 @@ def add_handoff_routes(app: FastAPI, api, faults: frozenset[str] = frozenset()):
             metrics.on_kv_transfer("received", received, time.perf_counter() - t0)
             return True
         finally:
-            asyncio.create_task(_release(body.prefill_url, body.handle))
+            asyncio.create_task(self._release(body.prefill_url, body.handle))
 
-    async def close() -> None:
-        for session in sessions:
-            await session.close()
-
-    async def _release(url: str, handle: str) -> None:
+    async def _release(self, url: str, handle: str) -> None:
         try:
-            async with http().delete(f"{url}/internal/kv/{handle}"):
+            async with self.http().delete(f"{url}/internal/kv/{handle}"):
                 pass
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # the lease expires on its own
             log.info("could not release KV lease %s at %s: %s", handle, url, e)
-
-    return close

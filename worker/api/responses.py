@@ -1,0 +1,153 @@
+"""OpenAI response bodies and server-sent events of one served model: choices, usage,
+logprobs, and an error after a stream started sent as an error event."""
+
+import json
+from typing import AsyncGenerator, AsyncIterator, Callable
+
+from ..engine.async_engine import EngineDead
+from ..engine.engine import RequestOutput
+from ..model.sampler import TokenLogprob
+from ..model.tokenizer import Tokenizer
+from .openai import APIError, error_body
+
+Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, output) as they come
+Chunk = dict | None  # one event's body; None: nothing to send for this output
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(outs.values())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chunk],
+                 usage_chunk: Callable[[], dict] | None) -> AsyncIterator[str]:
+    """Server-sent events; an error after the stream started is sent as an error event."""
+    try:
+        async for item in stream:
+            chunk = make_chunk(*item)
+            if chunk is not None:
+                yield sse(chunk)
+        if usage_chunk is not None:
+            yield sse(usage_chunk())
+    except APIError as e:
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    except EngineDead as e:
+        yield sse(error_body(str(e), "server_error", None, "engine_unavailable"))
+    finally:
+        await stream.aclose()
+    yield "data: [DONE]\n\n"
+
+
+class ResponseFormat:
+    def __init__(self, tokenizer: Tokenizer, model_name: str):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+
+    # -- whole responses ---------------------------------------------------------------------
+
+    def completion(self, rid: str, created: int, choices: dict[int, dict], prompts: list[list[int]],
+                   cached: int, logprobs: bool) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": k, "text": c["text"], "finish_reason": c["reason"],
+                             "logprobs": self.completion_logprobs(c["logprobs"], c["tokens"], 0)
+                             if logprobs else None} for k, c in choices.items()],
+                "usage": usage(prompts, {k: c["count"] for k, c in choices.items()}, cached)}
+
+    def chat(self, rid: str, created: int, choices: dict[int, dict], prompt: list[int],
+             cached: int, logprobs: bool) -> dict:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": [{"index": k, "message": {"role": "assistant", "content": c["text"]},
+                             "finish_reason": c["reason"],
+                             "logprobs": self.chat_logprobs(c["logprobs"], c["tokens"]) if logprobs else None}
+                            for k, c in choices.items()],
+                "usage": usage([prompt], {k: c["count"] for k, c in choices.items()}, cached)}
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def completion_events(self, stream: Outputs, prompts: list[list[int]],
+                          rid: str, created: int, n: int, include_usage: bool) -> AsyncIterator[str]:
+        counts: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        cached = [0]
+
+        def chunk(i: int, out: RequestOutput) -> Chunk:
+            key = i * n + out.index
+            counts[key] = out.num_output_tokens
+            cached[0] = max(cached[0], out.num_cached_tokens)
+            if out.error:
+                raise APIError(500, f"generation failed: {out.error}", type_="server_error")
+            lp = None
+            if out.logprobs:
+                lp = self.completion_logprobs(out.logprobs, out.token_ids, offsets.get(key, 0))
+            offsets[key] = offsets.get(key, 0) + len(out.text)
+            if not out.text and not out.finished and lp is None:
+                return None
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": key, "text": out.text, "logprobs": lp,
+                                 "finish_reason": out.finish_reason if out.finished else None}]}
+
+        def usage_chunk() -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [], "usage": usage(prompts, counts, cached[0])}
+
+        return events(stream, chunk, usage_chunk if include_usage else None)
+
+    def chat_events(self, stream: Outputs, prompts: list[list[int]],
+                    rid: str, created: int, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+        counts: dict[int, int] = {}
+        started: set[int] = set()
+        cached = [0]
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+
+        def chunk(_: int, out: RequestOutput) -> Chunk:
+            k = out.index
+            counts[k] = out.num_output_tokens
+            cached[0] = max(cached[0], out.num_cached_tokens)
+            if out.error:
+                raise APIError(500, f"generation failed: {out.error}", type_="server_error")
+            delta = {"content": out.text}
+            if k not in started:
+                started.add(k)
+                delta = {"role": "assistant", "content": out.text}
+            elif not out.text and not out.finished:
+                return None
+            lp = self.chat_logprobs(out.logprobs, out.token_ids) if logprobs and out.logprobs else None
+            return {**base, "choices": [{"index": k, "delta": delta, "logprobs": lp,
+                                         "finish_reason": out.finish_reason if out.finished else None}]}
+
+        def usage_chunk() -> dict:
+            return {**base, "choices": [], "usage": usage(prompts, counts, cached[0])}
+
+        return events(stream, chunk, usage_chunk if include_usage else None)
+
+    # -- logprobs ------------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion_logprobs(self, entries: list[TokenLogprob], token_ids: list[int], offset: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        for tid, (lp, top) in zip(token_ids, entries):
+            text = self._token_text(tid)
+            tokens.append(text)
+            lps.append(lp)
+            tops.append({self._token_text(t): v for t, v in top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, entries: list[TokenLogprob], token_ids: list[int]) -> dict:
+        content = []
+        for tid, (lp, top) in zip(token_ids, entries):
+            content.append({
+                "token": self._token_text(tid), "logprob": lp, "bytes": list(self.tokenizer.token_bytes(tid)),
+                "top_logprobs": [{"token": self._token_text(t), "logprob": v,
+                                  "bytes": list(self.tokenizer.token_bytes(t))} for t, v in top],
+            })
+        return {"content": content}

@@ -1,0 +1,128 @@
+"""The worker's HTTP app: OpenAI completions and chat completions, models, health, metrics
+and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole worker."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.async_engine import AsyncEngine, EngineDead
+from ..engine.config import EngineConfig
+from ..engine.engine import LLMEngine
+from ..kv.connector import KVConnector
+from ..metrics import WorkerMetrics
+from .handoff import add_handoff_routes
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .service import WorkerAPI
+
+log = logging.getLogger(__name__)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
+              health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> FastAPI:
+    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
+    api = WorkerAPI(engine, role, health_stall_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine._thread is None:
+            engine.start(asyncio.get_running_loop())
+        yield
+        await close_handoff()
+        engine.stop()
+
+    app = FastAPI(title="fleetwise worker", lifespan=lifespan)
+    app.state.api = api
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "dead", "error": str(engine.error) if engine.error else None},
+                                status_code=503)
+        stalled = engine.stalled_for()
+        if stalled > health_stall_seconds:
+            return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
+        return {"status": "ok", "role": role, "model": api.model_name,
+                "running": api.core.num_running, "waiting": engine.num_waiting()}
+
+    @app.get("/metrics")
+    async def metrics():
+        api.metrics.heartbeat_age.labels(model_name=api.model_name, role=role).set(engine.stalled_for())
+        return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": api.model_name, "object": "model", "created": 0, "owned_by": "fleetwise",
+            "root": api.core.config.model, "max_model_len": api.core.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompts, params = api.prepare_completion(req)
+        return await api.respond_completion(req, prompts, await api.run(prompts, params, request), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        prompt, params = api.prepare_chat(req)
+        return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
+
+    close_handoff = add_handoff_routes(app, api, connector, faults)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-shaped body."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            loc = []
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problems)"
+        return _error_response(APIError(400, message, param=".".join(loc) or None))
+
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, e: EngineDead) -> JSONResponse:
+        return _error_response(APIError(503, str(e), type_="server_error", code="engine_unavailable"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(e.status_code, str(e.detail), type_="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error"))
+
+
+def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
+          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
+    core.kv_connector = connector = KVConnector(core)
+    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults)
+    # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
+    # to 50 s to finish; the pod's termination grace period is 60 s
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)

@@ -1,0 +1,228 @@
+"""The request service behind the worker's OpenAI endpoints and its handoff routes:
+checks and prepares requests, submits them to the engine, collects or streams the
+outputs and shapes the response."""
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
+from ..engine.engine import LLMEngine, RequestError
+from ..engine.sequence import SamplingParams
+from ..metrics import WorkerMetrics
+from .openai import APIError, ChatCompletionRequest, CompletionRequest
+from .responses import Outputs, ResponseFormat
+
+T = TypeVar("T")
+
+
+async def _merged(gens: list[Outputs]) -> Outputs:
+    """Items of several async iterators as they come; closes all of them when left early."""
+    if len(gens) == 1:
+        try:
+            async for item in gens[0]:
+                yield item
+        finally:
+            await gens[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(gen: Outputs) -> None:
+        try:
+            async for item in gen:
+                await queue.put(item)
+            await queue.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class WorkerAPI:
+    def __init__(self, engine: AsyncEngine, role: str, health_stall_seconds: float):
+        self.engine = engine
+        self.core: LLMEngine = engine.engine
+        self.tokenizer = self.core.tokenizer
+        self.model_name = self.core.config.served_model_name
+        self.role = role
+        self.health_stall_seconds = health_stall_seconds
+        self.metrics: WorkerMetrics = self.core.metrics
+        self.format = ResponseFormat(self.tokenizer, self.model_name)
+
+    # -- request preparation -----------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this worker serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [self.tokenizer.encode(p)] if p else [[]]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [self.tokenizer.encode(x) if x else [] for x in p]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [list(x) for x in p]
+        else:
+            prompts = [[]]
+        if any(not ids for ids in prompts):
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return prompts
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if req.tools:
+            raise APIError(400, "tools are not supported by this worker", param="tools")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None,
+               logprobs: int | None) -> SamplingParams:
+        if req.n < 1:
+            raise APIError(400, "n must be at least 1", param="n")
+        if max_tokens is None:
+            max_tokens = max(1, self.core.max_model_len - prompt_len)
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(" ")[0])
+
+    def check_capacity(self) -> None:
+        waiting = self.engine.num_waiting()
+        if waiting >= self.core.config.max_waiting:
+            raise self._queue_full(QueueFull(waiting, self.engine.retry_after()))
+
+    def _queue_full(self, e: QueueFull) -> APIError:
+        self.metrics.on_reject("queue_full")
+        return APIError(429, str(e), type_="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(e.retry_after)})
+
+    def submit(self, prompt: list[int], params: SamplingParams, hold_kv: bool = False) -> str:
+        """Queues one prompt in the engine; refusals become OpenAI-shaped errors."""
+        try:
+            return self.engine.submit(prompt, params, hold_kv=hold_kv)
+        except RequestError as e:
+            self.metrics.on_reject("invalid")
+            raise APIError(400, str(e), param=e.param)
+        except QueueFull as e:
+            raise self._queue_full(e)
+        except EngineDead as e:
+            raise APIError(503, str(e), type_="server_error", code="engine_unavailable")
+
+    async def run(self, prompts: list[list[int]], params_list: list[SamplingParams], request: Request) -> Outputs:
+        """Starts every prompt (each with n choices); yields (prompt index, output)."""
+        submitted: list[str] = []
+        try:
+            for ids, params in zip(prompts, params_list):
+                submitted.append(self.submit(ids, params))
+        finally:
+            if len(submitted) < len(prompts):
+                for request_id in submitted:
+                    self.engine.abort(request_id)
+        return _merged([tagged(i, self.engine.stream(rid, p.n))
+                        for i, (rid, p) in enumerate(zip(submitted, params_list))])
+
+    async def collect(self, stream: AsyncIterator[T], request: Request) -> list[T]:
+        """Gathers a non-streaming response; gives up (and frees the blocks) if the client leaves."""
+        items: list[T] = []
+
+        async def consume() -> None:
+            async for item in stream:
+                items.append(item)
+
+        task = asyncio.create_task(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    task.result()
+                    return items
+                if await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client closed the request")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams]]:
+        self.check_model(req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of not in (None, req.n):
+            raise APIError(400, "best_of must equal n when given", param="best_of")
+        prompts = self.completion_prompts(req)
+        return prompts, [self.params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        self.check_model(req.model)
+        prompt = self.chat_prompt(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return prompt, self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs)
+
+    async def gather(self, stream: Outputs, request: Request, n: int) -> tuple[dict[int, dict], int]:
+        """A non-streaming response's choices: {choice index: text, tokens, logprobs, reason, count}."""
+        choices: dict[int, dict] = {}
+        cached = 0
+        for i, out in await self.collect(stream, request):
+            c = choices.setdefault(i * n + out.index, {"text": "", "tokens": [], "logprobs": [],
+                                                       "reason": None, "count": 0})
+            c["text"] += out.text
+            c["tokens"] += out.token_ids
+            c["logprobs"] += out.logprobs
+            c["count"] = out.num_output_tokens
+            cached = max(cached, out.num_cached_tokens)
+            if out.finished:
+                c["reason"] = out.finish_reason
+                if out.error:
+                    raise APIError(500, f"generation failed: {out.error}", type_="server_error")
+        return dict(sorted(choices.items())), cached
+
+    async def respond_completion(self, req: CompletionRequest, prompts: list[list[int]], stream: Outputs,
+                                 request: Request) -> StreamingResponse | dict:
+        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self.format.completion_events(stream, prompts, rid, created, n, include_usage),
+                                     media_type="text/event-stream")
+        choices, cached = await self.gather(stream, request, n)
+        return self.format.completion(rid, created, choices, prompts, cached, req.logprobs is not None)
+
+    async def respond_chat(self, req: ChatCompletionRequest, prompt: list[int], stream: Outputs,
+                           request: Request) -> StreamingResponse | dict:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self.format.chat_events(stream, [prompt], rid, created, include_usage,
+                                                             req.logprobs),
+                                     media_type="text/event-stream")
+        choices, cached = await self.gather(stream, request, 1)
+        return self.format.chat(rid, created, choices, prompt, cached, req.logprobs)
+

@@ -1,0 +1,1 @@
+"""The batched inference core: requests, sequences, paged-block bookkeeping, scheduling, the step loop."""

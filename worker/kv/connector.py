@@ -1,0 +1,170 @@
+"""The engine's KV connector: keeps a finished prefill's blocks for a decode worker to pull
+(prefill side) and fills blocks reserved for a prompt computed elsewhere (decode side).
+
+The engine sees it only through engine/kv_hooks.py (a finished request, an id in use, the
+loop's round); the handoff routes (api/handoff.py) call the rest. On the prefill side the
+blocks stay under a lease, named by the request id, until the decode worker releases it
+or it expires; on the decode side the engine takes the request (add_prefilled), the
+pulled keys and values are written into its blocks, and the engine activates it.
+
+Threads: the lease methods called by the engine (request_finished, expire, release_kv)
+run on the engine thread, the readers of a lease (open_kv, close_kv and the gathers) on
+the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engine thread.
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..engine.engine import LLMEngine, RequestOutput
+from ..engine.sequence import SamplingParams, Sequence
+from ..model.files import model_id
+from ..model.sampler import TokenLogprob
+from .transfer import DTYPE_NAMES, KVHeader
+
+
+@dataclass
+class KVLease:
+    """A finished prefill's blocks, kept for a decode worker until it pulls them or time runs out."""
+    seq: Sequence
+    deadline: float
+    readers: int = 0
+    released: bool = False  # by the decode worker (else it expired)
+
+
+@dataclass
+class KVReservation:
+    """Blocks a decode worker set aside for a prompt computed elsewhere: the tokens from
+    `start` on arrive from the prefill worker (those before are in its own prefix cache)."""
+    request_id: str
+    start: int          # a multiple of the block size
+    num_tokens: int
+    blocks: torch.Tensor  # the blocks that hold tokens start .. start + num_tokens - 1
+
+
+class KVConnector:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.model_id = model_id(engine.config.model)
+        self.lease_seconds = engine.config.kv_lease_seconds
+        self.leases: dict[str, KVLease] = {}
+        self._lease_lock = threading.Lock()  # readers of a lease run on the HTTP side
+
+    def header(self, start: int, num_tokens: int) -> KVHeader:
+        """The stream header of this worker's model and cache layout for a token range."""
+        mc, dtype = self.engine.model_config, self.engine.runner.dtype
+        return KVHeader(self.model_id, DTYPE_NAMES[dtype], mc.num_hidden_layers,
+                        mc.num_key_value_heads, mc.head_dim, start, num_tokens)
+
+    # -- the engine's hooks (kv_hooks.py) -----------------------------------------------------
+
+    def request_finished(self, seq: Sequence, reason: str) -> bool:
+        """A prefill that ended on its one token (not on a stop) goes under a lease."""
+        if not (seq.hold_kv and reason == "length"):
+            return False
+        with self._lease_lock:
+            self.leases[seq.request_id] = KVLease(seq, time.monotonic() + self.lease_seconds)
+            held = len(self.leases)
+        self.engine.metrics.on_leases(held, 0)
+        return True
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.leases
+
+    def expire(self) -> None:
+        if not self.leases:
+            return
+        now = time.monotonic()
+        with self._lease_lock:
+            expired = [h for h, lease in self.leases.items() if lease.deadline <= now and lease.readers == 0]
+            gone = [self.leases.pop(h) for h in expired]
+            held = len(self.leases)
+        for lease in gone:
+            self.engine.block_manager.free(lease.seq)
+        if gone:
+            self.engine.metrics.on_leases(held, sum(not lease.released for lease in gone))
+
+    # -- prefill side: leases on finished prompts -----------------------------------------------
+
+    def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """Keys and values of a held prompt from token `start` on, layer by layer. Safe to
+        call from another thread: the lease cannot expire while it is being read."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is None:
+                raise KeyError(handle)
+            seq = lease.seq
+            if lease.released:
+                raise KeyError(handle)
+            if not 0 <= start <= seq.num_prompt_tokens:
+                raise ValueError(f"start must be within the prompt (0..{seq.num_prompt_tokens})")
+            lease.readers += 1
+        header = self.header(start, seq.num_prompt_tokens - start)
+        runner = self.engine.runner
+        bs = self.engine.block_manager.block_size
+        first = start // bs
+        blocks = torch.tensor(seq.block_table[first:-(-seq.num_prompt_tokens // bs)], device=runner.device)
+        lo, hi = start - first * bs, seq.num_prompt_tokens - first * bs
+
+        def layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for cache in runner.kv_caches:  # whole blocks at a time: one gather per layer and kind
+                k = cache[0].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
+                v = cache[1].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
+                yield k.flatten(0, 1)[lo:hi], v.flatten(0, 1)[lo:hi]
+        return header, layers()
+
+    def close_kv(self, handle: str) -> None:
+        """Pairs with open_kv, whether the reader finished or not."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is not None:
+                lease.readers -= 1
+
+    def release_kv(self, handle: str) -> bool:
+        """The decode worker has the blocks (or gave up): free them now, or once the last reader is done."""
+        with self._lease_lock:
+            lease = self.leases.get(handle)
+            if lease is None:
+                return False
+            lease.deadline = 0.0
+            lease.released = True
+        self.expire()
+        return True
+
+    # -- decode side: a prompt computed elsewhere -------------------------------------------------
+
+    def reserve_kv(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                   params: SamplingParams, first_logprob: TokenLogprob | None = None) -> KVReservation | None:
+        """Takes a request whose prompt was computed elsewhere. Returns the slots to fill,
+        or None when there are no blocks to spare (the prompt is then recomputed here)."""
+        seq = self.engine.add_prefilled(request_id, prompt_token_ids, first_token, params, first_logprob)
+        if seq is None:
+            return None
+        first = seq.num_computed_tokens // self.engine.block_manager.block_size
+        blocks = torch.tensor(seq.block_table[first:], dtype=torch.long, device=self.engine.runner.device)
+        return KVReservation(request_id, seq.num_computed_tokens,
+                             seq.num_prompt_tokens - seq.num_computed_tokens, blocks)
+
+    def write_kv(self, res: KVReservation, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Received keys and values of one layer into the reserved blocks: whole blocks in
+        one copy, the last partial block token by token. Only the receiving request owns
+        these blocks, so this may run outside the engine thread."""
+        bs = self.engine.block_manager.block_size
+        cache = self.engine.runner.kv_caches[layer]
+        full = res.num_tokens // bs
+        for i, src in enumerate((k, v)):
+            src = src.to(cache.device, cache.dtype)
+            if full:
+                cache[i].view(-1, bs, *cache.shape[2:]).index_copy_(
+                    0, res.blocks[:full], src[:full * bs].view(full, bs, *cache.shape[2:]))
+            tail = res.num_tokens - full * bs
+            if tail:
+                slots = res.blocks[full] * bs + torch.arange(tail, device=cache.device)
+                cache[i].index_copy_(0, slots, src[full * bs:])
+
+    def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
+        """The reserved request joins the running batch (`received`) or queues to be recomputed."""
+        return self.engine.activate_prefilled(request_id, received)
