@@ -65,3 +65,30 @@ def test_crd_defaults_equal_python_defaults(crd):
 def test_python_side_refuses_what_the_crd_refuses(model, body, words):
     with pytest.raises(ValidationError, match=words):
         model.model_validate(body)
+
+
+def test_engine_defaults_have_one_source():
+    """The CRD's engine section (checked against spec.Engine above), spec.Engine, the worker's
+    EngineConfig and the `fleetwise worker` options all take fleetwise.defaults."""
+    import dataclasses
+
+    import typer.main
+
+    from fleetwise import defaults
+    from fleetwise.cli import app
+    from fleetwise.spec import Engine
+    from fleetwise.worker.engine.config import EngineConfig
+
+    engine = Engine()
+    assert (engine.block_size, engine.max_num_seqs, engine.max_num_batched_tokens, engine.dtype) == (
+        defaults.BLOCK_SIZE, defaults.MAX_NUM_SEQS, defaults.MAX_NUM_BATCHED_TOKENS, defaults.DTYPE)
+    config = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    assert config["kv_cache_bytes"] == defaults.KV_CACHE_MIB << 20
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "dtype", "device", "max_waiting",
+                 "kv_lease_seconds"):
+        assert config[name] == getattr(defaults, name.upper()), name
+    worker = next(c for c in typer.main.get_command(app).commands.values() if c.name == "worker")
+    options = {p.name: p.default for p in worker.params}
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "dtype", "device", "max_waiting",
+                 "kv_lease_seconds", "kv_cache_mib", "health_stall_seconds"):
+        assert options[name] == getattr(defaults, name.upper()), name

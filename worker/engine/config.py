@@ -3,24 +3,26 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetwise import defaults
+
 
 @dataclass
 class EngineConfig:
     model: str
     served_model_name: str | None = None
-    dtype: str = "auto"              # auto: bfloat16 on CUDA, float32 on the CPU
-    device: str = "auto"             # auto: cuda when present
-    block_size: int = 16
+    dtype: str = defaults.DTYPE
+    device: str = defaults.DEVICE
+    block_size: int = defaults.BLOCK_SIZE
     num_blocks: int | None = None    # KV blocks; None: sized from kv_cache_bytes
-    kv_cache_bytes: int = 256 << 20  # KV memory budget when num_blocks is None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    kv_cache_bytes: int = defaults.KV_CACHE_MIB << 20  # KV memory budget when num_blocks is None
+    max_num_seqs: int = defaults.MAX_NUM_SEQS
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    max_waiting: int = 1024          # queue bound; beyond it requests are refused (429)
+    max_waiting: int = defaults.MAX_WAITING
     seed: int = 0
-    kv_lease_seconds: float = 30.0   # prefill role: how long a finished prompt's blocks wait for a decode worker
+    kv_lease_seconds: float = defaults.KV_LEASE_SECONDS
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
