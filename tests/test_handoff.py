@@ -145,3 +145,40 @@ def test_roles_and_bad_handoff_requests(fleet):
                    json={"kind": "completion", "request": {**request, "max_tokens": 1}})
     assert r.status_code == 200 and r.json()["handle"] is None
     fleet["prefill"].wait_idle()
+
+
+def test_internal_calls_in_another_protocol_version_are_refused_before_any_work(fleet):
+    request = {"kind": "completion", "request": {"model": "tiny", "prompt": "hello", "max_tokens": 4}}
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+                   headers={"x-fleetwise-protocol": "99"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "unsupported_protocol_version" and error["param"] == "x-fleetwise-protocol"
+    assert "speaks version 1" in error["message"]
+    assert not fleet["prefill"].core.requests and not fleet["prefill"].core.kv_connector.leases
+    ok = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+                    headers={"x-fleetwise-protocol": "1"})
+    assert ok.status_code == 200, ok.text
+    httpx.delete(f"{fleet['prefill'].url}/internal/kv/{ok.json()['handle']}", timeout=10)
+    fleet["prefill"].wait_idle()
+
+
+def test_the_request_id_names_the_engine_request_and_comes_back(fleet):
+    request = {"kind": "completion", "request": {"model": "tiny", "prompt": "hello", "max_tokens": 4}}
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+                   headers={"x-request-id": "trace-42"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "trace-42"
+    assert r.json()["handle"].startswith("trace-42-")  # the engine's id, in its log lines too
+    httpx.delete(f"{fleet['prefill'].url}/internal/kv/{r.json()['handle']}", timeout=10)
+    unusable = httpx.get(fleet["decode"].url + "/health", headers={"x-request-id": "a b\tc"}, timeout=10)
+    assert len(unusable.headers["x-request-id"]) == 32 and " " not in unusable.headers["x-request-id"]
+    fleet["prefill"].wait_idle()
+
+
+@pytest.mark.parametrize("field, value", [("first_token", -1), ("prompt_token_ids", [])])
+def test_a_decode_request_outside_the_protocol_is_refused_naming_the_field(fleet, field, value):
+    body = {"kind": "completion", "request": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
+            "prompt_token_ids": [1, 2, 3], "first_token": 5, field: value}
+    r = httpx.post(fleet["decode"].url + "/internal/decode", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

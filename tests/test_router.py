@@ -235,3 +235,25 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         for ps in procs.values():
             for p in ps:
                 p.stop()
+
+
+def test_the_request_id_comes_back_through_the_router(fleet):
+    _, routers = fleet
+    for router in routers.values():
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        r = httpx.post(router.url + "/v1/completions", json=body, headers={"x-request-id": "client-7"}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-request-id"] == "client-7", r.text
+        r = httpx.post(router.url + "/v1/completions", json={}, headers={"x-request-id": "x" * 500}, timeout=60)
+        assert r.status_code == 400 and len(r.headers["x-request-id"]) == 32  # too long: a new one
+
+
+def test_workers_of_another_protocol_version_are_skipped_not_blamed_on_the_client(fleet, monkeypatch):
+    """Mid-rollout a worker may not speak the router's version: the router tries the others
+    and, when none does, says so as a 503 rather than passing on the worker's 400."""
+    import fleetwise.protocol
+    _, routers = fleet
+    monkeypatch.setattr(fleetwise.protocol, "SUPPORTED_VERSIONS", frozenset({2}))  # what the workers speak now
+    r = httpx.post(routers["disaggregated"].url + "/v1/completions",
+                   json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 503, r.text
+    assert "does not speak protocol version 1" in r.json()["error"]["message"]

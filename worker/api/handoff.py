@@ -1,51 +1,37 @@
-"""Prefill -> decode handoff endpoints (ARCHITECTURE.md, "Data flow of one request").
+"""Prefill -> decode handoff endpoints (ARCHITECTURE.md, "The path of one request").
 
 A prefill worker computes the prompt and the first token and keeps the prompt's blocks
 under a lease; the router passes the handle to a decode worker, which reserves blocks,
 pulls the keys and values (kv/transfer.py), releases the lease and decodes the rest in its
-own batch. A pull that fails for any reason is never used: the prompt is recomputed.
+own batch. A pull that fails for any reason is never used: the prompt is recomputed. The
+bodies are the internal protocol's (fleetwise/protocol.py).
 """
 
 import asyncio
 import dataclasses
 import logging
 import time
-import uuid
-from typing import AsyncIterator, Awaitable, Callable, Iterator, Literal
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+
+from fleetwise.protocol import DecodeRequest, PrefillAnswer, PrefillRequest
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.transfer import KVTransferError, encode, pull, stream_size
-from ..model.sampler import TokenLogprob
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
-from .service import WorkerAPI
+from .service import WorkerAPI, engine_request_id
 
 log = logging.getLogger(__name__)
 
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
-
-
-class PrefillRequest(BaseModel):
-    kind: Literal["completion", "chat"]
-    request: dict
-
-
-class DecodeRequest(BaseModel):
-    kind: Literal["completion", "chat"]
-    request: dict
-    prompt_token_ids: list[int]
-    first_token: int
-    first_logprob: TokenLogprob | None = None
-    prefill_url: str | None = None
-    handle: str | None = None  # None: nothing to pull (the prefill finished the request)
 
 
 def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
@@ -119,7 +105,7 @@ class Handoff:
 
     # -- prefill side ----------------------------------------------------------------------------
 
-    async def prefill(self, body: PrefillRequest, request: Request) -> dict:
+    async def prefill(self, body: PrefillRequest, request: Request) -> PrefillAnswer:
         """Computes the prompt and samples the first token; holds the prompt's KV blocks
         under a lease (the handle) unless the first token already ends the request."""
         self.require("prefill", "mixed")
@@ -135,10 +121,10 @@ class Handoff:
         if out.error:
             raise _error(500, f"prefill failed: {out.error}")
         held = hold and out.finish_reason == "length"
-        return {"handle": rid if held else None, "prompt_token_ids": prompt, "first_token": out.token_ids[0],
-                "first_logprob": out.logprobs[0] if out.logprobs else None, "finish_reason": out.finish_reason,
-                "num_cached_tokens": out.num_cached_tokens, "model_id": self.connector.model_id,
-                "kv_lease_seconds": self.connector.lease_seconds}
+        return PrefillAnswer(handle=rid if held else None, prompt_token_ids=prompt, first_token=out.token_ids[0],
+                             first_logprob=out.logprobs[0] if out.logprobs else None,
+                             finish_reason=out.finish_reason, num_cached_tokens=out.num_cached_tokens,
+                             model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
     async def kv(self, handle: str, start: int = 0) -> StreamingResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer."""
@@ -190,7 +176,7 @@ class Handoff:
         req, _, params = _parse(api, body.kind, body.request)
         prompt = body.prompt_token_ids
         api.check_capacity()
-        rid = uuid.uuid4().hex
+        rid = engine_request_id()
         engine.open_stream(rid)
         activated = False
         try:

@@ -12,6 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fleetwise.logs import configure as configure_logs
+from fleetwise.logs import incoming_request_id, request_id
+from fleetwise.protocol import REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER, version_error
 
 from ..engine.async_engine import AsyncEngine, EngineDead
 from ..engine.config import EngineConfig
@@ -44,6 +49,7 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     app = FastAPI(title="fleetwise worker", lifespan=lifespan)
     app.state.api = api
+    app.add_middleware(RequestContext)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -80,6 +86,38 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     close_handoff = add_handoff_routes(app, api, connector, faults)
     return app
+
+
+class RequestContext:
+    """Every request runs under its id (the caller's `x-request-id`, or a new one), which its
+    log lines and the engine's id for it carry and its answer sends back; an internal call in
+    a protocol version this worker does not speak is refused before any work (protocol.py)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = incoming_request_id(headers.get(REQUEST_ID_HEADER.encode()))
+        request_id.set(rid)
+        rid_header = (REQUEST_ID_HEADER.encode(), rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        if scope["path"].startswith("/internal/"):
+            version = headers.get(VERSION_HEADER.encode())
+            problem = version_error(version.decode("latin-1") if version is not None else None)
+            if problem is not None:
+                e = APIError(400, problem, param=VERSION_HEADER, code=UNSUPPORTED_VERSION)
+                await _error_response(e)(scope, receive, send_with_id)
+                return
+        await self.app(scope, receive, send_with_id)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -119,7 +157,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
           health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.INFO)
     core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
     core.kv_connector = connector = KVConnector(core)
     app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults)

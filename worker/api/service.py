@@ -10,6 +10,8 @@ from typing import AsyncIterator, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from fleetwise.logs import request_id
+
 from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.engine import LLMEngine, RequestError
 from ..engine.sequence import SamplingParams
@@ -55,6 +57,12 @@ async def _merged(gens: list[Outputs]) -> Outputs:
         for t in tasks:
             t.cancel()
 
+
+
+def engine_request_id() -> str:
+    """The engine's id for a request: the caller's x-request-id, made unique (a client may
+    send one id twice), so that the engine's own log lines name the request too."""
+    return f"{request_id.get()}-{uuid.uuid4().hex[:8]}"
 
 class WorkerAPI:
     def __init__(self, engine: AsyncEngine, role: str, health_stall_seconds: float):
@@ -121,10 +129,11 @@ class WorkerAPI:
         return APIError(429, str(e), type_="rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(e.retry_after)})
 
-    def submit(self, prompt: list[int], params: SamplingParams, hold_kv: bool = False) -> str:
+    def submit(self, prompt: list[int], params: SamplingParams, hold_kv: bool = False,
+               request_id: str | None = None) -> str:
         """Queues one prompt in the engine; refusals become OpenAI-shaped errors."""
         try:
-            return self.engine.submit(prompt, params, hold_kv=hold_kv)
+            return self.engine.submit(prompt, params, request_id or engine_request_id(), hold_kv=hold_kv)
         except RequestError as e:
             self.metrics.on_reject("invalid")
             raise APIError(400, str(e), param=e.param)

@@ -22,15 +22,17 @@ import json
 import struct
 import warnings
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import AsyncIterator, Iterator
 
 import torch
 
+from fleetwise.protocol import KV_STREAM_VERSION, KVHeader
+
 from ..model.llama import DTYPES
 
 MAGIC, LAYER, DONE = b"FWKV", b"LAYR", b"DONE"
-VERSION = 1
+VERSION = KV_STREAM_VERSION
 _PREAMBLE = struct.Struct("<4sHI")
 _LAYER = struct.Struct("<4sIQI")
 _DONE = struct.Struct("<4sI")
@@ -44,20 +46,6 @@ class KVTransferError(Exception):
         super().__init__(message)
         self.reason = reason  # corrupt | mismatch | refused
 
-
-@dataclass
-class KVHeader:
-    model_id: str
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    start: int
-    num_tokens: int
-
-    @property
-    def payload_bytes(self) -> int:
-        return 2 * self.num_tokens * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
 
 
 def stream_size(header: KVHeader) -> int:
