@@ -6,8 +6,17 @@ import json
 import pytest
 from rich.console import Console
 
-from fleetwise.bench.harness import (AT_LEAST, AT_MOST, Target, percentile, progress_bar, save_plot, summary,
-                                     target_values, write_json)
+from fleetwise.bench.harness import (
+    AT_LEAST,
+    AT_MOST,
+    Target,
+    percentile,
+    progress_bar,
+    save_plot,
+    summary,
+    target_values,
+    write_json,
+)
 
 
 def test_percentiles_interpolate_between_the_closest_ranks():
@@ -57,7 +66,7 @@ def test_every_benchmark_states_its_targets_with_the_one_rule():
 
 
 def test_the_result_is_written_even_when_the_plot_fails(tmp_path):
-    console = Console(file=open(tmp_path / "out.txt", "w"), width=200)
+    console = Console(file=open(tmp_path / "out.txt", "w"), width=200)  # noqa: SIM115 - the test reads it back
     path = write_json(tmp_path / "r.json", {"benchmark": "x", "value": 1})
     assert json.loads(path.read_text()) == {"benchmark": "x", "value": 1}
 
@@ -69,7 +78,7 @@ def test_the_result_is_written_even_when_the_plot_fails(tmp_path):
 
 
 def test_the_progress_bar_in_a_log_prints_a_line_a_tenth(tmp_path):
-    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 - the test reads it back
     with progress_bar(console, "core", 20, "tokens") as advance:
         for _ in range(20):
             advance(1)

@@ -132,7 +132,7 @@ def test_half_precision_close_to_reference(tiny_model_dir, reference, dtype):
     prompt = [0] + list(range(100, 160))
     engine.add_request("h", prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=5))
     out = engine.step()[0]
-    chosen, top = out.logprobs[0]
+    _chosen, top = out.logprobs[0]
     ref = reference.logits(prompt)[-1].log_softmax(-1)
     assert out.token_ids[0] in ref.topk(3).indices.tolist()
     for token, value in top:

@@ -87,7 +87,8 @@ def test_handoff_recomputes_the_prompt_when_transfer_fails(tiny_model_dir, tmp_p
     try:
         for prefill, reason in [(corrupt, "corrupt"), (stranger, "mismatch")]:
             before = recomputes(decode, reason)
-            first = httpx.post(prefill.url + "/internal/prefill", json={"kind": "completion", "request": request}).json()
+            first = httpx.post(prefill.url + "/internal/prefill",
+                               json={"kind": "completion", "request": request}).json()
             # the stranger's tokenizer and first token come from other files: hand over the
             # right ones, so that only the KV differs
             ours = httpx.post(fleet["prefill"].url + "/internal/prefill",
@@ -138,7 +139,8 @@ def test_roles_and_bad_handoff_requests(fleet):
     r = httpx.post(fleet["prefill"].url + "/internal/prefill",
                    json={"kind": "completion", "request": {**request, "max_tokens": 99999}})
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json={"kind": "completion", "request": {"model": "tiny"}})
+    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
+                   json={"kind": "completion", "request": {"model": "tiny"}})
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
     # max_tokens=1: the prefill finishes the request and holds nothing
     r = httpx.post(fleet["prefill"].url + "/internal/prefill",

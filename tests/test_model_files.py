@@ -37,7 +37,7 @@ def test_small_preset_has_tens_of_millions_of_parameters(tmp_path):
     from safetensors import safe_open
     path = write_model(tmp_path / "small", "small")
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        total = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1] for k in f.keys())
+        total = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape() + [1])[1] for k in f.keys())  # noqa: SIM118 - a safetensors file, not a dict
     assert 10e6 < total < 100e6
 
 
@@ -98,7 +98,7 @@ def test_incremental_detokenizer_never_splits_a_character(tiny_model_dir):
 
 def test_config_errors_are_clear(tmp_path, tiny_model_dir):
     from fleetwise.worker.model.llama import ModelConfig
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         ModelConfig.from_dir(tmp_path)
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     bad = tmp_path / "bad"

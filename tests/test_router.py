@@ -47,7 +47,7 @@ def test_both_modes_give_the_reference_tokens(fleet, tiny_model_dir):
     _, routers = fleet
     ref = Reference(tiny_model_dir)
     tok = Tokenizer(tiny_model_dir)
-    for i, text in enumerate(["the router hands prompts", "power budgets " * 12, "🙂 café", "q" * 70]):
+    for text in ["the router hands prompts", "power budgets " * 12, "🙂 café", "q" * 70]:
         prompt = tok.encode(text)
         expected = tok.decode(ref.greedy(prompt, 20))
         for mode, router in routers.items():
@@ -127,7 +127,8 @@ def prompt_tokens_served(worker) -> float:
 
 
 def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tmp_path):
-    a, b = start_worker(config(tiny_model_dir), "mixed", health_stall_seconds=0.3), start_worker(config(tiny_model_dir), "mixed")
+    a = start_worker(config(tiny_model_dir), "mixed", health_stall_seconds=0.3)
+    b = start_worker(config(tiny_model_dir), "mixed")
     path = tmp_path / "r.yaml"
     write_router_config(path, "tiny", mixed=[a.url, b.url])
     router = start_router(path, policy="round_robin")
@@ -173,7 +174,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
                     for _ in range(2)] for role in ("prefill", "decode")}
     reference = start_worker(config(tiny_model_dir), "mixed")
     path = tmp_path / "r.yaml"
-    write_router_config(path, "tiny", prefill=[p.url for p in procs["prefill"]], decode=[p.url for p in procs["decode"]])
+    write_router_config(path, "tiny", prefill=[p.url for p in procs["prefill"]],
+                        decode=[p.url for p in procs["decode"]])
     router = start_router(path, policy="least_outstanding")
     try:
         prompts = [f"request {i} " + "with some shared context " * (i % 7) for i in range(200)]
@@ -225,7 +227,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
             else:
                 assert "".join(c["choices"][0]["text"] for c in chunks) == expected[i]
                 full += 1
-        retries = {role: router.router.metrics.retries.labels("tiny", role)._value.get() for role in ("prefill", "decode")}
+        retries = {role: router.router.metrics.retries.labels("tiny", role)._value.get()
+                   for role in ("prefill", "decode")}
         print(f"{full} complete, {errors} streams ended with an error after their first token, retries {retries}")
         assert full + errors == 200 and full >= 150, (full, errors)
         assert retries["decode"] > 0 and retries["prefill"] > 0

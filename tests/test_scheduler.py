@@ -368,7 +368,7 @@ def test_preempted_sequence_recomputes_all_its_tokens():
             preempted_at = len(eng.batches)
             tokens_then = b.num_tokens
     assert preempted_at is not None
-    readmit = [k for k in steps_of(eng, b)[preempted_at:] if k][0]
+    readmit = next(k for k in steps_of(eng, b)[preempted_at:] if k)
     assert readmit == tokens_then  # prompt and outputs so far, computed again
     assert b.num_output_tokens == 6
     assert a.output_token_ids == reference([1, 2, 3], 6)

@@ -21,24 +21,28 @@ class WorkerMetrics:
         self.waiting = Gauge(c.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", m, registry=r)
         self.kv_usage = Gauge(c.KV_CACHE_USAGE, "Share of KV cache blocks in use (0 to 1).", m, registry=r)
         self.ttft = Histogram(c.TIME_TO_FIRST_TOKEN, "Time to first token.", m, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(c.INTER_TOKEN_LATENCY, "Time between output tokens.", m, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(c.INTER_TOKEN_LATENCY, "Time between output tokens.", m, buckets=LATENCY_BUCKETS,
+                             registry=r)
         self.e2e = Histogram(c.E2E_REQUEST_LATENCY, "Request latency, arrival to last token.", m,
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(c.PROMPT_TOKENS, "Prompt tokens processed.", m, registry=r)
         self.generation_tokens = Counter(c.GENERATION_TOKENS, "Tokens generated.", m, registry=r)
         self.preemptions = Counter(c.NUM_PREEMPTIONS, "Sequences preempted (recomputed later).", m, registry=r)
-        self.prefix_queries = Counter(c.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.", m, registry=r)
+        self.prefix_queries = Counter(c.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.", m,
+                                      registry=r)
         self.prefix_hits = Counter(c.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.", m, registry=r)
         self.success = Counter(c.REQUEST_SUCCESS, "Finished sequences by reason.", m + ["finished_reason"], registry=r)
         self.step_seconds = Histogram(c.STEP_SECONDS, "Engine step time, scheduling to outputs.", mr,
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.forward_seconds = Histogram(c.STEP_FORWARD_SECONDS, "Model forward and sampling time per step.", mr,
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_tokens = Histogram(c.BATCH_TOKENS, "Tokens computed per step.", mr, buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(c.BATCH_TOKENS, "Tokens computed per step.", mr, buckets=TOKEN_BUCKETS,
+                                      registry=r)
         self.batch_seqs = Histogram(c.BATCH_SEQS, "Sequences per step.", mr, buckets=TOKEN_BUCKETS, registry=r)
         self.blocks_used = Gauge(c.KV_BLOCKS_USED, "KV cache blocks held by sequences.", mr, registry=r)
         self.blocks_free = Gauge(c.KV_BLOCKS_FREE, "KV cache blocks free (cached or empty).", mr, registry=r)
-        self.rejected = Counter(c.REQUESTS_REJECTED, "Requests refused before reaching the engine.", mr + ["reason"], registry=r)
+        self.rejected = Counter(c.REQUESTS_REJECTED, "Requests refused before reaching the engine.",
+                                [*mr, "reason"], registry=r)
         self.errors = Counter(c.REQUEST_ERRORS, "Requests that failed inside the engine.", mr, registry=r)
         self.heartbeat_age = Gauge(c.ENGINE_HEARTBEAT_AGE, "Seconds since the engine loop last ran.", mr, registry=r)
         self.kv_bytes = Counter(c.KV_TRANSFER_BYTES, "KV cache bytes moved between workers.",

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
@@ -85,6 +85,7 @@ class Handoff:
         self.connector = connector
         self.faults = faults
         self.sessions: list[aiohttp.ClientSession] = []
+        self.background: set[asyncio.Task] = set()
 
     def http(self) -> aiohttp.ClientSession:
         """One pooled client per worker, made in the serving event loop."""
@@ -209,7 +210,7 @@ class Handoff:
             try:
                 received = await pull(self.http(), body.prefill_url, body.handle, expect,
                                       lambda layer, k, v: self.connector.write_kv(res, layer, k, v))
-            except (KVTransferError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, KVTransferError, aiohttp.ClientError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             body.handle, body.prefill_url, e)
                 metrics.on_kv_recompute(e.reason if isinstance(e, KVTransferError) else "unreachable")
@@ -218,11 +219,13 @@ class Handoff:
             metrics.on_kv_transfer("received", received, time.perf_counter() - t0)
             return True
         finally:
-            asyncio.create_task(self._release(body.prefill_url, body.handle))
+            task = asyncio.create_task(self._release(body.prefill_url, body.handle))
+            self.background.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self.background.discard)
 
     async def _release(self, url: str, handle: str) -> None:
         try:
             async with self.http().delete(f"{url}/internal/kv/{handle}"):
                 pass
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # the lease expires on its own
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:  # the lease expires on its own
             log.info("could not release KV lease %s at %s: %s", handle, url, e)

@@ -2,7 +2,7 @@
 logprobs, and an error after a stream started sent as an error event."""
 
 import json
-from typing import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from ..engine.async_engine import EngineDead
 from ..engine.engine import RequestOutput

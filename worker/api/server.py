@@ -3,8 +3,8 @@ and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole 
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request

@@ -5,7 +5,8 @@ outputs and shapes the response."""
 import asyncio
 import time
 import uuid
-from typing import AsyncIterator, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -39,7 +40,7 @@ async def _merged(gens: list[Outputs]) -> Outputs:
             async for item in gen:
                 await queue.put(item)
             await queue.put(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:
             await queue.put(exc)
 
     tasks = [asyncio.create_task(pump(g)) for g in gens]

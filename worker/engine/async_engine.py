@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from .engine import LLMEngine, RequestError, RequestOutput
 from .sequence import SamplingParams

@@ -6,8 +6,8 @@ for another worker; the engine itself knows nothing of leases or transfers.
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..metrics import WorkerMetrics
 from ..model.llama import ModelConfig

@@ -14,8 +14,8 @@ the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engin
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

@@ -22,8 +22,8 @@ import json
 import struct
 import warnings
 import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
-from typing import AsyncIterator, Iterator
 
 import torch
 

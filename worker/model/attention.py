@@ -56,7 +56,8 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
         qd = q[g.tokens].view(b, num_kv, num_heads // num_kv, dim)
         kd = k_cache[g.slots].transpose(1, 2)
         vd = v_cache[g.slots].transpose(1, 2)
-        out[g.tokens] = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale).view(b, num_heads, dim)
+        attended = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale)
+        out[g.tokens] = attended.view(b, num_heads, dim)
     gqa = num_heads != num_kv
     for p in meta.prefill:
         qp = q[p.lo:p.hi].transpose(0, 1)[None]

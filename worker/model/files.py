@@ -56,18 +56,10 @@ PRESETS = {
                     tie_word_embeddings=False, rope_theta=500000.0),
 }
 
-_WORDS = (
-    "the model serves tokens to many users at once while the scheduler keeps the batch full "
-    "prompts arrive from the router and a prefill worker computes the cache blocks before a "
-    "decode worker generates the answer power budgets limit what each rack may draw and a "
-    "faulty node shows up as the odd one out among its peers kubernetes places pods on nodes "
-    "with free gpus def return import class for while if else yield lambda async await json "
-    "0 1 2 3 4 5 6 7 8 9 10 42 100 2048 café naïve über résumé 你好 世界 こんにちは 🙂 🚀 ✓ — ß"
-).split()
+_WORDS = ["the", "model", "serves", "tokens", "to", "many", "users", "at", "once", "while", "the", "scheduler", "keeps", "the", "batch", "full", "prompts", "arrive", "from", "the", "router", "and", "a", "prefill", "worker", "computes", "the", "cache", "blocks", "before", "a", "decode", "worker", "generates", "the", "answer", "power", "budgets", "limit", "what", "each", "rack", "may", "draw", "and", "a", "faulty", "node", "shows", "up", "as", "the", "odd", "one", "out", "among", "its", "peers", "kubernetes", "places", "pods", "on", "nodes", "with", "free", "gpus", "def", "return", "import", "class", "for", "while", "if", "else", "yield", "lambda", "async", "await", "json", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "42", "100", "2048", "café", "naïve", "über", "résumé", "你好", "世界", "こんにちは", "🙂", "🚀", "✓", "—", "ß"]
 
 
-_SYLLABLES = ("ka ri to ne sa mi lo ve du pa stra gen tion ing er ly ex pro con bi the qu "
-              "zo ff sch ach ei au ou ph ck ll ss str").split()
+_SYLLABLES = ["ka", "ri", "to", "ne", "sa", "mi", "lo", "ve", "du", "pa", "stra", "gen", "tion", "ing", "er", "ly", "ex", "pro", "con", "bi", "the", "qu", "zo", "ff", "sch", "ach", "ei", "au", "ou", "ph", "ck", "ll", "ss", "str"]
 
 
 def _corpus(seed: int, lines: int = 6000) -> list[str]:

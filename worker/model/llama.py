@@ -121,7 +121,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
@@ -201,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             for f in files:
                 with safe_open(str(f), framework="pt") as sf:
-                    for name in sf.keys():
+                    for name in sf.keys():  # noqa: SIM118 - a safetensors file, not a dict
                         if "rotary_emb" in name:
                             continue
                         tensor = sf.get_tensor(name)
