@@ -163,7 +163,7 @@ class _Sink:
 
 def _framing(h: Any) -> int:
     """Bytes of a KV stream that are not keys and values: preamble, header, layer frames, end."""
-    from fleetwise.worker import kv_transfer as kt
+    from fleetwise.worker.kv import transfer as kt
     head = json.dumps(asdict(h)).encode()
     return kt._PREAMBLE.size + len(head) + h.num_layers * kt._LAYER.size + kt._DONE.size
 
