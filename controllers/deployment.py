@@ -100,9 +100,10 @@ def _plan_pool(spec, role, pods: list[PodView], now: float, drain_timeout: float
             out.delete.append(p.name)
             out.events.append(("Warning", "PodFailed", f"{role} pod {p.name} {p.phase.lower()}; replacing it"))
     live = [p for p in pods if p.live]
-    draining = [p for p in live if p.draining_since is not None]
     serving = [p for p in live if p.draining_since is None]
-    for p in draining:  # drained: idle, or out of time
+    for p in live:  # a draining pod goes when drained: idle, or out of time
+        if p.draining_since is None:
+            continue
         if p.outstanding == 0 or not p.ready or now - p.draining_since >= drain_timeout:
             out.delete.append(p.name)
     new = [p for p in serving if p.template_hash == current]

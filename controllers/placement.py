@@ -12,6 +12,7 @@ constraint ruled each node out.
 
 import heapq
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -101,7 +102,7 @@ class Placement:
     """The cluster as placement sees it; `place` decides for new pods and books them, so
     a batch of decisions never oversubscribes a node or a domain."""
 
-    def __init__(self, nodes: list[Node], placed: list[Pod], domains: list[PowerDomain] = ()):
+    def __init__(self, nodes: list[Node], placed: list[Pod], domains: Sequence[PowerDomain] = ()):
         self.domains = {d.name: d for d in domains}
         self.nodes: dict[str, _NodeState] = {}
         for n in nodes:
@@ -153,7 +154,7 @@ class Placement:
     def place_many(self, pods: list[Pod]) -> list[Decision]:
         """Decisions in order. Pods of one pool share a lazily updated heap of candidate
         nodes, so a pool of n replicas over m nodes costs O((n + m) log m), not O(n m)."""
-        decisions: list[Decision | None] = [None] * len(pods)
+        decisions: dict[int, Decision] = {}  # by index into pods; every index gets one
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(pods):
             groups[(p.pool, p.gpus, p.gpu_type)].append(i)
@@ -184,7 +185,7 @@ class Placement:
                 decisions[i] = Decision(pod, chosen.node.name)
                 if self._why_not(chosen, pod) is None:
                     heapq.heappush(heap, (self._key(chosen, pod), chosen.node.name))
-        return decisions
+        return [decisions[i] for i in range(len(pods))]
 
     def _explain(self, pod: Pod) -> str:
         if not self.nodes:
@@ -201,5 +202,6 @@ class Placement:
         return {d: (self.domain_watts[d], dom.admit_watts) for d, dom in self.domains.items()}
 
 
-def place_all(nodes: list[Node], placed: list[Pod], new: list[Pod], domains: list[PowerDomain] = ()) -> list[Decision]:
+def place_all(nodes: list[Node], placed: list[Pod], new: list[Pod],
+              domains: Sequence[PowerDomain] = ()) -> list[Decision]:
     return Placement(nodes, placed, domains).place_many(new)

@@ -111,13 +111,14 @@ def router(
 
     from fleetwise.logs import configure as configure_logs
     from fleetwise.router.app import serve
-    from fleetwise.router.endpoints import ConfigError, StaticEndpoints
+    from fleetwise.router.endpoints import ConfigError, EndpointSource, StaticEndpoints
     from fleetwise.router.policies import POLICIES
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if (config is None) == (not kubernetes):
         raise typer.BadParameter("give either --config FILE or --kubernetes", param_hint="--config")
     configure_logs(logging.INFO)
+    source: EndpointSource
     if kubernetes:
         from fleetwise.operator.main import load_client
         from fleetwise.router.kube_source import KubernetesEndpoints

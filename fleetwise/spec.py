@@ -122,9 +122,15 @@ class Detection(_Spec):
     xid_errors: bool = True
 
 
+RemediationAction = Literal["Quarantine", "RestartPod", "CordonNode"]
+
+
+def _default_actions() -> list[RemediationAction]:
+    return ["Quarantine", "RestartPod"]
+
+
 class Remediation(_Spec):
-    actions: list[Literal["Quarantine", "RestartPod", "CordonNode"]] = Field(
-        default_factory=lambda: ["Quarantine", "RestartPod"])
+    actions: list[RemediationAction] = Field(default_factory=_default_actions)
     max_actions_per_hour: int = Field(default=10, ge=0)
     max_unavailable_fraction: float = Field(default=0.25, ge=0, le=1)
     cooldown_seconds: int = Field(default=300, ge=0)

@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -50,13 +51,16 @@ class Kube:
 
     def power_budgets(self) -> list[dict]:
         self._count("list", "powerbudgets")
-        return self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets")["items"]
+        # the client declares `object`; a list answer is the decoded JSON
+        found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets"))
+        return found["items"]
 
     # -- writes --------------------------------------------------------------------------------
 
-    def create_pod(self, namespace: str, pod: dict) -> None:
+    def create_pod(self, namespace: str, pod: dict[str, Any]) -> None:
         self._count("create", "pods")
-        self.core.create_namespaced_pod(namespace, pod)
+        # the client takes a plain dict for its model
+        self.core.create_namespaced_pod(namespace, pod)  # type: ignore[arg-type]
 
     def delete_pod(self, namespace: str, name: str) -> None:
         self._count("delete", "pods")
@@ -87,18 +91,20 @@ class Kube:
         body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:
-            # the generated client cannot deserialise a Binding answer: take it raw
-            self.core.create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
+            # the generated client cannot deserialise a Binding answer: take it raw (and it takes a
+            # plain dict for its model)
+            self.core.create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)  # type: ignore[arg-type]
             return True
         except ApiException as e:
             if e.status in (404, 409):
                 return False
             raise
 
-    def ensure_service(self, namespace: str, service: dict) -> None:
+    def ensure_service(self, namespace: str, service: dict[str, Any]) -> None:
         self._count("create", "services")
         try:
-            self.core.create_namespaced_service(namespace, service)
+            # the client takes a plain dict for its model
+            self.core.create_namespaced_service(namespace, service)  # type: ignore[arg-type]
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -112,7 +118,7 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+    def event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = involved["metadata"]
         self._count("create", "events")
         body = {"metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -123,12 +129,15 @@ class Kube:
                 "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1,
                 "reportingComponent": "fleetwise-operator"}
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            # the client takes a plain dict for its model
+            self.core.create_namespaced_event(meta["namespace"], body)  # type: ignore[arg-type]
         except ApiException as e:  # events are best effort
             log.warning("event %s/%s not recorded: %s", reason, meta["name"], e.reason)
 
 
 def error_message(e: ApiException) -> str:
+    if e.body is None:
+        return str(e.reason)
     try:
         return json.loads(e.body).get("message", e.reason)
     except (TypeError, ValueError):

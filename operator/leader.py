@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -30,10 +31,10 @@ class LeaderElector:
         self.lease_seconds, self.renew_every = lease_seconds, renew_every
         self._stop = threading.Event()
 
-    def _spec(self, acquire: bool, transitions: int) -> dict:
+    def _spec(self, acquire: bool, transitions: int) -> dict[str, Any]:
         now = _now()
-        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
-                "renewTime": now.isoformat(), "leaseTransitions": transitions}
+        spec: dict[str, Any] = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                                "renewTime": now.isoformat(), "leaseTransitions": transitions}
         if acquire:
             spec["acquireTime"] = now.isoformat()
         return spec
@@ -46,13 +47,15 @@ class LeaderElector:
                 raise
             body = {"metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec(True, 0)}
             try:
-                self.coord.create_namespaced_lease(self.namespace, body)
+                # the client takes a plain dict for its model
+                self.coord.create_namespaced_lease(self.namespace, body)  # type: ignore[arg-type]
                 return True
             except ApiException as e2:
                 if e2.status == 409:
                     return False
                 raise
-        spec = lease.spec
+        spec = lease.spec or client.V1LeaseSpec()  # a lease without a spec is held by no one
+        assert lease.metadata is not None  # the API server always returns it
         held_by_other = spec.holder_identity and spec.holder_identity != self.identity
         renew = spec.renew_time
         duration = spec.lease_duration_seconds or self.lease_seconds
@@ -64,7 +67,8 @@ class LeaderElector:
                              "resourceVersion": lease.metadata.resource_version},
                 "spec": self._spec(held_by_other or not spec.acquire_time, transitions)}
         try:
-            self.coord.replace_namespaced_lease(self.name, self.namespace, body)
+            # the client takes a plain dict for its model
+            self.coord.replace_namespaced_lease(self.name, self.namespace, body)  # type: ignore[arg-type]
             return True
         except ApiException as e:
             if e.status == 409:  # someone else renewed or took it first

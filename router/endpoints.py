@@ -72,7 +72,7 @@ def parse_config(data) -> dict[str, ModelRoute]:
 class StaticEndpoints:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._mtime = None
+        self._mtime: int | None = None
         self._routes: dict[str, ModelRoute] = {}
         self.refresh()
         if not self._routes:

@@ -2,6 +2,7 @@
 sequence, and their answers merged back into one OpenAI response or stream."""
 
 import asyncio
+from typing import Any
 
 import orjson
 
@@ -34,7 +35,8 @@ def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
 
 
 def merge_bodies(ups: list[Upstream], offsets: list[int], counted: list[bool]) -> bytes:
-    merged, choices = None, []
+    merged: dict[str, Any] = {}
+    choices: list[dict[str, Any]] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for up, offset, count_prompt in zip(ups, offsets, counted):
         data = orjson.loads(up.body)

@@ -23,10 +23,10 @@ class UpstreamError(Exception):
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: "Pool", key: tuple[str, int]):
         self.pool, self.key = pool, key
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before create_connection returns
         self.parser = httptools.HttpResponseParser(self)
-        self.head: asyncio.Future | None = None
-        self.chunks: asyncio.Queue | None = None
+        self.head: asyncio.Future[None] | None = None
+        self.chunks: asyncio.Queue[bytes | Exception | None] | None = None
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.complete = False
@@ -38,32 +38,34 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
-    def data_received(self, data: bytes):
+    def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"bad response: {e}"))
             self.transport.close()
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete:
             self._fail(UpstreamError(f"connection closed: {exc or 'by the replica'}"))
 
     # -- httptools callbacks -----------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes):
+    def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.lower()] = value
 
-    def on_headers_complete(self):
+    def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
 
-    def on_body(self, body: bytes):
+    def on_body(self, body: bytes) -> None:
+        assert self.chunks is not None  # a response comes only after send() set the queue
         self.chunks.put_nowait(body)
 
-    def on_message_complete(self):
+    def on_message_complete(self) -> None:
+        assert self.chunks is not None
         self.complete = True
         self.chunks.put_nowait(None)
 
@@ -75,26 +77,31 @@ class _Connection(asyncio.Protocol):
 
     # -- one exchange -------------------------------------------------------------------------
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes) -> "asyncio.Future[None]":
+        """Writes the request; the future is done when the response head has arrived."""
         loop = asyncio.get_running_loop()
         self.head, self.chunks = loop.create_future(), asyncio.Queue()
         self.status, self.headers, self.complete = 0, {}, False
         self.transport.write(request)
+        return self.head
 
 
 class Response:
     def __init__(self, conn: _Connection, pool: "Pool"):
-        self._conn, self._pool = conn, pool
+        self._conn: _Connection | None = conn
+        self._pool = pool
         self.status = conn.status
         self.content_type = conn.headers.get(b"content-type", b"application/json").decode("latin-1")
         self._done = False
 
-    async def iter_chunks(self):
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises UpstreamError if the replica breaks off."""
         while True:
+            conn = self._conn
+            assert conn is not None and conn.chunks is not None, "read after release()"
             try:
                 async with asyncio.timeout(self._pool.read_timeout):
-                    item = await self._conn.chunks.get()
+                    item = await conn.chunks.get()
             except TimeoutError:
                 raise UpstreamError(f"the replica sent nothing for {self._pool.read_timeout:.0f} s")
             if item is None:
@@ -147,14 +154,16 @@ class Pool:
         each ending in CRLF."""
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or 80
+        if host is None:
+            raise UpstreamError(f"no host in {url!r}")
         for attempt in (0, 1):  # a pooled connection may have been closed by the replica meanwhile
             conn = await self._connection(host, port)
             reused = conn.head is not None
-            conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
+            head = conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
                       b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
                 async with asyncio.timeout(self.read_timeout):  # lighter than wait_for: no task
-                    await conn.head
+                    await head
             except TimeoutError:
                 conn.transport.close()
                 raise UpstreamError(f"no response from {host}:{port} in {self.read_timeout:.0f} s")

@@ -49,7 +49,8 @@ class _StepClock:
 
 def load_hf_model(model_dir: Path, device: torch.device) -> Any:
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    # Any: transformers types the decorated `to` as taking the model again
+    model: Any = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.to(device).eval()
 
 
@@ -133,10 +134,11 @@ def _cb_configs(model: Any, reqs: list[Request], kv_tokens: int) -> tuple[Any, A
     and KV capacity) and workload hints, where this transformers takes them."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    hints_cls: type | None
     try:
-        from transformers.generation.continuous_batching.utils import WorkloadHints
+        from transformers.generation.continuous_batching.utils import WorkloadHints as hints_cls
     except ImportError:  # older layouts
-        WorkloadHints = None
+        hints_cls = None
     if not hasattr(model, "continuous_batching_context_manager"):
         raise RuntimeError("this transformers has no continuous batching "
                            f"(version {__import__('transformers').__version__})")
@@ -147,9 +149,9 @@ def _cb_configs(model: Any, reqs: list[Request], kv_tokens: int) -> tuple[Any, A
     max_new = max(r.output_len for r in reqs)
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=-1)
     hints = {}
-    if WorkloadHints is not None:
-        hints["workload_hints"] = WorkloadHints(max_prompt_length=max(r.prompt_len for r in reqs),
-                                                max_generated_length=max_new, num_requests=len(reqs))
+    if hints_cls is not None:
+        hints["workload_hints"] = hints_cls(max_prompt_length=max(r.prompt_len for r in reqs),
+                                           max_generated_length=max_new, num_requests=len(reqs))
     return gen_config, cb_config, hints
 
 

@@ -3,7 +3,7 @@
 
 import numpy as np
 import torch
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from fleetwise.bench.core.result import SystemResult
@@ -49,9 +49,10 @@ def _fmt_lat(p: dict | None) -> str:
 def print_summary(console: Console, report: dict) -> None:
     systems = report["systems"]
     t = Table(title="fleetwise bench core: output tokens/s (useful tokens only)", show_lines=False)
-    for col, just in (("system", "left"), ("wall s", "right"), ("useful tok", "right"),
-                      ("generated", "right"), ("tok/s", "right"),
-                      ("TTFT ms p50/p90/p99", "right"), ("ITL ms p50/p90/p99", "right")):
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("system", "left"), ("wall s", "right"), ("useful tok", "right"), ("generated", "right"),
+        ("tok/s", "right"), ("TTFT ms p50/p90/p99", "right"), ("ITL ms p50/p90/p99", "right")]
+    for col, just in columns:
         t.add_column(col, justify=just)
     for name in SYSTEMS:
         s = systems.get(name)

@@ -26,13 +26,18 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fleetwise.bench.core.baselines import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, load_hf_model, run_continuous, run_static
+from fleetwise.bench.core.baselines import (
+    MAX_NUM_BATCHED_TOKENS,
+    MAX_NUM_SEQS,
+    load_hf_model,
+    run_continuous,
+    run_static,
+)
 from fleetwise.bench.core.engine import BLOCK_SIZE, KV_CACHE_MIB, run_core
 from fleetwise.bench.core.report import TARGETS, agreement, measured, plot, print_notes, print_summary
 from fleetwise.bench.core.result import SYSTEM_LABELS, SystemResult
 from fleetwise.bench.core.workload import Workload, build_workload, resolve_trace
-from fleetwise.bench.harness import (header, make_console, save_plot, target_values, write_json,
-                                     wrote)
+from fleetwise.bench.harness import header, make_console, save_plot, target_values, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
 
 # Work knobs. The trace fitted to a 2048-token context averages ~620 tokens per request,
@@ -194,9 +199,10 @@ def _pad_id(model_dir: Path, cfg: dict) -> int:
                 return int(t["id"])
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         v = cfg.get(key)
-        if isinstance(v, list) and v:
-            return int(v[0])
-        if v is not None:
+        if isinstance(v, list):
+            if v:
+                return int(v[0])
+        elif v is not None:
             return int(v)
     return 0
 
@@ -207,6 +213,6 @@ def _count_params(model_dir: Path) -> int:
     n = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
                 n += math.prod(sf.get_slice(k).get_shape())
     return n

@@ -72,6 +72,7 @@ class SocketCopy:
         self.proc = subprocess.Popen([sys.executable, "-c", _SOCKET_SERVER, str(max_bytes)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
+            assert self.proc.stdout is not None  # a pipe
             line = self.proc.stdout.readline()
             if not line.strip():
                 raise SystemExit("error: the loopback socket server did not start")
@@ -98,6 +99,7 @@ class SocketCopy:
     def close(self) -> None:
         try:
             self.sock.close()
+            assert self.proc.stdin is not None  # a pipe
             self.proc.stdin.close()
         finally:
             self.proc.terminate()
@@ -161,7 +163,7 @@ class _Sink:
 
 def _framing(h: Any) -> int:
     """Bytes of a KV stream that are not keys and values: preamble, header, layer frames, end."""
-    from fleetwise.worker import kv_transfer as kt
+    from fleetwise.worker.kv import transfer as kt
     head = json.dumps(asdict(h)).encode()
     return kt._PREAMBLE.size + len(head) + h.num_layers * kt._LAYER.size + kt._DONE.size
 

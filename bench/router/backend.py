@@ -32,14 +32,14 @@ _CANNED = {(route, ka): _response(status, body, ka) for route, (status, body) in
            for ka in (True, False)}
 
 
-class _Backend:
+class _Backend(asyncio.Protocol):
     """HTTP/1.1 over asyncio with httptools: keep-alive and pipelining, a canned answer per
     route, nothing else. Each answer costs tens of microseconds."""
 
     def __init__(self) -> None:
         import httptools
         self.parser = httptools.HttpRequestParser(self)
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.url = b""
 
     def connection_made(self, transport: Any) -> None:

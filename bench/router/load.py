@@ -5,6 +5,7 @@ measured."""
 
 import asyncio
 import gc
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -62,11 +63,11 @@ class Run:
         for r in parts:
             for k, v in r.errors.items():
                 errors[k] = errors.get(k, 0) + v
-        cpu = [r.server_cpu_s for r in parts]
+        cpu = [r.server_cpu_s for r in parts if r.server_cpu_s is not None]
         return Run(parts[0].mode, sum(r.sent for r in parts), sum(r.completed for r in parts), errors,
                    np.concatenate([r.latencies_s for r in parts]), np.concatenate([r.lag_s for r in parts]),
                    sum(r.span_s for r in parts), sum(r.scheduled_s for r in parts), parts[0].clients,
-                   sum(r.loadgen_cpu_s for r in parts), None if None in cpu else sum(cpu))
+                   sum(r.loadgen_cpu_s for r in parts), None if len(cpu) < len(parts) else sum(cpu))
 
     def to_json(self) -> dict:
         d = {"mode": self.mode, "sent": self.sent, "completed": self.completed, "errors": self.error_count,
@@ -89,8 +90,8 @@ def make_bodies(seed: int, n: int = NUM_BODIES) -> list[bytes]:
     """Completion requests of ~0.5 KB: one of a few shared prefixes, then words of their own."""
     import random
     rng = random.Random(seed)
-    words = ("fleet replica prefill decode cache token router policy latency budget node queue block "
-             "stream handoff lease prompt model batch schedule kernel").split()
+    words = ["fleet", "replica", "prefill", "decode", "cache", "token", "router", "policy", "latency", "budget",
+             "node", "queue", "block", "stream", "handoff", "lease", "prompt", "model", "batch", "schedule", "kernel"]
     prefixes = [f"System {k}: " + " ".join(rng.choice(words) for _ in range(40)) for k in range(NUM_PREFIXES)]
     bodies = []
     for _ in range(n):
@@ -104,7 +105,7 @@ def poisson_schedule(rate: float, seconds: float, seed: int) -> np.ndarray:
     """Send times (s after the start) of a Poisson process at `rate` over `seconds`, given that
     it has `rate * seconds` arrivals: that many uniform times, sorted. The offered rate is then
     exactly `rate`, and the gaps are exponential as in any Poisson process."""
-    n = max(1, int(round(rate * seconds)))
+    n = max(1, round(rate * seconds))
     return np.sort(np.random.default_rng(seed).uniform(0.0, seconds, n))
 
 
@@ -113,7 +114,7 @@ def split_schedule(schedule: np.ndarray, seconds: float, rounds: int) -> list[tu
     edges = np.linspace(0.0, seconds, rounds + 1)
     edges[-1] = np.nextafter(max(seconds, schedule[-1]), np.inf)
     parts = []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         seg = schedule[(schedule >= a) & (schedule < b)]
         if seg.size:
             parts.append((seg - a, float(b - a)))
@@ -195,6 +196,7 @@ async def open_loop(session: Any, urls: list[str], bodies: list[bytes], schedule
     cpu1, lg1 = cpu() if cpu else None, time.process_time()
     if ticker:
         ticker.cancel()
+    if tick:
         tick(done[0])
     ok = ~np.isnan(lat)
     return Run("open_loop", sent=n, completed=int(ok.sum()), errors=errors, latencies_s=lat[ok], lag_s=lag,
@@ -213,7 +215,8 @@ async def closed_loop(session: Any, urls: list[str], bodies: list[bytes], client
     t_start = time.perf_counter()
     w0, w1 = t_start + warmup_s, t_start + warmup_s + seconds
     nurls, nbodies = len(urls), len(bodies)
-    marks: dict[str, float | None] = {}
+    cpu_at: dict[str, float | None] = {}  # the server's CPU seconds at the window's start and end
+    lg_at: dict[str, float] = {}          # the load generator's
     ticker = asyncio.create_task(_ticker(lambda: tick(min(seconds, max(0.0, time.perf_counter() - w0))))) \
         if tick else None
 
@@ -235,17 +238,19 @@ async def closed_loop(session: Any, urls: list[str], bodies: list[bytes], client
 
     async def window() -> None:
         await asyncio.sleep(max(0.0, w0 - time.perf_counter()))
-        marks["cpu0"], marks["lg0"] = cpu() if cpu else None, time.process_time()
+        cpu_at["start"], lg_at["start"] = cpu() if cpu else None, time.process_time()
         await asyncio.sleep(max(0.0, w1 - time.perf_counter()))
-        marks["cpu1"], marks["lg1"] = cpu() if cpu else None, time.process_time()
+        cpu_at["end"], lg_at["end"] = cpu() if cpu else None, time.process_time()
 
     await asyncio.gather(window(), *(client(k) for k in range(clients)))
     if ticker:
         ticker.cancel()
+    if tick:
         tick(seconds)
-    server = None if marks["cpu0"] is None or marks["cpu1"] is None else marks["cpu1"] - marks["cpu0"]
+    cpu0, cpu1 = cpu_at["start"], cpu_at["end"]
+    server = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return Run("closed_loop", sent=sent[0], completed=len(lat), errors=errors, latencies_s=np.asarray(lat),
-               span_s=seconds, clients=clients, loadgen_cpu_s=marks["lg1"] - marks["lg0"], server_cpu_s=server)
+               span_s=seconds, clients=clients, loadgen_cpu_s=lg_at["end"] - lg_at["start"], server_cpu_s=server)
 
 
 class QuietGC:

@@ -7,11 +7,28 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fleetwise.bench.harness import (AT_LEAST, AT_MOST, Target, cdf, figure, finish, header, label_bars, mark,
-                                     percentile, target_values)
+from fleetwise.bench.harness import (
+    AT_LEAST,
+    AT_MOST,
+    Target,
+    cdf,
+    figure,
+    finish,
+    header,
+    label_bars,
+    mark,
+    percentile,
+    target_values,
+)
 from fleetwise.bench.router.backend import COMPLETION, MODEL
-from fleetwise.bench.router.systems import (CLOSED_LOOP_CLIENTS, CLOSED_LOOP_WARMUP_S, SEED, TURN_WARMUP_S, WARMUP_S,
-                                            System)
+from fleetwise.bench.router.systems import (
+    CLOSED_LOOP_CLIENTS,
+    CLOSED_LOOP_WARMUP_S,
+    SEED,
+    TURN_WARMUP_S,
+    WARMUP_S,
+    System,
+)
 
 NUM_BACKENDS = 2
 POLICIES = ("prefix_affinity", "round_robin", "least_outstanding")  # the first is the router's default
@@ -235,10 +252,12 @@ def build_report(runs: dict[str, System], skipped: dict[str, System], rate: int,
         if key in skipped:
             systems[key] = {"label": skipped[key].label, "skipped": skipped[key].skipped}
         elif key in runs:
-            s = runs[key]
-            systems[key] = {"label": s.label, "command": s.command, "startup_s": s.startup_s,
-                            "open_loop": s.open.to_json(), "closed_loop": s.closed.to_json(),
-                            "rounds": s.rounds_json()}
+            system = runs[key]
+            open_run, closed_run = system.open, system.closed
+            assert open_run is not None and closed_run is not None  # measure_all runs every system every round
+            systems[key] = {"label": system.label, "command": system.command, "startup_s": system.startup_s,
+                            "open_loop": open_run.to_json(), "closed_loop": closed_run.to_json(),
+                            "rounds": system.rounds_json()}
     direct = systems["direct"]
     for key, s in systems.items():
         if key != "direct" and "skipped" not in s:

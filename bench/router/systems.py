@@ -16,8 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from fleetwise.bench.router.load import (QuietGC, Run, closed_loop, open_loop, percentiles_ms, poisson_schedule,
-                                         session)
+from fleetwise.bench.router.load import QuietGC, Run, closed_loop, open_loop, percentiles_ms, poisson_schedule, session
 from fleetwise.procs import Process
 
 VLLM_ROUTER_VERSION = "0.1.17"
@@ -127,10 +126,10 @@ async def measure_all(systems: list[System], bodies: list[bytes], parts: list[tu
             for r in range(closed_rounds):
                 for j in range(len(systems)):
                     s = systems[(r + j) % len(systems)]
-                    base = r * closed_round_s
+                    start = r * closed_round_s
 
-                    def tick_closed(x: float, s: System = s, base: float = base) -> None:
-                        progress.update(bars[s.key][1], completed=base + x)
+                    def tick_closed(x: float, s: System = s, start: float = start) -> None:
+                        progress.update(bars[s.key][1], completed=start + x)
                         progress.refresh()
                     run = await closed_loop(sessions[s.key], s.urls, bodies, CLOSED_LOOP_CLIENTS, closed_round_s,
                                             CLOSED_LOOP_WARMUP_S, tick_closed, s.cpu)
@@ -188,6 +187,7 @@ def environment(vllm_version: str | None) -> dict:
                 break
     except OSError:
         pass
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
