@@ -78,7 +78,15 @@ def placement_bench(gpus: int = 10_000) -> dict:
 
 
 def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeout: float) -> dict:
-    from fleetwise.testenv import Cluster, create_namespace, ensure_built, gpu_node, install, operator_kubeconfig, start_operator
+    from fleetwise.testenv import (
+        Cluster,
+        create_namespace,
+        ensure_built,
+        gpu_node,
+        install,
+        operator_kubeconfig,
+        start_operator,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="fleetwise-bench-operator-"))
     b = ensure_built()
     cluster = Cluster(workdir, b)
@@ -105,8 +113,9 @@ def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeo
         with progress(console) as bar:
             task = bar.add_task("pods Ready", total=want)
             while time.monotonic() - t0 < timeout:
+                ready_path = "{.status.conditions[?(@.type==\"Ready\")].status}"
                 out = cluster.kubectl("get", "pods", "-n", "bench", "-o",
-                                      "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}").stdout
+                                      f"jsonpath={{range .items[*]}}{ready_path}{{\"\\n\"}}{{end}}").stdout
                 ready = out.split().count("True")
                 bar.update(task, completed=ready)
                 if ready >= want:

@@ -123,8 +123,8 @@ def build_workload(trace_path: Path, model_dir: Path, num_requests: int, seed: i
     t_first = seconds[rows[0]] if n else 0.0
     reqs, clipped = [], 0
     for k, row in enumerate(rows):
-        p = max(1, int(round(prompts[row] * scale)))
-        o = max(1, int(round(outputs[row] * scale)))
+        p = max(1, round(prompts[row] * scale))
+        o = max(1, round(outputs[row] * scale))
         if p + o > context:
             clipped += 1
             o = min(o, context - 1)

@@ -37,8 +37,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fleetwise.bench.harness import (header, make_console, progress, save_plot, target_values, write_json,
-                                     wrote)
+from fleetwise.bench.harness import header, make_console, progress, save_plot, target_values, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
 from fleetwise.bench.pd.e2e import MODES, Prompts, complete, e2e_row, kv_counters, measure_e2e
 from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, SocketCopy, measure_length, overall
@@ -113,8 +112,8 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     import aiohttp
     import httpx
 
-    from fleetwise.worker.model.files import model_id
     from fleetwise.worker.engine.runner import resolve_device, resolve_dtype
+    from fleetwise.worker.model.files import model_id
 
     dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
     prompts = Prompts(model_dir, seed=0)

@@ -33,10 +33,25 @@ from rich.console import Console
 from fleetwise.bench.harness import make_console, progress, save_plot, write_json, wrote
 from fleetwise.bench.router.backend import MODEL, run_loop
 from fleetwise.bench.router.load import make_bodies, poisson_schedule, split_schedule
-from fleetwise.bench.router.report import (DEFAULT_POLICY, NUM_BACKENDS, POLICIES, VLLM_ROUTER_POLICY, build_report,
-                                           plot, print_notes, print_summary)
-from fleetwise.bench.router.systems import (SEED, System, ensure_vllm_router, environment, machine_cpu,
-                                            measure_all, ours_cpu)
+from fleetwise.bench.router.report import (
+    DEFAULT_POLICY,
+    NUM_BACKENDS,
+    POLICIES,
+    VLLM_ROUTER_POLICY,
+    build_report,
+    plot,
+    print_notes,
+    print_summary,
+)
+from fleetwise.bench.router.systems import (
+    SEED,
+    System,
+    ensure_vllm_router,
+    environment,
+    machine_cpu,
+    measure_all,
+    ours_cpu,
+)
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, answers_200, fleetwise_argv, stop_all, wait_healthy
 
@@ -168,10 +183,10 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
     out.mkdir(parents=True, exist_ok=True)
     bodies = make_bodies(SEED)
     schedule = poisson_schedule(rate, seconds, SEED)
-    open_rounds = max(1, int(round(seconds / ROUND_S)))
+    open_rounds = max(1, round(seconds / ROUND_S))
     parts = split_schedule(schedule, seconds, open_rounds)
     closed_s = min(CLOSED_LOOP_MAX_S, max(1.0, seconds / 2))
-    closed_rounds = max(1, int(round(closed_s / CLOSED_ROUND_S)))
+    closed_rounds = max(1, round(closed_s / CLOSED_ROUND_S))
     closed_round_s = closed_s / closed_rounds
 
     vllm_cmd, vllm_skip, vllm_version = (None, "--skip-vllm-router", None) if skip_vllm_router \
