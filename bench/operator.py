@@ -78,7 +78,7 @@ def placement_bench(gpus: int = 10_000) -> dict:
 
 
 def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeout: float) -> dict:
-    from fleetwise.testenv import (
+    from fleetwise.testenv.cluster import (
         Cluster,
         create_namespace,
         ensure_built,

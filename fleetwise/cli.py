@@ -1,5 +1,7 @@
 """The `fleetwise` command line."""
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -146,6 +148,18 @@ def operator(
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint)
 
 
+def _bench(module: str, name: str) -> Callable[..., None]:
+    """A benchmark's entry point. The benchmarks come with a checkout, not with the package."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("fleetwise.bench"):
+            raise
+        typer.echo("the benchmarks are not part of the installed package; run them from a checkout of the "
+                   'repository after `pip install -e ".[dev]"`', err=True)
+        raise typer.Exit(2)
+
+
 @bench_app.command("core")
 def bench_core(
     requests: int = typer.Option(200, "--requests", help="Requests drawn from the Azure conversation trace."),
@@ -157,7 +171,7 @@ def bench_core(
     skip: list[str] = typer.Option([], "--skip", help="Baselines to leave out: static, continuous."),
 ):
     """Throughput and latency of the core against transformers, on trace-shaped requests."""
-    from fleetwise.bench.core.run import run_core_bench
+    run_core_bench = _bench("fleetwise.bench.core.run", "run_core_bench")
     run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
 
 
@@ -170,7 +184,7 @@ def bench_pd(
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
-    from fleetwise.bench.pd.run import run_pd_bench
+    run_pd_bench = _bench("fleetwise.bench.pd.run", "run_pd_bench")
     run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
 
 
@@ -182,7 +196,7 @@ def bench_router(
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
 ):
     """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
-    from fleetwise.bench.router.run import run_router_bench
+    run_router_bench = _bench("fleetwise.bench.router.run", "run_router_bench")
     run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
 
 
@@ -196,7 +210,7 @@ def bench_operator(
     timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
 ):
     """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
-    from fleetwise.bench.operator import run_operator_bench
+    run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
 
 

@@ -4,16 +4,19 @@ a cycle, and runtime files and functions stay small enough to read."""
 
 import ast
 import importlib
+import shutil
 import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PARTS = ["worker", "router", "controllers", "operator", "telemetry", "bench"]  # folders linked into fleetwise/
-DEV_PACKAGES = {"fleetwise.bench"}  # benchmarks: measured, not served; held to the runtime rules only where said
+PARTS = ["worker", "router", "controllers", "operator", "telemetry", "bench", "testenv"]  # linked into fleetwise/
+DEV_PACKAGES = {"fleetwise.bench", "fleetwise.testenv"}  # development only: not in the wheel
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 LONG_FILE_REASON = "Why this file is long:"
@@ -39,11 +42,30 @@ def _runtime(name: str) -> bool:
     return not any(name == p or name.startswith(p + ".") for p in DEV_PACKAGES)
 
 
-def test_every_subpackage_is_declared_for_the_wheel():
+def test_every_runtime_subpackage_and_no_development_one_is_declared_for_the_wheel():
     declared = set(PYPROJECT["tool"]["setuptools"]["packages"])
     packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
-    assert packages - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"
-    assert declared - packages == set(), "these are declared but have no __init__.py"
+    runtime = {name for name in packages if _runtime(name)}
+    assert runtime - declared == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    assert declared - runtime == set(), "declared, but development-only or without an __init__.py"
+
+
+def test_the_wheel_ships_the_runtime_and_not_the_development_parts(tmp_path):
+    """What a worker image installs: every runtime module, no benchmark or test control plane."""
+    # from a clean copy: setuptools reuses whatever an earlier build left in build/
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".testenv", ".venv", ".fleetwise", "build", "*.egg-info", "__pycache__", "results", "data"))
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                            "print(b.build_wheel(sys.argv[1]))", str(tmp_path)],
+                           cwd=source, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / build.stdout.split()[-1]) as wheel:
+        shipped = {n for n in wheel.namelist() if n.endswith(".py")}
+    expected = {name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+                for name, path in MODULES.items() if _runtime(name)}
+    assert expected - shipped == set(), "runtime modules missing from the wheel"
+    assert not [n for n in shipped if n.startswith(("fleetwise/bench/", "fleetwise/testenv/"))]
 
 
 def test_every_part_is_linked_into_the_package():

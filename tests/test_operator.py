@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from fleetwise.testenv import (
+from fleetwise.testenv.cluster import (
     apply,
     create_namespace,
     get,

@@ -16,7 +16,7 @@ import yaml
 from fleetwise.net import free_port
 from fleetwise.procs import Process, fleetwise_argv, stop_all
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 DEFAULT_BIN = ROOT / ".testenv" / "bin"
 BINARIES = ("kine", "kwok", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
 ADMIN_TOKEN = "fleetwise-admin-token"
