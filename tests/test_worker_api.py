@@ -111,6 +111,11 @@ def test_bad_completion_requests_get_clear_errors(worker, body, status, param, w
     assert err["param"] == param and words in err["message"] and err["type"]
 
 
+def test_the_served_name_defaults_to_the_model_folder():
+    assert EngineConfig(model="/models/llama-3-8b", served_model_name=None).served_name == "llama-3-8b"
+    assert EngineConfig(model="/models/llama-3-8b", served_model_name="chat").served_name == "chat"
+
+
 def test_bad_chat_and_body_errors(worker):
     r = httpx.post(worker.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})

@@ -70,7 +70,7 @@ class WorkerAPI:
         self.engine = engine
         self.core: LLMEngine = engine.engine
         self.tokenizer = self.core.tokenizer
-        self.model_name = self.core.config.served_model_name
+        self.model_name = self.core.config.served_name
         self.role = role
         self.health_stall_seconds = health_stall_seconds
         self.metrics: WorkerMetrics = self.core.metrics

@@ -64,7 +64,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.metrics = metrics or WorkerMetrics(config.served_model_name)
+        self.metrics = metrics or WorkerMetrics(config.served_name)
         self.requests: dict[str, list[Sequence]] = {}
         self._text: dict[int, _TextState] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
