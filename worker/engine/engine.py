@@ -248,7 +248,7 @@ class LLMEngine:
             lp = sampled.logprobs[j]
             if lp is not None:
                 seq.output_logprobs.append(lp)
-            if seq.first_token_time is None:
+            if seq.last_token_time is None:  # the first token: both times are set together
                 seq.first_token_time = now
                 self.metrics.on_first_token(now - seq.arrival_time)
             else:
