@@ -24,7 +24,7 @@ the same way by the receiver.
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -72,8 +72,16 @@ class DecodeRequest(_Message):
     prompt_token_ids: list[int] = Field(min_length=1)
     first_token: int = Field(ge=0)
     first_logprob: TokenLogprob | None = None
-    prefill_url: str | None = None
     handle: str | None = None
+    # after `handle`, whose value its check reads; checked when left out too
+    prefill_url: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("prefill_url")
+    @classmethod
+    def _url_with_handle(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if url is None and info.data.get("handle"):
+            raise ValueError("required with a handle: the prefill worker that holds the keys and values")
+        return url
 
 
 @dataclass

@@ -184,3 +184,13 @@ def test_a_decode_request_outside_the_protocol_is_refused_naming_the_field(fleet
             "prompt_token_ids": [1, 2, 3], "first_token": 5, field: value}
     r = httpx.post(fleet["decode"].url + "/internal/decode", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_a_decode_request_with_a_handle_but_no_prefill_url_is_refused(fleet):
+    body = {"kind": "completion", "request": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
+            "prompt_token_ids": [1, 2, 3], "first_token": 5, "handle": "h-1"}
+    r = httpx.post(fleet["decode"].url + "/internal/decode", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prefill_url" and "handle" in error["message"]
+    assert not fleet["decode"].core.requests

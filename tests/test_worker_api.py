@@ -111,6 +111,29 @@ def test_bad_completion_requests_get_clear_errors(worker, body, status, param, w
     assert err["param"] == param and words in err["message"] and err["type"]
 
 
+def test_every_openai_prompt_form_gives_the_same_completion(worker):
+    text = "the scheduler keeps"
+    ids = worker.core.tokenizer.encode(text)
+
+    def complete(prompt) -> tuple[list[str], int]:
+        r = post(worker, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in r.json()["choices"]], r.json()["usage"]["prompt_tokens"]
+    want = complete(text)
+    assert want[1] == len(ids)
+    assert complete(ids) == want
+    assert complete([text, text]) == (want[0] * 2, 2 * len(ids))
+    assert complete([ids, ids]) == (want[0] * 2, 2 * len(ids))
+    for empty in ([""], [[]], [text, ""]):
+        r = post(worker, "/v1/completions", {"model": "tiny", "prompt": empty, "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_the_served_name_defaults_to_the_model_folder():
+    assert EngineConfig(model="/models/llama-3-8b", served_model_name=None).served_name == "llama-3-8b"
+    assert EngineConfig(model="/models/llama-3-8b", served_model_name="chat").served_name == "chat"
+
+
 def test_bad_chat_and_body_errors(worker):
     r = httpx.post(worker.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})

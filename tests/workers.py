@@ -51,7 +51,7 @@ class RunningWorker:
 
 def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds: float = 30.0,
                  faults: frozenset[str] = frozenset()) -> RunningWorker:
-    core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
+    core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
     engine = AsyncEngine(core)
     app = build_app(engine, connector, role, health_stall_seconds, faults)

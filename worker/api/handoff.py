@@ -186,7 +186,10 @@ class Handoff:
                                         body.first_logprob)
             except RequestError as e:
                 raise _error(400, str(e), e.param)
-            received = await self._pull(res, body) if body.handle else False
+            received = False
+            if body.handle:
+                assert body.prefill_url is not None  # DecodeRequest refuses a handle without one
+                received = await self._pull(res, body.prefill_url, body.handle)
             await engine.call(connector.activate_kv, rid, received)
             activated = True
         finally:
@@ -197,7 +200,7 @@ class Handoff:
             return await api.respond_completion(req, [prompt], stream, request)
         return await api.respond_chat(req, prompt, stream, request)
 
-    async def _pull(self, res: KVReservation | None, body: DecodeRequest) -> bool:
+    async def _pull(self, res: KVReservation | None, url: str, handle: str) -> bool:
         metrics = self.metrics
         try:
             if res is None:
@@ -208,18 +211,18 @@ class Handoff:
             expect = self.connector.header(res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
-                received = await pull(self.http(), body.prefill_url, body.handle, expect,
+                received = await pull(self.http(), url, handle, expect,
                                       lambda layer, k, v: self.connector.write_kv(res, layer, k, v))
             except (TimeoutError, KVTransferError, aiohttp.ClientError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
-                            body.handle, body.prefill_url, e)
+                            handle, url, e)
                 metrics.on_kv_recompute(e.reason if isinstance(e, KVTransferError) else "unreachable")
                 metrics.on_kv_transfer("received", received)
                 return False
             metrics.on_kv_transfer("received", received, time.perf_counter() - t0)
             return True
         finally:
-            task = asyncio.create_task(self._release(body.prefill_url, body.handle))
+            task = asyncio.create_task(self._release(url, handle))
             self.background.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(self.background.discard)
 

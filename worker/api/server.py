@@ -158,7 +158,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
           health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
     configure_logs(logging.INFO)
-    core = LLMEngine(config, WorkerMetrics(config.served_model_name, role))
+    core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
     app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up

@@ -60,6 +60,16 @@ async def _merged(gens: list[Outputs]) -> Outputs:
 
 
 
+def _prompt_parts(p: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request: texts or token id lists (none: one empty prompt)."""
+    if isinstance(p, str):
+        return [p]
+    ids = [x for x in p if isinstance(x, int)]
+    if len(ids) == len(p):  # one prompt as token ids (validation gives lists of one kind)
+        return [ids]
+    return [x for x in p if not isinstance(x, int)]
+
+
 def engine_request_id() -> str:
     """The engine's id for a request: the caller's x-request-id, made unique (a client may
     send one id twice), so that the engine's own log lines name the request too."""
@@ -70,7 +80,7 @@ class WorkerAPI:
         self.engine = engine
         self.core: LLMEngine = engine.engine
         self.tokenizer = self.core.tokenizer
-        self.model_name = self.core.config.served_model_name
+        self.model_name = self.core.config.served_name
         self.role = role
         self.health_stall_seconds = health_stall_seconds
         self.metrics: WorkerMetrics = self.core.metrics
@@ -84,17 +94,8 @@ class WorkerAPI:
                            param="model", code="model_not_found")
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p)] if p else [[]]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [self.tokenizer.encode(x) if x else [] for x in p]
-        elif p and all(isinstance(x, list) for x in p):
-            prompts = [list(x) for x in p]
-        else:
-            prompts = [[]]
+        prompts = [list(p) if isinstance(p, list) else self.tokenizer.encode(p) if p else []
+                   for p in _prompt_parts(req.prompt)]
         if any(not ids for ids in prompts):
             raise APIError(400, "the prompt is empty", param="prompt")
         return prompts

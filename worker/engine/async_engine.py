@@ -11,12 +11,14 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from .engine import LLMEngine, RequestError, RequestOutput
 from .sequence import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -46,7 +48,7 @@ class AsyncEngine:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(loop,), name="engine-loop", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -93,17 +95,18 @@ class AsyncEngine:
         """Output stream for a request that enters the engine by other means (a KV handoff)."""
         self._streams[request_id] = asyncio.Queue()
 
-    async def call(self, fn, *args):
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs `fn(*args)` on the engine thread between two steps; its outputs, if it
         returns a list of them, go to their streams."""
         if not self.alive:
             raise EngineDead("the engine loop is not running")
-        future = self._loop.create_future()
+        assert self._loop is not None  # alive: start() has set it
+        future: asyncio.Future[T] = self._loop.create_future()
         self._commands.put(("call", fn, args, future))
         self._wake.set()
         return await future
 
-    async def stream(self, request_id: str, n: int) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request_id: str, n: int) -> AsyncGenerator[RequestOutput, None]:
         """Yields the outputs of all `n` choices as they come; if the consumer stops early
         (a client that went away) the request is aborted and its blocks are freed at once."""
         queue_ = self._streams[request_id]
@@ -134,11 +137,11 @@ class AsyncEngine:
 
     # -- the engine thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
-                self._drain_commands()
+                self._drain_commands(loop)
                 if self.engine.kv_connector is not None:
                     self.engine.kv_connector.expire()
                 if not self.engine.has_work():
@@ -149,13 +152,13 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 self.busy_since = None
                 if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                    loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as exc:  # the loop is gone: fail every open request, /health says so
             log.exception("the engine loop died")
             self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"the engine failed: {exc}"))
+            loop.call_soon_threadsafe(self._fail_all, EngineDead(f"the engine failed: {exc}"))
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -167,17 +170,17 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params, hold_kv)
                 except RequestError as exc:
-                    self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+                    loop.call_soon_threadsafe(self._deliver, request_id, exc)
             elif cmd[0] == "call":
                 _, fn, args, future = cmd
                 try:
                     result = fn(*args)
                 except Exception as exc:  # handed to the caller
-                    self._loop.call_soon_threadsafe(_settle, future, None, exc)
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
                 else:
                     if isinstance(result, list) and result and isinstance(result[0], RequestOutput):
-                        self._loop.call_soon_threadsafe(self._dispatch, result)
-                    self._loop.call_soon_threadsafe(_settle, future, result, None)
+                        loop.call_soon_threadsafe(self._dispatch, result)
+                    loop.call_soon_threadsafe(_settle, future, result, None)
             else:
                 self.engine.abort_request(cmd[1])
 
@@ -204,7 +207,7 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
         future.set_result(result)
 
 
-async def tagged(i: int, gen: AsyncIterator[RequestOutput]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+async def tagged(i: int, gen: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(i, output) for each output of `gen`; closing this closes `gen`."""
     try:
         async for out in gen:

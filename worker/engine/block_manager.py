@@ -87,6 +87,7 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
+            assert block.hash is not None  # computed blocks come from hash_to_block_id
             seq.block_table.append(block_id)
             seq.block_hashes.append(block.hash)
         seq.num_cached_tokens = len(computed_blocks) * self.block_size

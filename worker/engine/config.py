@@ -9,7 +9,7 @@ from fleetwise import defaults
 @dataclass
 class EngineConfig:
     model: str
-    served_model_name: str | None = None
+    served_model_name: str | None = None  # None: the model folder's name (`served_name`)
     dtype: str = defaults.DTYPE
     device: str = defaults.DEVICE
     block_size: int = defaults.BLOCK_SIZE
@@ -24,11 +24,14 @@ class EngineConfig:
     seed: int = 0
     kv_lease_seconds: float = defaults.KV_LEASE_SECONDS
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
-        if self.served_model_name is None:
-            self.served_model_name = Path(self.model).name
+
+    @property
+    def served_name(self) -> str:
+        """The name clients ask for: `served_model_name`, else the model folder's name."""
+        return Path(self.model).name if self.served_model_name is None else self.served_model_name

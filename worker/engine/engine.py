@@ -64,7 +64,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.metrics = metrics or WorkerMetrics(config.served_model_name)
+        self.metrics = metrics or WorkerMetrics(config.served_name)
         self.requests: dict[str, list[Sequence]] = {}
         self._text: dict[int, _TextState] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -248,7 +248,7 @@ class LLMEngine:
             lp = sampled.logprobs[j]
             if lp is not None:
                 seq.output_logprobs.append(lp)
-            if seq.first_token_time is None:
+            if seq.last_token_time is None:  # the first token: both times are set together
                 seq.first_token_time = now
                 self.metrics.on_first_token(now - seq.arrival_time)
             else:

@@ -127,7 +127,8 @@ def _length_groups(rows: list[int], ctx: list[int], spread: float = 1.15, max_gr
     `spread` times their shortest (padding waste under 15%), at most `max_groups` of them."""
     if not rows:
         return []
-    groups, current = [], [rows[0]]
+    groups: list[list[int]] = []
+    current = [rows[0]]
     for r in rows[1:]:
         if ctx[r] > spread * ctx[current[0]] and len(groups) < max_groups - 1:
             groups.append(current)

@@ -80,17 +80,13 @@ class Scheduler:
         while running and budget > 0:
             seq = running.pop(0)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.can_append(seq, num_new):
-                if running:
-                    victim = running.pop()
-                    self._preempt(victim)
-                    batch.preempted.append(victim)
-                else:
-                    self._preempt(seq)
-                    batch.preempted.append(seq)
-                    seq = None
-                    break
-            if seq is None:
+            while not bm.can_append(seq, num_new) and running:
+                victim = running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+            if not bm.can_append(seq, num_new):  # nothing left to preempt but seq itself
+                self._preempt(seq)
+                batch.preempted.append(seq)
                 break
             bm.append_slots(seq, num_new)
             self.running.append(seq)

@@ -112,6 +112,7 @@ class Sequence:
         """The request's own random stream (seeded requests only); it survives preemption
         and continues where a prefill worker's left off."""
         if self._generator is None:
+            assert self.params.seed is not None  # the runner asks seeded requests only
             self._generator = torch.Generator(device=device).manual_seed(self.params.seed + self.index)
             for _ in range(self.skip_draws):
                 torch.empty(vocab_size, device=device).exponential_(generator=self._generator)

@@ -71,7 +71,7 @@ def encode(header: KVHeader, layers: Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 class _IteratorReader:

@@ -239,11 +239,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _load_shard(self, params, target: str, shard: int, tensor: torch.Tensor) -> None:
         param = params[target]
-        if target.endswith("qkv_proj.weight"):
-            attn = self.layers[0].self_attn
-            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        c = self.cfg
+        if target.endswith("qkv_proj.weight"):  # as Attention fuses them: q, k, v
+            sizes = [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
         else:
-            sizes = [self.cfg.intermediate_size] * 2
+            sizes = [c.intermediate_size] * 2
         start = sum(sizes[:shard])
         if tensor.shape != (sizes[shard], param.shape[1]):
             raise ValueError(f"{target} shard {shard}: shape {tuple(tensor.shape)}, "

@@ -41,7 +41,10 @@ class SamplerOutput:
 def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
     if m.output_counts is None:
         return logits
+    # set together with output_counts (runner.sampling_metadata), prompt_mask with repetition
+    assert m.presence is not None and m.frequency is not None
     if m.repetition is not None:
+        assert m.prompt_mask is not None
         seen = m.prompt_mask | (m.output_counts > 0)
         rep = m.repetition[:, None].expand_as(logits)
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
@@ -50,7 +53,7 @@ def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
             - m.presence[:, None] * (m.output_counts > 0).float())
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=False)
     vocab = logits.shape[-1]
     if top_k is not None:
@@ -84,17 +87,17 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
         for row, gen in m.generators.items():
             q[row].exponential_(generator=gen)
         random_tokens = (probs / q).argmax(dim=-1)
+        assert m.greedy is not None  # set together with temperature
         tokens = torch.where(m.greedy, greedy_tokens, random_tokens)
     token_list = tokens.tolist()
-    logprobs: list = [None] * len(token_list)
-    rows = [i for i, k in enumerate(m.num_logprobs) if k is not None]
-    if rows:
+    logprobs: list[TokenLogprob | None] = [None] * len(token_list)
+    asked = [(i, k) for i, k in enumerate(m.num_logprobs) if k is not None]
+    if asked:
+        rows = [i for i, _ in asked]
         lp = raw[rows].log_softmax(dim=-1)
-        k = max(m.num_logprobs[i] for i in rows)
-        top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+        top_vals, top_ids = lp.topk(max(1, max(k for _, k in asked)), dim=-1)
         chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = m.num_logprobs[i]
-            logprobs[i] = (chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+        vals, ids = top_vals.tolist(), top_ids.tolist()
+        for j, (i, n) in enumerate(asked):
+            logprobs[i] = (chosen[j], list(zip(ids[j][:n], vals[j][:n])))
     return SamplerOutput(token_list, logprobs)
