@@ -15,28 +15,17 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fleetwise.gpus import gpu_family, product
+
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
-# board power by product, for placement under a power budget; a node label
-# `fleetwise.dev/gpu-watts` overrides it
-NAMEPLATE_WATTS = {
-    "H100": 700, "H200": 700, "B200": 1000, "A100": 400, "L40S": 350, "L4": 72, "A10": 150, "V100": 300,
-}
-DEFAULT_GPU_WATTS = 400
 TOLERATED_TAINTS = {GPU_RESOURCE}  # worker pods tolerate the usual "GPU nodes only" taint
 
 
-def gpu_family(product: str) -> str:
-    """'NVIDIA-H100-80GB-HBM3' -> 'H100'; matching a pool's gpuType is by family or exact product."""
-    for family in sorted(NAMEPLATE_WATTS, key=len, reverse=True):
-        if family in product.upper().replace("-", " ").replace("_", " ").split() or family in product.upper():
-            return family
-    return product
-
-
-def gpu_matches(product: str, wanted: str) -> bool:
-    return product == wanted or gpu_family(product) == gpu_family(wanted)
+def gpu_matches(gpu_product: str, wanted: str) -> bool:
+    """A pool's gpuType matches a node's product by family ('H100') or exactly."""
+    return gpu_product == wanted or gpu_family(gpu_product) == gpu_family(wanted)
 
 
 @dataclass
@@ -52,9 +41,10 @@ class Node:
 
     @property
     def watts_per_gpu(self) -> float:
+        """Nameplate power per GPU: the node's `fleetwise.dev/gpu-watts` label, else the product's rating."""
         if self.gpu_watts is not None:
             return self.gpu_watts
-        return NAMEPLATE_WATTS.get(gpu_family(self.gpu_product), DEFAULT_GPU_WATTS)
+        return product(self.gpu_product).rated_watts
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def worker(
     role: str = typer.Option("mixed", "--role", help="prefill, decode or mixed."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8001, "--port"),
-    served_model_name: str = typer.Option(None, "--served-model-name",
+    served_model_name: str | None = typer.Option(None, "--served-model-name",
                                           help="Name in the API (default: the directory name)."),
     dtype: str = typer.Option(defaults.DTYPE, "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option(defaults.DEVICE, "--device", help="auto, cpu or cuda[:N]."),

@@ -2,7 +2,8 @@
 
 import time
 
-from fleetwise.controllers.placement import Node, Placement, Pod, PowerDomain, gpu_family, place_all
+from fleetwise.controllers.placement import Node, Placement, Pod, PowerDomain, place_all
+from fleetwise.gpus import gpu_family
 
 
 def gpu_node(name, product, gpus=8, rack="r1", **kw):

@@ -114,7 +114,7 @@ def run_core(model_dir: Path, reqs: list[Request], device: str, console: Console
         "preemptions": eng.scheduler.num_preemptions - preempt0,
         "mean_output_tokens_per_step": float(np.mean(steps.tokens)) if steps.tokens else 0.0,
         "mean_running_seqs": float(np.mean(steps.seqs)) if steps.seqs else 0.0,
-        "engine": {k: v for k, v in asdict(config).items() if k != "model"},
+        "engine": {k: v for k, v in asdict(config).items() if k != "model"} | {"served_model_name": config.served_name},
     }
     res.notes.append("KV waste: 1 - (computed tokens held) / (block slots held) by the running "
                      "sequences, summed over all steps (token-weighted)")
