@@ -1,0 +1,161 @@
+"""The power controller's decisions: thresholds, priority and cost order, the hysteresis band
+without oscillation under a noisy series, stale and missing telemetry, minimum caps, and the
+bound on changes per period."""
+
+import itertools
+import random
+
+import pytest
+
+from fleetwise import gpus
+from fleetwise.controllers.power import STEP_FRACTION, PowerState, PowerWorker, Reading, Settings, decide
+from fleetwise.spec import PowerBudgetSpec
+
+H100 = gpus.PRODUCTS["H100"]
+BUDGET = PowerBudgetSpec(node_selector={"row": "r1"}, limit_watts=10_000, cap_threshold=0.9,
+                         emergency_threshold=0.98, release_threshold=0.8, min_gpu_cap_watts=200)
+
+
+def fleet(**caps) -> list[PowerWorker]:
+    """Two low- and two high-priority workers on H100s, one prefill and one decode each."""
+    workers = []
+    for priority in ("Low", "High"):
+        for role, drawn in (("prefill", 680.0), ("decode", 424.0)):
+            name = f"{priority.lower()}-{role}"
+            workers.append(PowerWorker(name, priority, role, "NVIDIA-H100-80GB-HBM3", gpus=4,
+                                       cap_watts=caps.get(name.replace("-", "_")), drawn_watts=drawn))
+    return workers
+
+
+def caps(decision) -> dict[str, float | None]:
+    return {c.worker: c.cap_watts for c in decision.changes}
+
+
+def test_inside_the_band_nothing_changes():
+    d = decide(BUDGET, Reading(8_500), fleet(low_decode=400), PowerState(), now=0)
+    assert d.changes == [] and d.situation == "band"
+
+
+def test_above_the_cap_threshold_low_priority_decode_goes_first_by_cost_and_high_priority_is_untouched():
+    d = decide(BUDGET, Reading(9_200), fleet(), PowerState(), now=0)
+    assert d.situation == "capping" and d.changes
+    assert set(caps(d)) <= {"low-decode", "low-prefill"}
+    assert d.changes[0].worker == "low-decode"  # a watt of token work costs the least latency
+    assert d.projected_watts <= (0.9 + 0.8) / 2 * BUDGET.limit_watts
+    assert all("latency per watt" in c.reason and "Low priority" in c.reason for c in d.changes)
+
+
+def test_the_order_comes_from_the_model_not_from_the_role():
+    """A prefill worker idling at a low draw saves nothing when capped; the decode one does."""
+    workers = [PowerWorker("prefill", "Low", "prefill", "H100", drawn_watts=150.0),
+               PowerWorker("decode", "Low", "decode", "H100", drawn_watts=424.0)]
+    d = decide(BUDGET, Reading(9_500), workers, PowerState(), now=0)
+    assert list(caps(d)) == ["decode"]
+
+
+def test_at_most_max_changes_workers_per_period_unless_in_an_emergency():
+    many = [PowerWorker(f"w{i}", "Low", "decode", "H100", drawn_watts=424.0) for i in range(20)]
+    d = decide(BUDGET, Reading(9_700), many, PowerState(), now=0, settings=Settings(max_changes=3))
+    assert len(d.changes) == 3
+    e = decide(BUDGET, Reading(9_900), many, PowerState(), now=0, settings=Settings(max_changes=3))
+    assert e.situation == "emergency" and len(e.changes) == 20
+
+
+def test_the_emergency_threshold_caps_everyone_deeper():
+    d = decide(BUDGET, Reading(9_900), fleet(), PowerState(), now=0)
+    assert d.situation == "emergency"
+    assert set(caps(d)) == {"low-prefill", "low-decode", "high-prefill", "high-decode"}
+    assert caps(d)["high-prefill"] <= 680 - 2 * STEP_FRACTION * H100.rated_watts
+
+
+def test_caps_never_go_below_the_budgets_minimum_or_the_products_lowest_limit():
+    budget = BUDGET.model_copy(update={"min_gpu_cap_watts": 300})
+    workers = fleet()
+    state = PowerState()
+    for _ in range(30):  # power stays high: the controller keeps lowering
+        d = decide(budget, Reading(9_990), workers, state, now=0)
+        state = d.state
+        applied = caps(d)
+        workers = [PowerWorker(w.name, w.priority, w.role, w.gpu, w.gpus, applied.get(w.name, w.cap_watts),
+                               w.drawn_watts) for w in workers]
+    assert {w.cap_watts for w in workers} == {300.0}
+    a100 = PowerWorker("a", "Low", "decode", "A100", drawn_watts=240.0)
+    d = decide(BUDGET.model_copy(update={"min_gpu_cap_watts": 50}), Reading(9_990), [a100], PowerState(), now=0)
+    assert caps(d)["a"] >= gpus.PRODUCTS["A100"].min_limit_watts
+
+
+def test_release_waits_for_several_low_periods_then_steps_up_high_priority_first():
+    workers = fleet(low_decode=300, high_decode=300, low_prefill=500, high_prefill=500)
+    workers = [PowerWorker(w.name, w.priority, w.role, w.gpu, w.gpus, w.cap_watts, w.cap_watts) for w in workers]
+    state = PowerState()
+    for _ in range(2):
+        d = decide(BUDGET, Reading(5_000), workers, state, now=0, settings=Settings(max_changes=2))
+        assert d.changes == [] and d.situation == "releasing"
+        state = d.state
+    d = decide(BUDGET, Reading(5_000), workers, state, now=0, settings=Settings(max_changes=2))
+    assert [c.worker for c in d.changes] == ["high-prefill", "high-decode"]
+    assert caps(d) == {"high-prefill": 570.0, "high-decode": 370.0}  # one step each, not all the way
+    assert d.state.periods_below_release == 0  # the next step waits again
+
+
+def test_a_cap_raised_to_the_rating_is_lifted_and_release_stops_short_of_the_threshold():
+    worker = PowerWorker("w", "High", "decode", "H100", gpus=8, cap_watts=650, drawn_watts=424)
+    d = decide(BUDGET, Reading(5_000), [worker], PowerState(periods_below_release=2), now=0)
+    assert caps(d) == {"w": None} and "lifted" in d.changes[0].reason
+    tight = [PowerWorker(f"w{i}", "High", "prefill", "H100", gpus=8, cap_watts=300, drawn_watts=300)
+             for i in range(4)]
+    d = decide(BUDGET, Reading(7_500), tight, PowerState(periods_below_release=2), now=0)
+    assert len(d.changes) == 0  # 8 GPUs x 70 W more each would cross 8,000 W
+
+
+def test_stale_or_missing_telemetry_never_lifts_a_cap_and_caps_low_priority_after_the_deadline():
+    workers = fleet(high_decode=300)
+    state = PowerState()
+    for now, reading in ((0, Reading(None)), (60, Reading(9_999, age_seconds=90)), (100, Reading(None))):
+        d = decide(BUDGET, reading, workers, state, now=now)
+        assert d.changes == [] and d.situation == "stale"
+        state = d.state
+    d = decide(BUDGET, Reading(None), workers, state, now=130)
+    assert d.situation == "stale_capping"
+    conservative = 0.6 * H100.rated_watts
+    assert caps(d) == {"low-prefill": conservative, "low-decode": conservative}
+    fresh = decide(BUDGET, Reading(8_500), workers, d.state, now=140)
+    assert fresh.state.stale_since is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_oscillation_under_a_noisy_load_swinging_across_the_thresholds(seed):
+    """A closed loop: each worker draws min(its demand x load, its cap) with 3% noise, beside
+    2 kW the controller does not own; the load swings between 1.3 and 0.7 every 60 periods.
+    Power is back under the cap threshold within a few periods of each rise, caps move down
+    while it is high and up while it is low, never back and forth from one period to the next."""
+    rng = random.Random(seed)
+    workers = {f"w{i}": PowerWorker(f"w{i}", "Low" if i % 2 else "High", "decode" if i % 3 else "prefill",
+                                    "H100", gpus=2) for i in range(8)}
+    demand = {name: 424.0 if w.role == "decode" else 700.0 for name, w in workers.items()}
+    state, directions, totals = PowerState(), [], []
+    lifted_by_end_of_low = []
+    for t in range(300):
+        load = 1.3 if (t // 60) % 2 == 0 else 0.7
+        if t in (119, 239):
+            lifted_by_end_of_low.append(all(w.cap_watts is None for w in workers.values()))
+        drawn = {n: min(demand[n] * load * rng.uniform(0.97, 1.03), w.cap_watts or 1e9) for n, w in workers.items()}
+        total = sum(drawn[n] * w.gpus for n, w in workers.items()) + 2_000
+        totals.append(total)
+        workers = {n: PowerWorker(n, w.priority, w.role, w.gpu, w.gpus, w.cap_watts, drawn[n])
+                   for n, w in workers.items()}
+        d = decide(BUDGET, Reading(total), list(workers.values()), state, now=t)
+        state = d.state
+        moves = {c.worker: (c.cap_watts or 1e9) - (workers[c.worker].cap_watts or 1e9) for c in d.changes}
+        if moves:
+            directions.append((t, 1 if sum(moves.values()) > 0 else -1))
+        for c in d.changes:
+            workers[c.worker] = PowerWorker(c.worker, workers[c.worker].priority, workers[c.worker].role, "H100",
+                                            2, c.cap_watts, drawn[c.worker])
+    for rise in (0, 120, 240):
+        settled = totals[rise + 3:rise + 60]
+        assert max(settled) < BUDGET.cap_threshold * BUDGET.limit_watts, (rise, max(settled))
+    assert lifted_by_end_of_low == [True, True]  # and given back, step by step, while it was low
+    flips = [(a, b) for (a, da), (b, db) in itertools.pairwise(directions) if da != db and b - a == 1]
+    assert not flips, f"cap direction flipped in consecutive periods: {flips}"
+    assert sum(1 for (_, da), (_, db) in itertools.pairwise(directions) if da != db) <= 5  # one per swing
