@@ -4,8 +4,16 @@ and cordon against a real kube-apiserver, with the operator running and the char
 import pytest
 
 from fleetwise.fleet import ActionRefused, Routability, WorkerRef
-from fleetwise.testenv import apply, create_namespace, get, gpu_node, operator_kubeconfig, start_cluster, \
-    start_operator, wait_for
+from fleetwise.testenv import (
+    apply,
+    create_namespace,
+    get,
+    gpu_node,
+    operator_kubeconfig,
+    start_cluster,
+    start_operator,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
