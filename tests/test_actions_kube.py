@@ -1,5 +1,6 @@
-"""Acting on workers in a cluster (`operator/actions.py`): quarantine, restore, drain, restart
-and cordon against a real kube-apiserver, with the operator running and the chart's RBAC."""
+"""Acting on workers in a cluster (`operator/actions.py`): the state as the pod records it
+(pure), then quarantine, restore, drain, restart and cordon against a real kube-apiserver,
+with the operator running and the chart's RBAC."""
 
 import pytest
 
@@ -15,10 +16,66 @@ from fleetwise.testenv import (
     wait_for,
 )
 
-pytestmark = pytest.mark.cluster
-
 NS = "acts"
 A100 = "NVIDIA-A100-SXM4-80GB"
+
+
+def worker_pod(labels: dict | None = None, annotations: dict | None = None) -> dict:
+    return {"metadata": {"name": "chat-mixed-1", "namespace": NS, "creationTimestamp": "2024-05-01T12:00:00Z",
+                         "labels": {"app.kubernetes.io/managed-by": "fleetwise", "fleetwise.dev/role": "mixed",
+                                    "fleetwise.dev/routable": "true", **(labels or {})},
+                         "annotations": annotations or {}},
+            "spec": {"nodeName": "a100-0"}, "status": {"phase": "Running"}}
+
+
+def merged(pod: dict, labels: dict, annotations: dict) -> dict:
+    """The pod after a merge patch of its labels and annotations (None removes a key)."""
+    meta = pod["metadata"]
+    meta["labels"] |= labels
+    meta["annotations"] = {k: v for k, v in (meta["annotations"] | annotations).items() if v is not None}
+    return pod
+
+
+def test_each_state_round_trips_through_the_pod_and_the_plan_sees_it():
+    from fleetwise.operator import manifests as m
+    from fleetwise.operator.reconcile import pod_view
+    pod = worker_pod()
+    assert m.pod_state(pod).state is Routability.SERVING
+    for state, routable in (("draining", "false"), ("quarantined", "false"), ("serving", "true")):
+        merged(pod, *m.routability_patch(Routability(state), f"to {state}", 1714564800.0))
+        got, view = m.pod_state(pod), pod_view(pod)
+        assert (got.state, got.reason, got.since) == (state, f"to {state}", 1714564800.0)
+        assert pod["metadata"]["labels"]["fleetwise.dev/routable"] == routable
+        assert view.quarantined == (state == "quarantined")
+        assert view.draining_since == (1714564800.0 if state == "draining" else None)  # a drain ends with its state
+    legacy = worker_pod({"fleetwise.dev/routable": "false"}, {"fleetwise.dev/draining-since": "12.5"})
+    assert m.pod_state(legacy).state is Routability.DRAINING and m.pod_state(legacy).since == 12.5
+
+
+def test_actions_on_what_is_not_a_worker_pod_are_refused():
+    from fleetwise.operator.actions import KubeFleet
+
+    class Kube:  # answers every read with `found`
+        def __init__(self, found):
+            self.found = found
+
+        def pod(self, namespace, name):
+            return self.found
+
+        def node(self, name):
+            return self.found
+
+    with pytest.raises(ActionRefused, match="quarantine: no pod acts/x"):
+        KubeFleet(Kube(None)).quarantine(WorkerRef("x", NS), "r")
+    stranger = worker_pod({"app.kubernetes.io/managed-by": "helm"})
+    with pytest.raises(ActionRefused, match="is not a fleetwise worker pod"):
+        KubeFleet(Kube(stranger)).restart(WorkerRef("chat-mixed-1", NS), "r")
+    deleting = worker_pod()
+    deleting["metadata"]["deletionTimestamp"] = "2024-05-01T12:00:00Z"
+    with pytest.raises(ActionRefused, match="is being deleted"):
+        KubeFleet(Kube(deleting)).drain(WorkerRef("chat-mixed-1", NS), "r")
+    with pytest.raises(ActionRefused, match="cordon: no node gpu-9"):
+        KubeFleet(Kube(None)).cordon("gpu-9", "r")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +129,7 @@ def ref(pod: dict) -> WorkerRef:
     return WorkerRef(pod["metadata"]["name"], NS, pod["spec"].get("nodeName"))
 
 
+@pytest.mark.cluster
 def test_quarantine_replaces_and_keeps_the_pod_then_restore(cluster, fleet):
     c, _ = cluster
     apply(c, chat(2))
@@ -99,6 +157,7 @@ def test_quarantine_replaces_and_keeps_the_pod_then_restore(cluster, fleet):
     assert "Restored" in events(c, held.name)
 
 
+@pytest.mark.cluster
 def test_drain_and_restart_replace_the_pod(cluster, fleet):
     c, _ = cluster
     wait_for(lambda: len(serving(c)) == 2 and len(pods(c)) == 2, 60, what="chat ready")
@@ -113,6 +172,7 @@ def test_drain_and_restart_replace_the_pod(cluster, fleet):
         fleet.quarantine(drained, "it is gone")
 
 
+@pytest.mark.cluster
 def test_cordon_places_nothing_new_on_the_node(cluster, fleet):
     c, _ = cluster
     fleet.cordon("a100-0", "ECC errors climbing")
