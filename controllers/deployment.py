@@ -4,7 +4,11 @@ Each pool (prefill, decode or mixed) converges on its replica count with pods of
 current template: failed pods are replaced, missing ones created, extra ones drained (the
 router stops sending them requests) and deleted once idle or after the drain timeout; a
 template change rolls out one surge pod at a time and removes an old pod only when the pool
-keeps at least its desired number of ready pods. The operator, `fleetwise up` and the
+keeps at least its desired number of ready pods. A quarantined pod (taken out of routing by
+an action, kept for inspection) is not one of the pool's replicas: the pool gets a
+replacement, and the plan never drains or deletes the quarantined pod itself; it stays
+until it is restored (then it counts again, and an extra pod is drained as in a scale
+down) or restarted. The operator, `fleetwise up` and the
 simulator apply the plan; running the same inputs twice gives the same plan.
 """
 
@@ -28,6 +32,7 @@ class PodView:
     ready: bool = False
     deleting: bool = False
     draining_since: float | None = None  # marked not routable at this time
+    quarantined: bool = False       # out of routing for inspection: not a replica, never removed by the plan
     outstanding: int | None = None  # requests in the worker (None: unknown)
     created: float = 0.0
 
@@ -41,10 +46,11 @@ class PoolStatus:
     desired: int = 0
     ready: int = 0
     updated: int = 0
+    quarantined: int = 0  # pods kept out of the pool for inspection, beside its replicas
 
     @property
     def summary(self) -> str:
-        return f"{self.ready}/{self.desired}"
+        return f"{self.ready}/{self.desired}" + (f" ({self.quarantined} quarantined)" if self.quarantined else "")
 
 
 @dataclass
@@ -80,7 +86,7 @@ def plan(spec: ModelDeploymentSpec, pods: list[PodView], now: float,
     out = Plan()
     pools = spec.pools()
     for role in ROLES:
-        mine = [p for p in pods if p.role == role]
+        mine = [p for p in pods if p.role == role and not p.quarantined]
         if role not in pools:
             for p in mine:
                 if not p.deleting:
@@ -89,6 +95,12 @@ def plan(spec: ModelDeploymentSpec, pods: list[PodView], now: float,
                 out.events.append(("Normal", "PoolRemoved", f"removing the {role} pool (mode {spec.mode})"))
             continue
         _plan_pool(spec, role, mine, now, drain_timeout, out)
+        held = sum(1 for p in pods if p.role == role and p.quarantined and p.live)
+        if held and role in out.pools:
+            out.pools[role].quarantined = held
+            if any(r == role for r, _ in out.create):
+                out.events.append(("Normal", "ReplacingQuarantined",
+                                   f"{held} {role} pod(s) quarantined: kept for inspection, replaced in the pool"))
     return out
 
 

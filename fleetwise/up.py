@@ -1,31 +1,26 @@
 """`fleetwise up`: the fleet on one machine, as processes: a router in front of prefill and
-decode workers (or mixed workers), started, watched and stopped together."""
+decode workers (or mixed workers), started, watched and stopped together. Its `LocalFleet`
+writes the router's endpoints file and is how the workers are quarantined, drained and
+restarted."""
 
 import json
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import httpx
-import yaml
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from fleetwise.fleet import Routability
+from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port, port_free
-from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
+from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
 
 console = Console()
-
-
-@dataclass
-class Member(Process):
-    """One process of the fleet: a worker of one role, or the router; `health` is its last
-    /health answer, for the status table."""
-    role: str = "mixed"
-    health: dict = field(default_factory=dict)
 
 
 def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int, mixed: int,
@@ -39,9 +34,6 @@ def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int
                 "worker", "--model", str(model), "--role", role, "--port", str(p),
                 "--served-model-name", name, *worker_args), workdir / "logs" / f"{role}-{i}.log",
                 f"http://127.0.0.1:{p}", role=role))
-    config = {"models": [{"name": name, **{role: [p.url for p in procs if p.role == role]
-                                           for role, _ in roles}}]}
-    (workdir / "router.yaml").write_text(yaml.safe_dump(config))
     procs.append(Member("router", fleetwise_argv("router", "--config", str(workdir / "router.yaml"),
                                                  "--port", str(port)),
                         workdir / "logs" / "router.log", f"http://127.0.0.1:{port}", role="router"))
@@ -64,16 +56,20 @@ def _ready(proc: Member) -> bool:
     return proc.health.get("status") == "ok"
 
 
-def _table(procs: list[Member], model_name: str) -> Table:
-    t = Table(title=f"fleetwise: {model_name}", expand=False)
-    for col in ("process", "role", "url", "pid", "status", "running", "waiting"):
+def _table(procs: list[Member], fleet: LocalFleet) -> Table:
+    t = Table(title=f"fleetwise: {fleet.model}", expand=False)
+    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing"):
         t.add_column(col)
     for p in procs:
         h = p.health
         status = h.get("status", "?")
         style = "green" if status == "ok" else ("red" if "exited" in str(status) or status == "dead" else "yellow")
+        routing = fleet.states.get(p.name)
+        shown = "" if routing is None else str(routing.state)
+        if routing is not None and routing.state is not Routability.SERVING:
+            shown = f"[yellow]{shown}: {escape(routing.reason)}[/]"
         t.add_row(p.name, p.role, p.url, str(p.pid or "-"), f"[{style}]{status}[/]",
-                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))))
+                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown)
     return t
 
 
@@ -100,6 +96,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         return 2
     name = Path(model).name
     procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args)
+    fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
 
     stopping: list[int] = []
 
@@ -126,11 +123,11 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
                       f"    -d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'")
         console.print("  Ctrl-C stops everything.")
-        with Live(_table(procs, name), console=console, refresh_per_second=2) as live:
+        with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
             while not stopping:
                 for p in procs:
                     _poll(p)
-                live.update(_table(procs, name))
+                live.update(_table(procs, fleet))
                 time.sleep(1.0)
         return 0
     finally:

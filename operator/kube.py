@@ -45,6 +45,26 @@ class Kube:
         self._count("list", "pods")
         return self.api.sanitize_for_serialization(self.core.list_pod_for_all_namespaces(label_selector=selector).items)
 
+    def pod(self, namespace: str, name: str) -> dict | None:
+        """One pod, None when there is none."""
+        self._count("get", "pods")
+        try:
+            return self.api.sanitize_for_serialization(self.core.read_namespaced_pod(name, namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def node(self, name: str) -> dict | None:
+        """One node, None when there is none."""
+        self._count("get", "nodes")
+        try:
+            return self.api.sanitize_for_serialization(self.core.read_node(name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def nodes(self) -> list[dict]:
         self._count("list", "nodes")
         return self.api.sanitize_for_serialization(self.core.list_node().items)
@@ -72,6 +92,7 @@ class Kube:
 
     def patch_pod_metadata(self, namespace: str, name: str, labels: dict | None = None,
                            annotations: dict | None = None) -> None:
+        """Merges labels and annotations into the pod's (a None value removes the key)."""
         self._count("patch", "pods")
         meta = {}
         if labels:
@@ -83,6 +104,11 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> None:
+        """A merge patch of the node (a None value removes the key)."""
+        self._count("patch", "nodes")
+        self.core.patch_node(name, patch)
 
     def bind(self, namespace: str, pod: str, node: str) -> bool:
         """Binds through the pods/binding subresource. False when the pod is gone or bound
@@ -119,18 +145,21 @@ class Kube:
                 raise
 
     def event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """An Event on `involved` (it needs apiVersion, kind and metadata); one on a
+        cluster-scoped object, a node, goes to the default namespace, as kubectl looks for it."""
         meta = involved["metadata"]
+        ns = meta.get("namespace") or "default"
         self._count("create", "events")
-        body = {"metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        body = {"metadata": {"generateName": f"{meta['name']}.", "namespace": ns},
                 "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
-                                   "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+                                   "name": meta["name"], "namespace": meta.get("namespace"), "uid": meta.get("uid")},
                 "type": type_, "reason": reason, "message": message[:1024],
                 "source": {"component": "fleetwise-operator"},
                 "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1,
                 "reportingComponent": "fleetwise-operator"}
         try:
             # the client takes a plain dict for its model
-            self.core.create_namespaced_event(meta["namespace"], body)  # type: ignore[arg-type]
+            self.core.create_namespaced_event(ns, body)  # type: ignore[arg-type]
         except ApiException as e:  # events are best effort
             log.warning("event %s/%s not recorded: %s", reason, meta["name"], e.reason)
 

@@ -1,9 +1,11 @@
 """Kubernetes objects for a ModelDeployment's workers (pure functions of the spec)."""
 
+import datetime as dt
 import secrets
 from collections.abc import Sequence
 
 from fleetwise.controllers.placement import GPU_RESOURCE
+from fleetwise.fleet import Routability, WorkerState
 from fleetwise.spec import API_VERSION, ModelDeploymentSpec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -13,7 +15,13 @@ LABEL_POOL = "fleetwise.dev/pool"
 LABEL_DEPLOYMENT = "fleetwise.dev/deployment"
 LABEL_TEMPLATE = "fleetwise.dev/template-hash"
 LABEL_ROUTABLE = "fleetwise.dev/routable"
-ANNOTATION_DRAINING = "fleetwise.dev/draining-since"
+ANNOTATION_DRAINING = "fleetwise.dev/draining-since"  # seconds since the epoch; the drain timeout counts from it
+# a worker's routability state: the routable label follows it (the router and the pool
+# Services select on the label), these say which state, why and since when (ISO 8601, UTC)
+ANNOTATION_ROUTABILITY = "fleetwise.dev/routability"
+ANNOTATION_ROUTABILITY_REASON = "fleetwise.dev/routability-reason"
+ANNOTATION_ROUTABILITY_SINCE = "fleetwise.dev/routability-since"
+ANNOTATION_CORDON_REASON = "fleetwise.dev/cordon-reason"  # on a node fleetwise cordoned
 SCHEDULER_NAME = "fleetwise"
 WORKER_PORT = 8000
 
@@ -26,6 +34,44 @@ def labels(name: str, spec: ModelDeploymentSpec, role: str) -> dict[str, str]:
 def _label_value(v: str) -> str:
     """Label values allow [A-Za-z0-9._-]; a model name may hold '/'."""
     return v.replace("/", ".")[:63]
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(iso: str) -> float:
+    try:
+        return dt.datetime.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def routability_patch(state: Routability, reason: str, now: float) -> tuple[dict[str, str], dict[str, str | None]]:
+    """The labels and annotations that put a worker pod in `state` (a None annotation is
+    removed): a drain starts the drain timeout; any other state ends a drain under way."""
+    labels = {LABEL_ROUTABLE: "true" if state is Routability.SERVING else "false"}
+    annotations: dict[str, str | None] = {
+        ANNOTATION_ROUTABILITY: str(state), ANNOTATION_ROUTABILITY_REASON: reason[:1024],
+        ANNOTATION_ROUTABILITY_SINCE: _iso(now),
+        ANNOTATION_DRAINING: str(now) if state is Routability.DRAINING else None}
+    return labels, annotations
+
+
+def pod_state(pod: dict) -> WorkerState:
+    """A worker pod's routability as recorded on it. A pod with no recorded state is serving,
+    or draining when it carries only the drain annotation (a drain from before the state
+    was recorded); a routable=false label set by hand takes a pod out of routing without
+    giving it a state."""
+    annotations = pod["metadata"].get("annotations") or {}
+    recorded = annotations.get(ANNOTATION_ROUTABILITY)
+    if recorded in tuple(Routability):
+        return WorkerState(Routability(recorded), annotations.get(ANNOTATION_ROUTABILITY_REASON, ""),
+                           _epoch(annotations.get(ANNOTATION_ROUTABILITY_SINCE, "")))
+    draining = annotations.get(ANNOTATION_DRAINING)
+    if draining:
+        return WorkerState(Routability.DRAINING, "", float(draining))
+    return WorkerState(Routability.SERVING)
 
 
 def owner_reference(body: dict) -> dict:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from fleetwise.controllers import status as st
 from fleetwise.controllers.deployment import Plan, PodView, plan
+from fleetwise.fleet import Routability
 from fleetwise.spec import ModelDeploymentSpec
 
 from . import manifests as m
@@ -23,6 +24,7 @@ from .kube import Kube, epoch, error_message, now_iso
 from .metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
+PLAN_DRAIN_REASON = "the ModelDeployment's plan: scale down or rollout"
 
 
 def pod_view(pod: dict) -> PodView:
@@ -31,11 +33,12 @@ def pod_view(pod: dict) -> PodView:
     labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
     ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in status.get("conditions") or [])
     draining = annotations.get(m.ANNOTATION_DRAINING)
+    quarantined = m.pod_state(pod).state is Routability.QUARANTINED
     created = meta.get("creationTimestamp")
     return PodView(meta["name"], labels.get(m.LABEL_ROLE, ""), labels.get(m.LABEL_TEMPLATE, ""),
                    node=spec.get("nodeName"), phase=status.get("phase") or "Pending", ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")),
-                   draining_since=float(draining) if draining else None,
+                   draining_since=float(draining) if draining else None, quarantined=quarantined,
                    outstanding=0 if draining else None,  # the router stopped sending it requests
                    created=epoch(created) if isinstance(created, str) else 0.0)
 
@@ -89,8 +92,8 @@ class Operator:
         for pod_name in p.delete:
             self.kube.delete_pod(ns, pod_name)
         for pod_name in p.drain:
-            self.kube.patch_pod_metadata(ns, pod_name, labels={m.LABEL_ROUTABLE: "false"},
-                                         annotations={m.ANNOTATION_DRAINING: str(time.time())})
+            labels, annotations = m.routability_patch(Routability.DRAINING, PLAN_DRAIN_REASON, time.time())
+            self.kube.patch_pod_metadata(ns, pod_name, labels=labels, annotations=annotations)
         created = []
         for role, template in p.create:
             self._ensure_service(body, spec, role)

@@ -1,5 +1,17 @@
 """Where the router finds replicas: behind one interface, a static file (reloaded when it
-changes) and, with the operator, Kubernetes discovery."""
+changes) and, with the operator, Kubernetes discovery.
+
+In the static file each replica is a URL, or a mapping that also says whether the router
+may send it requests (`fleetwise up` takes a worker out of routing this way):
+
+    models:
+      - name: tiny
+        mixed:
+          - http://127.0.0.1:8001
+          - {url: http://127.0.0.1:8002, routable: false, state: quarantined, reason: "p99 3x its peers"}
+
+`state` is one of fleetwise.fleet.Routability; `routable` follows from it when left out.
+"""
 
 import logging
 from dataclasses import dataclass, field
@@ -7,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 import yaml
+
+from fleetwise.fleet import Routability
 
 from .replica import Replica
 
@@ -40,8 +54,42 @@ class ConfigError(ValueError):
     pass
 
 
+REPLICA_KEYS = ("url", "routable", "state", "reason")
+
+
+def _url(u: object) -> bool:
+    return isinstance(u, str) and u.startswith(("http://", "https://"))
+
+
+def parse_replica(entry: object, where: str, model: str, role: str) -> Replica:
+    """A URL, or {url, routable, state, reason} (only url required)."""
+    if isinstance(entry, str):
+        if not _url(entry):
+            raise ConfigError(f"{where}: {entry!r} is not an http(s) URL")
+        return Replica(entry.rstrip("/"), model, role)
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: a replica is a URL or a mapping with a url")
+    unknown = set(entry) - set(REPLICA_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(REPLICA_KEYS)}")
+    if not _url(entry.get("url")):
+        raise ConfigError(f"{where}.url must be an http(s) URL")
+    state, routable = entry.get("state"), entry.get("routable")
+    if state is not None and state not in tuple(Routability):
+        raise ConfigError(f"{where}.state {state!r} is not one of {', '.join(Routability)}")
+    if routable is not None and not isinstance(routable, bool):
+        raise ConfigError(f"{where}.routable must be true or false")
+    if not isinstance(entry.get("reason", ""), str):
+        raise ConfigError(f"{where}.reason must be a string")
+    follows = state is None or state == Routability.SERVING
+    if routable is not None and state is not None and routable != follows:
+        raise ConfigError(f"{where}: routable: {str(routable).lower()} contradicts state: {state}")
+    return Replica(entry["url"].rstrip("/"), model, role, routable=follows if routable is None else routable)
+
+
 def parse_config(data) -> dict[str, ModelRoute]:
-    """models: [{name, prefill: [urls], decode: [urls], mixed: [urls]}, ...]"""
+    """models: [{name, prefill: [replicas], decode: [replicas], mixed: [replicas]}, ...];
+    a replica is a URL or a mapping (see the module's docstring)."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise ConfigError("the router config needs a 'models' list")
     routes: dict[str, ModelRoute] = {}
@@ -56,11 +104,11 @@ def parse_config(data) -> dict[str, ModelRoute]:
             raise ConfigError(f"model {m['name']!r} is listed twice")
         route = ModelRoute(m["name"])
         for role in ROLES:
-            urls = m.get(role) or []
-            if not isinstance(urls, list) or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
-                                                     for u in urls):
-                raise ConfigError(f"models[{i}].{role} must be a list of http(s) URLs")
-            route.replicas[role] = [Replica(u.rstrip("/"), m["name"], role) for u in urls]
+            entries = m.get(role) or []
+            if not isinstance(entries, list):
+                raise ConfigError(f"models[{i}].{role} must be a list of replicas (URLs or mappings with a url)")
+            route.replicas[role] = [parse_replica(e, f"models[{i}].{role}[{j}]", m["name"], role)
+                                    for j, e in enumerate(entries)]
         if bool(route.replicas["prefill"]) != bool(route.replicas["decode"]):
             raise ConfigError(f"model {m['name']!r}: prefill and decode replicas come together")
         if not route.all():
@@ -104,11 +152,18 @@ class StaticEndpoints:
 
 
 def swap_routes(old_routes: dict[str, ModelRoute], new: dict[str, ModelRoute]) -> list[str]:
-    """Carries the state (outstanding, health) of replicas that stay into `new`; returns
-    the URLs of those that left."""
+    """Carries the state (outstanding, health) of replicas that stay into `new`, with the
+    routability `new` says; returns the URLs of those that left."""
     old = {(r.model, r.role, r.url): r for route in old_routes.values() for r in route.all()}
     for route in new.values():
         for role in ROLES:
-            route.replicas[role] = [old.get((r.model, r.role, r.url), r) for r in route.replicas[role]]
+            route.replicas[role] = [_carry(old.get((r.model, r.role, r.url)), r) for r in route.replicas[role]]
     kept = {(r.model, r.role, r.url) for route in new.values() for r in route.all()}
     return sorted({url for (model, role, url) in old if (model, role, url) not in kept})
+
+
+def _carry(old: Replica | None, new: Replica) -> Replica:
+    if old is None:
+        return new
+    old.routable = new.routable
+    return old

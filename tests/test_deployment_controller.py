@@ -117,3 +117,54 @@ def test_template_hash_changes_only_with_what_the_pod_runs():
     a, b = spec(image="img:1"), spec(image="img:2")
     assert template_hash(a, "decode") != template_hash(b, "decode")
     assert template_hash(spec(decode=3), "decode") == template_hash(spec(decode=9), "decode")  # replicas: no
+
+
+def test_a_quarantined_pod_is_replaced_and_kept():
+    s = spec(prefill=1, decode=2)
+    held = pods(s, "decode", 1, quarantined=True)[0]
+    current = pods(s, "prefill", 1) + pods(s, "decode", 1) + [held]
+    p = plan(s, current, 0)
+    assert p.create == [("decode", template_hash(s, "decode"))]  # it is not one of the two replicas
+    assert held.name not in p.delete + p.drain
+    assert p.pools["decode"].ready == 1 and p.pools["decode"].summary == "1/2 (1 quarantined)"
+    assert any(e[1] == "ReplacingQuarantined" for e in p.events)
+    # once replaced, the plan is converged and leaves the quarantined pod alone, whatever it is
+    replaced = current + pods(s, "decode", 1)
+    assert plan(s, replaced, 0).converged
+    for change in ({"phase": "Failed"}, {"ready": False}, {"draining_since": 0.0, "outstanding": 0},
+                   {"template_hash": "old"}):
+        odd = PodView(**{**held.__dict__, **change})
+        p = plan(s, replaced[:-2] + [odd, replaced[-1]], 10_000)
+        assert odd.name not in p.delete + p.drain, change
+
+
+def test_a_quarantined_pod_survives_scale_down_rollout_and_pool_removal():
+    s = spec(prefill=1, decode=1)
+    held = pods(s, "decode", 1, quarantined=True)[0]
+    extra = pods(s, "decode", 3)
+    p = plan(s, pods(s, "prefill", 1) + extra + [held], 0)
+    assert len(p.drain) == 2 and held.name not in p.drain
+    c = Cluster(spec(prefill=1, decode=2, image="img:1"), [held])
+    while not c.step().converged:
+        pass
+    c.spec = spec(prefill=1, decode=2, image="img:2")
+    for _ in range(40):
+        if c.step().converged:
+            break
+    assert held in c.pods and c.ready("decode") == 2
+    assert held.name not in plan(spec(mode="Colocated"), [held], 0).delete
+
+
+def test_a_restored_pod_counts_again_and_the_extra_one_is_drained():
+    s = spec(prefill=1, decode=2)
+    c = Cluster(s, pods(s, "prefill", 1) + pods(s, "decode", 2))
+    held = c.pods[1]
+    held.quarantined = True
+    assert c.step().create == [("decode", template_hash(s, "decode"))]
+    assert c.step().converged and held in c.pods
+    held.quarantined = False
+    p = c.step()
+    assert len(p.drain) == 1 and not p.create  # three serving pods for two replicas: one goes
+    while not c.step().converged:
+        pass
+    assert len([x for x in c.pods if x.role == "decode"]) == 2
