@@ -80,6 +80,17 @@ def owner_reference(body: dict) -> dict:
             "controller": True, "blockOwnerDeletion": True}
 
 
+# Kubernetes' "restricted" Pod Security Standard: not root, no privilege escalation, no
+# capabilities, the runtime's default seccomp profile; and a read-only root filesystem with a
+# writable /tmp (HOME points there, for libraries that cache under ~). The uid is the one
+# distroless images call "nonroot".
+NON_ROOT_UID = 65532
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
+                "fsGroup": NON_ROOT_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
 def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
                tolerations: Sequence[dict] = ()) -> dict:
     name = body["metadata"]["name"]
@@ -107,6 +118,9 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
         "spec": {
             "schedulerName": SCHEDULER_NAME,
             "restartPolicy": "Always",
+            "automountServiceAccountToken": False,  # a worker has no business with the API server
+            "securityContext": POD_SECURITY,
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
             "terminationGracePeriodSeconds": 60,
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *tolerations],
             "containers": [{
@@ -117,6 +131,9 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
                 "livenessProbe": {"httpGet": {"path": "/health", "port": WORKER_PORT}, "periodSeconds": 10,
                                   "failureThreshold": 6, "initialDelaySeconds": 60},
                 "resources": {"requests": resources, "limits": resources},
+                "securityContext": CONTAINER_SECURITY,
+                "env": [{"name": "HOME", "value": "/tmp"}],
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
             }],
         },
     }

@@ -5,7 +5,7 @@ with the operator running and the chart's RBAC."""
 import pytest
 
 from fleetwise.fleet import ActionRefused, Routability, WorkerRef
-from fleetwise.testenv import (
+from fleetwise.testenv.cluster import (
     apply,
     create_namespace,
     get,

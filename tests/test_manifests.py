@@ -1,0 +1,45 @@
+"""What the operator and the chart run: worker pods and the chart's pods under Kubernetes'
+"restricted" Pod Security Standard, with a read-only root filesystem and a writable /tmp."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from fleetwise.operator.manifests import worker_pod
+from fleetwise.spec import ModelDeploymentSpec
+
+BODY = {"metadata": {"name": "llama", "namespace": "models", "uid": "u-1"}}
+SPEC = ModelDeploymentSpec.model_validate({"model": {"name": "llama", "uri": "/models/llama"}, "image": "img:1",
+                                           "prefill": {"replicas": 1, "gpuType": "H100"},
+                                           "decode": {"replicas": 1, "gpuType": "A100"}})
+
+
+def assert_restricted(pod_spec: dict, where: str) -> None:
+    pod = pod_spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, where
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    mounts = {v["name"] for v in pod_spec.get("volumes", []) if "emptyDir" in v}
+    for container in pod_spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert any(m["mountPath"] == "/tmp" and m["name"] in mounts for m in container["volumeMounts"]), where
+        assert {"name": "HOME", "value": "/tmp"} in container["env"], where
+
+
+def test_worker_pods_run_restricted_without_an_api_token():
+    pod = worker_pod(BODY, SPEC, "prefill", "abc")
+    assert_restricted(pod["spec"], "worker")
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.cluster
+def test_the_charts_pods_run_restricted():
+    from fleetwise.testenv.cluster import CHART, ensure_built
+    rendered = subprocess.run([str(ensure_built() / "helm"), "template", "t", str(CHART), "--namespace", "sys"],
+                              capture_output=True, text=True, check=True).stdout
+    deployments = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"t-fleetwise-operator", "t-fleetwise-router"}
+    for d in deployments:
+        assert_restricted(d["spec"]["template"]["spec"], d["metadata"]["name"])
