@@ -2,9 +2,17 @@
 
 A replica acts only while it holds the lease; if it cannot renew before the lease runs out
 it exits at once rather than risk acting beside a new leader (its pod restarts and waits).
+While it waits, it answers its liveness probe (`StandbyLiveness`): a standby is alive, and a
+probe that killed it would restart it in a loop and slow the failover it is there for.
+
+Why not kopf's peering or the client's `kubernetes.leaderelection`: kopf's peering needs its own
+cluster-wide resource and pauses a second operator rather than fencing it, and the client's
+elector keeps running the leader's work for a while after a failed renew; here a replica that
+cannot renew in time exits before the lease could pass to another.
 """
 
 import datetime as dt
+import http.server
 import logging
 import os
 import socket
@@ -20,6 +28,32 @@ log = logging.getLogger(__name__)
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class StandbyLiveness:
+    """Answers GET /healthz with 200 on `port` while this replica waits for the lease; the
+    leader's liveness endpoint (kopf's) takes the port over once it leads."""
+
+    def __init__(self, port: int, host: str = "0.0.0.0") -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b'{"status": "standby"}' if self.path == "/healthz" else b'{"status": "not found"}'
+                self.send_response(200 if self.path == "/healthz" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # a probe every few seconds: no log line
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="standby-liveness", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class LeaderElector:

@@ -13,7 +13,7 @@ from fleetwise.logs import configure as configure_logs
 
 from . import handlers
 from .kube import Kube
-from .leader import LeaderElector
+from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
 from .reconcile import Operator
 
@@ -45,7 +45,12 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)
-    elector.acquire()
+    standby = StandbyLiveness(liveness_port) if liveness_port else None
+    try:
+        elector.acquire()
+    finally:
+        if standby is not None:
+            standby.close()  # the port is kopf's from here on
 
     @kopf.on.login()
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -208,6 +208,7 @@ def operator_kubeconfig(cluster: Cluster) -> Path:
 class OperatorProcess(Process):
     """`fleetwise operator` in its own process; `proc` is its Popen."""
     metrics_port: int = 0
+    liveness_port: int = 0
 
     @property
     def proc(self) -> subprocess.Popen | None:
@@ -223,12 +224,12 @@ class OperatorProcess(Process):
 
 
 def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
-    metrics = free_port()
+    metrics, liveness = free_port(), free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
     proc = OperatorProcess(name, fleetwise_argv("operator", "--kubeconfig", str(kubeconfig),
                                                 "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
-                                                "--metrics-port", str(metrics), "--liveness-port", str(free_port())),
-                           log, metrics_port=metrics, die_with_parent=True)
+                                                "--metrics-port", str(metrics), "--liveness-port", str(liveness)),
+                           log, metrics_port=metrics, liveness_port=liveness, die_with_parent=True)
     proc.start()
     return proc
 

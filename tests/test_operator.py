@@ -2,8 +2,10 @@
 
 import time
 
+import httpx
 import pytest
 
+from fleetwise.procs import answers_200
 from fleetwise.testenv.cluster import (
     apply,
     create_namespace,
@@ -243,13 +245,17 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
 
 
 def test_a_second_replica_waits_for_the_lease(cluster, operator):
-    _, kc = operator
+    leader, kc = operator
+    wait_for(lambda: answers_200(f"http://127.0.0.1:{leader.liveness_port}/healthz"), 60, what="kopf's liveness")
     standby = start_operator(cluster, kc, "standby")
     try:
         time.sleep(8)
         log = standby.log.read_text()
         assert standby.proc.poll() is None
         assert "waiting for the lease" in log and "leading as" not in log and "Initial authentication" not in log
+        # a standby is alive: its liveness probe passes (else Kubernetes would restart it in a loop)
+        live = httpx.get(f"http://127.0.0.1:{standby.liveness_port}/healthz", timeout=5)
+        assert live.status_code == 200 and live.json() == {"status": "standby"}
         lease = get(cluster, "lease", "fleetwise-operator", "-n", "fleetwise-system")
         assert lease["spec"]["holderIdentity"] and lease["spec"]["renewTime"]
     finally:
