@@ -2,7 +2,8 @@
 
 Three conditions tell a reader where a deployment stands: Ready (every pool has its desired
 ready pods, all on the current template), Progressing (the last plan changed something, or a
-rollout is still under way) and Degraded (a pod cannot be placed, or the spec is invalid).
+rollout is still under way) and Degraded (a pod cannot be created or placed, or the spec is
+invalid; the message carries the API server's or the placement's reason).
 A condition keeps its lastTransitionTime while its status stays the same, so `kubectl` shows
 how long a deployment has been in its state, not when it was last reconciled. The status is
 compared with the one written before and written only when it differs, so it holds nothing
@@ -44,8 +45,13 @@ def pods_unplaceable(pending: list[Unplaced]) -> str:
     return f"{len(pending)} pod(s) cannot be placed: {pending[0]['reason']}"
 
 
-def plan_applied(plan: Plan, pending: list[Unplaced]) -> list[Condition]:
-    """The conditions once the plan is applied and its new pods bound, `pending` the ones that did not fit."""
+def pods_not_created(failures: list[str]) -> str:
+    return f"{len(failures)} pod(s) could not be created: {failures[0]}"
+
+
+def plan_applied(plan: Plan, pending: list[Unplaced], not_created: list[str] | None = None) -> list[Condition]:
+    """The conditions once the plan is applied and its new pods bound: `pending` the ones that
+    did not fit, `not_created` why the API server refused the ones it would not create."""
     pools = plan.pools.values()
     ready = all(s.ready >= s.desired and s.updated >= s.desired for s in pools)
     progressing = bool(plan.create or plan.delete or plan.drain) or any(s.updated < s.desired for s in pools)
@@ -55,9 +61,17 @@ def plan_applied(plan: Plan, pending: list[Unplaced]) -> list[Condition]:
                   f"ready replicas: {summary}"),
         Condition("Progressing", "True" if progressing else "False", "Reconciling" if progressing else "Converged",
                   "; ".join(message for _, _, message in plan.events) or summary),
-        Condition("Degraded", "True", "Unschedulable", pods_unplaceable(pending)) if pending
-        else Condition("Degraded", "False", "Placed", "every pod is placed"),
+        _degraded(pending, not_created or []),
     ]
+
+
+def _degraded(pending: list[Unplaced], not_created: list[str]) -> Condition:
+    if not_created:  # the first thing to fix: nothing can be placed that was never created
+        message = pods_not_created(not_created) + (f"; {pods_unplaceable(pending)}" if pending else "")
+        return Condition("Degraded", "True", "CreateFailed", message)
+    if pending:
+        return Condition("Degraded", "True", "Unschedulable", pods_unplaceable(pending))
+    return Condition("Degraded", "False", "Placed", "every pod is placed")
 
 
 def deployment_status(previous: Mapping[str, Any] | None, generation: int | None, pools: Mapping[str, PoolStatus],
@@ -78,20 +92,30 @@ def deployment_status(previous: Mapping[str, Any] | None, generation: int | None
 
 
 def settled(status: Mapping[str, Any]) -> bool:
-    """Ready and not progressing: nothing to look at again before the next change or resync."""
-    conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
-    return conds.get("Ready") == "True" and conds.get("Progressing") != "True"
+    """Nothing to look at again before the next change or resync: ready and not progressing,
+    or an invalid spec (only a new spec, which wakes the deployment, can change that)."""
+    conds = {c["type"]: (c["status"], c.get("reason")) for c in status.get("conditions", [])}
+    if conds.get("Degraded") == ("True", "InvalidSpec"):
+        return True
+    return conds.get("Ready", ("",))[0] == "True" and conds.get("Progressing", ("",))[0] != "True"
 
 
 def unplaceable_news(pending: list[Unplaced], previous: Mapping[str, Any] | None) -> str | None:
     """The message of an Unschedulable Event, when the situation differs from the Degraded
     condition written before: one Event per new situation, not one per reconcile."""
-    if not pending:
-        return None
-    message = pods_unplaceable(pending)
+    return _news(pods_unplaceable(pending), previous) if pending else None
+
+
+def not_created_news(failures: list[str], previous: Mapping[str, Any] | None) -> str | None:
+    """The message of a CreateFailed Event, on the same rule."""
+    return _news(pods_not_created(failures), previous) if failures else None
+
+
+def _news(message: str, previous: Mapping[str, Any] | None) -> str | None:
     before = next((c.get("message") for c in (previous or {}).get("conditions") or [] if c.get("type") == "Degraded"),
                   None)
-    return message if message != before else None
+    # the condition holds at most MAX_MESSAGE characters of it, and may hold more than it
+    return message if not (before or "").startswith(message[:MAX_MESSAGE]) else None
 
 
 def short_reason(reason: str) -> str:
@@ -103,4 +127,6 @@ def short_reason(reason: str) -> str:
 
 
 def pending_by_reason(pending: list[Unplaced]) -> dict[str, int]:
-    return dict(Counter(short_reason(item["reason"]) for item in pending))
+    """Every bucket, zeros included, so that a gauge set from it drops a reason that went away."""
+    counts = Counter(short_reason(item["reason"]) for item in pending)
+    return {bucket: counts.get(bucket, 0) for bucket in [*(b.replace(" ", "_") for b in REASON_BUCKETS), "other"]}

@@ -29,6 +29,8 @@ class Binder:
     metrics: OperatorMetrics
     tolerations: list[dict]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # unplaceable pods per deployment, by reason: the pending-pods gauge is their sum
+    pending: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
     def bind(self, body: dict, spec: ModelDeploymentSpec, unbound: list[dict]) -> list[st.Unplaced]:
         """Places and binds; returns what does not fit, and why."""
@@ -50,12 +52,25 @@ class Binder:
         if bound:
             self.kube.event(body, "Normal", "Placed", f"bound {len(bound)} pod(s): {', '.join(bound[:BOUND_LISTED])}"
                             + (" ..." if len(bound) > BOUND_LISTED else ""))
-        for reason, count in st.pending_by_reason(pending).items():
-            self.metrics.pending.labels(reason).set(count)
         news = st.unplaceable_news(pending, body.get("status"))
         if news:
             self.kube.event(body, "Warning", "Unschedulable", news)
         return pending
+
+    def record_pending(self, namespace: str, name: str, pending: list[st.Unplaced] | None) -> None:
+        """A deployment's unplaceable pods after its reconcile (None: it is gone); the gauge
+        shows the sum over deployments, a reason none has any more at 0."""
+        with self.lock:
+            if pending is None:
+                self.pending.pop((namespace, name), None)
+            else:
+                self.pending[(namespace, name)] = st.pending_by_reason(pending)
+            totals = st.pending_by_reason([])
+            for counts in self.pending.values():
+                for reason, count in counts.items():
+                    totals[reason] += count
+        for reason, count in totals.items():
+            self.metrics.pending.labels(reason).set(count)
 
     def _pod(self, namespace: str, spec: ModelDeploymentSpec, pod: dict) -> Pod:
         """A worker pod as placement sees it."""

@@ -113,6 +113,7 @@ def deleted(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
     frees their GPUs without waiting for it."""
     assert namespace is not None, "ModelDeployments are namespaced"
     operator: Operator = memo.operator
+    operator.binder.record_pending(namespace, name, None)
     for pod in operator.kube.pods(namespace, f"{m.LABEL_DEPLOYMENT}={name}"):
         operator.kube.delete_pod(namespace, pod["metadata"]["name"])
 
@@ -123,6 +124,19 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
     deployment = (body.get("metadata", {}).get("labels") or {}).get(m.LABEL_DEPLOYMENT)
     if deployment:
         memo.wakeups.wake(body["metadata"]["namespace"], deployment)
+
+
+@kopf.on.event("", "v1", "services", labels={m.MANAGED_BY: "fleetwise"})
+async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A pool's Service deleted (by hand, say) is made again by its deployment's next reconcile."""
+    if event["type"] != "DELETED":
+        return
+    meta = body["metadata"]
+    labels = meta.get("labels") or {}
+    deployment, role = labels.get(m.LABEL_DEPLOYMENT), labels.get(m.LABEL_ROLE)
+    if deployment and role:
+        memo.operator.service_deleted(meta["namespace"], deployment, role)
+        memo.wakeups.wake(meta["namespace"], deployment)
 
 
 @kopf.on.event("", "v1", "nodes")

@@ -56,7 +56,7 @@ class Operator:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     tolerations: list[dict] = field(default_factory=list)  # extra ones for worker pods (e.g. kwok's)
     binder: Binder = field(init=False)
-    _services: set[tuple[str, str, str]] = field(default_factory=set)
+    _services: set[tuple[str, str, str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.binder = Binder(self.kube, self.cluster, self.metrics, self.tolerations)
@@ -70,22 +70,29 @@ class Operator:
             spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
         except ValidationError as e:
             status = st.deployment_status(body.get("status"), generation, {}, st.spec_invalid(str(e)), [], now_iso())
-            self.kube.patch_status(ns, name, status)
+            if status != body.get("status"):
+                self.kube.patch_status(ns, name, status)
             return status
         pods = self.kube.pods(ns, f"{m.LABEL_DEPLOYMENT}={name}")
         p = plan(spec, [pod_view(x) for x in pods], time.time())
-        created = self._apply(body, spec, p)
+        created, not_created = self._apply(body, spec, p)
+        not_created += self._ensure_services(body, spec)
         deleted = set(p.delete)
         unbound = [x for x in pods + created if _ours_to_bind(x, deleted)]
         pending = self.binder.bind(body, spec, unbound) if unbound else []
-        status = st.deployment_status(body.get("status"), generation, p.pools, st.plan_applied(p, pending), pending,
-                                      now_iso())
+        self.binder.record_pending(ns, name, pending)
+        news = st.not_created_news(not_created, body.get("status"))
+        if news:
+            self.kube.event(body, "Warning", "CreateFailed", news)
+        status = st.deployment_status(body.get("status"), generation, p.pools, st.plan_applied(p, pending, not_created),
+                                      pending, now_iso())
         if status != body.get("status"):  # most reconciles change nothing: no write
             self.kube.patch_status(ns, name, status)
         return status
 
-    def _apply(self, body: dict, spec: ModelDeploymentSpec, p: Plan) -> list[dict]:
-        """Records the plan's events, deletes, drains and creates; returns the pods it created."""
+    def _apply(self, body: dict, spec: ModelDeploymentSpec, p: Plan) -> tuple[list[dict], list[str]]:
+        """Records the plan's events, deletes, drains and creates; returns the pods it created
+        and, for each it could not, the API server's reason."""
         ns = body["metadata"]["namespace"]
         for reason_type, reason, message in p.events:
             self.kube.event(body, reason_type, reason, message)
@@ -94,24 +101,38 @@ class Operator:
         for pod_name in p.drain:
             labels, annotations = m.routability_patch(Routability.DRAINING, PLAN_DRAIN_REASON, time.time())
             self.kube.patch_pod_metadata(ns, pod_name, labels=labels, annotations=annotations)
-        created = []
+        created, not_created = [], []
         for role, template in p.create:
-            self._ensure_service(body, spec, role)
             pod = m.worker_pod(body, spec, role, template, self.tolerations)
             try:
                 self.kube.create_pod(ns, pod)
             except ApiException as e:
                 self.metrics.errors.labels("create_pod").inc()
-                self.kube.event(body, "Warning", "CreateFailed", f"{role} pod: {error_message(e)}")
+                not_created.append(f"{role} pod: {error_message(e)}")
                 continue
             pod["metadata"]["namespace"] = ns
             pod["metadata"]["creationTimestamp"] = now_iso()
             created.append(pod)
-        return created
+        return created, not_created
 
-    def _ensure_service(self, body: dict, spec: ModelDeploymentSpec, role: str) -> None:
-        """A pool's Service, created once per operator run (creating it again is a 409, and a request)."""
-        key = (body["metadata"]["namespace"], body["metadata"]["name"], role)
-        if key not in self._services:
-            self.kube.ensure_service(key[0], m.pool_service(body, spec, role))
+    def _ensure_services(self, body: dict, spec: ModelDeploymentSpec) -> list[str]:
+        """Each pool's Service, created when this deployment (by uid: a re-created one is
+        another) has not had it since it was last seen deleted; creating one that exists is a
+        409, and a request, so the ones made are remembered. Returns why any could not be made."""
+        meta = body["metadata"]
+        failures = []
+        for role in spec.pools():
+            key = (meta["namespace"], meta["name"], role, meta.get("uid", ""))
+            if key in self._services:
+                continue
+            try:
+                self.kube.ensure_service(key[0], m.pool_service(body, spec, role))
+            except ApiException as e:
+                failures.append(f"{role} Service: {error_message(e)}")
+                continue
             self._services.add(key)
+        return failures
+
+    def service_deleted(self, namespace: str, deployment: str, role: str) -> None:
+        """A pool's Service went away (by hand, or with its deployment): the next reconcile makes it again."""
+        self._services = {k for k in self._services if k[:3] != (namespace, deployment, role)}

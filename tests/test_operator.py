@@ -141,6 +141,31 @@ def test_invalid_resources_are_refused_naming_the_field(cluster, operator):
     assert r.returncode != 0 and "mixed pool" in r.stderr
 
 
+def test_pods_the_api_server_refuses_make_it_degraded_with_its_reason(cluster, operator):
+    create_namespace(cluster, "quota")
+    apply(cluster, {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods", "namespace": "quota"},
+                    "spec": {"hard": {"pods": "0"}}})
+    apply(cluster, md("refused", prefill=1, decode=1) | {"metadata": {"name": "refused", "namespace": "quota"}})
+
+    def degraded():
+        status = get(cluster, "md", "refused", "-n", "quota").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+    cond = wait_for(lambda: (c := degraded()).get("reason") == "CreateFailed" and c, 60, what="CreateFailed")
+    assert cond["status"] == "True" and "exceeded quota" in cond["message"]
+    cluster.kubectl("delete", "resourcequota", "no-pods", "-n", "quota")
+    wait_for(lambda: degraded().get("status") == "False", 60, what="pods created once the quota is gone")
+
+
+def test_a_pool_service_deleted_by_hand_comes_back(cluster, operator):
+    def service_exists() -> bool:
+        return cluster.kubectl("get", "service", "svc-decode", "-n", NS, check=False).returncode == 0
+    apply(cluster, md("svc", prefill=1, decode=1))
+    wait_for(service_exists, 60, what="the decode pool's Service")
+    cluster.kubectl("delete", "service", "svc-decode", "-n", NS)
+    wait_for(service_exists, 60, what="the Service made again")
+    cluster.kubectl("delete", "md", "svc", "-n", NS)
+
+
 def test_unplaceable_pods_are_explained(cluster, operator):
     apply(cluster, md("huge", prefill=1, decode=1) | {"spec": {
         **md("huge")["spec"], "prefill": {"replicas": 1, "gpuType": "B200"},
@@ -163,6 +188,7 @@ def test_operator_restart_mid_scale_up_converges_exactly(cluster, operator):
     time.sleep(1)
     fresh = start_operator(cluster, kc, "operator-2")
     op.proc = fresh.proc  # the module fixture stops this one at the end
+    op.metrics_port, op.liveness_port, op.log = fresh.metrics_port, fresh.liveness_port, fresh.log
     # the killed replica's lease must run out (15 s) before the new one acts
     wait_for(converged(cluster, "restart", 3, 3), 120, what="converged after restart")
     time.sleep(3)  # and nothing more is created once converged

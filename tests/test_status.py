@@ -4,6 +4,7 @@ from fleetwise.controllers.deployment import Plan, PoolStatus
 from fleetwise.controllers.status import (
     Condition,
     deployment_status,
+    not_created_news,
     pending_by_reason,
     plan_applied,
     pods_unplaceable,
@@ -106,12 +107,13 @@ def test_pending_is_cut_to_20_and_messages_to_1000_characters():
     assert degraded["message"] == pods_unplaceable(pending)[:1000] and len(degraded["message"]) == 1000
 
 
-def test_settled_means_ready_and_not_progressing():
+def test_settled_means_ready_and_not_progressing_or_an_invalid_spec():
     ready = deployment_status(None, 1, {}, plan_applied(converged_plan(), []), [], T0)
     assert settled(ready)
     assert not settled(deployment_status(None, 1, {}, plan_applied(Plan(drain=["x"]), []), [], T0))
     assert not settled(deployment_status(None, 1, {}, plan_applied(Plan(pools={"d": PoolStatus(1, 0, 0)}), []), [], T0))
-    assert not settled(deployment_status(None, 1, {}, spec_invalid("bad"), [], T0))
+    # only a new spec can change an invalid one, and a new spec wakes the deployment: no retry every second
+    assert settled(deployment_status(None, 1, {}, spec_invalid("bad"), [], T0))
 
 
 def test_an_unschedulable_event_only_for_a_new_situation():
@@ -133,4 +135,44 @@ def test_short_reasons_bucket_placement_reasons():
         assert short_reason(reason) == bucket
     pending = [{"pod": "a", "reason": "node cordoned"}, {"pod": "b", "reason": "GPU type is not A100"},
                {"pod": "c", "reason": "node cordoned"}]
-    assert pending_by_reason(pending) == {"cordoned": 2, "GPU_type": 1}
+    counts = pending_by_reason(pending)
+    assert counts["cordoned"] == 2 and counts["GPU_type"] == 1
+    assert set(counts) == {"power_budget", "GPU_type", "free_GPUs", "cordoned", "taint", "not_ready", "no_GPU_nodes",
+                           "other"} and sum(counts.values()) == 3  # zeros too: a gauge drops what went away
+
+
+def test_pods_the_api_server_would_not_create_make_the_deployment_degraded_with_its_reason():
+    failures = ["prefill pod: pods \"x\" is forbidden: exceeded quota: gpus"]
+    conds = {c.type: c for c in plan_applied(Plan(create=[("prefill", "h")]), [], failures)}
+    assert conds["Degraded"].status == "True" and conds["Degraded"].reason == "CreateFailed"
+    assert "exceeded quota" in conds["Degraded"].message
+    both = {c.type: c for c in plan_applied(Plan(), [{"pod": "a", "reason": "no GPU nodes"}], failures)}
+    assert both["Degraded"].reason == "CreateFailed" and "cannot be placed" in both["Degraded"].message
+    written = deployment_status(None, 1, {}, plan_applied(Plan(), [], failures), [], T0)
+    assert not_created_news(failures, None) is not None and not_created_news(failures, written) is None
+
+
+def test_a_reason_longer_than_the_condition_holds_is_news_once():
+    pending = [{"pod": "a", "reason": "x" * 3000}]
+    written = deployment_status(None, 1, {}, plan_applied(Plan(), pending), pending, T0)
+    assert unplaceable_news(pending, None) is not None
+    assert unplaceable_news(pending, written) is None  # the condition keeps only its first 1,000 characters
+
+
+def test_the_pending_gauge_is_the_sum_over_deployments_and_drops_what_went_away():
+    from fleetwise.operator.binding import Binder
+    from fleetwise.operator.metrics import OperatorMetrics
+    metrics = OperatorMetrics()
+    binder = Binder(kube=None, cluster=None, metrics=metrics, tolerations=[])  # type: ignore[arg-type]
+
+    def gauge(reason: str) -> float:
+        return metrics.registry.get_sample_value("fleetwise_operator_pending_pods", {"reason": reason})
+
+    binder.record_pending("ns", "a", [{"pod": "a-1", "reason": "node cordoned"}])
+    binder.record_pending("ns", "b", [{"pod": "b-1", "reason": "node cordoned"},
+                                      {"pod": "b-2", "reason": "no GPU nodes"}])
+    assert gauge("cordoned") == 2 and gauge("no_GPU_nodes") == 1
+    binder.record_pending("ns", "b", [])  # b's pods were placed
+    assert gauge("cordoned") == 1 and gauge("no_GPU_nodes") == 0
+    binder.record_pending("ns", "a", None)  # a was deleted
+    assert gauge("cordoned") == 0
