@@ -43,3 +43,34 @@ def test_the_charts_pods_run_restricted():
     assert {d["metadata"]["name"] for d in deployments} == {"t-fleetwise-operator", "t-fleetwise-router"}
     for d in deployments:
         assert_restricted(d["spec"]["template"]["spec"], d["metadata"]["name"])
+
+
+@pytest.mark.cluster
+def test_with_watched_namespaces_the_operator_changes_things_only_there():
+    from fleetwise.testenv.cluster import CHART, ensure_built
+
+    def rbac(*args: str) -> list[dict]:
+        rendered = subprocess.run([str(ensure_built() / "helm"), "template", "t", str(CHART), "--namespace", "sys",
+                                   "--show-only", "templates/rbac.yaml", *args],
+                                  capture_output=True, text=True, check=True).stdout
+        return [d for d in yaml.safe_load_all(rendered) if d]
+
+    def pod_verbs(doc: dict) -> set[str]:
+        return {v for rule in doc["rules"] if "pods" in rule["resources"] for v in rule["verbs"]}
+
+    def operator_roles(docs: list[dict], kind: str) -> dict[str, dict]:
+        return {d["metadata"].get("namespace", ""): d for d in docs
+                if d["kind"] == kind and d["metadata"]["name"] == "t-fleetwise-operator"}
+
+    everywhere = rbac()
+    assert pod_verbs(operator_roles(everywhere, "ClusterRole")[""]) >= {"create", "delete", "patch"}
+    assert operator_roles(everywhere, "Role") == {}
+    scoped = rbac("--set", "operator.watchNamespaces={team-a,team-b}")
+    assert pod_verbs(operator_roles(scoped, "ClusterRole")[""]) == {"get", "list", "watch"}  # placement sees all
+    roles = operator_roles(scoped, "Role")
+    assert set(roles) == {"team-a", "team-b"}
+    assert all(pod_verbs(r) == {"create", "delete", "patch"} for r in roles.values())
+    bindings = operator_roles(scoped, "RoleBinding")
+    assert set(bindings) == {"team-a", "team-b"}
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "t-fleetwise-operator", "namespace": "sys"}]
+               for b in bindings.values())
