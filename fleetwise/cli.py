@@ -142,10 +142,13 @@ def operator(
     metrics_port: int = typer.Option(9090, "--metrics-port", help="Prometheus metrics (0: off)."),
     liveness_port: int = typer.Option(8080, "--liveness-port", help="kopf's /healthz (0: off)."),
     tolerate_taint: list[str] = typer.Option([], "--tolerate-taint", help="Extra taint keys worker pods tolerate."),
+    drain_timeout: float = typer.Option(120.0, "--drain-timeout",
+                                        help="Seconds a draining worker gets to finish its requests."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
-    run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint)
+    run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
+                 drain_timeout=drain_timeout)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:

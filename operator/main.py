@@ -9,6 +9,7 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
 from fleetwise.logs import configure as configure_logs
 
 from . import handlers
@@ -31,7 +32,8 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 
 
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
-                 liveness_port: int, tolerate_taints: list[str], identity: str | None = None) -> None:
+                 liveness_port: int, tolerate_taints: list[str], identity: str | None = None,
+                 drain_timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     api = load_client(kubeconfig)
@@ -41,7 +43,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     metrics = OperatorMetrics()
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
-    memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations))
+    memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
+                                           drain_timeout=drain_timeout))
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)

@@ -4,6 +4,7 @@ import datetime as dt
 import secrets
 from collections.abc import Sequence
 
+from fleetwise.addresses import WORKER_PORT
 from fleetwise.controllers.placement import GPU_RESOURCE
 from fleetwise.fleet import Routability, WorkerState
 from fleetwise.spec import API_VERSION, ModelDeploymentSpec
@@ -23,7 +24,6 @@ ANNOTATION_ROUTABILITY_REASON = "fleetwise.dev/routability-reason"
 ANNOTATION_ROUTABILITY_SINCE = "fleetwise.dev/routability-since"
 ANNOTATION_CORDON_REASON = "fleetwise.dev/cordon-reason"  # on a node fleetwise cordoned
 SCHEDULER_NAME = "fleetwise"
-WORKER_PORT = 8000
 
 
 def labels(name: str, spec: ModelDeploymentSpec, role: str) -> dict[str, str]:

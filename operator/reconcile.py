@@ -13,13 +13,14 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from fleetwise.controllers import status as st
-from fleetwise.controllers.deployment import Plan, PodView, plan
+from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS, Plan, PodView, plan
 from fleetwise.fleet import Routability
 from fleetwise.spec import ModelDeploymentSpec
 
 from . import manifests as m
 from .binding import Binder
 from .cluster import ClusterState
+from .inflight import in_flight
 from .kube import Kube, epoch, error_message, now_iso
 from .metrics import OperatorMetrics
 
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 PLAN_DRAIN_REASON = "the ModelDeployment's plan: scale down or rollout"
 
 
-def pod_view(pod: dict) -> PodView:
-    """A worker pod as controllers.deployment sees it."""
+def pod_view(pod: dict, outstanding: int | None = None) -> PodView:
+    """A worker pod as controllers.deployment sees it; `outstanding`: the requests it holds,
+    when known."""
     meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
     labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
     ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in status.get("conditions") or [])
@@ -39,8 +41,13 @@ def pod_view(pod: dict) -> PodView:
                    node=spec.get("nodeName"), phase=status.get("phase") or "Pending", ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")),
                    draining_since=float(draining) if draining else None, quarantined=quarantined,
-                   outstanding=0 if draining else None,  # the router stopped sending it requests
+                   outstanding=outstanding,
                    created=epoch(created) if isinstance(created, str) else 0.0)
+
+
+def _draining_in_flight(pod: dict) -> int | None:
+    """What a draining pod's worker still holds (asked only of the draining ones)."""
+    return in_flight(pod) if (pod["metadata"].get("annotations") or {}).get(m.ANNOTATION_DRAINING) else None
 
 
 def _ours_to_bind(pod: dict, deleted: set[str]) -> bool:
@@ -55,6 +62,7 @@ class Operator:
     cluster: ClusterState = field(default_factory=ClusterState)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     tolerations: list[dict] = field(default_factory=list)  # extra ones for worker pods (e.g. kwok's)
+    drain_timeout: float = DRAIN_TIMEOUT_SECONDS
     binder: Binder = field(init=False)
     _services: set[tuple[str, str, str, str]] = field(default_factory=set)
 
@@ -74,7 +82,7 @@ class Operator:
                 self.kube.patch_status(ns, name, status)
             return status
         pods = self.kube.pods(ns, f"{m.LABEL_DEPLOYMENT}={name}")
-        p = plan(spec, [pod_view(x) for x in pods], time.time())
+        p = plan(spec, [pod_view(x, _draining_in_flight(x)) for x in pods], time.time(), self.drain_timeout)
         created, not_created = self._apply(body, spec, p)
         not_created += self._ensure_services(body, spec)
         deleted = set(p.delete)

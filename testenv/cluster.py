@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from fleetwise.addresses import ADDRESS_MAP_ENV
 from fleetwise.net import free_port
 from fleetwise.procs import Process, fleetwise_argv, stop_all
 
@@ -223,13 +224,24 @@ class OperatorProcess(Process):
         self.kill() if kill else super().stop(grace)
 
 
+DRAIN_TIMEOUT_S = 5
+
+
+def address_map(cluster: Cluster) -> Path:
+    """The operator's address map: tests that put real workers behind kwok pods write it."""
+    return cluster.workdir / "addresses.json"
+
+
 def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
     metrics, liveness = free_port(), free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
     proc = OperatorProcess(name, fleetwise_argv("operator", "--kubeconfig", str(kubeconfig),
                                                 "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
-                                                "--metrics-port", str(metrics), "--liveness-port", str(liveness)),
-                           log, metrics_port=metrics, liveness_port=liveness, die_with_parent=True)
+                                                "--metrics-port", str(metrics), "--liveness-port", str(liveness),
+                                                # kwok's pods have no workers to ask: their drains run out
+                                                "--drain-timeout", str(DRAIN_TIMEOUT_S)),
+                           log, metrics_port=metrics, liveness_port=liveness, die_with_parent=True,
+                           env={ADDRESS_MAP_ENV: str(address_map(cluster))})
     proc.start()
     return proc
 
