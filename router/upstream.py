@@ -3,6 +3,11 @@
 The router sends every request through here: keep-alive connections per replica, the
 response head awaited, the body read whole or streamed chunk by chunk as it arrives.
 General-purpose clients spend more CPU per request than the proxying itself.
+
+Its errors say how far a request got, because that decides whether the router may send it
+to another replica: `NotSent` (it never reached the replica), `NoAnswer` (the connection
+closed before the response head), `UpstreamTimeout` (the replica may still be working on
+it), any other `UpstreamError` (the answer broke off after its head).
 """
 
 import asyncio
@@ -15,9 +20,26 @@ import httptools
 
 from .replica import Replica
 
+# A pooled connection that closes this soon after a request was written on it had been
+# closed by the replica while idle (its close was on the way): the request never reached it.
+# A later close is the replica failing with the request in hand, which is not retried.
+STALE_CLOSE = 0.25
+
 
 class UpstreamError(Exception):
     """The replica could not be reached or broke the response off."""
+
+
+class NotSent(UpstreamError):
+    """The request did not reach the replica: there was no connection."""
+
+
+class NoAnswer(UpstreamError):
+    """The connection closed before the response head."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The replica sent nothing for the read timeout; it may still be working on the request."""
 
 
 class _Connection(asyncio.Protocol):
@@ -30,7 +52,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.complete = False
+        self.keep_alive = False  # read when the message completes: the parser resets after it
         self.closed = False
+        self.sent_at = self.lost_at = 0.0  # loop time of the last request written, of the close
         self._header_name = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -47,8 +71,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = asyncio.get_running_loop().time()
         if not self.complete:
-            self._fail(UpstreamError(f"connection closed: {exc or 'by the replica'}"))
+            reason = f"connection closed: {exc or 'by the replica'}"
+            self._fail(NoAnswer(reason) if self.status == 0 else UpstreamError(reason))
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -67,6 +93,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.chunks is not None
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
         self.chunks.put_nowait(None)
 
     def _fail(self, exc: Exception) -> None:
@@ -81,7 +108,8 @@ class _Connection(asyncio.Protocol):
         """Writes the request; the future is done when the response head has arrived."""
         loop = asyncio.get_running_loop()
         self.head, self.chunks = loop.create_future(), asyncio.Queue()
-        self.status, self.headers, self.complete = 0, {}, False
+        self.status, self.headers, self.complete, self.keep_alive = 0, {}, False, False
+        self.sent_at = loop.time()
         self.transport.write(request)
         return self.head
 
@@ -103,7 +131,7 @@ class Response:
                 async with asyncio.timeout(self._pool.read_timeout):
                     item = await conn.chunks.get()
             except TimeoutError:
-                raise UpstreamError(f"the replica sent nothing for {self._pool.read_timeout:.0f} s")
+                raise UpstreamTimeout(f"the replica sent nothing for {self._pool.read_timeout:g} s")
             if item is None:
                 self._done = True
                 return
@@ -122,7 +150,7 @@ class Response:
             return
         self._conn = None
         idle = self._pool._idle[conn.key]
-        if (self._done and conn.complete and not conn.closed and conn.parser.should_keep_alive()
+        if (self._done and conn.complete and not conn.closed and conn.keep_alive
                 and len(idle) < self._pool.max_idle):
             idle.append(conn)
         else:
@@ -146,7 +174,7 @@ class Pool:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(self, (host, port)), host, port), self.connect_timeout)
         except (TimeoutError, OSError) as e:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
+            raise NotSent(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         return conn
 
     async def post(self, url: str, path: str, body: bytes, headers: bytes = b"") -> Response:
@@ -155,8 +183,8 @@ class Pool:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or 80
         if host is None:
-            raise UpstreamError(f"no host in {url!r}")
-        for attempt in (0, 1):  # a pooled connection may have been closed by the replica meanwhile
+            raise NotSent(f"no host in {url!r}")
+        for attempt in (0, 1):
             conn = await self._connection(host, port)
             reused = conn.head is not None
             head = conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
@@ -166,11 +194,11 @@ class Pool:
                     await head
             except TimeoutError:
                 conn.transport.close()
-                raise UpstreamError(f"no response from {host}:{port} in {self.read_timeout:.0f} s")
-            except UpstreamError:
+                raise UpstreamTimeout(f"no response from {host}:{port} in {self.read_timeout:g} s")
+            except UpstreamError as e:
                 conn.transport.close()
-                if reused and attempt == 0:
-                    continue
+                if reused and attempt == 0 and isinstance(e, NoAnswer) and conn.lost_at - conn.sent_at < STALE_CLOSE:
+                    continue  # an idle connection the replica had closed: the request never reached it
                 raise
             return Response(conn, self)
         raise UpstreamError("unreachable")

@@ -1,0 +1,239 @@
+"""The router under faults, over real workers: what takes a replica out of rotation, what is
+tried on another replica and what is the client's error, streams that lose a sequence,
+prefill leases that the decode step did not take, bounds on one request's work, and
+replica URLs the router cannot speak to."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+
+from fleetwise.net import free_port
+from fleetwise.router.fanout import merge_streams
+from fleetwise.router.replica import Replica
+from fleetwise.router.upstream import Pool, Upstream, UpstreamError
+
+from .workers import start_router, start_worker, start_worker_process, write_router_config
+
+BAD = [7] * 9  # a prompt the fault hooks below fail on
+
+
+def config(model_dir, **kw):
+    from fleetwise.worker.engine.config import EngineConfig
+    return EngineConfig(model=str(model_dir), served_model_name="tiny", block_size=8, num_blocks=256, **kw)
+
+
+def fail_on_bad_prompt(batch):
+    if any(seq.token_ids[:seq.num_prompt_tokens] == BAD for seq in batch.seqs):
+        raise RuntimeError("this request breaks the model")
+
+
+def replica(router, url):
+    return next(r for r in router.router.source.models()["tiny"].all() if r.url == url)
+
+
+def counter(metric, *labels) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+def served(worker) -> float:
+    return worker.core.metrics.prompt_tokens.labels(model_name="tiny")._value.get()
+
+
+def post(url, timeout=60, **body):
+    return httpx.post(url + "/v1/completions", json={"model": "tiny", **body}, timeout=timeout)
+
+
+def stop(*parts):
+    for p in parts:
+        p.stop()
+
+
+def test_a_request_that_fails_everywhere_takes_no_replica_out(tiny_model_dir, tmp_path):
+    """A worker's 500 that belongs to the request goes to the client unchanged and is
+    counted; the replica stays in rotation (the next good request is served)."""
+    a, b = start_worker(config(tiny_model_dir)), start_worker(config(tiny_model_dir))
+    a.core.fault_hook = b.core.fault_hook = fail_on_bad_prompt
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[a.url, b.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)  # no probe heals them
+    try:
+        r = post(router.url, prompt=BAD, max_tokens=4)
+        assert r.status_code == 500 and "generation failed" in r.json()["error"]["message"], r.text
+        assert all(replica(router, w.url).healthy for w in (a, b))
+        assert post(router.url, prompt="a good one", max_tokens=4).status_code == 200
+        m = router.router.metrics
+        assert counter(m.server_errors, "tiny", "mixed", a.url) + counter(m.server_errors, "tiny", "mixed", b.url) == 1
+        assert counter(m.retries, "tiny", "mixed") == 0
+        text = httpx.get(router.url + "/metrics").text
+        assert "fleetwise_router_replica_server_errors_total{" in text
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool (Debian package prometheus) is needed to lint /metrics"
+        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+    finally:
+        stop(router, a, b)
+
+
+def test_a_dead_engine_or_an_unreachable_replica_is_taken_out_and_skipped(tiny_model_dir, tmp_path):
+    dead, good = start_worker(config(tiny_model_dir)), start_worker(config(tiny_model_dir))
+
+    def die(batch):
+        raise SystemExit("the engine loop dies")
+    dead.core.fault_hook = die
+    assert post(dead.url, prompt="x", max_tokens=2).json()["error"]["code"] == "engine_unavailable"
+    nobody = f"http://127.0.0.1:{free_port()}"
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, dead.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
+    try:
+        replica(router, dead.url).healthy = True  # as if the last probe had found it well
+        r = post(router.url, prompt="hello", max_tokens=2)  # round robin tries `dead` first
+        assert r.status_code == 200, r.text
+        assert not replica(router, dead.url).healthy
+        assert counter(router.router.metrics.retries, "tiny", "mixed") == 1
+        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, nobody])
+        router.router.source.refresh()
+        for _ in range(4):  # round robin comes to `nobody` within a few
+            assert post(router.url, prompt="hello", max_tokens=2).status_code == 200
+        assert not replica(router, nobody).healthy
+    finally:
+        stop(router, dead, good)
+
+
+def test_a_non_streamed_generation_that_times_out_is_not_restarted(tiny_model_dir, tmp_path):
+    slow, other = start_worker(config(tiny_model_dir)), start_worker(config(tiny_model_dir))
+    slow.core.fault_hook = lambda batch: time.sleep(2.0)
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.url, slow.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60, request_timeout=1.0)
+    try:
+        before = served(other)
+        r = post(router.url, prompt="a long generation", max_tokens=4)
+        assert r.status_code == 504, r.text
+        assert "not restarted" in r.json()["error"]["message"] and r.json()["error"]["code"] == "upstream_timeout"
+        assert served(other) == before  # not run a second time elsewhere
+        assert not replica(router, slow.url).healthy
+        assert counter(router.router.metrics.timeouts, "tiny", "mixed", slow.url) == 1
+    finally:
+        slow.core.fault_hook = None
+        stop(router, slow, other)
+
+
+def test_the_pool_reuses_a_connection_the_replica_keeps_open(tiny_model_dir):
+    worker = start_worker(config(tiny_model_dir))
+
+    async def two() -> tuple[object, object]:
+        pool = Pool()
+        conns = []
+        try:
+            for _ in range(2):
+                r = await pool.post(worker.url, "/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 2}')
+                conns.append(r._conn)
+                assert r.status == 200 and await r.read()
+                r.release()
+        finally:
+            pool.close()
+        return conns[0], conns[1]
+    try:
+        first, second = asyncio.run(two())
+        assert first is second
+    finally:
+        worker.stop()
+
+
+def test_a_non_streamed_generation_whose_replica_dies_is_not_restarted(tiny_model_dir, tmp_path):
+    doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8")
+    other = start_worker(config(tiny_model_dir))
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.url, doomed.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
+    try:
+        # round robin: `doomed`, `other`, then `doomed` again on the connection the first left open
+        for _ in range(2):
+            assert post(router.url, prompt="warm up", max_tokens=2).status_code == 200
+        before = served(other)
+        result = []
+        sender = threading.Thread(target=lambda: result.append(
+            post(router.url, prompt="a long generation", n=8, max_tokens=1000, ignore_eos=True)))
+        sender.start()
+        assert wait_for(lambda: running(doomed.url) > 0, 30), "the generation never started"
+        time.sleep(0.5)  # well past the write: a close now is not an idle connection's (STALE_CLOSE)
+        doomed.kill()  # mid-generation: the worker had accepted the request
+        sender.join(60)
+        [r] = result
+        assert r.status_code == 502, r.text
+        assert "not restarted" in r.json()["error"]["message"]
+        assert served(other) == before
+        assert not replica(router, doomed.url).healthy
+    finally:
+        doomed.kill()
+        stop(router, other)
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def running(url) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running{"))
+
+
+def sse_events(text):
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_a_fanned_out_stream_that_loses_a_sequence_ends_with_an_error(tiny_model_dir, tmp_path):
+    p, d = start_worker(config(tiny_model_dir), "prefill"), start_worker(config(tiny_model_dir), "decode")
+    steps = []
+
+    def fail_later(batch):
+        steps.append(1)
+        if len(steps) > 3:
+            raise RuntimeError("the decode worker fails mid-stream")
+    d.core.fault_hook = fail_later
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.url], decode=[d.url])
+    router = start_router(tmp_path / "r.yaml")
+    try:
+        r = post(router.url, prompt="stream me", n=2, max_tokens=50, ignore_eos=True, stream=True,
+                 stream_options={"include_usage": True})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert "error" in last and last["error"]["message"], events[-3:]
+        assert not any(json.loads(e).get("usage") for e in events[:-1]), "usage as if the stream were complete"
+    finally:
+        stop(router, p, d)
+
+
+def test_a_merged_stream_whose_upstream_breaks_ends_with_an_error():
+    async def run():
+        def event(index, text):
+            return b'data: {"id": "x", "choices": [{"index": %d, "text": "%s"}]}\n\n' % (index, text.encode())
+
+        async def whole():
+            yield event(0, "b")
+            yield b"data: [DONE]\n\n"
+
+        async def broken():
+            yield event(0, "b")
+            raise UpstreamError("connection closed: by the replica")
+        lost = Replica("http://127.0.0.1:1", "tiny", "decode")
+        ups = [Upstream(200, "text/event-stream", event(0, "a"), whole()),
+               Upstream(200, "text/event-stream", event(0, "a"), broken(), replica=lost)]
+        heard = []
+        merged = merge_streams(ups, [0, 1], [True, False], True, lambda r, e: heard.append(r))
+        assert merged.rest is not None
+        return [chunk async for chunk in merged.rest], heard
+    chunks, heard = asyncio.run(run())
+    events = [e for c in chunks for e in sse_events(c.decode())]
+    assert events[-1] == "[DONE]" and "connection closed" in json.loads(events[-2])["error"]["message"]
+    assert not any(json.loads(e).get("usage") for e in events[:-1])
+    assert [r.url for r in heard] == ["http://127.0.0.1:1"]
