@@ -36,7 +36,7 @@ from .metrics import RouterMetrics
 from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
 from .replica import Replica
 from .retries import RESET, TIMEOUT, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
-from .upstream import Pool, Upstream, UpstreamError, UpstreamTimeout
+from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout
 from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ class Router:
         return release
 
     async def call(self, model: str, role: str, replicas: list[Replica], path: str, payload: bytes,
-                   stream: bool, keys: list[int], retry_on: frozenset[str] = frozenset()) -> Upstream:
+                   stream: bool, keys: list[int], retry_on: frozenset[str] = frozenset(),
+                   late: Late | None = None) -> Upstream:
         """Sends to one replica after another until one takes the request; returns its answer
         (a 2xx, the request's own 4xx or 5xx, for a stream its first chunk) or, when every
         replica was busy, a 429. See `attempts.py` for when another replica is tried."""
@@ -144,7 +145,7 @@ class Router:
             tried.add(id(replica))
             self.metrics.child(self.metrics.decisions, model, role, self.policy_name).inc()
             try:
-                up = await self._attempt(replica, path, payload, headers, stream, retry_on)
+                up = await self._attempt(replica, path, payload, headers, stream, retry_on, late)
             except Elsewhere as e:
                 last_error = str(e)
                 log.warning("%s replica failed for %s, trying another: %s", role, model, last_error)
@@ -160,13 +161,13 @@ class Router:
                           code="no_replica", type_="server_error")
 
     async def _attempt(self, replica: Replica, path: str, payload: bytes, headers: bytes, stream: bool,
-                       retry_on: frozenset[str]) -> Upstream:
+                       retry_on: frozenset[str], late: Late | None) -> Upstream:
         """One try at one replica: its answer, or Elsewhere when another replica may take the
         request, or the RouterError the client gets."""
         release = self._acquire(replica)
         resp: UpstreamResponse | None = None
         try:
-            resp = await self.pool.post(replica.url, path, payload, headers)
+            resp = await self.pool.post(replica.url, path, payload, headers, late)
             status, content_type = resp.status, resp.content_type
             if stream and status == 200:
                 chunks = resp.iter_chunks()
@@ -323,9 +324,9 @@ class Router:
         model = route.name
         payload = PrefillRequest(kind=kind, request=body).model_dump_json().encode()  # type: ignore[arg-type]
         # a prefill is bounded work (one token): after a broken connection or a timeout it is
-        # redone on another replica
+        # redone on another replica, and a late answer from the first has its lease released
         pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys,
-                              retry_on=frozenset({RESET, TIMEOUT}))
+                              retry_on=frozenset({RESET, TIMEOUT}), late=self._late_prefill)
         if pre.status != 200:
             return pre  # the client's own error (4xx or 5xx), or every prefill replica busy (429)
         assert pre.replica is not None  # call() names the replica that answered
@@ -338,15 +339,32 @@ class Router:
         dbody = DecodeRequest(kind=kind, request=body, prompt_token_ids=first.prompt_token_ids,  # type: ignore[arg-type]
                               first_token=first.first_token, first_logprob=first.first_logprob,
                               prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
+        taken = False
         try:
-            return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
-                                   retry_on=_STREAM if stream else frozenset())
-        except RouterError:
-            if first.handle:
-                task = asyncio.create_task(self._release_lease(prefill_url, first.handle))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            raise
+            up = await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
+                                 retry_on=_STREAM if stream else frozenset())
+            # a decode worker answers 200 only after it pulled the KV (and let the lease go)
+            taken = up.status == 200
+            return up
+        finally:
+            if first.handle and not taken:
+                self._release_soon(prefill_url, first.handle)
+
+    async def _late_prefill(self, url: str, resp: UpstreamResponse) -> None:
+        """A prefill answer that came after the router had given up on it: its lease goes."""
+        body = await resp.read()
+        if resp.status == 200:
+            try:
+                handle = PrefillAnswer.model_validate_json(body).handle
+            except ValidationError:
+                return
+            if handle:
+                await self._release_lease(url, handle)
+
+    def _release_soon(self, url: str, handle: str) -> None:
+        task = asyncio.create_task(self._release_lease(url, handle))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _release_lease(self, url: str, handle: str) -> None:
         assert self.session is not None

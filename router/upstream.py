@@ -12,7 +12,7 @@ it), any other `UpstreamError` (the answer broke off after its head).
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -157,11 +157,15 @@ class Response:
             conn.transport.close()
 
 
+Late = Callable[[str, Response], Awaitable[None]]  # (the replica's URL, its late answer)
+
+
 class Pool:
     def __init__(self, connect_timeout: float = 2.0, read_timeout: float = 600.0, max_idle_per_host: int = 64):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_idle = max_idle_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._late: set[asyncio.Task] = set()  # answers waited for after a timeout
 
     async def _connection(self, host: str, port: int) -> _Connection:
         idle = self._idle[(host, port)]
@@ -177,9 +181,11 @@ class Pool:
             raise NotSent(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         return conn
 
-    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"") -> Response:
+    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"",
+                   late: Late | None = None) -> Response:
         """Sends the request and waits for the response head. `headers`: more header lines,
-        each ending in CRLF."""
+        each ending in CRLF. `late`: after a timeout the connection is kept and the answer,
+        when it comes (within another read timeout), goes to `late` (say, to undo its effect)."""
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or 80
         if host is None:
@@ -191,9 +197,12 @@ class Pool:
                       b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
                 async with asyncio.timeout(self.read_timeout):  # lighter than wait_for: no task
-                    await head
+                    await (head if late is None else asyncio.shield(head))
             except TimeoutError:
-                conn.transport.close()
+                if late is None:
+                    conn.transport.close()
+                else:
+                    self._wait_late(url, conn, head, late)
                 raise UpstreamTimeout(f"no response from {host}:{port} in {self.read_timeout:g} s")
             except UpstreamError as e:
                 conn.transport.close()
@@ -203,7 +212,28 @@ class Pool:
             return Response(conn, self)
         raise UpstreamError("unreachable")
 
+    def _wait_late(self, url: str, conn: _Connection, head: "asyncio.Future[None]", late: Late) -> None:
+        async def wait() -> None:
+            resp = None
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    await head
+                resp = Response(conn, self)
+                await late(url, resp)
+            except (TimeoutError, UpstreamError):
+                pass
+            finally:
+                if resp is None:
+                    conn.transport.close()
+                else:
+                    resp.release()
+        task = asyncio.create_task(wait())
+        self._late.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._late.discard)
+
     def close(self) -> None:
+        for task in self._late:
+            task.cancel()
         for conns in self._idle.values():
             for conn in conns:
                 conn.transport.close()

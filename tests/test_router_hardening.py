@@ -237,3 +237,47 @@ def test_a_merged_stream_whose_upstream_breaks_ends_with_an_error():
     assert events[-1] == "[DONE]" and "connection closed" in json.loads(events[-2])["error"]["message"]
     assert not any(json.loads(e).get("usage") for e in events[:-1])
     assert [r.url for r in heard] == ["http://127.0.0.1:1"]
+
+
+def test_a_prefill_lease_the_decode_step_did_not_take_is_released(tiny_model_dir, tmp_path):
+    """Every decode worker busy (429), a decode answer that is an error (400): the prefill
+    worker's lease goes at once, not when it expires."""
+    p = start_worker(config(tiny_model_dir, kv_lease_seconds=120), "prefill")
+    busy = start_worker(config(tiny_model_dir), "decode")
+    busy.core.config.max_waiting = 0  # every decode request: 429 queue_full
+    wrong = start_worker(config(tiny_model_dir), "prefill")  # listed as decode: 400 wrong_role
+    leases = p.core.kv_connector.leases
+    write_router_config(tmp_path / "busy.yaml", "tiny", prefill=[p.url], decode=[busy.url])
+    write_router_config(tmp_path / "wrong.yaml", "tiny", prefill=[p.url], decode=[wrong.url])
+    routers = [start_router(tmp_path / "busy.yaml"), start_router(tmp_path / "wrong.yaml")]
+    try:
+        for router, status in zip(routers, (429, 400)):
+            r = post(router.url, prompt="hold my prompt", max_tokens=8)
+            assert r.status_code == status, r.text
+            assert wait_for(lambda: not leases), f"{len(leases)} leases left after a {status}"
+    finally:
+        stop(*routers, p, busy, wrong)
+
+
+def test_a_prefill_retried_elsewhere_leaves_no_lease_behind(tiny_model_dir, tmp_path):
+    slow = start_worker(config(tiny_model_dir, kv_lease_seconds=120), "prefill")
+    fast = start_worker(config(tiny_model_dir), "prefill")
+    d = start_worker(config(tiny_model_dir), "decode")
+    once = []
+
+    def stall_once(batch):
+        if not once:
+            once.append(1)
+            time.sleep(1.5)  # past the router's timeout, within the time it waits for a late answer
+    slow.core.fault_hook = stall_once
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[fast.url, slow.url], decode=[d.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60, request_timeout=1.0)
+    try:
+        r = post(router.url, prompt="retried prefill", max_tokens=8)  # round robin: `slow` first
+        assert r.status_code == 200, r.text
+        assert once and counter(router.router.metrics.retries, "tiny", "prefill") == 1
+        leases = slow.core.kv_connector.leases
+        time.sleep(0.6)  # `slow` finishes its prefill late and takes a lease
+        assert wait_for(lambda: not leases), "the abandoned prefill's lease is left to expire"
+    finally:
+        stop(router, slow, fast, d)
