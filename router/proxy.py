@@ -32,6 +32,7 @@ from fleetwise.protocol import (
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
+from .limits import Limits, check_counts, check_weight, parse_body, read_body
 from .metrics import RouterMetrics
 from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
 from .replica import Replica
@@ -46,8 +47,10 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
-                 max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0):
+                 max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
+                 limits: Limits = Limits()):
         self.source = source
+        self.limits = limits
         self.policy_name = policy
         # one per (model, role): each keeps its own affinity table
         self.policies: dict[tuple[str, str], RoutingPolicy] = {}
@@ -217,13 +220,8 @@ class Router:
         model: Any = ""  # whatever the body named, for the request metric
         mode, status = "", 500
         try:
-            raw = await request.body()
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise RouterError(400, f"the body is not valid JSON: {e}")
-            if not isinstance(body, dict):
-                raise RouterError(400, "the body must be a JSON object")
+            raw = await read_body(request, self.limits.max_body_bytes)
+            body = parse_body(raw)
             model = body.get("model")
             if not isinstance(model, str):
                 raise RouterError(400, "model: a model name is required", param="model")
@@ -231,15 +229,15 @@ class Router:
             if route is None:
                 raise RouterError(404, f"the model {model!r} does not exist; served: "
                                   f"{', '.join(sorted(self.source.models()))}", code="model_not_found", param="model")
-            if self.inflight >= self.max_inflight:
-                raise RouterError(429, f"the router is at its limit of {self.max_inflight} requests in flight",
-                                  code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
+            check_counts(body, kind, self.limits)
+            # in disaggregated mode each sequence is a handoff of its own, and holds a place
             subs = fan_out(body, kind) if route.mode == "disaggregated" else [(body, 0)]
+            check_weight(len(subs), self.inflight, self.max_inflight)
             mode = route.mode
             stream = bool(body.get("stream"))
             # hashing the prompt costs on every request: only prefix affinity reads the keys
             keys = prefix_keys(prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
-            weight = 1
+            weight = len(subs)
             self._enter(weight)
             try:
                 if mode == "colocated":

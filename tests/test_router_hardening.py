@@ -14,6 +14,7 @@ import httpx
 
 from fleetwise.net import free_port
 from fleetwise.router.fanout import merge_streams
+from fleetwise.router.limits import Limits
 from fleetwise.router.replica import Replica
 from fleetwise.router.upstream import Pool, Upstream, UpstreamError
 
@@ -281,3 +282,40 @@ def test_a_prefill_retried_elsewhere_leaves_no_lease_behind(tiny_model_dir, tmp_
         assert wait_for(lambda: not leases), "the abandoned prefill's lease is left to expire"
     finally:
         stop(router, slow, fast, d)
+
+
+def test_bounds_on_one_request(tiny_model_dir, tmp_path):
+    p, d = start_worker(config(tiny_model_dir), "prefill"), start_worker(config(tiny_model_dir), "decode")
+    gate = threading.Event()
+    d.core.fault_hook = lambda batch: gate.wait(10)
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.url], decode=[d.url])
+    router = start_router(tmp_path / "r.yaml", max_inflight=4,
+                          limits=Limits(max_body_bytes=4096, max_n=8, max_prompts=3))
+    try:
+        url = router.url + "/v1/completions"
+        big = json.dumps({"model": "tiny", "prompt": "x" * 5000}).encode()
+        r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = httpx.post(url, content=iter([big[:3000], big[3000:]]))  # chunked: no Content-Length
+        assert r.status_code == 413
+        r = post(router.url, prompt="x", n=9)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = post(router.url, prompt=["a", "b", "c", "d"])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = post(router.url, prompt=["a", "b"], n=3)  # 6 sequences: more than the bound of 4
+        assert r.status_code == 400 and "fans out to 6" in r.json()["error"]["message"]
+
+        async def two():  # 3 sequences in flight, then 2 more: past the bound of 4
+            async with httpx.AsyncClient(timeout=30) as c:
+                first = asyncio.create_task(c.post(url, json={"model": "tiny", "prompt": "x", "n": 3, "max_tokens": 2}))
+                await asyncio.sleep(0.5)
+                second = await c.post(url, json={"model": "tiny", "prompt": "y", "n": 2, "max_tokens": 2})
+                gate.set()
+                return await first, second
+        first, second = asyncio.run(two())
+        assert first.status_code == 200 and len(first.json()["choices"]) == 3, first.text
+        assert second.status_code == 429 and second.json()["error"]["code"] == "router_full"
+        assert router.router.inflight == 0
+    finally:
+        gate.set()
+        stop(router, p, d)
