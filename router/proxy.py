@@ -37,7 +37,7 @@ from .metrics import RouterMetrics
 from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
 from .replica import Replica
 from .retries import RESET, TIMEOUT, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
-from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout
+from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
 from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
                  limits: Limits = Limits()):
+        for route in source.models().values():
+            for replica in route.all():
+                problem = unsupported(replica.url)
+                if problem:
+                    raise ValueError(f"replica of {route.name!r}: {problem}")
         self.source = source
         self.limits = limits
         self.policy_name = policy
@@ -94,6 +99,12 @@ class Router:
 
     async def _probe(self, replica: Replica) -> None:
         assert self.session is not None
+        problem = unsupported(replica.url)  # one a reload brought in: never probed over TLS
+        if problem:
+            if replica.healthy:
+                log.error("replica of %r taken out: %s", replica.model, problem)
+            self._mark(replica, False)
+            return
         try:
             async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
                 self._mark(replica, r.status == 200)
@@ -135,7 +146,7 @@ class Router:
                    late: Late | None = None) -> Upstream:
         """Sends to one replica after another until one takes the request; returns its answer
         (a 2xx, the request's own 4xx or 5xx, for a stream its first chunk) or, when every
-        replica was busy, a 429. See `attempts.py` for when another replica is tried."""
+        replica was busy, a 429. See retries.py for when another replica is tried."""
         tried: set[int] = set()
         last_error = "no replica of this role is available"
         busy = None

@@ -7,7 +7,9 @@ General-purpose clients spend more CPU per request than the proxying itself.
 Its errors say how far a request got, because that decides whether the router may send it
 to another replica: `NotSent` (it never reached the replica), `NoAnswer` (the connection
 closed before the response head), `UpstreamTimeout` (the replica may still be working on
-it), any other `UpstreamError` (the answer broke off after its head).
+it), any other `UpstreamError` (the answer broke off after its head). It speaks plain
+HTTP only: an https:// replica is refused with a message that says so, never spoken to in
+plain text.
 """
 
 import asyncio
@@ -31,7 +33,7 @@ class UpstreamError(Exception):
 
 
 class NotSent(UpstreamError):
-    """The request did not reach the replica: there was no connection."""
+    """The request did not reach the replica: no connection, or a URL this client cannot speak."""
 
 
 class NoAnswer(UpstreamError):
@@ -40,6 +42,18 @@ class NoAnswer(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """The replica sent nothing for the read timeout; it may still be working on the request."""
+
+
+def unsupported(url: str) -> str | None:
+    """Why this client cannot speak to `url`, or None. TLS is not implemented here: an
+    https:// replica is refused rather than spoken to in plain HTTP on port 80."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return (f"{url}: the router speaks plain http:// to replicas; {parts.scheme or 'no'}:// "
+                f"is not supported (terminate TLS in front of the worker or use its http:// address)")
+    if not parts.hostname:
+        return f"{url}: no host"
+    return None
 
 
 class _Connection(asyncio.Protocol):
@@ -186,10 +200,11 @@ class Pool:
         """Sends the request and waits for the response head. `headers`: more header lines,
         each ending in CRLF. `late`: after a timeout the connection is kept and the answer,
         when it comes (within another read timeout), goes to `late` (say, to undo its effect)."""
+        problem = unsupported(url)
+        if problem:
+            raise NotSent(problem)
         parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or 80
-        if host is None:
-            raise NotSent(f"no host in {url!r}")
+        host, port = parts.hostname or "", parts.port or 80
         for attempt in (0, 1):
             conn = await self._connection(host, port)
             reused = conn.head is not None

@@ -11,12 +11,15 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from fleetwise.net import free_port
+from fleetwise.router.endpoints import StaticEndpoints
 from fleetwise.router.fanout import merge_streams
 from fleetwise.router.limits import Limits
+from fleetwise.router.proxy import Router
 from fleetwise.router.replica import Replica
-from fleetwise.router.upstream import Pool, Upstream, UpstreamError
+from fleetwise.router.upstream import NotSent, Pool, Upstream, UpstreamError
 
 from .workers import start_router, start_worker, start_worker_process, write_router_config
 
@@ -319,3 +322,30 @@ def test_bounds_on_one_request(tiny_model_dir, tmp_path):
     finally:
         gate.set()
         stop(router, p, d)
+
+
+def test_an_https_replica_is_refused_not_spoken_to_in_plain_http(tiny_model_dir, tmp_path):
+    write_router_config(tmp_path / "tls.yaml", "tiny", mixed=["https://127.0.0.1:8443"])
+    with pytest.raises(ValueError, match="https:// is not supported"):
+        Router(StaticEndpoints(tmp_path / "tls.yaml"))
+
+    async def send():
+        pool = Pool()
+        try:
+            await pool.post("https://127.0.0.1:8443", "/v1/completions", b"{}")
+        finally:
+            pool.close()
+    with pytest.raises(NotSent, match="https:// is not supported"):
+        asyncio.run(send())
+    # one that a reload brings in is taken out, and requests go to the others
+    good = start_worker(config(tiny_model_dir))
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url])
+    router = start_router(tmp_path / "r.yaml", policy="round_robin")
+    try:
+        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, "https://127.0.0.1:8443"])
+        assert wait_for(lambda: any(r.url.startswith("https") and not r.healthy
+                                    for r in router.router.source.models()["tiny"].all()))
+        for _ in range(3):
+            assert post(router.url, prompt="hello", max_tokens=2).status_code == 200
+    finally:
+        stop(router, good)
