@@ -1,12 +1,17 @@
 """Disaggregated requests with several sequences (n > 1, prompt lists): one handoff per
-sequence, and their answers merged back into one OpenAI response or stream."""
+sequence, and their answers merged back into one OpenAI response or stream; a merged stream
+that loses one of its sequences ends with an error, as a single stream does."""
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from .upstream import Upstream
+from .replica import Replica
+from .retries import error_event
+from .upstream import Upstream, UpstreamError
 
 
 def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
@@ -53,22 +58,19 @@ def merge_bodies(ups: list[Upstream], offsets: list[int], counted: list[bool]) -
     return orjson.dumps(merged)
 
 
-def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], include_usage: bool) -> Upstream:
-    """Interleaves several SSE streams into one, renumbering choices and summing usage."""
-    queue: asyncio.Queue = asyncio.Queue()
+def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], include_usage: bool,
+                  on_broken: Callable[[Replica, UpstreamError], None] = lambda replica, e: None) -> Upstream:
+    """Interleaves several SSE streams into one, renumbering choices and summing usage. A
+    stream that breaks off (`on_broken` hears of it) or sends an error ends the merged one
+    with that error and [DONE], as a single stream ends: never with usage as if complete."""
+    queue: asyncio.Queue[bytes | _Failed | None] = asyncio.Queue()
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     template: dict = {}
 
-    async def pump(up: Upstream, offset: int, count_prompt: bool):
+    async def pump(up: Upstream, offset: int, count_prompt: bool) -> None:
         buf = b""
         try:
-            chunks = [up.body]
-            async def rest():
-                for ch in chunks:
-                    yield ch
-                async for ch in up.rest:
-                    yield ch
-            async for chunk in rest():
+            async for chunk in _chunks(up):
                 buf += chunk
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
@@ -76,8 +78,8 @@ def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], 
                         continue
                     data = orjson.loads(event[6:])
                     if "error" in data:
-                        await queue.put(event + b"\n\n")
-                        continue
+                        await queue.put(_Failed(event + b"\n\n"))
+                        return
                     if not template:
                         template.update({k: v for k, v in data.items() if k not in ("choices", "usage")})
                     data["id"] = template["id"]
@@ -91,10 +93,16 @@ def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], 
                             ch["index"] = offset
                         data.pop("usage", None)
                         await queue.put(b"data: " + orjson.dumps(data) + b"\n\n")
+        except UpstreamError as e:
+            if up.replica is not None:
+                on_broken(up.replica, e)
+            await queue.put(_Failed(error_event(e)))
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:  # not the stream a worker sends
+            await queue.put(_Failed(error_event(e)))
         finally:
             await queue.put(None)
 
-    async def merged():
+    async def merged() -> AsyncIterator[bytes]:
         tasks = [asyncio.create_task(pump(u, o, cp)) for u, o, cp in zip(ups, offsets, counted)]
         try:
             remaining = len(tasks)
@@ -103,6 +111,9 @@ def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], 
                 if item is None:
                     remaining -= 1
                     continue
+                if isinstance(item, _Failed):
+                    yield item.event + b"data: [DONE]\n\n"
+                    return
                 yield item
             if include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -112,10 +123,21 @@ def merge_streams(ups: list[Upstream], offsets: list[int], counted: list[bool], 
             for t in tasks:
                 t.cancel()
 
-    gen = merged()
-
-    def release():
+    def release() -> None:
         for u in ups:
             u.release()
 
-    return Upstream(200, "text/event-stream", b"", gen, release)
+    return Upstream(200, "text/event-stream", b"", merged(), release)
+
+
+@dataclass
+class _Failed:
+    event: bytes  # the error event that ends the merged stream
+
+
+async def _chunks(up: Upstream) -> AsyncIterator[bytes]:
+    """A stream's first chunk, then the rest."""
+    yield up.body
+    if up.rest is not None:
+        async for chunk in up.rest:
+            yield chunk

@@ -25,6 +25,10 @@ class RouterMetrics:
                              ["model_name", "role", "url"], registry=r)
         self.outstanding = Gauge(c.ROUTER_REPLICA_OUTSTANDING, "Requests sent to a replica and not finished.",
                                  ["model_name", "role", "url"], registry=r)
+        self.server_errors = Counter(c.ROUTER_REPLICA_SERVER_ERRORS, "5xx answers from a replica.",
+                                     ["model_name", "role", "url"], registry=r)
+        self.timeouts = Counter(c.ROUTER_REPLICA_TIMEOUTS, "Replicas that sent nothing for the read timeout.",
+                                ["model_name", "role", "url"], registry=r)
         self.latency = Histogram(c.ROUTER_REQUEST_SECONDS, "Time from request to last byte.", ["model_name"],
                                  buckets=BUCKETS, registry=r)
         self.ttft = Histogram(c.ROUTER_TTFT_SECONDS, "Time from request to the first streamed chunk.",

@@ -129,3 +129,23 @@ def make_policy(name: str) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name]()
+
+
+def prompt_text(body: dict, kind: str) -> str:
+    """The text whose prefix keys prefix affinity hashes: the chat's messages, or the
+    (first) prompt."""
+    if kind == "chat":
+        parts = []
+        for m in body.get("messages") or []:
+            if isinstance(m, dict):
+                content = m.get("content")
+                if isinstance(content, list):
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                parts.append(f"{m.get('role')}:{content}")
+        return "\n".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return " ".join(map(str, prompt))
+    return prompt if isinstance(prompt, str) else ""

@@ -18,13 +18,12 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from fleetwise.logs import incoming_request_id, request_id
 from fleetwise.protocol import (
     PROTOCOL_VERSION,
     REQUEST_ID_HEADER,
-    UNSUPPORTED_VERSION,
     VERSION_HEADER,
     DecodeRequest,
     PrefillAnswer,
@@ -33,10 +32,12 @@ from fleetwise.protocol import (
 
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out, merge_bodies, merge_streams
+from .limits import Limits, check_counts, check_weight, parse_body, read_body
 from .metrics import RouterMetrics
-from .policies import RoutingPolicy, make_policy, prefix_keys
+from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
 from .replica import Replica
-from .upstream import Pool, Upstream, UpstreamError
+from .retries import RESET, TIMEOUT, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
+from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
 from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,17 @@ log = logging.getLogger(__name__)
 PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-class RouterError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
-                 type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.headers, self.type, self.param = status, code, headers, type_, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=self.headers)
-
-
 class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
-                 max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0):
+                 max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
+                 limits: Limits = Limits()):
+        for route in source.models().values():
+            for replica in route.all():
+                problem = unsupported(replica.url)
+                if problem:
+                    raise ValueError(f"replica of {route.name!r}: {problem}")
         self.source = source
+        self.limits = limits
         self.policy_name = policy
         # one per (model, role): each keeps its own affinity table
         self.policies: dict[tuple[str, str], RoutingPolicy] = {}
@@ -102,6 +99,12 @@ class Router:
 
     async def _probe(self, replica: Replica) -> None:
         assert self.session is not None
+        problem = unsupported(replica.url)  # one a reload brought in: never probed over TLS
+        if problem:
+            if replica.healthy:
+                log.error("replica of %r taken out: %s", replica.model, problem)
+            self._mark(replica, False)
+            return
         try:
             async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
                 self._mark(replica, r.status == 200)
@@ -139,9 +142,11 @@ class Router:
         return release
 
     async def call(self, model: str, role: str, replicas: list[Replica], path: str, payload: bytes,
-                   stream: bool, keys: list[int]) -> Upstream:
-        """Sends to one replica after another until one answers: a 2xx, or a 4xx that is the
-        request's own fault; for a stream, until its first chunk has arrived."""
+                   stream: bool, keys: list[int], retry_on: frozenset[str] = frozenset(),
+                   late: Late | None = None) -> Upstream:
+        """Sends to one replica after another until one takes the request; returns its answer
+        (a 2xx, the request's own 4xx or 5xx, for a stream its first chunk) or, when every
+        replica was busy, a 429. See retries.py for when another replica is tried."""
         tried: set[int] = set()
         last_error = "no replica of this role is available"
         busy = None
@@ -153,51 +158,64 @@ class Router:
                 break
             tried.add(id(replica))
             self.metrics.child(self.metrics.decisions, model, role, self.policy_name).inc()
-            release = self._acquire(replica)
-            resp = None
             try:
-                resp = await self.pool.post(replica.url, path, payload, headers)
-                if resp.status == 429:
-                    busy = Upstream(resp.status, resp.content_type, await resp.read(), replica=replica)
-                    resp.release()
-                    release()
-                    continue
-                if resp.status >= 500:
-                    last_error = f"{replica.url} answered {resp.status}: {(await resp.read())[:200]!r}"
-                    raise _Retry()
-                if replica.failures or not replica.healthy:
-                    self._mark(replica, True)
-                if not stream or resp.status != 200:
-                    body = await resp.read()
-                    resp.release()
-                    release()
-                    if resp.status == 400 and UNSUPPORTED_VERSION.encode() in body:
-                        last_error = f"{replica.url} does not speak protocol version {PROTOCOL_VERSION}"
-                        continue  # a replica of another version, mid-rollout: not the request's fault
-                    return Upstream(resp.status, resp.content_type, body, replica=replica)
-                chunks = resp.iter_chunks()
-                first = await anext(chunks, b"")
-                if not first:
-                    last_error = f"{replica.url} closed the stream before the first chunk"
-                    raise _Retry()
-
-                def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
-                    resp.release()
-                    release()
-                return Upstream(resp.status, resp.content_type, first, chunks, close, replica)
-            except (_Retry, UpstreamError) as e:
-                if not isinstance(e, _Retry):
-                    last_error = f"{replica.url}: {e}"
+                up = await self._attempt(replica, path, payload, headers, stream, retry_on, late)
+            except Elsewhere as e:
+                last_error = str(e)
                 log.warning("%s replica failed for %s, trying another: %s", role, model, last_error)
-                self._mark(replica, False)
                 self.metrics.child(self.metrics.retries, model, role).inc()
-                if resp is not None:
-                    resp.release()
-                release()
+                continue
+            if up.status == 429:
+                busy = up
+                continue
+            return up
         if busy is not None:
             return busy
         raise RouterError(503, f"no {role} replica of {model!r} could take the request: {last_error}",
                           code="no_replica", type_="server_error")
+
+    async def _attempt(self, replica: Replica, path: str, payload: bytes, headers: bytes, stream: bool,
+                       retry_on: frozenset[str], late: Late | None) -> Upstream:
+        """One try at one replica: its answer, or Elsewhere when another replica may take the
+        request, or the RouterError the client gets."""
+        release = self._acquire(replica)
+        resp: UpstreamResponse | None = None
+        try:
+            resp = await self.pool.post(replica.url, path, payload, headers, late)
+            status, content_type = resp.status, resp.content_type
+            if stream and status == 200:
+                chunks = resp.iter_chunks()
+                first = await first_chunk(chunks)
+
+                def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
+                    resp.release()
+                    release()
+                resp = None  # the stream's now: released by close()
+                self._alive(replica)
+                return Upstream(status, content_type, first, chunks, close, replica)
+            body = await resp.read()
+        except UpstreamError as e:
+            self._mark(replica, False)  # a broken connection or a timeout: unwell, whatever the request
+            if isinstance(e, UpstreamTimeout):
+                self.metrics.child(self.metrics.timeouts, replica.model, replica.role, replica.url).inc()
+            raise on_failure(replica.url, e, retry_on)
+        finally:
+            if resp is not None:
+                resp.release()
+                release()
+        if status >= 500:
+            self.metrics.child(self.metrics.server_errors, replica.model, replica.role, replica.url).inc()
+        refusal = refused(replica.url, status, body)
+        if refusal is not None:
+            if refusal.down:
+                self._mark(replica, False)
+            raise refusal
+        self._alive(replica)
+        return Upstream(status, content_type, body, replica=replica)
+
+    def _alive(self, replica: Replica) -> None:
+        if replica.failures or not replica.healthy:
+            self._mark(replica, True)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -213,13 +231,8 @@ class Router:
         model: Any = ""  # whatever the body named, for the request metric
         mode, status = "", 500
         try:
-            raw = await request.body()
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise RouterError(400, f"the body is not valid JSON: {e}")
-            if not isinstance(body, dict):
-                raise RouterError(400, "the body must be a JSON object")
+            raw = await read_body(request, self.limits.max_body_bytes)
+            body = parse_body(raw)
             model = body.get("model")
             if not isinstance(model, str):
                 raise RouterError(400, "model: a model name is required", param="model")
@@ -227,25 +240,27 @@ class Router:
             if route is None:
                 raise RouterError(404, f"the model {model!r} does not exist; served: "
                                   f"{', '.join(sorted(self.source.models()))}", code="model_not_found", param="model")
-            if self.inflight >= self.max_inflight:
-                raise RouterError(429, f"the router is at its limit of {self.max_inflight} requests in flight",
-                                  code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
+            check_counts(body, kind, self.limits)
+            # in disaggregated mode each sequence is a handoff of its own, and holds a place
+            subs = fan_out(body, kind) if route.mode == "disaggregated" else [(body, 0)]
+            check_weight(len(subs), self.inflight, self.max_inflight)
             mode = route.mode
             stream = bool(body.get("stream"))
             # hashing the prompt costs on every request: only prefix affinity reads the keys
-            keys = prefix_keys(_prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
-            self.inflight += 1
-            self.metrics.inflight.set(self.inflight)
+            keys = prefix_keys(prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
+            weight = len(subs)
+            self._enter(weight)
             try:
                 if mode == "colocated":
-                    up = await self.call(model, "mixed", route.replicas["mixed"], PATHS[kind], raw, stream, keys)
+                    up = await self.call(model, "mixed", route.replicas["mixed"], PATHS[kind], raw, stream, keys,
+                                         retry_on=_STREAM if stream else frozenset())
                 else:
-                    up = await self.disaggregated(route, kind, body, stream, keys)
+                    up = await self.disaggregated(route, kind, body, subs, stream, keys)
             except BaseException:
-                self._leave()
+                self._enter(-weight)
                 raise
             status = up.status
-            return self._respond(up, model, t0)
+            return self._respond(up, model, t0, weight)
         except RouterError as e:
             status = e.status
             if not mode:
@@ -255,19 +270,20 @@ class Router:
             if mode:
                 self.metrics.child(self.metrics.requests, model, mode, str(status)).inc()
 
-    def _leave(self) -> None:
-        self.inflight -= 1
+    def _enter(self, weight: int) -> None:
+        self.inflight += weight
         self.metrics.inflight.set(self.inflight)
 
-    def _respond(self, up: Upstream, model: str, t0: float) -> Response:
+    def _respond(self, up: Upstream, model: str, t0: float, weight: int) -> Response:
         if up.rest is None:
-            self._leave()
+            self._enter(-weight)
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
             return Response(up.body, status_code=up.status, media_type=up.content_type)
         self.metrics.child(self.metrics.ttft, model).observe(time.perf_counter() - t0)
-        return StreamingResponse(self._relay(up, model, t0), status_code=up.status, media_type="text/event-stream")
+        return StreamingResponse(self._relay(up, model, t0, weight), status_code=up.status,
+                                 media_type="text/event-stream")
 
-    async def _relay(self, up: Upstream, model: str, t0: float) -> AsyncIterator[bytes]:
+    async def _relay(self, up: Upstream, model: str, t0: float, weight: int) -> AsyncIterator[bytes]:
         assert up.rest is not None
         try:
             yield up.body
@@ -275,20 +291,23 @@ class Router:
                 yield chunk
         except UpstreamError as e:
             # tokens already reached the client: end the stream with a clear error
-            log.warning("stream from %s broke: %s", up.replica.url if up.replica else "?", e)
             if up.replica:
-                self._mark(up.replica, False)
-            err = {"error": {"message": f"the replica failed mid-stream: {type(e).__name__}",
-                             "type": "server_error", "param": None, "code": "replica_failed"}}
-            yield b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
+                self._broken(up.replica, e)
+            yield error_event(e) + b"data: [DONE]\n\n"
         finally:
             up.release()
-            self._leave()
+            self._enter(-weight)
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
 
-    async def disaggregated(self, route: ModelRoute, kind: str, body: dict, stream: bool,
-                            keys: list[int]) -> Upstream:
-        subs = fan_out(body, kind)
+    def _broken(self, replica: Replica, e: UpstreamError) -> None:
+        """A stream that broke after its first chunk: the replica is marked down."""
+        log.warning("stream from %s broke: %s", replica.url, e)
+        self._mark(replica, False)
+        if isinstance(e, UpstreamTimeout):
+            self.metrics.child(self.metrics.timeouts, replica.model, replica.role, replica.url).inc()
+
+    async def disaggregated(self, route: ModelRoute, kind: str, body: dict, subs: list[tuple[dict, int]],
+                            stream: bool, keys: list[int]) -> Upstream:
         if len(subs) == 1:
             return await self.handoff(route, kind, body, stream, keys)
         outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
@@ -307,14 +326,18 @@ class Router:
         counted = [offset % max(1, int(body.get("n") or 1)) == 0 for offset in offsets]
         if not stream:
             return Upstream(200, "application/json", merge_bodies(ups, offsets, counted))
-        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
+        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")),
+                             self._broken)
 
     async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
         model = route.name
         payload = PrefillRequest(kind=kind, request=body).model_dump_json().encode()  # type: ignore[arg-type]
-        pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys)
+        # a prefill is bounded work (one token): after a broken connection or a timeout it is
+        # redone on another replica, and a late answer from the first has its lease released
+        pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys,
+                              retry_on=frozenset({RESET, TIMEOUT}), late=self._late_prefill)
         if pre.status != 200:
-            return pre  # the client's own error (4xx), or every prefill replica busy (429)
+            return pre  # the client's own error (4xx or 5xx), or every prefill replica busy (429)
         assert pre.replica is not None  # call() names the replica that answered
         prefill_url = pre.replica.url
         try:
@@ -325,14 +348,32 @@ class Router:
         dbody = DecodeRequest(kind=kind, request=body, prompt_token_ids=first.prompt_token_ids,  # type: ignore[arg-type]
                               first_token=first.first_token, first_logprob=first.first_logprob,
                               prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
+        taken = False
         try:
-            return await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys)
-        except RouterError:
-            if first.handle:
-                task = asyncio.create_task(self._release_lease(prefill_url, first.handle))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            raise
+            up = await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
+                                 retry_on=_STREAM if stream else frozenset())
+            # a decode worker answers 200 only after it pulled the KV (and let the lease go)
+            taken = up.status == 200
+            return up
+        finally:
+            if first.handle and not taken:
+                self._release_soon(prefill_url, first.handle)
+
+    async def _late_prefill(self, url: str, resp: UpstreamResponse) -> None:
+        """A prefill answer that came after the router had given up on it: its lease goes."""
+        body = await resp.read()
+        if resp.status == 200:
+            try:
+                handle = PrefillAnswer.model_validate_json(body).handle
+            except ValidationError:
+                return
+            if handle:
+                await self._release_lease(url, handle)
+
+    def _release_soon(self, url: str, handle: str) -> None:
+        task = asyncio.create_task(self._release_lease(url, handle))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _release_lease(self, url: str, handle: str) -> None:
         assert self.session is not None
@@ -343,27 +384,9 @@ class Router:
             pass  # the lease expires on its own
 
 
+# a stream has given the client nothing before its first chunk: a broken connection until
+# then is redone on another replica (ARCHITECTURE.md, "The path of one request")
+_STREAM = frozenset({RESET})
+
 # on every call to a worker: the request's id and the internal protocol's version
 _HEADERS = b"%s: %%s\r\n%s: %d\r\n" % (REQUEST_ID_HEADER.encode(), VERSION_HEADER.encode(), PROTOCOL_VERSION)
-
-
-class _Retry(Exception):
-    pass
-
-
-def _prompt_text(body: dict, kind: str) -> str:
-    if kind == "chat":
-        parts = []
-        for m in body.get("messages") or []:
-            if isinstance(m, dict):
-                content = m.get("content")
-                if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                parts.append(f"{m.get('role')}:{content}")
-        return "\n".join(parts)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        return " ".join(map(str, prompt))
-    return prompt if isinstance(prompt, str) else ""

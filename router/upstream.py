@@ -3,11 +3,18 @@
 The router sends every request through here: keep-alive connections per replica, the
 response head awaited, the body read whole or streamed chunk by chunk as it arrives.
 General-purpose clients spend more CPU per request than the proxying itself.
+
+Its errors say how far a request got, because that decides whether the router may send it
+to another replica: `NotSent` (it never reached the replica), `NoAnswer` (the connection
+closed before the response head), `UpstreamTimeout` (the replica may still be working on
+it), any other `UpstreamError` (the answer broke off after its head). It speaks plain
+HTTP only: an https:// replica is refused with a message that says so, never spoken to in
+plain text.
 """
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -15,9 +22,38 @@ import httptools
 
 from .replica import Replica
 
+# A pooled connection that closes this soon after a request was written on it had been
+# closed by the replica while idle (its close was on the way): the request never reached it.
+# A later close is the replica failing with the request in hand, which is not retried.
+STALE_CLOSE = 0.25
+
 
 class UpstreamError(Exception):
     """The replica could not be reached or broke the response off."""
+
+
+class NotSent(UpstreamError):
+    """The request did not reach the replica: no connection, or a URL this client cannot speak."""
+
+
+class NoAnswer(UpstreamError):
+    """The connection closed before the response head."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The replica sent nothing for the read timeout; it may still be working on the request."""
+
+
+def unsupported(url: str) -> str | None:
+    """Why this client cannot speak to `url`, or None. TLS is not implemented here: an
+    https:// replica is refused rather than spoken to in plain HTTP on port 80."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return (f"{url}: the router speaks plain http:// to replicas; {parts.scheme or 'no'}:// "
+                f"is not supported (terminate TLS in front of the worker or use its http:// address)")
+    if not parts.hostname:
+        return f"{url}: no host"
+    return None
 
 
 class _Connection(asyncio.Protocol):
@@ -30,7 +66,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.complete = False
+        self.keep_alive = False  # read when the message completes: the parser resets after it
         self.closed = False
+        self.sent_at = self.lost_at = 0.0  # loop time of the last request written, of the close
         self._header_name = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -47,8 +85,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = asyncio.get_running_loop().time()
         if not self.complete:
-            self._fail(UpstreamError(f"connection closed: {exc or 'by the replica'}"))
+            reason = f"connection closed: {exc or 'by the replica'}"
+            self._fail(NoAnswer(reason) if self.status == 0 else UpstreamError(reason))
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -67,6 +107,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.chunks is not None
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
         self.chunks.put_nowait(None)
 
     def _fail(self, exc: Exception) -> None:
@@ -81,7 +122,8 @@ class _Connection(asyncio.Protocol):
         """Writes the request; the future is done when the response head has arrived."""
         loop = asyncio.get_running_loop()
         self.head, self.chunks = loop.create_future(), asyncio.Queue()
-        self.status, self.headers, self.complete = 0, {}, False
+        self.status, self.headers, self.complete, self.keep_alive = 0, {}, False, False
+        self.sent_at = loop.time()
         self.transport.write(request)
         return self.head
 
@@ -103,7 +145,7 @@ class Response:
                 async with asyncio.timeout(self._pool.read_timeout):
                     item = await conn.chunks.get()
             except TimeoutError:
-                raise UpstreamError(f"the replica sent nothing for {self._pool.read_timeout:.0f} s")
+                raise UpstreamTimeout(f"the replica sent nothing for {self._pool.read_timeout:g} s")
             if item is None:
                 self._done = True
                 return
@@ -122,11 +164,14 @@ class Response:
             return
         self._conn = None
         idle = self._pool._idle[conn.key]
-        if (self._done and conn.complete and not conn.closed and conn.parser.should_keep_alive()
+        if (self._done and conn.complete and not conn.closed and conn.keep_alive
                 and len(idle) < self._pool.max_idle):
             idle.append(conn)
         else:
             conn.transport.close()
+
+
+Late = Callable[[str, Response], Awaitable[None]]  # (the replica's URL, its late answer)
 
 
 class Pool:
@@ -134,6 +179,7 @@ class Pool:
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_idle = max_idle_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._late: set[asyncio.Task] = set()  # answers waited for after a timeout
 
     async def _connection(self, host: str, port: int) -> _Connection:
         idle = self._idle[(host, port)]
@@ -146,36 +192,63 @@ class Pool:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(self, (host, port)), host, port), self.connect_timeout)
         except (TimeoutError, OSError) as e:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
+            raise NotSent(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         return conn
 
-    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"") -> Response:
+    async def post(self, url: str, path: str, body: bytes, headers: bytes = b"",
+                   late: Late | None = None) -> Response:
         """Sends the request and waits for the response head. `headers`: more header lines,
-        each ending in CRLF."""
+        each ending in CRLF. `late`: after a timeout the connection is kept and the answer,
+        when it comes (within another read timeout), goes to `late` (say, to undo its effect)."""
+        problem = unsupported(url)
+        if problem:
+            raise NotSent(problem)
         parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or 80
-        if host is None:
-            raise UpstreamError(f"no host in {url!r}")
-        for attempt in (0, 1):  # a pooled connection may have been closed by the replica meanwhile
+        host, port = parts.hostname or "", parts.port or 80
+        for attempt in (0, 1):
             conn = await self._connection(host, port)
             reused = conn.head is not None
             head = conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
                       b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
                 async with asyncio.timeout(self.read_timeout):  # lighter than wait_for: no task
-                    await head
+                    await (head if late is None else asyncio.shield(head))
             except TimeoutError:
+                if late is None:
+                    conn.transport.close()
+                else:
+                    self._wait_late(url, conn, head, late)
+                raise UpstreamTimeout(f"no response from {host}:{port} in {self.read_timeout:g} s")
+            except UpstreamError as e:
                 conn.transport.close()
-                raise UpstreamError(f"no response from {host}:{port} in {self.read_timeout:.0f} s")
-            except UpstreamError:
-                conn.transport.close()
-                if reused and attempt == 0:
-                    continue
+                if reused and attempt == 0 and isinstance(e, NoAnswer) and conn.lost_at - conn.sent_at < STALE_CLOSE:
+                    continue  # an idle connection the replica had closed: the request never reached it
                 raise
             return Response(conn, self)
         raise UpstreamError("unreachable")
 
+    def _wait_late(self, url: str, conn: _Connection, head: "asyncio.Future[None]", late: Late) -> None:
+        async def wait() -> None:
+            resp = None
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    await head
+                resp = Response(conn, self)
+                await late(url, resp)
+            except (TimeoutError, UpstreamError):
+                pass
+            finally:
+                if resp is None:
+                    conn.transport.close()
+                else:
+                    resp.release()
+        task = asyncio.create_task(wait())
+        self._late.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._late.discard)
+
     def close(self) -> None:
+        for task in self._late:
+            task.cancel()
         for conns in self._idle.values():
             for conn in conns:
                 conn.transport.close()

@@ -43,6 +43,8 @@ ROUTER_RETRIES = "fleetwise_router_retries"                   # counter: model_n
 ROUTER_INFLIGHT = "fleetwise_router_inflight"                 # gauge
 ROUTER_REPLICA_HEALTHY = "fleetwise_router_replica_healthy"   # gauge: model_name, role, url
 ROUTER_REPLICA_OUTSTANDING = "fleetwise_router_replica_outstanding"  # gauge: model_name, role, url
+ROUTER_REPLICA_SERVER_ERRORS = "fleetwise_router_replica_server_errors"  # counter: model_name, role, url: 5xx answers
+ROUTER_REPLICA_TIMEOUTS = "fleetwise_router_replica_timeouts"  # counter: model_name, role, url
 ROUTER_REQUEST_SECONDS = "fleetwise_router_request_seconds"   # histogram
 ROUTER_TTFT_SECONDS = "fleetwise_router_ttft_seconds"         # histogram: to the first streamed chunk
 

@@ -168,8 +168,10 @@ def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tm
 @pytest.mark.slow
 def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     """200 requests in flight; one decode and one prefill worker are killed. Every request
-    ends with its full output or a clear error; none hangs; none that had not started
-    streaming fails; every completed output has the right tokens."""
+    ends with its full output or a clear error; none hangs; a stream fails only after its
+    first token, a non-streamed request only with a 502 when the decode worker that had
+    accepted it died (it is not restarted elsewhere); every completed output has the right
+    tokens."""
     procs = {role: [start_worker_process(tiny_model_dir, role, "--block-size", "8", "--max-num-seqs", "16")
                     for _ in range(2)] for role in ("prefill", "decode")}
     reference = start_worker(config(tiny_model_dir), "mixed")
@@ -212,7 +214,11 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         full = errors = 0
         for i, (kind, status, payload) in enumerate(results):
             if kind == "json":
-                assert status == 200, payload  # nothing reached the client before a failure: retried
+                if status == 502:  # its decode worker died after accepting it
+                    assert "not restarted" in payload["error"]["message"], payload
+                    errors += 1
+                    continue
+                assert status == 200, payload  # a lost prefill, or a decode never reached: retried
                 assert payload["choices"][0]["text"] == expected[i]
                 full += 1
                 continue
@@ -229,7 +235,7 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
                 full += 1
         retries = {role: router.router.metrics.retries.labels("tiny", role)._value.get()
                    for role in ("prefill", "decode")}
-        print(f"{full} complete, {errors} streams ended with an error after their first token, retries {retries}")
+        print(f"{full} complete, {errors} failed after their decode worker accepted them, retries {retries}")
         assert full + errors == 200 and full >= 150, (full, errors)
         assert retries["decode"] > 0 and retries["prefill"] > 0
     finally:

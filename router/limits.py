@@ -1,0 +1,68 @@
+"""Bounds on the work one request brings into the router: its body's size (413 before any
+of it is parsed), its number of choices `n` and of prompts (400 naming the field), and the
+sequences it fans out to, which count against the router's in-flight bound."""
+
+from dataclasses import dataclass
+
+import orjson
+from starlette.requests import Request
+
+from .retries import RouterError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 << 20  # a 128k-token prompt as token ids is about 1 MB of JSON
+    max_n: int = 128                # OpenAI's bound on n, which clients of vLLM's server expect
+    max_prompts: int = 1024         # prompts in one completion request (a batch)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` bytes: from its
+    Content-Length before reading, else while it arrives."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> RouterError:
+    return RouterError(413, f"the body is larger than the router's limit of {limit} bytes", code="body_too_large")
+
+
+def check_counts(body: dict, kind: str, limits: Limits) -> None:
+    """n and the number of prompts, each within its bound."""
+    n = body.get("n")
+    if isinstance(n, int) and n > limits.max_n:
+        raise RouterError(400, f"n: at most {limits.max_n} choices per request; got {n}", param="n")
+    prompt = body.get("prompt") if kind == "completion" else None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limits.max_prompts:
+        raise RouterError(400, f"prompt: at most {limits.max_prompts} prompts per request; got {len(prompt)}",
+                          param="prompt")
+
+
+def check_weight(weight: int, inflight: int, max_inflight: int) -> None:
+    """A request that fans out to `weight` sequences takes that many places in flight."""
+    if weight > max_inflight:
+        raise RouterError(400, f"n: the request fans out to {weight} sequences (n times the prompts); the router "
+                          f"holds at most {max_inflight} in flight", param="n")
+    if inflight + weight > max_inflight:
+        raise RouterError(429, f"the router is at its limit of {max_inflight} requests in flight",
+                          code="router_full", headers={"Retry-After": "1"}, type_="rate_limit_error")
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise RouterError(400, f"the body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise RouterError(400, "the body must be a JSON object")
+    return body
