@@ -2,17 +2,17 @@
 
 A pod is a replica while it is Ready, has an IP, is not being deleted and is not marked
 `fleetwise.dev/routable=false` (draining or quarantined). Its model and role come from its
-labels. Tests whose pod IPs cannot be reached (kwok) give an address map: a JSON file of
-{"namespace/pod": "http://host:port"}, read at every refresh (`FLEETWISE_ADDRESS_MAP`).
+labels. Its address is fleetwise/addresses.py's (tests whose pod IPs cannot be reached give an
+address map, read at every refresh).
 """
 
-import json
 import logging
-import os
 import threading
 import time
 
 from kubernetes import client, watch
+
+from fleetwise.addresses import load_address_map, worker_url
 
 from .endpoints import ROLES, ModelRoute, swap_routes
 from .replica import Replica
@@ -21,18 +21,6 @@ log = logging.getLogger(__name__)
 
 SELECTOR = "app.kubernetes.io/managed-by=fleetwise"
 MODEL_LABEL, ROLE_LABEL, ROUTABLE_LABEL = "fleetwise.dev/model", "fleetwise.dev/role", "fleetwise.dev/routable"
-PORT = 8000
-
-
-def replica_url(pod: dict, address_map: dict[str, str]) -> str | None:
-    meta, status = pod["metadata"], pod.get("status") or {}
-    mapped = address_map.get(f"{meta['namespace']}/{meta['name']}")
-    if mapped:
-        return mapped.rstrip("/")
-    ip = status.get("podIP")
-    return f"http://{ip}:{PORT}" if ip else None
-
-
 def routable(pod: dict) -> bool:
     meta, status = pod["metadata"], pod.get("status") or {}
     labels = meta.get("labels") or {}
@@ -46,7 +34,7 @@ def routes_from_pods(pods: list[dict], address_map: dict[str, str]) -> dict[str,
     for pod in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
         if not routable(pod):
             continue
-        url = replica_url(pod, address_map)
+        url = worker_url(pod, address_map)
         if not url:
             continue
         labels = pod["metadata"]["labels"]
@@ -61,7 +49,7 @@ class KubernetesEndpoints:
         self.core = client.CoreV1Api(api)
         self.api = api
         self.namespace = namespace
-        self.address_map_path = address_map or os.environ.get("FLEETWISE_ADDRESS_MAP")
+        self.address_map_path = address_map
         self._pods: dict[tuple[str, str], dict] = {}
         self._lock = threading.Lock()
         self._routes: dict[str, ModelRoute] = {}
@@ -108,14 +96,7 @@ class KubernetesEndpoints:
                 time.sleep(1)
 
     def _address_map(self) -> dict[str, str]:
-        if not self.address_map_path:
-            return {}
-        try:
-            with open(self.address_map_path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            log.error("address map %s unreadable: %s", self.address_map_path, e)
-            return {}
+        return load_address_map(self.address_map_path)
 
     def models(self) -> dict[str, ModelRoute]:
         return self._routes
