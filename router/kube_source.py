@@ -1,7 +1,9 @@
 """Replica discovery from Kubernetes: the ready worker pods the operator labelled.
 
-A pod is a replica while it is Ready, has an IP, is not being deleted and is not marked
-`fleetwise.dev/routable=false` (draining or quarantined). Its model and role come from its
+A pod is a replica while it is owned by a ModelDeployment (its controller ownerReference: a
+pod that merely carries the labels gets no traffic), sits in a namespace the router serves, is
+Ready, has an IP, is not being deleted and is not marked `fleetwise.dev/routable=false`
+(draining or quarantined). Its model and role come from its
 labels. Its address is fleetwise/addresses.py's (tests whose pod IPs cannot be reached give an
 address map, read at every refresh).
 """
@@ -9,10 +11,12 @@ address map, read at every refresh).
 import logging
 import threading
 import time
+from collections.abc import Collection
 
 from kubernetes import client, watch
 
 from fleetwise.addresses import load_address_map, worker_url
+from fleetwise.spec import GROUP
 
 from .endpoints import ROLES, ModelRoute, swap_routes
 from .replica import Replica
@@ -21,17 +25,29 @@ log = logging.getLogger(__name__)
 
 SELECTOR = "app.kubernetes.io/managed-by=fleetwise"
 MODEL_LABEL, ROLE_LABEL, ROUTABLE_LABEL = "fleetwise.dev/model", "fleetwise.dev/role", "fleetwise.dev/routable"
+def owned_by_a_deployment(pod: dict) -> bool:
+    return any(ref.get("controller") and ref.get("kind") == "ModelDeployment"
+               and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/")
+               for ref in pod["metadata"].get("ownerReferences") or [])
+
+
 def routable(pod: dict) -> bool:
     meta, status = pod["metadata"], pod.get("status") or {}
     labels = meta.get("labels") or {}
+    if not owned_by_a_deployment(pod):
+        return False
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     return (ready and not meta.get("deletionTimestamp") and labels.get(ROUTABLE_LABEL) != "false"
             and labels.get(ROLE_LABEL) in ROLES and bool(labels.get(MODEL_LABEL)))
 
 
-def routes_from_pods(pods: list[dict], address_map: dict[str, str]) -> dict[str, ModelRoute]:
+def routes_from_pods(pods: list[dict], address_map: dict[str, str],
+                     namespaces: Collection[str] = ()) -> dict[str, ModelRoute]:
+    """The routes the pods make; only pods in `namespaces` count, when it names any."""
     routes: dict[str, ModelRoute] = {}
     for pod in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
+        if namespaces and pod["metadata"]["namespace"] not in namespaces:
+            continue
         if not routable(pod):
             continue
         url = worker_url(pod, address_map)
@@ -45,10 +61,12 @@ def routes_from_pods(pods: list[dict], address_map: dict[str, str]) -> dict[str,
 
 
 class KubernetesEndpoints:
-    def __init__(self, api: client.ApiClient, namespace: str | None = None, address_map: str | None = None):
+    def __init__(self, api: client.ApiClient, namespaces: Collection[str] = (), address_map: str | None = None):
         self.core = client.CoreV1Api(api)
         self.api = api
-        self.namespace = namespace
+        self.namespaces = frozenset(namespaces)
+        # one namespace: watch just it; several: watch all and keep theirs
+        self.namespace = next(iter(self.namespaces)) if len(self.namespaces) == 1 else None
         self.address_map_path = address_map
         self._pods: dict[tuple[str, str], dict] = {}
         self._lock = threading.Lock()
@@ -104,7 +122,7 @@ class KubernetesEndpoints:
     def refresh(self) -> list[str]:
         with self._lock:
             pods = list(self._pods.values())
-        new = routes_from_pods(pods, self._address_map())
+        new = routes_from_pods(pods, self._address_map(), self.namespaces)
         gone = swap_routes(self._routes, new)
         self._routes = new
         return gone

@@ -74,3 +74,14 @@ def test_with_watched_namespaces_the_operator_changes_things_only_there():
     assert set(bindings) == {"team-a", "team-b"}
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "t-fleetwise-operator", "namespace": "sys"}]
                for b in bindings.values())
+
+
+@pytest.mark.cluster
+def test_the_router_serves_only_the_namespaces_the_operator_watches():
+    from fleetwise.testenv.cluster import CHART, ensure_built
+    rendered = subprocess.run([str(ensure_built() / "helm"), "template", "t", str(CHART), "--namespace", "sys",
+                               "--set", "operator.watchNamespaces={team-a,team-b}",
+                               "--show-only", "templates/router.yaml"], capture_output=True, text=True, check=True)
+    [deployment] = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]

@@ -228,7 +228,7 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     address_map = tmp_path / "addresses.json"
     address_map.write_text(_json.dumps({f"{NS}/{n}": w.url for n, w in zip(names, workers)}))
     api = config.new_client_from_config(str(cluster.kubeconfig))
-    source = KubernetesEndpoints(api, NS, str(address_map))
+    source = KubernetesEndpoints(api, [NS], str(address_map))
     router = Router(source, "round_robin", probe_interval=0.2)
     port = free_port()
     server, thread = _serve_in_thread(build_app(router), port)

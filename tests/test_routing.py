@@ -78,3 +78,22 @@ def test_unknown_policy_is_refused():
     import pytest
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("random_walk")
+
+
+def test_kubernetes_discovery_takes_only_pods_a_model_deployment_owns_in_its_namespaces():
+    from fleetwise.router.kube_source import routes_from_pods
+
+    def pod(name: str, namespace: str = "models", owner: str | None = "ModelDeployment") -> dict:
+        refs = [{"apiVersion": "fleetwise.dev/v1alpha1", "kind": owner, "name": "m", "uid": "u",
+                 "controller": True}] if owner else []
+        return {"metadata": {"name": name, "namespace": namespace, "ownerReferences": refs,
+                             "labels": {"fleetwise.dev/model": "m", "fleetwise.dev/role": "mixed",
+                                        "fleetwise.dev/routable": "true"}},
+                "status": {"podIP": f"10.0.0.{len(name)}", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    pods = [pod("owned"), pod("labels-only", owner=None), pod("replicaset-owned", owner="ReplicaSet"),
+            pod("elsewhere", namespace="other")]
+    urls = {r.url for r in routes_from_pods(pods, {})["m"].replicas["mixed"]}
+    assert urls == {"http://10.0.0.5:8000", "http://10.0.0.9:8000"}  # owned, elsewhere (all namespaces)
+    urls = {r.url for r in routes_from_pods(pods, {}, namespaces={"models"})["m"].replicas["mixed"]}
+    assert urls == {"http://10.0.0.5:8000"}
