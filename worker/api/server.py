@@ -129,14 +129,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
+        errors = list(e.errors())
+        # a field's own check explains more than the other members of its union refusing the type
+        errors.sort(key=lambda err: err.get("type") != "value_error")
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        loc = [str(x) for x in first.get("loc", []) if x != "body" and not _union_member(x)]
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             loc = []
         else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"{'.'.join(loc) or 'body'}: {msg}"
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more problems)"
         return _error_response(APIError(400, message, param=".".join(loc) or None))
@@ -153,6 +156,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error"))
+
+
+def _union_member(part: object) -> bool:
+    """pydantic names the member of a union in an error's location ('str', 'list[int]',
+    'function-after[...]', 'TextPart'); the client's field path leaves them out."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper())
 
 
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
