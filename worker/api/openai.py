@@ -1,8 +1,11 @@
 """OpenAI request shapes (with vLLM's sampling extensions) and their mapping to SamplingParams."""
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from fleetwise import defaults
 
 from ..engine.sequence import SamplingParams
 
@@ -20,6 +23,29 @@ class APIError(Exception):
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of this worker: beyond it, a 400 naming the field (a 413 for
+    the body). vLLM bounds only logprobs (the engine's max_logprobs); these bound the rest of
+    the work a single request can cause. The queue bound (EngineConfig.max_waiting) counts
+    every choice of every prompt."""
+    max_n: int = defaults.MAX_N
+    max_prompts: int = defaults.MAX_PROMPTS
+    max_stop_strings: int = defaults.MAX_STOP_STRINGS
+    max_stop_chars: int = defaults.MAX_STOP_CHARS
+    max_body_bytes: int = defaults.MAX_BODY_MIB << 20
+
+    def check(self, req: "_Sampling") -> None:
+        if req.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n}", param="n")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if len(stop) > self.max_stop_strings:
+            raise APIError(400, f"at most {self.max_stop_strings} stop strings are allowed, not {len(stop)}",
+                           param="stop")
+        if any(len(s) > self.max_stop_chars for s in stop):
+            raise APIError(400, f"a stop string may have at most {self.max_stop_chars} characters", param="stop")
 
 
 def _unicode(text: str) -> str:

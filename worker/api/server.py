@@ -24,7 +24,7 @@ from ..engine.engine import LLMEngine
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
 from .handoff import add_handoff_routes
-from .openai import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
 from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,10 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
-              health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> FastAPI:
+              health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset(),
+              limits: RequestLimits = RequestLimits()) -> FastAPI:
     """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
-    api = WorkerAPI(engine, role, health_stall_seconds)
+    api = WorkerAPI(engine, role, health_stall_seconds, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,7 +50,8 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     app = FastAPI(title="fleetwise worker", lifespan=lifespan)
     app.state.api = api
-    app.add_middleware(RequestContext)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: a 413 carries the request id too
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -120,6 +122,53 @@ class RequestContext:
         await self.app(scope, receive, send_with_id)
 
 
+class BodyLimit:
+    """A body over `max_bytes` gets 413 before anything parses it: at once when its
+    Content-Length says so, else as soon as the bytes read pass the limit (a chunked body
+    or one that lies about its length). Every route parses its body whole, so the body is
+    read here and handed on in one message."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(f"is {int(length)} bytes", scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(f"has more than {self.max_bytes} bytes", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # afterwards the app hears of a disconnect as usual
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"{self.max_bytes / (1 << 20):g} MiB" if self.max_bytes >= 1 << 20 else f"{self.max_bytes} bytes"
+        e = APIError(413, f"the request body {what}; this worker takes at most {limit}",
+                     code="request_too_large", headers={"connection": "close"})
+        await _error_response(e)(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI-shaped body."""
 
@@ -165,11 +214,12 @@ def _union_member(part: object) -> bool:
 
 
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
-          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
+          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset(),
+          limits: RequestLimits = RequestLimits()) -> None:
     configure_logs(logging.INFO)
     core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
-    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults)
+    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
     # to 50 s to finish; the pod's termination grace period is 60 s
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)

@@ -41,7 +41,10 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pending = 0  # submitted, not yet seen by the loop
+        # sequences submitted and those the loop has taken in: each counter has one writer
+        # (the event loop, the engine thread), so neither needs a lock; the difference is pending
+        self._submitted = 0
+        self._admitted = 0
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
         self.error: BaseException | None = None
@@ -66,7 +69,14 @@ class AsyncEngine:
         return time.monotonic() - self.heartbeat
 
     def num_waiting(self) -> int:
-        return self.engine.num_waiting + self._pending
+        """Sequences waiting (a request with n choices counts n), queued ones included."""
+        return self.engine.num_waiting + self._submitted - self._admitted
+
+    def check_room(self, sequences: int) -> None:
+        """Raises QueueFull unless `sequences` more fit under the queue bound."""
+        waiting = self.num_waiting()
+        if waiting + sequences > self.engine.config.max_waiting:
+            raise QueueFull(waiting, self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely moved on: one step per waiting request, at least 1."""
@@ -81,12 +91,13 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDead("the engine loop is not running")
         self.engine.validate(prompt_token_ids, params)
-        waiting = self.num_waiting()
-        if waiting >= self.engine.config.max_waiting:
-            raise QueueFull(waiting, self.retry_after())
+        if params.n > self.engine.config.max_waiting:
+            raise RequestError(f"n={params.n} is more than this worker's queue holds "
+                               f"({self.engine.config.max_waiting} sequences)", "n")
+        self.check_room(params.n)
         request_id = request_id or uuid.uuid4().hex
         self._streams[request_id] = asyncio.Queue()
-        self._pending += 1
+        self._submitted += params.n
         self._commands.put(("add", request_id, prompt_token_ids, params, hold_kv))
         self._wake.set()
         return request_id
@@ -166,7 +177,7 @@ class AsyncEngine:
                 return
             if cmd[0] == "add":
                 _, request_id, prompt, params, hold_kv = cmd
-                self._pending -= 1
+                self._admitted += params.n
                 try:
                     self.engine.add_request(request_id, prompt, params, hold_kv)
                 except RequestError as exc:

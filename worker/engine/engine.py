@@ -93,6 +93,9 @@ class LLMEngine:
         if blocks > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {blocks} KV cache blocks but this worker has "
                                f"{self.block_manager.num_blocks}; lower max_tokens", "max_tokens")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise RequestError(f"logprobs must be at most {self.config.max_logprobs} (this worker's "
+                               "max_logprobs)", "logprobs")
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"stop token id {bad} is outside the vocabulary", "stop_token_ids")

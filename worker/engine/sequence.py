@@ -25,7 +25,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k (the engine bounds k)
     n: int = 1
 
     def __post_init__(self):
@@ -45,7 +45,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.seed is None or -(1 << 63) <= self.seed < (1 << 63), "seed must be in [-2^63, 2^63)"),
             (self.n >= 1, "n must be at least 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be non-negative"),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:
