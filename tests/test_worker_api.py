@@ -2,6 +2,7 @@
 back-pressure, disconnects, failures inside the engine, health and metrics."""
 
 import concurrent.futures as cf
+import random
 import shutil
 import subprocess
 import threading
@@ -293,6 +294,34 @@ def test_health_turns_503_when_the_loop_stalls_or_dies(tiny_model_dir):
         assert again.status_code == 503
     finally:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def long_text():
+    """A million characters of words the tokenizer has not seen: a second or so to tokenise."""
+    rng = random.Random(5)
+    letters = rng.choices("abcdefghijklmnopqrstuvwxyz ", k=1_000_000)
+    return "".join(letters)
+
+
+@pytest.mark.parametrize("path, field", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_tokenising_a_long_prompt_does_not_hold_the_event_loop(worker, long_text, path, field):
+    """While one request's long prompt is tokenised, the worker goes on answering others.
+    (The prompt is then too long for the model: a 400.)"""
+    value = long_text if field == "prompt" else [{"role": "user", "content": long_text}]
+    t0 = time.monotonic()
+    worker.core.tokenizer.encode(long_text)
+    alone = time.monotonic() - t0
+    assert alone > 0.3, f"the text should take a while to tokenise, not {alone:.2f} s"
+    with cf.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, worker, path, {"model": "tiny", field: value, "max_tokens": 2})
+        time.sleep(0.1)  # sent and parsed: tokenising now
+        t0 = time.monotonic()
+        assert httpx.get(worker.url + "/health", timeout=10).status_code == 200
+        waited, finished = time.monotonic() - t0, slow.done()
+        assert slow.result().status_code == 400
+    assert waited < alone / 3, f"/health waited {waited:.2f} s behind a {alone:.2f} s tokenisation"
+    assert not finished, "the long prompt should still have been tokenising"
 
 
 def test_metrics_are_named_like_vllm_and_lint_clean(worker):

@@ -47,6 +47,7 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
         yield
         await close_handoff()
         engine.stop()
+        api.close()
 
     app = FastAPI(title="fleetwise worker", lifespan=lifespan)
     app.state.api = api
@@ -78,12 +79,12 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        prompts, params = api.prepare_completion(req)
+        prompts, params = await api.prepare_completion(req)
         return await api.respond_completion(req, prompts, await api.run(prompts, params, request), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt, params = api.prepare_chat(req)
+        prompt, params = await api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
     close_handoff = add_handoff_routes(app, api, connector, faults)
