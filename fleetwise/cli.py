@@ -60,7 +60,14 @@ def worker(
     max_n: int = typer.Option(defaults.MAX_N, "--max-n", min=1, help="The most choices (n, best_of) per prompt."),
     max_body_mib: int = typer.Option(defaults.MAX_BODY_MIB, "--max-body-mib", min=1,
                                      help="The largest request body; a larger one gets 413."),
-    fault: list[str] = typer.Option([], "--fault", hidden=True, help="Test-only fault switches (corrupt-kv)."),
+    health_failed_steps: int = typer.Option(defaults.HEALTH_FAILED_STEPS, "--health-failed-steps", min=1,
+                                            help="/health turns 503 after this many engine steps in a row "
+                                                 "failed every request in them."),
+    exit_on_engine_failure: bool = typer.Option(False, "--exit-on-engine-failure",
+                                                help="Exit non-zero once the engine loop dies or "
+                                                     "--health-failed-steps steps in a row failed."),
+    fault: list[str] = typer.Option([], "--fault", hidden=True,
+                                    help="Test-only fault switches (corrupt-kv, fail-steps)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
@@ -74,8 +81,11 @@ def worker(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
         max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs)
-    serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
-          faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20))
+    status = serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
+                   faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20),
+                   health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

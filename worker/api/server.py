@@ -3,7 +3,7 @@ and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole 
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleetwise import defaults
 from fleetwise.logs import configure as configure_logs
 from fleetwise.logs import incoming_request_id, request_id
 from fleetwise.protocol import REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER, version_error
@@ -29,22 +30,48 @@ from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
 
+WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
+FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
+
 
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
+def engine_failure(engine: AsyncEngine, failed_steps: int) -> dict | None:
+    """Why the engine cannot serve, for good: its loop died, or `failed_steps` steps in a
+    row failed every sequence (the loop lives on, failing each request alone). None: it can."""
+    if not engine.alive:
+        return {"status": "dead", "error": str(engine.error) if engine.error else None}
+    core = engine.engine
+    if core.failed_steps >= failed_steps:
+        return {"status": "failing", "error": f"the last {core.failed_steps} engine steps failed every "
+                                              f"request in them; the last error: {core.last_step_error}"}
+    return None
+
+
 def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
-              health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset(),
-              limits: RequestLimits = RequestLimits()) -> FastAPI:
-    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
+              health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
+              limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
+              on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
+    `on_engine_failure` is called once, with the reason, when the engine fails for good."""
     api = WorkerAPI(engine, role, health_stall_seconds, limits)
+
+    async def watch() -> None:
+        while (failure := engine_failure(engine, health_failed_steps)) is None:
+            await asyncio.sleep(WATCH_SECONDS)
+        log.error("the engine has failed: %s", failure["error"])
+        if on_engine_failure is not None:
+            on_engine_failure(str(failure["error"]))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine._thread is None:
             engine.start(asyncio.get_running_loop())
+        watcher = asyncio.create_task(watch())
         yield
+        watcher.cancel()
         await close_handoff()
         engine.stop()
         api.close()
@@ -57,9 +84,9 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "dead", "error": str(engine.error) if engine.error else None},
-                                status_code=503)
+        failure = engine_failure(engine, health_failed_steps)
+        if failure is not None:
+            return JSONResponse(failure, status_code=503)
         stalled = engine.stalled_for()
         if stalled > health_stall_seconds:
             return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
@@ -215,12 +242,35 @@ def _union_member(part: object) -> bool:
 
 
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
-          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset(),
-          limits: RequestLimits = RequestLimits()) -> None:
+          health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
+          limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
+          exit_on_engine_failure: bool = False) -> int:
+    """Runs a worker until it is stopped; returns the process's exit status: 1 when it
+    stopped because the engine failed (`exit_on_engine_failure`), so that Kubernetes
+    restarts the container, 3 when it never started (uvicorn's), else 0."""
     configure_logs(logging.INFO)
     core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
-    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits)
+    if FAIL_STEPS in faults:
+        core.fault_hook = _fail_step
+    failed: list[str] = []
+
+    def stop_on_failure(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True  # requests in flight finish (they fail fast), then serve returns
+
+    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits, health_failed_steps,
+                    stop_on_failure if exit_on_engine_failure else None)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
     # to 50 s to finish; the pod's termination grace period is 60 s
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=50))
+    server.run()
+    if failed:
+        log.error("exiting: the engine failed (%s)", failed[0])
+        return 1
+    return 0 if server.started else 3
+
+
+def _fail_step(batch: object) -> None:
+    raise RuntimeError("injected fault: every step fails")
