@@ -9,6 +9,7 @@ import time
 
 import httpx
 
+from fleetwise.protocol import PROTOCOL_VERSION, VERSION_HEADER
 from fleetwise.worker.engine.config import EngineConfig
 
 from .workers import start_worker, start_worker_process
@@ -96,3 +97,37 @@ def test_without_the_flag_the_failing_process_stays_up_and_says_why(tiny_model_d
         assert health.status_code == 503 and health.json()["status"] == "failing"
     finally:
         proc.kill()
+
+
+def test_calls_into_the_engine_thread_fail_when_its_loop_dies(tiny_model_dir):
+    """A lease delete and a decode handoff wait on the engine thread; when its loop dies
+    they get 503 at once, as does every call made afterwards, instead of hanging."""
+    w = start_worker(config(tiny_model_dir))
+    gate = threading.Event()
+
+    def dying_schedule():
+        gate.wait(10)
+        raise RuntimeError("scheduler bug")
+    w.core.scheduler.schedule = dying_schedule
+    headers = {VERSION_HEADER: str(PROTOCOL_VERSION)}
+    ids = w.core.tokenizer.encode("hello")
+    decode = {"kind": "completion", "request": BODY, "prompt_token_ids": ids, "first_token": ids[-1]}
+    try:
+        with cf.ThreadPoolExecutor(3) as pool:
+            stuck = pool.submit(post, w.url)  # the loop takes it in and blocks in schedule()
+            deadline = time.monotonic() + 5
+            while w.engine.busy_since is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release = pool.submit(httpx.delete, w.url + "/internal/kv/some-handle", headers=headers, timeout=10)
+            handoff = pool.submit(httpx.post, w.url + "/internal/decode", json=decode, headers=headers, timeout=10)
+            time.sleep(0.3)  # both calls are queued behind the blocked step
+            assert not release.done() and not handoff.done()
+            gate.set()
+            for f in (stuck, release, handoff):
+                r = f.result()
+                assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+        after = httpx.delete(w.url + "/internal/kv/another", headers=headers, timeout=5)
+        assert after.status_code == 503, after.text
+    finally:
+        gate.set()
+        w.stop()

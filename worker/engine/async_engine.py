@@ -38,6 +38,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
+        self._calls: set[asyncio.Future] = set()  # `call`s not yet answered (event loop only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -113,9 +114,13 @@ class AsyncEngine:
             raise EngineDead("the engine loop is not running")
         assert self._loop is not None  # alive: start() has set it
         future: asyncio.Future[T] = self._loop.create_future()
-        self._commands.put(("call", fn, args, future))
-        self._wake.set()
-        return await future
+        self._calls.add(future)  # if the loop dies before it runs fn, _fail_all answers it
+        try:
+            self._commands.put(("call", fn, args, future))
+            self._wake.set()
+            return await future
+        finally:
+            self._calls.discard(future)
 
     async def stream(self, request_id: str, n: int) -> AsyncGenerator[RequestOutput, None]:
         """Yields the outputs of all `n` choices as they come; if the consumer stops early
@@ -164,10 +169,20 @@ class AsyncEngine:
                 self.busy_since = None
                 if outputs:
                     loop.call_soon_threadsafe(self._dispatch, outputs)
-        except BaseException as exc:  # the loop is gone: fail every open request, /health says so
+        except BaseException as exc:  # the loop is gone: /health says so
             log.exception("the engine loop died")
             self.error = exc
-            loop.call_soon_threadsafe(self._fail_all, EngineDead(f"the engine failed: {exc}"))
+            self._fail_all_soon(loop, EngineDead(f"the engine failed: {exc}"))
+        else:
+            self._fail_all_soon(loop, EngineDead("the engine has stopped"))
+
+    def _fail_all_soon(self, loop: asyncio.AbstractEventLoop, exc: EngineDead) -> None:
+        """Every open stream and every unanswered call fails: nothing waits on a loop that is
+        gone. Calls made later fail at once (`alive` is false by now)."""
+        try:
+            loop.call_soon_threadsafe(self._fail_all, exc)
+        except RuntimeError:  # the event loop is closed: no one is left waiting
+            pass
 
     def _drain_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -207,6 +222,8 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for stream in self._streams.values():
             stream.put_nowait(exc)
+        for future in list(self._calls):
+            _settle(future, None, exc)
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
