@@ -55,15 +55,22 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
               limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
               on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
     """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
-    `on_engine_failure` is called once, with the reason, when the engine fails for good."""
+    `on_engine_failure` is called, with the reason, each time the engine turns dead or failing."""
     api = WorkerAPI(engine, role, health_stall_seconds, limits)
 
     async def watch() -> None:
-        while (failure := engine_failure(engine, health_failed_steps)) is None:
+        failing = False
+        while True:
+            failure = engine_failure(engine, health_failed_steps)
+            if (failure is not None) != failing:
+                failing = failure is not None
+                if failure is None:
+                    log.info("the engine serves again")
+                else:
+                    log.error("the engine has failed: %s", failure["error"])
+                    if on_engine_failure is not None:
+                        on_engine_failure(str(failure["error"]))
             await asyncio.sleep(WATCH_SECONDS)
-        log.error("the engine has failed: %s", failure["error"])
-        if on_engine_failure is not None:
-            on_engine_failure(str(failure["error"]))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
