@@ -55,11 +55,24 @@ def worker(
                                                help="/health turns 503 when one engine step takes longer."),
     kv_lease_seconds: float = typer.Option(defaults.KV_LEASE_SECONDS, "--kv-lease-seconds",
                                            help="Prefill role: how long a prompt's KV waits for a decode worker."),
-    fault: list[str] = typer.Option([], "--fault", hidden=True, help="Test-only fault switches (corrupt-kv)."),
+    max_logprobs: int = typer.Option(defaults.MAX_LOGPROBS, "--max-logprobs", min=0,
+                                     help="The most logprobs (top_logprobs) a request may ask for."),
+    max_n: int = typer.Option(defaults.MAX_N, "--max-n", min=1, help="The most choices (n, best_of) per prompt."),
+    max_body_mib: int = typer.Option(defaults.MAX_BODY_MIB, "--max-body-mib", min=1,
+                                     help="The largest request body; a larger one gets 413."),
+    health_failed_steps: int = typer.Option(defaults.HEALTH_FAILED_STEPS, "--health-failed-steps", min=1,
+                                            help="/health turns 503 after this many engine steps in a row "
+                                                 "failed every request in them."),
+    exit_on_engine_failure: bool = typer.Option(False, "--exit-on-engine-failure",
+                                                help="Exit non-zero once the engine loop dies or "
+                                                     "--health-failed-steps steps in a row failed."),
+    fault: list[str] = typer.Option([], "--fault", hidden=True,
+                                    help="Test-only fault switches (corrupt-kv, fail-steps)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
+    from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
     from fleetwise.worker.engine.config import EngineConfig
     config = EngineConfig(
@@ -67,9 +80,12 @@ def worker(
         block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_mib << 20,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
-        max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds)
-    serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
-          faults=frozenset(fault))
+        max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs)
+    status = serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
+                   faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20),
+                   health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

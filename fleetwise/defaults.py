@@ -11,3 +11,12 @@ KV_CACHE_MIB = 256             # KV memory when the number of blocks is not give
 MAX_WAITING = 1024             # queue bound; beyond it requests are refused (429)
 KV_LEASE_SECONDS = 30.0        # prefill role: how long a finished prompt's blocks wait for a decode worker
 HEALTH_STALL_SECONDS = 30.0    # /health turns 503 when one engine step takes longer
+HEALTH_FAILED_STEPS = 3        # /health turns 503 after this many engine steps in a row failed every sequence
+MAX_LOGPROBS = 20              # vLLM's --max-logprobs: logprobs and top_logprobs at most this
+
+# what one request may ask of a worker (the HTTP API's limits)
+MAX_N = 128                    # choices per prompt (n, best_of)
+MAX_PROMPTS = 128              # prompts in one completion request's list
+MAX_STOP_STRINGS = 16          # stop strings per request (each is searched for after every token)
+MAX_STOP_CHARS = 256           # characters per stop string
+MAX_BODY_MIB = 32              # request body; a larger one gets 413 before it is parsed

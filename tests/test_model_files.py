@@ -2,13 +2,19 @@
 
 import hashlib
 import json
+import os
 import random
+import shutil
+import struct
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from fleetwise.cli import app
-from fleetwise.worker.model.files import write_model
+from fleetwise.worker.model.files import ID_CACHE, model_id, write_model
 from fleetwise.worker.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = ["hello world", "café naïve über", "你好，世界", "emoji 🙂🚀 and ✓", "tabs\tand\nnewlines  ",
@@ -110,3 +116,61 @@ def test_config_errors_are_clear(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="yarn"):
         from fleetwise.worker.model.llama import rope_inv_freq
         rope_inv_freq(ModelConfig.from_dir(bad))
+
+
+def flip_middle_byte(model_dir) -> None:
+    """One byte in the middle of the weights: far from the header and the first and last MiB."""
+    path = model_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    middle = header + (len(data) - header) // 2
+    assert middle - header > 1 << 20 and len(data) - middle > 1 << 20, "the weights should be over 2 MiB"
+    data[middle] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_model_id_tells_apart_models_that_differ_in_one_byte(tmp_path):
+    base = write_model(tmp_path / "base", "tiny", intermediate_size=2048)  # ~3.5 MB of weights
+    tuned = tmp_path / "tuned"
+    shutil.copytree(base, tuned)
+    assert model_id(tuned) == model_id(base)
+    flip_middle_byte(tuned)
+    assert model_id(tuned) != model_id(base)
+
+
+def test_model_id_is_cached_beside_the_model_until_a_file_changes(tmp_path):
+    model = write_model(tmp_path / "m", "tiny")
+    first = model_id(model)
+    cache = model / ID_CACHE
+    stored = json.loads(cache.read_text())
+    assert stored["id"] == first
+    cache.write_text(json.dumps({**stored, "id": "from-the-cache"}))
+    assert model_id(model) == "from-the-cache"  # not read again
+    time.sleep(0.01)
+    (model / "model.safetensors").touch()  # the weights may have changed: hashed again
+    assert model_id(model) == first
+    assert json.loads(cache.read_text())["id"] == first
+
+
+def test_model_id_on_a_read_only_model_directory(tmp_path):
+    """Model files on a read-only image or volume: the id is computed, nothing is written."""
+    model = write_model(tmp_path / "m", "tiny")
+    expected = model_id(shutil.copytree(model, tmp_path / "copy"))
+    code = f"from fleetwise.worker.model.files import model_id; print(model_id({str(model)!r}))"
+    if os.geteuid() == 0:  # permissions do not stop root: a read-only bind mount in a mount namespace
+        if shutil.which("unshare") is None or subprocess.run(
+                ["unshare", "-m", "true"], capture_output=True).returncode != 0:
+            pytest.skip("root without mount namespaces: no way to make a read-only directory")
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$1" -c "$2"',
+                str(model), sys.executable, code]
+    else:
+        model.chmod(0o555)
+        argv = [sys.executable, "-c", code]
+    try:
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    finally:
+        model.chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == expected
+    assert not (model / ID_CACHE).exists()
+    assert not [p for p in model.iterdir() if p.name.endswith(".tmp")]

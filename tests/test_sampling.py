@@ -131,6 +131,25 @@ def test_invalid_sampling_params_are_refused():
     for kwargs, word in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.1}, "temperature"),
                          ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"),
                          ({"n": 0}, "n"), ({"presence_penalty": 3}, "presence_penalty"),
-                         ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop")]:
+                         ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop"),
+                         ({"temperature": float("inf")}, "temperature"), ({"top_p": float("nan")}, "top_p"),
+                         ({"min_p": float("nan")}, "min_p"), ({"repetition_penalty": float("inf")}, "repetition"),
+                         ({"presence_penalty": float("nan")}, "presence"), ({"frequency_penalty": float("-inf")},
+                                                                            "frequency"),
+                         ({"seed": 1 << 63}, "seed"), ({"seed": -(1 << 63) - 1}, "seed")]:
         with pytest.raises(ValueError, match=word):
             SamplingParams(**kwargs)
+
+
+def test_the_engine_bounds_logprobs_by_its_max_logprobs(engine):
+    from fleetwise.worker.engine.engine import RequestError
+    assert engine.config.max_logprobs == 20  # vLLM's default
+    engine.validate([1, 2], SamplingParams(logprobs=20))
+    with pytest.raises(RequestError, match="at most 20") as e:
+        engine.validate([1, 2], SamplingParams(logprobs=21))
+    assert e.value.param == "logprobs"
+
+
+def test_a_tiny_temperature_is_raised_to_vllms_floor():
+    assert SamplingParams(temperature=1e-300).temperature == 1e-2
+    assert SamplingParams(temperature=0.0).greedy and SamplingParams(temperature=0.5).temperature == 0.5

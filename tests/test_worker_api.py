@@ -2,6 +2,7 @@
 back-pressure, disconnects, failures inside the engine, health and metrics."""
 
 import concurrent.futures as cf
+import random
 import shutil
 import subprocess
 import threading
@@ -94,11 +95,12 @@ def test_models_and_health(worker):
 @pytest.mark.parametrize("body, status, param, words", [
     ({"model": "tiny", "prompt": "", "max_tokens": 4}, 400, "prompt", "empty"),
     ({"model": "tiny", "prompt": [], "max_tokens": 4}, 400, "prompt", "empty"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens", "maximum context length"),
     ({"model": "tiny", "prompt": "word " * 1100, "max_tokens": 1}, 400, "max_tokens", "maximum context length"),
     ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "valid integer"),
-    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature", "non-negative"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt", "valid string"),
     ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
     ({"model": "tiny", "prompt": [999999]}, 400, "prompt", "outside the vocabulary"),
     ({"model": "tiny"}, 400, "prompt", "Field required"),
@@ -109,6 +111,49 @@ def test_bad_completion_requests_get_clear_errors(worker, body, status, param, w
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"] and err["type"]
+
+
+def raw_post(worker, path, body: str) -> httpx.Response:
+    """A body as written: Python's json reads Infinity, NaN and lone surrogates, httpx would not send them."""
+    return httpx.post(worker.url + path, content=body.encode(), headers={"content-type": "application/json"},
+                      timeout=30)
+
+
+@pytest.mark.parametrize("path, fields, param, words", [
+    ("/v1/completions", '"prompt": "x", "seed": 18446744073709551616', "seed", "less than or equal to"),
+    ("/v1/completions", '"prompt": "x", "seed": -9223372036854775809', "seed", "greater than or equal to"),
+    ("/v1/completions", '"prompt": "x", "top_k": 100000000000000000000', "top_k", "less than or equal to"),
+    ("/v1/completions", '"prompt": "x", "temperature": Infinity', "temperature", "finite"),
+    ("/v1/completions", '"prompt": "x", "temperature": NaN', "temperature", "finite"),
+    ("/v1/completions", '"prompt": "x", "top_p": NaN', "top_p", "finite"),
+    ("/v1/completions", '"prompt": "x", "repetition_penalty": Infinity', "repetition_penalty", "finite"),
+    ("/v1/completions", '"prompt": "x", "presence_penalty": -Infinity', "presence_penalty", "finite"),
+    ("/v1/completions", '"prompt": "x", "frequency_penalty": NaN', "frequency_penalty", "finite"),
+    ("/v1/completions", '"prompt": "x", "min_p": NaN', "min_p", "finite"),
+    ("/v1/completions", '"prompt": "\\ud800"', "prompt", "lone surrogate"),
+    ("/v1/completions", '"prompt": ["fine", "\\udfff"]', "prompt.1", "lone surrogate"),
+    ("/v1/completions", '"prompt": "x", "stop": ["\\ud800"]', "stop.0", "lone surrogate"),
+    ("/v1/chat/completions", '"messages": [{"role": "user", "content": "a\\ud800"}]', "messages.0.content",
+     "lone surrogate"),
+    ("/v1/chat/completions", '"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]',
+     "messages.0.content.0.text", "lone surrogate"),
+    ("/v1/chat/completions", '"messages": [{"role": "user", "content": "x"}], "temperature": NaN', "temperature",
+     "finite"),
+])
+def test_client_mistakes_in_the_raw_body_are_400_naming_the_field(worker, path, fields, param, words):
+    r = raw_post(worker, path, '{"model": "tiny", "max_tokens": 2, ' + fields + "}")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+
+
+def test_the_extreme_seeds_and_a_tiny_temperature_still_sample(worker):
+    for seed in (-(1 << 63), (1 << 63) - 1):  # seed + choice index stays inside torch's seed range
+        r = raw_post(worker, "/v1/completions", '{"model": "tiny", "prompt": "x", "max_tokens": 3, "n": 2, '
+                                                f'"seed": {seed}}}')
+        assert r.status_code == 200, r.text
+    r = post(worker, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "temperature": 1e-300})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
 
 
 def test_every_openai_prompt_form_gives_the_same_completion(worker):
@@ -249,6 +294,34 @@ def test_health_turns_503_when_the_loop_stalls_or_dies(tiny_model_dir):
         assert again.status_code == 503
     finally:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def long_text():
+    """A million characters of words the tokenizer has not seen: a second or so to tokenise."""
+    rng = random.Random(5)
+    letters = rng.choices("abcdefghijklmnopqrstuvwxyz ", k=1_000_000)
+    return "".join(letters)
+
+
+@pytest.mark.parametrize("path, field", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_tokenising_a_long_prompt_does_not_hold_the_event_loop(worker, long_text, path, field):
+    """While one request's long prompt is tokenised, the worker goes on answering others.
+    (The prompt is then too long for the model: a 400.)"""
+    value = long_text if field == "prompt" else [{"role": "user", "content": long_text}]
+    t0 = time.monotonic()
+    worker.core.tokenizer.encode(long_text)
+    alone = time.monotonic() - t0
+    assert alone > 0.3, f"the text should take a while to tokenise, not {alone:.2f} s"
+    with cf.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, worker, path, {"model": "tiny", field: value, "max_tokens": 2})
+        time.sleep(0.1)  # sent and parsed: tokenising now
+        t0 = time.monotonic()
+        assert httpx.get(worker.url + "/health", timeout=10).status_code == 200
+        waited, finished = time.monotonic() - t0, slow.done()
+        assert slow.result().status_code == 400
+    assert waited < alone / 3, f"/health waited {waited:.2f} s behind a {alone:.2f} s tokenisation"
+    assert not finished, "the long prompt should still have been tokenising"
 
 
 def test_metrics_are_named_like_vllm_and_lint_clean(worker):

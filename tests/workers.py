@@ -50,11 +50,12 @@ class RunningWorker:
 
 
 def start_worker(config: EngineConfig, role: str = "mixed", health_stall_seconds: float = 30.0,
-                 faults: frozenset[str] = frozenset()) -> RunningWorker:
+                 faults: frozenset[str] = frozenset(), **app_options) -> RunningWorker:
+    """`app_options`: build_app's other keywords (limits, ...)."""
     core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
     engine = AsyncEngine(core)
-    app = build_app(engine, connector, role, health_stall_seconds, faults)
+    app = build_app(engine, connector, role, health_stall_seconds, faults, **app_options)
     port = free_port()
     server, thread = _serve_in_thread(app, port)
     url = f"http://127.0.0.1:{port}"

@@ -34,20 +34,20 @@ log = logging.getLogger(__name__)
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
 
 
-def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
+async def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
                                                          list[int], SamplingParams]:
     """The client's request as the public endpoint would read it: (request, prompt, params)."""
     req: CompletionRequest | ChatCompletionRequest
     try:
         if kind == "completion":
             req = CompletionRequest.model_validate(body)
-            prompts, params_list = api.prepare_completion(req)
+            prompts, params_list = await api.prepare_completion(req)
             if len(prompts) != 1:
                 raise _error(400, "a prefill/decode handoff takes one prompt per request", "prompt")
             prompt, params = prompts[0], params_list[0]
         else:
             req = ChatCompletionRequest.model_validate(body)
-            prompt, params = api.prepare_chat(req)
+            prompt, params = await api.prepare_chat(req)
     except ValidationError as e:
         raise RequestValidationError(e.errors())
     if params.n != 1:
@@ -111,7 +111,7 @@ class Handoff:
         under a lease (the handle) unless the first token already ends the request."""
         self.require("prefill", "mixed")
         api = self.api
-        _, prompt, params = _parse(api, body.kind, body.request)
+        _, prompt, params = await _parse(api, body.kind, body.request)
         try:
             api.core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
         except RequestError as e:
@@ -174,7 +174,7 @@ class Handoff:
         recomputes the prompt when that fails) and answers like the public endpoint."""
         self.require("decode", "mixed")
         api, engine, connector = self.api, self.engine, self.connector
-        req, _, params = _parse(api, body.kind, body.request)
+        req, _, params = await _parse(api, body.kind, body.request)
         prompt = body.prompt_token_ids
         api.check_capacity()
         rid = engine_request_id()

@@ -3,7 +3,7 @@ and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole 
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleetwise import defaults
 from fleetwise.logs import configure as configure_logs
 from fleetwise.logs import incoming_request_id, request_id
 from fleetwise.protocol import REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER, version_error
@@ -24,39 +25,75 @@ from ..engine.engine import LLMEngine
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
 from .handoff import add_handoff_routes
-from .openai import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
 from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
+FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
 
 
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
+def engine_failure(engine: AsyncEngine, failed_steps: int) -> dict | None:
+    """Why the engine cannot serve, for good: its loop died, or `failed_steps` steps in a
+    row failed every sequence (the loop lives on, failing each request alone). None: it can."""
+    if not engine.alive:
+        return {"status": "dead", "error": str(engine.error) if engine.error else None}
+    core = engine.engine
+    if core.failed_steps >= failed_steps:
+        return {"status": "failing", "error": f"the last {core.failed_steps} engine steps failed every "
+                                              f"request in them; the last error: {core.last_step_error}"}
+    return None
+
+
 def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
-              health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> FastAPI:
-    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks."""
-    api = WorkerAPI(engine, role, health_stall_seconds)
+              health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
+              limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
+              on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
+    `on_engine_failure` is called, with the reason, each time the engine turns dead or failing."""
+    api = WorkerAPI(engine, role, health_stall_seconds, limits)
+
+    async def watch() -> None:
+        failing = False
+        while True:
+            failure = engine_failure(engine, health_failed_steps)
+            if (failure is not None) != failing:
+                failing = failure is not None
+                if failure is None:
+                    log.info("the engine serves again")
+                else:
+                    log.error("the engine has failed: %s", failure["error"])
+                    if on_engine_failure is not None:
+                        on_engine_failure(str(failure["error"]))
+            await asyncio.sleep(WATCH_SECONDS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine._thread is None:
             engine.start(asyncio.get_running_loop())
+        watcher = asyncio.create_task(watch())
         yield
+        watcher.cancel()
         await close_handoff()
         engine.stop()
+        api.close()
 
     app = FastAPI(title="fleetwise worker", lifespan=lifespan)
     app.state.api = api
-    app.add_middleware(RequestContext)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: a 413 carries the request id too
     _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "dead", "error": str(engine.error) if engine.error else None},
-                                status_code=503)
+        failure = engine_failure(engine, health_failed_steps)
+        if failure is not None:
+            return JSONResponse(failure, status_code=503)
         stalled = engine.stalled_for()
         if stalled > health_stall_seconds:
             return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
@@ -76,12 +113,12 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        prompts, params = api.prepare_completion(req)
+        prompts, params = await api.prepare_completion(req)
         return await api.respond_completion(req, prompts, await api.run(prompts, params, request), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt, params = api.prepare_chat(req)
+        prompt, params = await api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
     close_handoff = add_handoff_routes(app, api, connector, faults)
@@ -120,6 +157,53 @@ class RequestContext:
         await self.app(scope, receive, send_with_id)
 
 
+class BodyLimit:
+    """A body over `max_bytes` gets 413 before anything parses it: at once when its
+    Content-Length says so, else as soon as the bytes read pass the limit (a chunked body
+    or one that lies about its length). Every route parses its body whole, so the body is
+    read here and handed on in one message."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(f"is {int(length)} bytes", scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(f"has more than {self.max_bytes} bytes", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # afterwards the app hears of a disconnect as usual
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"{self.max_bytes / (1 << 20):g} MiB" if self.max_bytes >= 1 << 20 else f"{self.max_bytes} bytes"
+        e = APIError(413, f"the request body {what}; this worker takes at most {limit}",
+                     code="request_too_large", headers={"connection": "close"})
+        await _error_response(e)(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI-shaped body."""
 
@@ -129,14 +213,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
+        errors = list(e.errors())
+        # a field's own check explains more than the other members of its union refusing the type
+        errors.sort(key=lambda err: err.get("type") != "value_error")
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        loc = [str(x) for x in first.get("loc", []) if x != "body" and not _union_member(x)]
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             loc = []
         else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"{'.'.join(loc) or 'body'}: {msg}"
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more problems)"
         return _error_response(APIError(400, message, param=".".join(loc) or None))
@@ -155,12 +242,42 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error"))
 
 
+def _union_member(part: object) -> bool:
+    """pydantic names the member of a union in an error's location ('str', 'list[int]',
+    'function-after[...]', 'TextPart'); the client's field path leaves them out."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper())
+
+
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
-          health_stall_seconds: float = 30.0, faults: frozenset[str] = frozenset()) -> None:
+          health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
+          limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
+          exit_on_engine_failure: bool = False) -> int:
+    """Runs a worker until it is stopped; returns the process's exit status: 1 when it
+    stopped because the engine failed (`exit_on_engine_failure`), so that Kubernetes
+    restarts the container, 3 when it never started (uvicorn's), else 0."""
     configure_logs(logging.INFO)
     core = LLMEngine(config, WorkerMetrics(config.served_name, role))
     core.kv_connector = connector = KVConnector(core)
-    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults)
+    if FAIL_STEPS in faults:
+        core.fault_hook = _fail_step
+    failed: list[str] = []
+
+    def stop_on_failure(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True  # requests in flight finish (they fail fast), then serve returns
+
+    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits, health_failed_steps,
+                    stop_on_failure if exit_on_engine_failure else None)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
     # to 50 s to finish; the pod's termination grace period is 60 s
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=50)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=50))
+    server.run()
+    if failed:
+        log.error("exiting: the engine failed (%s)", failed[0])
+        return 1
+    return 0 if server.started else 3
+
+
+def _fail_step(batch: object) -> None:
+    raise RuntimeError("injected fault: every step fails")

@@ -5,7 +5,8 @@ outputs and shapes the response."""
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi import Request
@@ -17,7 +18,7 @@ from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.engine import LLMEngine, RequestError
 from ..engine.sequence import SamplingParams
 from ..metrics import WorkerMetrics
-from .openai import APIError, ChatCompletionRequest, CompletionRequest
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits
 from .responses import Outputs, ResponseFormat
 
 T = TypeVar("T")
@@ -76,8 +77,10 @@ def engine_request_id() -> str:
     return f"{request_id.get()}-{uuid.uuid4().hex[:8]}"
 
 class WorkerAPI:
-    def __init__(self, engine: AsyncEngine, role: str, health_stall_seconds: float):
+    def __init__(self, engine: AsyncEngine, role: str, health_stall_seconds: float,
+                 limits: RequestLimits = RequestLimits()):
         self.engine = engine
+        self.limits = limits
         self.core: LLMEngine = engine.engine
         self.tokenizer = self.core.tokenizer
         self.model_name = self.core.config.served_name
@@ -85,6 +88,19 @@ class WorkerAPI:
         self.health_stall_seconds = health_stall_seconds
         self.metrics: WorkerMetrics = self.core.metrics
         self.format = ResponseFormat(self.tokenizer, self.model_name)
+        # tokenising a long prompt takes milliseconds to seconds: off the event loop, or every
+        # stream on this worker stalls meanwhile. One thread, as vLLM's OpenAI server has
+        # (Tokenizer.encode lets go of the GIL while it works).
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.tokenize_inline = False  # test-only: on the event loop (bench/tokenize_stall.py's baseline)
+
+    async def _tokenizing(self, fn: Callable[[], T]) -> T:
+        if self.tokenize_inline:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
+
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request preparation -----------------------------------------------------------------
 
@@ -93,27 +109,33 @@ class WorkerAPI:
             raise APIError(404, f"the model {name!r} does not exist; this worker serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        prompts = [list(p) if isinstance(p, list) else self.tokenizer.encode(p) if p else []
-                   for p in _prompt_parts(req.prompt)]
+    async def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        parts = _prompt_parts(req.prompt)
+        if len(parts) > self.limits.max_prompts:
+            raise APIError(400, f"at most {self.limits.max_prompts} prompts per request, not {len(parts)}",
+                           param="prompt")
+        encode = self.tokenizer.encode
+        prompts = await self._tokenizing(
+            lambda: [list(p) if isinstance(p, list) else encode(p) if p else [] for p in parts])
         if any(not ids for ids in prompts):
             raise APIError(400, "the prompt is empty", param="prompt")
         return prompts
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.tools:
             raise APIError(400, "tools are not supported by this worker", param="tools")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages")
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+        def render() -> list[int]:
+            try:
+                text = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages")
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return await self._tokenizing(render)
 
     def params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None,
                logprobs: int | None) -> SamplingParams:
-        if req.n < 1:
-            raise APIError(400, "n must be at least 1", param="n")
         if max_tokens is None:
             max_tokens = max(1, self.core.max_model_len - prompt_len)
         try:
@@ -121,10 +143,17 @@ class WorkerAPI:
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0])
 
-    def check_capacity(self) -> None:
-        waiting = self.engine.num_waiting()
-        if waiting >= self.core.config.max_waiting:
-            raise self._queue_full(QueueFull(waiting, self.engine.retry_after()))
+    def check_capacity(self, sequences: int = 1) -> None:
+        """Refuses (429) a request whose `sequences` (prompts times n) do not fit in the queue
+        now, and (400) one that never would."""
+        bound = self.core.config.max_waiting
+        if sequences > bound:
+            raise APIError(400, f"the request asks for {sequences} sequences (prompts times n); this worker "
+                                f"queues at most {bound}", param="n")
+        try:
+            self.engine.check_room(sequences)
+        except QueueFull as e:
+            raise self._queue_full(e)
 
     def _queue_full(self, e: QueueFull) -> APIError:
         self.metrics.on_reject("queue_full")
@@ -146,6 +175,7 @@ class WorkerAPI:
 
     async def run(self, prompts: list[list[int]], params_list: list[SamplingParams], request: Request) -> Outputs:
         """Starts every prompt (each with n choices); yields (prompt index, output)."""
+        self.check_capacity(sum(p.n for p in params_list))
         submitted: list[str] = []
         try:
             for ids, params in zip(prompts, params_list):
@@ -179,22 +209,29 @@ class WorkerAPI:
             if not task.done():
                 task.cancel()
 
-    def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams]]:
+    async def prepare_completion(self, req: CompletionRequest) -> tuple[list[list[int]], list[SamplingParams]]:
         self.check_model(req.model)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of > self.limits.max_n:
+            raise APIError(400, f"best_of must be at most {self.limits.max_n}", param="best_of")
         if req.best_of not in (None, req.n):
             raise APIError(400, "best_of must equal n when given", param="best_of")
-        prompts = self.completion_prompts(req)
+        self.limits.check(req)
+        prompts = await self.completion_prompts(req)
         return prompts, [self.params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+    async def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
         self.check_model(req.model)
-        prompt = self.chat_prompt(req)
+        self.limits.check(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if (req.top_logprobs or 0) > self.core.config.max_logprobs:
+            raise APIError(400, f"top_logprobs must be at most {self.core.config.max_logprobs}",
+                           param="top_logprobs")
+        prompt = await self.chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return prompt, self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs)
 

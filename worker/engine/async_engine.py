@@ -38,10 +38,14 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
+        self._calls: set[asyncio.Future] = set()  # `call`s not yet answered (event loop only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pending = 0  # submitted, not yet seen by the loop
+        # sequences submitted and those the loop has taken in: each counter has one writer
+        # (the event loop, the engine thread), so neither needs a lock; the difference is pending
+        self._submitted = 0
+        self._admitted = 0
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
         self.error: BaseException | None = None
@@ -66,7 +70,14 @@ class AsyncEngine:
         return time.monotonic() - self.heartbeat
 
     def num_waiting(self) -> int:
-        return self.engine.num_waiting + self._pending
+        """Sequences waiting (a request with n choices counts n), queued ones included."""
+        return self.engine.num_waiting + self._submitted - self._admitted
+
+    def check_room(self, sequences: int) -> None:
+        """Raises QueueFull unless `sequences` more fit under the queue bound."""
+        waiting = self.num_waiting()
+        if waiting + sequences > self.engine.config.max_waiting:
+            raise QueueFull(waiting, self.retry_after())
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely moved on: one step per waiting request, at least 1."""
@@ -81,12 +92,13 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDead("the engine loop is not running")
         self.engine.validate(prompt_token_ids, params)
-        waiting = self.num_waiting()
-        if waiting >= self.engine.config.max_waiting:
-            raise QueueFull(waiting, self.retry_after())
+        if params.n > self.engine.config.max_waiting:
+            raise RequestError(f"n={params.n} is more than this worker's queue holds "
+                               f"({self.engine.config.max_waiting} sequences)", "n")
+        self.check_room(params.n)
         request_id = request_id or uuid.uuid4().hex
         self._streams[request_id] = asyncio.Queue()
-        self._pending += 1
+        self._submitted += params.n
         self._commands.put(("add", request_id, prompt_token_ids, params, hold_kv))
         self._wake.set()
         return request_id
@@ -102,9 +114,13 @@ class AsyncEngine:
             raise EngineDead("the engine loop is not running")
         assert self._loop is not None  # alive: start() has set it
         future: asyncio.Future[T] = self._loop.create_future()
-        self._commands.put(("call", fn, args, future))
-        self._wake.set()
-        return await future
+        self._calls.add(future)  # if the loop dies before it runs fn, _fail_all answers it
+        try:
+            self._commands.put(("call", fn, args, future))
+            self._wake.set()
+            return await future
+        finally:
+            self._calls.discard(future)
 
     async def stream(self, request_id: str, n: int) -> AsyncGenerator[RequestOutput, None]:
         """Yields the outputs of all `n` choices as they come; if the consumer stops early
@@ -153,10 +169,20 @@ class AsyncEngine:
                 self.busy_since = None
                 if outputs:
                     loop.call_soon_threadsafe(self._dispatch, outputs)
-        except BaseException as exc:  # the loop is gone: fail every open request, /health says so
+        except BaseException as exc:  # the loop is gone: /health says so
             log.exception("the engine loop died")
             self.error = exc
-            loop.call_soon_threadsafe(self._fail_all, EngineDead(f"the engine failed: {exc}"))
+            self._fail_all_soon(loop, EngineDead(f"the engine failed: {exc}"))
+        else:
+            self._fail_all_soon(loop, EngineDead("the engine has stopped"))
+
+    def _fail_all_soon(self, loop: asyncio.AbstractEventLoop, exc: EngineDead) -> None:
+        """Every open stream and every unanswered call fails: nothing waits on a loop that is
+        gone. Calls made later fail at once (`alive` is false by now)."""
+        try:
+            loop.call_soon_threadsafe(self._fail_all, exc)
+        except RuntimeError:  # the event loop is closed: no one is left waiting
+            pass
 
     def _drain_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -166,7 +192,7 @@ class AsyncEngine:
                 return
             if cmd[0] == "add":
                 _, request_id, prompt, params, hold_kv = cmd
-                self._pending -= 1
+                self._admitted += params.n
                 try:
                     self.engine.add_request(request_id, prompt, params, hold_kv)
                 except RequestError as exc:
@@ -196,6 +222,8 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for stream in self._streams.values():
             stream.put_nowait(exc)
+        for future in list(self._calls):
+            _settle(future, None, exc)
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

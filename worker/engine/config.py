@@ -20,7 +20,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    max_waiting: int = defaults.MAX_WAITING
+    max_waiting: int = defaults.MAX_WAITING  # sequences (a request with n choices counts n)
+    max_logprobs: int = defaults.MAX_LOGPROBS
     seed: int = 0
     kv_lease_seconds: float = defaults.KV_LEASE_SECONDS
 
@@ -28,6 +29,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_logprobs < 0:
+            raise ValueError("max_logprobs must be non-negative")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
 

@@ -72,6 +72,8 @@ class LLMEngine:
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None
         self.last_step_forward_seconds = 0.0
         self.last_step_seconds = 0.0
+        self.failed_steps = 0  # in a row: steps in which every sequence failed
+        self.last_step_error: str | None = None
         self.kv_connector: KVHooks | None = None  # attached by whoever builds a worker
 
     # -- requests ---------------------------------------------------------------------
@@ -93,6 +95,9 @@ class LLMEngine:
         if blocks > self.block_manager.num_blocks:
             raise RequestError(f"the request needs {blocks} KV cache blocks but this worker has "
                                f"{self.block_manager.num_blocks}; lower max_tokens", "max_tokens")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise RequestError(f"logprobs must be at most {self.config.max_logprobs} (this worker's "
+                               "max_logprobs)", "logprobs")
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"stop token id {bad} is outside the vocabulary", "stop_token_ids")
@@ -199,6 +204,7 @@ class LLMEngine:
         forward = 0.0
         if batch:
             t1 = time.perf_counter()
+            error = None
             try:
                 if self.fault_hook:
                     self.fault_hook(batch)
@@ -208,7 +214,9 @@ class LLMEngine:
                 outputs = self._process(batch, rows, sampled)
             except Exception:
                 log.exception("a step of %d sequences failed; running them one by one", len(batch.seqs))
-                outputs = self._run_isolated(batch)
+                outputs, error = self._run_isolated(batch)
+            self.failed_steps = self.failed_steps + 1 if error else 0
+            self.last_step_error = error or self.last_step_error
         if bm.prefix_queries != q0:
             self.metrics.on_admit(bm.prefix_queries - q0, bm.prefix_hits - h0)
         self.last_step_seconds = time.perf_counter() - t0
@@ -219,10 +227,12 @@ class LLMEngine:
                              len(batch.preempted))
         return outputs
 
-    def _run_isolated(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _run_isolated(self, batch: ScheduledBatch) -> tuple[list[RequestOutput], str | None]:
         """A failed batch is retried one sequence at a time; only a sequence that fails on its
-        own is failed. Nothing advanced in the failed attempt, so the retry is exact."""
+        own is failed. Nothing advanced in the failed attempt, so the retry is exact. Returns
+        the outputs and, when every sequence failed, the last error."""
         outputs = []
+        error, advanced = None, False
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.is_finished:
                 continue
@@ -233,10 +243,12 @@ class LLMEngine:
                 rows, sampled = self.runner.run(single)
                 self.scheduler.update_computed(single)
                 outputs.extend(self._process(single, rows, sampled))
+                advanced = True
             except Exception as exc:
                 log.exception("request %s failed in the engine", seq.request_id)
-                outputs.append(self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}"))
-        return outputs
+                error = f"{type(exc).__name__}: {exc}"
+                outputs.append(self._finish(seq, "error", error=error))
+        return outputs, None if advanced else error
 
     def _process(self, batch: ScheduledBatch, rows: list[int], sampled) -> list[RequestOutput]:
         outputs = []

@@ -1,11 +1,14 @@
 """A sequence's tokens, its progress through the model and its sampling parameters."""
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
+
+MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: a positive temperature below it is raised to it
 
 
 @dataclass
@@ -22,10 +25,15 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k (the engine bounds k)
     n: int = 1
 
     def __post_init__(self):
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        # the bounds are vLLM's (SamplingParams._verify_args); the seed's is torch.long's
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be non-negative"),
@@ -35,13 +43,17 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be positive"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.seed is None or -(1 << 63) <= self.seed < (1 << 63), "seed must be in [-2^63, 2^63)"),
             (self.n >= 1, "n must be at least 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be non-negative"),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # as vLLM: a smaller one overflows the logits / temperature to inf and NaN
+            self.temperature = MIN_TEMPERATURE
 
     @property
     def greedy(self) -> bool:

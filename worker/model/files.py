@@ -8,14 +8,19 @@ tokenizer_config.json and generation_config.json, and loads unchanged in Hugging
 
 import hashlib
 import json
+import logging
+import os
 import random
-import struct
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+log = logging.getLogger(__name__)
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
@@ -185,18 +190,50 @@ def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, **override
     return out
 
 
+ID_CACHE = ".fleetwise-model-id.json"  # beside the model, where the worker may write
+
+
 def model_id(model_dir: str | Path) -> str:
-    """Identifies a model's weights without reading them whole: the config, and each
-    safetensors file's header (names, shapes, offsets), size and first and last MiB."""
+    """Identifies a model by a SHA-256 of config.json and every byte of its safetensors files:
+    a fine-tuned model has its base model's names and shapes, and only its bytes tell them
+    apart (a worker must never take another model's keys and values).
+
+    Reading every byte takes a while for a large model, so the answer is kept in a file in
+    the model directory, valid while each file's size, times and inode are unchanged. Model
+    files may sit on a read-only image or volume: then the digest is computed at each start."""
     model_dir = Path(model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        size = f.stat().st_size
+    files = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]
+    stamp = [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f in files for st in [f.stat()]]
+    cache = model_dir / ID_CACHE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["files"] == stamp:
+            return str(cached["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: computed below
+    t0 = time.monotonic()
+    h = hashlib.sha256()
+    for f in files:
         with f.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            h.update(fh.read(n))
-            h.update(str(size).encode())
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read())
-    return h.hexdigest()[:32]
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()  # streamed in chunks
+        h.update(f"{f.name}\0{f.stat().st_size}\0{digest}\n".encode())
+    mid = h.hexdigest()[:32]
+    log.info("model id %s: %d files hashed in %.1f s", mid, len(files), time.monotonic() - t0)
+    _write_cache(cache, {"id": mid, "files": stamp})
+    return mid
+
+
+def _write_cache(path: Path, content: dict) -> None:
+    """Atomically, or not at all (a read-only directory, another worker racing: both fine)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError as e:
+        log.info("the model id is not cached beside the model (%s); it is computed at each start", e)
+        return
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(content, out)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("could not cache the model id beside the model: %s", e)
+        Path(tmp).unlink(missing_ok=True)
