@@ -96,7 +96,9 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
     name = body["metadata"]["name"]
     pool = spec.pools()[role]
     e = spec.engine
+    # a worker whose engine keeps failing exits, and the kubelet restarts it
     args = ["worker", "--model", spec.model.uri, "--served-model-name", spec.model.name, "--role", role,
+            "--exit-on-engine-failure",
             "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--block-size", str(e.block_size),
             "--max-num-seqs", str(e.max_num_seqs), "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--dtype", e.dtype]
