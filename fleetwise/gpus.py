@@ -40,17 +40,18 @@ class GPUProduct:
     min_limit_watts: float      # the lowest power limit the driver accepts
     idle_watts: float           # draw with nothing running (typical, assumed)
     dcgm_model_name: str        # DCGM's `modelName` label
+    max_sm_clock_mhz: float     # the datasheet's boost clock
 
 
 PRODUCTS: dict[str, GPUProduct] = {p.family: p for p in (
-    GPUProduct("H100", 700, 200, 70, "NVIDIA H100 80GB HBM3"),
-    GPUProduct("H200", 700, 200, 75, "NVIDIA H200"),
-    GPUProduct("B200", 1000, 200, 120, "NVIDIA B200"),
-    GPUProduct("A100", 400, 100, 55, "NVIDIA A100-SXM4-80GB"),
-    GPUProduct("L40S", 350, 100, 35, "NVIDIA L40S"),
-    GPUProduct("L4", 72, 40, 16, "NVIDIA L4"),
-    GPUProduct("A10", 150, 100, 20, "NVIDIA A10"),
-    GPUProduct("V100", 300, 100, 40, "Tesla V100-SXM2-32GB"),
+    GPUProduct("H100", 700, 200, 70, "NVIDIA H100 80GB HBM3", 1980),
+    GPUProduct("H200", 700, 200, 75, "NVIDIA H200", 1980),
+    GPUProduct("B200", 1000, 200, 120, "NVIDIA B200", 1965),
+    GPUProduct("A100", 400, 100, 55, "NVIDIA A100-SXM4-80GB", 1410),
+    GPUProduct("L40S", 350, 100, 35, "NVIDIA L40S", 2520),
+    GPUProduct("L4", 72, 40, 16, "NVIDIA L4", 2040),
+    GPUProduct("A10", 150, 100, 20, "NVIDIA A10", 1695),
+    GPUProduct("V100", 300, 100, 40, "Tesla V100-SXM2-32GB", 1530),
 )}
 DEFAULT_RATED_WATTS = 400  # a product not in the table, without a `fleetwise.dev/gpu-watts` label
 
@@ -78,7 +79,7 @@ def product(name: str) -> GPUProduct:
     if family in PRODUCTS:
         return PRODUCTS[family]
     rated = DEFAULT_RATED_WATTS
-    return GPUProduct(family, rated, 0.25 * rated, 0.12 * rated, name)
+    return GPUProduct(family, rated, 0.25 * rated, 0.12 * rated, name, 1500)
 
 
 def prompt_power_fraction(tokens: int) -> float:
@@ -116,6 +117,13 @@ def phase_of(prompt_tokens: int) -> Phase:
 def drawn_watts(demand: float, cap: float | None) -> float:
     """The draw under a cap (None: uncapped)."""
     return demand if cap is None else min(demand, cap)
+
+
+def clock_mhz(gpu: GPUProduct, demand: float, cap: float | None) -> float:
+    """The SM clock a cap leaves: power goes as about clock ** 2.6 (the prompt law above)."""
+    if cap is None or cap >= demand:
+        return gpu.max_sm_clock_mhz
+    return gpu.max_sm_clock_mhz * (cap / demand) ** PROMPT_CAP_EXPONENT
 
 
 def stretch(phase: Phase, demand: float, cap: float | None) -> float:

@@ -54,3 +54,16 @@ OPERATOR_RECONCILE_ERRORS = "fleetwise_operator_reconcile_errors"  # counter: re
 OPERATOR_BIND_SECONDS = "fleetwise_operator_bind_seconds"        # histogram: pod created -> bound
 OPERATOR_PENDING_PODS = "fleetwise_operator_pending_pods"        # gauge: reason
 OPERATOR_API_REQUESTS = "fleetwise_operator_api_requests"        # counter: verb, resource
+
+# GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
+# and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter
+# and the modelled GPU that stands in where there is none (telemetry/modelled_gpu.py)
+DCGM_POWER_USAGE = "DCGM_FI_DEV_POWER_USAGE"                  # gauge, W
+DCGM_POWER_MGMT_LIMIT = "DCGM_FI_DEV_POWER_MGMT_LIMIT"        # gauge, W: the power limit set
+DCGM_ENFORCED_POWER_LIMIT = "DCGM_FI_DEV_ENFORCED_POWER_LIMIT"  # gauge, W: the limit the driver enforces
+DCGM_TOTAL_ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"    # counter, mJ
+DCGM_SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"                        # gauge, MHz
+DCGM_GPU_TEMP = "DCGM_FI_DEV_GPU_TEMP"                        # gauge, degrees C
+DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"                        # gauge, %
+DCGM_XID_ERRORS = "DCGM_FI_DEV_XID_ERRORS"                    # gauge: the last XID error's code (0: none)
+DCGM_LABELS = ("gpu", "UUID", "modelName", "Hostname")
