@@ -14,6 +14,7 @@ the busy share of the window; the SM clock follows the cap (gpus.clock_mhz); tem
 ambient plus `KELVIN_PER_WATT` times the power, a rough figure no controller reads.
 """
 
+import os
 import socket
 import threading
 import time
@@ -110,3 +111,12 @@ class ModelledGPU(Collector):
         energy = GaugeMetricFamily(c.DCGM_TOTAL_ENERGY, "Total energy consumption since boot (in mJ).", labels=names)
         energy.add_metric(values, 1000 * r["energy"])
         yield energy
+
+
+def kubernetes_labels(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The labels the DCGM exporter adds on Kubernetes (pod, namespace, container), from the
+    downward API's POD_NAME and POD_NAMESPACE; none outside a pod."""
+    if "POD_NAME" not in environ or "POD_NAMESPACE" not in environ:
+        return {}
+    return {"pod": environ["POD_NAME"], "namespace": environ["POD_NAMESPACE"],
+            "container": environ.get("CONTAINER_NAME", "worker")}

@@ -93,3 +93,34 @@ def test_the_dcgm_exporters_series_and_labels():
     problems = [line for line in (lint.stdout + lint.stderr).splitlines()
                 if line.strip() and "label names should be written in 'snake_case'" not in line]
     assert lint.returncode in (0, 3) and not problems, lint.stdout + lint.stderr
+
+
+def test_an_engine_without_a_gpu_steps_as_the_modelled_one_and_waits_out_its_cap(tiny_model_dir, monkeypatch):
+    from fleetwise.worker.engine import engine as engine_module
+    from fleetwise.worker.engine.config import EngineConfig
+    from fleetwise.worker.engine.engine import LLMEngine
+    from fleetwise.worker.engine.sequence import SamplingParams
+
+    waited: list[float] = []
+    monkeypatch.setattr(engine_module.time, "sleep", waited.append)
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_blocks=64, device="cpu", modelled_gpu="H100"))
+    assert engine.gpu is not None
+    engine.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_work():
+        engine.step()
+    assert waited == []  # uncapped: no step takes longer
+    assert engine.gpu.readings()["energy"] > 0
+    page = generate_latest(engine.metrics.registry).decode()
+    assert "DCGM_FI_DEV_POWER_USAGE{" in page and "vllm:num_requests_running" in page  # one /metrics page
+    engine.gpu.set_cap(200)
+    engine.add_request("b", list(range(300, 500)), SamplingParams(max_tokens=2, temperature=0))
+    while engine.has_work():
+        engine.step()
+    assert waited and all(w > 0 for w in waited)  # the prompt step ran longer under the cap
+
+
+def test_kubernetes_labels_come_from_the_downward_api():
+    from fleetwise.telemetry.modelled_gpu import kubernetes_labels
+    assert kubernetes_labels({}) == {}
+    assert kubernetes_labels({"POD_NAME": "w-0", "POD_NAMESPACE": "models"}) == {
+        "pod": "w-0", "namespace": "models", "container": "worker"}

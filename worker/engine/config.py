@@ -24,6 +24,8 @@ class EngineConfig:
     max_logprobs: int = defaults.MAX_LOGPROBS
     seed: int = 0
     kv_lease_seconds: float = defaults.KV_LEASE_SECONDS
+    # no GPU: model one of this product (H100, A100, ...): its power, a cap's cost, DCGM's series
+    modelled_gpu: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

@@ -9,6 +9,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fleetwise import gpus
+from fleetwise.telemetry.modelled_gpu import ModelledGPU, kubernetes_labels
+
 from ..metrics import WorkerMetrics
 from ..model.llama import ModelConfig
 from ..model.sampler import TokenLogprob
@@ -65,6 +68,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.metrics = metrics or WorkerMetrics(config.served_name)
+        self.gpu = self._modelled_gpu(config)
         self.requests: dict[str, list[Sequence]] = {}
         self._text: dict[int, _TextState] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -195,6 +199,24 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------
 
+    def _modelled_gpu(self, config: EngineConfig) -> ModelledGPU | None:
+        if config.modelled_gpu is None:
+            return None
+        if self.runner.device.type == "cuda":
+            raise ValueError("modelled_gpu is for a worker without a GPU: on a GPU the DCGM exporter reports it")
+        gpu = ModelledGPU(gpus.product(config.modelled_gpu), extra_labels=kubernetes_labels())
+        self.metrics.registry.register(gpu)
+        return gpu
+
+    def _as_the_modelled_gpu(self, batch: ScheduledBatch, forward: float) -> None:
+        """The step as the modelled GPU draws it; under its cap the step takes longer, and the
+        engine waits that out so that a cap's cost shows in the latencies, as on a GPU."""
+        assert self.gpu is not None
+        decodes = sum(1 for n in batch.num_new_tokens if n == 1)  # one new token: a decode
+        factor = self.gpu.step(batch.num_tokens - decodes, decodes, forward)
+        if factor > 1:
+            time.sleep(forward * (factor - 1))
+
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         bm = self.block_manager
@@ -210,6 +232,8 @@ class LLMEngine:
                     self.fault_hook(batch)
                 rows, sampled = self.runner.run(batch)
                 forward = time.perf_counter() - t1
+                if self.gpu is not None:
+                    self._as_the_modelled_gpu(batch, forward)
                 self.scheduler.update_computed(batch)
                 outputs = self._process(batch, rows, sampled)
             except Exception:
