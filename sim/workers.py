@@ -75,22 +75,20 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.token_slow, self.token_watts = self.pool.token_stretch_and_watts()
+        perf = self.pool.perf
+        # seconds per step before the cache read, by batch size (a lookup on the hot path)
+        self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
+        self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
 
     @property
     def gpus(self) -> int:
         return self.pool.perf.tp
 
-    def _a_beta(self) -> tuple[float, float]:
-        """Seconds per step before the cache read, and per cached token, at this batch."""
-        perf = self.pool.perf
-        return (perf.token_base_ms(len(self.batch)) * self.token_slow / 1e3,
-                perf.kv_ms_per_token * self.token_slow / 1e3)
-
     def _pq(self) -> tuple[float, float]:
-        a, beta = self._a_beta()
+        """The step-time sum's coefficients: n steps take n * p + q * n ** 2 seconds."""
         b = len(self.batch)
-        q = beta * b / 2
-        return a + beta * (self.ctx_sum + b * self.g) - q, q
+        q = self.kv_s * b / 2
+        return self.step_s[b] + self.kv_s * (self.ctx_sum + b * self.g) - q, q
 
     def steps_in(self, seconds: float) -> float:
         p, q = self._pq()
