@@ -24,7 +24,6 @@ PREFILL_DONE, DECODE, LINK, JOIN = range(4)
 
 @dataclass
 class Settings:
-    policy: str = "least_outstanding"     # a name for the router's make_policy
     prompt_budget: int = 8192             # batched prompt tokens per prefill pass
     max_batch: int = 64                   # running sequences per decode batch
     link_gbps_per_gpu: float = 400.0      # a prefill worker's link: this times its GPUs
@@ -32,7 +31,8 @@ class Settings:
 
 
 class Simulation:
-    def __init__(self, pools: list[tuple[Pool, int]], settings: Settings) -> None:
+    def __init__(self, pools: list[tuple[Pool, int]], settings: Settings, policy: str = "least_outstanding") -> None:
+        """`policy`: a name for the router's own `make_policy`."""
         self.settings = settings
         self.workers: list[Worker] = []
         self.replicas: dict[str, list[Replica]] = {}
@@ -54,7 +54,7 @@ class Simulation:
                              f"(disaggregated), not {sorted(roles)}")
         self.colocated = roles == {"mixed"}
         # one policy instance per role, as the router keeps one per model and role
-        self.policies: dict[str, RoutingPolicy] = {role: make_policy(settings.policy) for role in roles}
+        self.policies: dict[str, RoutingPolicy] = {role: make_policy(policy) for role in roles}
         self.events: list[tuple[float, int, int, object, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -109,6 +109,8 @@ class Simulation:
         seconds, watts = w.pool.prompt_step(tokens, len(w.batch))
         w.prompt_s += seconds
         w.prompt_j += seconds * watts
+        for _, _, f in w.batch:   # the running decodes wait for this pass
+            f.max_gap = max(f.max_gap, seconds)
         w.version += 1   # a colocated batch waits for the pass
         self.push(self.now + seconds, PREFILL_DONE, w)
 

@@ -3,7 +3,10 @@ end to end), throughput, attainment of TTFT and TBT objectives, and energy and m
 step phase from fleetwise.gpus' model. Plain dataclasses that `asdict` turns into JSON.
 
 Time between tokens is per request: (last token - first token) / (tokens - 1), so a request
-whose decodes waited behind prompt passes shows the wait spread over its tokens.
+whose decodes waited behind prompt passes shows the wait spread over its tokens. The worst gap
+is per request too: the longest of its wait for the second token (the KV handoff, a full
+batch), the prompt passes it waited behind (colocated) and its mean; steps that merely grow
+with the batch are not tracked one by one, so it is a lower bound.
 """
 
 import math
@@ -37,6 +40,7 @@ class SimResult:
     duration_s: float                  # first arrival to last completion
     ttft_s: Percentiles
     tbt_s: Percentiles
+    tbt_worst_s: Percentiles
     e2e_s: Percentiles
     requests_per_s: float
     output_tokens_per_s: float
@@ -108,6 +112,7 @@ def summarise(flights: list[Flight], workers: list[Worker], slo_ttft: float, slo
     return SimResult(
         requests=len(flights), duration_s=span,
         ttft_s=percentiles(ttfts), tbt_s=percentiles(list(tbts.values())),
+        tbt_worst_s=percentiles([max(f.max_gap, tbts[id(f)]) for f in flights if id(f) in tbts]),
         e2e_s=percentiles([f.done - f.req.arrival for f in flights]),
         requests_per_s=rate(len(flights)),
         output_tokens_per_s=rate(sum(f.req.output_tokens for f in flights)),

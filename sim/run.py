@@ -40,7 +40,7 @@ class PoolConfig:
 class SimConfig:
     pools: list[PoolConfig]
     mode: str = "disaggregated"       # or colocated (mixed workers)
-    policy: str = "least_outstanding"
+    policy: str = "least_outstanding"   # the router's policy names: round_robin, prefix_affinity, ...
     trace: str = str(DEFAULT_TRACE)
     rate_scale: float = 1.0           # the trace's own arrivals, this many times as fast
     poisson_rate: float | None = None  # else: Poisson arrivals at this rate, lengths from the trace
@@ -70,7 +70,7 @@ def build(config: SimConfig) -> Simulation:
         name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
         pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts),
                       p.count))
-    return Simulation(pools, config.settings)
+    return Simulation(pools, config.settings, config.policy)
 
 
 def run_simulation(config: SimConfig, progress: Any = None) -> SimResult:

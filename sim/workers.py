@@ -33,6 +33,7 @@ class Flight:
     ctx0: int = 0             # cached tokens when it joined the decode batch
     joined_g: float = 0.0
     finish_at: float = 0.0    # the batch's progress counter when it is done
+    max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
 
 
 @dataclass(eq=False)
@@ -113,6 +114,9 @@ class Worker:
         f.finish_at = self.g + f.req.output_tokens - 1
         self.ctx_sum += f.ctx0 - self.g
         heapq.heappush(self.batch, (f.finish_at, f.req.id, f))
+        # its second token comes one step after it joins: the handoff and any wait are in that gap
+        step = self.step_s[len(self.batch)] + self.kv_s * (self.ctx_sum + len(self.batch) * self.g)
+        f.max_gap = max(f.max_gap, now - f.first_token + step)
 
     def reap(self) -> list[Flight]:
         """Removes and returns the sequences that are done at the current progress."""

@@ -129,6 +129,8 @@ def test_one_request_takes_what_the_step_time_model_says(mode, tmp_path):
     assert result.ttft_s.p50 == pytest.approx(ttft, rel=1e-9)
     assert result.e2e_s.p50 == pytest.approx(ttft + transfer + decode, rel=1e-9)
     assert result.tbt_s.p50 == pytest.approx((transfer + decode) / 49, rel=1e-9)
+    first_step = m.token_ms(1, 1001) / 1e3   # the second token, after the handoff
+    assert result.tbt_worst_s.p50 == pytest.approx(max(transfer + first_step, (transfer + decode) / 49), rel=1e-9)
     assert result.slo_ttft_s == 1.0 and result.both_attained == 1.0
 
 
@@ -153,6 +155,7 @@ def test_heavy_prompts_hurt_time_between_tokens_colocated_not_disaggregated():
     assert colocated.requests == split.requests > 300
     assert split.tbt_s.p50 < 0.05 < 0.1 < colocated.tbt_s.p50
     assert split.tbt_attained > colocated.tbt_attained
+    assert colocated.tbt_worst_s.p50 > 10 * split.tbt_worst_s.p50   # decodes held behind whole prompt passes
     assert split.energy.token_j > 0 and colocated.energy.prompt_j > 0
 
 
@@ -160,15 +163,21 @@ def test_the_simulator_routes_with_the_routers_own_policies():
     assert sim_engine.make_policy is router_policies.make_policy
     assert sys.modules["fleetwise.router.policies"] is router_policies
     for name, cls in router_policies.POLICIES.items():
-        sim = build(SimConfig([PoolConfig("prefill", 2), PoolConfig("decode", 3)], settings=Settings(policy=name)))
+        config = SimConfig([PoolConfig("prefill", 2), PoolConfig("decode", 3)], policy=name, trace=str(CONV),
+                           duration_s=30)
+        sim = build(config)
         for role, policy in sim.policies.items():
             assert type(policy) is cls and type(policy).__module__ == "fleetwise.router.policies", role
         assert all(type(r).__module__ == "fleetwise.router.replica" for rs in sim.replicas.values() for r in rs)
+        requests = requests_for(config)
+        assert len(sim.run(requests)) == len(requests)
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        build(SimConfig([PoolConfig("mixed", 1)], mode="colocated", policy="fastest"))
 
 
 def test_round_robin_spreads_requests_evenly():
     config = SimConfig([PoolConfig("mixed", 4)], mode="colocated", trace=str(CONV), duration_s=30,
-                       settings=Settings(policy="round_robin"))
+                       policy="round_robin")
     requests = requests_for(config)
     sim = build(config)
     done = sim.run(requests)
