@@ -42,7 +42,7 @@ class SimConfig:
     mode: str = "disaggregated"       # or colocated (mixed workers)
     policy: str = "least_outstanding"   # the router's policy names: round_robin, prefix_affinity, ...
     trace: str = str(DEFAULT_TRACE)
-    rate_scale: float = 1.0           # the trace's own arrivals, this many times as fast
+    rate_scale: float = 1.0           # the trace's own arrivals, this many times as fast (repeated to fill duration_s)
     poisson_rate: float | None = None  # else: Poisson arrivals at this rate, lengths from the trace
     duration_s: float | None = None   # arrivals within this window (None: the whole trace)
     seed: int = 0
@@ -57,7 +57,7 @@ def requests_for(config: SimConfig) -> list[trace.Request]:
         span = config.duration_s if config.duration_s is not None else rows[-1].arrival / config.rate_scale
         return trace.poisson(rows, config.poisson_rate, span, config.seed)
     rows = trace.scale_rate(rows, config.rate_scale)
-    return trace.window(rows, config.duration_s) if config.duration_s is not None else rows
+    return trace.repeat(rows, config.duration_s) if config.duration_s is not None else rows
 
 
 def build(config: SimConfig) -> Simulation:

@@ -1,7 +1,8 @@
 """Requests for the simulator from a trace (the Azure LLM inference trace 2023's
 `TIMESTAMP,ContextTokens,GeneratedTokens` rows): arrival times relative to the first row, the
-rate scaled by a factor, or arrivals re-sampled as a Poisson process at a target rate with the
-trace's prompt and output lengths."""
+rate scaled by a factor (the trace repeated when the run is longer than the scaled trace), or
+arrivals re-sampled as a Poisson process at a target rate with the trace's prompt and output
+lengths."""
 
 import csv
 import random
@@ -58,6 +59,27 @@ def poisson(requests: list[Request], rate: float, duration: float, seed: int = 0
         r = requests[rng.randrange(len(requests))]
         out.append(Request(len(out), t, r.prompt_tokens, r.output_tokens))
         t += rng.expovariate(rate)
+    return out
+
+
+def repeat(requests: list[Request], duration: float) -> list[Request]:
+    """The trace played again and again, back to back (one mean gap between the end of one
+    pass and the start of the next), until `duration` seconds are covered."""
+    if not requests or duration <= 0:
+        return []
+    span = requests[-1].arrival - requests[0].arrival
+    period = span + span / max(1, len(requests) - 1)
+    if period <= 0:
+        return window(requests, duration)
+    out: list[Request] = []
+    offset = 0.0
+    while offset < duration:
+        for r in requests:
+            t = offset + r.arrival - requests[0].arrival
+            if t >= duration:
+                break
+            out.append(Request(len(out), t, r.prompt_tokens, r.output_tokens))
+        offset += period
     return out
 
 

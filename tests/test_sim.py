@@ -67,6 +67,13 @@ def test_the_trace_reader_scales_and_resamples():
     assert 57 * 60 < rows[-1].arrival < 59 * 60
     assert (rows[0].prompt_tokens, rows[0].output_tokens) == (374, 44)
     assert trace.scale_rate(rows, 4)[-1].arrival == pytest.approx(rows[-1].arrival / 4)
+    fast = trace.scale_rate(rows, 10)
+    looped = trace.repeat(fast, 1000)   # the scaled trace lasts about 350 s: three passes, nearly
+    assert looped[len(rows)].arrival > looped[len(rows) - 1].arrival > 340
+    assert [(r.prompt_tokens, r.output_tokens) for r in looped[len(rows):len(rows) + 5]] == \
+        [(r.prompt_tokens, r.output_tokens) for r in rows[:5]]
+    assert 2.5 * len(rows) < len(looped) < 3 * len(rows) and looped[-1].arrival < 1000
+    assert [r.id for r in looped] == list(range(len(looped)))
     sampled = trace.poisson(rows, rate=50, duration=100, seed=3)
     assert abs(len(sampled) - 5000) < 4 * 5000 ** 0.5
     assert all(0 <= a.arrival < b.arrival < 100 for a, b in itertools.pairwise(sampled))
