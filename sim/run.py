@@ -17,6 +17,7 @@ from fleetwise import gpus
 
 from . import trace
 from .engine import Settings, Simulation
+from .nodes import Layout, place_workers
 from .perf import perf_model
 from .results import SimResult, summarise
 from .workers import Pool
@@ -49,6 +50,7 @@ class SimConfig:
     slo_ttft_s: float = 1.0
     slo_tbt_s: float = 0.1
     settings: Settings = field(default_factory=Settings)
+    layout: Layout = field(default_factory=Layout)
 
 
 def requests_for(config: SimConfig) -> list[trace.Request]:
@@ -70,7 +72,11 @@ def build(config: SimConfig) -> Simulation:
         name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
         pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts),
                       p.count))
-    return Simulation(pools, config.settings, config.policy)
+    sim = Simulation(pools, config.settings, config.policy)
+    where, _, _ = place_workers(pools, config.layout)
+    for worker, node in zip(sim.workers, where):
+        worker.node = node
+    return sim
 
 
 def run_simulation(config: SimConfig, progress: Any = None) -> SimResult:
@@ -92,7 +98,8 @@ def config_from_dict(raw: dict[str, Any]) -> SimConfig:
         raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
     pools = [PoolConfig(**p) for p in raw.pop("pools")]
     settings = Settings(**raw.pop("settings", {}))
-    return SimConfig(pools=pools, settings=settings, **raw)
+    layout = Layout(**raw.pop("layout", {}))
+    return SimConfig(pools=pools, settings=settings, layout=layout, **raw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,7 @@ class Worker:
     pool: Pool
     replica: Replica
     max_batch: int
+    node: str = ""
     queue: deque[Flight] = field(default_factory=deque)     # prompts waiting
     prefilling: list[Flight] = field(default_factory=list)  # in the running prompt pass
     waiting: deque[Flight] = field(default_factory=deque)   # decodes waiting for a batch slot

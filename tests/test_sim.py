@@ -13,6 +13,7 @@ from fleetwise.router import policies as router_policies
 from fleetwise.sim import engine as sim_engine
 from fleetwise.sim import perf, trace
 from fleetwise.sim.engine import Settings
+from fleetwise.sim.nodes import Layout, place_workers
 from fleetwise.sim.run import DATA, PoolConfig, SimConfig, build, requests_for, run_simulation
 from fleetwise.sim.workers import Flight, Link, Worker
 
@@ -190,6 +191,24 @@ def test_round_robin_spreads_requests_evenly():
     done = sim.run(requests)
     per = [sum(1 for f in done if f.prefill is w) for w in sim.workers]
     assert max(per) - min(per) <= 1 and sum(per) == len(requests)
+
+
+def test_workers_go_where_the_controllers_placement_puts_them():
+    config = SimConfig([PoolConfig("prefill", 3), PoolConfig("decode", 5), PoolConfig("decode", 2, gpu="A100", tp=8)],
+                       layout=Layout(gpus_per_node=8, nodes_per_domain=2))
+    sim = build(config)
+    h100 = [w for w in sim.workers if w.pool.gpu.family == "H100"]
+    assert all(w.node.startswith("h100-") for w in h100) and len({w.node for w in h100}) == 4
+    assert all(w.node.startswith("a100-") for w in sim.workers if w.pool.gpu.family == "A100")
+    for node in {w.node for w in sim.workers}:
+        assert sum(w.gpus for w in sim.workers if w.node == node) <= 8
+    prefill = [w.node for w in sim.workers if w.pool.role == "prefill"]
+    assert len(set(prefill)) == 3                       # spread: one per node
+    _, nodes, domains = place_workers([(w.pool, 1) for w in sim.workers[:1]], Layout())
+    assert len(nodes) == 1 and domains[0].limit_watts == 8 * 700
+    tight = Layout(domain_watts=8 * 700, oversubscription=1.5)   # three 4-GPU workers of 2,800 W fit, not four
+    with pytest.raises(ValueError, match="power budget"):
+        build(SimConfig([PoolConfig("mixed", 4)], mode="colocated", layout=tight))
 
 
 def test_a_seed_fixes_the_run():
