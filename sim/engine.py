@@ -24,7 +24,8 @@ PREFILL_DONE, DECODE, LINK, JOIN = range(4)
 
 @dataclass
 class Settings:
-    prompt_budget: int = 8192             # batched prompt tokens per prefill pass
+    prompt_budget: int = 8192             # batched tokens per prompt pass (a colocated one's decodes count)
+    chunked_prefill: bool = True          # a prompt over the budget goes in chunks over several passes
     max_batch: int = 64                   # running sequences per decode batch
     link_gbps_per_gpu: float = 400.0      # a prefill worker's link: this times its GPUs
     link_latency_s: float = 50e-6
@@ -102,20 +103,23 @@ class Simulation:
         self.start_prompt(w)
 
     def start_prompt(self, w: Worker) -> None:
-        if w.prefilling or not w.queue:
+        if w.in_pass or not w.queue:
             return
         w.advance(self.now)
-        tokens = w.take_prompts(self.settings.prompt_budget)
+        # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
+        budget = max(1, self.settings.prompt_budget - len(w.batch))
+        tokens = w.take_prompts(budget, self.settings.chunked_prefill)
         seconds, watts = w.pool.prompt_step(tokens, len(w.batch))
         w.prompt_s += seconds
         w.prompt_j += seconds * watts
         for _, _, f in w.batch:   # the running decodes wait for this pass
             f.max_gap = max(f.max_gap, seconds)
+        w.in_pass = True
         w.version += 1   # a colocated batch waits for the pass
         self.push(self.now + seconds, PREFILL_DONE, w)
 
     def prefill_done(self, w: Worker, _version: int) -> None:
-        passed, w.prefilling = w.prefilling, []
+        passed, w.prefilling, w.in_pass = w.prefilling, [], False
         w.g_time = self.now
         if w.batch:
             w.g += 1      # the running decodes' token in the hybrid step
@@ -165,7 +169,7 @@ class Simulation:
     def decode_arrives(self, f: Flight, _version: int) -> None:
         assert f.decode is not None
         self.admit(f.decode, f)
-        if not f.decode.prefilling:
+        if not f.decode.in_pass:
             self.schedule_decode(f.decode)
 
     def send_kv(self, f: Flight) -> None:

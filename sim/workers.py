@@ -34,6 +34,7 @@ class Flight:
     joined_g: float = 0.0
     finish_at: float = 0.0    # the batch's progress counter when it is done
     max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
+    prefilled: int = 0        # prompt tokens through a prompt pass (chunked prefill)
 
 
 @dataclass(eq=False)
@@ -63,7 +64,8 @@ class Worker:
     max_batch: int
     node: str = ""
     queue: deque[Flight] = field(default_factory=deque)     # prompts waiting
-    prefilling: list[Flight] = field(default_factory=list)  # in the running prompt pass
+    prefilling: list[Flight] = field(default_factory=list)  # prompts the running pass completes
+    in_pass: bool = False     # a prompt pass holds the worker
     waiting: deque[Flight] = field(default_factory=deque)   # decodes waiting for a batch slot
     batch: list[tuple[float, int, Flight]] = field(default_factory=list)  # heap by finish_at
     g: float = 0.0
@@ -103,7 +105,7 @@ class Worker:
     def advance(self, now: float) -> None:
         """Runs the decode batch up to `now` (not while a prompt pass holds the worker)."""
         dt = now - self.g_time
-        if self.batch and not self.prefilling and dt > 0:
+        if self.batch and not self.in_pass and dt > 0:
             self.g += self.steps_in(dt)
             self.token_s += dt
             self.token_j += dt * self.token_watts
@@ -131,18 +133,30 @@ class Worker:
         return out
 
     def next_completion(self) -> float | None:
-        if not self.batch or self.prefilling:
+        if not self.batch or self.in_pass:
             return None
         return self.g_time + self.time_for(max(0.0, self.batch[0][0] - self.g))
 
-    def take_prompts(self, budget: int) -> int:
-        """Moves the next prompt pass's requests (FIFO, up to `budget` tokens, at least one)
-        from the queue; returns its batched tokens."""
+    def take_prompts(self, budget: int, chunked: bool) -> int:
+        """Fills the next prompt pass from the queue, first come first served, up to `budget`
+        tokens; returns its batched tokens. A prompt that would overflow the budget gives the
+        pass a chunk and stays at the head of the queue (chunked), or waits for the next pass
+        (a pass always holds at least one whole prompt when not chunked). Only prompts whose
+        last token is in the pass move to `prefilling`."""
         tokens = 0
-        while self.queue and (not self.prefilling or tokens + self.queue[0].req.prompt_tokens <= budget):
-            f = self.queue.popleft()
-            tokens += f.req.prompt_tokens
-            self.prefilling.append(f)
+        while self.queue:
+            f = self.queue[0]
+            left = f.req.prompt_tokens - f.prefilled
+            if tokens + left <= budget or (not chunked and tokens == 0):
+                self.queue.popleft()
+                self.prefilling.append(f)
+                f.prefilled += left
+                tokens += left
+            else:
+                if chunked and budget > tokens:
+                    f.prefilled += budget - tokens
+                    tokens = budget
+                break
         return tokens
 
 

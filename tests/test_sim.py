@@ -142,6 +142,24 @@ def test_one_request_takes_what_the_step_time_model_says(mode, tmp_path):
     assert result.slo_ttft_s == 1.0 and result.both_attained == 1.0
 
 
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_prompt_over_the_budget_goes_in_chunks(chunked, tmp_path):
+    csv = tmp_path / "long.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,20000,1\n"
+                   "2023-11-16 18:15:46.6805901,100,1\n")
+    settings = Settings(prompt_budget=8192, chunked_prefill=chunked)
+    result = run_simulation(SimConfig([PoolConfig("mixed", 1)], mode="colocated", trace=str(csv), settings=settings))
+    m = perf.perf_model("H100", "llama2-70b", 4)
+    if chunked:   # 8192 + 8192 + 3616 of the long prompt, the short one in the last pass
+        first = 2 * m.prompt_ms(8192) + m.prompt_ms(3616 + 100)
+        second = first
+    else:         # the long prompt alone, the short one in its own pass after it
+        first = m.prompt_ms(20000)
+        second = first + m.prompt_ms(100)
+    assert result.ttft_s.p50 == pytest.approx(min(first, second) / 1e3, rel=1e-6)
+    assert result.e2e_s.p99 == pytest.approx(max(first, second) / 1e3 - 1e-7, rel=1e-6)
+
+
 def test_transfers_on_one_link_share_its_bandwidth():
     link = Link(bytes_per_s=1e9, latency_s=0.0)
     a, b = (Flight(trace.Request(i, 0.0, 1, 1)) for i in range(2))
