@@ -26,7 +26,7 @@ PREFILL_DONE, DECODE, LINK, JOIN = range(4)
 class Settings:
     prompt_budget: int = 8192             # batched tokens per prompt pass (a colocated one's decodes count)
     chunked_prefill: bool = True          # a prompt over the budget goes in chunks over several passes
-    max_batch: int = 64                   # running sequences per decode batch
+    max_batch: int = 64                   # running sequences per decode batch (and the KV cache must hold them)
     link_gbps_per_gpu: float = 400.0      # a prefill worker's link: this times its GPUs
     link_latency_s: float = 50e-6
 
@@ -141,13 +141,13 @@ class Simulation:
 
     def admit(self, w: Worker, f: Flight) -> None:
         f.decode = w
-        if len(w.batch) < w.max_batch:
+        if not w.waiting and w.can_admit(f):
             w.join(f, self.now)
         else:
             w.waiting.append(f)
 
     def admit_waiting(self, w: Worker) -> None:
-        while w.waiting and len(w.batch) < w.max_batch:
+        while w.waiting and w.can_admit(w.waiting[0]):
             w.join(w.waiting.popleft(), self.now)
 
     def schedule_decode(self, w: Worker) -> None:

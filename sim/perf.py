@@ -41,15 +41,21 @@ HBM_EFFICIENCY = 0.8   # what a decode kernel reaches of the datasheet bandwidth
 PROFILE_CONTEXT = 512 + 128 / 2
 
 
+# GPU memory per product (datasheets, GB); one the table lacks gets its stand-in's
+GPU_MEMORY_GB = {"A100": 80, "H100": 80, "H200": 141, "B200": 192, "L40S": 48, "L4": 24, "A10": 24, "V100": 32}
+MEMORY_UTILISATION = 0.9   # of GPU memory, for weights and KV cache (the rest: activations, runtime)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     name: str
     kv_bytes_per_token: int    # K and V, every layer, fp16
+    weight_bytes: int          # fp16
 
 
 MODELS = {m.name: m for m in (
-    ModelShape("llama2-70b", 2 * 80 * 8 * 128 * 2),      # 80 layers, 8 KV heads (GQA) x 128
-    ModelShape("bloom-176b", 2 * 70 * 14336 * 2),        # 70 layers, hidden 14336 (MHA)
+    ModelShape("llama2-70b", 2 * 80 * 8 * 128 * 2, 2 * 69_000_000_000),    # 80 layers, 8 KV heads (GQA) x 128
+    ModelShape("bloom-176b", 2 * 70 * 14336 * 2, 2 * 176_000_000_000),     # 70 layers, hidden 14336 (MHA)
 )}
 
 
@@ -65,6 +71,15 @@ class PerfModel:
     @property
     def kv_bytes_per_token(self) -> int:
         return MODELS[self.model].kv_bytes_per_token
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens of KV cache a worker holds: its GPUs' memory, less the weights."""
+        memory = GPU_MEMORY_GB.get(self.gpu) or GPU_MEMORY_GB[profiled_stand_in(self.gpu)]
+        free = self.tp * memory * 1e9 * MEMORY_UTILISATION - MODELS[self.model].weight_bytes
+        if free <= 0:
+            raise ValueError(f"{self.model} does not fit {self.tp} x {self.gpu}")
+        return int(free / self.kv_bytes_per_token)
 
     def prompt_ms(self, tokens: int) -> float:
         """One prompt pass over `tokens` batched prompt tokens."""

@@ -72,6 +72,7 @@ class Worker:
     g_time: float = 0.0
     ctx_sum: float = 0.0      # sum of (ctx0 - joined_g) over the batch: context = ctx_sum + B * g
     version: int = 0          # bumps when the next completion moves; stale events are skipped
+    reserved: int = 0         # KV tokens the batch's sequences hold when they finish
     prompt_s: float = 0.0
     token_s: float = 0.0
     prompt_j: float = 0.0
@@ -83,6 +84,7 @@ class Worker:
         # seconds per step before the cache read, by batch size (a lookup on the hot path)
         self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
         self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
+        self.kv_capacity = perf.kv_capacity_tokens
 
     @property
     def gpus(self) -> int:
@@ -111,11 +113,18 @@ class Worker:
             self.token_j += dt * self.token_watts
         self.g_time = now
 
+    def can_admit(self, f: Flight) -> bool:
+        """A slot in the batch and room for the sequence's whole KV cache (reserved up front:
+        no preemption); an empty batch takes any sequence."""
+        need = f.req.prompt_tokens + f.req.output_tokens
+        return not self.batch or (len(self.batch) < self.max_batch and self.reserved + need <= self.kv_capacity)
+
     def join(self, f: Flight, now: float) -> None:
         self.advance(now)
         f.decode, f.ctx0, f.joined_g = self, f.req.prompt_tokens + 1, self.g
         f.finish_at = self.g + f.req.output_tokens - 1
         self.ctx_sum += f.ctx0 - self.g
+        self.reserved += f.req.prompt_tokens + f.req.output_tokens
         heapq.heappush(self.batch, (f.finish_at, f.req.id, f))
         # its second token comes one step after it joins: the handoff and any wait are in that gap
         step = self.step_s[len(self.batch)] + self.kv_s * (self.ctx_sum + len(self.batch) * self.g)
@@ -127,6 +136,7 @@ class Worker:
         while self.batch and self.batch[0][0] <= self.g + 1e-6:
             f = heapq.heappop(self.batch)[2]
             self.ctx_sum -= f.ctx0 - f.joined_g
+            self.reserved -= f.req.prompt_tokens + f.req.output_tokens
             out.append(f)
         if not self.batch:
             self.ctx_sum = 0.0   # no drift carried into the next batch

@@ -160,6 +160,26 @@ def test_a_prompt_over_the_budget_goes_in_chunks(chunked, tmp_path):
     assert result.e2e_s.p99 == pytest.approx(max(first, second) / 1e3 - 1e-7, rel=1e-6)
 
 
+def test_a_decode_batch_holds_what_its_kv_cache_holds(tmp_path, monkeypatch):
+    """Llama 2 70B on two A100s leaves 18,310 tokens of KV cache: four sequences of 3,500 +
+    1,000 tokens, not five; the rest wait their turn and all finish."""
+    assert perf.perf_model("A100", "llama2-70b", 2).kv_capacity_tokens == 18_310
+    csv = tmp_path / "big.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" +
+                   "".join(f"2023-11-16 18:15:46.{i:07d},3500,1000\n" for i in range(10)))
+    sizes: list[int] = []
+    join = Worker.join
+
+    def watching(self, f, now):
+        join(self, f, now)
+        sizes.append(len(self.batch))
+    monkeypatch.setattr(Worker, "join", watching)
+    pools = [PoolConfig("prefill", 1, gpu="A100", tp=2), PoolConfig("decode", 1, gpu="A100", tp=2)]
+    result = run_simulation(SimConfig(pools, trace=str(csv)))
+    assert result.requests == 10 and len(sizes) == 10
+    assert max(sizes) == 4
+
+
 def test_transfers_on_one_link_share_its_bandwidth():
     link = Link(bytes_per_s=1e9, latency_s=0.0)
     a, b = (Flight(trace.Request(i, 0.0, 1, 1)) for i in range(2))
