@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def build(config: SimConfig) -> Simulation:
     return sim
 
 
-def run_simulation(config: SimConfig, progress: Any = None) -> SimResult:
+def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimResult:
     """Runs the configured fleet over its requests. `progress(sim_seconds)` is called now and
     then with the simulated time reached."""
     requests = requests_for(config)
