@@ -20,6 +20,8 @@ The fit, per (product, model, tensor parallelism):
   (`product.rated / profiled.rated`), bandwidth multiplied by it. A crude stand-in: rated power
   tracks a generation's compute, not its memory system.
 - **Caps** stretch a step by `fleetwise.gpus.stretch` (prompt and token phases differ).
+- **KV capacity**: a worker's GPU memory (datasheets) times `MEMORY_UTILISATION`, less the
+  fp16 weights, in tokens of the model's KV cache.
 
 tests/test_sim.py checks the fit against every A100 and H100 row.
 """
