@@ -1,0 +1,203 @@
+"""The event loop: requests arrive, the router's own routing policy picks a replica, the prompt
+is batched into a prefill pass, its KV cache crosses the prefill worker's link (disaggregated
+mode), and the sequence decodes in a continuous batch until its last token.
+
+Colocated mode ("mixed" workers) runs prompt passes and decodes on one worker: a prompt pass
+holds the worker (its running decodes make one token in that step, as in a hybrid batch) and
+the decodes resume after it, which is what costs colocated serving its time between tokens.
+Disaggregated mode sends prompts to prefill workers and decodes to decode workers, choosing the
+decode replica when the prompt pass ends, as the router hands a prompt over.
+"""
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleetwise.router.policies import RoutingPolicy, make_policy
+from fleetwise.router.replica import Replica
+
+from .trace import Request
+from .workers import Flight, Link, Pool, Worker
+
+PREFILL_DONE, DECODE, LINK, JOIN = range(4)
+
+
+@dataclass
+class Settings:
+    prompt_budget: int = 8192             # batched tokens per prompt pass (a colocated one's decodes count)
+    chunked_prefill: bool = True          # a prompt over the budget goes in chunks over several passes
+    max_batch: int = 64                   # running sequences per decode batch (and the KV cache must hold them)
+    link_gbps_per_gpu: float = 400.0      # a prefill worker's link: this times its GPUs
+    link_latency_s: float = 50e-6
+
+
+class Simulation:
+    def __init__(self, pools: list[tuple[Pool, int]], settings: Settings, policy: str = "least_outstanding") -> None:
+        """`policy`: a name for the router's own `make_policy`."""
+        self.settings = settings
+        self.workers: list[Worker] = []
+        self.replicas: dict[str, list[Replica]] = {}
+        self.by_url: dict[str, Worker] = {}
+        self.links: dict[Worker, Link] = {}
+        for pool, count in pools:
+            for i in range(count):
+                replica = Replica(f"sim://{pool.name}/{i}", pool.perf.model, pool.role)
+                w = Worker(pool, replica, settings.max_batch)
+                self.workers.append(w)
+                self.replicas.setdefault(pool.role, []).append(replica)
+                self.by_url[replica.url] = w
+                if pool.role == "prefill":
+                    gbps = settings.link_gbps_per_gpu * pool.perf.tp
+                    self.links[w] = Link(gbps * 1e9 / 8, settings.link_latency_s)
+        roles = set(self.replicas)
+        if roles not in ({"mixed"}, {"prefill", "decode"}):
+            raise ValueError(f"a fleet is all mixed workers (colocated) or prefill and decode ones "
+                             f"(disaggregated), not {sorted(roles)}")
+        self.colocated = roles == {"mixed"}
+        # one policy instance per role, as the router keeps one per model and role
+        self.policies: dict[str, RoutingPolicy] = {role: make_policy(policy) for role in roles}
+        self.events: list[tuple[float, int, int, object, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.events_done = 0
+        self.finished: list[Flight] = []
+
+    def push(self, t: float, kind: int, obj: object, version: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, obj, version))
+
+    def run(self, requests: list[Request], progress: Callable[[float], None] | None = None) -> list[Flight]:
+        """Serves every request to its last token; returns them as they finished."""
+        requests = sorted(requests, key=lambda r: r.arrival)
+        i, n, events = 0, len(requests), self.events
+        handlers = {PREFILL_DONE: self.prefill_done, DECODE: self.decode_due, LINK: self.link_due,
+                    JOIN: self.decode_arrives}
+        while i < n or events:
+            if events and (i >= n or events[0][0] <= requests[i].arrival):
+                t, _, kind, obj, version = heapq.heappop(events)
+                self.now = t
+                handlers[kind](obj, version)  # type: ignore[operator]  # each handler takes its own object
+            else:
+                self.now = requests[i].arrival
+                self.arrive(requests[i])
+                i += 1
+            self.events_done += 1
+            if progress is not None and self.events_done % 4096 == 0:
+                progress(self.now)
+        for w in self.workers:
+            w.advance(self.now)
+        return self.finished
+
+    def route(self, role: str) -> Worker:
+        replica = self.policies[role].choose(self.replicas[role])
+        if replica is None:
+            raise RuntimeError(f"no {role} replica is available")
+        replica.outstanding += 1
+        return self.by_url[replica.url]
+
+    def arrive(self, req: Request) -> None:
+        f = Flight(req, dispatched=self.now)
+        w = self.route("mixed" if self.colocated else "prefill")
+        f.prefill = w
+        w.queue.append(f)
+        self.start_prompt(w)
+
+    def start_prompt(self, w: Worker) -> None:
+        if w.in_pass or not w.queue:
+            return
+        w.advance(self.now)
+        # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
+        budget = max(1, self.settings.prompt_budget - len(w.batch))
+        tokens = w.take_prompts(budget, self.settings.chunked_prefill)
+        seconds, watts = w.pool.prompt_step(tokens, len(w.batch))
+        w.prompt_s += seconds
+        w.prompt_j += seconds * watts
+        for _, _, f in w.batch:   # the running decodes wait for this pass
+            f.max_gap = max(f.max_gap, seconds)
+        w.in_pass = True
+        w.version += 1   # a colocated batch waits for the pass
+        self.push(self.now + seconds, PREFILL_DONE, w)
+
+    def prefill_done(self, w: Worker, _version: int) -> None:
+        passed, w.prefilling, w.in_pass = w.prefilling, [], False
+        w.g_time = self.now
+        if w.batch:
+            w.g += 1      # the running decodes' token in the hybrid step
+            for f in w.reap():
+                self.finish(f)
+        for f in passed:
+            f.first_token = self.now
+            if f.req.output_tokens <= 1:
+                self.finish(f)
+            elif self.colocated:
+                self.admit(w, f)
+            else:
+                w.replica.outstanding -= 1
+                f.decode = self.route("decode")
+                self.send_kv(f)
+        self.admit_waiting(w)
+        self.start_prompt(w)
+        self.schedule_decode(w)
+
+    def admit(self, w: Worker, f: Flight) -> None:
+        f.decode = w
+        if not w.waiting and w.can_admit(f):
+            w.join(f, self.now)
+        else:
+            w.waiting.append(f)
+
+    def admit_waiting(self, w: Worker) -> None:
+        while w.waiting and w.can_admit(w.waiting[0]):
+            w.join(w.waiting.popleft(), self.now)
+
+    def schedule_decode(self, w: Worker) -> None:
+        w.version += 1
+        t = w.next_completion()
+        if t is not None:
+            self.push(t, DECODE, w, w.version)
+
+    def decode_due(self, w: Worker, version: int) -> None:
+        if version != w.version:
+            return
+        w.advance(self.now)
+        w.g = max(w.g, w.batch[0][0])   # the event was set for this completion: no rounding left over
+        for f in w.reap():
+            self.finish(f)
+        self.admit_waiting(w)
+        self.schedule_decode(w)
+
+    def decode_arrives(self, f: Flight, _version: int) -> None:
+        assert f.decode is not None
+        self.admit(f.decode, f)
+        if not f.decode.in_pass:
+            self.schedule_decode(f.decode)
+
+    def send_kv(self, f: Flight) -> None:
+        assert f.prefill is not None
+        link = self.links[f.prefill]
+        link.advance(self.now)
+        link.active[f] = float(f.req.prompt_tokens * f.prefill.pool.perf.kv_bytes_per_token)
+        self.schedule_link(link)
+
+    def schedule_link(self, link: Link) -> None:
+        link.version += 1
+        t = link.next_drain()
+        if t is not None:
+            self.push(t, LINK, link, link.version)
+
+    def link_due(self, link: Link, version: int) -> None:
+        if version != link.version:
+            return
+        link.advance(self.now)
+        first = min(link.active, key=link.active.__getitem__)
+        link.active[first] = 0.0   # the event was set for this one: no rounding left over
+        for f in link.drained():
+            self.push(self.now + link.latency_s, JOIN, f)
+        self.schedule_link(link)
+
+    def finish(self, f: Flight) -> None:
+        f.done = self.now
+        owner = f.decode or f.prefill
+        assert owner is not None
+        owner.replica.outstanding -= 1
+        self.finished.append(f)

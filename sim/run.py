@@ -1,0 +1,127 @@
+"""One simulation from a configuration: `run_simulation(SimConfig) -> SimResult`, and
+`python -m fleetwise.sim CONFIG.yaml [--out RESULT.json]` for a run from a YAML file (the keys
+of `SimConfig`, pools as a list of `PoolConfig` mappings), with a progress bar on long runs.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetwise import gpus
+
+from . import trace
+from .engine import Settings, Simulation
+from .nodes import Layout, place_workers
+from .perf import perf_model
+from .results import SimResult, summarise
+from .workers import Pool
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+DEFAULT_TRACE = DATA / "azure-llm-trace-2023" / "AzureLLMInferenceTrace_conv.csv"
+
+
+@dataclass
+class PoolConfig:
+    role: str                         # prefill | decode | mixed
+    count: int                        # workers (replicas), each with `tp` GPUs
+    gpu: str = "H100"
+    model: str = "llama2-70b"
+    tp: int = 4
+    cap_watts: float | None = None    # per-GPU power cap; None: uncapped
+    name: str = ""
+
+
+@dataclass
+class SimConfig:
+    pools: list[PoolConfig]
+    mode: str = "disaggregated"       # or colocated (mixed workers)
+    policy: str = "least_outstanding"   # the router's policy names: round_robin, prefix_affinity, ...
+    trace: str = str(DEFAULT_TRACE)
+    rate_scale: float = 1.0           # the trace's own arrivals, this many times as fast (repeated to fill duration_s)
+    poisson_rate: float | None = None  # else: Poisson arrivals at this rate, lengths from the trace
+    duration_s: float | None = None   # arrivals within this window (None: the whole trace)
+    seed: int = 0
+    slo_ttft_s: float = 1.0
+    slo_tbt_s: float = 0.1
+    settings: Settings = field(default_factory=Settings)
+    layout: Layout = field(default_factory=Layout)
+
+
+def requests_for(config: SimConfig) -> list[trace.Request]:
+    rows = trace.read_trace(config.trace)
+    if config.poisson_rate is not None:
+        span = config.duration_s if config.duration_s is not None else rows[-1].arrival / config.rate_scale
+        return trace.poisson(rows, config.poisson_rate, span, config.seed)
+    rows = trace.scale_rate(rows, config.rate_scale)
+    return trace.repeat(rows, config.duration_s) if config.duration_s is not None else rows
+
+
+def build(config: SimConfig) -> Simulation:
+    roles = {p.role for p in config.pools}
+    want = {"colocated": {"mixed"}, "disaggregated": {"prefill", "decode"}}.get(config.mode)
+    if want is None or roles != want:
+        raise ValueError(f"mode {config.mode!r} needs pools with roles {sorted(want or [])}, got {sorted(roles)}")
+    pools = []
+    for i, p in enumerate(config.pools):
+        name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
+        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts),
+                      p.count))
+    sim = Simulation(pools, config.settings, config.policy)
+    where, _, _ = place_workers(pools, config.layout)
+    for worker, node in zip(sim.workers, where):
+        worker.node = node
+    return sim
+
+
+def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimResult:
+    """Runs the configured fleet over its requests. `progress(sim_seconds)` is called now and
+    then with the simulated time reached."""
+    requests = requests_for(config)
+    sim = build(config)
+    started = time.perf_counter()
+    flights = sim.run(requests, progress)
+    wall = time.perf_counter() - started
+    return summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
+
+
+def config_from_dict(raw: dict[str, Any]) -> SimConfig:
+    raw = dict(raw)
+    known = {f.name for f in fields(SimConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+    pools = [PoolConfig(**p) for p in raw.pop("pools")]
+    settings = Settings(**raw.pop("settings", {}))
+    layout = Layout(**raw.pop("layout", {}))
+    return SimConfig(pools=pools, settings=settings, layout=layout, **raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.progress import Progress
+
+    parser = argparse.ArgumentParser(prog="python -m fleetwise.sim", description=__doc__)
+    parser.add_argument("config", type=Path, help="a YAML file with SimConfig's keys")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here (default: stdout)")
+    args = parser.parse_args(argv)
+    config = config_from_dict(yaml.safe_load(args.config.read_text()))
+    horizon = config.duration_s or trace.read_trace(config.trace)[-1].arrival / config.rate_scale
+    with Progress(transient=True) as bar:
+        task = bar.add_task("simulating", total=horizon)
+        result = run_simulation(config, lambda t: bar.update(task, completed=min(t, horizon)))
+    text = json.dumps(result.to_json(), indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The simulated fleet's state: one worker's prompt queue and decode batch, one KV link.
+
+A decode batch is modelled analytically between membership changes: every running sequence
+advances by the same number of tokens, so the worker keeps one progress counter `g` (tokens
+each running sequence has made since the worker started) and each sequence finishes when `g`
+reaches its `finish_at`. The cache a step reads grows by the batch size every step, so the
+time of n steps from context C0 is n * (a + beta * C0) + beta * B * n * (n - 1) / 2 (a and
+beta from the performance model; B the batch): `steps_in` solves it for n, `time_for`
+evaluates it. Events are only arrivals, phase changes and completions.
+"""
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from fleetwise import gpus
+from fleetwise.router.replica import Replica
+
+from .perf import PerfModel
+from .trace import Request
+
+
+@dataclass(eq=False, slots=True)
+class Flight:
+    """One request on its way through the fleet."""
+    req: Request
+    dispatched: float = 0.0
+    first_token: float = math.nan
+    done: float = math.nan
+    prefill: "Worker | None" = None
+    decode: "Worker | None" = None
+    ctx0: int = 0             # cached tokens when it joined the decode batch
+    joined_g: float = 0.0
+    finish_at: float = 0.0    # the batch's progress counter when it is done
+    max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
+    prefilled: int = 0        # prompt tokens through a prompt pass (chunked prefill)
+
+
+@dataclass(eq=False)
+class Pool:
+    """Workers alike: one role, product, model and tensor-parallel degree."""
+    name: str
+    role: str                         # prefill | decode | mixed
+    gpu: gpus.GPUProduct
+    perf: PerfModel
+    cap_watts: float | None = None    # per GPU; None: uncapped
+
+    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
+        """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens."""
+        demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
+        slow = gpus.stretch("prompt", demand, self.cap_watts)
+        return self.perf.prompt_ms(tokens) * slow / 1e3, gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+
+    def token_stretch_and_watts(self) -> tuple[float, float]:
+        demand = gpus.step_demand_watts(self.gpu, 0, 1)
+        return gpus.stretch("token", demand, self.cap_watts), gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+
+
+@dataclass(eq=False)
+class Worker:
+    pool: Pool
+    replica: Replica
+    max_batch: int
+    node: str = ""
+    queue: deque[Flight] = field(default_factory=deque)     # prompts waiting
+    prefilling: list[Flight] = field(default_factory=list)  # prompts the running pass completes
+    in_pass: bool = False     # a prompt pass holds the worker
+    waiting: deque[Flight] = field(default_factory=deque)   # decodes waiting for a batch slot
+    batch: list[tuple[float, int, Flight]] = field(default_factory=list)  # heap by finish_at
+    g: float = 0.0
+    g_time: float = 0.0
+    ctx_sum: float = 0.0      # sum of (ctx0 - joined_g) over the batch: context = ctx_sum + B * g
+    version: int = 0          # bumps when the next completion moves; stale events are skipped
+    reserved: int = 0         # KV tokens the batch's sequences hold when they finish
+    prompt_s: float = 0.0
+    token_s: float = 0.0
+    prompt_j: float = 0.0
+    token_j: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.token_slow, self.token_watts = self.pool.token_stretch_and_watts()
+        perf = self.pool.perf
+        # seconds per step before the cache read, by batch size (a lookup on the hot path)
+        self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
+        self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
+        self.kv_capacity = perf.kv_capacity_tokens
+
+    @property
+    def gpus(self) -> int:
+        return self.pool.perf.tp
+
+    def _pq(self) -> tuple[float, float]:
+        """The step-time sum's coefficients: n steps take n * p + q * n ** 2 seconds."""
+        b = len(self.batch)
+        q = self.kv_s * b / 2
+        return self.step_s[b] + self.kv_s * (self.ctx_sum + b * self.g) - q, q
+
+    def steps_in(self, seconds: float) -> float:
+        p, q = self._pq()
+        return 2 * seconds / (p + math.sqrt(p * p + 4 * q * seconds))
+
+    def time_for(self, steps: float) -> float:
+        p, q = self._pq()
+        return steps * p + q * steps * steps
+
+    def advance(self, now: float) -> None:
+        """Runs the decode batch up to `now` (not while a prompt pass holds the worker)."""
+        dt = now - self.g_time
+        if self.batch and not self.in_pass and dt > 0:
+            self.g += self.steps_in(dt)
+            self.token_s += dt
+            self.token_j += dt * self.token_watts
+        self.g_time = now
+
+    def can_admit(self, f: Flight) -> bool:
+        """A slot in the batch and room for the sequence's whole KV cache (reserved up front:
+        no preemption); an empty batch takes any sequence."""
+        need = f.req.prompt_tokens + f.req.output_tokens
+        return not self.batch or (len(self.batch) < self.max_batch and self.reserved + need <= self.kv_capacity)
+
+    def join(self, f: Flight, now: float) -> None:
+        self.advance(now)
+        f.decode, f.ctx0, f.joined_g = self, f.req.prompt_tokens + 1, self.g
+        f.finish_at = self.g + f.req.output_tokens - 1
+        self.ctx_sum += f.ctx0 - self.g
+        self.reserved += f.req.prompt_tokens + f.req.output_tokens
+        heapq.heappush(self.batch, (f.finish_at, f.req.id, f))
+        # its second token comes one step after it joins: the handoff and any wait are in that gap
+        step = self.step_s[len(self.batch)] + self.kv_s * (self.ctx_sum + len(self.batch) * self.g)
+        f.max_gap = max(f.max_gap, now - f.first_token + step)
+
+    def reap(self) -> list[Flight]:
+        """Removes and returns the sequences that are done at the current progress."""
+        out = []
+        while self.batch and self.batch[0][0] <= self.g + 1e-6:
+            f = heapq.heappop(self.batch)[2]
+            self.ctx_sum -= f.ctx0 - f.joined_g
+            self.reserved -= f.req.prompt_tokens + f.req.output_tokens
+            out.append(f)
+        if not self.batch:
+            self.ctx_sum = 0.0   # no drift carried into the next batch
+        return out
+
+    def next_completion(self) -> float | None:
+        if not self.batch or self.in_pass:
+            return None
+        return self.g_time + self.time_for(max(0.0, self.batch[0][0] - self.g))
+
+    def take_prompts(self, budget: int, chunked: bool) -> int:
+        """Fills the next prompt pass from the queue, first come first served, up to `budget`
+        tokens; returns its batched tokens. A prompt that would overflow the budget gives the
+        pass a chunk and stays at the head of the queue (chunked), or waits for the next pass
+        (a pass always holds at least one whole prompt when not chunked). Only prompts whose
+        last token is in the pass move to `prefilling`."""
+        tokens = 0
+        while self.queue:
+            f = self.queue[0]
+            left = f.req.prompt_tokens - f.prefilled
+            if tokens + left <= budget or (not chunked and tokens == 0):
+                self.queue.popleft()
+                self.prefilling.append(f)
+                f.prefilled += left
+                tokens += left
+            else:
+                if chunked and budget > tokens:
+                    f.prefilled += budget - tokens
+                    tokens = budget
+                break
+        return tokens
+
+
+@dataclass(eq=False)
+class Link:
+    """A prefill worker's network link: transfers share its bandwidth equally."""
+    bytes_per_s: float
+    latency_s: float
+    active: dict[Flight, float] = field(default_factory=dict)   # bytes left
+    t: float = 0.0
+    version: int = 0
+
+    def advance(self, now: float) -> None:
+        if self.active and now > self.t:
+            sent = (now - self.t) * self.bytes_per_s / len(self.active)
+            for f in self.active:
+                self.active[f] -= sent
+        self.t = now
+
+    def drained(self) -> list[Flight]:
+        done = [f for f, left in self.active.items() if left <= 1.0]
+        for f in done:
+            del self.active[f]
+        return done
+
+    def next_drain(self) -> float | None:
+        if not self.active:
+            return None
+        return self.t + max(0.0, min(self.active.values())) * len(self.active) / self.bytes_per_s
