@@ -15,6 +15,8 @@ bench_app = typer.Typer(help="Benchmarks that compare against a baseline measure
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+sim_app = typer.Typer(help="The fleet simulator.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
 
 
 @model_app.command("init")
@@ -232,6 +234,16 @@ def bench_operator(
     """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
     run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
+
+
+@sim_app.command("run")
+def sim_run(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
+    out: Path = typer.Option(None, "--out", help="Write the result as JSON here (default: print it)."),
+):
+    """Simulate a fleet serving a trace, with the router's policies and the controllers' decisions."""
+    from fleetwise.sim.run import main
+    raise typer.Exit(main([str(config), *(["--out", str(out)] if out else [])]))
 
 
 if __name__ == "__main__":

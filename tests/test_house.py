@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PARTS = ["worker", "router", "controllers", "operator", "telemetry", "bench", "testenv"]  # linked into fleetwise/
+# the folders linked into fleetwise/
+PARTS = ["worker", "router", "controllers", "operator", "telemetry", "sim", "bench", "testenv"]
 DEV_PACKAGES = {"fleetwise.bench", "fleetwise.testenv"}  # development only: not in the wheel
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
