@@ -178,7 +178,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     path = tmp_path / "r.yaml"
     write_router_config(path, "tiny", prefill=[p.url for p in procs["prefill"]],
                         decode=[p.url for p in procs["decode"]])
-    router = start_router(path, policy="least_outstanding")
+    # probes far apart: the router learns of each death from the requests it fails, and retries them
+    router = start_router(path, policy="least_outstanding", probe_interval=60)
     try:
         prompts = [f"request {i} " + "with some shared context " * (i % 7) for i in range(200)]
         lengths = [64 + (i * 7) % 160 for i in range(200)]
@@ -200,12 +201,23 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
             events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
             return ("sse", r.status_code, events)
 
+        async def busy(url: str) -> None:
+            """Until the worker holds requests (killed then, it takes some down with it). Its own
+            client: the load's holds every connection its pool allows."""
+            async with httpx.AsyncClient(timeout=10) as client:
+                for _ in range(600):
+                    health = (await client.get(url + "/health")).json()
+                    if health.get("running", 0) + health.get("waiting", 0) > 0:
+                        return
+                    await asyncio.sleep(0.05)
+            raise AssertionError(f"{url} never got a request")
+
         async def run():
             async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
                 tasks = [asyncio.create_task(one(client, i)) for i in range(200)]
-                await asyncio.sleep(0.4)  # prompts are still being prefilled
+                await busy(procs["prefill"][0].url)  # prompts are being prefilled there
                 procs["prefill"][0].kill()
-                await asyncio.sleep(1.0)  # tokens are streaming
+                await busy(procs["decode"][0].url)  # tokens are streaming from there
                 procs["decode"][0].kill()
                 assert sum(not t.done() for t in tasks) > 50, "the load ended before the faults"
                 return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
