@@ -248,7 +248,8 @@ def test_a_prefill_lease_the_decode_step_did_not_take_is_released(tiny_model_dir
     worker's lease goes at once, not when it expires."""
     p = start_worker(config(tiny_model_dir, kv_lease_seconds=120), "prefill")
     busy = start_worker(config(tiny_model_dir), "decode")
-    busy.core.config.max_waiting = 0  # every decode request: 429 queue_full
+    busy.core.config.max_waiting = 1
+    busy.engine.num_waiting = lambda: 1  # its queue is full: every decode request gets 429 queue_full
     wrong = start_worker(config(tiny_model_dir), "prefill")  # listed as decode: 400 wrong_role
     leases = p.core.kv_connector.leases
     write_router_config(tmp_path / "busy.yaml", "tiny", prefill=[p.url], decode=[busy.url])
