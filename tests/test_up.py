@@ -8,6 +8,7 @@ import sys
 
 import httpx
 import pytest
+import yaml
 
 from .workers import free_port, wait_healthy
 
@@ -47,11 +48,20 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         pids = json.loads((tmp_path / "pids.json").read_text())
         assert len(pids) == 3  # prefill + decode + router, or two mixed + router
         assert all(alive(p) for p in pids.values())
+        token = tmp_path / "internal-token"
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32
+        # the router's file names the workers' internal listeners, which want the token
+        config = yaml.safe_load((tmp_path / "router.yaml").read_text())["models"][0]
+        internal = next(iter(config.get("prefill") or config["mixed"]))
+        assert httpx.get(internal + "/health", timeout=10).status_code == 401
+        ok = httpx.get(internal + "/health", headers={"authorization": f"Bearer {token.read_text().strip()}"})
+        assert ok.status_code == 200
         up.send_signal(sig)
         out, _ = up.communicate(timeout=60)
         out = "".join(lines) + out
         assert up.returncode == 0, out
         assert "fleet ready" in out and "fleet stopped" in out
+        assert f"curl-s{url}/v1/completions" in "".join(out.split())  # the router's public port (lines wrap)
         assert not [name for name, p in pids.items() if alive(p)]
         if not own_model:
             assert (tmp_path / "models" / "tiny" / "config.json").exists()
