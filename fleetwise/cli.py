@@ -206,11 +206,19 @@ def operator(
     tolerate_taint: list[str] = typer.Option([], "--tolerate-taint", help="Extra taint keys worker pods tolerate."),
     drain_timeout: float = typer.Option(120.0, "--drain-timeout",
                                         help="Seconds a draining worker gets to finish its requests."),
+    internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
+                                             help="The shared internal token, copied into a Secret in each "
+                                                  "namespace with workers, which their pods mount."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
+    from fleetwise.protocol import load_token
+    try:
+        load_token(internal_token_file)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout)
+                 drain_timeout=drain_timeout, token_file=internal_token_file)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:
