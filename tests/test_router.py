@@ -172,7 +172,11 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     first token, a non-streamed request only with a 502 when the decode worker that had
     accepted it died (it is not restarted elsewhere); every completed output has the right
     tokens."""
-    procs = {role: [start_worker_process(tiny_model_dir, role, "--block-size", "8", "--max-num-seqs", "16")
+    # 200 handoffs at once on what is left of two prefill workers: on a loaded CPU the decode
+    # workers pull later than the prefills finish, and more than the default 64 leases wait at
+    # once; this test is about killed workers, not the lease cap (tests/test_internal_api.py)
+    procs = {role: [start_worker_process(tiny_model_dir, role, "--block-size", "8", "--max-num-seqs", "16",
+                                         "--max-kv-leases", "256")
                     for _ in range(2)] for role in ("prefill", "decode")}
     reference = start_worker(config(tiny_model_dir), "mixed")
     path = tmp_path / "r.yaml"

@@ -38,10 +38,12 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120, up)
         lines = []
-        for line in up.stdout:  # the supervisor has seen every process healthy
+        for line in up.stdout:  # the supervisor has seen every process healthy, and said how to call it
             lines.append(line)
-            if "fleet ready" in line:
+            if "Ctrl-C stops everything" in line:
                 break
+        # the curl line names the router's public port (rich wraps long lines)
+        assert f"curl-s{url}/v1/completions" in "".join("".join(lines).split())
         name = "tiny"
         r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "hello", "max_tokens": 5}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
@@ -61,7 +63,6 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         out = "".join(lines) + out
         assert up.returncode == 0, out
         assert "fleet ready" in out and "fleet stopped" in out
-        assert f"curl-s{url}/v1/completions" in "".join(out.split())  # the router's public port (lines wrap)
         assert not [name for name, p in pids.items() if alive(p)]
         if not own_model:
             assert (tmp_path / "models" / "tiny" / "config.json").exists()
