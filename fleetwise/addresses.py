@@ -1,20 +1,27 @@
-"""Where a worker pod answers: its pod IP and the worker port, or, where pod IPs cannot be
-reached (the test control plane's kwok pods), the URL an address map gives it. The map is a
-JSON file of {"namespace/pod": "http://host:port"}, named by `FLEETWISE_ADDRESS_MAP` and read
-at each use. The router's Kubernetes discovery and the operator's drains both find workers
-this way."""
+"""Where a worker pod answers: its pod IP and one of its two ports, or, where pod IPs cannot
+be reached (the test control plane's kwok pods), the URLs an address map gives it.
+
+A worker listens twice (ARCHITECTURE.md, "Worker HTTP API"): the public port (the OpenAI
+API, /health for the kubelet and the operator's drains) and the internal port (/internal/*
+and the completion routes, with the shared token: the router's and the other workers' way
+in). The map is a JSON file of {"namespace/pod": {"url": "http://host:port", "internal":
+"http://host:port"}} (a bare string is the public URL alone), named by
+`FLEETWISE_ADDRESS_MAP` and read at each use. The router's Kubernetes discovery (internal
+URLs) and the operator's drains (public URLs) both find workers this way."""
 
 import json
 import logging
 import os
 
-WORKER_PORT = 8000
+WORKER_PORT = 8000           # public
+WORKER_INTERNAL_PORT = 9000  # internal: only the router's pods and other workers reach it (the chart's NetworkPolicy)
 ADDRESS_MAP_ENV = "FLEETWISE_ADDRESS_MAP"
+AddressMap = dict[str, str | dict]
 
 log = logging.getLogger(__name__)
 
 
-def load_address_map(path: str | None = None) -> dict[str, str]:
+def load_address_map(path: str | None = None) -> AddressMap:
     """The map at `path` (default: the environment's); empty when there is none or it cannot be read."""
     path = path or os.environ.get(ADDRESS_MAP_ENV)
     if not path:
@@ -30,11 +37,15 @@ def load_address_map(path: str | None = None) -> dict[str, str]:
     return mapping if isinstance(mapping, dict) else {}
 
 
-def worker_url(pod: dict, address_map: dict[str, str]) -> str | None:
-    """The base URL of the worker in `pod`, or None while it has no IP."""
+def worker_url(pod: dict, address_map: AddressMap, internal: bool = False) -> str | None:
+    """The base URL of the worker in `pod` on its public port (`internal`: its internal
+    port), or None while it has no IP (or the map names no such URL for it)."""
     meta, status = pod["metadata"], pod.get("status") or {}
     mapped = address_map.get(f"{meta['namespace']}/{meta['name']}")
-    if mapped:
-        return mapped.rstrip("/")
+    if isinstance(mapped, dict):
+        mapped = mapped.get("internal" if internal else "url")
+        return mapped.rstrip("/") if isinstance(mapped, str) and mapped else None
+    if isinstance(mapped, str) and mapped:
+        return None if internal else mapped.rstrip("/")
     ip = status.get("podIP")
-    return f"http://{ip}:{WORKER_PORT}" if ip else None
+    return f"http://{ip}:{WORKER_INTERNAL_PORT if internal else WORKER_PORT}" if ip else None

@@ -39,7 +39,15 @@ def worker(
     model: Path = typer.Option(..., "--model", help="Model directory (Hugging Face layout)."),
     role: str = typer.Option("mixed", "--role", help="prefill, decode or mixed."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8001, "--port"),
+    port: int = typer.Option(defaults.PORT, "--port", help="Public: the OpenAI API, /health, /metrics."),
+    internal_port: int = typer.Option(defaults.INTERNAL_PORT, "--internal-port",
+                                      help="Internal: /internal/* and the completion routes, for the router "
+                                           "and other workers, with the shared token."),
+    internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
+                                             help="The shared token the internal port asks every caller for."),
+    public_only: bool = typer.Option(False, "--public-only",
+                                     help="Mixed role only: no internal port, no token (a worker used directly, "
+                                          "not behind the router)."),
     served_model_name: str | None = typer.Option(None, "--served-model-name",
                                           help="Name in the API (default: the directory name)."),
     dtype: str = typer.Option(defaults.DTYPE, "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -57,6 +65,11 @@ def worker(
                                                help="/health turns 503 when one engine step takes longer."),
     kv_lease_seconds: float = typer.Option(defaults.KV_LEASE_SECONDS, "--kv-lease-seconds",
                                            help="Prefill role: how long a prompt's KV waits for a decode worker."),
+    max_kv_leases: int = typer.Option(defaults.MAX_KV_LEASES, "--max-kv-leases", min=1,
+                                      help="Prompts held for decode workers at once; beyond it prefills get 429."),
+    max_kv_lease_fraction: float = typer.Option(defaults.MAX_KV_LEASE_FRACTION, "--max-kv-lease-fraction",
+                                                min=0.01, max=1.0,
+                                                help="The share of the KV blocks leases may hold; beyond it 429."),
     max_logprobs: int = typer.Option(defaults.MAX_LOGPROBS, "--max-logprobs", min=0,
                                      help="The most logprobs (top_logprobs) a request may ask for."),
     max_n: int = typer.Option(defaults.MAX_N, "--max-n", min=1, help="The most choices (n, best_of) per prompt."),
@@ -74,6 +87,7 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
+    token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
     from fleetwise.worker.engine.config import EngineConfig
@@ -82,12 +96,36 @@ def worker(
         block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_mib << 20,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
-        max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs)
+        max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs,
+        max_kv_leases=max_kv_leases, max_kv_lease_fraction=max_kv_lease_fraction)
     status = serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
                    faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20),
-                   health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure)
+                   health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure,
+                   internal_port=internal_port, internal_token=token)
     if status:
         raise typer.Exit(status)
+
+
+def _internal_token(role: str, path: Path | None, public_only: bool) -> str | None:
+    """The worker's shared token, or None for a mixed worker run `--public-only`."""
+    from fleetwise.protocol import TOKEN_FILE_ENV, load_token
+    if public_only:
+        if role != "mixed":
+            raise typer.BadParameter(f"a {role} worker is reached only through its internal port; "
+                                     "only a mixed worker may run public-only", param_hint="--public-only")
+        if path is not None:
+            raise typer.BadParameter("give --public-only or --internal-token-file, not both",
+                                     param_hint="--public-only")
+        return None
+    if path is None:
+        raise typer.BadParameter(
+            f"the internal port needs the shared token: give --internal-token-file FILE or set {TOKEN_FILE_ENV} "
+            "(the router and decode workers send it). A mixed worker used directly, not behind the router, "
+            "may run without the internal port: --public-only", param_hint="--internal-token-file")
+    try:
+        return load_token(path)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--internal-token-file")
 
 
 @app.command()
@@ -126,8 +164,10 @@ def router(
                                help="prefix_affinity, least_outstanding or round_robin."),
     max_inflight: int = typer.Option(2048, "--max-inflight", help="Beyond it requests get 429."),
     probe_interval: float = typer.Option(1.0, "--probe-interval", help="Seconds between health probes."),
+    internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
+                                             help="The shared token the workers' internal ports ask for."),
 ):
-    """Run the router: the OpenAI-compatible front door over the workers."""
+    """Run the router: the OpenAI-compatible front door over the workers' internal ports."""
     import logging
 
     from fleetwise.logs import configure as configure_logs
@@ -138,6 +178,11 @@ def router(
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if (config is None) == (not kubernetes):
         raise typer.BadParameter("give either --config FILE or --kubernetes", param_hint="--config")
+    from fleetwise.protocol import load_token
+    try:
+        token = load_token(internal_token_file)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e} (the workers' internal ports ask for it)", param_hint="--internal-token-file")
     configure_logs(logging.INFO)
     source: EndpointSource
     if kubernetes:
@@ -149,7 +194,7 @@ def router(
             source = StaticEndpoints(config)
         except ConfigError as e:
             raise typer.BadParameter(str(e), param_hint="--config")
-    serve(source, host, port, policy, max_inflight, probe_interval)
+    serve(source, host, port, token, policy, max_inflight, probe_interval)
 
 
 @app.command()
@@ -163,11 +208,19 @@ def operator(
     tolerate_taint: list[str] = typer.Option([], "--tolerate-taint", help="Extra taint keys worker pods tolerate."),
     drain_timeout: float = typer.Option(120.0, "--drain-timeout",
                                         help="Seconds a draining worker gets to finish its requests."),
+    internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
+                                             help="The shared internal token, copied into a Secret in each "
+                                                  "namespace with workers, which their pods mount."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
+    from fleetwise.protocol import load_token
+    try:
+        load_token(internal_token_file)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout)
+                 drain_timeout=drain_timeout, token_file=internal_token_file)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:

@@ -1,7 +1,8 @@
 """`FleetActions` for `fleetwise up`: workers are local processes, routability is the
 router's static endpoints file.
 
-The file (`.fleetwise/router.yaml`) lists every worker; one out of routing is a mapping
+The file (`.fleetwise/router.yaml`) lists every worker by its internal URL (the router
+calls the internal listener, with the shared token); one out of routing is a mapping
 with `routable: false`, its state and reason, which the router picks up when it re-reads
 the file (on its next probe round). Each rewrite is atomic (write, then rename), so the
 router never reads half a file. A drain stops the process once it holds no request (its
@@ -35,9 +36,11 @@ NO_NODES = "fleetwise up runs on one machine; there is no node to {}"
 
 @dataclass
 class Member(Process):
-    """One process of the fleet: a worker of one role, or the router; `health` is its last
-    /health answer, for the status table."""
+    """One process of the fleet: a worker of one role, or the router; `url` is its public
+    listener, `internal_url` a worker's internal one (what the router's file lists);
+    `health` is its last /health answer, for the status table."""
     role: str = "mixed"
+    internal_url: str = ""
     health: dict = field(default_factory=dict)
 
 
@@ -64,13 +67,14 @@ class LocalFleet:
         with self._lock:
             roles: dict[str, list] = {}
             for name, w in self.workers.items():
-                roles.setdefault(w.role, []).append(_entry(w.url, self.states[name]))
+                roles.setdefault(w.role, []).append(_entry(w.internal_url or w.url, self.states[name]))
             tmp = self.config.with_name(f".{self.config.name}.tmp")
             tmp.write_text(yaml.safe_dump({"models": [{"name": self.model, **roles}]}, sort_keys=False))
             os.replace(tmp, self.config)
 
     def _worker(self, verb: str, ref: WorkerRef) -> Member:
-        w = self.workers.get(ref.name) or next((w for w in self.workers.values() if ref.url and w.url == ref.url), None)
+        w = self.workers.get(ref.name) or next((w for w in self.workers.values()
+                                                if ref.url and ref.url in (w.url, w.internal_url)), None)
         if w is None:
             raise ActionRefused(f"{verb}: no worker {ref.name!r} in this fleet (workers: {', '.join(self.workers)})")
         return w

@@ -19,10 +19,21 @@ Mixed versions during a rolling upgrade follow one rule:
   router takes that as "this replica cannot serve this request" and tries another one.
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
 the same way by the receiver.
+
+Every internal call is authenticated by a shared secret, `Authorization: Bearer <token>`,
+read from a file (`--internal-token-file` or `FLEETWISE_INTERNAL_TOKEN_FILE`): the router
+sends it to every worker, a decode worker to the prefill worker it pulls from. It is how
+Envoy and the Kubernetes API server authenticate service-to-service calls when there is no
+mutual TLS; mTLS is not part of the protocol. Only the workers' internal listener takes
+these calls (ARCHITECTURE.md, "Worker HTTP API").
 """
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -33,7 +44,12 @@ REQUEST_ID_HEADER = "x-request-id"
 UNSUPPORTED_VERSION = "unsupported_protocol_version"
 MAX_REQUEST_ID_LENGTH = 128
 
+AUTH_HEADER = "authorization"
+TOKEN_FILE_ENV = "FLEETWISE_INTERNAL_TOKEN_FILE"
+MIN_TOKEN_CHARS = 16
+
 KV_STREAM_VERSION = 1
+MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 Kind = Literal["completion", "chat"]
@@ -72,16 +88,57 @@ class DecodeRequest(_Message):
     prompt_token_ids: list[int] = Field(min_length=1)
     first_token: int = Field(ge=0)
     first_logprob: TokenLogprob | None = None
-    handle: str | None = None
+    handle: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,256}$")
     # after `handle`, whose value its check reads; checked when left out too
     prefill_url: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("prompt_token_ids")
+    @classmethod
+    def _token_ids(cls, ids: list[int]) -> list[int]:
+        bad = next((t for t in ids if t < 0), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is negative")
+        return ids
+
+    @field_validator("first_logprob")
+    @classmethod
+    def _finite(cls, logprob: TokenLogprob | None) -> TokenLogprob | None:
+        if logprob is not None:
+            values = [logprob[0], *(lp for _, lp in logprob[1])]
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError("logprobs must be finite numbers")
+            if any(t < 0 for t, _ in logprob[1]):
+                raise ValueError("token ids must be non-negative")
+        return logprob
 
     @field_validator("prefill_url")
     @classmethod
     def _url_with_handle(cls, url: str | None, info: ValidationInfo) -> str | None:
         if url is None and info.data.get("handle"):
             raise ValueError("required with a handle: the prefill worker that holds the keys and values")
+        if url is not None:
+            problem = base_url_problem(url)
+            if problem:
+                raise ValueError(problem)
         return url
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why `url` is not a worker's base address (http(s)://host:port and nothing more), or
+    None. A decode worker pulls only from such an address, so a caller cannot point it at
+    a path, a query or credentials of some other service."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"not a URL: {e}"
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        return "must be http(s)://host:port"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials"
+    if parts.path or parts.query or parts.fragment:
+        return "must be http(s)://host:port, with no path, query or fragment"
+    return None
 
 
 @dataclass
@@ -100,6 +157,28 @@ class KVHeader:
     def payload_bytes(self) -> int:
         """Bytes of one layer's frame payload: keys then values."""
         return 2 * self.num_tokens * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+
+
+def load_token(path: str | Path | None = None) -> str:
+    """The shared token from `path` (default: the file `FLEETWISE_INTERNAL_TOKEN_FILE`
+    names), surrounding whitespace stripped. Raises ValueError saying what is wrong: no
+    file named, unreadable, or a token too short to be a secret."""
+    path = path or os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        raise ValueError(f"no internal token: give --internal-token-file or set {TOKEN_FILE_ENV}")
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"the internal token file {path} cannot be read: {e.strerror or e}")
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ValueError(f"the internal token in {path} must be one word of at least {MIN_TOKEN_CHARS} characters "
+                         "(fleetwise up writes one with secrets.token_urlsafe(32))")
+    return token
+
+
+def bearer(token: str) -> str:
+    """The `Authorization` header's value for `token`."""
+    return f"Bearer {token}"
 
 
 def version_error(received: str | None) -> str | None:

@@ -1,9 +1,15 @@
 """`fleetwise up`: the fleet on one machine, as processes: a router in front of prefill and
 decode workers (or mixed workers), started, watched and stopped together. Its `LocalFleet`
 writes the router's endpoints file and is how the workers are quarantined, drained and
-restarted."""
+restarted.
+
+Each worker gets two ports: the public one (its /health, in the table) and the internal one
+that the router and the other workers call with the shared token. The token is new at each
+start, in `internal-token` in the workdir, readable by the user alone."""
 
 import json
+import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -23,19 +29,33 @@ from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
 console = Console()
 
 
+TOKEN_FILE = "internal-token"
+
+
+def write_token(workdir: Path) -> Path:
+    """A new shared token in the workdir, readable and writable by the user alone (0600)."""
+    path = workdir / TOKEN_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int, mixed: int,
-         workdir: Path, worker_args: list[str]) -> list[Member]:
+         workdir: Path, worker_args: list[str], token_file: Path) -> list[Member]:
     procs: list[Member] = []
     roles = [("prefill", prefill), ("decode", decode)] if mode == "disaggregated" else [("mixed", mixed)]
+    token = ["--internal-token-file", str(token_file)]
     for role, count in roles:
         for i in range(count):
-            p = free_port()
+            p, q = free_port(), free_port()
             procs.append(Member(f"{role}-{i}", fleetwise_argv(
-                "worker", "--model", str(model), "--role", role, "--port", str(p),
-                "--served-model-name", name, *worker_args), workdir / "logs" / f"{role}-{i}.log",
-                f"http://127.0.0.1:{p}", role=role))
+                "worker", "--model", str(model), "--role", role, "--port", str(p), "--internal-port", str(q),
+                *token, "--served-model-name", name, *worker_args), workdir / "logs" / f"{role}-{i}.log",
+                f"http://127.0.0.1:{p}", role=role, internal_url=f"http://127.0.0.1:{q}"))
     procs.append(Member("router", fleetwise_argv("router", "--config", str(workdir / "router.yaml"),
-                                                 "--port", str(port)),
+                                                 "--port", str(port), *token),
                         workdir / "logs" / "router.log", f"http://127.0.0.1:{port}", role="router"))
     return procs
 
@@ -95,7 +115,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"[red]port {port} is in use; choose another with --port[/]")
         return 2
     name = Path(model).name
-    procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args)
+    procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args,
+                 write_token(workdir))
     fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
 
     stopping: list[int] = []

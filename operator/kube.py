@@ -1,5 +1,6 @@
 """The operator's calls to the Kubernetes API, in one place (and counted)."""
 
+import base64
 import datetime as dt
 import json
 import logging
@@ -134,6 +135,26 @@ class Kube:
         except ApiException as e:
             if e.status != 409:
                 raise
+
+    def ensure_secret(self, namespace: str, secret: dict[str, Any]) -> bool:
+        """Creates the Secret, or patches it when its data differ from `secret`'s
+        stringData; returns whether it wrote."""
+        name = secret["metadata"]["name"]
+        self._count("get", "secrets")
+        try:
+            current = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            self._count("create", "secrets")
+            self.core.create_namespaced_secret(namespace, secret)  # type: ignore[arg-type]
+            return True
+        want = {k: base64.b64encode(v.encode()).decode() for k, v in secret["stringData"].items()}
+        if all((current.data or {}).get(k) == v for k, v in want.items()):
+            return False
+        self._count("patch", "secrets")
+        self.core.patch_namespaced_secret(name, namespace, {"stringData": secret["stringData"]})
+        return True
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         self._count("patch", "modeldeployments/status")

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -13,6 +14,7 @@ from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
 from fleetwise.logs import configure as configure_logs
 
 from . import handlers
+from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
@@ -33,7 +35,8 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None,
-                 drain_timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
+                 drain_timeout: float = DRAIN_TIMEOUT_SECONDS, token_file: Path | None = None) -> None:
+    """`token_file`: the shared internal token, copied into the workers' namespaces."""
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     api = load_client(kubeconfig)
@@ -43,8 +46,9 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     metrics = OperatorMetrics()
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
+    tokens = TokenCopies(kube, token_file) if token_file else None
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
-                                           drain_timeout=drain_timeout))
+                                           drain_timeout=drain_timeout, tokens=tokens))
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)

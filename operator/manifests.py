@@ -4,7 +4,7 @@ import datetime as dt
 import secrets
 from collections.abc import Sequence
 
-from fleetwise.addresses import WORKER_PORT
+from fleetwise.addresses import WORKER_INTERNAL_PORT, WORKER_PORT
 from fleetwise.controllers.placement import GPU_RESOURCE
 from fleetwise.fleet import Routability, WorkerState
 from fleetwise.spec import API_VERSION, ModelDeploymentSpec
@@ -24,6 +24,10 @@ ANNOTATION_ROUTABILITY_REASON = "fleetwise.dev/routability-reason"
 ANNOTATION_ROUTABILITY_SINCE = "fleetwise.dev/routability-since"
 ANNOTATION_CORDON_REASON = "fleetwise.dev/cordon-reason"  # on a node fleetwise cordoned
 SCHEDULER_NAME = "fleetwise"
+# the shared internal token, copied by the operator into each namespace it places workers in
+TOKEN_SECRET = "fleetwise-internal-token"
+TOKEN_KEY = "token"
+TOKEN_DIR = "/var/run/fleetwise"
 
 
 def labels(name: str, spec: ModelDeploymentSpec, role: str) -> dict[str, str]:
@@ -99,7 +103,8 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
     # a worker whose engine keeps failing exits, and the kubelet restarts it
     args = ["worker", "--model", spec.model.uri, "--served-model-name", spec.model.name, "--role", role,
             "--exit-on-engine-failure",
-            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--block-size", str(e.block_size),
+            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--internal-port", str(WORKER_INTERNAL_PORT),
+            "--internal-token-file", f"{TOKEN_DIR}/{TOKEN_KEY}", "--block-size", str(e.block_size),
             "--max-num-seqs", str(e.max_num_seqs), "--max-num-batched-tokens", str(e.max_num_batched_tokens),
             "--dtype", e.dtype]
     if e.kv_cache_mib:
@@ -122,12 +127,18 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
             "restartPolicy": "Always",
             "automountServiceAccountToken": False,  # a worker has no business with the API server
             "securityContext": POD_SECURITY,
-            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "volumes": [{"name": "tmp", "emptyDir": {}},
+                        # read by the worker's user through fsGroup; nobody else in the pod
+                        {"name": "internal-token", "secret": {"secretName": TOKEN_SECRET, "defaultMode": 0o440,
+                                                              "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}}],
             "terminationGracePeriodSeconds": 60,
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *tolerations],
             "containers": [{
                 "name": "worker", "image": spec.image, "command": ["fleetwise"], "args": args,
-                "ports": [{"name": "http", "containerPort": WORKER_PORT}],
+                # the kubelet probes the public port; the internal one is the router's and the
+                # other workers' (the chart's NetworkPolicy keeps it to them)
+                "ports": [{"name": "http", "containerPort": WORKER_PORT},
+                          {"name": "internal", "containerPort": WORKER_INTERNAL_PORT}],
                 "readinessProbe": {"httpGet": {"path": "/health", "port": WORKER_PORT}, "periodSeconds": 5,
                                    "failureThreshold": 2},
                 "livenessProbe": {"httpGet": {"path": "/health", "port": WORKER_PORT}, "periodSeconds": 10,
@@ -135,10 +146,18 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
                 "resources": {"requests": resources, "limits": resources},
                 "securityContext": CONTAINER_SECURITY,
                 "env": [{"name": "HOME", "value": "/tmp"}],
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                 {"name": "internal-token", "mountPath": TOKEN_DIR, "readOnly": True}],
             }],
         },
     }
+
+
+def token_secret(token: str) -> dict:
+    """The copy of the shared internal token that a namespace's worker pods mount."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": TOKEN_SECRET, "labels": {MANAGED_BY: "fleetwise"}},
+            "stringData": {TOKEN_KEY: token}}
 
 
 def pool_service(body: dict, spec: ModelDeploymentSpec, role: str) -> dict:

@@ -21,6 +21,7 @@ from . import manifests as m
 from .binding import Binder
 from .cluster import ClusterState
 from .inflight import in_flight
+from .internal_token import TokenCopies
 from .kube import Kube, epoch, error_message, now_iso
 from .metrics import OperatorMetrics
 
@@ -63,6 +64,7 @@ class Operator:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     tolerations: list[dict] = field(default_factory=list)  # extra ones for worker pods (e.g. kwok's)
     drain_timeout: float = DRAIN_TIMEOUT_SECONDS
+    tokens: TokenCopies | None = None  # the internal token's copies in the workers' namespaces
     binder: Binder = field(init=False)
     _services: set[tuple[str, str, str, str]] = field(default_factory=set)
 
@@ -109,7 +111,11 @@ class Operator:
         for pod_name in p.drain:
             labels, annotations = m.routability_patch(Routability.DRAINING, PLAN_DRAIN_REASON, time.time())
             self.kube.patch_pod_metadata(ns, pod_name, labels=labels, annotations=annotations)
-        created, not_created = [], []
+        created: list[dict] = []
+        not_created: list[str] = []
+        problem = self._ensure_token(ns)  # every reconcile: a rotated token reaches the copy
+        if problem and p.create:  # the pods would wait for the Secret they mount
+            return [], [f"{role} pod: the internal token Secret: {problem}" for role, _ in p.create]
         for role, template in p.create:
             pod = m.worker_pod(body, spec, role, template, self.tolerations)
             try:
@@ -122,6 +128,18 @@ class Operator:
             pod["metadata"]["creationTimestamp"] = now_iso()
             created.append(pod)
         return created, not_created
+
+    def _ensure_token(self, namespace: str) -> str | None:
+        """The internal token's copy in the namespace; why it could not be written, or None."""
+        if self.tokens is None:
+            return None
+        try:
+            self.tokens.ensure(namespace)
+        except (ApiException, ValueError) as e:
+            self.metrics.errors.labels("ensure_secret").inc()
+            log.error("the internal token's copy in %s: %s", namespace, e)
+            return error_message(e) if isinstance(e, ApiException) else str(e)
+        return None
 
     def _ensure_services(self, body: dict, spec: ModelDeploymentSpec) -> list[str]:
         """Each pool's Service, created when this deployment (by uid: a re-created one is

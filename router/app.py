@@ -69,10 +69,11 @@ def build_app(router: Router) -> ASGIApp:
     return asgi
 
 
-def serve(source: EndpointSource, host: str, port: int, policy: str = "prefix_affinity", max_inflight: int = 2048,
-          probe_interval: float = 1.0) -> None:
+def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_affinity",
+          max_inflight: int = 2048, probe_interval: float = 1.0) -> None:
+    """`token`: the shared token of the workers' internal listeners, which the router calls."""
     import uvicorn
 
-    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval)
+    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval, token=token)
     uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
                 proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)

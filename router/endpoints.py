@@ -1,14 +1,16 @@
 """Where the router finds replicas: behind one interface, a static file (reloaded when it
 changes) and, with the operator, Kubernetes discovery.
 
-In the static file each replica is a URL, or a mapping that also says whether the router
-may send it requests (`fleetwise up` takes a worker out of routing this way):
+In the static file each replica is the URL of a worker's internal listener (its
+`--internal-port`, where the router's calls go with the shared token; not the public
+`--port`), or a mapping that also says whether the router may send it requests (`fleetwise
+up` takes a worker out of routing this way):
 
     models:
       - name: tiny
         mixed:
-          - http://127.0.0.1:8001
-          - {url: http://127.0.0.1:8002, routable: false, state: quarantined, reason: "p99 3x its peers"}
+          - http://127.0.0.1:9001
+          - {url: http://127.0.0.1:9002, routable: false, state: quarantined, reason: "p99 3x its peers"}
 
 `state` is one of fleetwise.fleet.Routability; `routable` follows from it when left out.
 """

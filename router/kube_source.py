@@ -4,8 +4,9 @@ A pod is a replica while it is owned by a ModelDeployment (its controller ownerR
 pod that merely carries the labels gets no traffic), sits in a namespace the router serves, is
 Ready, has an IP, is not being deleted and is not marked `fleetwise.dev/routable=false`
 (draining or quarantined). Its model and role come from its
-labels. Its address is fleetwise/addresses.py's (tests whose pod IPs cannot be reached give an
-address map, read at every refresh).
+labels. Its address is its internal listener's, from fleetwise/addresses.py (tests whose pod
+IPs cannot be reached give an address map, read at every refresh): the router sends every
+request and probe there, with the shared token.
 """
 
 import logging
@@ -15,7 +16,7 @@ from collections.abc import Collection
 
 from kubernetes import client, watch
 
-from fleetwise.addresses import load_address_map, worker_url
+from fleetwise.addresses import AddressMap, load_address_map, worker_url
 from fleetwise.spec import GROUP
 
 from .endpoints import ROLES, ModelRoute, swap_routes
@@ -41,7 +42,7 @@ def routable(pod: dict) -> bool:
             and labels.get(ROLE_LABEL) in ROLES and bool(labels.get(MODEL_LABEL)))
 
 
-def routes_from_pods(pods: list[dict], address_map: dict[str, str],
+def routes_from_pods(pods: list[dict], address_map: AddressMap,
                      namespaces: Collection[str] = ()) -> dict[str, ModelRoute]:
     """The routes the pods make; only pods in `namespaces` count, when it names any."""
     routes: dict[str, ModelRoute] = {}
@@ -50,7 +51,7 @@ def routes_from_pods(pods: list[dict], address_map: dict[str, str],
             continue
         if not routable(pod):
             continue
-        url = worker_url(pod, address_map)
+        url = worker_url(pod, address_map, internal=True)
         if not url:
             continue
         labels = pod["metadata"]["labels"]
@@ -113,7 +114,7 @@ class KubernetesEndpoints:
                 log.warning("pod watch restarting: %s", e)
                 time.sleep(1)
 
-    def _address_map(self) -> dict[str, str]:
+    def _address_map(self) -> AddressMap:
         return load_address_map(self.address_map_path)
 
     def models(self) -> dict[str, ModelRoute]:

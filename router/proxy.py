@@ -6,6 +6,9 @@ prefill replica computes the prompt and the first token, a decode replica pulls 
 and generates the rest (ARCHITECTURE.md, "The path of one request"). A replica that
 fails before the client has seen a byte is taken out and the request goes to another;
 probes bring it back. Streams pass through chunk by chunk.
+
+Replicas are the workers' internal listeners: every request, probe and lease release
+carries the shared token (`Authorization: Bearer`, fleetwise/protocol.py).
 """
 
 import asyncio
@@ -22,12 +25,14 @@ from starlette.responses import Response, StreamingResponse
 
 from fleetwise.logs import incoming_request_id, request_id
 from fleetwise.protocol import (
+    AUTH_HEADER,
     PROTOCOL_VERSION,
     REQUEST_ID_HEADER,
     VERSION_HEADER,
     DecodeRequest,
     PrefillAnswer,
     PrefillRequest,
+    bearer,
 )
 
 from .endpoints import EndpointSource, ModelRoute
@@ -48,7 +53,8 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), token: str | None = None):
+        """`token`: the shared token the workers' internal listeners ask for."""
         for route in source.models().values():
             for replica in route.all():
                 problem = unsupported(replica.url)
@@ -66,6 +72,8 @@ class Router:
         self.metrics = RouterMetrics()
         self.session: aiohttp.ClientSession | None = None  # probes and lease releases
         self.pool = Pool(read_timeout=request_timeout)  # requests
+        self.auth = {AUTH_HEADER: bearer(token)} if token else {}
+        self._auth_line = "".join(f"{k}: {v}\r\n" for k, v in self.auth.items()).encode()
         self._prober: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
 
@@ -75,7 +83,7 @@ class Router:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=self.request_timeout),
-            json_serialize=lambda o: orjson.dumps(o).decode())
+            json_serialize=lambda o: orjson.dumps(o).decode(), headers=self.auth)
         self._prober = asyncio.create_task(self._probe_forever())
 
     async def stop(self) -> None:
@@ -151,7 +159,7 @@ class Router:
         last_error = "no replica of this role is available"
         busy = None
         policy = self.policy(model, role)
-        headers = _HEADERS % request_id.get().encode()
+        headers = self._auth_line + _HEADERS % request_id.get().encode()
         for _ in range(self.max_attempts):
             replica = policy.choose([r for r in replicas if id(r) not in tried], keys)
             if replica is None:

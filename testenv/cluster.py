@@ -232,6 +232,19 @@ def address_map(cluster: Cluster) -> Path:
     return cluster.workdir / "addresses.json"
 
 
+INTERNAL_TOKEN = "testenv-internal-token-0123456789"
+
+
+def token_file(cluster: Cluster) -> Path:
+    """The internal token the operator copies into the workers' namespaces (the chart's
+    Secret, mounted, in a real cluster)."""
+    path = cluster.workdir / "internal-token"
+    if not path.exists():
+        path.write_text(INTERNAL_TOKEN)
+        path.chmod(0o600)
+    return path
+
+
 def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
     metrics, liveness = free_port(), free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
@@ -239,7 +252,8 @@ def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -
                                                 "--lease-namespace", SYSTEM_NS, "--tolerate-taint", KWOK_TAINT,
                                                 "--metrics-port", str(metrics), "--liveness-port", str(liveness),
                                                 # kwok's pods have no workers to ask: their drains run out
-                                                "--drain-timeout", str(DRAIN_TIMEOUT_S)),
+                                                "--drain-timeout", str(DRAIN_TIMEOUT_S),
+                                                "--internal-token-file", str(token_file(cluster))),
                            log, metrics_port=metrics, liveness_port=liveness, die_with_parent=True,
                            env={ADDRESS_MAP_ENV: str(address_map(cluster))})
     proc.start()

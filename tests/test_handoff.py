@@ -10,7 +10,7 @@ from fleetwise.worker.api.handoff import CORRUPT_KV
 from fleetwise.worker.engine.config import EngineConfig
 from fleetwise.worker.model.files import write_model
 
-from .workers import start_worker
+from .workers import internal, start_worker
 
 
 def config(model_dir, **kw):
@@ -27,14 +27,18 @@ def fleet(tiny_model_dir):
         w.stop()
 
 
+def prefill_call(worker, request: dict) -> httpx.Response:
+    return internal("POST", worker, "/internal/prefill", json={"kind": "completion", "request": request})
+
+
 def handoff(prefill, decode, kind: str, request: dict) -> httpx.Response:
-    p = httpx.post(prefill.url + "/internal/prefill", json={"kind": kind, "request": request}, timeout=30)
+    p = internal("POST", prefill, "/internal/prefill", json={"kind": kind, "request": request}, timeout=30)
     assert p.status_code == 200, p.text
     first = p.json()
     body = {"kind": kind, "request": request, "prompt_token_ids": first["prompt_token_ids"],
             "first_token": first["first_token"], "first_logprob": first["first_logprob"],
-            "prefill_url": prefill.url, "handle": first["handle"]}
-    return httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+            "prefill_url": prefill.internal_url, "handle": first["handle"]}
+    return internal("POST", decode, "/internal/decode", json=body, timeout=30)
 
 
 def recomputes(worker, reason: str) -> float:
@@ -87,24 +91,22 @@ def test_handoff_recomputes_the_prompt_when_transfer_fails(tiny_model_dir, tmp_p
     try:
         for prefill, reason in [(corrupt, "corrupt"), (stranger, "mismatch")]:
             before = recomputes(decode, reason)
-            first = httpx.post(prefill.url + "/internal/prefill",
-                               json={"kind": "completion", "request": request}).json()
+            first = prefill_call(prefill, request).json()
             # the stranger's tokenizer and first token come from other files: hand over the
             # right ones, so that only the KV differs
-            ours = httpx.post(fleet["prefill"].url + "/internal/prefill",
-                              json={"kind": "completion", "request": request}).json()
-            httpx.delete(f"{fleet['prefill'].url}/internal/kv/{ours['handle']}")
+            ours = prefill_call(fleet["prefill"], request).json()
+            internal("DELETE", fleet["prefill"], f"/internal/kv/{ours['handle']}")
             body = {"kind": "completion", "request": request, "prompt_token_ids": ours["prompt_token_ids"],
-                    "first_token": ours["first_token"], "prefill_url": prefill.url, "handle": first["handle"]}
-            r = httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+                    "first_token": ours["first_token"], "prefill_url": prefill.internal_url, "handle": first["handle"]}
+            r = internal("POST", decode, "/internal/decode", json=body, timeout=30)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want
             assert recomputes(decode, reason) == before + 1
             prefill.wait_idle()
         # a handle nobody holds: refused, recomputed
         before = recomputes(decode, "refused")
-        body["handle"], body["prefill_url"] = "no-such-handle", corrupt.url
-        r = httpx.post(decode.url + "/internal/decode", json=body, timeout=30)
+        body["handle"], body["prefill_url"] = "no-such-handle", corrupt.internal_url
+        r = internal("POST", decode, "/internal/decode", json=body, timeout=30)
         assert r.json()["choices"][0]["text"] == want and recomputes(decode, "refused") == before + 1
         decode.wait_idle()
     finally:
@@ -115,14 +117,14 @@ def test_handoff_recomputes_the_prompt_when_transfer_fails(tiny_model_dir, tmp_p
 def test_abandoned_lease_comes_back(tiny_model_dir):
     prefill = start_worker(config(tiny_model_dir, kv_lease_seconds=0.5), "prefill")
     try:
-        r = httpx.post(prefill.url + "/internal/prefill", json={"kind": "completion", "request": {
+        r = internal("POST", prefill, "/internal/prefill", json={"kind": "completion", "request": {
             "model": "tiny", "prompt": "nobody comes for this " * 4, "max_tokens": 8}})
         handle = r.json()["handle"]
         bm = prefill.core.block_manager
         assert handle and bm.num_free_blocks < bm.num_blocks
         time.sleep(0.8)
         prefill.wait_idle(timeout=2)
-        assert httpx.get(f"{prefill.url}/internal/kv/{handle}").status_code == 404
+        assert internal("GET", prefill, f"/internal/kv/{handle}").status_code == 404
         expired = prefill.core.metrics.kv_leases_expired.labels(model_name="tiny", role="prefill")._value.get()
         assert expired == 1
     finally:
@@ -131,48 +133,44 @@ def test_abandoned_lease_comes_back(tiny_model_dir):
 
 def test_roles_and_bad_handoff_requests(fleet):
     request = {"model": "tiny", "prompt": "x", "max_tokens": 4}
-    r = httpx.post(fleet["decode"].url + "/internal/prefill", json={"kind": "completion", "request": request})
+    r = prefill_call(fleet["decode"], request)
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_role"
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
-                   json={"kind": "completion", "request": {**request, "n": 2}})
+    r = prefill_call(fleet["prefill"], {**request, "n": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
-                   json={"kind": "completion", "request": {**request, "max_tokens": 99999}})
+    r = prefill_call(fleet["prefill"], {**request, "max_tokens": 99999})
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
-                   json={"kind": "completion", "request": {"model": "tiny"}})
+    r = prefill_call(fleet["prefill"], {"model": "tiny"})
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
     # max_tokens=1: the prefill finishes the request and holds nothing
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill",
-                   json={"kind": "completion", "request": {**request, "max_tokens": 1}})
+    r = prefill_call(fleet["prefill"], {**request, "max_tokens": 1})
     assert r.status_code == 200 and r.json()["handle"] is None
     fleet["prefill"].wait_idle()
 
 
 def test_internal_calls_in_another_protocol_version_are_refused_before_any_work(fleet):
     request = {"kind": "completion", "request": {"model": "tiny", "prompt": "hello", "max_tokens": 4}}
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+    r = internal("POST", fleet["prefill"], "/internal/prefill", json=request, timeout=30,
                    headers={"x-fleetwise-protocol": "99"})
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["code"] == "unsupported_protocol_version" and error["param"] == "x-fleetwise-protocol"
     assert "speaks version 1" in error["message"]
     assert not fleet["prefill"].core.requests and not fleet["prefill"].core.kv_connector.leases
-    ok = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+    ok = internal("POST", fleet["prefill"], "/internal/prefill", json=request, timeout=30,
                     headers={"x-fleetwise-protocol": "1"})
     assert ok.status_code == 200, ok.text
-    httpx.delete(f"{fleet['prefill'].url}/internal/kv/{ok.json()['handle']}", timeout=10)
+    internal("DELETE", fleet["prefill"], f"/internal/kv/{ok.json()['handle']}", timeout=10)
     fleet["prefill"].wait_idle()
 
 
 def test_the_request_id_names_the_engine_request_and_comes_back(fleet):
     request = {"kind": "completion", "request": {"model": "tiny", "prompt": "hello", "max_tokens": 4}}
-    r = httpx.post(fleet["prefill"].url + "/internal/prefill", json=request, timeout=30,
+    r = internal("POST", fleet["prefill"], "/internal/prefill", json=request, timeout=30,
                    headers={"x-request-id": "trace-42"})
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "trace-42"
     assert r.json()["handle"].startswith("trace-42-")  # the engine's id, in its log lines too
-    httpx.delete(f"{fleet['prefill'].url}/internal/kv/{r.json()['handle']}", timeout=10)
+    internal("DELETE", fleet["prefill"], f"/internal/kv/{r.json()['handle']}", timeout=10)
     unusable = httpx.get(fleet["decode"].url + "/health", headers={"x-request-id": "a b\tc"}, timeout=10)
     assert len(unusable.headers["x-request-id"]) == 32 and " " not in unusable.headers["x-request-id"]
     fleet["prefill"].wait_idle()
@@ -182,14 +180,14 @@ def test_the_request_id_names_the_engine_request_and_comes_back(fleet):
 def test_a_decode_request_outside_the_protocol_is_refused_naming_the_field(fleet, field, value):
     body = {"kind": "completion", "request": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
             "prompt_token_ids": [1, 2, 3], "first_token": 5, field: value}
-    r = httpx.post(fleet["decode"].url + "/internal/decode", json=body, timeout=30)
+    r = internal("POST", fleet["decode"], "/internal/decode", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_a_decode_request_with_a_handle_but_no_prefill_url_is_refused(fleet):
     body = {"kind": "completion", "request": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
             "prompt_token_ids": [1, 2, 3], "first_token": 5, "handle": "h-1"}
-    r = httpx.post(fleet["decode"].url + "/internal/decode", json=body, timeout=30)
+    r = internal("POST", fleet["decode"], "/internal/decode", json=body, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "prefill_url" and "handle" in error["message"]

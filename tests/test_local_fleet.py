@@ -13,7 +13,7 @@ from fleetwise.local_fleet import LocalFleet
 from fleetwise.procs import stop_all, wait_healthy
 from fleetwise.up import plan
 
-from .workers import free_port, start_router
+from .workers import free_port, start_router, token_file
 
 W0, W1 = WorkerRef("mixed-0"), WorkerRef("mixed-1")
 
@@ -21,7 +21,7 @@ W0, W1 = WorkerRef("mixed-0"), WorkerRef("mixed-1")
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("up")
-    members = plan(tiny_model_dir, "tiny", "colocated", free_port(), 0, 0, 2, workdir, [])
+    members = plan(tiny_model_dir, "tiny", "colocated", free_port(), 0, 0, 2, workdir, [], token_file())
     workers = [m for m in members if m.role != "router"]
     for w in workers:
         w.die_with_parent = True
@@ -53,7 +53,7 @@ def send(router, n: int, max_tokens: int = 2) -> None:
 
 def routed(router, local: LocalFleet, ref: WorkerRef, routable: bool) -> None:
     """Until the router's view of the worker says `routable`."""
-    url = local.workers[ref.name].url
+    url = local.workers[ref.name].internal_url
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if any(r.url == url and r.routable == routable for r in router.router.source.models()["tiny"].all()):
@@ -67,9 +67,10 @@ def test_quarantine_takes_a_worker_out_of_routing_and_restore_brings_it_back(fle
     pid = local.workers[W0.name].pid
     local.quarantine(W0, "p99 3x its peers")
     entries = yaml.safe_load(local.config.read_text())["models"][0]["mixed"]
-    assert entries[0] == {"url": local.workers[W0.name].url, "routable": False, "state": "quarantined",
+    # the router's file lists the internal URLs
+    assert entries[0] == {"url": local.workers[W0.name].internal_url, "routable": False, "state": "quarantined",
                           "reason": "p99 3x its peers"}
-    assert entries[1] == local.workers[W1.name].url
+    assert entries[1] == local.workers[W1.name].internal_url != local.workers[W1.name].url
     assert local.state(W0).state is Routability.QUARANTINED and local.state(W0).reason == "p99 3x its peers"
     routed(router, local, W0, False)
     before = served(local, W0), served(local, W1)

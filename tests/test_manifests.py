@@ -1,12 +1,14 @@
 """What the operator and the chart run: worker pods and the chart's pods under Kubernetes'
 "restricted" Pod Security Standard, with a read-only root filesystem and a writable /tmp."""
 
+import base64
 import subprocess
 
 import pytest
 import yaml
 
-from fleetwise.operator.manifests import worker_pod
+from fleetwise.addresses import WORKER_INTERNAL_PORT, WORKER_PORT
+from fleetwise.operator.manifests import TOKEN_SECRET, worker_pod
 from fleetwise.spec import ModelDeploymentSpec
 
 BODY = {"metadata": {"name": "llama", "namespace": "models", "uid": "u-1"}}
@@ -32,6 +34,65 @@ def test_worker_pods_run_restricted_without_an_api_token():
     pod = worker_pod(BODY, SPEC, "prefill", "abc")
     assert_restricted(pod["spec"], "worker")
     assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_worker_pods_mount_the_internal_token_and_listen_twice():
+    pod = worker_pod(BODY, SPEC, "decode", "abc")
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--port") + 1] == str(WORKER_PORT)
+    assert args[args.index("--internal-port") + 1] == str(WORKER_INTERNAL_PORT)
+    token_file = args[args.index("--internal-token-file") + 1]
+    [volume] = [v for v in pod["spec"]["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == TOKEN_SECRET
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] and token_file == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert {p["containerPort"] for p in container["ports"]} == {WORKER_PORT, WORKER_INTERNAL_PORT}
+    # the kubelet probes the public port: it has no token
+    probes = container["readinessProbe"], container["livenessProbe"]
+    assert [probe["httpGet"]["port"] for probe in probes] == [WORKER_PORT, WORKER_PORT]
+
+
+def helm_template(*args: str) -> list[dict]:
+    from fleetwise.testenv.cluster import CHART, ensure_built
+    rendered = subprocess.run([str(ensure_built() / "helm"), "template", "t", str(CHART), "--namespace", "sys", *args],
+                              capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(rendered) if d]
+
+
+@pytest.mark.cluster
+def test_the_chart_keeps_the_workers_internal_port_to_the_router_and_the_workers():
+    [policy] = [d for d in helm_template() if d["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "sys"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "fleetwise"}}
+    public, internal = policy["spec"]["ingress"]
+    assert public == {"ports": [{"port": WORKER_PORT, "protocol": "TCP"}]}  # probes, from anywhere
+    assert internal["ports"] == [{"port": WORKER_INTERNAL_PORT, "protocol": "TCP"}]
+    router, workers = internal["from"]
+    assert router["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "sys"}}
+    assert router["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "t",
+                                                    "app.kubernetes.io/component": "router"}
+    assert workers == {"podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "fleetwise"}}}
+    scoped = [d for d in helm_template("--set", "operator.watchNamespaces={team-a,team-b}")
+              if d["kind"] == "NetworkPolicy"]
+    assert {d["metadata"]["namespace"] for d in scoped} == {"team-a", "team-b"}
+    assert not [d for d in helm_template("--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.cluster
+def test_the_chart_makes_one_token_secret_that_the_router_and_the_operator_mount():
+    docs = helm_template()
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "t-fleetwise-internal-token" and secret["metadata"]["namespace"] == "sys"
+    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+    for d in (d for d in docs if d["kind"] == "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        [volume] = [v for v in spec["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == "t-fleetwise-internal-token", d["metadata"]["name"]
+        container = spec["containers"][0]
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["FLEETWISE_INTERNAL_TOKEN_FILE"] == f"{mount['mountPath']}/token", d["metadata"]["name"]
 
 
 @pytest.mark.cluster
@@ -70,6 +131,13 @@ def test_with_watched_namespaces_the_operator_changes_things_only_there():
     roles = operator_roles(scoped, "Role")
     assert set(roles) == {"team-a", "team-b"}
     assert all(pod_verbs(r) == {"create", "delete", "patch"} for r in roles.values())
+    # the internal token's copy: created and kept in the watched namespaces, that Secret only
+    for role in roles.values():
+        secrets = [rule for rule in role["rules"] if "secrets" in rule["resources"]]
+        assert {v for rule in secrets for v in rule["verbs"]} == {"create", "get", "patch"}
+        assert all(rule.get("resourceNames") == ["fleetwise-internal-token"]
+                   for rule in secrets if set(rule["verbs"]) & {"get", "patch"})
+    assert not [rule for rule in operator_roles(scoped, "ClusterRole")[""]["rules"] if "secrets" in rule["resources"]]
     bindings = operator_roles(scoped, "RoleBinding")
     assert set(bindings) == {"team-a", "team-b"}
     assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "t-fleetwise-operator", "namespace": "sys"}]

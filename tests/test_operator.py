@@ -95,6 +95,27 @@ def test_disaggregated_pools_on_their_gpu_types_spread_and_ready(cluster, operat
     assert {"llama-prefill", "llama-decode"} <= services
 
 
+def test_the_internal_token_is_copied_where_the_workers_are_and_mounted(cluster, operator):
+    import base64
+
+    from fleetwise.addresses import WORKER_INTERNAL_PORT
+    from fleetwise.testenv.cluster import INTERNAL_TOKEN
+    wait_for(converged(cluster, "llama", 2, 3), 90, what="llama Ready")
+    secret = get(cluster, "secret", "fleetwise-internal-token", "-n", NS)
+    assert base64.b64decode(secret["data"]["token"]).decode() == INTERNAL_TOKEN
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "fleetwise"
+    for p in pods(cluster, "llama"):
+        [volume] = [v for v in p["spec"]["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == "fleetwise-internal-token"
+        container = p["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        args = container["args"]
+        token_file = args[args.index("--internal-token-file") + 1]
+        assert token_file.startswith(mount["mountPath"] + "/") and mount["readOnly"]
+        assert args[args.index("--internal-port") + 1] == str(WORKER_INTERNAL_PORT)
+        assert {"name": "internal", "containerPort": WORKER_INTERNAL_PORT, "protocol": "TCP"} in container["ports"]
+
+
 def test_scale_up_down_and_replace(cluster, operator):
     apply(cluster, md("llama", decode=5))
     wait_for(converged(cluster, "llama", 2, 5), 90, what="scale up")
@@ -215,7 +236,7 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     from fleetwise.router.proxy import Router
     from fleetwise.worker.engine.config import EngineConfig
 
-    from .workers import _serve_in_thread, free_port, start_worker, wait_healthy
+    from .workers import TOKEN, _serve_in_thread, free_port, start_worker, wait_healthy
 
     colocated = md("chat")
     colocated["spec"] |= {"mode": "Colocated", "mixed": {"replicas": 2, "gpuType": "A100"}}
@@ -226,10 +247,11 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     names = sorted(p["metadata"]["name"] for p in pods(cluster, "chat", "mixed"))
     workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="chat"), "mixed") for _ in names]
     address_map = tmp_path / "addresses.json"
-    address_map.write_text(_json.dumps({f"{NS}/{n}": w.url for n, w in zip(names, workers)}))
+    address_map.write_text(_json.dumps({f"{NS}/{n}": {"url": w.url, "internal": w.internal_url}
+                                        for n, w in zip(names, workers)}))
     api = config.new_client_from_config(str(cluster.kubeconfig))
     source = KubernetesEndpoints(api, [NS], str(address_map))
-    router = Router(source, "round_robin", probe_interval=0.2)
+    router = Router(source, "round_robin", probe_interval=0.2, token=TOKEN)
     port = free_port()
     server, thread = _serve_in_thread(build_app(router), port)
     url = f"http://127.0.0.1:{port}"

@@ -28,9 +28,9 @@ def fleet(tiny_model_dir, tmp_path_factory):
     workers = {"mixed": start_worker(config(tiny_model_dir), "mixed"),
                "prefill": start_worker(config(tiny_model_dir), "prefill"),
                "decode": start_worker(config(tiny_model_dir), "decode")}
-    write_router_config(d / "colocated.yaml", "tiny", mixed=[workers["mixed"].url])
-    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[workers["prefill"].url],
-                        decode=[workers["decode"].url])
+    write_router_config(d / "colocated.yaml", "tiny", mixed=[workers["mixed"].internal_url])
+    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[workers["prefill"].internal_url],
+                        decode=[workers["decode"].internal_url])
     routers = {"colocated": start_router(d / "colocated.yaml"), "disaggregated": start_router(d / "disaggregated.yaml")}
     yield workers, routers
     for x in [*routers.values(), *workers.values()]:
@@ -103,7 +103,7 @@ def test_router_queue_bound(tiny_model_dir, tmp_path):
     slow = start_worker(config(tiny_model_dir), "mixed")
     gate = threading.Event()
     slow.core.fault_hook = lambda batch: gate.wait(10)
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[slow.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[slow.internal_url])
     router = start_router(tmp_path / "r.yaml", max_inflight=2)
     try:
         async def burst():
@@ -130,7 +130,7 @@ def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tm
     a = start_worker(config(tiny_model_dir), "mixed", health_stall_seconds=0.3)
     b = start_worker(config(tiny_model_dir), "mixed")
     path = tmp_path / "r.yaml"
-    write_router_config(path, "tiny", mixed=[a.url, b.url])
+    write_router_config(path, "tiny", mixed=[a.internal_url, b.internal_url])
     router = start_router(path, policy="round_robin")
     try:
         # a stalls: its /health turns 503, the router's probe takes it out
@@ -143,7 +143,7 @@ def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tm
         for i in range(6):
             complete(router.url, prompt=f"while a is stalled {i}", max_tokens=2)
         assert prompt_tokens_served(b) > before
-        assert not next(r for r in router.router.source.models()["tiny"].all() if r.url == a.url).healthy
+        assert not next(r for r in router.router.source.models()["tiny"].all() if r.url == a.internal_url).healthy
         # a recovers and is probed back in
         release.set()
         a.core.fault_hook = None
@@ -153,7 +153,7 @@ def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tm
             complete(router.url, prompt=f"after recovery {i}", max_tokens=2)
         assert prompt_tokens_served(a) > a_before
         # b leaves the config: it gets nothing more
-        write_router_config(path, "tiny", mixed=[a.url])
+        write_router_config(path, "tiny", mixed=[a.internal_url])
         time.sleep(0.6)
         b_before = prompt_tokens_served(b)
         for i in range(6):
@@ -172,12 +172,16 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     first token, a non-streamed request only with a 502 when the decode worker that had
     accepted it died (it is not restarted elsewhere); every completed output has the right
     tokens."""
-    procs = {role: [start_worker_process(tiny_model_dir, role, "--block-size", "8", "--max-num-seqs", "16")
+    # 200 handoffs at once on what is left of two prefill workers: on a loaded CPU the decode
+    # workers pull later than the prefills finish, and more than the default 64 leases wait at
+    # once; this test is about killed workers, not the lease cap (tests/test_internal_api.py)
+    procs = {role: [start_worker_process(tiny_model_dir, role, "--block-size", "8", "--max-num-seqs", "16",
+                                         "--max-kv-leases", "256")
                     for _ in range(2)] for role in ("prefill", "decode")}
     reference = start_worker(config(tiny_model_dir), "mixed")
     path = tmp_path / "r.yaml"
-    write_router_config(path, "tiny", prefill=[p.url for p in procs["prefill"]],
-                        decode=[p.url for p in procs["decode"]])
+    write_router_config(path, "tiny", prefill=[p.internal_url for p in procs["prefill"]],
+                        decode=[p.internal_url for p in procs["decode"]])
     # probes far apart: the router learns of each death from the requests it fails, and retries them
     router = start_router(path, policy="least_outstanding", probe_interval=60)
     try:

@@ -62,15 +62,15 @@ def test_a_request_that_fails_everywhere_takes_no_replica_out(tiny_model_dir, tm
     counted; the replica stays in rotation (the next good request is served)."""
     a, b = start_worker(config(tiny_model_dir)), start_worker(config(tiny_model_dir))
     a.core.fault_hook = b.core.fault_hook = fail_on_bad_prompt
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[a.url, b.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[a.internal_url, b.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)  # no probe heals them
     try:
         r = post(router.url, prompt=BAD, max_tokens=4)
         assert r.status_code == 500 and "generation failed" in r.json()["error"]["message"], r.text
-        assert all(replica(router, w.url).healthy for w in (a, b))
+        assert all(replica(router, w.internal_url).healthy for w in (a, b))
         assert post(router.url, prompt="a good one", max_tokens=4).status_code == 200
         m = router.router.metrics
-        assert counter(m.server_errors, "tiny", "mixed", a.url) + counter(m.server_errors, "tiny", "mixed", b.url) == 1
+        assert sum(counter(m.server_errors, "tiny", "mixed", w.internal_url) for w in (a, b)) == 1
         assert counter(m.retries, "tiny", "mixed") == 0
         text = httpx.get(router.url + "/metrics").text
         assert "fleetwise_router_replica_server_errors_total{" in text
@@ -90,15 +90,15 @@ def test_a_dead_engine_or_an_unreachable_replica_is_taken_out_and_skipped(tiny_m
     dead.core.fault_hook = die
     assert post(dead.url, prompt="x", max_tokens=2).json()["error"]["code"] == "engine_unavailable"
     nobody = f"http://127.0.0.1:{free_port()}"
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, dead.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.internal_url, dead.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
     try:
-        replica(router, dead.url).healthy = True  # as if the last probe had found it well
+        replica(router, dead.internal_url).healthy = True  # as if the last probe had found it well
         r = post(router.url, prompt="hello", max_tokens=2)  # round robin tries `dead` first
         assert r.status_code == 200, r.text
-        assert not replica(router, dead.url).healthy
+        assert not replica(router, dead.internal_url).healthy
         assert counter(router.router.metrics.retries, "tiny", "mixed") == 1
-        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, nobody])
+        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.internal_url, nobody])
         router.router.source.refresh()
         for _ in range(4):  # round robin comes to `nobody` within a few
             assert post(router.url, prompt="hello", max_tokens=2).status_code == 200
@@ -110,7 +110,7 @@ def test_a_dead_engine_or_an_unreachable_replica_is_taken_out_and_skipped(tiny_m
 def test_a_non_streamed_generation_that_times_out_is_not_restarted(tiny_model_dir, tmp_path):
     slow, other = start_worker(config(tiny_model_dir)), start_worker(config(tiny_model_dir))
     slow.core.fault_hook = lambda batch: time.sleep(2.0)
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.url, slow.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.internal_url, slow.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60, request_timeout=1.0)
     try:
         before = served(other)
@@ -118,8 +118,8 @@ def test_a_non_streamed_generation_that_times_out_is_not_restarted(tiny_model_di
         assert r.status_code == 504, r.text
         assert "not restarted" in r.json()["error"]["message"] and r.json()["error"]["code"] == "upstream_timeout"
         assert served(other) == before  # not run a second time elsewhere
-        assert not replica(router, slow.url).healthy
-        assert counter(router.router.metrics.timeouts, "tiny", "mixed", slow.url) == 1
+        assert not replica(router, slow.internal_url).healthy
+        assert counter(router.router.metrics.timeouts, "tiny", "mixed", slow.internal_url) == 1
     finally:
         slow.core.fault_hook = None
         stop(router, slow, other)
@@ -150,7 +150,7 @@ def test_the_pool_reuses_a_connection_the_replica_keeps_open(tiny_model_dir):
 def test_a_non_streamed_generation_whose_replica_dies_is_not_restarted(tiny_model_dir, tmp_path):
     doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8")
     other = start_worker(config(tiny_model_dir))
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.url, doomed.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.internal_url, doomed.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
     try:
         # round robin: `doomed`, `other`, then `doomed` again on the connection the first left open
@@ -169,7 +169,7 @@ def test_a_non_streamed_generation_whose_replica_dies_is_not_restarted(tiny_mode
         assert r.status_code == 502, r.text
         assert "not restarted" in r.json()["error"]["message"]
         assert served(other) == before
-        assert not replica(router, doomed.url).healthy
+        assert not replica(router, doomed.internal_url).healthy
     finally:
         doomed.kill()
         stop(router, other)
@@ -203,7 +203,7 @@ def test_a_fanned_out_stream_that_loses_a_sequence_ends_with_an_error(tiny_model
         if len(steps) > 3:
             raise RuntimeError("the decode worker fails mid-stream")
     d.core.fault_hook = fail_later
-    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.url], decode=[d.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.internal_url], decode=[d.internal_url])
     router = start_router(tmp_path / "r.yaml")
     try:
         r = post(router.url, prompt="stream me", n=2, max_tokens=50, ignore_eos=True, stream=True,
@@ -252,8 +252,8 @@ def test_a_prefill_lease_the_decode_step_did_not_take_is_released(tiny_model_dir
     busy.engine.num_waiting = lambda: 1  # its queue is full: every decode request gets 429 queue_full
     wrong = start_worker(config(tiny_model_dir), "prefill")  # listed as decode: 400 wrong_role
     leases = p.core.kv_connector.leases
-    write_router_config(tmp_path / "busy.yaml", "tiny", prefill=[p.url], decode=[busy.url])
-    write_router_config(tmp_path / "wrong.yaml", "tiny", prefill=[p.url], decode=[wrong.url])
+    write_router_config(tmp_path / "busy.yaml", "tiny", prefill=[p.internal_url], decode=[busy.internal_url])
+    write_router_config(tmp_path / "wrong.yaml", "tiny", prefill=[p.internal_url], decode=[wrong.internal_url])
     routers = [start_router(tmp_path / "busy.yaml"), start_router(tmp_path / "wrong.yaml")]
     try:
         for router, status in zip(routers, (429, 400)):
@@ -275,7 +275,8 @@ def test_a_prefill_retried_elsewhere_leaves_no_lease_behind(tiny_model_dir, tmp_
             once.append(1)
             time.sleep(1.5)  # past the router's timeout, within the time it waits for a late answer
     slow.core.fault_hook = stall_once
-    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[fast.url, slow.url], decode=[d.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[fast.internal_url, slow.internal_url],
+                        decode=[d.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60, request_timeout=1.0)
     try:
         r = post(router.url, prompt="retried prefill", max_tokens=8)  # round robin: `slow` first
@@ -292,7 +293,7 @@ def test_bounds_on_one_request(tiny_model_dir, tmp_path):
     p, d = start_worker(config(tiny_model_dir), "prefill"), start_worker(config(tiny_model_dir), "decode")
     gate = threading.Event()
     d.core.fault_hook = lambda batch: gate.wait(10)
-    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.url], decode=[d.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.internal_url], decode=[d.internal_url])
     router = start_router(tmp_path / "r.yaml", max_inflight=4,
                           limits=Limits(max_body_bytes=4096, max_n=8, max_prompts=3))
     try:
@@ -340,10 +341,10 @@ def test_an_https_replica_is_refused_not_spoken_to_in_plain_http(tiny_model_dir,
         asyncio.run(send())
     # one that a reload brings in is taken out, and requests go to the others
     good = start_worker(config(tiny_model_dir))
-    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url])
+    write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin")
     try:
-        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.url, "https://127.0.0.1:8443"])
+        write_router_config(tmp_path / "r.yaml", "tiny", mixed=[good.internal_url, "https://127.0.0.1:8443"])
         assert wait_for(lambda: any(r.url.startswith("https") and not r.healthy
                                     for r in router.router.source.models()["tiny"].all()))
         for _ in range(3):

@@ -94,6 +94,19 @@ def test_kubernetes_discovery_takes_only_pods_a_model_deployment_owns_in_its_nam
     pods = [pod("owned"), pod("labels-only", owner=None), pod("replicaset-owned", owner="ReplicaSet"),
             pod("elsewhere", namespace="other")]
     urls = {r.url for r in routes_from_pods(pods, {})["m"].replicas["mixed"]}
-    assert urls == {"http://10.0.0.5:8000", "http://10.0.0.9:8000"}  # owned, elsewhere (all namespaces)
+    assert urls == {"http://10.0.0.5:9000", "http://10.0.0.9:9000"}  # owned, elsewhere (all namespaces)
     urls = {r.url for r in routes_from_pods(pods, {}, namespaces={"models"})["m"].replicas["mixed"]}
-    assert urls == {"http://10.0.0.5:8000"}
+    assert urls == {"http://10.0.0.5:9000"}
+
+
+def test_discovery_sends_to_the_internal_port_and_drains_ask_the_public_one():
+    from fleetwise.addresses import WORKER_INTERNAL_PORT, WORKER_PORT, worker_url
+    pod = {"metadata": {"name": "w", "namespace": "models"}, "status": {"podIP": "10.0.0.7"}}
+    assert worker_url(pod, {}) == f"http://10.0.0.7:{WORKER_PORT}"
+    assert worker_url(pod, {}, internal=True) == f"http://10.0.0.7:{WORKER_INTERNAL_PORT}"
+    both = {"models/w": {"url": "http://127.0.0.1:1/", "internal": "http://127.0.0.1:2"}}
+    assert worker_url(pod, both) == "http://127.0.0.1:1"
+    assert worker_url(pod, both, internal=True) == "http://127.0.0.1:2"
+    public_only = {"models/w": "http://127.0.0.1:1"}  # no internal address known: not routed to
+    assert worker_url(pod, public_only) == "http://127.0.0.1:1"
+    assert worker_url(pod, public_only, internal=True) is None

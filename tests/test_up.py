@@ -8,6 +8,7 @@ import sys
 
 import httpx
 import pytest
+import yaml
 
 from .workers import free_port, wait_healthy
 
@@ -37,16 +38,26 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120, up)
         lines = []
-        for line in up.stdout:  # the supervisor has seen every process healthy
+        for line in up.stdout:  # the supervisor has seen every process healthy, and said how to call it
             lines.append(line)
-            if "fleet ready" in line:
+            if "Ctrl-C stops everything" in line:
                 break
+        # the curl line names the router's public port (rich wraps long lines)
+        assert f"curl-s{url}/v1/completions" in "".join("".join(lines).split())
         name = "tiny"
         r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "hello", "max_tokens": 5}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         pids = json.loads((tmp_path / "pids.json").read_text())
         assert len(pids) == 3  # prefill + decode + router, or two mixed + router
         assert all(alive(p) for p in pids.values())
+        token = tmp_path / "internal-token"
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32
+        # the router's file names the workers' internal listeners, which want the token
+        config = yaml.safe_load((tmp_path / "router.yaml").read_text())["models"][0]
+        internal = next(iter(config.get("prefill") or config["mixed"]))
+        assert httpx.get(internal + "/health", timeout=10).status_code == 401
+        ok = httpx.get(internal + "/health", headers={"authorization": f"Bearer {token.read_text().strip()}"})
+        assert ok.status_code == 200
         up.send_signal(sig)
         out, _ = up.communicate(timeout=60)
         out = "".join(lines) + out

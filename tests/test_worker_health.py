@@ -109,7 +109,7 @@ def test_calls_into_the_engine_thread_fail_when_its_loop_dies(tiny_model_dir):
         gate.wait(10)
         raise RuntimeError("scheduler bug")
     w.core.scheduler.schedule = dying_schedule
-    headers = {VERSION_HEADER: str(PROTOCOL_VERSION)}
+    headers = {VERSION_HEADER: str(PROTOCOL_VERSION), **w.auth}
     ids = w.core.tokenizer.encode("hello")
     decode = {"kind": "completion", "request": BODY, "prompt_token_ids": ids, "first_token": ids[-1]}
     try:
@@ -118,15 +118,17 @@ def test_calls_into_the_engine_thread_fail_when_its_loop_dies(tiny_model_dir):
             deadline = time.monotonic() + 5
             while w.engine.busy_since is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-            release = pool.submit(httpx.delete, w.url + "/internal/kv/some-handle", headers=headers, timeout=10)
-            handoff = pool.submit(httpx.post, w.url + "/internal/decode", json=decode, headers=headers, timeout=10)
+            release = pool.submit(httpx.delete, w.internal_url + "/internal/kv/some-handle", headers=headers,
+                                  timeout=10)
+            handoff = pool.submit(httpx.post, w.internal_url + "/internal/decode", json=decode, headers=headers,
+                                  timeout=10)
             time.sleep(0.3)  # both calls are queued behind the blocked step
             assert not release.done() and not handoff.done()
             gate.set()
             for f in (stuck, release, handoff):
                 r = f.result()
                 assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
-        after = httpx.delete(w.url + "/internal/kv/another", headers=headers, timeout=5)
+        after = httpx.delete(w.internal_url + "/internal/kv/another", headers=headers, timeout=5)
         assert after.status_code == 503, after.text
     finally:
         gate.set()

@@ -5,6 +5,13 @@ under a lease; the router passes the handle to a decode worker, which reserves b
 pulls the keys and values (kv/transfer.py), releases the lease and decodes the rest in its
 own batch. A pull that fails for any reason is never used: the prompt is recomputed. The
 bodies are the internal protocol's (fleetwise/protocol.py).
+
+These routes are served only by the internal listener, behind the shared token
+(server.py): the prefill address a decode request names comes from an authenticated
+caller, and the pull carries the token to it. Everything a decode request says is checked
+before any work: the address's shape (protocol.py), the token ids against this model's
+vocabulary, the stream's header and frame sizes (kv/transfer.py). Prefills that would hold
+blocks are admitted against the connector's lease caps, or get 429.
 """
 
 import asyncio
@@ -19,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from fleetwise.protocol import DecodeRequest, PrefillAnswer, PrefillRequest
+from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, bearer
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
@@ -32,6 +39,7 @@ from .service import WorkerAPI, engine_request_id
 log = logging.getLogger(__name__)
 
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
+LEASES_FULL_RETRY_SECONDS = 1  # leases go as decode workers pull them: soon
 
 
 async def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
@@ -59,6 +67,19 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return APIError(status, message, param=param, code=code)
 
 
+def _check_tokens(body: DecodeRequest, vocab: int) -> None:
+    """The handed-over token ids are this model's: a 400 naming the field otherwise."""
+    bad = next((t for t in body.prompt_token_ids if t >= vocab), None)
+    if bad is not None:
+        raise _error(400, f"prompt_token_ids: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                     "prompt_token_ids")
+    if body.first_token >= vocab:
+        raise _error(400, f"first_token: token id {body.first_token} is outside the vocabulary (0..{vocab - 1})",
+                     "first_token")
+    if body.first_logprob is not None and any(t >= vocab for t, _ in body.first_logprob[1]):
+        raise _error(400, f"first_logprob: a token id is outside the vocabulary (0..{vocab - 1})", "first_logprob")
+
+
 def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
     for i, frame in enumerate(frames):
         if i == 2:  # the first layer's keys: flip their last byte
@@ -66,10 +87,11 @@ def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryv
         yield frame
 
 
-def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector,
-                       faults: frozenset[str] = frozenset()) -> Callable[[], Awaitable[None]]:
-    """Adds the endpoints; returns a coroutine function that closes their HTTP client."""
-    handoff = Handoff(api, connector, faults)
+def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, faults: frozenset[str] = frozenset(),
+                       token: str | None = None) -> Callable[[], Awaitable[None]]:
+    """Adds the endpoints; returns a coroutine function that closes their HTTP client.
+    `token`: the shared token this worker's pulls carry to prefill workers."""
+    handoff = Handoff(api, connector, faults, token)
     app.post("/internal/prefill", response_model=None)(handoff.prefill)
     app.get("/internal/kv/{handle}", response_model=None)(handoff.kv)
     app.delete("/internal/kv/{handle}", response_model=None)(handoff.release)
@@ -78,8 +100,9 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector,
 
 
 class Handoff:
-    def __init__(self, api: WorkerAPI, connector: KVConnector, faults: frozenset[str]):
+    def __init__(self, api: WorkerAPI, connector: KVConnector, faults: frozenset[str], token: str | None = None):
         self.api = api
+        self.headers = {AUTH_HEADER: bearer(token)} if token else {}
         self.engine = api.engine
         self.metrics = api.metrics
         self.connector = connector
@@ -92,7 +115,7 @@ class Handoff:
         if not self.sessions:
             self.sessions.append(aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
-                connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20))
+                connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20, headers=self.headers))
         return self.sessions[0]
 
     async def close(self) -> None:
@@ -104,6 +127,12 @@ class Handoff:
             raise _error(400, f"this worker's role is {self.api.role}; the endpoint needs {' or '.join(roles)}",
                          code="wrong_role")
 
+    def _leases_full(self, full: str | None) -> None:
+        if full is not None:
+            self.metrics.on_reject("kv_leases_full")
+            raise APIError(429, f"{full}; try again shortly or another prefill worker", code="kv_leases_full",
+                           type_="rate_limit_error", headers={"Retry-After": str(LEASES_FULL_RETRY_SECONDS)})
+
     # -- prefill side ----------------------------------------------------------------------------
 
     async def prefill(self, body: PrefillRequest, request: Request) -> PrefillAnswer:
@@ -111,14 +140,22 @@ class Handoff:
         under a lease (the handle) unless the first token already ends the request."""
         self.require("prefill", "mixed")
         api = self.api
+        self._leases_full(self.connector.lease_room())  # before any work, tokenising included
         _, prompt, params = await _parse(api, body.kind, body.request)
         try:
             api.core.validate(prompt, params)  # with the client's max_tokens, not the prefill's one
         except RequestError as e:
             raise _error(400, str(e), e.param)
         hold = params.max_tokens > 1
-        rid = api.submit(prompt, dataclasses.replace(params, max_tokens=1), hold_kv=hold)
-        [(_, out)] = await api.collect(tagged(0, self.engine.stream(rid, 1)), request)
+        blocks = api.core.block_manager.blocks_needed(len(prompt) + 1) if hold else 0
+        if hold:
+            self._leases_full(self.connector.admit_lease(blocks))
+        try:
+            rid = api.submit(prompt, dataclasses.replace(params, max_tokens=1), hold_kv=hold)
+            [(_, out)] = await api.collect(tagged(0, self.engine.stream(rid, 1)), request)
+        finally:
+            if hold:
+                self.connector.end_admission(blocks)
         if out.error:
             raise _error(500, f"prefill failed: {out.error}")
         held = hold and out.finish_reason == "length"
@@ -174,6 +211,7 @@ class Handoff:
         recomputes the prompt when that fails) and answers like the public endpoint."""
         self.require("decode", "mixed")
         api, engine, connector = self.api, self.engine, self.connector
+        _check_tokens(body, api.core.model_config.vocab_size)
         req, _, params = await _parse(api, body.kind, body.request)
         prompt = body.prompt_token_ids
         api.check_capacity()

@@ -1,10 +1,15 @@
 """The worker's HTTP app: OpenAI completions and chat completions, models, health, metrics
-and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole worker."""
+and the handoff routes, OpenAI-shaped errors, and `serve`, which builds a whole worker.
+
+One app, one engine, two listeners (listeners.py): the public one serves the OpenAI API,
+/v1/models, /health and /metrics; the internal one, behind the shared token, the handoff
+routes, the completion routes and /health, for the router and the other workers."""
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -17,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleetwise import defaults
 from fleetwise.logs import configure as configure_logs
 from fleetwise.logs import incoming_request_id, request_id
-from fleetwise.protocol import REQUEST_ID_HEADER, UNSUPPORTED_VERSION, VERSION_HEADER, version_error
+from fleetwise.protocol import REQUEST_ID_HEADER
 
 from ..engine.async_engine import AsyncEngine, EngineDead
 from ..engine.config import EngineConfig
@@ -25,6 +30,7 @@ from ..engine.engine import LLMEngine
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
 from .handoff import add_handoff_routes
+from .listeners import INTERNAL, PUBLIC, Gate, Listener, Server, SharedLifespan, serve_together
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
 from .service import WorkerAPI
 
@@ -50,12 +56,37 @@ def engine_failure(engine: AsyncEngine, failed_steps: int) -> dict | None:
     return None
 
 
-def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
-              health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
-              limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
-              on_engine_failure: Callable[[str], None] | None = None) -> FastAPI:
+@dataclass
+class WorkerApps:
+    """The two listeners' apps over one worker; `internal` is None for a public-only worker."""
+    public: Listener
+    internal: Listener | None
+
+
+def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed", *args, **kwargs) -> Listener:
+    """A public-only worker's app (no internal listener): build_apps' arguments, no token."""
+    return build_apps(engine, connector, role, *args, **kwargs).public
+
+
+def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
+               health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
+               limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
+               on_engine_failure: Callable[[str], None] | None = None,
+               internal_token: str | None = None) -> WorkerApps:
     """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
-    `on_engine_failure` is called, with the reason, each time the engine turns dead or failing."""
+    `on_engine_failure` is called, with the reason, each time the engine turns dead or failing.
+    `internal_token`: the shared token the internal listener asks every caller for (and the
+    pulls from prefill workers carry); None: no internal listener."""
+    app = _build(engine, connector, role, health_stall_seconds, faults, limits, health_failed_steps,
+                 on_engine_failure, internal_token)
+    lifespan = SharedLifespan(app)  # the engine starts with the first listener and stops with the last
+    return WorkerApps(Listener(app, lifespan, PUBLIC),
+                      Listener(app, lifespan, INTERNAL) if internal_token else None)
+
+
+def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_seconds: float,
+           faults: frozenset[str], limits: RequestLimits, health_failed_steps: int,
+           on_engine_failure: Callable[[str], None] | None, internal_token: str | None) -> FastAPI:
     api = WorkerAPI(engine, role, health_stall_seconds, limits)
 
     async def watch() -> None:
@@ -83,10 +114,11 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
         engine.stop()
         api.close()
 
-    app = FastAPI(title="fleetwise worker", lifespan=lifespan)
+    app = FastAPI(title="fleetwise worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RequestContext)  # outermost: a 413 carries the request id too
+    app.add_middleware(Gate, token=internal_token, refuse=_refuse)  # before the body is read
+    app.add_middleware(RequestContext)  # outermost: a 401, 404 or 413 carries the request id too
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -121,14 +153,17 @@ def build_app(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
         prompt, params = await api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
-    close_handoff = add_handoff_routes(app, api, connector, faults)
+    close_handoff = add_handoff_routes(app, api, connector, faults, internal_token)
     return app
+
+
+async def _refuse(e: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    await _error_response(e)(scope, receive, send)
 
 
 class RequestContext:
     """Every request runs under its id (the caller's `x-request-id`, or a new one), which its
-    log lines and the engine's id for it carry and its answer sends back; an internal call in
-    a protocol version this worker does not speak is refused before any work (protocol.py)."""
+    log lines and the engine's id for it carry and its answer sends back."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -147,13 +182,6 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), rid_header]
             await send(message)
 
-        if scope["path"].startswith("/internal/"):
-            version = headers.get(VERSION_HEADER.encode())
-            problem = version_error(version.decode("latin-1") if version is not None else None)
-            if problem is not None:
-                e = APIError(400, problem, param=VERSION_HEADER, code=UNSUPPORTED_VERSION)
-                await _error_response(e)(scope, receive, send_with_id)
-                return
         await self.app(scope, receive, send_with_id)
 
 
@@ -251,8 +279,10 @@ def _union_member(part: object) -> bool:
 def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
           health_stall_seconds: float = defaults.HEALTH_STALL_SECONDS, faults: frozenset[str] = frozenset(),
           limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
-          exit_on_engine_failure: bool = False) -> int:
-    """Runs a worker until it is stopped; returns the process's exit status: 1 when it
+          exit_on_engine_failure: bool = False, internal_port: int = defaults.INTERNAL_PORT,
+          internal_token: str | None = None) -> int:
+    """Runs a worker until it is stopped: the public listener on `port` and, with a token,
+    the internal one on `internal_port`. Returns the process's exit status: 1 when it
     stopped because the engine failed (`exit_on_engine_failure`), so that Kubernetes
     restarts the container, 3 when it never started (uvicorn's), else 0."""
     configure_logs(logging.INFO)
@@ -261,22 +291,26 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
     if FAIL_STEPS in faults:
         core.fault_hook = _fail_step
     failed: list[str] = []
+    servers: list[uvicorn.Server] = []
 
     def stop_on_failure(reason: str) -> None:
         failed.append(reason)
-        server.should_exit = True  # requests in flight finish (they fail fast), then serve returns
+        for server in servers:  # requests in flight finish (they fail fast), then serve returns
+            server.should_exit = True
 
-    app = build_app(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits, health_failed_steps,
-                    stop_on_failure if exit_on_engine_failure else None)
+    apps = build_apps(AsyncEngine(core), connector, role, health_stall_seconds, faults, limits, health_failed_steps,
+                      stop_on_failure if exit_on_engine_failure else None, internal_token)
     # on SIGTERM (a drained pod being deleted) requests in flight, streams included, get up
     # to 50 s to finish; the pod's termination grace period is 60 s
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=50))
-    server.run()
+    for app, p in ((apps.public, port), (apps.internal, internal_port)):
+        if app is not None:
+            servers.append(Server(uvicorn.Config(app, host=host, port=p, log_level="warning",
+                                                 timeout_graceful_shutdown=50)))
+    asyncio.run(serve_together(servers))
     if failed:
         log.error("exiting: the engine failed (%s)", failed[0])
         return 1
-    return 0 if server.started else 3
+    return 0 if all(server.started for server in servers) else 3
 
 
 def _fail_step(batch: object) -> None:

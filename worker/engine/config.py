@@ -24,6 +24,8 @@ class EngineConfig:
     max_logprobs: int = defaults.MAX_LOGPROBS
     seed: int = 0
     kv_lease_seconds: float = defaults.KV_LEASE_SECONDS
+    max_kv_leases: int = defaults.MAX_KV_LEASES  # prefills held for decode workers at once
+    max_kv_lease_fraction: float = defaults.MAX_KV_LEASE_FRACTION  # of the KV blocks, held by leases at most
     # no GPU: model one of this product (H100, A100, ...): its power, a cap's cost, DCGM's series
     modelled_gpu: str | None = None
 
@@ -31,6 +33,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_kv_leases < 1 or not 0 < self.max_kv_lease_fraction <= 1:
+            raise ValueError("max_kv_leases must be at least 1 and max_kv_lease_fraction in (0, 1]")
         if self.max_logprobs < 0:
             raise ValueError("max_logprobs must be non-negative")
         if self.num_blocks is not None and self.num_blocks < 1:

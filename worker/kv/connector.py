@@ -7,6 +7,14 @@ blocks stay under a lease, named by the request id, until the decode worker rele
 or it expires; on the decode side the engine takes the request (add_prefilled), the
 pulled keys and values are written into its blocks, and the engine activates it.
 
+Leases are capped (`max_kv_leases`, and `max_kv_lease_fraction` of the blocks): a flood of
+prefills that nobody pulls must not take the blocks this worker's own traffic needs. A
+prefill is admitted against the caps before it runs (`admit_lease`): the leases held now
+must leave room for one more, and their blocks with those of the prefills admitted but not
+yet answered (pending) for its own. Pending prefills do not count against the number of
+leases: most are pulled as soon as they are answered, and counting them would bound the
+prefill queue instead of the leases.
+
 Threads: the lease methods called by the engine (request_finished, expire, release_kv)
 run on the engine thread, the readers of a lease (open_kv, close_kv and the gathers) on
 the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engine thread.
@@ -52,6 +60,10 @@ class KVConnector:
         self.lease_seconds = engine.config.kv_lease_seconds
         self.leases: dict[str, KVLease] = {}
         self._lease_lock = threading.Lock()  # readers of a lease run on the HTTP side
+        config = engine.config
+        self.max_leases = config.max_kv_leases
+        self.max_lease_blocks = max(1, int(engine.block_manager.num_blocks * config.max_kv_lease_fraction))
+        self.pending_leases = self.pending_blocks = 0  # admitted prefills whose answer is not out yet
 
     def header(self, start: int, num_tokens: int) -> KVHeader:
         """The stream header of this worker's model and cache layout for a token range."""
@@ -88,6 +100,37 @@ class KVConnector:
             self.engine.metrics.on_leases(held, sum(not lease.released for lease in gone))
 
     # -- prefill side: leases on finished prompts -----------------------------------------------
+
+    def lease_room(self, num_blocks: int = 0) -> str | None:
+        """Why the caps do not let a prefill that will hold `num_blocks` run now, or None."""
+        with self._lease_lock:
+            return self._no_room(num_blocks)
+
+    def _no_room(self, num_blocks: int) -> str | None:
+        leases = len(self.leases)
+        blocks = sum(len(lease.seq.block_table) for lease in self.leases.values()) + self.pending_blocks
+        if leases + 1 > self.max_leases:
+            return f"this worker holds {leases} KV leases, its most ({self.max_leases})"
+        if blocks + max(1, num_blocks) > self.max_lease_blocks:
+            return (f"KV leases hold {blocks} blocks; {max(1, num_blocks)} more would pass this worker's cap "
+                    f"of {self.max_lease_blocks}")
+        return None
+
+    def admit_lease(self, num_blocks: int) -> str | None:
+        """Counts a prefill that will hold `num_blocks` under a lease as pending, or says
+        why the caps do not let it run now. Pairs with `end_admission`."""
+        with self._lease_lock:
+            full = self._no_room(num_blocks)
+            if full is None:
+                self.pending_leases += 1
+                self.pending_blocks += num_blocks
+        return full
+
+    def end_admission(self, num_blocks: int) -> None:
+        """The admitted prefill is answered: its lease, if any, now counts as one."""
+        with self._lease_lock:
+            self.pending_leases -= 1
+            self.pending_blocks -= num_blocks
 
     def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """Keys and values of a held prompt from token `start` on, layer by layer. Safe to

@@ -13,7 +13,10 @@ model/files.py), the dtype, the shape (`num_layers`, `num_kv_heads`, `head_dim`)
 token range (`start`, `num_tokens`). A payload is the layer's keys then values for those tokens, each
 `[num_tokens, num_kv_heads, head_dim]` in the header's dtype, C order. A receiver refuses
 a stream whose header does not match its own model and layout, a layer whose length or
-checksum is wrong, a stream that ends early or carries more than it announced.
+checksum is wrong, a stream that ends early or carries more than it announced. Nothing is
+read into memory on a length the sender claims before that length is checked: the header's
+against `MAX_KV_HEADER_BYTES`, each layer's against what this worker's shape makes of the
+token range it asked for.
 """
 
 import asyncio
@@ -27,7 +30,7 @@ from dataclasses import asdict
 
 import torch
 
-from fleetwise.protocol import KV_STREAM_VERSION, KVHeader
+from fleetwise.protocol import KV_STREAM_VERSION, MAX_KV_HEADER_BYTES, KVHeader
 
 from ..model.llama import DTYPES
 
@@ -126,6 +129,8 @@ async def decode(source, expect: KVHeader) -> AsyncIterator[tuple[int, torch.Ten
     magic, version, n = _PREAMBLE.unpack(await r.readexactly(_PREAMBLE.size))
     if magic != MAGIC or version != VERSION:
         raise KVTransferError(f"not a KV stream of version {VERSION} (magic {magic!r}, version {version})")
+    if n > MAX_KV_HEADER_BYTES:
+        raise KVTransferError(f"a header of {n} bytes; at most {MAX_KV_HEADER_BYTES} are read")
     try:
         header = KVHeader(**json.loads(await r.readexactly(n)))
     except (ValueError, TypeError) as e:
@@ -159,12 +164,19 @@ async def decode(source, expect: KVHeader) -> AsyncIterator[tuple[int, torch.Ten
 
 
 async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write) -> int:
-    """Pulls a held prompt's KV from a prefill worker with an aiohttp session, checks it and
-    hands each good layer to `write(layer, keys, values)`. Returns the bytes received;
-    raises KVTransferError (or the client's error) when the stream must not be used."""
-    async with session.get(f"{prefill_url}/internal/kv/{handle}", params={"start": str(expect.start)}) as r:
+    """Pulls a held prompt's KV from a prefill worker with an aiohttp session (which carries
+    the shared token), checks it and hands each good layer to `write(layer, keys, values)`.
+    Returns the bytes received; raises KVTransferError (or the client's error) when the
+    stream must not be used. Redirects are not followed: the stream comes from the address
+    the caller named or not at all."""
+    async with session.get(f"{prefill_url}/internal/kv/{handle}", params={"start": str(expect.start)},
+                           allow_redirects=False) as r:
         if r.status != 200:
             raise KVTransferError(f"the prefill worker answered {r.status}", "refused")
+        length = r.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > stream_size(expect):
+            raise KVTransferError(f"the stream announces {length} bytes; this token range takes "
+                                  f"{stream_size(expect)}", "refused")
         writing = None  # a layer is written in a thread while the next one arrives
         try:
             async for layer, k, v in decode(r.content, expect):

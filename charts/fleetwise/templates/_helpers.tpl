@@ -8,6 +8,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end -}}
 
+{{/* The shared internal token's Secret in the release namespace (the operator copies it
+     into the workers' namespaces as fleetwise-internal-token). */}}
+{{- define "fleetwise.tokenSecret" -}}
+{{ include "fleetwise.fullname" . }}-internal-token
+{{- end -}}
+
+{{/* The token's volume and where it is mounted, for the operator's and the router's pods. */}}
+{{- define "fleetwise.tokenVolume" -}}
+- name: internal-token
+  secret:
+    secretName: {{ include "fleetwise.tokenSecret" . }}
+    defaultMode: 0440
+    items: [{key: token, path: token}]
+{{- end -}}
+{{- define "fleetwise.tokenMount" -}}
+- {name: internal-token, mountPath: /var/run/fleetwise, readOnly: true}
+{{- end -}}
+{{- define "fleetwise.tokenEnv" -}}
+- {name: FLEETWISE_INTERNAL_TOKEN_FILE, value: /var/run/fleetwise/token}
+{{- end -}}
+
 {{- define "fleetwise.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
@@ -33,4 +54,11 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
   - apiGroups: [""]
     resources: [events]
     verbs: [create]
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [create]                         # the internal token's copy, where worker pods mount it
+  - apiGroups: [""]
+    resources: [secrets]
+    resourceNames: [fleetwise-internal-token]
+    verbs: [get, patch]                     # that copy only: kept equal to the chart's Secret
 {{- end }}
