@@ -61,6 +61,8 @@ class Fleet:
     decode: Process
     mixed: Process
     routers: dict[str, Process] = field(default_factory=dict)
+    internal: dict[str, str] = field(default_factory=dict)  # worker name -> its internal listener's URL
+    token_file: Path | None = None
 
     @property
     def workers(self) -> list[Process]:
@@ -73,19 +75,27 @@ def _server(name: str, args: list[str], logs: Path) -> Process:
 
 
 def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
-    """The processes, not yet started; the routers' configs written under OUT."""
+    """The processes, not yet started; the routers' configs written under OUT. Workers and
+    routers share a fresh internal token, as under `fleetwise up`."""
     import yaml
+
+    from fleetwise.up import write_token
     name, logs = model_dir.name, out / "logs"
-    prefill, decode, mixed = (_server(role, ["worker", "--model", str(model_dir), "--role", role, *worker_args], logs)
+    out.mkdir(parents=True, exist_ok=True)
+    token = ["--internal-token-file", str(write_token(out))]
+    internal = {role: free_port() for role in ("prefill", "decode", "mixed")}
+    prefill, decode, mixed = (_server(role, ["worker", "--model", str(model_dir), "--role", role, *token,
+                                             "--internal-port", str(internal[role]), *worker_args], logs)
                               for role in ("prefill", "decode", "mixed"))
-    fleet = Fleet(name, prefill, decode, mixed)
-    configs = {"disaggregated": {"models": [{"name": name, "prefill": [fleet.prefill.url],
-                                             "decode": [fleet.decode.url]}]},
-               "colocated": {"models": [{"name": name, "mixed": [fleet.mixed.url]}]}}
+    fleet = Fleet(name, prefill, decode, mixed, internal={r: f"http://127.0.0.1:{p}" for r, p in internal.items()},
+                  token_file=Path(token[1]))
+    configs = {"disaggregated": {"models": [{"name": name, "prefill": [fleet.internal["prefill"]],
+                                             "decode": [fleet.internal["decode"]]}]},
+               "colocated": {"models": [{"name": name, "mixed": [fleet.internal["mixed"]]}]}}
     for mode, cfg in configs.items():
         path = out / f"router-{mode}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path)], logs)
+        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path), *token], logs)
     return fleet
 
 
@@ -119,9 +129,12 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     prompts = Prompts(model_dir, seed=0)
     trials = max(MIN_KV_TRIALS, repeats)
     notes: list[str] = []
-    http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
+    from fleetwise.protocol import bearer, load_token
+    auth = {"Authorization": bearer(load_token(fleet.token_file))}  # the prefill worker's internal listener
+    http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0), headers=auth,
                              limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
-    kv_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), read_bufsize=1 << 20)
+    kv_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), read_bufsize=1 << 20,
+                                       headers=auth)
     routers = {m: fleet.routers[m].url for m in MODES}
     steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
     try:
@@ -133,7 +146,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                     bar.update(task, description=f"warm-up {mode} {L}")
                     await complete(http, routers[mode], fleet.name, prompts.new(L), WARMUP_MAX_TOKENS)
                     bar.advance(task)
-            kv_rows = {str(L): await measure_length(http, kv_session, fleet.prefill.url, fleet.name,
+            kv_rows = {str(L): await measure_length(http, kv_session, fleet.internal["prefill"], fleet.name,
                                                     model_id(model_dir), prompts.new(L), cfg, dtype, trials, sock,
                                                     bar, task, notes) for L in lengths}
             before = await kv_counters(http, fleet.decode.url)

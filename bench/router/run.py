@@ -96,14 +96,18 @@ def _router_config(path: Path, backends: list[str]) -> None:
 
 def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None,
           vllm_version: str | None) -> list[tuple[str, str, list[str] | None]]:
-    """(key, label, command with {port} and {port2} to fill in) of every system; None: direct."""
+    """(key, label, command with {port} and {port2} to fill in) of every system; None: direct.
+    fleetwise's router calls workers' internal listeners with the shared token: it gets one
+    (the stand-in backends do not check it)."""
+    from fleetwise.up import write_token
+    token = write_token(cfg.parent)
     plan: list[tuple[str, str, list[str] | None]] = [
         ("direct", "direct to the backends (client round-robin)", None)]
     for policy in POLICIES:
         plan.append((f"fleetwise/{policy}", f"fleetwise router, {policy}"
                      + (" (its default)" if policy == DEFAULT_POLICY else ""),
                      fleetwise_argv("router", "--config", str(cfg), "--host", "127.0.0.1",
-                                    "--port", "{port}", "--policy", policy)))
+                                    "--port", "{port}", "--policy", policy, "--internal-token-file", str(token))))
     if vllm_cmd:
         plan.append(("vllm-router", f"vllm-router {vllm_version}, {VLLM_ROUTER_POLICY}",
                      [*vllm_cmd, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", *backends,
