@@ -260,6 +260,10 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
     def served(w):
         return w.core.metrics.prompt_tokens.labels(model_name="chat")._value.get()
 
+    def routed() -> set[str]:
+        route = source.models().get("chat")
+        return {r.url for r in route.replicas["mixed"]} if route else set()
+
     def send(n):
         for i in range(n):
             r = httpx.post(url + "/v1/completions", timeout=30,
@@ -272,14 +276,15 @@ def test_router_discovers_ready_routable_worker_pods(cluster, operator, tiny_mod
         assert all(served(w) > b for w, b in zip(workers, before)), "both pods' workers take requests"
         # the operator (or a person) marks a pod not routable: it gets nothing more
         cluster.kubectl("label", "pod", names[0], "-n", NS, "fleetwise.dev/routable=false", "--overwrite")
-        time.sleep(1.5)
+        wait_for(lambda: workers[0].internal_url not in routed(), 30, what="the router to drop the pod")
         before = [served(w) for w in workers]
         send(6)
         assert served(workers[0]) == before[0] and served(workers[1]) > before[1]
         # a pod that goes away gets nothing more either, and no request fails
         cluster.kubectl("label", "pod", names[0], "-n", NS, "fleetwise.dev/routable=true", "--overwrite")
         cluster.kubectl("delete", "pod", names[1], "-n", NS, "--wait=false")
-        time.sleep(1.5)
+        wait_for(lambda: workers[0].internal_url in routed() and workers[1].internal_url not in routed(), 30,
+                 what="the router to take the first pod back and drop the deleted one")
         before = [served(w) for w in workers]
         send(6)
         assert served(workers[1]) == before[1] and served(workers[0]) > before[0]

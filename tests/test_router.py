@@ -253,7 +253,10 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
                    for role in ("prefill", "decode")}
         print(f"{full} complete, {errors} failed after their decode worker accepted them, retries {retries}")
         assert full + errors == 200 and full >= 150, (full, errors)
-        assert retries["decode"] > 0 and retries["prefill"] > 0
+        # prefills caught by the kill are one token of work: retried elsewhere; decodes caught by
+        # theirs had accepted the request and end with an error; later ones avoid the dead
+        # worker (whether any reaches it first is a race, so decode retries are not asserted)
+        assert retries["prefill"] > 0 and errors > 0
     finally:
         router.stop()
         reference.stop()
