@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fleetwise import defaults
+from fleetwise import defaults, gpus
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -81,12 +81,17 @@ def worker(
     exit_on_engine_failure: bool = typer.Option(False, "--exit-on-engine-failure",
                                                 help="Exit non-zero once the engine loop dies or "
                                                      "--health-failed-steps steps in a row failed."),
+    modelled_gpu: str = typer.Option(None, "--modelled-gpu",
+                                     help="Without a GPU: run as a modelled one of this product (H100, A100, "
+                                          "...), its power, caps and DCGM series."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
                                     help="Test-only fault switches (corrupt-kv, fail-steps)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
+    if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
+        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
     token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
@@ -97,7 +102,7 @@ def worker(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
         max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs,
-        max_kv_leases=max_kv_leases, max_kv_lease_fraction=max_kv_lease_fraction)
+        max_kv_leases=max_kv_leases, max_kv_lease_fraction=max_kv_lease_fraction, modelled_gpu=modelled_gpu)
     status = serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
                    faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20),
                    health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure,

@@ -124,3 +124,11 @@ def test_kubernetes_labels_come_from_the_downward_api():
     assert kubernetes_labels({}) == {}
     assert kubernetes_labels({"POD_NAME": "w-0", "POD_NAMESPACE": "models"}) == {
         "pod": "w-0", "namespace": "models", "container": "worker"}
+
+
+def test_the_worker_command_takes_a_known_product_only(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from fleetwise.cli import app
+    r = CliRunner().invoke(app, ["worker", "--model", str(tiny_model_dir), "--public-only", "--modelled-gpu", "Z100"])
+    assert r.exit_code == 2 and "--modelled-gpu" in r.output and "H100" in r.output
