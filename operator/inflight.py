@@ -10,8 +10,9 @@ import httpx
 from fleetwise.addresses import load_address_map, worker_url
 
 
-def in_flight(pod: dict, timeout: float = 1.0) -> int | None:
-    url = worker_url(pod, load_address_map())
+def in_flight(pod: dict, address_map: dict | None = None, timeout: float = 1.0) -> int | None:
+    """`address_map`: the one in force (default: read it now)."""
+    url = worker_url(pod, load_address_map() if address_map is None else address_map)
     if url is None:
         return None
     try:

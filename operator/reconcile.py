@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from fleetwise.addresses import load_address_map
 from fleetwise.controllers import status as st
 from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS, Plan, PodView, plan
 from fleetwise.fleet import Routability
@@ -46,9 +47,13 @@ def pod_view(pod: dict, outstanding: int | None = None) -> PodView:
                    created=epoch(created) if isinstance(created, str) else 0.0)
 
 
-def _draining_in_flight(pod: dict) -> int | None:
-    """What a draining pod's worker still holds (asked only of the draining ones)."""
-    return in_flight(pod) if (pod["metadata"].get("annotations") or {}).get(m.ANNOTATION_DRAINING) else None
+def _views(pods: list[dict]) -> list[PodView]:
+    """The pods as the plan sees them; a draining one with what its worker still holds (the
+    address map read once, and only when some pod is draining)."""
+    draining = {p["metadata"]["name"] for p in pods
+                if (p["metadata"].get("annotations") or {}).get(m.ANNOTATION_DRAINING)}
+    address_map = load_address_map() if draining else {}
+    return [pod_view(p, in_flight(p, address_map) if p["metadata"]["name"] in draining else None) for p in pods]
 
 
 def _ours_to_bind(pod: dict, deleted: set[str]) -> bool:
@@ -84,7 +89,7 @@ class Operator:
                 self.kube.patch_status(ns, name, status)
             return status
         pods = self.kube.pods(ns, f"{m.LABEL_DEPLOYMENT}={name}")
-        p = plan(spec, [pod_view(x, _draining_in_flight(x)) for x in pods], time.time(), self.drain_timeout)
+        p = plan(spec, _views(pods), time.time(), self.drain_timeout)
         created, not_created = self._apply(body, spec, p)
         not_created += self._ensure_services(body, spec)
         deleted = set(p.delete)

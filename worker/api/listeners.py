@@ -64,7 +64,7 @@ class Gate:
 
     def __init__(self, app: ASGIApp, token: str | None, refuse: Refuse):
         self.app, self.refuse = app, refuse
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,7 +101,7 @@ class Gate:
             return False
         scheme, _, token = given.partition(b" ")
         # the comparison takes as long whatever the token's first wrong byte
-        return scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + token.strip(), self.expected)
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
 
 class SharedLifespan:
