@@ -5,7 +5,8 @@ drain and restart workers and cordon nodes; they do it through `FleetActions`, w
 operator implements on Kubernetes (`operator/actions.py`) and `fleetwise up` on local
 processes (`fleetwise/local_fleet.py`). Each worker is in exactly one `Routability` state,
 recorded with why and since when, wherever the implementation keeps it.
-Power caps are not a verb yet: the workers have no power interface, the power work adds it.
+A person's power-cap override (the admin API's) is a verb too: the power controller applies
+it instead of its own decision for that worker until it lapses.
 """
 
 from dataclasses import dataclass
@@ -36,6 +37,17 @@ class WorkerRef:
     url: str | None = None
 
 
+@dataclass(frozen=True)
+class PowerOverride:
+    """A cap pinned by a person: `watts` per GPU until `until` (seconds since the epoch)."""
+    watts: float
+    until: float
+    reason: str = ""
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+
 class ActionRefused(Exception):
     """The action cannot be done here; the message says why."""
 
@@ -62,3 +74,11 @@ class FleetActions(Protocol):
         ...
 
     def uncordon(self, node: str, reason: str) -> None: ...
+
+    def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
+        """Pin the worker's power cap to `watts` until `until`; `watts=None` clears the override."""
+        ...
+
+    def power_override(self, worker: WorkerRef) -> PowerOverride | None:
+        """The override in force for the worker, if any (a lapsed one reads as None)."""
+        ...

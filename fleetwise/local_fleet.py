@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from fleetwise.fleet import ActionRefused, Routability, WorkerRef, WorkerState
+from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState
 from fleetwise.procs import Process, ProcessError, wait_healthy
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class LocalFleet:
         self.states = {name: WorkerState(Routability.SERVING, "started", time.time()) for name in self.workers}
         self._lock = threading.RLock()
         self._turn: dict[str, int] = dict.fromkeys(self.workers, 0)  # a drain ends when its turn has passed
+        self.overrides: dict[str, PowerOverride] = {}
         self.write()
 
     def write(self) -> None:
@@ -136,6 +137,19 @@ class LocalFleet:
         except ProcessError as e:
             raise ActionRefused(f"restart: {w.name} did not come back: {e}") from e
         self._record("restarted", w, Routability.SERVING, reason)
+
+    def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
+        w = self._worker("override_power", worker)
+        with self._lock:
+            if watts is None:
+                self.overrides.pop(w.name, None)
+            else:
+                self.overrides[w.name] = PowerOverride(watts, until, reason)
+        log.info("override_power %s: %s W until %s: %s", w.name, watts, until, reason)
+
+    def power_override(self, worker: WorkerRef) -> PowerOverride | None:
+        o = self.overrides.get(self._worker("power_override", worker).name)
+        return o if o is not None and o.active(time.time()) else None
 
     def cordon(self, node: str, reason: str) -> None:
         raise ActionRefused("cordon: " + NO_NODES.format("cordon"))

@@ -10,11 +10,12 @@ unschedulable, which placement already respects. Every action records an Event w
 reason on the pod or node, and every call goes through `kube.py`.
 """
 
+import json
 import logging
 import time
 from typing import Any
 
-from fleetwise.fleet import ActionRefused, Routability, WorkerRef, WorkerState
+from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState
 
 from . import manifests as m
 from .kube import Kube
@@ -69,6 +70,17 @@ class KubeFleet:
         self.kube.event(pod, "Normal", "Restarting", f"{reason}; deleted, its ModelDeployment replaces it")
         self.kube.delete_pod(worker.namespace, worker.name)
         log.info("restart %s/%s: %s", worker.namespace, worker.name, reason)
+
+    def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
+        pod = self._pod("override_power", worker)
+        value = None if watts is None else json.dumps({"watts": watts, "until": until, "reason": reason[:1024]})
+        self.kube.patch_pod_metadata(worker.namespace, worker.name, labels={},
+                                     annotations={m.ANNOTATION_POWER_OVERRIDE: value})
+        self.kube.event(pod, "Normal", "PowerOverride",
+                        f"cap cleared: {reason}" if watts is None else f"cap {watts:.0f} W until {until:.0f}: {reason}")
+
+    def power_override(self, worker: WorkerRef) -> PowerOverride | None:
+        return m.pod_power_override(self._pod("power_override", worker), time.time())
 
     def cordon(self, node: str, reason: str) -> None:
         body = self._node("cordon", node)

@@ -1,12 +1,13 @@
 """Kubernetes objects for a ModelDeployment's workers (pure functions of the spec)."""
 
 import datetime as dt
+import json
 import secrets
 from collections.abc import Sequence
 
 from fleetwise.addresses import WORKER_INTERNAL_PORT, WORKER_PORT
 from fleetwise.controllers.placement import GPU_RESOURCE
-from fleetwise.fleet import Routability, WorkerState
+from fleetwise.fleet import PowerOverride, Routability, WorkerState
 from fleetwise.spec import API_VERSION, ModelDeploymentSpec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -23,6 +24,7 @@ ANNOTATION_ROUTABILITY = "fleetwise.dev/routability"
 ANNOTATION_ROUTABILITY_REASON = "fleetwise.dev/routability-reason"
 ANNOTATION_ROUTABILITY_SINCE = "fleetwise.dev/routability-since"
 ANNOTATION_CORDON_REASON = "fleetwise.dev/cordon-reason"  # on a node fleetwise cordoned
+ANNOTATION_POWER_OVERRIDE = "fleetwise.dev/power-override"  # JSON {"watts", "until", "reason"} on a worker pod
 SCHEDULER_NAME = "fleetwise"
 # the shared internal token, copied by the operator into each namespace it places workers in
 TOKEN_SECRET = "fleetwise-internal-token"
@@ -76,6 +78,18 @@ def pod_state(pod: dict) -> WorkerState:
     if draining:
         return WorkerState(Routability.DRAINING, "", float(draining))
     return WorkerState(Routability.SERVING)
+
+
+def pod_power_override(pod: dict, now: float) -> PowerOverride | None:
+    """The power-cap override recorded on a worker pod, when one is in force; a malformed
+    annotation (edited by hand) is no override."""
+    raw = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_POWER_OVERRIDE)
+    try:
+        o = json.loads(raw) if raw else None
+        override = PowerOverride(float(o["watts"]), float(o["until"]), str(o.get("reason", ""))) if o else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return override if override is not None and override.active(now) else None
 
 
 def owner_reference(body: dict) -> dict:

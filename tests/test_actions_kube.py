@@ -52,6 +52,19 @@ def test_each_state_round_trips_through_the_pod_and_the_plan_sees_it():
     assert m.pod_state(legacy).state is Routability.DRAINING and m.pod_state(legacy).since == 12.5
 
 
+def test_a_power_override_is_read_back_only_while_in_force_and_well_formed():
+    import json
+
+    from fleetwise.operator import manifests as m
+    key = "fleetwise.dev/power-override"
+    pod = worker_pod(annotations={key: json.dumps({"watts": 250, "until": 100.0, "reason": "brownout drill"})})
+    o = m.pod_power_override(pod, now=99.0)
+    assert o is not None and (o.watts, o.until, o.reason) == (250.0, 100.0, "brownout drill")
+    assert m.pod_power_override(pod, now=100.0) is None  # lapsed
+    for bad in ("not json", json.dumps({"until": 100}), json.dumps({"watts": "many", "until": 100}), "[]"):
+        assert m.pod_power_override(worker_pod(annotations={key: bad}), now=0.0) is None
+
+
 def test_actions_on_what_is_not_a_worker_pod_are_refused():
     from fleetwise.operator.actions import KubeFleet
 
@@ -155,6 +168,23 @@ def test_quarantine_replaces_and_keeps_the_pod_then_restore(cluster, fleet):
     assert "fleetwise.dev/draining-since" not in get(c, "pod", held.name, "-n", NS)["metadata"]["annotations"]
     wait_for(lambda: len(pods(c)) == 2 and len(serving(c)) == 2, 60, what="the extra pod drained after restore")
     assert "Restored" in events(c, held.name)
+
+
+@pytest.mark.cluster
+def test_a_power_override_lives_on_the_pod_until_cleared(cluster, fleet):
+    import time
+    c, _ = cluster
+    apply(c, chat(2))
+    wait_for(lambda: len(serving(c)) == 2, 90, what="two serving pods")
+    pod = serving(c)[0]
+    fleet.override_power(ref(pod), 300.0, time.time() + 600, "maintenance on the PDU")
+    o = fleet.power_override(ref(pod))
+    assert o is not None and o.watts == 300.0 and o.reason == "maintenance on the PDU"
+    assert "PowerOverride" in events(c, pod["metadata"]["name"])
+    fleet.override_power(ref(pod), None, 0.0, "done")
+    assert fleet.power_override(ref(pod)) is None
+    assert "fleetwise.dev/power-override" not in (get(c, "pod", "-n", NS, pod["metadata"]["name"])
+                                                  ["metadata"].get("annotations") or {})
 
 
 @pytest.mark.cluster

@@ -109,6 +109,19 @@ def test_cordon_is_refused_on_one_machine(fleet):
         local.quarantine(WorkerRef("mixed-9"), "x")
 
 
+def test_a_power_override_lapses_and_is_refused_for_an_unknown_worker(fleet):
+    local, _ = fleet
+    local.override_power(W0, 250.0, time.time() + 60, "drill")
+    o = local.power_override(W0)
+    assert o is not None and o.watts == 250.0
+    local.override_power(W0, 250.0, time.time() - 1, "already over")
+    assert local.power_override(W0) is None
+    local.override_power(W0, None, 0.0, "cleared")
+    assert W0.name not in local.overrides
+    with pytest.raises(ActionRefused, match="no worker 'mixed-9'"):
+        local.override_power(WorkerRef("mixed-9"), 100.0, time.time() + 60, "x")
+
+
 def test_drain_lets_requests_finish_sends_no_new_ones_and_ends_the_process(fleet):
     local, router = fleet
     w = local.workers[W1.name]
