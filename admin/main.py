@@ -1,0 +1,35 @@
+"""`fleetwise admin`: the admin API in a cluster, over the worker pods and nodes it reads
+and acts on through the operator's Kubernetes calls and `KubeFleet`; and `fleetwise admin
+token`, which makes a token and the tokens-file entry that holds its hash."""
+
+import logging
+
+import yaml
+
+from fleetwise.logs import configure as configure_logs
+
+from .app import Limits, create_app, serve
+from .auth import Role, TokenBook, new_token, token_entry
+from .deps import Ctx
+from .store import Store
+
+
+def run(database: str, book: TokenBook, host: str, port: int, kubeconfig: str | None, limits: Limits) -> None:
+    from fleetwise.operator.actions import KubeFleet
+    from fleetwise.operator.kube import Kube
+    from fleetwise.operator.main import load_client
+
+    from .kube_view import KubeView
+    configure_logs(logging.INFO)
+    kube = Kube(load_client(kubeconfig))
+    store = Store(database)
+    try:
+        serve(create_app(Ctx(store, KubeView(kube), KubeFleet(kube)), book, limits), host, port)
+    finally:
+        store.close()
+
+
+def make_token(name: str, role: Role) -> tuple[str, str]:
+    """A new token, and the YAML entry for the tokens file (its hash, never the token)."""
+    token = new_token()
+    return token, yaml.safe_dump([token_entry(name, role, token)], sort_keys=False)
