@@ -51,9 +51,9 @@ def note(request: Request, detail: str) -> None:
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    described = {400: "A parameter is malformed (the detail names it).",
+    described = {400: "The body is not JSON, or a parameter is malformed (the detail names it).",
                  401: "No bearer token, or not a valid one.", 403: "The token's role may not do this.",
                  404: "No such worker, incident or record.", 409: "The fleet refused the action (the detail says why).",
                  413: "The body is over the limit.", 422: "The body or a parameter is invalid (each one in errors).",
                  429: "Over the request rate for this token; see Retry-After.", 500: "The service failed."}
-    return {c: {"model": Problem, "description": described[c]} for c in (401, 403, 413, 422, 429, 500, *codes)}
+    return {c: {"model": Problem, "description": described[c]} for c in (400, 401, 403, 413, 422, 429, 500, *codes)}

@@ -1,6 +1,6 @@
 """What every admin API request passes before a route sees it, as one ASGI middleware: the
 caller's identity from its bearer token (the routes then check the role), the request rate
-per caller (429 with Retry-After), the body size (413, before more than the limit is read),
+per caller (429 with Retry-After), 401 without a valid one, the body size (413, before more than the limit is read),
 and the audit: every request that would change something is recorded with its actor, its
 request and how it ended, whether it was done, refused, invalid or denied."""
 
@@ -92,6 +92,10 @@ class Guard:
                 state["audit_detail"] = f"over {self.limiter.rate:g} requests/s; retry in {wait:.1f} s"
                 await problem(429, state["audit_detail"], scope["path"],
                               {"Retry-After": retry_after(wait)})(scope, receive, sending)
+                return
+            if principal is None:  # before the body is read or parsed: nothing for a stranger
+                state["audit_detail"] = why
+                await problem(401, why, scope["path"], {"WWW-Authenticate": "Bearer"})(scope, receive, sending)
                 return
             try:
                 body = await self._body(receive, headers.get(b"content-length", b"").decode() or None)

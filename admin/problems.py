@@ -32,6 +32,8 @@ def _note(request: Request, detail: str) -> None:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words
+        detail = "body: not a JSON document"
     _note(request, detail)
     return problem(exc.status_code, detail, request.url.path, dict(exc.headers or {}))
 

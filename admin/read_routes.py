@@ -64,7 +64,7 @@ def fleet(ctx: Ctx = CTX, _=require(Role.VIEWER)) -> FleetOut:
                            for n in ctx.view.nodes()])
 
 
-@router.get("/incidents", response_model=IncidentPage, responses=errors(400), summary="Incidents, newest first")
+@router.get("/incidents", response_model=IncidentPage, responses=errors(), summary="Incidents, newest first")
 def incidents(ctx: Ctx = CTX, _=require(Role.VIEWER),
               status: Literal["open", "resolved"] | None = Query(None, description="Only open or resolved ones."),
               kind: str | None = text_q("Only incidents of this kind."),
@@ -83,7 +83,7 @@ def incident(incident_id: int = Path(ge=1, le=2**62, description="The incident's
     return IncidentOut.model_validate(found)
 
 
-@router.get("/actions/power", response_model=PowerActionPage, responses=errors(400),
+@router.get("/actions/power", response_model=PowerActionPage, responses=errors(),
             summary="Power caps set and cleared, by the controller or by an override")
 def power_actions(ctx: Ctx = CTX, _=require(Role.VIEWER), worker: str | None = text_q("Only this worker's."),
                   limit: int = limit_q(), cursor: str | None = cursor_q()) -> PowerActionPage:
@@ -92,7 +92,7 @@ def power_actions(ctx: Ctx = CTX, _=require(Role.VIEWER), worker: str | None = t
                                           from_attributes=True)
 
 
-@router.get("/actions/remediation", response_model=RemediationPage, responses=errors(400),
+@router.get("/actions/remediation", response_model=RemediationPage, responses=errors(),
             summary="Quarantines, restores, drains, restarts, cordons")
 def remediations(ctx: Ctx = CTX, _=require(Role.VIEWER),
                  target: str | None = text_q("Only those done to this worker or node."),
@@ -102,7 +102,7 @@ def remediations(ctx: Ctx = CTX, _=require(Role.VIEWER),
                                           from_attributes=True)
 
 
-@router.get("/audit", response_model=AuditPage, responses=errors(400), summary="The audit log (admin)")
+@router.get("/audit", response_model=AuditPage, responses=errors(), summary="The audit log (admin)")
 def audit(ctx: Ctx = CTX, _=require(Role.ADMIN), actor: str | None = text_q("Only this token's requests."),
           outcome: Literal["ok", "denied", "invalid", "refused", "limited", "error"] | None = Query(
               None, description="Only entries with this outcome."),
