@@ -144,6 +144,8 @@ def up(
     workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
     kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache per worker."),
     device: str = typer.Option(defaults.DEVICE, "--device"),
+    admin_port: int = typer.Option(8081, "--admin-port", min=0,
+                                   help="The admin API's port (another if taken; 0: no admin API)."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -153,7 +155,7 @@ def up(
             raise typer.BadParameter("must be at least 1", param_hint=name)
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device]))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port))
 
 
 @app.command()
