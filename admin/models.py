@@ -1,6 +1,8 @@
 """The admin store's tables as SQLAlchemy 2 models: incidents with their evidence, power
-actions, remediation actions and the audit log. Times are seconds since the epoch (floats),
-as everywhere else in fleetwise, so SQLite and PostgreSQL read them back alike. The schema
+actions, remediation actions and the audit log. A record a sender may send twice (the
+operator retries until it hears back) carries the sender's idempotency key, unique, so it
+is stored once. Times are seconds since the epoch (floats), as everywhere else in
+fleetwise, so SQLite and PostgreSQL read them back alike. The schema
 itself is made by the Alembic migrations in `migrations/versions/`, never by `create_all`;
 `tests/test_admin_store.py` checks that the two agree."""
 
@@ -24,6 +26,7 @@ class Incident(Base):
     summary: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open or resolved
     source: Mapped[str] = mapped_column(String(64), default="")
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)  # the sender's, once
     opened_at: Mapped[float] = mapped_column(Float)
     resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     resolved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -55,6 +58,7 @@ class PowerAction(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(64))                    # controller or override
     actor: Mapped[str] = mapped_column(String(255), default="")
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)  # the sender's, once
 
 
 class RemediationAction(Base):
@@ -69,6 +73,7 @@ class RemediationAction(Base):
     source: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(255), default="")
     outcome: Mapped[str] = mapped_column(String(16), default="done")   # done or refused
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)  # the sender's, once
     incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id", ondelete="SET NULL"), nullable=True)
 
 

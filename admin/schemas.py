@@ -104,6 +104,9 @@ class IncidentIn(In):
     severity: Literal["info", "warning", "critical"] = Field("warning", description="How bad.")
     summary: str = Field("", max_length=4096, description="One line for people.")
     evidence: list[EvidenceIn] = Field(default_factory=list, max_length=64, description="What was observed.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=64, description=(
+        "The sender's key for this record: sent again with the same key, it is stored once and the first "
+        "one is answered."))
 
 
 class IncidentOut(Out):
@@ -138,6 +141,9 @@ class PowerActionIn(In):
     watts: float | None = Field(None, gt=0, le=2000, description="The cap per GPU; null when lifted.")
     until: float | None = Field(None, ge=0, allow_inf_nan=False, description="When it lapses, if it does.")
     reason: str = Field("", max_length=1024, description="Why.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=64, description=(
+        "The sender's key for this record: sent again with the same key, it is stored once and the first "
+        "one is answered."))
 
 
 class PowerActionOut(Out):
@@ -166,6 +172,9 @@ class RemediationIn(In):
     reason: str = Field("", max_length=1024, description="Why.")
     outcome: Literal["done", "refused"] = Field("done", description="Whether it was done.")
     incident_id: int | None = Field(None, ge=1, le=2**62, description="The incident it answered, if any.")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=64, description=(
+        "The sender's key for this record: sent again with the same key, it is stored once and the first "
+        "one is answered."))
 
 
 class RemediationOut(Out):

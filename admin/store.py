@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import AuditEntry, Base, Evidence, Incident, PowerAction, RemediationAction
@@ -89,9 +90,23 @@ class Store:
             yield s
 
     def add(self, row: T) -> T:
-        with self.session() as s:
-            s.add(row)
+        """The row, stored; or the row stored before under the same idempotency key."""
+        key = getattr(row, "idempotency_key", None)
+        if key and (found := self._by_key(type(row), key)) is not None:
+            return found
+        try:
+            with self.session() as s:
+                s.add(row)
+        except IntegrityError:
+            found = self._by_key(type(row), key) if key else None
+            if found is None:
+                raise
+            return found  # the same key, sent twice at once
         return row
+
+    def _by_key(self, model: type[T], key: str) -> T | None:
+        with self.session() as s:
+            return s.scalars(select(model).where(model.__table__.c.idempotency_key == key)).first()
 
     # -- incidents -----------------------------------------------------------------------------
 

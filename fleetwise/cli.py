@@ -218,6 +218,12 @@ def operator(
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
                                              help="The shared internal token, copied into a Secret in each "
                                                   "namespace with workers, which their pods mount."),
+    admin_url: str = typer.Option(None, "--admin-url", envvar="FLEETWISE_ADMIN_URL",
+                                  help="The admin API, which incidents and actions are sent to (queued through "
+                                       "its outages)."),
+    admin_token_file: Path = typer.Option(None, "--admin-token-file", envvar="FLEETWISE_ADMIN_TOKEN_FILE",
+                                          help="With --admin-url: the operator's token (an operator role), re-read "
+                                               "before each send."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
@@ -226,8 +232,11 @@ def operator(
         load_token(internal_token_file)
     except ValueError as e:
         raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
+    if (admin_url is None) != (admin_token_file is None):
+        raise typer.BadParameter("give both --admin-url and --admin-token-file, or neither", param_hint="--admin-url")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout, token_file=internal_token_file)
+                 drain_timeout=drain_timeout, token_file=internal_token_file, admin_url=admin_url,
+                 admin_token_file=admin_token_file)
 
 
 admin_app = typer.Typer(help="The admin REST API: see the fleet, act on it, read the audit of every action.")

@@ -27,22 +27,37 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
+def _run(argv: list[str]) -> None:
+    subprocess.run(_as_postgres(argv), check=True, capture_output=True, text=True)
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root, self.data, self.port = root, root / "data", free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        _run([str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "60", "start",
+              "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"])
+
+    def stop(self) -> None:
+        _run([str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+
 @contextmanager
-def postgres() -> Iterator[str]:
-    """Yields a postgresql:// URL to an empty database; the cluster is gone afterwards."""
+def postgres() -> Iterator[Cluster]:
+    """A started cluster with an empty database at `.url`; gone afterwards."""
     root = Path(tempfile.mkdtemp(prefix="fleetwise-pg-"))
-    data, port = root / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    run = lambda argv: subprocess.run(_as_postgres(argv), check=True, capture_output=True, text=True)  # noqa: E731
+    cluster = Cluster(root)
     try:
-        run([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
-        run([str(BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start",
-             "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"])
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        _run([str(BIN / "initdb"), "-D", str(cluster.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        cluster.start()
+        yield cluster
     finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(_as_postgres([str(BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                           capture_output=True)
+        if (cluster.data / "postmaster.pid").exists():
+            subprocess.run(_as_postgres([str(BIN / "pg_ctl"), "-D", str(cluster.data), "-m", "immediate", "-w",
+                                         "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -139,6 +139,9 @@ def test_incidents_are_recorded_paged_filtered_and_resolved(api):
             "kind": "slow_worker" if i % 2 else "ecc_errors", "subject_kind": "worker", "subject": f"w{i}",
             "evidence": [{"signal": "p99_seconds", "value": 3.0, "baseline": 1.0}]})
         assert r.status_code == 201 and r.json()["evidence"][0]["observed_at"] == r.json()["opened_at"]
+    again = {"kind": "slow_worker", "subject_kind": "worker", "subject": "w5", "idempotency_key": "k-1"}
+    first, second = (client.post(f"{V}/incidents", headers=op, json=again) for _ in range(2))
+    assert first.json()["id"] == second.json()["id"]  # sent twice (a lost answer), stored once
     seen, cursor = [], None
     while True:
         page = client.get(f"{V}/incidents", params={"limit": 2, **({"cursor": cursor} if cursor else {})},
@@ -146,12 +149,12 @@ def test_incidents_are_recorded_paged_filtered_and_resolved(api):
         seen += [i["subject"] for i in page["items"]]
         if not (cursor := page["next_cursor"]):
             break
-    assert seen == ["w4", "w3", "w2", "w1", "w0"]
+    assert seen == ["w5", "w4", "w3", "w2", "w1", "w0"]
     slow = client.get(f"{V}/incidents", params={"kind": "slow_worker"}, headers=op).json()["items"]
     r = client.post(f"{V}/incidents/{slow[0]['id']}/resolve", json={"resolution": "new GPU"}, headers=op)
     assert r.json()["status"] == "resolved" and r.json()["resolved_by"] == "operator"
     assert [i["subject"] for i in client.get(f"{V}/incidents", params={"status": "resolved"},
-                                             headers=op).json()["items"]] == ["w3"]
+                                             headers=op).json()["items"]] == ["w5"]
     r = client.get(f"{V}/incidents", params={"cursor": "garbage!"}, headers=op)
     assert r.status_code == 400 and r.json()["detail"].startswith("cursor:")
 

@@ -19,8 +19,8 @@ def pg_url():
     why = pg.missing()
     if why:
         pytest.skip(why)
-    with pg.postgres() as url:
-        yield url
+    with pg.postgres() as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

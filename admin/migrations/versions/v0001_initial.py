@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column("summary", sa.Text, nullable=False),
         sa.Column("status", sa.String(16), nullable=False, index=True),
         sa.Column("source", sa.String(64), nullable=False),
+        sa.Column("idempotency_key", sa.String(64), nullable=True, unique=True),
         sa.Column("opened_at", sa.Float, nullable=False),
         sa.Column("resolved_at", sa.Float, nullable=True),
         sa.Column("resolved_by", sa.String(255), nullable=True),
@@ -49,6 +50,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("source", sa.String(64), nullable=False),
         sa.Column("actor", sa.String(255), nullable=False),
+        sa.Column("idempotency_key", sa.String(64), nullable=True, unique=True),
     )
     op.create_table(
         "remediation_actions",
@@ -63,6 +65,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(255), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("incident_id", sa.Integer, sa.ForeignKey("incidents.id", ondelete="SET NULL"), nullable=True),
+        sa.Column("idempotency_key", sa.String(64), nullable=True, unique=True),
     )
     op.create_table(
         "audit_log",
