@@ -1,0 +1,111 @@
+"""`fleetwise admin` in a cluster: a real process over a real kube-apiserver (with the
+operator placing kwok worker pods), reading the fleet through `KubeView` and acting through
+`KubeFleet`, so what the API says and does is what is on the pods and nodes."""
+
+import time
+
+import httpx
+import pytest
+import yaml
+
+from fleetwise.admin.auth import Role, token_entry
+from fleetwise.procs import Process, fleetwise_argv, wait_healthy
+from fleetwise.testenv.cluster import (
+    apply,
+    create_namespace,
+    get,
+    gpu_node,
+    operator_kubeconfig,
+    start_cluster,
+    start_operator,
+    wait_for,
+)
+
+from .workers import free_port
+
+NS = "adm"
+A100 = "NVIDIA-A100-SXM4-80GB"
+TOKEN = "the-cluster-admin-token"
+H = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def admin_api(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("k8s")
+    c = start_cluster(workdir)
+    for i in range(2):
+        apply(c, gpu_node(f"a100-{i}", A100))
+    create_namespace(c, NS)
+    kc = operator_kubeconfig(c)
+    op = start_operator(c, kc)
+    tokens = workdir / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"tokens": [token_entry("ops", Role.ADMIN, TOKEN)]}))
+    port = free_port()
+    # the operator's account: the chart gives the admin service a role of its own with the same verbs
+    api = Process("admin", fleetwise_argv("admin", "--tokens", str(tokens), "--database", str(workdir / "admin.db"),
+                                          "--host", "127.0.0.1", "--port", str(port), "--kubeconfig", str(kc)),
+                  workdir / "admin.log", f"http://127.0.0.1:{port}", die_with_parent=True)
+    api.start()
+    try:
+        wait_healthy([api], 60, ready=lambda p: _answers(p.url + "/healthz"))
+        yield c, api.url + "/api/v1"
+    finally:
+        api.stop()
+        op.stop()
+        c.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def chat() -> dict:
+    return {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "chat", "namespace": NS},
+            "spec": {"model": {"name": "chat", "uri": "/models/tiny"}, "image": "fleetwise:1", "mode": "Colocated",
+                     "mixed": {"replicas": 2, "gpuType": "A100"}}}
+
+
+@pytest.mark.cluster
+def test_the_api_reads_and_acts_on_pods_and_nodes(admin_api):
+    c, api = admin_api
+    apply(c, chat())
+
+    def fleet() -> dict:
+        return httpx.get(f"{api}/fleet", headers=H, timeout=10).json()
+    wait_for(lambda: sum(w["health"] == "ready" for w in fleet()["workers"]) == 2, 90, what="two ready workers")
+    f = fleet()
+    assert {n["name"] for n in f["nodes"]} == {"a100-0", "a100-1"} and not any(n["cordoned"] for n in f["nodes"])
+    w = f["workers"][0]
+    assert (w["namespace"], w["role"], w["model"], w["deployment"], w["state"]) == (NS, "mixed", "chat", "chat",
+                                                                                    "serving")
+    assert w["node"] in ("a100-0", "a100-1")
+
+    r = httpx.post(f"{api}/workers/{NS}/{w['name']}/quarantine", headers=H, json={"reason": "xid 79"})
+    assert r.status_code == 200 and r.json()["state"] == "quarantined", r.text
+    pod = get(c, "pod", w["name"], "-n", NS)
+    assert pod["metadata"]["labels"]["fleetwise.dev/routable"] == "false"
+    assert pod["metadata"]["annotations"]["fleetwise.dev/routability-reason"].startswith("xid 79 (by ops")
+    assert next(x for x in fleet()["workers"] if x["name"] == w["name"])["state"] == "quarantined"
+
+    r = httpx.post(f"{api}/workers/{NS}/{w['name']}/power-override", headers=H,
+                   json={"watts": 300, "expires_in_seconds": 600, "reason": "PDU work"})
+    assert r.status_code == 200 and r.json()["power_override"]["watts"] == 300
+    assert "fleetwise.dev/power-override" in get(c, "pod", w["name"], "-n", NS)["metadata"]["annotations"]
+
+    r = httpx.post(f"{api}/nodes/{w['node']}/cordon", headers=H, json={"reason": "ECC errors"})
+    assert r.status_code == 200 and get(c, "node", w["node"])["spec"]["unschedulable"] is True
+    assert next(n for n in fleet()["nodes"] if n["name"] == w["node"])["cordoned"]
+    r = httpx.post(f"{api}/nodes/{w['node']}/uncordon", headers=H, json={"reason": "replaced"})
+    assert r.status_code == 200 and not get(c, "node", w["node"])["spec"].get("unschedulable")
+
+    r = httpx.post(f"{api}/workers/{NS}/nobody/drain", headers=H, json={"reason": "x"})
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    r = httpx.post(f"{api}/nodes/gpu-9/cordon", headers=H, json={"reason": "x"})
+    assert r.status_code == 409 and "no node gpu-9" in r.json()["detail"]
+    time.sleep(0.2)
+    audit = httpx.get(f"{api}/audit", headers=H).json()["items"]
+    assert [a["outcome"] for a in audit] == ["refused", "refused", "ok", "ok", "ok", "ok"]
