@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from . import act_routes, problems, read_routes
-from .auth import RateLimiter, TokenBook
+from .auth import RateLimiter, Tokens
 from .deps import Ctx
 from .guard import Guard
 
@@ -30,7 +30,7 @@ class Limits:
     cors_origins: list[str] = field(default_factory=list)
 
 
-def create_app(ctx: Ctx, tokens: TokenBook, limits: Limits | None = None) -> FastAPI:
+def create_app(ctx: Ctx, tokens: Tokens, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="fleetwise admin API", version="1", docs_url="/docs", redoc_url=None,
                   description="See the fleet, act on it, and read the audit of every action. Every route under "

@@ -3,8 +3,9 @@ caller.
 
 Tokens come from a YAML file (or a Kubernetes Secret mounted as a directory holding
 `tokens.yaml`): `tokens: [{name, role, sha256}]`, the SHA-256 of each token in hex, so the
-file never holds a token itself. Tokens are long random strings (`fleetwise admin token`
-makes them), for which one unsalted SHA-256 is enough. A token is checked against every
+file never holds a token itself; a changed file is read again (`TokenFile`). Tokens are
+long random strings (`fleetwise admin token` makes them), for which one unsalted SHA-256
+is enough. A token is checked against every
 entry with a constant-time comparison and no early exit, so the time taken says nothing
 about which entries are close. Roles are ordered: a viewer reads, an operator also acts on
 workers and nodes and records incidents, an admin also overrides power caps and reads the
@@ -12,6 +13,7 @@ audit log."""
 
 import hashlib
 import hmac
+import logging
 import math
 import secrets
 import time
@@ -19,9 +21,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
+log = logging.getLogger(__name__)
 TOKENS_FILE = "tokens.yaml"
 
 
@@ -47,6 +51,10 @@ def digest(token: str) -> str:
 
 def new_token() -> str:
     return "fwa_" + secrets.token_urlsafe(32)
+
+
+class Tokens(Protocol):
+    def lookup(self, token: str) -> Principal | None: ...
 
 
 class TokenBook:
@@ -80,6 +88,34 @@ class TokenBook:
                 raise ValueError(f"{where}: sha256 must be 64 hex digits (the token's SHA-256, not the token)")
             entries.append((str(e["name"]), Role[str(e["role"]).upper()], h))
         return cls(entries)
+
+
+class TokenFile:
+    """A TokenBook read from its file again when the file changes (a rotated Secret), checked
+    at most once per `every` seconds; a changed file that does not load keeps the tokens
+    before it, and says why in the log."""
+
+    def __init__(self, path: Path, every: float = 1.0) -> None:
+        self.path, self.every = path, every
+        self.book = TokenBook.load(path)
+        self.seen, self.checked = self._stamp(), time.monotonic()
+
+    def _stamp(self) -> tuple[float, int]:
+        st = (self.path / TOKENS_FILE if self.path.is_dir() else self.path).stat()
+        return st.st_mtime, st.st_size
+
+    def lookup(self, token: str) -> Principal | None:
+        now = time.monotonic()
+        if now - self.checked >= self.every:
+            self.checked = now
+            try:
+                stamp = self._stamp()
+                if stamp != self.seen:
+                    self.book, self.seen = TokenBook.load(self.path), stamp
+                    log.info("reloaded the admin tokens from %s", self.path)
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                log.error("kept the admin tokens loaded before: %s does not load: %s", self.path, e)
+        return self.book.lookup(token)
 
 
 def token_entry(name: str, role: Role, token: str) -> dict:

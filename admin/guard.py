@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetwise.logs import incoming_request_id
 
-from .auth import Principal, RateLimiter, TokenBook, retry_after
+from .auth import Principal, RateLimiter, Tokens, retry_after
 from .problems import problem
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class TooLarge(Exception):
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, tokens: TokenBook, limiter: RateLimiter, max_body: int,
+    def __init__(self, app: ASGIApp, tokens: Tokens, limiter: RateLimiter, max_body: int,
                  audit: Callable[..., Any], prefix: str = "/api/") -> None:
         self.app, self.tokens, self.limiter, self.max_body = app, tokens, limiter, max_body
         self.audit, self.prefix = audit, prefix

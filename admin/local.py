@@ -2,7 +2,7 @@
 over its `LocalFleet` (the fleet's verbs and its state, in memory) and a SQLite store in
 the workdir. Each start makes a new admin token, stored in `admin-token` (0600) for the
 caller to print once; its hash replaces the `admin` entry of `admin-tokens.yaml` (0600),
-where other tokens (`fleetwise admin token`) may be added and are kept."""
+where other tokens (`fleetwise admin token`) may be added, while it runs too, and are kept."""
 
 import os
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from fleetwise.local_fleet import LocalFleet
 from fleetwise.net import free_port, port_free
 
 from .app import Server, create_app
-from .auth import Role, TokenBook, new_token, token_entry
+from .auth import Role, TokenFile, new_token, token_entry
 from .deps import Ctx
 from .store import Store
 from .view import LocalView
@@ -67,7 +67,7 @@ def start_local(fleet: LocalFleet, workdir: Path, port: int, host: str = "127.0.
         moved, port = port, free_port()
     _, tokens = write_tokens(workdir)
     store = Store(str(workdir / DATABASE))
-    app = create_app(Ctx(store, LocalView(fleet), fleet), TokenBook.load(tokens))
+    app = create_app(Ctx(store, LocalView(fleet), fleet), TokenFile(tokens))
     try:
         server = Server(app, host, port).start()
     except RuntimeError:

@@ -9,12 +9,12 @@ import yaml
 from fleetwise.logs import configure as configure_logs
 
 from .app import Limits, create_app, serve
-from .auth import Role, TokenBook, new_token, token_entry
+from .auth import Role, Tokens, new_token, token_entry
 from .deps import Ctx
 from .store import Store
 
 
-def run(database: str, book: TokenBook, host: str, port: int, kubeconfig: str | None, limits: Limits) -> None:
+def run(database: str, book: Tokens, host: str, port: int, kubeconfig: str | None, limits: Limits) -> None:
     from fleetwise.operator.actions import KubeFleet
     from fleetwise.operator.kube import Kube
     from fleetwise.operator.main import load_client

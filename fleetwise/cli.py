@@ -266,10 +266,10 @@ def admin(
         raise typer.BadParameter("the admin API needs its tokens: --tokens FILE (make one with "
                                  "`fleetwise admin token`)", param_hint="--tokens")
     from fleetwise.admin.app import Limits
-    from fleetwise.admin.auth import TokenBook
+    from fleetwise.admin.auth import TokenFile
     from fleetwise.admin.main import run
     try:
-        book = TokenBook.load(tokens)
+        book = TokenFile(tokens)
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tokens")
     run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin))

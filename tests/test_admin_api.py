@@ -9,7 +9,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from fleetwise.admin.app import Limits
-from fleetwise.admin.auth import Role, TokenBook, token_entry
+from fleetwise.admin.auth import Role, TokenBook, TokenFile, token_entry
 from fleetwise.fleet import Routability, WorkerRef
 
 from .admin_fleet import admin_fleet, headers
@@ -213,3 +213,17 @@ def test_tokens_file_holds_hashes_and_a_bad_entry_is_named(tmp_path):
     f.write_text(yaml.safe_dump({"tokens": [{"name": "bob", "role": "viewer", "sha256": "plaintext"}]}))
     with pytest.raises(ValueError, match="64 hex digits"):
         TokenBook.load(f)
+
+
+def test_a_changed_tokens_file_is_read_again_and_a_broken_one_keeps_the_old_tokens(tmp_path):
+    import os
+    f = tmp_path / "tokens.yaml"
+    f.write_text(yaml.safe_dump({"tokens": [token_entry("alice", Role.VIEWER, "token-a")]}))
+    tokens = TokenFile(f, every=0)
+    assert tokens.lookup("token-a") is not None and tokens.lookup("token-b") is None
+    f.write_text(yaml.safe_dump({"tokens": [token_entry("bob", Role.ADMIN, "token-b")]}))  # rotated
+    os.utime(f, (time.time() + 5, time.time() + 5))
+    assert tokens.lookup("token-a") is None and tokens.lookup("token-b").role is Role.ADMIN
+    f.write_text("tokens: [{name: carol}]")
+    os.utime(f, (time.time() + 10, time.time() + 10))
+    assert tokens.lookup("token-b") is not None  # kept
