@@ -3,13 +3,21 @@ routability and power override recorded on them) and the nodes, read through the
 operator's Kubernetes calls (`operator/kube.py`) and its readers of the pod's state
 (`operator/manifests.py`), so the API reports exactly what `KubeFleet` writes."""
 
+import logging
+import re
 import time
 
 from fleetwise.fleet import WorkerRef
 from fleetwise.operator import manifests as m
 from fleetwise.operator.kube import Kube
+from fleetwise.spec import PowerBudgetSpec
+from fleetwise.telemetry import catalog
+from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError
 
-from .view import NodeInfo, WorkerInfo
+from .view import NodeInfo, PowerDomainInfo, WorkerInfo
+
+log = logging.getLogger(__name__)
+DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 SELECTOR = f"{m.MANAGED_BY}=fleetwise,{m.LABEL_ROLE}"
 
@@ -33,8 +41,11 @@ def worker_info(pod: dict, now: float) -> WorkerInfo:
 
 
 class KubeView:
-    def __init__(self, kube: Kube) -> None:
-        self.kube = kube
+    """`prometheus`: where the GPUs' power is read (the DCGM exporter's series, by node as
+    its `Hostname`); without it, domains have no measured power."""
+
+    def __init__(self, kube: Kube, prometheus: PrometheusClient | None = None) -> None:
+        self.kube, self.prometheus = kube, prometheus
 
     def workers(self) -> list[WorkerInfo]:
         now = time.time()
@@ -52,3 +63,27 @@ class KubeView:
                          bool((n.get("spec") or {}).get("unschedulable")),
                          ((n["metadata"].get("annotations") or {}).get(m.ANNOTATION_CORDON_REASON, "")))
                 for n in self.kube.nodes()]
+
+    def power_domains(self) -> list[PowerDomainInfo]:
+        nodes = self.kube.nodes()
+        found = []
+        for body in self.kube.power_budgets():
+            spec = PowerBudgetSpec.model_validate(body.get("spec") or {})
+            members = sorted(n["metadata"]["name"] for n in nodes
+                             if spec.node_selector.items() <= (n["metadata"].get("labels") or {}).items())
+            watts, gpus, age = self._measure(members)
+            found.append(PowerDomainInfo(body["metadata"]["name"], spec.limit_watts, spec.oversubscription, members,
+                                         watts, gpus, age))
+        return found
+
+    def _measure(self, nodes: list[str]) -> tuple[float | None, int, float | None]:
+        if self.prometheus is None or not nodes:
+            return None, 0, None
+        # node names are DNS names: only the dot is special in the regex; PromQL's string doubles the backslash
+        hosts = "|".join(n.replace(".", "\\\\.") for n in nodes if DNS_NAME.fullmatch(n))
+        try:
+            latest = self.prometheus.latest(f'{catalog.DCGM_POWER_USAGE}{{Hostname=~"{hosts}"}}')
+        except PrometheusError as e:
+            log.warning("no power reading: %s", e)
+            return None, 0, None
+        return latest.total(), len(latest.samples), None if latest.missing else latest.age_seconds

@@ -14,19 +14,24 @@ from .deps import Ctx
 from .store import Store
 
 
-def run(database: str, book: Tokens, host: str, port: int, kubeconfig: str | None, limits: Limits) -> None:
+def run(database: str, book: Tokens, host: str, port: int, kubeconfig: str | None, limits: Limits,
+        prometheus_url: str | None = None) -> None:
     from fleetwise.operator.actions import KubeFleet
     from fleetwise.operator.kube import Kube
     from fleetwise.operator.main import load_client
 
     from .kube_view import KubeView
     configure_logs(logging.INFO)
+    from fleetwise.telemetry.prometheus import PrometheusClient
     kube = Kube(load_client(kubeconfig))
+    prometheus = PrometheusClient(prometheus_url) if prometheus_url else None
     store = Store(database)
     try:
-        serve(create_app(Ctx(store, KubeView(kube), KubeFleet(kube)), book, limits), host, port)
+        serve(create_app(Ctx(store, KubeView(kube, prometheus), KubeFleet(kube)), book, limits), host, port)
     finally:
         store.close()
+        if prometheus is not None:
+            prometheus.close()
 
 
 def make_token(name: str, role: Role) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""The admin API's reads, under /api/v1: the fleet's overview, incidents, power and
+"""The admin API's reads, under /api/v1: the fleet's overview, power domains, incidents, power and
 remediation actions (any role), the audit log (admin). Lists are newest first, paged by
 `cursor`."""
 
@@ -18,6 +18,8 @@ from .schemas import (
     IncidentPage,
     NodeOut,
     PowerActionPage,
+    PowerDomainOut,
+    PowerDomainsOut,
     PowerOverrideOut,
     RemediationPage,
     WorkerOut,
@@ -62,6 +64,16 @@ def fleet(ctx: Ctx = CTX, _=require(Role.VIEWER)) -> FleetOut:
     return FleetOut(workers=[worker_out(w) for w in ctx.view.workers()], at=time.time(),
                     nodes=[NodeOut(name=n.name, ready=n.ready, cordoned=n.cordoned, reason=n.reason)
                            for n in ctx.view.nodes()])
+
+
+@router.get("/power-domains", response_model=PowerDomainsOut, responses=errors(),
+            summary="Power domains: budget, measured draw, headroom")
+def power_domains(ctx: Ctx = CTX, _=require(Role.VIEWER)) -> PowerDomainsOut:
+    return PowerDomainsOut(at=time.time(), domains=[PowerDomainOut(
+        name=d.name, limit_watts=d.limit_watts, oversubscription=d.oversubscription, nodes=d.nodes,
+        measured_watts=d.measured_watts, gpus_measured=d.gpus_measured, measured_age_seconds=d.measured_age_seconds,
+        headroom_watts=None if d.measured_watts is None else d.limit_watts - d.measured_watts)
+        for d in ctx.view.power_domains()])
 
 
 @router.get("/incidents", response_model=IncidentPage, responses=errors(), summary="Incidents, newest first")

@@ -62,6 +62,22 @@ class FleetOut(BaseModel):
     at: float = Field(description="When this was read, in seconds since the epoch.")
 
 
+class PowerDomainOut(BaseModel):
+    name: str = Field(description="The PowerBudget's name.")
+    limit_watts: float = Field(description="The domain's budget, in watts.")
+    oversubscription: float = Field(description="How far placement may oversubscribe the budget by nameplate.")
+    nodes: list[str] = Field(description="The nodes its selector matches.")
+    measured_watts: float | None = Field(description="What its GPUs draw now; null without a reading (never 0).")
+    gpus_measured: int = Field(description="How many GPUs the reading covers.")
+    measured_age_seconds: float | None = Field(description="The age of the oldest sample in the reading.")
+    headroom_watts: float | None = Field(description="limit_watts - measured_watts; null without a reading.")
+
+
+class PowerDomainsOut(BaseModel):
+    domains: list[PowerDomainOut] = Field(description="Every PowerBudget (none under fleetwise up).")
+    at: float = Field(description="When this was read, in seconds since the epoch.")
+
+
 class ActionIn(In):
     reason: str = Reason
 

@@ -1,5 +1,6 @@
 """What the admin API reads about the fleet, through one small interface (`FleetView`),
-so its routes are the same under `fleetwise up` and in a cluster. Acting goes through
+so its routes are the same under `fleetwise up` and in a cluster (where the power domains
+are; one machine has none). Acting goes through
 `FleetActions` (`fleetwise/fleet.py`), never through a view: there is one way to
 quarantine. `LocalView` reads `fleetwise up`'s `LocalFleet`; `admin/kube_view.py` reads
 worker pods and nodes from Kubernetes."""
@@ -31,12 +32,27 @@ class NodeInfo:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class PowerDomainInfo:
+    """A PowerBudget's domain: its budget, its nodes and what its GPUs draw now. `measured_watts`
+    is None when there is no reading (no Prometheus, no series): never 0."""
+    name: str
+    limit_watts: float
+    oversubscription: float
+    nodes: list[str]
+    measured_watts: float | None
+    gpus_measured: int
+    measured_age_seconds: float | None
+
+
 class FleetView(Protocol):
     def workers(self) -> list[WorkerInfo]: ...
 
     def worker(self, namespace: str, name: str) -> WorkerInfo | None: ...
 
     def nodes(self) -> list[NodeInfo]: ...
+
+    def power_domains(self) -> list[PowerDomainInfo]: ...
 
 
 class LocalView:
@@ -54,6 +70,9 @@ class LocalView:
 
     def nodes(self) -> list[NodeInfo]:
         return []
+
+    def power_domains(self) -> list[PowerDomainInfo]:
+        return []  # one machine: no PowerBudget
 
     def _info(self, name: str) -> WorkerInfo:
         w = self.fleet.workers[name]

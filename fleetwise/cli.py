@@ -258,6 +258,8 @@ def admin(
     max_body_kib: int = typer.Option(64, "--max-body-kib", min=1, help="The largest request body; beyond it 413."),
     rate: float = typer.Option(20.0, "--rate", min=0.1, help="Requests per second per token; beyond it 429."),
     burst: int = typer.Option(40, "--burst", min=1, help="Requests at once per token."),
+    prometheus_url: str = typer.Option(None, "--prometheus-url", envvar="FLEETWISE_PROMETHEUS_URL",
+                                       help="Where the GPUs' power is read, for the power domains' headroom."),
 ):
     """Run the admin API against the cluster's worker pods and nodes."""
     if ctx.invoked_subcommand is not None:
@@ -272,7 +274,7 @@ def admin(
         book = TokenFile(tokens)
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tokens")
-    run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin))
+    run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin), prometheus_url)
 
 
 @admin_app.command("token")

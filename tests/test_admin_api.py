@@ -19,6 +19,7 @@ REASON = {"reason": "drill"}
 # (method, path, body, the least role that may)
 ENDPOINTS = [
     ("GET", f"{V}/fleet", None, Role.VIEWER),
+    ("GET", f"{V}/power-domains", None, Role.VIEWER),
     ("GET", f"{V}/incidents", None, Role.VIEWER),
     ("GET", f"{V}/incidents/1", None, Role.VIEWER),
     ("GET", f"{V}/actions/power", None, Role.VIEWER),

@@ -1,15 +1,19 @@
 """`fleetwise admin` in a cluster: a real process over a real kube-apiserver (with the
 operator placing kwok worker pods), reading the fleet through `KubeView` and acting through
-`KubeFleet`, so what the API says and does is what is on the pods and nodes."""
+`KubeFleet`, so what the API says and does is what is on the pods and nodes; power domains
+from the PowerBudgets, their draw from a real Prometheus."""
 
 import time
 
 import httpx
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from fleetwise.admin.auth import Role, token_entry
 from fleetwise.procs import Process, fleetwise_argv, wait_healthy
+from fleetwise.telemetry import catalog
+from fleetwise.telemetry.prometheus_server import PrometheusServer
 from fleetwise.testenv.cluster import (
     apply,
     create_namespace,
@@ -30,11 +34,32 @@ H = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def admin_api(tmp_path_factory):
+def prometheus(tmp_path_factory):
+    """A real Prometheus scraping GPU power in the DCGM exporter's shape: a100-0's 8 GPUs draw
+    300 W each; a100-1 has no exporter (no reading, never 0); a100-2.rack one GPU at 250 W."""
+    registry = CollectorRegistry()
+    gauge = Gauge(catalog.DCGM_POWER_USAGE, "Power draw (W).", list(catalog.DCGM_LABELS), registry=registry)
+    for gpu in range(8):
+        gauge.labels(str(gpu), f"GPU-{gpu}", A100, "a100-0").set(300.0)
+    gauge.labels("0", "GPU-x", A100, "a100-2.rack").set(250.0)  # a dotted name: no regex wildcard
+    port = free_port()
+    exporter, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"), {"dcgm": [f"127.0.0.1:{port}"]},
+                            scrape_interval=0.5).start()
+    yield prom.url
+    prom.stop()
+    exporter.shutdown()
+
+
+@pytest.fixture(scope="module")
+def admin_api(tmp_path_factory, prometheus):
     workdir = tmp_path_factory.mktemp("k8s")
     c = start_cluster(workdir)
-    for i in range(2):
-        apply(c, gpu_node(f"a100-{i}", A100))
+    for i, name in enumerate(("a100-0", "a100-1", "a100-2.rack")):
+        apply(c, gpu_node(name, A100, labels={"row": f"r{i}"}))
+    for i in range(3):
+        apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "PowerBudget", "metadata": {"name": f"row-{i}"},
+                  "spec": {"nodeSelector": {"row": f"r{i}"}, "limitWatts": 3000}})
     create_namespace(c, NS)
     kc = operator_kubeconfig(c)
     op = start_operator(c, kc)
@@ -43,7 +68,8 @@ def admin_api(tmp_path_factory):
     port = free_port()
     # the operator's account: the chart gives the admin service a role of its own with the same verbs
     api = Process("admin", fleetwise_argv("admin", "--tokens", str(tokens), "--database", str(workdir / "admin.db"),
-                                          "--host", "127.0.0.1", "--port", str(port), "--kubeconfig", str(kc)),
+                                          "--host", "127.0.0.1", "--port", str(port), "--kubeconfig", str(kc),
+                                          "--prometheus-url", prometheus),
                   workdir / "admin.log", f"http://127.0.0.1:{port}", die_with_parent=True)
     api.start()
     try:
@@ -78,11 +104,12 @@ def test_the_api_reads_and_acts_on_pods_and_nodes(admin_api):
         return httpx.get(f"{api}/fleet", headers=H, timeout=10).json()
     wait_for(lambda: sum(w["health"] == "ready" for w in fleet()["workers"]) == 2, 90, what="two ready workers")
     f = fleet()
-    assert {n["name"] for n in f["nodes"]} == {"a100-0", "a100-1"} and not any(n["cordoned"] for n in f["nodes"])
+    assert {n["name"] for n in f["nodes"]} == {"a100-0", "a100-1", "a100-2.rack"}
+    assert not any(n["cordoned"] for n in f["nodes"])
     w = f["workers"][0]
     assert (w["namespace"], w["role"], w["model"], w["deployment"], w["state"]) == (NS, "mixed", "chat", "chat",
                                                                                     "serving")
-    assert w["node"] in ("a100-0", "a100-1")
+    assert w["node"] in ("a100-0", "a100-1", "a100-2.rack")
 
     r = httpx.post(f"{api}/workers/{NS}/{w['name']}/quarantine", headers=H, json={"reason": "xid 79"})
     assert r.status_code == 200 and r.json()["state"] == "quarantined", r.text
@@ -109,3 +136,18 @@ def test_the_api_reads_and_acts_on_pods_and_nodes(admin_api):
     time.sleep(0.2)
     audit = httpx.get(f"{api}/audit", headers=H).json()["items"]
     assert [a["outcome"] for a in audit] == ["refused", "refused", "ok", "ok", "ok", "ok"]
+
+
+@pytest.mark.cluster
+def test_power_domains_have_their_budget_nodes_and_measured_headroom(admin_api):
+    _, api = admin_api
+
+    def domains() -> dict:
+        return {d["name"]: d for d in httpx.get(f"{api}/power-domains", headers=H, timeout=10).json()["domains"]}
+    wait_for(lambda: domains()["row-0"]["gpus_measured"] == 8, 30, what="a power reading")
+    d = domains()
+    assert d["row-0"]["nodes"] == ["a100-0"] and d["row-0"]["measured_watts"] == 2400
+    assert d["row-0"]["headroom_watts"] == 600 and 0 <= d["row-0"]["measured_age_seconds"] < 10
+    assert d["row-1"]["nodes"] == ["a100-1"] and d["row-1"]["limit_watts"] == 3000
+    assert d["row-1"]["measured_watts"] is None and d["row-1"]["headroom_watts"] is None  # no reading is not 0 W
+    assert d["row-2"]["nodes"] == ["a100-2.rack"] and d["row-2"]["measured_watts"] == 250
