@@ -228,3 +228,19 @@ def test_a_changed_tokens_file_is_read_again_and_a_broken_one_keeps_the_old_toke
     f.write_text("tokens: [{name: carol}]")
     os.utime(f, (time.time() + 10, time.time() + 10))
     assert tokens.lookup("token-b") is not None  # kept
+
+
+def test_the_schema_describes_every_field_and_parameter_and_every_error_is_a_problem(matrix):
+    _, client = matrix
+    schema = client.get("/openapi.json").json()
+    bare = [f"{name}.{prop}" for name, s in schema["components"]["schemas"].items()
+            for prop, p in (s.get("properties") or {}).items() if not p.get("description")]
+    assert not bare, f"fields without a description: {bare}"
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            assert op.get("summary"), f"{method} {path}"
+            assert all(p.get("description") for p in op.get("parameters", [])), f"{method} {path}"
+            for code, response in op["responses"].items():
+                if code >= "400":
+                    assert list(response["content"]) == ["application/problem+json"], f"{method} {path} {code}"
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
