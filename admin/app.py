@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
@@ -48,6 +48,15 @@ def create_app(ctx: Ctx, tokens: Tokens, limits: Limits | None = None) -> FastAP
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        """Ready while the store answers: a Service sends nothing to a replica whose database is gone."""
+        try:
+            ctx.store.ping()
+        except Exception as e:
+            return problems.problem(503, f"the store does not answer: {type(e).__name__}", "/readyz")
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -123,10 +123,12 @@ def test_records_wait_out_a_database_outage(tmp_path, sink_to):
             sink.incident("ecc_errors", "node", "gpu-7", summary="while the database was down")
             until(lambda: value(metrics, "fleetwise_operator_admin_api_up") == 0)  # the API answered 5xx
             assert value(metrics, "fleetwise_operator_admin_records_queued") == 1
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 503
             cluster.start()
             until(lambda: value(metrics, "fleetwise_operator_admin_records_queued") == 0)
             found = httpx.get(f"http://127.0.0.1:{port}/api/v1/incidents", headers=headers(Role.VIEWER)).json()
             assert [i["subject"] for i in found["items"]] == ["gpu-7"]
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
         finally:
             server.stop()
             store.close()
