@@ -197,6 +197,12 @@ def test_cors_only_when_configured(tmp_path):
         assert "access-control-allow-origin" not in a.get(f"{V}/fleet", headers=origin | headers(Role.VIEWER)).headers
         r = b.get(f"{V}/fleet", headers=origin | headers(Role.VIEWER))
         assert r.headers["access-control-allow-origin"] == "https://ops.example"
+        preflight = origin | {"Access-Control-Request-Method": "POST",
+                              "Access-Control-Request-Headers": "authorization"}
+        r = b.options(f"{V}/workers/local/mixed-0/quarantine", headers=preflight)  # a preflight carries no token
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ops.example"
+        r = b.options(f"{V}/fleet", headers=preflight | {"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
 
 
 def test_tokens_file_holds_hashes_and_a_bad_entry_is_named(tmp_path):
@@ -244,3 +250,13 @@ def test_the_schema_describes_every_field_and_parameter_and_every_error_is_a_pro
                 if code >= "400":
                     assert list(response["content"]) == ["application/problem+json"], f"{method} {path} {code}"
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_the_rate_limiter_refills_and_forgets_the_least_recent_callers():
+    from fleetwise.admin.auth import RateLimiter
+    limiter = RateLimiter(rate=2, burst=2, max_callers=3)
+    assert [limiter.take("a", now=0.0) for _ in range(3)] == [0, 0, 0.5]
+    assert limiter.take("a", now=0.5) == 0  # one refilled in half a second
+    for caller in "bcd":
+        limiter.take(caller, now=1.0)
+    assert list(limiter.buckets) == ["b", "c", "d"]  # bounded: "a" went first
