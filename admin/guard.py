@@ -5,6 +5,7 @@ and the audit: every request that would change something is recorded with its ac
 request and how it ended, whether it was done, refused, invalid or denied."""
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ class Guard:
                  audit: Callable[..., Any], prefix: str = "/api/") -> None:
         self.app, self.tokens, self.limiter, self.max_body = app, tokens, limiter, max_body
         self.audit, self.prefix = audit, prefix
+        self.streaks: OrderedDict[str, None] = OrderedDict()  # callers over the rate, audited once
 
     def identify(self, headers: dict[bytes, bytes]) -> tuple[Principal | None, str]:
         raw = headers.get(b"authorization", b"").decode("latin-1")
@@ -85,9 +87,13 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
+        caller = principal.name if principal else "anonymous@" + str((scope.get("client") or ("?",))[0])
+        audited = True
         try:
-            wait = self.limiter.take(principal.name if principal else "anonymous@" + str((scope.get("client")
-                                                                                          or ("?",))[0]))
+            wait = self.limiter.take(caller)
+            audited = self._audit_limited(caller) if wait and scope["method"] not in READS else True
+            if not wait:
+                self.streaks.pop(caller, None)
             if wait:
                 state["audit_detail"] = f"over {self.limiter.rate:g} requests/s; retry in {wait:.1f} s"
                 await problem(429, state["audit_detail"], scope["path"],
@@ -105,8 +111,18 @@ class Guard:
                 return
             await self.app(scope, _replay(body, receive), sending)
         finally:
-            if scope["method"] not in READS:
+            if scope["method"] not in READS and audited:
                 await self._audit(scope, principal, body, status, rid)
+
+    def _audit_limited(self, caller: str) -> bool:
+        """Whether to audit a mutation over the rate: a flood writes one entry per caller and
+        streak, not one per request (that would let it fill the store the limit protects)."""
+        if caller in self.streaks:
+            return False
+        self.streaks[caller] = None
+        while len(self.streaks) > self.limiter.max_callers:
+            self.streaks.popitem(last=False)
+        return True
 
     async def _audit(self, scope: Scope, principal: Principal | None, body: bytes, status: int, rid: str) -> None:
         state = scope["state"]
