@@ -91,10 +91,10 @@ class Guard:
         audited = True
         try:
             wait = self.limiter.take(caller)
-            audited = self._audit_limited(caller) if wait and scope["method"] not in READS else True
             if not wait:
                 self.streaks.pop(caller, None)
-            if wait:
+            else:
+                audited = scope["method"] in READS or self._audit_limited(caller)
                 state["audit_detail"] = f"over {self.limiter.rate:g} requests/s; retry in {wait:.1f} s"
                 await problem(429, state["audit_detail"], scope["path"],
                               {"Retry-After": retry_after(wait)})(scope, receive, sending)
