@@ -58,9 +58,12 @@ class Tokens(Protocol):
 
 
 class TokenBook:
-    def __init__(self, entries: list[tuple[str, Role, str]]) -> None:
-        """`entries`: (name, role, sha256 hex)."""
+    def __init__(self, entries: list[tuple[str, Role, str]], accounts: dict[str, Role] | None = None) -> None:
+        """`entries`: (name, role, sha256 hex); `accounts`: the role of each Kubernetes user
+        (system:serviceaccount:NS:NAME) whose tokens a TokenReview vouches for
+        (`admin/token_review.py`)."""
         self.entries = [(name, role, bytes.fromhex(h)) for name, role, h in entries]
+        self.accounts = accounts or {}
 
     def lookup(self, token: str) -> Principal | None:
         presented = hashlib.sha256(token.encode()).digest()
@@ -87,7 +90,15 @@ class TokenBook:
             if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
                 raise ValueError(f"{where}: sha256 must be 64 hex digits (the token's SHA-256, not the token)")
             entries.append((str(e["name"]), Role[str(e["role"]).upper()], h))
-        return cls(entries)
+        accounts = {}
+        for i, a in enumerate(doc.get("serviceAccounts") or []):
+            where = f"{file}: serviceAccounts[{i}]"
+            if not isinstance(a, dict) or not str(a.get("name", "")).startswith("system:serviceaccount:"):
+                raise ValueError(f"{where}: needs name (system:serviceaccount:NAMESPACE:NAME) and role")
+            if str(a.get("role", "")).upper() not in Role.__members__:
+                raise ValueError(f"{where}: role must be viewer, operator or admin, not {a.get('role')!r}")
+            accounts[str(a["name"])] = Role[str(a["role"]).upper()]
+        return cls(entries, accounts)
 
 
 class TokenFile:

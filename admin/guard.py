@@ -45,12 +45,15 @@ class Guard:
         self.audit, self.prefix = audit, prefix
         self.streaks: OrderedDict[str, None] = OrderedDict()  # callers over the rate, audited once
 
-    def identify(self, headers: dict[bytes, bytes]) -> tuple[Principal | None, str]:
+    async def identify(self, headers: dict[bytes, bytes]) -> tuple[Principal | None, str]:
+        """In a thread: a lookup may ask Kubernetes (`admin/token_review.py`)."""
         raw = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = raw.partition(" ")
         if not raw:
             return None, "no bearer token: send Authorization: Bearer <token>"
-        principal = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        principal = None
+        if scheme.lower() == "bearer" and token.strip():
+            principal = await anyio.to_thread.run_sync(self.tokens.lookup, token.strip())
         return principal, "" if principal else "the bearer token is not valid"
 
     async def _body(self, receive: Receive, length: str | None) -> bytes:
@@ -75,7 +78,7 @@ class Guard:
             return
         headers = dict(scope["headers"])
         state = scope.setdefault("state", {})
-        principal, why = self.identify(headers)
+        principal, why = await self.identify(headers)
         rid = incoming_request_id(headers.get(b"x-request-id"))
         state.update(principal=principal, auth_error=why, request_id=rid)
         status, body = 500, b""

@@ -9,13 +9,14 @@ import yaml
 from fleetwise.logs import configure as configure_logs
 
 from .app import Limits, create_app, serve
-from .auth import Role, Tokens, new_token, token_entry
+from .auth import Role, TokenFile, Tokens, new_token, token_entry
 from .deps import Ctx
 from .store import Store
+from .token_review import ReviewedTokens
 
 
-def run(database: str, book: Tokens, host: str, port: int, kubeconfig: str | None, limits: Limits,
-        prometheus_url: str | None = None) -> None:
+def run(database: str, book: TokenFile, host: str, port: int, kubeconfig: str | None, limits: Limits,
+        prometheus_url: str | None = None, token_review: bool = False) -> None:
     from fleetwise.operator.actions import KubeFleet
     from fleetwise.operator.kube import Kube
     from fleetwise.operator.main import load_client
@@ -24,10 +25,11 @@ def run(database: str, book: Tokens, host: str, port: int, kubeconfig: str | Non
     configure_logs(logging.INFO)
     from fleetwise.telemetry.prometheus import PrometheusClient
     kube = Kube(load_client(kubeconfig))
+    tokens: Tokens = ReviewedTokens(book, kube.review_token) if token_review else book
     prometheus = PrometheusClient(prometheus_url) if prometheus_url else None
     store = Store(database)
     try:
-        serve(create_app(Ctx(store, KubeView(kube, prometheus), KubeFleet(kube)), book, limits), host, port)
+        serve(create_app(Ctx(store, KubeView(kube, prometheus), KubeFleet(kube)), tokens, limits), host, port)
     finally:
         store.close()
         if prometheus is not None:

@@ -260,6 +260,9 @@ def admin(
     burst: int = typer.Option(40, "--burst", min=1, help="Requests at once per token."),
     prometheus_url: str = typer.Option(None, "--prometheus-url", envvar="FLEETWISE_PROMETHEUS_URL",
                                        help="Where the GPUs' power is read, for the power domains' headroom."),
+    token_review: bool = typer.Option(False, "--token-review",
+                                      help="Also take Kubernetes ServiceAccount tokens (a TokenReview), for the "
+                                           "accounts the tokens file lists under serviceAccounts."),
 ):
     """Run the admin API against the cluster's worker pods and nodes."""
     if ctx.invoked_subcommand is not None:
@@ -274,7 +277,8 @@ def admin(
         book = TokenFile(tokens)
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tokens")
-    run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin), prometheus_url)
+    run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin), prometheus_url,
+        token_review)
 
 
 @admin_app.command("token")

@@ -264,3 +264,29 @@ def test_the_rate_limiter_refills_and_forgets_the_least_recent_callers():
     for caller in "bcd":
         limiter.take(caller, now=1.0)
     assert list(limiter.buckets) == ["b", "c", "d"]  # bounded: "a" went first
+
+
+def test_reviewed_tokens_ask_once_per_ttl_and_never_keep_a_failed_review(tmp_path):
+    from fleetwise.admin.token_review import ReviewedTokens
+    f = tmp_path / "tokens.yaml"
+    sa = "system:serviceaccount:fleetwise-system:fleetwise-operator"
+    f.write_text(yaml.safe_dump({"tokens": [token_entry("alice", Role.VIEWER, "token-a")],
+                                 "serviceAccounts": [{"name": sa, "role": "operator"}]}))
+    asked: list[str] = []
+    users = {"sa-token": sa, "other-token": "system:serviceaccount:x:y"}
+
+    def review(token: str) -> str | None:  # stands in for the API server's TokenReview (tested in a cluster)
+        asked.append(token)
+        if token == "flaky":
+            raise ConnectionError("apiserver down")
+        return users.get(token)
+    tokens = ReviewedTokens(TokenFile(f), review, ttl=60)
+    assert tokens.lookup("token-a").name == "alice" and asked == []  # the file's tokens need no review
+    assert tokens.lookup("sa-token") == tokens.lookup("sa-token")
+    assert tokens.lookup("sa-token").role is Role.OPERATOR and asked == ["sa-token"]  # once per ttl
+    assert tokens.lookup("other-token") is None and tokens.lookup("other-token") is None
+    assert asked.count("other-token") == 1
+    assert tokens.lookup("flaky") is None and tokens.lookup("flaky") is None and asked.count("flaky") == 2
+    f.write_text(yaml.safe_dump({"serviceAccounts": [{"name": "alice", "role": "viewer"}]}))
+    with pytest.raises(ValueError, match=r"serviceAccounts\[0\]: needs name"):
+        TokenBook.load(f)

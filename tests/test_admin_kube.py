@@ -31,6 +31,15 @@ NS = "adm"
 A100 = "NVIDIA-A100-SXM4-80GB"
 TOKEN = "the-cluster-admin-token"
 H = {"authorization": f"Bearer {TOKEN}"}
+OPERATOR_SA = "system:serviceaccount:fleetwise-system:t-fleetwise-operator"
+TOKEN_REVIEWER = [
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "t-token-reviewer"},
+     "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+     "metadata": {"name": "t-token-reviewer"},
+     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "t-token-reviewer"},
+     "subjects": [{"kind": "ServiceAccount", "name": "t-fleetwise-operator", "namespace": "fleetwise-system"}]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +73,15 @@ def admin_api(tmp_path_factory, prometheus):
     kc = operator_kubeconfig(c)
     op = start_operator(c, kc)
     tokens = workdir / "tokens.yaml"
-    tokens.write_text(yaml.safe_dump({"tokens": [token_entry("ops", Role.ADMIN, TOKEN)]}))
+    tokens.write_text(yaml.safe_dump({"tokens": [token_entry("ops", Role.ADMIN, TOKEN)],
+                                      "serviceAccounts": [{"name": OPERATOR_SA, "role": "operator"}]}))
+    # what the chart grants the admin service's account, to ask who a ServiceAccount token is
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(TOKEN_REVIEWER))
     port = free_port()
     # the operator's account: the chart gives the admin service a role of its own with the same verbs
     api = Process("admin", fleetwise_argv("admin", "--tokens", str(tokens), "--database", str(workdir / "admin.db"),
                                           "--host", "127.0.0.1", "--port", str(port), "--kubeconfig", str(kc),
-                                          "--prometheus-url", prometheus),
+                                          "--prometheus-url", prometheus, "--token-review"),
                   workdir / "admin.log", f"http://127.0.0.1:{port}", die_with_parent=True)
     api.start()
     try:
@@ -151,3 +163,17 @@ def test_power_domains_have_their_budget_nodes_and_measured_headroom(admin_api):
     assert d["row-1"]["nodes"] == ["a100-1"] and d["row-1"]["limit_watts"] == 3000
     assert d["row-1"]["measured_watts"] is None and d["row-1"]["headroom_watts"] is None  # no reading is not 0 W
     assert d["row-2"]["nodes"] == ["a100-2.rack"] and d["row-2"]["measured_watts"] == 250
+
+
+@pytest.mark.cluster
+def test_a_listed_service_account_s_token_gets_its_role_and_no_other_does(admin_api):
+    c, api = admin_api
+    sa = c.kubectl("create", "token", "t-fleetwise-operator", "-n", "fleetwise-system").stdout.strip()
+    r = httpx.post(f"{api}/incidents", headers={"authorization": f"Bearer {sa}"},
+                   json={"kind": "ecc_errors", "subject_kind": "node", "subject": "a100-1"})
+    assert r.status_code == 201 and r.json()["source"] == OPERATOR_SA
+    r = httpx.get(f"{api}/audit", headers={"authorization": f"Bearer {sa}"})
+    assert r.status_code == 403  # an operator, not an admin
+    other = c.kubectl("create", "token", "default", "-n", NS).stdout.strip()
+    r = httpx.get(f"{api}/fleet", headers={"authorization": f"Bearer {other}"})
+    assert r.status_code == 401  # a real token, but of an account the file does not list
