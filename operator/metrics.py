@@ -16,3 +16,11 @@ class OperatorMetrics:
                              ["reason"], registry=r)
         self.api_requests = Counter(c.OPERATOR_API_REQUESTS, "Kubernetes API requests.", ["verb", "resource"],
                                     registry=r)
+        self.admin_up = Gauge(c.OPERATOR_ADMIN_UP, "1 while records reach the admin API; 0 during an outage.",
+                              registry=r)
+        self.admin_outage = Counter(c.OPERATOR_ADMIN_OUTAGE_SECONDS,
+                                    "Seconds with records queued that could not reach the admin API.", registry=r)
+        self.admin_queued = Gauge(c.OPERATOR_ADMIN_QUEUED, "Records waiting for the admin API.", registry=r)
+        self.admin_sent = Counter(c.OPERATOR_ADMIN_SENT, "Records the admin API accepted.", registry=r)
+        self.admin_dropped = Counter(c.OPERATOR_ADMIN_DROPPED, "Records given up on: the queue was full "
+                                     "(the oldest goes) or the admin API refused them.", ["reason"], registry=r)
