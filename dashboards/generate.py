@@ -140,7 +140,7 @@ OPERATOR = Dashboard("fleetwise-operator", "fleetwise / operator",
         Panel("Pod created -> bound", "s", [
             (f"histogram_quantile({q}, sum by (le) (rate({c.OPERATOR_BIND_SECONDS}_bucket{RATE})))", f"p{p}")
             for q, p in ((0.5, 50), (0.99, 99))]),
-        Panel("Workers by routability", "short", [(f"sum by (state) ({c.WORKERS_BY_STATE})", "{{state}}")]),
+        Panel("Workers by routability", "short", [(f"sum by (state) ({c.OPERATOR_WORKERS})", "{{state}}")]),
     ],
 })
 

@@ -55,14 +55,15 @@ OPERATOR_BIND_SECONDS = "fleetwise_operator_bind_seconds"        # histogram: po
 OPERATOR_PENDING_PODS = "fleetwise_operator_pending_pods"        # gauge: reason
 OPERATOR_API_REQUESTS = "fleetwise_operator_api_requests"        # counter: verb, resource
 
+OPERATOR_WORKERS = "fleetwise_operator_workers"                  # gauge: namespace, deployment, state (routability)
+
 # Named for the chart's alerts and the dashboards before their exporters exist (the power
-# loop, fault detection, the operator's count of workers by routability); NOT_EXPORTED_YET
-# lists them until a part exports each, and tests/test_dashboards.py keeps the list honest.
+# loop, fault detection); NOT_EXPORTED_YET lists them until a part exports each, and
+# tests/test_dashboards.py keeps the list honest.
 POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: domain; the domain's draw, W
 POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: domain; its PowerBudget's limitWatts
 INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: kind; fault incidents not yet resolved
-WORKERS_BY_STATE = "fleetwise_operator_workers"                  # gauge: namespace, deployment, state (routability)
-NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS, INCIDENTS_OPEN, WORKERS_BY_STATE)
+NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS, INCIDENTS_OPEN)
 
 # GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
 # and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter

@@ -9,8 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleetwise.testenv.cluster import (
     CHART,
@@ -123,6 +125,16 @@ def test_a_bad_uri_is_refused_by_the_api_server_naming_the_field(installed):
     assert r.returncode != 0 and "tokenSecret is for hf:// models only" in r.stderr
 
 
+def workers_gauge(op, deployment: str, state: str) -> float | None:
+    text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fleetwise_operator_workers" and sample.labels == {
+                    "namespace": NS, "deployment": deployment, "state": state}:
+                return sample.value
+    return None
+
+
 def test_the_operator_as_the_charts_service_account_gives_each_uri_its_pod(installed):
     cluster, _ = installed
     op = start_operator(cluster, operator_kubeconfig(cluster))
@@ -137,6 +149,12 @@ def test_the_operator_as_the_charts_service_account_gives_each_uri_its_pod(insta
             return items[0] if items else None
 
         pods = {n: wait_for(lambda n=n: pod(n), 90, what=f"{n}'s pod") for n in ("image", "claim", "hub")}
+        # the quarantine alert's series: each deployment's workers by routability state
+        wait_for(lambda: workers_gauge(op, "image", "serving") == 1, 30, what="serving workers counted")
+        victim = pods["image"]["metadata"]["name"]
+        cluster.kubectl("annotate", "pod", victim, "-n", NS, "fleetwise.dev/routability=quarantined")
+        cluster.kubectl("label", "--overwrite", "pod", victim, "-n", NS, "fleetwise.dev/routable=false")
+        wait_for(lambda: workers_gauge(op, "image", "quarantined") == 1, 60, what="the quarantined worker counted")
     finally:
         op.stop()
     image = pods["image"]["spec"]
