@@ -126,3 +126,26 @@ def test_fleetwise_worker_in_the_image_serves_tokens_on_loopback(worker_image):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         buildah("rm", c, check=False)
+
+
+def test_the_control_plane_image_runs_each_command_without_torch():
+    ensure_base()
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    fill_wheelhouse()
+    image = "localhost/fleetwise:test"
+    build = buildah("bud", "--isolation", "chroot", "-f", "images/control-plane.Containerfile",
+                    "--volume", f"{CA}:{CA}:ro", "--volume", f"{WHEELHOUSE}:/wheels:ro",
+                    "--build-arg", f"BASE={BASE}", "--build-arg", "PIP_FIND_LINKS=/wheels",
+                    "--build-arg", "PIP_NO_INDEX=1", "-t", image, str(ROOT), check=False)
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert '"User": "65532:65532"' in buildah("inspect", "--type", "image", image).stdout
+    c = buildah("from", image).stdout.strip()
+    try:
+        for command in ("operator", "router"):
+            r = buildah("run", "--isolation", "chroot", c, "--", "fleetwise", command, "--help", check=False)
+            assert r.returncode == 0 and "Usage" in r.stdout, r.stdout + r.stderr
+        r = buildah("run", "--isolation", "chroot", c, "--", "python", "-c", "import torch", check=False)
+        assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    finally:
+        buildah("rm", c)
+        buildah("rmi", image, check=False)
