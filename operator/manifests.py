@@ -133,7 +133,7 @@ def model_mount(spec: ModelDeploymentSpec) -> ModelMount:
         return ModelMount(directory, [{"name": "model", "persistentVolumeClaim": {"claimName": source.claim,
                                                                                    "readOnly": True}}], [mount])
     env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"},
-           {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+                       {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
     secret = spec.model.token_secret
     if secret is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})

@@ -84,7 +84,8 @@ def worker_image():
 def test_the_worker_image_runs_as_non_root_with_no_build_tools(worker_image):
     config = buildah("inspect", "--type", "image", worker_image).stdout
     assert '"User": "65532:65532"' in config
-    assert "org.opencontainers.image.version" in config and "org.opencontainers.image.source" in config
+    assert "org.opencontainers.image.version" in config and "org.opencontainers.image.revision" in config
+    assert f'"org.opencontainers.image.base.name": "{BASE}"' in config
     c = buildah("from", worker_image).stdout.strip()
     try:
         r = buildah("run", "--isolation", "chroot", c, "--", "sh", "-c",
