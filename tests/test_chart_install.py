@@ -85,6 +85,13 @@ def test_every_object_is_accepted_and_the_notes_say_what_next(installed):
         assert cluster.kubectl("get", kind, name, *ns, check=False).returncode == 0, (kind, name)
     assert {k for k, _ in kinds} >= {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "PodMonitor",
                                      "PrometheusRule", "ConfigMap", "Secret", "NetworkPolicy", "ClusterRole"}
+    # the other shape of the chart, the operator kept to named namespaces: checked by the API server too
+    create_namespace(cluster, "team-a")
+    scoped = helm(cluster, "template", "t", str(CHART), "-n", SYSTEM_NS, "--set", EVERYTHING,
+                  "--set", "operator.watchNamespaces={team-a}").stdout
+    dry = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=scoped, check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert 'role.rbac.authorization.k8s.io/t-fleetwise-operator created (server dry run)' in dry.stdout
     assert "kubectl get md" in notes and "port-forward svc/t-fleetwise-router" in notes
     assert "get secret t-fleetwise-admin-token" in notes and "kubectl apply --server-side" in notes
 
