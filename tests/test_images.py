@@ -8,6 +8,8 @@ CUDA build, gigabytes), so under the `image` marker, out of the default run:
 Wheels are taken from FLEETWISE_WHEELHOUSE (default ~/.cache/fleetwise/wheelhouse), filled
 by `pip download` on the first run, so a rebuild downloads nothing."""
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -56,12 +58,17 @@ def ensure_base() -> None:
 
 
 def fill_wheelhouse() -> None:
-    """Every wheel the image installs, for CPython 3.11 on x86-64 Linux (what the base has)."""
+    """Every wheel the image installs, for CPython 3.11 on x86-64 Linux (what the base has);
+    skipped when the wheelhouse was filled for these same requirements."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    marker = WHEELHOUSE / f".filled-{hashlib.sha256(json.dumps(deps).encode()).hexdigest()[:16]}"
+    if marker.exists():
+        return
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), "--only-binary=:all:",
                     "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
                     "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
                     "--platform", "linux_x86_64", *deps, "setuptools>=68", "wheel"], check=True, timeout=3600)
+    marker.touch()
 
 
 @pytest.fixture(scope="module")
