@@ -158,3 +158,16 @@ def test_the_admin_api_is_off_until_enabled_and_then_gets_its_token():
     # an existing Secret: the chart makes none
     own = render("--set", "admin.enabled=true,admin.tokenSecret=my-admin-tokens")
     assert not [d for d in own if d["kind"] == "Secret" and "admin" in d["metadata"]["name"]]
+
+
+def test_the_packaged_chart_carries_the_dashboards_and_not_their_generator(tmp_path):
+    import tarfile
+
+    from fleetwise.testenv.cluster import CHART
+    helm("package", str(CHART), "-d", str(tmp_path))
+    [archive] = tmp_path.glob("fleetwise-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {f"fleetwise/dashboards/{p.name}" for p in (ROOT / "dashboards").glob("*.json")} <= names
+    assert not [n for n in names if n.endswith(".py")]
+    assert "fleetwise/values.schema.json" in names
