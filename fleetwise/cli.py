@@ -34,6 +34,22 @@ def model_init(
     typer.echo(f"wrote a {preset} model to {path}")
 
 
+@model_app.command("download")
+def model_download(
+    uri: str = typer.Argument(..., help="hf://ORG/NAME@REVISION"),
+    out: Path = typer.Option(..., "--out", help="Directory to download the model into."),
+):
+    """Download a Hugging Face repository's model files (HF_TOKEN, HF_ENDPOINT apply)."""
+    from fleetwise.model_source import ModelUriError
+    from fleetwise.worker.model.hub import DownloadError, download
+    try:
+        path = download(uri, out)
+    except (ModelUriError, DownloadError) as e:  # one line, unwrapped, for the init container's log
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, ModelUriError) else 1)
+    typer.echo(f"downloaded {uri} to {path}")
+
+
 @app.command()
 def worker(
     model: Path = typer.Option(..., "--model", help="Model directory (Hugging Face layout)."),

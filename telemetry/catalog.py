@@ -61,6 +61,16 @@ OPERATOR_ADMIN_QUEUED = "fleetwise_operator_admin_records_queued"  # gauge
 OPERATOR_ADMIN_SENT = "fleetwise_operator_admin_records_sent"    # counter
 OPERATOR_ADMIN_DROPPED = "fleetwise_operator_admin_records_dropped"  # counter: reason (full, rejected)
 
+OPERATOR_WORKERS = "fleetwise_operator_workers"                  # gauge: namespace, deployment, state (routability)
+
+# Named for the chart's alerts and the dashboards before their exporters exist (the power
+# loop, fault detection); NOT_EXPORTED_YET lists them until a part exports each, and
+# tests/test_dashboards.py keeps the list honest.
+POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: domain; the domain's draw, W
+POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: domain; its PowerBudget's limitWatts
+INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: kind; fault incidents not yet resolved
+NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS, INCIDENTS_OPEN)
+
 # GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
 # and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter
 # and the modelled GPU that stands in where there is none (telemetry/modelled_gpu.py)
