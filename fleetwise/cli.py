@@ -304,5 +304,20 @@ def sim_run(
     raise typer.Exit(main([str(config), *(["--out", str(out)] if out else [])]))
 
 
+@sim_app.command("power")
+def sim_power(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
+    ratios: str = typer.Option("1.2,1.4,1.6,1.8,2.0", help="Fleet sizes to try, as multiples of the budget's."),
+    out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),
+):
+    """How many servers a row's power budget carries under each power controller (the operator's, POLCA's, none)."""
+    from fleetwise.sim.study import main
+    try:
+        grid = [float(r) for r in ratios.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--ratios must be numbers separated by commas, not {ratios!r}")
+    raise typer.Exit(main(config, grid, out))
+
+
 if __name__ == "__main__":
     app()

@@ -18,8 +18,9 @@ from fleetwise import gpus
 
 from . import trace
 from .engine import Settings, Simulation
-from .nodes import Layout, place_workers
+from .nodes import DOMAIN_LABEL, Layout, place_workers
 from .perf import perf_model
+from .power import PowerConfig, PowerLoop
 from .results import SimResult, summarise
 from .workers import Pool
 
@@ -36,6 +37,7 @@ class PoolConfig:
     tp: int = 4
     cap_watts: float | None = None    # per-GPU power cap; None: uncapped
     name: str = ""
+    priority: str = "High"            # High | Low: Low pools serve settings.low_priority_share of requests
 
 
 @dataclass
@@ -52,6 +54,7 @@ class SimConfig:
     slo_tbt_s: float = 0.1
     settings: Settings = field(default_factory=Settings)
     layout: Layout = field(default_factory=Layout)
+    power: PowerConfig | None = None   # the power controller in the loop; None: no power domains acted on
 
 
 def requests_for(config: SimConfig) -> list[trace.Request]:
@@ -71,12 +74,21 @@ def build(config: SimConfig) -> Simulation:
     pools = []
     for i, p in enumerate(config.pools):
         name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
-        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts),
-                      p.count))
+        if p.priority not in ("High", "Low"):
+            raise ValueError(f"pools[{i}].priority must be High or Low, not {p.priority!r}")
+        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts,
+                           p.priority), p.count))
     sim = Simulation(pools, config.settings, config.policy)
-    where, _, _ = place_workers(pools, config.layout)
+    where, nodes, domains = place_workers(pools, config.layout)
     for worker, node in zip(sim.workers, where):
         worker.node = node
+    if config.power is not None:
+        domain_of = {n.name: n.labels[DOMAIN_LABEL] for n in nodes}
+        loop = PowerLoop(domains, {w: domain_of[w.node] for w in sim.workers}, config.power)
+        loop.apply = sim.set_cap
+        sim.on_draw = lambda w: loop.draw(w, sim.now)
+        sim.on_tick = loop.tick
+        sim.power = loop
     return sim
 
 
@@ -88,7 +100,10 @@ def run_simulation(config: SimConfig, progress: Callable[[float], None] | None =
     started = time.perf_counter()
     flights = sim.run(requests, progress)
     wall = time.perf_counter() - started
-    return summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
+    result = summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
+    if sim.power is not None:
+        result.power = sim.power.report(sim.workers, sim.now)
+    return result
 
 
 def config_from_dict(raw: dict[str, Any]) -> SimConfig:
@@ -100,7 +115,9 @@ def config_from_dict(raw: dict[str, Any]) -> SimConfig:
     pools = [PoolConfig(**p) for p in raw.pop("pools")]
     settings = Settings(**raw.pop("settings", {}))
     layout = Layout(**raw.pop("layout", {}))
-    return SimConfig(pools=pools, settings=settings, layout=layout, **raw)
+    power = raw.pop("power", None)
+    return SimConfig(pools=pools, settings=settings, layout=layout,
+                     power=PowerConfig(**power) if power is not None else None, **raw)
 
 
 def main(argv: list[str] | None = None) -> int:

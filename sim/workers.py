@@ -35,6 +35,7 @@ class Flight:
     finish_at: float = 0.0    # the batch's progress counter when it is done
     max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
     prefilled: int = 0        # prompt tokens through a prompt pass (chunked prefill)
+    priority: str = "High"    # High | Low: which pools serve it, which the power controller caps first
 
 
 @dataclass(eq=False)
@@ -45,16 +46,18 @@ class Pool:
     gpu: gpus.GPUProduct
     perf: PerfModel
     cap_watts: float | None = None    # per GPU; None: uncapped
+    priority: str = "High"            # High | Low (the ModelDeployment's, for the power controller)
 
-    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
-        """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens."""
+    def prompt_step(self, tokens: int, decodes: int, cap: float | None) -> tuple[float, float]:
+        """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens under
+        a per-GPU cap."""
         demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
-        slow = gpus.stretch("prompt", demand, self.cap_watts)
-        return self.perf.prompt_ms(tokens) * slow / 1e3, gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+        slow = gpus.stretch("prompt", demand, cap)
+        return self.perf.prompt_ms(tokens) * slow / 1e3, gpus.drawn_watts(demand, cap) * self.perf.tp
 
-    def token_stretch_and_watts(self) -> tuple[float, float]:
+    def token_stretch_and_watts(self, cap: float | None) -> tuple[float, float]:
         demand = gpus.step_demand_watts(self.gpu, 0, 1)
-        return gpus.stretch("token", demand, self.cap_watts), gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+        return gpus.stretch("token", demand, cap), gpus.drawn_watts(demand, cap) * self.perf.tp
 
 
 @dataclass(eq=False)
@@ -79,12 +82,31 @@ class Worker:
     token_j: float = 0.0
 
     def __post_init__(self) -> None:
-        self.token_slow, self.token_watts = self.pool.token_stretch_and_watts()
+        self.kv_capacity = self.pool.perf.kv_capacity_tokens
+        self.idle_watts = self.pool.gpu.idle_watts * self.pool.perf.tp
+        self.pass_watts = 0.0     # the running prompt pass's draw
+        self.slow = 1.0           # fault injection: every step takes this many times as long
+        self.set_cap(self.pool.cap_watts)
+
+    def set_cap(self, cap: float | None) -> None:
+        """A new per-GPU cap (None: none) for the steps from now on; the decode batch must be
+        advanced to now first, since its pace changes."""
+        self.cap_watts = cap
+        token_slow, self.token_watts = self.pool.token_stretch_and_watts(cap)
+        self.token_slow = token_slow * self.slow
         perf = self.pool.perf
         # seconds per step before the cache read, by batch size (a lookup on the hot path)
         self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
         self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
-        self.kv_capacity = perf.kv_capacity_tokens
+
+    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
+        seconds, watts = self.pool.prompt_step(tokens, decodes, self.cap_watts)
+        return seconds * self.slow, watts
+
+    @property
+    def draw(self) -> float:
+        """Watts the worker draws now."""
+        return self.pass_watts if self.in_pass else self.token_watts if self.batch else self.idle_watts
 
     @property
     def gpus(self) -> int:
