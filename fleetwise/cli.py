@@ -319,5 +319,15 @@ def sim_power(
     raise typer.Exit(main(config, grid, out))
 
 
+@sim_app.command("faults")
+def sim_faults(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `faults` section included."),
+    out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+):
+    """Injected faults with the operator's fault detector and without it: detection, false positives, goodput."""
+    from fleetwise.sim.study import faults_main
+    raise typer.Exit(faults_main(config, out))
+
+
 if __name__ == "__main__":
     app()

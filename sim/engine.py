@@ -12,6 +12,7 @@ decode replica when the prompt pass ends, as the router hands a prompt over.
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fleetwise.router.policies import RoutingPolicy, make_policy
 from fleetwise.router.replica import Replica
@@ -64,9 +65,13 @@ class Simulation:
                           next(k for k in sorted(self.replicas) if k[0] == role)
                           for role in roles for p in ("High", "Low")}
         self.on_draw: Callable[[Worker], None] | None = None    # told when a worker's draw may have changed
-        self.on_tick: Callable[[float], float | None] | None = None  # periodic; returns its next time
+        self.tickers: list[Callable[[float], float | None]] = []   # periodic: each returns its next time
         self.arrivals_left = 0
+        self.ticks_queued = 0
+        self.on_transfer: Callable[[Flight, float], None] | None = None   # told each KV transfer's seconds
         self.power: PowerLoop | None = None      # set by run.build when the power controller is in the loop
+        # faults.FaultLoop, set by run.build when faults or the detector are in the loop (it imports this module)
+        self.faults: Any = None
         self.events: list[tuple[float, int, int, object, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -84,8 +89,9 @@ class Simulation:
         handlers = {PREFILL_DONE: self.prefill_done, DECODE: self.decode_due, LINK: self.link_due,
                     JOIN: self.decode_arrives, TICK: self.tick}
         self.arrivals_left = n
-        if self.on_tick is not None:
-            self.push(0.0, TICK, None)
+        for k in range(len(self.tickers)):
+            self.push(0.0, TICK, k)
+        self.ticks_queued = len(self.tickers)
         while i < n or events:
             if events and (i >= n or events[0][0] <= requests[i].arrival):
                 t, _, kind, obj, version = heapq.heappop(events)
@@ -103,11 +109,16 @@ class Simulation:
             w.advance(self.now)
         return self.finished
 
-    def tick(self, _obj: object, _version: int) -> None:
-        assert self.on_tick is not None
-        t = self.on_tick(self.now)
-        if t is not None and (self.arrivals_left or self.events):   # nothing left: the ticks stop
-            self.push(t, TICK, None)
+    def tick(self, k: int, _version: int) -> None:
+        t = self.tickers[k](self.now)
+        self.ticks_queued -= 1
+        if t is not None and (self.arrivals_left or len(self.events) > self.ticks_queued):   # else only ticks are left
+            self.push(t, TICK, k)
+            self.ticks_queued += 1
+
+    def advance_all(self) -> None:
+        for w in self.workers:
+            w.advance(self.now)
 
     def settle(self, w: Worker) -> None:
         if self.on_draw is not None:
@@ -123,7 +134,9 @@ class Simulation:
 
     def arrive(self, req: Request) -> None:
         low = (req.id * GOLDEN) % 1.0 < self.settings.low_priority_share
-        f = Flight(req, dispatched=self.now, priority="Low" if low else "High")
+        self.dispatch(Flight(req, dispatched=self.now, priority="Low" if low else "High"))
+
+    def dispatch(self, f: Flight) -> None:
         w = self.route("mixed" if self.colocated else "prefill", f.priority)
         f.prefill = w
         w.queue.append(f)
@@ -136,6 +149,7 @@ class Simulation:
         # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
         budget = max(1, self.settings.prompt_budget - len(w.batch))
         tokens = w.take_prompts(budget, self.settings.chunked_prefill)
+        w.prompt_tokens += tokens
         seconds, watts = w.prompt_step(tokens, len(w.batch))
         w.pass_watts = watts
         w.prompt_s += seconds
@@ -144,14 +158,18 @@ class Simulation:
             f.max_gap = max(f.max_gap, seconds)
         w.in_pass = True
         w.version += 1   # a colocated batch waits for the pass
-        self.push(self.now + seconds, PREFILL_DONE, w)
+        w.passes += 1
+        self.push(self.now + seconds, PREFILL_DONE, w, w.passes)
         self.settle(w)
 
-    def prefill_done(self, w: Worker, _version: int) -> None:
+    def prefill_done(self, w: Worker, version: int) -> None:
+        if version != w.passes:   # the pass died with its worker; its prompts went elsewhere
+            return
         passed, w.prefilling, w.in_pass = w.prefilling, [], False
         w.g_time = self.now
         if w.batch:
             w.g += 1      # the running decodes' token in the hybrid step
+            w.tokens_made += len(w.batch)
             for f in w.reap():
                 self.finish(f)
         for f in passed:
@@ -199,6 +217,9 @@ class Simulation:
 
     def decode_arrives(self, f: Flight, _version: int) -> None:
         assert f.decode is not None
+        if f.decode.dead:   # the decode worker died while the cache was on its way: another pulls it
+            f.decode.replica.outstanding -= 1
+            f.decode = self.route("decode", f.priority)
         self.admit(f.decode, f)
         if not f.decode.in_pass:
             self.schedule_decode(f.decode)
@@ -217,6 +238,7 @@ class Simulation:
         link = self.links[f.prefill]
         link.advance(self.now)
         link.active[f] = float(f.req.prompt_tokens * f.prefill.pool.perf.kv_bytes_per_token)
+        f.kv_start = self.now
         self.schedule_link(link)
 
     def schedule_link(self, link: Link) -> None:
@@ -233,6 +255,8 @@ class Simulation:
         link.active[first] = 0.0   # the event was set for this one: no rounding left over
         for f in link.drained():
             self.push(self.now + link.latency_s, JOIN, f)
+            if self.on_transfer is not None:
+                self.on_transfer(f, self.now + link.latency_s - f.kv_start)
         self.schedule_link(link)
 
     def finish(self, f: Flight) -> None:

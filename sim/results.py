@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .faults import Detection
 from .power import DomainReport
 from .workers import Flight, Worker
 
@@ -58,6 +59,7 @@ class SimResult:
     pools: dict[str, dict[str, float]] = field(default_factory=dict)
     by_priority: dict[str, dict[str, Percentiles]] = field(default_factory=dict)   # ttft_s, tbt_s per priority
     power: list[DomainReport] | None = None
+    faults: Detection | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

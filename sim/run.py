@@ -18,6 +18,7 @@ from fleetwise import gpus
 
 from . import trace
 from .engine import Settings, Simulation
+from .faults import Fault, FaultConfig, FaultLoop
 from .nodes import DOMAIN_LABEL, Layout, place_workers
 from .perf import perf_model
 from .power import PowerConfig, PowerLoop
@@ -55,6 +56,7 @@ class SimConfig:
     settings: Settings = field(default_factory=Settings)
     layout: Layout = field(default_factory=Layout)
     power: PowerConfig | None = None   # the power controller in the loop; None: no power domains acted on
+    faults: FaultConfig | None = None  # faults to inject and the fault detector; None: a healthy fleet
 
 
 def requests_for(config: SimConfig) -> list[trace.Request]:
@@ -87,8 +89,12 @@ def build(config: SimConfig) -> Simulation:
         loop = PowerLoop(domains, {w: domain_of[w.node] for w in sim.workers}, config.power)
         loop.apply = sim.set_cap
         sim.on_draw = lambda w: loop.draw(w, sim.now)
-        sim.on_tick = loop.tick
+        sim.tickers.append(loop.tick)
         sim.power = loop
+    if config.faults is not None:
+        detector = FaultLoop(sim, config.faults)
+        sim.tickers.append(detector.tick)
+        sim.faults = detector
     return sim
 
 
@@ -103,6 +109,8 @@ def run_simulation(config: SimConfig, progress: Callable[[float], None] | None =
     result = summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
     if sim.power is not None:
         result.power = sim.power.report(sim.workers, sim.now)
+    if sim.faults is not None:
+        result.faults = sim.faults.report()
     return result
 
 
@@ -116,8 +124,12 @@ def config_from_dict(raw: dict[str, Any]) -> SimConfig:
     settings = Settings(**raw.pop("settings", {}))
     layout = Layout(**raw.pop("layout", {}))
     power = raw.pop("power", None)
+    fault_config = raw.pop("faults", None)
+    if fault_config is not None:
+        fault_config = dict(fault_config)
+        fault_config = FaultConfig(faults=[Fault(**f) for f in fault_config.pop("faults", [])], **fault_config)
     return SimConfig(pools=pools, settings=settings, layout=layout,
-                     power=PowerConfig(**power) if power is not None else None, **raw)
+                     power=PowerConfig(**power) if power is not None else None, faults=fault_config, **raw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""How far a row's power can be oversubscribed: the same fleet grown by a ratio (servers and
+"""Studies over several simulations. `fleetwise sim power`: how far a row's power can be
+oversubscribed: the same fleet grown by a ratio (servers and
 offered load alike, so each server sees the same load) inside the power budget of the
 original fleet, run with each power controller (the operator's, POLCA's two thresholds, none)
 and compared with the original fleet under no controller.
@@ -7,6 +8,9 @@ A ratio holds for a controller when no domain stays above its budget longer than
 period and high-priority requests lose at most `max_loss` at p99 on TTFT and on TBT. The
 answer per controller is the largest ratio up to which every ratio holds, as added servers
 (ratio - 1).
+
+`fleetwise sim faults`: the configured faults with the fault detector and without it, goodput
+(requests meeting both objectives per second) against the same fleet healthy.
 """
 
 import json
@@ -119,4 +123,51 @@ def main(config_path: Path, ratios: list[float], out: Path | None) -> int:
         console.print(f"{controller}: {added:+.0%} servers in the same budget")
     if out is not None:
         out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return 0
+
+
+@dataclass
+class FaultComparison:
+    goodput_with: float          # requests meeting both objectives per second, detector on
+    goodput_without: float
+    goodput_healthy: float       # the same fleet and trace with no fault
+    lost_with: float             # of the healthy goodput
+    lost_without: float
+    with_detector: SimResult
+    without_detector: SimResult
+
+
+def fault_comparison(config: SimConfig) -> FaultComparison:
+    """The configured faults with the detector and without it, against a healthy run."""
+    if config.faults is None:
+        raise ValueError("a fault comparison needs a `faults` section")
+    runs = [run_simulation(replace(config, faults=replace(config.faults, detector=on))) for on in (True, False)]
+    healthy = run_simulation(replace(config, faults=replace(config.faults, faults=[], detector=False)))
+
+    def goodput(r: SimResult) -> float:
+        return r.both_attained * r.requests / r.duration_s if r.duration_s > 0 else 0.0
+    base = goodput(healthy)
+    g_with, g_without = goodput(runs[0]), goodput(runs[1])
+    return FaultComparison(g_with, g_without, base, 1 - g_with / base, 1 - g_without / base, runs[0], runs[1])
+
+
+def faults_main(config_path: Path, out: Path | None) -> int:
+    from rich.console import Console
+
+    config = config_from_dict(yaml.safe_load(config_path.read_text()))
+    console = Console(width=max(Console().width, 130))
+    with console.status("three runs: with the detector, without, healthy"):
+        c = fault_comparison(config)
+    detection = c.with_detector.faults
+    assert detection is not None
+    for f in detection.faults:
+        when = f"detected after {f.detection_s:.0f} s, {f.action} at {f.acted_s:.0f} s" if f.detection_s is not None \
+            else "not detected"
+        console.print(f"{f.kind} {f.target} at {f.injected_s:.0f} s: {when}")
+    console.print(f"{detection.windows} windows, {detection.incidents} incidents, false positives by kind "
+                  f"{detection.false_positives_by_kind or 'none'}")
+    console.print(f"goodput {c.goodput_healthy:.1f} req/s healthy; lost {c.lost_with:.2%} with the detector, "
+                  f"{c.lost_without:.2%} without")
+    if out is not None:
+        out.write_text(json.dumps(asdict(c), indent=2, default=str) + "\n")
     return 0

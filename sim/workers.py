@@ -36,6 +36,9 @@ class Flight:
     max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
     prefilled: int = 0        # prompt tokens through a prompt pass (chunked prefill)
     priority: str = "High"    # High | Low: which pools serve it, which the power controller caps first
+    kv_start: float = 0.0     # its KV transfer began
+    kv_link_s: float = 0.0    # its KV transfer's link time: each stretch of time over the streams sharing it
+    retries: int = 0          # times a dead worker sent it back to the router
 
 
 @dataclass(eq=False)
@@ -80,6 +83,10 @@ class Worker:
     token_s: float = 0.0
     prompt_j: float = 0.0
     token_j: float = 0.0
+    prompt_tokens: int = 0    # computed in prompt passes
+    tokens_made: float = 0.0  # by decode steps
+    dead: bool = False
+    passes: int = 0           # prompt passes started: the one a PREFILL_DONE event ends
 
     def __post_init__(self) -> None:
         self.kv_capacity = self.pool.perf.kv_capacity_tokens
@@ -106,6 +113,8 @@ class Worker:
     @property
     def draw(self) -> float:
         """Watts the worker draws now."""
+        if self.dead:
+            return 0.0
         return self.pass_watts if self.in_pass else self.token_watts if self.batch else self.idle_watts
 
     @property
@@ -130,7 +139,9 @@ class Worker:
         """Runs the decode batch up to `now` (not while a prompt pass holds the worker)."""
         dt = now - self.g_time
         if self.batch and not self.in_pass and dt > 0:
-            self.g += self.steps_in(dt)
+            steps = self.steps_in(dt)
+            self.g += steps
+            self.tokens_made += steps * len(self.batch)
             self.token_s += dt
             self.token_j += dt * self.token_watts
         self.g_time = now
@@ -197,15 +208,18 @@ class Link:
     """A prefill worker's network link: transfers share its bandwidth equally."""
     bytes_per_s: float
     latency_s: float
+    slow: float = 1.0         # fault injection: the link carries 1 / slow of its bandwidth
     active: dict[Flight, float] = field(default_factory=dict)   # bytes left
     t: float = 0.0
     version: int = 0
 
     def advance(self, now: float) -> None:
         if self.active and now > self.t:
-            sent = (now - self.t) * self.bytes_per_s / len(self.active)
+            share = (now - self.t) / len(self.active)
+            sent = share * self.bytes_per_s / self.slow
             for f in self.active:
                 self.active[f] -= sent
+                f.kv_link_s += share
         self.t = now
 
     def drained(self) -> list[Flight]:
@@ -217,4 +231,4 @@ class Link:
     def next_drain(self) -> float | None:
         if not self.active:
             return None
-        return self.t + max(0.0, min(self.active.values())) * len(self.active) / self.bytes_per_s
+        return self.t + max(0.0, min(self.active.values())) * len(self.active) * self.slow / self.bytes_per_s
