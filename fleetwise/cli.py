@@ -304,6 +304,33 @@ def sim_run(
     raise typer.Exit(main([str(config), *(["--out", str(out)] if out else [])]))
 
 
+@app.command("plan")
+def plan(
+    rate: float = typer.Option(..., "--rate", help="Requests per second to serve."),
+    trace: Path = typer.Option(None, "--trace", help="An Azure LLM trace CSV (default: conversation)."),
+    slo_ttft: float = typer.Option(1.0, "--slo-ttft", help="Time to first token objective, seconds."),
+    slo_tbt: float = typer.Option(0.1, "--slo-tbt", help="Time between tokens objective, seconds."),
+    attainment: float = typer.Option(0.99, help="Fraction of requests that must meet both objectives."),
+    shapes: str = typer.Option("H100/H100,A100/A100,H100/A100,H100",
+                               help="PREFILL/DECODE products (disaggregated) or one (colocated), by commas."),
+    power_budget_kw: float = typer.Option(None, "--power-budget-kw", help="The fleet's power budget (GPU power)."),
+    max_oversubscription: float = typer.Option(1.0, help="Nameplate power over the budget allowed, with capping."),
+    trial_s: float = typer.Option(120.0, "--trial-s", help="Simulated seconds per trial."),
+    time_budget: float = typer.Option(600.0, "--time-budget", help="Stop searching after this many seconds."),
+    out: Path = typer.Option(None, "--out", help="Write the plan as JSON here."),
+):
+    """The cheapest fleet (pool sizes per GPU product, oversubscription) that meets the objectives."""
+    from fleetwise.sim.plan import PlanConfig, main
+    try:
+        config = PlanConfig(rate, str(trace) if trace else PlanConfig.trace, slo_ttft_s=slo_ttft, slo_tbt_s=slo_tbt,
+                            attainment=attainment, shapes=[s.strip() for s in shapes.split(",")],
+                            power_budget_watts=power_budget_kw * 1e3 if power_budget_kw else None,
+                            max_oversubscription=max_oversubscription, trial_s=trial_s, time_budget_s=time_budget)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    raise typer.Exit(main(config, out))
+
+
 @sim_app.command("power")
 def sim_power(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),

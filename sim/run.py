@@ -98,10 +98,12 @@ def build(config: SimConfig) -> Simulation:
     return sim
 
 
-def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimResult:
-    """Runs the configured fleet over its requests. `progress(sim_seconds)` is called now and
-    then with the simulated time reached."""
-    requests = requests_for(config)
+def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None,
+                   requests: list[trace.Request] | None = None) -> SimResult:
+    """Runs the configured fleet over its requests (or these). `progress(sim_seconds)` is
+    called now and then with the simulated time reached."""
+    if requests is None:
+        requests = requests_for(config)
     sim = build(config)
     started = time.perf_counter()
     flights = sim.run(requests, progress)
