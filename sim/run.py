@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetwise.sim", description=__doc__)
     parser.add_argument("config", type=Path, help="a YAML file with SimConfig's keys")
     parser.add_argument("--out", type=Path, help="write the result as JSON here (default: stdout)")
+    parser.add_argument("--plot", type=Path, help="draw latency, power per domain and pool use into this PNG")
     args = parser.parse_args(argv)
     config = config_from_dict(yaml.safe_load(args.config.read_text()))
     horizon = config.duration_s or trace.read_trace(config.trace)[-1].arrival / config.rate_scale
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     else:
         sys.stdout.write(text + "\n")
+    if args.plot:
+        from .plots import result_plot
+        sys.stderr.write(result_plot(result.to_json(), args.plot) + "\n")
     return 0
 
 

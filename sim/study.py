@@ -97,7 +97,7 @@ def study(base: SimConfig, ratios: list[float], controllers: tuple[str, ...] = (
     return Study(rows, added, power.period_s, max_loss)
 
 
-def main(config_path: Path, ratios: list[float], out: Path | None) -> int:
+def main(config_path: Path, ratios: list[float], out: Path | None, plot: Path | None = None) -> int:
     """`fleetwise sim power CONFIG`: the study with a progress bar, a table, and JSON."""
     from rich.console import Console
     from rich.progress import Progress
@@ -123,6 +123,9 @@ def main(config_path: Path, ratios: list[float], out: Path | None) -> int:
         console.print(f"{controller}: {added:+.0%} servers in the same budget")
     if out is not None:
         out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    if plot is not None:
+        from .plots import study_plot
+        console.print(study_plot(result.rows, plot))
     return 0
 
 

@@ -98,3 +98,14 @@ def test_a_bad_power_setting_is_refused_by_name():
         PowerConfig(controller="magic")
     with pytest.raises(ValueError, match="priority"):
         build(SimConfig([PoolConfig("mixed", 1, priority="urgent")], mode="colocated"))
+
+
+def test_the_study_and_a_run_draw_their_plots(tmp_path):
+    from fleetwise.sim.plots import result_plot, study_plot
+
+    out = study(fleet(1.0, duration=30), [1.5], controllers=("fleetwise",))
+    assert study_plot(out.rows, tmp_path / "study.png") == f"wrote {tmp_path / 'study.png'}"
+    result = run_simulation(fleet(2.0, duration=30)).to_json()
+    assert result_plot(result, tmp_path / "run.png") == f"wrote {tmp_path / 'run.png'}"
+    for name in ("study.png", "run.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
