@@ -28,3 +28,16 @@ def test_fleetwise_sim_scale_prints_a_row_per_size_and_draws_it(tmp_path):
     assert "16" in result.output and (tmp_path / "s.png").exists() and (tmp_path / "s.json").exists()
     bad = CliRunner().invoke(app, ["sim", "scale", "--sizes", "1k"])
     assert bad.exit_code == 2 and "--sizes" in bad.output
+
+
+def test_every_example_configuration_builds():
+    import yaml
+
+    from fleetwise.sim.run import build, config_from_dict
+    from fleetwise.sim.scaling import EXAMPLE
+
+    examples = sorted(EXAMPLE.parent.glob("*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        sim = build(config_from_dict(yaml.safe_load(path.read_text())))
+        assert sim.workers, path.name
