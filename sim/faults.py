@@ -5,7 +5,7 @@ router marks it down at once), an XID error (a hard signal only). Every window t
 signals go to `fleetwise.controllers.faults.detect`, the operator's own function, as the
 operator would feed it: seconds of busy GPU per token computed (prompt tokens for prefill,
 generated tokens for decode), KV transfer seconds per byte per (sender, receiver) (the link's
-share of its time, so that waiting behind other transfers is not taken for a slow link), hard
+throughput: waiting behind other transfers is not taken for a slow link), hard
 signals. Its actions are applied with the fleet's timings: Quarantine takes the worker out of
 routing at once (its requests in flight finish), RestartPod replaces it after `restart_s`
 (whatever it still holds then starts again elsewhere), CordonNode does both to every worker on
@@ -107,13 +107,14 @@ class FaultLoop:
         sim.on_transfer = self.transfer
 
     def transfer(self, f: Flight, seconds: float) -> None:
-        """A transfer's seconds per byte as the link's own: its share of the link's time (a
-        stream among n counts 1/n of each second) and the latency, not the wait for others."""
+        """A transfer's seconds per byte as the link's own throughput: its share of the link's
+        time (a stream among n counts 1/n of each second), without the fixed latency (which
+        would make every small prompt look slow) and without the wait for other streams. The
+        model has no jitter on a link, so a healthy link is exactly its bandwidth."""
         assert f.prefill is not None and f.decode is not None
         size = f.req.prompt_tokens * f.prefill.pool.perf.kv_bytes_per_token
-        own = f.kv_link_s + self.sim.links[f.prefill].latency_s
         pair = self.transfers.setdefault((f.prefill.replica.url, f.decode.replica.url), [0.0, 0.0])
-        pair[0] += own
+        pair[0] += f.kv_link_s
         pair[1] += size
 
     def tick(self, now: float) -> float:
