@@ -50,13 +50,19 @@ class Pool:
     perf: PerfModel
     cap_watts: float | None = None    # per GPU; None: uncapped
     priority: str = "High"            # High | Low (the ModelDeployment's, for the power controller)
+    _steps: dict[tuple[int, bool, float | None], tuple[float, float]] = field(default_factory=dict, repr=False)
 
     def prompt_step(self, tokens: int, decodes: int, cap: float | None) -> tuple[float, float]:
         """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens under
-        a per-GPU cap."""
-        demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
-        slow = gpus.stretch("prompt", demand, cap)
-        return self.perf.prompt_ms(tokens) * slow / 1e3, gpus.drawn_watts(demand, cap) * self.perf.tp
+        a per-GPU cap (remembered: passes repeat the same sizes, and this is on the hot path)."""
+        key = (tokens, decodes > 0, cap)
+        step = self._steps.get(key)
+        if step is None:
+            demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
+            slow = gpus.stretch("prompt", demand, cap)
+            step = self._steps[key] = (self.perf.prompt_ms(tokens) * slow / 1e3,
+                                       gpus.drawn_watts(demand, cap) * self.perf.tp)
+        return step
 
     def token_stretch_and_watts(self, cap: float | None) -> tuple[float, float]:
         demand = gpus.step_demand_watts(self.gpu, 0, 1)
