@@ -171,7 +171,7 @@ class FaultLoop:
             owner = f.decode or f.prefill
             assert owner is not None
             owner.replica.outstanding -= 1
-            f.prefilled, f.first_token, f.prefill, f.decode, f.max_gap = 0, math.nan, None, None, 0.0
+            f.prefilled, f.first_token, f.prefill, f.decode, f.max_gap, f.kv_link_s = 0, math.nan, None, None, 0.0, 0.0
             f.retries += 1
             self.retried += 1
             sim.dispatch(f)

@@ -53,8 +53,15 @@ def test_a_dead_node_sends_its_requests_elsewhere_and_each_completes_once():
     assert sum(f.retries for f in done) > 0
     assert all(r.outstanding == 0 for rs in sim.replicas.values() for r in rs)
     assert sim.faults is not None
-    (dead,) = sim.faults.report().faults
+    report = sim.faults.report()
+    (dead,) = report.faults
     assert dead.action == "CordonNode" and dead.detection_s is not None and dead.detection_s <= 30
+    assert report.false_positives_by_kind == {}
+    for f in done:   # a retried request's link time is its last transfer's alone
+        if f.req.output_tokens > 1:
+            link = sim.links[f.prefill]
+            assert f.kv_link_s == pytest.approx(f.req.prompt_tokens * f.prefill.pool.perf.kv_bytes_per_token
+                                                / link.bytes_per_s, rel=1e-6)
 
 
 def test_a_healthy_fleet_loses_no_worker_and_the_detector_off_acts_on_nothing():
