@@ -111,7 +111,9 @@ class _Search:
         return sim, Candidate(shape, prefill if second else 0, decode, n_gpus, usd, nameplate / 1e3, ratio,
                               0.0, math.nan, math.nan, False)
 
-    def meets(self, shape: str, prefill: int, decode: int) -> bool:
+    def meets(self, shape: str, prefill: int, decode: int) -> bool | None:
+        """Whether the fleet meets the objectives; None when it is over the power budget
+        (more workers will not fit either)."""
         key = (shape, prefill, decode)
         if key not in self.seen:
             sim, cand = self.fleet(shape, prefill, decode)
@@ -123,14 +125,15 @@ class _Search:
                 cand = replace(cand, attainment=result.both_attained, ttft_p99_s=result.ttft_s.p99,
                                tbt_p99_s=result.tbt_s.p99, meets=result.both_attained >= self.config.attainment)
             self.seen[key] = cand
-        return self.seen[key].meets
+        cand = self.seen[key]
+        return None if cand.oversubscription > self.config.max_oversubscription else cand.meets
 
-    def fewest(self, test: Callable[[int], bool], start: int) -> int | None:
+    def fewest(self, test: Callable[[int], bool | None], start: int) -> int | None:
         """The smallest n with test(n), by doubling from `start` then bisection; None when
-        even MAX_WORKERS fails or time runs out."""
+        even MAX_WORKERS fails, the power budget is passed first, or time runs out."""
         lo, hi = 0, max(1, start)
-        while not test(hi):
-            if hi >= MAX_WORKERS or self.out_of_time():
+        while not (ok := test(hi)):
+            if ok is None or hi >= MAX_WORKERS or self.out_of_time():
                 return None
             lo, hi = hi, min(MAX_WORKERS, hi * 2)
         while hi - lo > 1 and not self.out_of_time():
@@ -150,12 +153,24 @@ class _Search:
         decode = math.ceil(output * d.token_ms(64, 64 * 1500) / 64 / 1e3)
         return max(1, prefill), max(1, decode)
 
+    def spare_prefill(self, shape: str, prefill0: int, decode0: int) -> int:
+        """Prefill to spare while the decode count is searched: four times the estimate, or
+        as many as the power budget leaves room for beside twice the decode estimate."""
+        c = self.config
+        if not c.power_budget_watts:
+            return 4 * prefill0
+        first, second = self.products(shape)
+        decode_watts = 2 * decode0 * c.tp * gpus.product(second or first).rated_watts
+        room = c.power_budget_watts * c.max_oversubscription - decode_watts
+        return max(prefill0, min(4 * prefill0, int(room // (c.tp * gpus.product(first).rated_watts))))
+
     def shape(self, shape: str) -> None:
         prefill0, decode0 = self.estimate(shape)
         if self.products(shape)[1] is None:
             self.fewest(lambda n: self.meets(shape, 0, n), prefill0 + decode0)
             return
-        decode = self.fewest(lambda n: self.meets(shape, 4 * prefill0, n), decode0)
+        spare = self.spare_prefill(shape, prefill0, decode0)
+        decode = self.fewest(lambda n: self.meets(shape, spare, n), decode0)
         if decode is not None:
             self.fewest(lambda n: self.meets(shape, n, decode), prefill0)
 

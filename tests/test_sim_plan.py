@@ -21,6 +21,14 @@ def test_the_plan_is_the_fewest_workers_that_meet_the_objectives():
     assert all(c.usd_per_hour >= best.usd_per_hour for c in result.candidates if c.meets)
 
 
+def test_a_power_budget_bounds_the_fleet_and_runs_it_under_the_power_controller():
+    result = plan(PlanConfig(rate=8, shapes=["H100/H100"], trial_s=60, power_budget_watts=10_000,
+                             max_oversubscription=1.5, time_budget_s=300))
+    assert result.best is not None and result.best.meets
+    assert all(c.nameplate_kw <= 15.0 for c in result.candidates if c.attainment > 0)   # every trial run fit
+    assert any(c.oversubscription > 1 for c in result.candidates if c.attainment > 0)   # some ran capped
+
+
 def test_a_power_budget_too_small_leaves_no_plan_and_time_runs_out():
     tight = plan(PlanConfig(rate=8, shapes=["H100"], trial_s=30, power_budget_watts=2_000, time_budget_s=60))
     assert tight.best is None and tight.trials == 0           # 2 kW holds no 4 x 700 W worker
