@@ -91,6 +91,7 @@ def test_the_oversubscription_study_grows_the_fleet_inside_one_budget():
     rows = {(r.ratio, r.controller): r for r in out.rows}
     assert rows[(2.5, "none")].longest_over_budget_s > out.period_s and not rows[(2.5, "none")].holds
     assert rows[(1.5, "none")].holds and out.added_servers["none"] == pytest.approx(0.5)
+    assert rows[(2.5, "none")].peak_of_budget > 1.0 > rows[(1.5, "none")].mean_of_budget > 0.3
 
 
 def test_a_bad_power_setting_is_refused_by_name():
