@@ -51,6 +51,7 @@ class Pool:
     cap_watts: float | None = None    # per GPU; None: uncapped
     priority: str = "High"            # High | Low (the ModelDeployment's, for the power controller)
     _steps: dict[tuple[int, bool, float | None], tuple[float, float]] = field(default_factory=dict, repr=False)
+    _token_steps: dict[tuple[float, int], list[float]] = field(default_factory=dict, repr=False)
 
     def prompt_step(self, tokens: int, decodes: int, cap: float | None) -> tuple[float, float]:
         """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens under
@@ -108,8 +109,13 @@ class Worker:
         token_slow, self.token_watts = self.pool.token_stretch_and_watts(cap)
         self.token_slow = token_slow * self.slow
         perf = self.pool.perf
-        # seconds per step before the cache read, by batch size (a lookup on the hot path)
-        self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
+        # seconds per step before the cache read, by batch size (a lookup on the hot path; shared
+        # by the pool's workers at one pace, never changed in place)
+        key = (self.token_slow, self.max_batch)
+        if key not in self.pool._token_steps:
+            self.pool._token_steps[key] = [perf.token_base_ms(b) * self.token_slow / 1e3
+                                           for b in range(self.max_batch + 1)]
+        self.step_s = self.pool._token_steps[key]
         self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
 
     def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
