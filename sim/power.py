@@ -184,7 +184,7 @@ class PowerLoop:
             return [], "band"
         return [(w.replica.url, c.polca_cap_fraction * w.pool.gpu.rated_watts) for w in chosen], situation
 
-    def report(self, workers: list[Worker], now: float) -> list[DomainReport]:
+    def report(self, now: float) -> list[DomainReport]:
         out = []
         for d in self.domains:
             energy = d.meter.energy(now)

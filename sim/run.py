@@ -110,7 +110,7 @@ def run_simulation(config: SimConfig, progress: Callable[[float], None] | None =
     wall = time.perf_counter() - started
     result = summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
     if sim.power is not None:
-        result.power = sim.power.report(sim.workers, sim.now)
+        result.power = sim.power.report(sim.now)
     if sim.faults is not None:
         result.faults = sim.faults.report()
     return result
