@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from fleetwise import defaults, gpus
+from fleetwise.admin.commands import admin_app
+from fleetwise.sim.commands import plan, sim_app
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -15,8 +17,9 @@ bench_app = typer.Typer(help="Benchmarks that compare against a baseline measure
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-sim_app = typer.Typer(help="The fleet simulator.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
+app.command("plan")(plan)
+app.add_typer(admin_app, name="admin")
 
 
 @model_app.command("init")
@@ -255,62 +258,6 @@ def operator(
                  admin_token_file=admin_token_file)
 
 
-admin_app = typer.Typer(help="The admin REST API: see the fleet, act on it, read the audit of every action.")
-app.add_typer(admin_app, name="admin")
-
-
-@admin_app.callback(invoke_without_command=True)
-def admin(
-    ctx: typer.Context,
-    database: str = typer.Option("fleetwise-admin.db", "--database", envvar="FLEETWISE_ADMIN_DATABASE",
-                                 help="A SQLite file, or a postgresql:// URL."),
-    tokens: Path = typer.Option(None, "--tokens", envvar="FLEETWISE_ADMIN_TOKENS",
-                                help="tokens.yaml (name, role, sha256 of each token), or the directory a Secret "
-                                     "holding it is mounted as."),
-    host: str = typer.Option("0.0.0.0", "--host"),
-    port: int = typer.Option(8081, "--port"),
-    kubeconfig: str = typer.Option(None, "--kubeconfig", help="Default: in-cluster, else ~/.kube/config."),
-    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow browsers from this origin (repeatable)."),
-    max_body_kib: int = typer.Option(64, "--max-body-kib", min=1, help="The largest request body; beyond it 413."),
-    rate: float = typer.Option(20.0, "--rate", min=0.1, help="Requests per second per token; beyond it 429."),
-    burst: int = typer.Option(40, "--burst", min=1, help="Requests at once per token."),
-    prometheus_url: str = typer.Option(None, "--prometheus-url", envvar="FLEETWISE_PROMETHEUS_URL",
-                                       help="Where the GPUs' power is read, for the power domains' headroom."),
-    token_review: bool = typer.Option(False, "--token-review",
-                                      help="Also take Kubernetes ServiceAccount tokens (a TokenReview), for the "
-                                           "accounts the tokens file lists under serviceAccounts."),
-):
-    """Run the admin API against the cluster's worker pods and nodes."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if tokens is None:
-        raise typer.BadParameter("the admin API needs its tokens: --tokens FILE (make one with "
-                                 "`fleetwise admin token`)", param_hint="--tokens")
-    from fleetwise.admin.app import Limits
-    from fleetwise.admin.auth import TokenFile
-    from fleetwise.admin.main import run
-    try:
-        book = TokenFile(tokens)
-    except (OSError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--tokens")
-    run(database, book, host, port, kubeconfig, Limits(max_body_kib << 10, rate, burst, cors_origin), prometheus_url,
-        token_review)
-
-
-@admin_app.command("token")
-def admin_token(
-    name: str = typer.Option(..., "--name", help="Who holds it; the audit log names them by it."),
-    role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
-):
-    """Make a token: prints it once, and the tokens.yaml entry (its hash) to add."""
-    from fleetwise.admin.auth import Role
-    from fleetwise.admin.main import make_token
-    if role.upper() not in Role.__members__:
-        raise typer.BadParameter("must be viewer, operator or admin", param_hint="--role")
-    token, entry = make_token(name, Role[role.upper()])
-    typer.echo(f"token (shown once): {token}\nadd to tokens.yaml under `tokens:`\n{entry}", nl=False)
-
-
 def _bench(module: str, name: str) -> Callable[..., None]:
     """A benchmark's entry point. The benchmarks come with a checkout, not with the package."""
     try:
@@ -375,88 +322,6 @@ def bench_operator(
     """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
     run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
-
-
-@sim_app.command("run")
-def sim_run(
-    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
-    out: Path = typer.Option(None, "--out", help="Write the result as JSON here (default: print it)."),
-    plot: Path = typer.Option(None, "--plot", help="Draw latency, power per domain and pool use into this PNG."),
-):
-    """Simulate a fleet serving a trace, with the router's policies and the controllers' decisions."""
-    from fleetwise.sim.run import main
-    args = [str(config), *(["--out", str(out)] if out else []), *(["--plot", str(plot)] if plot else [])]
-    raise typer.Exit(main(args))
-
-
-@app.command("plan")
-def plan(
-    rate: float = typer.Option(..., "--rate", help="Requests per second to serve."),
-    trace: Path = typer.Option(None, "--trace", help="An Azure LLM trace CSV (default: conversation)."),
-    slo_ttft: float = typer.Option(1.0, "--slo-ttft", help="Time to first token objective, seconds."),
-    slo_tbt: float = typer.Option(0.1, "--slo-tbt", help="Time between tokens objective, seconds."),
-    attainment: float = typer.Option(0.99, help="Fraction of requests that must meet both objectives."),
-    shapes: str = typer.Option("H100/H100,A100/A100,H100/A100,H100",
-                               help="PREFILL/DECODE products (disaggregated) or one (colocated), by commas."),
-    power_budget_kw: float = typer.Option(None, "--power-budget-kw", help="The fleet's power budget (GPU power)."),
-    max_oversubscription: float = typer.Option(1.0, help="Nameplate power over the budget allowed, with capping."),
-    trial_s: float = typer.Option(120.0, "--trial-s", help="Simulated seconds per trial."),
-    time_budget: float = typer.Option(600.0, "--time-budget", help="Stop searching after this many seconds."),
-    out: Path = typer.Option(None, "--out", help="Write the plan as JSON here."),
-):
-    """The cheapest fleet (pool sizes per GPU product, oversubscription) that meets the objectives."""
-    from fleetwise.sim.plan import PlanConfig, main
-    try:
-        config = PlanConfig(rate, str(trace) if trace else PlanConfig.trace, slo_ttft_s=slo_ttft, slo_tbt_s=slo_tbt,
-                            attainment=attainment, shapes=[s.strip() for s in shapes.split(",")],
-                            power_budget_watts=power_budget_kw * 1e3 if power_budget_kw else None,
-                            max_oversubscription=max_oversubscription, trial_s=trial_s, time_budget_s=time_budget)
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
-    raise typer.Exit(main(config, out))
-
-
-@sim_app.command("power")
-def sim_power(
-    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
-    ratios: str = typer.Option("1.2,1.4,1.6,1.8,2.0", help="Fleet sizes to try, as multiples of the budget's."),
-    out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),
-    plot: Path = typer.Option(None, "--plot", help="Draw p99 loss and time over budget by ratio into this PNG."),
-):
-    """How many servers a row's power budget carries under each power controller (the operator's, POLCA's, none)."""
-    from fleetwise.sim.study import main
-    try:
-        grid = [float(r) for r in ratios.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"--ratios must be numbers separated by commas, not {ratios!r}")
-    raise typer.Exit(main(config, grid, out, plot))
-
-
-@sim_app.command("faults")
-def sim_faults(
-    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `faults` section included."),
-    out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
-):
-    """Injected faults with the operator's fault detector and without it: detection, false positives, goodput."""
-    from fleetwise.sim.study import faults_main
-    raise typer.Exit(faults_main(config, out))
-
-
-@sim_app.command("scale")
-def sim_scale(
-    config: Path = typer.Argument(None, help="A YAML file to scale (default: sim/examples/conv-1000-gpus.yaml)."),
-    sizes: str = typer.Option("1000,4000,16000", help="GPU counts, comma-separated."),
-    duration: float = typer.Option(None, "--duration", help="Simulated seconds per run (default: the file's)."),
-    out: Path = typer.Option(None, "--out", help="Write the points as JSON here."),
-    plot: Path = typer.Option(None, "--plot", help="Draw wall time and events per second by size into this PNG."),
-):
-    """How the simulator's run time grows with the fleet, at the same load per GPU."""
-    from fleetwise.sim.scaling import main
-    try:
-        counts = [int(s) for s in sizes.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"--sizes must be integers separated by commas, not {sizes!r}")
-    raise typer.Exit(main(config, counts, duration, out, plot))
 
 
 if __name__ == "__main__":
