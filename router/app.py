@@ -7,6 +7,7 @@ metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECT
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -14,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fleetwise.openai_schema import openapi, router_routes
 
 from .endpoints import EndpointSource
 from .proxy import Router
@@ -41,6 +44,14 @@ def build_app(router: Router) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    document: list[dict] = []
+
+    async def openapi_document(request: Request) -> Response:
+        """The same OpenAI shapes as the workers' (fleetwise/openai_schema.py), built once."""
+        if not document:
+            document.append(openapi("fleetwise router", version("fleetwise"), router_routes()))
+        return JSONResponse(document[0])
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await router.start()
@@ -54,6 +65,7 @@ def build_app(router: Router) -> ASGIApp:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
     ], lifespan=lifespan)
     hot = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
