@@ -38,16 +38,22 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # -- requests -----------------------------------------------------------------------------------
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """JSON types as the document states them: `"stream": 0` or `"seed": false` is a 400
+    naming the field, as OpenAI's API answers, not read as False or 0 (pydantic's lax mode)."""
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Strict):
     """The bounds are vLLM's (SamplingParams._verify_args, protocol.py); the engine checks
     the sampling ones again for callers that do not come through HTTP. Python's json reads
     `Infinity` and `NaN`: no field takes them."""
     # unknown fields are ignored, as by OpenAI-compatible servers generally; known ones are typed strictly
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: Text
     n: int = Field(1, ge=1)  # the upper bound is the worker's (RequestLimits.max_n)
@@ -78,12 +84,12 @@ class CompletionRequest(SamplingFields):
     suffix: Text | None = None
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[TextPart] | None = None
 
@@ -272,8 +278,15 @@ def errors(*codes: int | str) -> dict[int | str, dict[str, Any]]:
 def _streamed(model: type[BaseModel], chunk: type[BaseModel], what: str) -> dict[str, Any]:
     return {"model": model, "description": f"the {what}; with `stream: true` server-sent events instead, "
             f"each `data:` a {chunk.__name__} (or an ErrorResponse when it fails midway), then `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"type": "string"},
-                                              "x-event-schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}}}
+            "content": {"text/event-stream": {"schema": sse_event(chunk)}}}
+
+
+def sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event of a stream, as Open API 3.1 describes an event stream: its `data`
+    is JSON (a chunk, or an error when the stream fails midway) or, last, `[DONE]`."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}}
 
 
 ERRORS = errors(400, 404, 413, 429, "5XX")

@@ -5,6 +5,7 @@ metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECT
 "The path of one request").
 """
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -20,6 +21,9 @@ from fleetwise.openai_schema import openapi, router_routes
 
 from .endpoints import EndpointSource
 from .proxy import Router
+from .retries import RouterError
+
+log = logging.getLogger(__name__)
 
 
 def build_app(router: Router) -> ASGIApp:
@@ -76,7 +80,11 @@ def build_app(router: Router) -> ASGIApp:
         if kind is None:
             await app(scope, receive, send)
             return
-        response = await router.handle(Request(scope, receive), kind)
+        try:
+            response = await router.handle(Request(scope, receive), kind)
+        except Exception as e:  # a fault of the router's own: still an OpenAI error body, never a bare 500
+            log.exception("unexpected error")
+            response = RouterError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
         await response(scope, receive, send)
     return asgi
 
