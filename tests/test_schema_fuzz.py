@@ -185,3 +185,14 @@ def test_a_malformed_chat_is_a_400_from_the_router_too(router, messages):
     for model in ("tiny", "pd"):
         r = post(router.url, "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), (model, r.text)
+
+
+def test_the_router_and_the_worker_publish_the_same_openai_shapes(router, worker):
+    docs = [httpx.get(url + "/openapi.json", timeout=10).json() for url in (router.url, worker.url)]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        ops = [doc["paths"][path]["post"] for doc in docs]
+        assert ops[0]["requestBody"] == ops[1]["requestBody"]
+        assert ops[0]["responses"] == ops[1]["responses"]
+        assert "422" not in ops[0]["responses"] and "text/event-stream" in ops[0]["responses"]["200"]["content"]
+    assert docs[0]["components"]["schemas"]["ErrorResponse"] == docs[1]["components"]["schemas"]["ErrorResponse"]
+    assert "/internal/prefill" not in docs[1]["paths"]  # the public listener's document: its routes alone
