@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from starlette.routing import BaseRoute
 
@@ -32,6 +32,14 @@ def _unicode(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 
+
+def _whole(x: object) -> object:
+    """JSON Schema's integer is any number without a fraction (2.0 included); never a bool."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+
 # vLLM's bound for seeds (torch.long); a sequence's generator takes seed + its choice index
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -40,7 +48,8 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 class _Strict(BaseModel):
     """JSON types as the document states them: `"stream": 0` or `"seed": false` is a 400
-    naming the field, as OpenAI's API answers, not read as False or 0 (pydantic's lax mode)."""
+    naming the field, as OpenAI's API answers, not read as False or 0 (pydantic's lax mode);
+    an integer field takes 2.0 as JSON Schema does (`Int`)."""
     model_config = ConfigDict(strict=True)
 
 
@@ -56,7 +65,7 @@ class SamplingFields(_Strict):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: Text
-    n: int = Field(1, ge=1)  # the upper bound is the worker's (RequestLimits.max_n)
+    n: Int = Field(1, ge=1)  # the upper bound is the worker's (RequestLimits.max_n)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: Text | list[Text] | None = None
@@ -64,23 +73,23 @@ class SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     user: Text | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
-    top_k: int = Field(0, ge=-1, le=INT64_MAX)  # -1 or 0: off; beyond the vocabulary: every token
+    top_k: Int = Field(0, ge=-1, le=INT64_MAX)  # -1 or 0: off; beyond the vocabulary: every token
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    stop_token_ids: list[int] = Field(default_factory=list)  # the engine checks them against the vocabulary
+    stop_token_ids: list[Int] = Field(default_factory=list)  # the engine checks them against the vocabulary
     ignore_eos: bool = False
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]]  # ids: checked by the engine
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0)  # the upper bound is the engine's (max_logprobs)
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]  # ids: checked by the engine
+    max_tokens: Int | None = Field(16, ge=1)
+    logprobs: Int | None = Field(None, ge=0)  # the upper bound is the engine's (max_logprobs)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: Int | None = Field(None, ge=1)
     suffix: Text | None = None
 
 
@@ -101,10 +110,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)  # the upper bound is the engine's (max_logprobs)
+    top_logprobs: Int | None = Field(None, ge=0)  # the upper bound is the engine's (max_logprobs)
     tools: list[dict] | None = None
     add_generation_prompt: bool = True
 

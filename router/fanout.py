@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .limits import whole
 from .replica import Replica
 from .retries import error_event
 from .upstream import Upstream, UpstreamError
@@ -19,10 +20,9 @@ def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
     choice's index offset; seeded choices get seed + j, as a worker gives its j-th choice.
     A body whose `n`, `seed` or prompt list is not what the worker takes goes whole: the
     prefill worker refuses it with a 400 naming the field, as a colocated worker would."""
-    n, seed = body.get("n", 1), body.get("seed")
-    if n is None:
-        n = 1
-    if not _integer(n) or n < 1 or not (seed is None or _integer(seed)):
+    n = 1 if body.get("n") is None else whole(body["n"])
+    seed = None if body.get("seed") is None else whole(body["seed"])
+    if n is None or n < 1 or (seed is None and body.get("seed") is not None):
         return [(body, 0)]
     prompts = [None]
     if kind == "completion":
@@ -43,13 +43,9 @@ def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
     return subs
 
 
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _ids(x: object) -> bool:
     """A prompt as token ids, as a list of prompts holds them."""
-    return isinstance(x, list) and all(_integer(t) for t in x)
+    return isinstance(x, list) and all(whole(t) is not None for t in x)
 
 
 def _wrap64(seed: int) -> int:
