@@ -271,8 +271,9 @@ class Router:
             return self._respond(up, model, t0, weight)
         except RouterError as e:
             status = e.status
-            if not mode:
-                self.metrics.child(self.metrics.requests, model or "", mode, str(status)).inc()
+            if not mode:  # refused before routing: a label only for a served model (bounded, hashable)
+                served = model if isinstance(model, str) and model in self.source.models() else ""
+                self.metrics.child(self.metrics.requests, served, mode, str(status)).inc()
             return e.response()
         finally:
             if mode:

@@ -225,3 +225,14 @@ def test_the_router_and_the_worker_publish_the_same_openai_shapes(router, worker
         assert "422" not in ops[0]["responses"] and "text/event-stream" in ops[0]["responses"]["200"]["content"]
     assert docs[0]["components"]["schemas"]["ErrorResponse"] == docs[1]["components"]["schemas"]["ErrorResponse"]
     assert "/internal/prefill" not in docs[1]["paths"]  # the public listener's document: its routes alone
+
+
+def test_a_model_that_is_not_a_name_is_a_400_and_unknown_names_add_no_series(router):
+    # the router labelled its request counter with whatever `model` held: a list was a 500,
+    # and every unknown name a new series
+    r = post(router.url, "/v1/chat/completions", {"model": [None], "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    for i in range(3):
+        r = post(router.url, "/v1/completions", {"model": f"no-such-model-{i}", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+    assert "no-such-model" not in httpx.get(router.url + "/metrics").text
