@@ -207,14 +207,16 @@ def make_policy(name: str) -> RoutingPolicy:
 
 def prompt_text(body: dict, kind: str) -> str:
     """The text whose prefix keys prefix affinity hashes: the chat's messages, or the
-    (first) prompt."""
+    (first) prompt. The body is not validated yet (the worker does that): whatever it
+    holds, this never raises."""
     if kind == "chat":
         parts = []
-        for m in body.get("messages") or []:
+        messages = body.get("messages")
+        for m in messages if isinstance(messages, list) else []:
             if isinstance(m, dict):
                 content = m.get("content")
                 if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                    content = "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
                 parts.append(f"{m.get('role')}:{content}")
         return "\n".join(parts)
     prompt = body.get("prompt")
