@@ -195,15 +195,21 @@ def test_bad_chat_and_body_errors(worker):
 def test_full_queue_is_refused_with_retry_after(tiny_model_dir):
     w = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_waiting=2,
                                   max_num_seqs=1))
-    gate = threading.Event()
-    w.core.fault_hook = lambda batch: gate.wait(10)  # holds the engine inside a step
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(batch):  # holds the engine inside a step until the queue has been tried
+        held.set()
+        gate.wait(60)
+    w.core.fault_hook = hold
     try:
         body = {"model": "tiny", "prompt": "queued", "max_tokens": 2}
         with cf.ThreadPoolExecutor(8) as pool:
             first = pool.submit(post, w, "/v1/completions", body)
-            time.sleep(0.3)  # the first request is now inside the held step
+            assert held.wait(30), "the first request never reached the engine"
             rest = [pool.submit(post, w, "/v1/completions", body) for _ in range(6)]
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30  # two wait in the queue; the other four are answered at once
+            while sum(f.done() for f in rest) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
             gate.set()
             responses = [first.result()] + [f.result() for f in rest]
         codes = sorted(r.status_code for r in responses)
