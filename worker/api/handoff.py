@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, bearer
+from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, ResumeRequest, bearer
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
@@ -34,6 +34,7 @@ from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.transfer import KVTransferError, encode, pull, stream_size
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
+from .resume import resume
 from .service import WorkerAPI, engine_request_id
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,10 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, fau
     app.get("/internal/kv/{handle}", response_model=None)(handoff.kv)
     app.delete("/internal/kv/{handle}", response_model=None)(handoff.release)
     app.post("/internal/decode", response_model=None)(handoff.decode_)
+
+    async def resume_(body: ResumeRequest, request: Request) -> StreamingResponse | dict:
+        return await resume(api, body, request)
+    app.post("/internal/resume", response_model=None)(resume_)
     return handoff.close
 
 
