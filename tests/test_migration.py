@@ -1,0 +1,193 @@
+"""Migration: a stream whose worker is killed (SIGKILL, when the client has k tokens) goes on
+at another replica, and the client's stream is the one it would have had: the same text,
+logprobs, usage and finish reason, in both modes, greedy, seeded and with penalties and
+stop strings. Real worker processes behind a real router; each killed one is started again
+on its ports, and the router takes it back once its probe passes."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from fleetwise.procs import wait_healthy
+
+from .workers import TOKEN, internal, start_router, start_worker, start_worker_process, write_router_config
+
+ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "slow-steps")
+
+
+@pytest.fixture(scope="module")
+def fleets(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("migration")
+    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS) for _ in range(2)],
+             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS)],
+             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS) for _ in range(2)]}
+    write_router_config(d / "colocated.yaml", "tiny", mixed=[p.internal_url for p in procs["mixed"]])
+    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[p.internal_url for p in procs["prefill"]],
+                        decode=[p.internal_url for p in procs["decode"]])
+    routers = {"colocated": start_router(d / "colocated.yaml"),
+               "disaggregated": start_router(d / "disaggregated.yaml")}
+    try:
+        yield routers, procs
+    finally:
+        for r in routers.values():
+            r.stop()
+        for group in procs.values():
+            for p in group:
+                p.kill()
+
+
+def read_stream(url: str, body: dict, on_tokens=None) -> dict:
+    """The client's view of a streamed completion: per choice its text, token logprobs and
+    finish reason, the usage, and whether it ended with [DONE] and no error."""
+    out: dict = {"text": {}, "logprobs": {}, "finish": {}, "usage": None, "done": False, "errors": []}
+    tokens = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        buf = ""
+        for piece in r.iter_text():
+            buf += piece
+            while "\n\n" in buf:
+                event, buf = buf.split("\n\n", 1)
+                assert event.startswith("data: "), event  # nothing else reaches the client
+                if event == "data: [DONE]":
+                    out["done"] = True
+                    continue
+                data = json.loads(event[6:])
+                if "error" in data:
+                    out["errors"].append(data["error"])
+                    continue
+                if data.get("usage"):
+                    out["usage"] = data["usage"]
+                for ch in data["choices"]:
+                    i = ch["index"]
+                    out["text"][i] = out["text"].get(i, "") + ch["text"]
+                    if ch.get("logprobs"):
+                        out["logprobs"].setdefault(i, []).extend(ch["logprobs"]["token_logprobs"])
+                    if ch["finish_reason"]:
+                        out["finish"][i] = ch["finish_reason"]
+                    tokens += 1
+                if on_tokens is not None:
+                    on_tokens(tokens)
+    return out
+
+
+def killing(router, procs: list, k: int):
+    """A callback that kills the worker serving the stream once the client has k events."""
+    killed: list = []
+
+    def on_tokens(n: int) -> None:
+        if killed or n < k:
+            return
+        route = router.router.source.models()["tiny"]
+        role = "mixed" if route.mode == "colocated" else "decode"
+        busy = [r.url for r in route.replicas[role] if r.outstanding > 0]
+        assert busy
+        proc = next(p for p in procs if p.internal_url == busy[0])
+        proc.kill()
+        killed.append(proc)
+    return on_tokens, killed
+
+
+def migrations(router) -> float:
+    return router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get()
+
+
+def restart(killed: list, router) -> None:
+    """The killed worker again, on its ports; until the router probes it healthy."""
+    for proc in killed:
+        proc.start()
+        wait_healthy([proc], 120, interval=0.1)
+    deadline = time.monotonic() + 10
+    while not all(r.healthy for rs in router.router.source.models()["tiny"].replicas.values() for r in rs):
+        assert time.monotonic() < deadline, "the router did not take the restarted worker back"
+        time.sleep(0.05)
+
+
+def migrated(fleets, mode: str, body: dict, k: int) -> tuple[dict, dict]:
+    """(the uninterrupted stream, the same stream with its worker killed at k events)."""
+    routers, procs = fleets
+    router = routers[mode]
+    want = read_stream(router.url, body)
+    before = migrations(router)
+    on_tokens, killed = killing(router, procs["mixed" if mode == "colocated" else "decode"], k)
+    try:
+        got = read_stream(router.url, body, on_tokens)
+    finally:
+        restart(killed, router)
+    assert killed, "the stream ended before the kill"
+    assert migrations(router) >= before + 1
+    return want, got
+
+
+def same(want: dict, got: dict) -> None:
+    assert got["done"] and not got["errors"], got["errors"]
+    assert got["text"] == want["text"]
+    assert got["finish"] == want["finish"]
+    assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    for i, lps in want["logprobs"].items():
+        assert got["logprobs"][i] == pytest.approx(lps, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_greedy_stream_migrated_at_token_k_is_the_uninterrupted_one(fleets, mode, k):
+    body = {"model": "tiny", "prompt": f"the migration of a stream at {k}", "max_tokens": k + 80,
+            "temperature": 0, "ignore_eos": True, "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, mode, body, k)
+    same(want, got)
+    assert got["usage"]["completion_tokens"] == k + 80
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_seeded_sampling_with_two_choices_migrates_exactly(fleets, mode):
+    body = {"model": "tiny", "prompt": "seeded choices", "max_tokens": 60, "temperature": 1.0, "seed": 1234,
+            "n": 2, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, mode, body, 10)
+    same(want, got)
+    assert len(got["text"]) == 2 and got["text"][0] != got["text"][1]
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_penalties_and_stop_strings_migrate_exactly(fleets, mode):
+    routers, _ = fleets
+    body = {"model": "tiny", "prompt": "penalised and stopped", "max_tokens": 90, "temperature": 0,
+            "frequency_penalty": 0.7, "presence_penalty": 0.4, "repetition_penalty": 1.3, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    free = read_stream(routers[mode].url, body)["text"][0]
+    stop = free[60:63]  # a stop string the text reaches well after the kill
+    assert len(stop) == 3 and free.index(stop) >= 40
+    want, got = migrated(fleets, mode, {**body, "stop": [stop, "\x00never"]}, 5)
+    same(want, got)
+    assert got["finish"][0] == "stop" and got["text"][0] == free[:free.index(stop)]
+
+
+def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
+    from fleetwise.worker.engine.config import EngineConfig
+    worker = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                       num_blocks=128), "mixed", token=TOKEN)
+    try:
+        request = {"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True}
+        base = {"kind": "completion", "request": request, "prompt_token_ids": [5, 6],
+                "choices": [{"index": 0, "output_token_ids": [7], "draws": 1}], "response_id": "cmpl-1", "created": 1}
+        cases = [({"prompt_token_ids": [5, 10 ** 6]}, "prompt_token_ids"),
+                 ({"choices": [{"index": 0, "output_token_ids": [10 ** 6]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7, 7, 7, 7]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7], "draws": 2}]}, "choices"),
+                 ({"choices": [{"index": 1, "output_token_ids": [7]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": []}, {"index": 0, "output_token_ids": []}]},
+                  "choices"),
+                 ({"request": {**request, "stream": False}}, "request.stream"),
+                 ({"prompt_token_ids": [-1]}, "prompt_token_ids")]
+        for change, field in cases:
+            r = internal("POST", worker, "/internal/resume", json={**base, **change})
+            assert r.status_code == 400, (change, r.text)
+            assert field in (r.json()["error"]["param"] or "") + r.json()["error"]["message"], (change, r.text)
+        r = internal("POST", worker, "/internal/resume", json=base)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        worker.wait_idle()
+    finally:
+        worker.stop()
