@@ -24,7 +24,7 @@ from rich.table import Table
 from fleetwise.fleet import Routability
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port, port_free
-from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
+from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wait_healthy
 
 console = Console()
 
@@ -144,8 +144,14 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
                       f"    -d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'")
         console.print("  Ctrl-C stops everything.")
+        restarts = Restarts()
         with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
             while not stopping:
+                # a worker that died starts again (the router takes it back once its probe passes);
+                # one drained or being restarted by the fleet stays as the fleet left it
+                for p in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
+                    live.console.print(f"[yellow]{p.name} exited; started again (restart {restarts.count[p.name]})[/]")
+                    (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
                 for p in procs:
                     _poll(p)
                 live.update(_table(procs, fleet))

@@ -32,7 +32,8 @@ from fleetwise.protocol import (
     bearer,
 )
 
-from .endpoints import EndpointSource
+from .assemble import as_stream, assemble
+from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out
 from .handoff import Handoffs
 from .limits import Limits, check_counts, check_weight, parse_body, read_body
@@ -262,13 +263,7 @@ class Router:
             weight = len(subs)
             self._enter(weight)
             try:
-                if mode == "colocated":
-                    up = await self.call(model, "mixed", route.replicas["mixed"], PATHS[kind], raw, stream, keys,
-                                         retry_on=_STREAM if stream else frozenset())
-                    if stream and up.status == 200:
-                        up = self._migrating(up, Where(model, "mixed", route.replicas["mixed"], kind, body, keys))
-                else:
-                    up = await self.handoffs.disaggregated(route, kind, body, subs, stream, keys)
+                up = await self._send(route, kind, body, raw, subs, stream, keys)
             except BaseException:
                 self._enter(-weight)
                 raise
@@ -282,6 +277,25 @@ class Router:
         finally:
             if mode:
                 self.metrics.child(self.metrics.requests, model, mode, str(status)).inc()
+
+    async def _send(self, route: ModelRoute, kind: str, body: dict, raw: bytes, subs: list[tuple[dict, int]],
+                    stream: bool, keys: list[int]) -> Upstream:
+        """The request to its replicas, always as a stream that can move when its worker
+        fails; a non-streamed one is assembled whole (assemble.py)."""
+        if not stream:
+            body, raw = as_stream(body), b""
+            subs = [(as_stream(sub), offset) for sub, offset in subs]
+        if route.mode == "colocated":
+            mixed = route.replicas["mixed"]
+            up = await self.call(route.name, "mixed", mixed, PATHS[kind], raw or orjson.dumps(body), True, keys,
+                                 retry_on=_STREAM)
+            if up.status == 200:
+                up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys))
+        else:
+            up = await self.handoffs.disaggregated(route, kind, body, subs, True, keys)
+        if not stream and up.status == 200:
+            up = await assemble(up, kind)
+        return up
 
     def _enter(self, weight: int) -> None:
         self.inflight += weight
