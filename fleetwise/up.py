@@ -149,8 +149,9 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
             while not stopping:
                 # a worker that died starts again (the router takes it back once its probe passes);
                 # one drained or being restarted by the fleet stays as the fleet left it
-                for p in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
-                    live.console.print(f"[yellow]{p.name} exited; started again (restart {restarts.count[p.name]})[/]")
+                for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
+                    live.console.print(f"[yellow]{again.name} exited; started again "
+                                       f"(restart {restarts.count[again.name]})[/]")
                     (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
                 for p in procs:
                     _poll(p)

@@ -64,6 +64,12 @@ def _add(c: dict[str, Any], ch: dict[str, Any], kind: str) -> None:
 def _choice(i: int, c: dict[str, Any], kind: str) -> dict[str, Any]:
     lp = c.get("logprobs")
     if kind == "completion":
+        if lp and "tokens" in lp:  # offsets of the tokens' own texts, as a whole answer counts them
+            offsets, at = [], 0
+            for token in lp["tokens"]:
+                offsets.append(at)
+                at += len(token)
+            lp["text_offset"] = offsets
         return {"index": i, "text": c.get("text", ""), "finish_reason": c.get("finish_reason"), "logprobs": lp}
     return {"index": i, "message": {"role": "assistant", "content": c.get("text", "")},
             "finish_reason": c.get("finish_reason"), "logprobs": lp}

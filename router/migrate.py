@@ -53,6 +53,7 @@ class Tracker:
     kept: int = 0
     why_not: str | None = None  # set once the stream can no longer move
     engine_gone: bool = False
+    errors: int = 0  # error events passed on: the request's own failure, a 5xx of the replica's
     done: bool = False
     buf: bytes = b""
 
@@ -75,9 +76,11 @@ class Tracker:
                 event = event[line + 1:]
                 if event == b"\n":
                     continue
-            elif event.startswith(b'data: {"error"') and error_code(event[6:]) == ENGINE_UNAVAILABLE:
-                self.engine_gone = True
-                break
+            elif event.startswith(b'data: {"error"'):
+                if error_code(event[6:]) == ENGINE_UNAVAILABLE:
+                    self.engine_gone = True
+                    break
+                self.errors += 1
             elif event == DONE:
                 self.done = True
             out.append(event)
@@ -170,7 +173,10 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
             failure: UpstreamError
             try:
                 async for chunk in _chunks(up):
+                    errors = tracker.errors
                     out = tracker.feed(chunk)
+                    if tracker.errors > errors and up.replica is not None:
+                        m.child(m.server_errors, where.model, where.role, up.replica.url).inc()
                     if out:
                         now = time.perf_counter()
                         if gap_from is not None:

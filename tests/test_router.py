@@ -233,7 +233,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
                 continue
             assert payload[-1] == "[DONE]", f"stream {i} did not end"
             chunks = [json.loads(e) for e in payload[:-1]]
-            assert not any("error" in c for c in chunks), chunks[-1]
+            assert not any("error" in c for c in chunks), (chunks[-1], {r: [(p.internal_url, p.exited) for p in ps]
+                                                                        for r, ps in procs.items()})
             assert "".join(c["choices"][0]["text"] for c in chunks) == expected[i]
         metrics = router.router.metrics
         retries = metrics.retries.labels("tiny", "prefill")._value.get()
