@@ -363,3 +363,31 @@ def test_an_https_replica_is_refused_not_spoken_to_in_plain_http(tiny_model_dir,
             assert post(router.url, prompt="hello", max_tokens=2).status_code == 200
     finally:
         stop(router, good)
+
+
+def test_a_prefill_refused_for_full_kv_leases_is_sent_again_not_passed_on(tiny_model_dir, tmp_path):
+    """One lease at a time on the only prefill worker, and a decode worker slow to take
+    them: prefills meet kv_leases_full, and the router sends them again after a short
+    back-off until a lease is free, so every client gets its answer and none a 429."""
+    p = start_worker(config(tiny_model_dir, max_kv_leases=1), "prefill")
+    d = start_worker(config(tiny_model_dir), "decode")
+    d.core.fault_hook = lambda batch: time.sleep(0.08)
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.internal_url], decode=[d.internal_url])
+    router = start_router(tmp_path / "r.yaml")
+
+    async def one(c, i):
+        await asyncio.sleep(0.05 * i)  # arriving while the leases before are still held
+        return await c.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": f"lease {i}",
+                                                                  "max_tokens": 6, "ignore_eos": True})
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(12)))
+    try:
+        rs = asyncio.run(load())
+        assert [r.status_code for r in rs] == [200] * 12, [r.text for r in rs if r.status_code != 200]
+        assert all(r.json()["usage"]["completion_tokens"] == 6 for r in rs)
+        assert counter(router.router.metrics.handoff_retries, "tiny") > 0
+    finally:
+        d.core.fault_hook = None
+        stop(router, p, d)
