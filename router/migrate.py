@@ -137,14 +137,59 @@ class Where:
 Call = Callable[[str, str, list[Replica], bytes, list[int]], Awaitable[Upstream]]
 
 
+@dataclass(eq=False)
+class Moving:
+    """A stream on its way, as a drain sees it: breaking it off moves it (reason drain)."""
+    up: Upstream
+    drained: bool = False
+
+    def move(self) -> None:
+        self.drained = True
+        self.up.abort()
+
+
 @dataclass
 class Mover:
-    """What `migrating` needs of the router: a way to send, to mark a replica, its metrics."""
+    """What `migrating` needs of the router: a way to send, to mark a replica, its metrics;
+    and the streams on each replica, for drains."""
     call: Call                                    # (model, role, replicas, payload, keys) -> a stream
     broken: Callable[[Replica, UpstreamError], None]
     metrics: RouterMetrics
     max_kept: int
     max_migrations: int
+    drain_grace: float = 30.0
+    streams: dict[Replica, set[Moving]] = field(default_factory=dict)
+    leaving: dict[Replica, float] = field(default_factory=dict)  # since when out of routing
+
+    def drain(self, routable: list[Replica], now: float) -> None:
+        """Streams on a replica out of routing (drained, or gone from discovery) for the
+        grace period move elsewhere, so that it is idle soon and a rollout does not wait
+        on its longest generation."""
+        serving = set(routable)
+        for replica in list(self.leaving):
+            if replica in serving or replica not in self.streams:
+                del self.leaving[replica]
+        for replica, moving in self.streams.items():
+            if replica in serving:
+                continue
+            since = self.leaving.setdefault(replica, now)
+            if now - since >= self.drain_grace:
+                for m in list(moving):
+                    if not m.drained:
+                        m.move()
+
+    def track(self, up: Upstream) -> Moving:
+        m = Moving(up)
+        if up.replica is not None:
+            self.streams.setdefault(up.replica, set()).add(m)
+        return m
+
+    def untrack(self, m: Moving) -> None:
+        replica = m.up.replica
+        if replica is not None and replica in self.streams:
+            self.streams[replica].discard(m)
+            if not self.streams[replica]:
+                del self.streams[replica]
 
 
 def movable(kind: str, body: dict) -> str | None:
@@ -171,6 +216,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
         last, gap_from = time.perf_counter(), None
         while True:
             failure: UpstreamError
+            moving = mover.track(up)
             try:
                 async for chunk in _chunks(up):
                     errors = tracker.errors
@@ -191,9 +237,12 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                 failure = EngineGone("the replica's engine is gone")
             except UpstreamError as e:
                 failure = e
+            finally:
+                mover.untrack(moving)
             failed = up.replica
             up.release()
-            if failed is not None:
+            reason = DRAIN if moving.drained else WORKER_FAILED
+            if failed is not None and reason == WORKER_FAILED:
                 mover.broken(failed, failure)
             if tracker.done:
                 return
@@ -218,7 +267,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                 raise UpstreamError(f"{failure}; the replica that was to take the stream over answered "
                                     f"{up.status}: {up.body[:200]!r}")
             current[0] = up
-            m.child(m.migrations, where.model, WORKER_FAILED).inc()
+            m.child(m.migrations, where.model, reason).inc()
             gap_from = last
 
     def release() -> None:

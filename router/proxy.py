@@ -54,10 +54,11 @@ class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
                  limits: Limits = Limits(), token: str | None = None, max_migrations: int = 3,
-                 max_tokens_kept: int = 1 << 17):
+                 max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0):
         """`token`: the shared token the workers' internal listeners ask for. A stream moves
         to another replica at most `max_migrations` times, and only while it keeps at most
-        `max_tokens_kept` token ids (prompt and output)."""
+        `max_tokens_kept` token ids (prompt and output); streams still on a replica
+        `drain_grace` seconds after it left routing (drained) move too."""
         for route in source.models().values():
             for replica in route.all():
                 problem = unsupported(replica.url)
@@ -78,7 +79,7 @@ class Router:
         self.auth = {AUTH_HEADER: bearer(token)} if token else {}
         self._auth_line = "".join(f"{k}: {v}\r\n" for k, v in self.auth.items()).encode()
         self._prober: asyncio.Task | None = None
-        self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations)
+        self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations, drain_grace)
         self.handoffs = Handoffs(self.call, self._migrating, self.metrics, lambda: self.session, _STREAM)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Router:
             for policy in self.policies.values():
                 policy.forget(url)
         replicas = [r for route in self.source.models().values() for r in route.all()]
+        self.mover.drain([r for r in replicas if r.routable], time.monotonic())
         await asyncio.gather(*(self._probe(r) for r in replicas))
 
     async def _probe_forever(self) -> None:
@@ -202,9 +204,10 @@ class Router:
                 def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
                     resp.release()
                     release()
+                abort = resp.abort
                 resp = None  # the stream's now: released by close()
                 self._alive(replica)
-                return Upstream(status, content_type, first, chunks, close, replica)
+                return Upstream(status, content_type, first, chunks, close, replica, abort=abort)
             body = await resp.read()
         except UpstreamError as e:
             self._mark(replica, False)  # a broken connection or a timeout: unwell, whatever the request

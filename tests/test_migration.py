@@ -191,3 +191,50 @@ def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
         worker.wait_idle()
     finally:
         worker.stop()
+
+
+def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_dir, tmp_path):
+    """A worker taken out of routing (draining) keeps its streams for the grace period, then
+    the router moves them: the client's stream is unchanged, the worker idle at once and
+    not taken for unwell."""
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    for w in workers:
+        w.core.fault_hook = lambda batch: time.sleep(0.01)
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=0.1, drain_grace=0.5)
+    body = {"model": "tiny", "prompt": "a stream outliving its worker's drain", "max_tokens": 150,
+            "temperature": 0, "ignore_eos": True, "logprobs": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        want = read_stream(router.url, body)
+        drained: list = []
+
+        def drain(n: int) -> None:
+            if drained or n < 10:
+                return
+            route = router.router.source.models()["tiny"]
+            [busy] = [r for r in route.replicas["mixed"] if r.outstanding > 0]
+            entries = [w.internal_url if w.internal_url != busy.url else
+                       {"url": w.internal_url, "state": "draining", "reason": "scale-down"} for w in workers]
+            write_router_config(path, "tiny", mixed=entries)
+            drained.append(next(w for w in workers if w.internal_url == busy.url))
+        t0 = time.monotonic()
+        got = read_stream(router.url, body, drain)
+        same(want, got)
+        metrics = router.router.metrics
+        assert metrics.migrations.labels("tiny", "drain")._value.get() == 1
+        assert metrics.migrations.labels("tiny", "worker_failed")._value.get() == 0
+        [gone] = drained
+        gone.wait_idle()  # its stream moved: nothing holds it any more
+        replica = next(r for r in router.router.source.models()["tiny"].replicas["mixed"]
+                       if r.url == gone.internal_url)
+        assert replica.healthy and not replica.routable
+        assert time.monotonic() - t0 < 30
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
