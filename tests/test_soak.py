@@ -18,7 +18,7 @@ import pytest
 
 from .workers import free_port, wait_healthy
 
-REQUESTS, CONCURRENCY, MAX_TOKENS = 1000, 24, 48
+REQUESTS, CONCURRENCY, MAX_TOKENS = 1000, 16, 48
 KILLS = {150: "decode-0", 400: "prefill-0", 650: "decode-1"}  # after so many requests finished
 
 
@@ -104,14 +104,14 @@ def test_a_thousand_requests_survive_three_killed_workers(tmp_path, tiny_model_d
         results, killed = asyncio.run(run())
         elapsed = time.monotonic() - t0
         bad = [(i, n, why) for i, n, why in results if n != MAX_TOKENS]
-        assert not bad, bad[:5]
-        assert killed == list(KILLS.values())
         text = httpx.get(url + "/metrics", timeout=10).text
         moved = sum(float(v) for v in re.findall(r'fleetwise_router_migrations_total\{[^}]*\} (\S+)', text))
         gaps = metric_buckets(text, "fleetwise_router_migration_gap_seconds")
         p50, p99 = quantile(gaps, 0.5), quantile(gaps, 0.99)
         print(f"\n{REQUESTS} requests in {elapsed:.0f} s, {len(killed)} workers killed, {moved:.0f} migrations, "
-              f"gap p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+              f"gap p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {len(bad)} requests short or failed")
+        assert not bad, bad[:5]
+        assert killed == list(KILLS.values())
         assert moved > 0 and p99 < 2.0
     finally:
         up.send_signal(signal.SIGTERM)
