@@ -72,7 +72,10 @@ class Tracker:
             start = end + 2
             if event.startswith(TRACE_PREFIX):
                 line = event.index(b"\n")
-                self._note(orjson.loads(event[len(TRACE_PREFIX):line]))
+                try:
+                    self._note(orjson.loads(event[len(TRACE_PREFIX):line]))
+                except (orjson.JSONDecodeError, TypeError, AttributeError):
+                    self.why_not = self.why_not or "no_token_ids"  # not what a worker sends: not movable
                 event = event[line + 1:]
                 if event == b"\n":
                     continue

@@ -238,3 +238,30 @@ def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_di
         for w in workers:
             w.core.fault_hook = None
             w.stop()
+
+
+def test_the_tracker_keeps_ids_strips_their_lines_and_knows_its_bounds():
+    from fleetwise.router.migrate import Tracker
+
+    def event(fw: dict, text: str) -> bytes:
+        return b"fw: " + json.dumps(fw).encode() + b"\ndata: " + json.dumps({"choices": [{"text": text}]}).encode() \
+            + b"\n\n"
+    stream = (event({"index": 0, "token_ids": [5], "prompt_token_ids": [1, 2, 3], "id": "cmpl-1", "created": 7}, "a")
+              + b"fw: " + json.dumps({"index": 0, "token_ids": [6]}).encode() + b"\n\n"  # held-back text: no data
+              + event({"index": 0, "token_ids": [7], "finish_reason": "length"}, "b") + b"data: [DONE]\n\n")
+    t = Tracker(max_kept=100)
+    out = b"".join(t.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))  # events cut anywhere
+    assert b"fw:" not in out and out.count(b"data: ") == 3 and out.endswith(b"data: [DONE]\n\n")
+    assert (t.prompt, t.choices[0].token_ids, t.choices[0].finished) == ([1, 2, 3], [5, 6, 7], True)
+    assert (t.response_id, t.created, t.done, t.why_not) == ("cmpl-1", 7, True, None)
+    body = json.loads(t.resume_body("completion", {"model": "tiny", "prompt": "x"}))
+    assert body["choices"] == [{"index": 0, "output_token_ids": [5, 6, 7], "draws": 3, "finished": True}]
+    assert body["request"]["stream"] is True
+    # beyond the bound: nothing more is kept and the request says it cannot move
+    small = Tracker(max_kept=4)
+    small.feed(stream)
+    assert small.why_not == "too_long" and small.prompt is None
+    # the worker saying its engine is gone ends the relay there, the error not passed on
+    gone = Tracker(max_kept=100)
+    dead = b'data: {"error": {"message": "x", "type": "server_error", "param": null, "code": "engine_unavailable"}}\n\n'
+    assert gone.feed(stream[:stream.index(b"fw: ", 10)] + dead).count(b"data: ") == 1 and gone.engine_gone

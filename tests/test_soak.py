@@ -36,7 +36,7 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 
 def metric_buckets(text: str, name: str) -> list[tuple[float, float]]:
-    found = re.findall(name + r'_bucket\{model_name="tiny",le="([^"]+)"\} (\S+)', text)
+    found = re.findall(name + r'_bucket\{le="([^"]+)",model_name="tiny"\} (\S+)', text)
     return sorted((float(le), float(v)) for le, v in found)
 
 
