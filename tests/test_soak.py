@@ -18,7 +18,7 @@ import pytest
 
 from .workers import free_port, wait_healthy
 
-REQUESTS, CONCURRENCY, MAX_TOKENS = 1000, 16, 48
+REQUESTS, CONCURRENCY, MAX_TOKENS = 1000, 16, 96
 KILLS = {150: "decode-0", 400: "prefill-0", 650: "decode-1"}  # after so many requests finished
 
 
