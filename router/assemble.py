@@ -75,6 +75,18 @@ def _choice(i: int, c: dict[str, Any], kind: str) -> dict[str, Any]:
             "finish_reason": c.get("finish_reason"), "logprobs": lp}
 
 
+async def whole(up: Upstream) -> Upstream:
+    """An answer that came whole though a stream was asked for, read to its end (`up` is released)."""
+    try:
+        body = b"".join([chunk async for chunk in _chunks(up)])
+    except UpstreamError as e:
+        raise RouterError(502, f"the replica failed after it accepted the request ({e})", code="upstream_failed",
+                          type_="server_error")
+    finally:
+        up.release()
+    return Upstream(up.status, up.content_type, body)
+
+
 async def _chunks(up: Upstream) -> AsyncIterator[bytes]:
     yield up.body
     if up.rest is not None:

@@ -32,7 +32,7 @@ from fleetwise.protocol import (
     bearer,
 )
 
-from .assemble import as_stream, assemble
+from .assemble import as_stream, assemble, whole
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out
 from .handoff import Handoffs
@@ -292,6 +292,8 @@ class Router:
             mixed = route.replicas["mixed"]
             up = await self.call(route.name, "mixed", mixed, PATHS[kind], raw or orjson.dumps(body), True, keys,
                                  retry_on=_STREAM)
+            if up.status == 200 and not up.content_type.startswith("text/event-stream"):
+                return await whole(up)  # a replica that answers whole (not a fleetwise worker): as it is
             if up.status == 200:
                 up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys))
         else:
