@@ -238,6 +238,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                 if not tracker.engine_gone:
                     return
                 failure = EngineGone("the replica's engine is gone")
+                tracker.engine_gone = False
             except UpstreamError as e:
                 failure = e
             finally:

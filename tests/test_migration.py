@@ -265,3 +265,33 @@ def test_the_tracker_keeps_ids_strips_their_lines_and_knows_its_bounds():
     gone = Tracker(max_kept=100)
     dead = b'data: {"error": {"message": "x", "type": "server_error", "param": null, "code": "engine_unavailable"}}\n\n'
     assert gone.feed(stream[:stream.index(b"fw: ", 10)] + dead).count(b"data: ") == 1 and gone.engine_gone
+
+
+def test_a_stream_whose_engine_dies_moves_and_the_error_never_reaches_the_client(tiny_model_dir, tmp_path):
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=60)
+    body = {"model": "tiny", "prompt": "an engine that dies", "max_tokens": 60, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        want = read_stream(router.url, body)  # on one worker; round robin sends the next to the other
+        steps: list[int] = []
+
+        def die_later(batch) -> None:  # the engine serving the stream dies at its 20th step
+            steps.append(1)
+            if len(steps) == 20:
+                raise SystemExit("the engine loop dies")
+        for w in workers:
+            w.core.fault_hook = die_later
+        got = read_stream(router.url, body)
+        same(want, got)
+        assert router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get() == 1
+        assert sum(not w.engine.alive for w in workers) == 1
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
