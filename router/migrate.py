@@ -15,6 +15,7 @@ moved `max_migrations` times, or is a completion with several prompts (the
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 
@@ -142,8 +143,10 @@ Call = Callable[[str, str, list[Replica], bytes, list[int]], Awaitable[Upstream]
 
 @dataclass(eq=False)
 class Moving:
-    """A stream on its way, as a drain sees it: breaking it off moves it (reason drain)."""
+    """A stream on its way, as a drain sees it: breaking it off moves it (reason drain).
+    `movable` says whether it could move now (a drain never breaks off one that cannot)."""
     up: Upstream
+    movable: Callable[[], bool] = lambda: True
     drained: bool = False
 
     def move(self) -> None:
@@ -178,11 +181,11 @@ class Mover:
             since = self.leaving.setdefault(replica, now)
             if now - since >= self.drain_grace:
                 for m in list(moving):
-                    if not m.drained:
+                    if not m.drained and m.movable():
                         m.move()
 
-    def track(self, up: Upstream) -> Moving:
-        m = Moving(up)
+    def track(self, up: Upstream, movable: Callable[[], bool]) -> Moving:
+        m = Moving(up, movable)
         if up.replica is not None:
             self.streams.setdefault(up.replica, set()).add(m)
         return m
@@ -219,7 +222,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
         last, gap_from = time.perf_counter(), None
         while True:
             failure: UpstreamError
-            moving = mover.track(up)
+            moving = mover.track(up, partial(_could_move, tracker, where, up.replica, moves < mover.max_migrations))
             try:
                 async for chunk in _chunks(up):
                     errors = tracker.errors
@@ -278,6 +281,12 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
         current[0].release()
 
     return Upstream(200, up.content_type, b"", relay(), release)
+
+
+def _could_move(tracker: Tracker, where: Where, on: Replica | None, moves_left: bool) -> bool:
+    """Whether a stream on `on` could move now (a drain breaks off only such a one)."""
+    return (moves_left and tracker.why_not is None and tracker.prompt is not None
+            and any(r.available for r in where.replicas if r is not on))
 
 
 async def _chunks(up: Upstream) -> AsyncIterator[bytes]:

@@ -295,3 +295,31 @@ def test_a_stream_whose_engine_dies_moves_and_the_error_never_reaches_the_client
         for w in workers:
             w.core.fault_hook = None
             w.stop()
+
+
+def test_a_drain_moves_only_streams_that_can_move_and_only_after_the_grace_period():
+    from fleetwise.router.metrics import RouterMetrics
+    from fleetwise.router.migrate import Mover
+    from fleetwise.router.replica import Replica
+    from fleetwise.router.upstream import Upstream
+
+    aborted: list[str] = []
+    async def never(*args):
+        raise AssertionError("a drain itself sends nothing")
+    mover = Mover(call=never, broken=lambda replica, e: None, metrics=RouterMetrics(), max_kept=10, max_migrations=3,
+                  drain_grace=5.0)
+    leaving, staying = Replica("http://a:1", "tiny", "mixed"), Replica("http://b:1", "tiny", "mixed")
+    can = mover.track(Upstream(200, "text/event-stream", replica=leaving, abort=lambda: aborted.append("can")),
+                      lambda: True)
+    cannot = mover.track(Upstream(200, "text/event-stream", replica=leaving, abort=lambda: aborted.append("cannot")),
+                         lambda: False)
+    mover.track(Upstream(200, "text/event-stream", replica=staying, abort=lambda: aborted.append("stays")),
+                lambda: True)
+    mover.drain([staying], now=100.0)  # `leaving` is out of routing from now on
+    mover.drain([staying], now=104.9)
+    assert aborted == []
+    mover.drain([staying], now=105.0)
+    assert aborted == ["can"] and can.drained and not cannot.drained
+    mover.untrack(can)
+    mover.untrack(cannot)
+    assert leaving not in mover.streams
