@@ -267,6 +267,67 @@ def test_the_tracker_keeps_ids_strips_their_lines_and_knows_its_bounds():
     assert gone.feed(stream[:stream.index(b"fw: ", 10)] + dead).count(b"data: ") == 1 and gone.engine_gone
 
 
+def read_chat(url: str, body: dict) -> dict:
+    """A streamed chat's choices as the client sees them: text, roles sent, logprobs, finish."""
+    out: dict = {"text": {}, "roles": {}, "logprobs": {}, "finish": {}, "usage": None, "errors": [], "ids": set()}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text[-300:]
+    for line in r.text.splitlines():
+        assert not line or line.startswith("data: "), line
+        if not line.startswith("data: {"):
+            continue
+        data = json.loads(line[6:])
+        if "error" in data:
+            out["errors"].append(data["error"])
+            continue
+        out["ids"].add(data["id"])
+        out["usage"] = data.get("usage") or out["usage"]
+        for ch in data["choices"]:
+            i = ch["index"]
+            out["text"][i] = out["text"].get(i, "") + (ch["delta"].get("content") or "")
+            out["roles"][i] = out["roles"].get(i, 0) + ("role" in ch["delta"])
+            if ch["logprobs"]:
+                out["logprobs"].setdefault(i, []).extend(c["logprob"] for c in ch["logprobs"]["content"])
+            if ch["finish_reason"]:
+                out["finish"][i] = ch["finish_reason"]
+    return out
+
+
+def test_a_seeded_chat_whose_engine_dies_moves_with_its_logprobs_and_usage(tiny_model_dir, tmp_path):
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=60)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "say something"}], "max_tokens": 50,
+            "temperature": 1.0, "seed": 99, "n": 2, "logprobs": True, "top_logprobs": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        want = read_chat(router.url, body)
+        steps: list[int] = []
+
+        def die_later(batch) -> None:
+            steps.append(1)
+            if len(steps) == 12:
+                raise SystemExit("the engine loop dies")
+        for w in workers:
+            w.core.fault_hook = die_later
+        got = read_chat(router.url, body)
+        assert not got["errors"] and len(got["ids"]) == 1  # one response id, as one stream
+        assert got["text"] == want["text"] and got["finish"] == want["finish"]
+        assert got["roles"] == {0: 1, 1: 1}  # each choice's role once
+        for i, lps in want["logprobs"].items():
+            assert got["logprobs"][i] == pytest.approx(lps, abs=1e-4)
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+        assert router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get() == 1
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
+
+
 def test_a_stream_whose_engine_dies_moves_and_the_error_never_reaches_the_client(tiny_model_dir, tmp_path):
     from fleetwise.worker.engine.config import EngineConfig
     workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,

@@ -47,8 +47,10 @@ def sse(obj: dict) -> str:
 def usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(outs.values())
+    # a resumed request recomputes its output too, which the prefix cache may hold: only the prompt's count
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)}}
 
 
 async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chunk],
@@ -145,12 +147,12 @@ class ResponseFormat:
             if out.error:
                 raise APIError(500, f"generation failed: {out.error}", type_="server_error")
             delta = {"content": out.text}
+            lp = self.chat_logprobs(out.logprobs, out.token_ids) if logprobs and out.logprobs else None
             if k not in started:
                 started.add(k)
                 delta = {"role": "assistant", "content": out.text}
-            elif not out.text and not out.finished:
-                return None
-            lp = self.chat_logprobs(out.logprobs, out.token_ids) if logprobs and out.logprobs else None
+            elif not out.text and not out.finished and lp is None:
+                return None  # a token whose text is held back still sends its logprobs
             return {**base, "choices": [{"index": k, "delta": delta, "logprobs": lp,
                                          "finish_reason": out.finish_reason if out.finished else None}]}
 
