@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from fleetwise import defaults, gpus
+from fleetwise.admin.commands import admin_app
+from fleetwise.sim.commands import plan, sim_app
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -15,8 +17,9 @@ bench_app = typer.Typer(help="Benchmarks that compare against a baseline measure
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-sim_app = typer.Typer(help="The fleet simulator.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
+app.command("plan")(plan)
+app.add_typer(admin_app, name="admin")
 
 
 @model_app.command("init")
@@ -32,6 +35,22 @@ def model_init(
                                  param_hint="--preset")
     path = write_model(out, preset, seed)
     typer.echo(f"wrote a {preset} model to {path}")
+
+
+@model_app.command("download")
+def model_download(
+    uri: str = typer.Argument(..., help="hf://ORG/NAME@REVISION"),
+    out: Path = typer.Option(..., "--out", help="Directory to download the model into."),
+):
+    """Download a Hugging Face repository's model files (HF_TOKEN, HF_ENDPOINT apply)."""
+    from fleetwise.model_source import ModelUriError
+    from fleetwise.worker.model.hub import DownloadError, download
+    try:
+        path = download(uri, out)
+    except (ModelUriError, DownloadError) as e:  # one line, unwrapped, for the init container's log
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, ModelUriError) else 1)
+    typer.echo(f"downloaded {uri} to {path}")
 
 
 @app.command()
@@ -144,6 +163,8 @@ def up(
     workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
     kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache per worker."),
     device: str = typer.Option(defaults.DEVICE, "--device"),
+    admin_port: int = typer.Option(8081, "--admin-port", min=0,
+                                   help="The admin API's port (another if taken; 0: no admin API)."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -153,7 +174,7 @@ def up(
             raise typer.BadParameter("must be at least 1", param_hint=name)
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device]))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port))
 
 
 @app.command()
@@ -223,6 +244,12 @@ def operator(
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
                                              help="The shared internal token, copied into a Secret in each "
                                                   "namespace with workers, which their pods mount."),
+    admin_url: str = typer.Option(None, "--admin-url", envvar="FLEETWISE_ADMIN_URL",
+                                  help="The admin API, which incidents and actions are sent to (queued through "
+                                       "its outages)."),
+    admin_token_file: Path = typer.Option(None, "--admin-token-file", envvar="FLEETWISE_ADMIN_TOKEN_FILE",
+                                          help="With --admin-url: the operator's token (an operator role), re-read "
+                                               "before each send."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
@@ -231,8 +258,11 @@ def operator(
         load_token(internal_token_file)
     except ValueError as e:
         raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
+    if (admin_url is None) != (admin_token_file is None):
+        raise typer.BadParameter("give both --admin-url and --admin-token-file, or neither", param_hint="--admin-url")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout, token_file=internal_token_file)
+                 drain_timeout=drain_timeout, token_file=internal_token_file, admin_url=admin_url,
+                 admin_token_file=admin_token_file)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:
@@ -299,16 +329,6 @@ def bench_operator(
     """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
     run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
-
-
-@sim_app.command("run")
-def sim_run(
-    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
-    out: Path = typer.Option(None, "--out", help="Write the result as JSON here (default: print it)."),
-):
-    """Simulate a fleet serving a trace, with the router's policies and the controllers' decisions."""
-    from fleetwise.sim.run import main
-    raise typer.Exit(main([str(config), *(["--out", str(out)] if out else [])]))
 
 
 if __name__ == "__main__":

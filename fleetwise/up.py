@@ -5,7 +5,8 @@ restarted.
 
 Each worker gets two ports: the public one (its /health, in the table) and the internal one
 that the router and the other workers call with the shared token. The token is new at each
-start, in `internal-token` in the workdir, readable by the user alone."""
+start, in `internal-token` in the workdir, readable by the user alone. The admin API runs in
+this process, on its own port, over the same `LocalFleet` (`admin/local.py`)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
@@ -25,6 +27,9 @@ from fleetwise.fleet import Routability
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port, port_free
 from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wait_healthy
+
+if TYPE_CHECKING:
+    from fleetwise.admin.local import LocalAdmin
 
 console = Console()
 
@@ -93,13 +98,20 @@ def _table(procs: list[Member], fleet: LocalFleet) -> Table:
     return t
 
 
+def _print_admin(admin: "LocalAdmin") -> None:
+    """The admin API's address and its new admin token, shown this once (it is also in the workdir, 0600)."""
+    moved = f" (port {admin.moved_from} was taken)" if admin.moved_from else ""
+    console.print(f"  admin API {admin.url}/api/v1{moved}; admin token, shown once: "
+                  f"{escape(admin.token_file.read_text().strip())} (also in {admin.token_file})")
+
+
 def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
     """The router first (no new requests), then the workers; SIGTERM, then SIGKILL."""
     stop_all([[p for p in procs if p.role == "router"], [p for p in procs if p.role != "router"]], grace)
 
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0) -> int:
+        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081) -> int:
     from fleetwise.worker.model.files import write_model
     workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
@@ -118,6 +130,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args,
                  write_token(workdir))
     fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
+    from fleetwise.admin.local import LocalAdmin, start_local
+    admin: LocalAdmin | None = None
 
     stopping: list[int] = []
 
@@ -127,6 +141,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     try:
         for p in procs:
             p.start()
+        if admin_port:
+            admin = start_local(fleet, workdir, admin_port)
         (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
         with console.status("starting the fleet") as status:
             try:
@@ -143,6 +159,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
                       f"    -d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'")
+        if admin is not None:
+            _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
         restarts = Restarts()
         with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
@@ -160,6 +178,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         return 0
     finally:
         with console.status("stopping the fleet"):
+            if admin is not None:
+                admin.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -14,6 +14,7 @@ from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
 from fleetwise.logs import configure as configure_logs
 
 from . import handlers
+from .admin_sink import AdminSink
 from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
@@ -35,8 +36,11 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None,
-                 drain_timeout: float = DRAIN_TIMEOUT_SECONDS, token_file: Path | None = None) -> None:
-    """`token_file`: the shared internal token, copied into the workers' namespaces."""
+                 drain_timeout: float = DRAIN_TIMEOUT_SECONDS, token_file: Path | None = None,
+                 admin_url: str | None = None, admin_token_file: Path | None = None) -> None:
+    """`token_file`: the shared internal token, copied into the workers' namespaces.
+    `admin_url`: where incidents and actions go (`memo.admin`, an `AdminSink`), with the
+    token in `admin_token_file`."""
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     api = load_client(kubeconfig)
@@ -49,6 +53,7 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     tokens = TokenCopies(kube, token_file) if token_file else None
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
                                            drain_timeout=drain_timeout, tokens=tokens))
+    memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)
@@ -76,4 +81,6 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                                   liveness_endpoint=liveness, memo=memo))
     finally:
         memo.reconcilers.shutdown(wait=False, cancel_futures=True)
+        if memo.admin is not None:
+            memo.admin.stop()
         elector.release()
