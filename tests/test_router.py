@@ -240,9 +240,10 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         retries = metrics.retries.labels("tiny", "prefill")._value.get()
         moved = metrics.migrations.labels("tiny", "worker_failed")._value.get()
         print(f"prefill retries {retries}, migrations {moved}")
-        # prefills caught by the kill are one token of work: retried elsewhere; decodes caught by
-        # theirs move to the other decode worker
-        assert retries > 0 and moved > 0
+        # prefills caught by the kill are one token of work: retried elsewhere (whether one is in
+        # flight at the kill is a race, so retries are not asserted); decodes caught by theirs move
+        # to the other decode worker, and every request above completed
+        assert moved > 0
     finally:
         router.stop()
         reference.stop()
