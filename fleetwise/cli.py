@@ -104,7 +104,7 @@ def worker(
                                      help="Without a GPU: run as a modelled one of this product (H100, A100, "
                                           "...), its power, caps and DCGM series."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
-                                    help="Test-only fault switches (corrupt-kv, fail-steps)."),
+                                    help="Test-only fault switches (corrupt-kv, fail-steps, slow-steps)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
@@ -192,6 +192,12 @@ def router(
     probe_interval: float = typer.Option(1.0, "--probe-interval", help="Seconds between health probes."),
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
                                              help="The shared token the workers' internal ports ask for."),
+    max_migrations: int = typer.Option(3, "--max-migrations", min=0,
+                                       help="Moves of one stream to another replica when its worker fails."),
+    max_tokens_kept: int = typer.Option(1 << 17, "--max-tokens-kept", min=1,
+                                        help="Token ids kept per request; beyond them it cannot move."),
+    drain_grace: float = typer.Option(30.0, "--drain-grace", min=0,
+                                      help="Seconds a drained replica keeps its streams before they move."),
 ):
     """Run the router: the OpenAI-compatible front door over the workers' internal ports."""
     import logging
@@ -220,7 +226,8 @@ def router(
             source = StaticEndpoints(config)
         except ConfigError as e:
             raise typer.BadParameter(str(e), param_hint="--config")
-    serve(source, host, port, token, policy, max_inflight, probe_interval)
+    serve(source, host, port, token, policy, max_inflight, probe_interval,
+          max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace)
 
 
 @app.command()

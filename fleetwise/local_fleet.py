@@ -138,6 +138,11 @@ class LocalFleet:
             raise ActionRefused(f"restart: {w.name} did not come back: {e}") from e
         self._record("restarted", w, Routability.SERVING, reason)
 
+    def stopped_on_purpose(self, member: Process) -> bool:
+        """The fleet stopped it (drained) or is restarting it itself: not to be restarted."""
+        state = self.states.get(member.name)
+        return state is not None and state.state is Routability.DRAINING
+
     def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
         w = self._worker("override_power", worker)
         with self._lock:

@@ -108,6 +108,45 @@ class Process:
         stop_all([[self]], grace)
 
 
+@dataclass
+class Restarts:
+    """Kubernetes' `restartPolicy: Always` for local children: one that exited is started
+    again after a back-off that doubles from `base` up to `cap` (as CrashLoopBackOff), and
+    falls back to `base` once a start has run `reset_after` seconds."""
+    base: float = 1.0
+    cap: float = 300.0
+    reset_after: float = 600.0
+    delay: dict[str, float] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)     # when an exited child starts again
+    started: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+
+    def tick(self, procs: Sequence[Process], now: float, keep_down: Callable[[Process], bool] = lambda p: False,
+             ) -> list[Process]:
+        """Starts the exited children whose back-off is over (not those `keep_down` names:
+        stopped on purpose); returns them."""
+        restarted = []
+        for p in procs:
+            if p.running:
+                if now - self.started.get(p.name, now) >= self.reset_after:
+                    self.delay.pop(p.name, None)
+                continue
+            if p.popen is None or keep_down(p):
+                self.due.pop(p.name, None)
+                continue
+            if p.name not in self.due:
+                delay = self.delay.get(p.name, self.base)
+                self.due[p.name] = now + delay
+                self.delay[p.name] = min(self.cap, delay * 2)
+            elif now >= self.due[p.name]:
+                del self.due[p.name]
+                p.start()
+                self.started[p.name] = now
+                self.count[p.name] = self.count.get(p.name, 0) + 1
+                restarted.append(p)
+        return restarted
+
+
 class ProcessError(RuntimeError):
     """Processes that exited, or were not healthy in time; the message holds each one's log tail."""
 

@@ -17,6 +17,16 @@ Mixed versions during a rolling upgrade follow one rule:
 - A peer that receives a version it does not speak answers 400 with the code
   `unsupported_protocol_version` (naming the versions it speaks) before doing any work; the
   router takes that as "this replica cannot serve this request" and tries another one.
+Migration (version 1 still: each piece is one an older peer ignores or answers 404 to):
+- A call with `x-fleetwise-token-ids: 1` gets, in a streamed answer, a line `fw: {json}`
+  before each event's `data:` line (`TraceEvent`: the choice's new token ids and finish
+  reason; the first event also the prompt's ids, the response's id and time). Every output
+  token gets an event then, even one whose text is held back. The router keeps the ids and
+  strips the lines; an SSE client would ignore them anyway (an unknown field).
+- `POST /internal/resume` (`ResumeRequest`) continues a stream another worker was
+  generating: the prompt, each unfinished choice's output so far (kept as output) and its
+  random draws made, and the finished ones for usage. It answers as that stream would have
+  gone on, under the same response id.
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
 the same way by the receiver.
 
@@ -42,6 +52,10 @@ SUPPORTED_VERSIONS = frozenset({1})
 VERSION_HEADER = "x-fleetwise-protocol"
 REQUEST_ID_HEADER = "x-request-id"
 UNSUPPORTED_VERSION = "unsupported_protocol_version"
+TOKEN_IDS_HEADER = "x-fleetwise-token-ids"
+TRACE_PREFIX = b"fw: "  # the line of a streamed event that carries its token ids
+MAX_RESUME_TOKENS = 1 << 20  # prompt or output ids in a resume request
+MAX_RESUME_CHOICES = 1024
 MAX_REQUEST_ID_LENGTH = 128
 
 AUTH_HEADER = "authorization"
@@ -121,6 +135,69 @@ class DecodeRequest(_Message):
             if problem:
                 raise ValueError(problem)
         return url
+
+
+class TraceEvent(_Message):
+    """What an `fw:` line says of the event it comes with."""
+    index: int = 0
+    token_ids: list[int] = []
+    finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None  # the first event only
+    id: str | None = None                      # the first event only
+    created: int | None = None                 # the first event only
+
+
+def _ids(ids: list[int]) -> list[int]:
+    bad = next((t for t in ids if t < 0), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is negative")
+    return ids
+
+
+class ResumeChoice(_Message):
+    """One choice of a request being moved: the output so far and the seeded sampler's
+    position (random draws already made: the continuation draws what the first worker
+    would have). A finished choice is only counted in usage."""
+    index: int = Field(ge=0, lt=MAX_RESUME_CHOICES)
+    output_token_ids: list[int] = Field(max_length=MAX_RESUME_TOKENS)
+    draws: int = Field(0, ge=0)
+    finished: bool = False
+
+    @field_validator("output_token_ids")
+    @classmethod
+    def _token_ids(cls, ids: list[int]) -> list[int]:
+        return _ids(ids)
+
+    @field_validator("draws")
+    @classmethod
+    def _draws(cls, draws: int, info: ValidationInfo) -> int:
+        if draws > len(info.data.get("output_token_ids") or []):
+            raise ValueError("more random draws than output tokens")
+        return draws
+
+
+class ResumeRequest(_Message):
+    """Router -> decode or mixed worker: go on with a stream another worker was generating.
+    `request` is the client's body (for a disaggregated request, its sub-request); its
+    max_tokens is the total, so what remains is max_tokens minus each choice's output."""
+    kind: Kind
+    request: dict
+    prompt_token_ids: list[int] = Field(min_length=1, max_length=MAX_RESUME_TOKENS)
+    choices: list[ResumeChoice] = Field(min_length=1, max_length=MAX_RESUME_CHOICES)
+    response_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    created: int = Field(ge=0)
+
+    @field_validator("prompt_token_ids")
+    @classmethod
+    def _token_ids(cls, ids: list[int]) -> list[int]:
+        return _ids(ids)
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[ResumeChoice]) -> list[ResumeChoice]:
+        if len({c.index for c in choices}) != len(choices):
+            raise ValueError("a choice index appears twice")
+        return choices
 
 
 def base_url_problem(url: str) -> str | None:

@@ -26,7 +26,7 @@ from rich.table import Table
 from fleetwise.fleet import Routability
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port, port_free
-from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
+from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wait_healthy
 
 if TYPE_CHECKING:
     from fleetwise.admin.local import LocalAdmin
@@ -162,8 +162,15 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         if admin is not None:
             _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
+        restarts = Restarts()
         with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
             while not stopping:
+                # a worker that died starts again (the router takes it back once its probe passes);
+                # one drained or being restarted by the fleet stays as the fleet left it
+                for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
+                    live.console.print(f"[yellow]{again.name} exited; started again "
+                                       f"(restart {restarts.count[again.name]})[/]")
+                    (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
                 for p in procs:
                     _poll(p)
                 live.update(_table(procs, fleet))

@@ -90,10 +90,12 @@ def build_app(router: Router) -> ASGIApp:
 
 
 def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_affinity",
-          max_inflight: int = 2048, probe_interval: float = 1.0) -> None:
+          max_inflight: int = 2048, probe_interval: float = 1.0, max_migrations: int = 3,
+          max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0) -> None:
     """`token`: the shared token of the workers' internal listeners, which the router calls."""
     import uvicorn
 
-    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval, token=token)
+    router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval, token=token,
+                    max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace)
     uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
                 proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)

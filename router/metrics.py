@@ -33,6 +33,15 @@ class RouterMetrics:
                                  buckets=BUCKETS, registry=r)
         self.ttft = Histogram(c.ROUTER_TTFT_SECONDS, "Time from request to the first streamed chunk.",
                               ["model_name"], buckets=BUCKETS, registry=r)
+        self.migrations = Counter(c.ROUTER_MIGRATIONS, "Streams moved to another replica, by reason.",
+                                  ["model_name", "reason"], registry=r)
+        self.migration_gap = Histogram(c.ROUTER_MIGRATION_GAP_SECONDS,
+                                       "The client's wait between the last event before a move and the first after.",
+                                       ["model_name"], buckets=BUCKETS, registry=r)
+        self.unmigratable = Counter(c.ROUTER_UNMIGRATABLE, "Streams that could not be moved when their replica "
+                                    "failed, by reason.", ["model_name", "reason"], registry=r)
+        self.handoff_retries = Counter(c.ROUTER_HANDOFF_RETRIES, "Prefills sent again after every prefill "
+                                       "replica's KV leases were full.", ["model_name"], registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> Any:

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import orjson
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -27,20 +26,21 @@ from fleetwise.protocol import (
     AUTH_HEADER,
     PROTOCOL_VERSION,
     REQUEST_ID_HEADER,
+    TOKEN_IDS_HEADER,
     VERSION_HEADER,
-    DecodeRequest,
-    PrefillAnswer,
-    PrefillRequest,
     bearer,
 )
 
+from .assemble import as_stream, assemble, whole
 from .endpoints import EndpointSource, ModelRoute
-from .fanout import fan_out, merge_bodies, merge_streams
+from .fanout import fan_out
+from .handoff import Handoffs
 from .limits import Limits, check_counts, check_weight, parse_body, read_body
 from .metrics import RouterMetrics
+from .migrate import Mover, Where, migrating
 from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
 from .replica import Replica
-from .retries import RESET, TIMEOUT, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
+from .retries import RESET, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
 from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
 from .upstream import Response as UpstreamResponse
 
@@ -52,8 +52,12 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 class Router:
     def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
-                 limits: Limits = Limits(), token: str | None = None):
-        """`token`: the shared token the workers' internal listeners ask for."""
+                 limits: Limits = Limits(), token: str | None = None, max_migrations: int = 3,
+                 max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0):
+        """`token`: the shared token the workers' internal listeners ask for. A stream moves
+        to another replica at most `max_migrations` times, and only while it keeps at most
+        `max_tokens_kept` token ids (prompt and output); streams still on a replica
+        `drain_grace` seconds after it left routing (drained) move too."""
         for route in source.models().values():
             for replica in route.all():
                 problem = unsupported(replica.url)
@@ -74,7 +78,8 @@ class Router:
         self.auth = {AUTH_HEADER: bearer(token)} if token else {}
         self._auth_line = "".join(f"{k}: {v}\r\n" for k, v in self.auth.items()).encode()
         self._prober: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
+        self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations, drain_grace)
+        self.handoffs = Handoffs(self.call, self._migrating, self.metrics, lambda: self.session, _STREAM)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -123,6 +128,7 @@ class Router:
             for policy in self.policies.values():
                 policy.forget(url)
         replicas = [r for route in self.source.models().values() for r in route.all()]
+        self.mover.drain([r for r in replicas if r.routable], time.monotonic())
         await asyncio.gather(*(self._probe(r) for r in replicas))
 
     async def _probe_forever(self) -> None:
@@ -197,9 +203,10 @@ class Router:
                 def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
                     resp.release()
                     release()
+                abort = resp.abort
                 resp = None  # the stream's now: released by close()
                 self._alive(replica)
-                return Upstream(status, content_type, first, chunks, close, replica)
+                return Upstream(status, content_type, first, chunks, close, replica, abort=abort)
             body = await resp.read()
         except UpstreamError as e:
             self._mark(replica, False)  # a broken connection or a timeout: unwell, whatever the request
@@ -258,11 +265,7 @@ class Router:
             weight = len(subs)
             self._enter(weight)
             try:
-                if mode == "colocated":
-                    up = await self.call(model, "mixed", route.replicas["mixed"], PATHS[kind], raw, stream, keys,
-                                         retry_on=_STREAM if stream else frozenset())
-                else:
-                    up = await self.disaggregated(route, kind, body, subs, stream, keys)
+                up = await self._send(route, kind, body, raw, subs, stream, keys)
             except BaseException:
                 self._enter(-weight)
                 raise
@@ -276,6 +279,27 @@ class Router:
         finally:
             if mode:
                 self.metrics.child(self.metrics.requests, model, mode, str(status)).inc()
+
+    async def _send(self, route: ModelRoute, kind: str, body: dict, raw: bytes, subs: list[tuple[dict, int]],
+                    stream: bool, keys: list[int]) -> Upstream:
+        """The request to its replicas, always as a stream that can move when its worker
+        fails; a non-streamed one is assembled whole (assemble.py)."""
+        if not stream:
+            body, raw = as_stream(body), b""
+            subs = [(as_stream(sub), offset) for sub, offset in subs]
+        if route.mode == "colocated":
+            mixed = route.replicas["mixed"]
+            up = await self.call(route.name, "mixed", mixed, PATHS[kind], raw or orjson.dumps(body), True, keys,
+                                 retry_on=_STREAM)
+            if up.status == 200 and not up.content_type.startswith("text/event-stream"):
+                return await whole(up)  # a replica that answers whole (not a fleetwise worker): as it is
+            if up.status == 200:
+                up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys))
+        else:
+            up = await self.handoffs.disaggregated(route, kind, body, subs, True, keys)
+        if not stream and up.status == 200:
+            up = await assemble(up, kind)
+        return up
 
     def _enter(self, weight: int) -> None:
         self.inflight += weight
@@ -306,6 +330,13 @@ class Router:
             self._enter(-weight)
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
 
+    def _migrating(self, up: Upstream, where: Where) -> Upstream:
+        return migrating(up, where, self.mover)
+
+    async def _resume(self, model: str, role: str, replicas: list[Replica], payload: bytes,
+                      keys: list[int]) -> Upstream:
+        return await self.call(model, role, replicas, "/internal/resume", payload, True, keys, retry_on=_STREAM)
+
     def _broken(self, replica: Replica, e: UpstreamError) -> None:
         """A stream that broke after its first chunk: the replica is marked down."""
         log.warning("stream from %s broke: %s", replica.url, e)
@@ -313,87 +344,12 @@ class Router:
         if isinstance(e, UpstreamTimeout):
             self.metrics.child(self.metrics.timeouts, replica.model, replica.role, replica.url).inc()
 
-    async def disaggregated(self, route: ModelRoute, kind: str, body: dict, subs: list[tuple[dict, int]],
-                            stream: bool, keys: list[int]) -> Upstream:
-        if len(subs) == 1:
-            return await self.handoff(route, kind, body, stream, keys)
-        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
-                                        return_exceptions=True)
-        ups = [u for u in outcomes if not isinstance(u, BaseException)]
-        errors = [u for u in outcomes if isinstance(u, BaseException)]
-        failed: Upstream | BaseException | None = errors[0] if errors else next(
-            (u for u in ups if u.status != 200), None)
-        if failed is not None:
-            for u in ups:
-                u.release()
-            if isinstance(failed, BaseException):
-                raise failed
-            return failed
-        offsets = [offset for _, offset in subs]
-        counted = [offset % max(1, int(body.get("n") or 1)) == 0 for offset in offsets]
-        if not stream:
-            return Upstream(200, "application/json", merge_bodies(ups, offsets, counted))
-        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")),
-                             self._broken)
-
-    async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
-        model = route.name
-        payload = PrefillRequest(kind=kind, request=body).model_dump_json().encode()  # type: ignore[arg-type]
-        # a prefill is bounded work (one token): after a broken connection or a timeout it is
-        # redone on another replica, and a late answer from the first has its lease released
-        pre = await self.call(model, "prefill", route.replicas["prefill"], "/internal/prefill", payload, False, keys,
-                              retry_on=frozenset({RESET, TIMEOUT}), late=self._late_prefill)
-        if pre.status != 200:
-            return pre  # the client's own error (4xx or 5xx), or every prefill replica busy (429)
-        assert pre.replica is not None  # call() names the replica that answered
-        prefill_url = pre.replica.url
-        try:
-            first = PrefillAnswer.model_validate_json(pre.body)
-        except ValidationError as e:
-            raise RouterError(502, f"the prefill worker {prefill_url} answered outside protocol version "
-                              f"{PROTOCOL_VERSION}: {e.errors()[0]['msg']}", code="bad_upstream", type_="server_error")
-        dbody = DecodeRequest(kind=kind, request=body, prompt_token_ids=first.prompt_token_ids,  # type: ignore[arg-type]
-                              first_token=first.first_token, first_logprob=first.first_logprob,
-                              prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
-        taken = False
-        try:
-            up = await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
-                                 retry_on=_STREAM if stream else frozenset())
-            # a decode worker answers 200 only after it pulled the KV (and let the lease go)
-            taken = up.status == 200
-            return up
-        finally:
-            if first.handle and not taken:
-                self._release_soon(prefill_url, first.handle)
-
-    async def _late_prefill(self, url: str, resp: UpstreamResponse) -> None:
-        """A prefill answer that came after the router had given up on it: its lease goes."""
-        body = await resp.read()
-        if resp.status == 200:
-            try:
-                handle = PrefillAnswer.model_validate_json(body).handle
-            except ValidationError:
-                return
-            if handle:
-                await self._release_lease(url, handle)
-
-    def _release_soon(self, url: str, handle: str) -> None:
-        task = asyncio.create_task(self._release_lease(url, handle))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _release_lease(self, url: str, handle: str) -> None:
-        assert self.session is not None
-        try:
-            async with self.session.delete(f"{url}/internal/kv/{handle}"):
-                pass
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass  # the lease expires on its own
-
 
 # a stream has given the client nothing before its first chunk: a broken connection until
 # then is redone on another replica (ARCHITECTURE.md, "The path of one request")
 _STREAM = frozenset({RESET})
 
 # on every call to a worker: the request's id and the internal protocol's version
-_HEADERS = b"%s: %%s\r\n%s: %d\r\n" % (REQUEST_ID_HEADER.encode(), VERSION_HEADER.encode(), PROTOCOL_VERSION)
+# and, for streams, each event's token ids (migrate.py)
+_HEADERS = b"%s: %%s\r\n%s: %d\r\n%s: 1\r\n" % (REQUEST_ID_HEADER.encode(), VERSION_HEADER.encode(), PROTOCOL_VERSION,
+                                                 TOKEN_IDS_HEADER.encode())

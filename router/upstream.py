@@ -156,6 +156,11 @@ class Response:
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
+    def abort(self) -> None:
+        """Breaks the exchange off: its reader gets an UpstreamError, the connection closes."""
+        if self._conn is not None:
+            self._conn.transport.close()
+
     def release(self) -> None:
         """Back to the pool when the body was read to the end on a keep-alive connection;
         otherwise the connection is closed."""
@@ -265,3 +270,4 @@ class Upstream:
     release: Callable[[], None] = lambda: None
     replica: Replica | None = None
     finished: list = field(default_factory=list)
+    abort: Callable[[], None] = lambda: None  # a stream: breaks it off (its reader gets an UpstreamError)

@@ -47,6 +47,10 @@ ROUTER_REPLICA_SERVER_ERRORS = "fleetwise_router_replica_server_errors"  # count
 ROUTER_REPLICA_TIMEOUTS = "fleetwise_router_replica_timeouts"  # counter: model_name, role, url
 ROUTER_REQUEST_SECONDS = "fleetwise_router_request_seconds"   # histogram
 ROUTER_TTFT_SECONDS = "fleetwise_router_ttft_seconds"         # histogram: to the first streamed chunk
+ROUTER_MIGRATIONS = "fleetwise_router_migrations"             # counter: model_name, reason (worker_failed, drain)
+ROUTER_MIGRATION_GAP_SECONDS = "fleetwise_router_migration_gap_seconds"  # histogram: the client's wait at a move
+ROUTER_UNMIGRATABLE = "fleetwise_router_unmigratable"         # counter: model_name, reason
+ROUTER_HANDOFF_RETRIES = "fleetwise_router_handoff_retries"   # counter: model_name: prefills retried on kv_leases_full
 
 # operator
 OPERATOR_RECONCILES = "fleetwise_operator_reconciles"            # counter

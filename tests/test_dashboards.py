@@ -37,6 +37,7 @@ RATE_WINDOW = "30s"
 EVENT_ONLY = ("fleetwise_kv_recomputes", "fleetwise_kv_leases_expired", "fleetwise_requests_rejected",
               "fleetwise_router_retries", 'status="429"', "fleetwise_router_replica_server_errors",
               "fleetwise_router_replica_timeouts",
+              "fleetwise_router_migration", "fleetwise_router_unmigratable", "fleetwise_router_handoff_retries",
               "vllm:num_preemptions")
 
 

@@ -98,3 +98,22 @@ def test_a_process_started_elsewhere_can_be_waited_on(tmp_path):
     with pytest.raises(ProcessError, match="exited with 4"):
         wait_healthy([Process("elsewhere", [], None, f"http://127.0.0.1:{free_port()}", popen=popen)], 30,
                      interval=0.05)
+
+
+def test_restarts_back_off_like_kubernetes_and_spare_what_was_stopped_on_purpose(tmp_path):
+    from fleetwise.procs import Restarts
+    crash = Process("crash", [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "crash.log").start()
+    kept = Process("kept", [sys.executable, "-c", "pass"], tmp_path / "kept.log").start()
+    never = Process("never", [sys.executable, "-c", "pass"], None)  # not started: nothing to restart
+    crash.popen.wait()
+    kept.popen.wait()
+    r = Restarts(base=1.0, cap=4.0)
+    starts = []
+    t = 0.0
+    while t < 20:
+        for p in r.tick([crash, kept, never], t, keep_down=lambda p: p.name == "kept"):
+            starts.append(t)
+            p.popen.wait()
+        t += 0.5
+    assert starts == [1.0, 3.5, 8.0, 12.5, 17.0]  # waits 1, 2, 4, then the cap (polled every 0.5 s)
+    assert r.count == {"crash": 5} and kept.popen.returncode == 0 and never.popen is None

@@ -168,10 +168,8 @@ def test_replicas_that_stall_or_go_away_stop_getting_requests(tiny_model_dir, tm
 @pytest.mark.slow
 def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
     """200 requests in flight; one decode and one prefill worker are killed. Every request
-    ends with its full output or a clear error; none hangs; a stream fails only after its
-    first token, a non-streamed request only with a 502 when the decode worker that had
-    accepted it died (it is not restarted elsewhere); every completed output has the right
-    tokens."""
+    ends with its full output and the right tokens, none hangs: prefills are retried, and
+    what the killed decode worker was generating moves to the other one (migrate.py)."""
     # 200 handoffs at once on what is left of two prefill workers: on a loaded CPU the decode
     # workers pull later than the prefills finish, and more than the default 64 leases wait at
     # once; this test is about killed workers, not the lease cap (tests/test_internal_api.py)
@@ -217,46 +215,35 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
             raise AssertionError(f"{url} never got a request")
 
         async def run():
-            async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
+            # the killed decode worker's requests finish on the other one: the load's tail is longer
+            async with httpx.AsyncClient(timeout=httpx.Timeout(300)) as client:
                 tasks = [asyncio.create_task(one(client, i)) for i in range(200)]
                 await busy(procs["prefill"][0].url)  # prompts are being prefilled there
                 procs["prefill"][0].kill()
                 await busy(procs["decode"][0].url)  # tokens are streaming from there
                 procs["decode"][0].kill()
                 assert sum(not t.done() for t in tasks) > 50, "the load ended before the faults"
-                return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+                return await asyncio.wait_for(asyncio.gather(*tasks), timeout=400)
 
         results = asyncio.run(run())
-        full = errors = 0
         for i, (kind, status, payload) in enumerate(results):
+            assert status == 200, payload
             if kind == "json":
-                if status == 502:  # its decode worker died after accepting it
-                    assert "not restarted" in payload["error"]["message"], payload
-                    errors += 1
-                    continue
-                assert status == 200, payload  # a lost prefill, or a decode never reached: retried
                 assert payload["choices"][0]["text"] == expected[i]
-                full += 1
                 continue
-            assert status == 200
             assert payload[-1] == "[DONE]", f"stream {i} did not end"
             chunks = [json.loads(e) for e in payload[:-1]]
-            if any("error" in c for c in chunks):
-                assert "error" in chunks[-1] and chunks[-1]["error"]["message"]
-                text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
-                assert expected[i].startswith(text) and text, "a stream fails only after its first token"
-                errors += 1
-            else:
-                assert "".join(c["choices"][0]["text"] for c in chunks) == expected[i]
-                full += 1
-        retries = {role: router.router.metrics.retries.labels("tiny", role)._value.get()
-                   for role in ("prefill", "decode")}
-        print(f"{full} complete, {errors} failed after their decode worker accepted them, retries {retries}")
-        assert full + errors == 200 and full >= 150, (full, errors)
-        # prefills caught by the kill are one token of work: retried elsewhere; decodes caught by
-        # theirs had accepted the request and end with an error; later ones avoid the dead
-        # worker (whether any reaches it first is a race, so decode retries are not asserted)
-        assert retries["prefill"] > 0 and errors > 0
+            assert not any("error" in c for c in chunks), (chunks[-1], {r: [(p.internal_url, p.exited) for p in ps]
+                                                                        for r, ps in procs.items()})
+            assert "".join(c["choices"][0]["text"] for c in chunks) == expected[i]
+        metrics = router.router.metrics
+        retries = metrics.retries.labels("tiny", "prefill")._value.get()
+        moved = metrics.migrations.labels("tiny", "worker_failed")._value.get()
+        print(f"prefill retries {retries}, migrations {moved}")
+        # prefills caught by the kill are one token of work: retried elsewhere (whether one is in
+        # flight at the kill is a race, so retries are not asserted); decodes caught by theirs move
+        # to the other decode worker, and every request above completed
+        assert moved > 0
     finally:
         router.stop()
         reference.stop()

@@ -147,28 +147,40 @@ def test_the_pool_reuses_a_connection_the_replica_keeps_open(tiny_model_dir):
         worker.stop()
 
 
-def test_a_non_streamed_generation_whose_replica_dies_is_not_restarted(tiny_model_dir, tmp_path):
-    doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8")
+def test_a_non_streamed_generation_whose_replica_dies_moves_to_another(tiny_model_dir, tmp_path):
+    """The router reads a non-streamed request as a stream (assemble.py): when its worker
+    dies mid-generation the rest comes from another, and the client gets the whole answer
+    the uninterrupted worker gives, choices, logprobs and usage."""
+    doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8", "--fault", "slow-steps")
     other = start_worker(config(tiny_model_dir))
     write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.internal_url, doomed.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
+    body = {"prompt": "a long generation", "n": 2, "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+            "logprobs": 1}
     try:
+        want = httpx.post(other.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60).json()
         # round robin: `doomed`, `other`, then `doomed` again on the connection the first left open
         for _ in range(2):
             assert post(router.url, prompt="warm up", max_tokens=2).status_code == 200
-        before = served(other)
         result = []
-        sender = threading.Thread(target=lambda: result.append(
-            post(router.url, prompt="a long generation", n=8, max_tokens=1000, ignore_eos=True)))
+        sender = threading.Thread(target=lambda: result.append(post(router.url, **body)))
         sender.start()
         assert wait_for(lambda: running(doomed.url) > 0, 30), "the generation never started"
-        time.sleep(0.5)  # well past the write: a close now is not an idle connection's (STALE_CLOSE)
-        doomed.kill()  # mid-generation: the worker had accepted the request
+        time.sleep(0.5)  # well into the generation
+        doomed.kill()
         sender.join(60)
         [r] = result
-        assert r.status_code == 502, r.text
-        assert "not restarted" in r.json()["error"]["message"]
-        assert served(other) == before
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["usage"]["completion_tokens"] == 400 and got["usage"] == {**want["usage"], "prompt_tokens_details":
+                                                                              got["usage"]["prompt_tokens_details"]}
+        for g, w in zip(got["choices"], want["choices"]):
+            assert (g["index"], g["text"], g["finish_reason"]) == (w["index"], w["text"], w["finish_reason"])
+            assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+            assert g["logprobs"]["text_offset"] == w["logprobs"]["text_offset"]
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-4)
+        assert got["object"] == "text_completion" and got["id"].startswith("cmpl-")
+        assert counter(router.router.metrics.migrations, "tiny", "worker_failed") == 1
         assert not replica(router, doomed.internal_url).healthy
     finally:
         doomed.kill()
@@ -351,3 +363,31 @@ def test_an_https_replica_is_refused_not_spoken_to_in_plain_http(tiny_model_dir,
             assert post(router.url, prompt="hello", max_tokens=2).status_code == 200
     finally:
         stop(router, good)
+
+
+def test_a_prefill_refused_for_full_kv_leases_is_sent_again_not_passed_on(tiny_model_dir, tmp_path):
+    """One lease at a time on the only prefill worker, and a decode worker slow to take
+    them: prefills meet kv_leases_full, and the router sends them again after a short
+    back-off until a lease is free, so every client gets its answer and none a 429."""
+    p = start_worker(config(tiny_model_dir, max_kv_leases=1), "prefill")
+    d = start_worker(config(tiny_model_dir), "decode")
+    d.core.fault_hook = lambda batch: time.sleep(0.08)
+    write_router_config(tmp_path / "r.yaml", "tiny", prefill=[p.internal_url], decode=[d.internal_url])
+    router = start_router(tmp_path / "r.yaml")
+
+    async def one(c, i):
+        await asyncio.sleep(0.05 * i)  # arriving while the leases before are still held
+        return await c.post(router.url + "/v1/completions", json={"model": "tiny", "prompt": f"lease {i}",
+                                                                  "max_tokens": 6, "ignore_eos": True})
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(12)))
+    try:
+        rs = asyncio.run(load())
+        assert [r.status_code for r in rs] == [200] * 12, [r.text for r in rs if r.status_code != 200]
+        assert all(r.json()["usage"]["completion_tokens"] == 6 for r in rs)
+        assert counter(router.router.metrics.handoff_retries, "tiny") > 0
+    finally:
+        d.core.fault_hook = None
+        stop(router, p, d)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -75,6 +76,42 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         assert not [name for name, p in pids.items() if alive(p)]
         if not own_model:
             assert (tmp_path / "models" / "tiny" / "config.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_up_restarts_a_worker_that_dies_and_the_router_takes_it_back(tmp_path, tiny_model_dir):
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "fleetwise", "up", "--port", str(port), "--workdir", str(tmp_path),
+                           "--model", str(tiny_model_dir), "--mode", "colocated", "--mixed", "2"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, 120, up)
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/health", timeout=5).json()["models"]["tiny"].get("mixed") != 2:
+            assert time.monotonic() < deadline, "the fleet did not start"
+            time.sleep(0.2)
+        time.sleep(1.5)  # the supervisor's table is up (it polls every second)
+        pids = json.loads((tmp_path / "pids.json").read_text())
+        os.kill(pids["mixed-0"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # a new process, healthy, and back in the router's routing
+            assert time.monotonic() < deadline, "the killed worker was not started again"
+            now = json.loads((tmp_path / "pids.json").read_text())
+            health = httpx.get(url + "/health", timeout=5).json()
+            if now["mixed-0"] != pids["mixed-0"] and health["models"]["tiny"]["mixed"] == 2:
+                break
+            time.sleep(0.2)
+        assert alive(now["mixed-0"]) and now["mixed-1"] == pids["mixed-1"]
+        for i in range(4):  # both serve
+            r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": f"hi {i}", "max_tokens": 2},
+                           timeout=30)
+            assert r.status_code == 200
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        assert not alive(now["mixed-0"])
     finally:
         if up.poll() is None:
             up.kill()

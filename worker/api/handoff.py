@@ -27,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from fleetwise.openai_schema import ERRORS, ROUTES, errors
-from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, bearer
+from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, ResumeRequest, bearer
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
@@ -35,6 +35,7 @@ from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.transfer import KVTransferError, encode, pull, stream_size
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
+from .resume import resume
 from .service import WorkerAPI, engine_request_id
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, fau
                responses=errors(404))(handoff.release)
     app.post("/internal/decode", response_model=None, summary="Decode: continue a prefilled request",
              responses=ROUTES["/v1/completions"]["responses"])(handoff.decode_)
+
+    async def resume_(body: ResumeRequest, request: Request) -> StreamingResponse | dict:
+        return await resume(api, body, request)
+    app.post("/internal/resume", response_model=None, summary="Resume: go on with another worker's stream",
+             responses=ROUTES["/v1/completions"]["responses"])(resume_)
     return handoff.close
 
 

@@ -3,6 +3,7 @@ logprobs, and an error after a stream started sent as an error event."""
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from ..engine.async_engine import EngineDead
 from ..engine.engine import RequestOutput
@@ -12,6 +13,31 @@ from .openai import APIError, error_body
 
 Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, output) as they come
 Chunk = dict | None  # one event's body; None: nothing to send for this output
+Trace = Callable[[int, RequestOutput], str]  # an event's `fw:` line (fleetwise/protocol.py)
+
+
+@dataclass
+class Resumed:
+    """A stream that goes on from another worker's: per choice key, the characters of text
+    already sent (completion logprobs' offsets go on from there), the output counts of the
+    choices already finished, and the choices already begun (chat sent their role)."""
+    sent: dict[int, int] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)
+
+
+def tracer(prompts: list[list[int]], rid: str, created: int, n: int) -> Trace:
+    """The `fw:` lines of a stream: each output's token ids, the first also the prompt's."""
+    first = [True]
+
+    def line(i: int, out: RequestOutput) -> str:
+        d: dict = {"index": i * n + out.index, "token_ids": out.token_ids,
+                   "finish_reason": out.finish_reason if out.finished else None}
+        if first[0]:
+            first[0] = False
+            d.update(prompt_token_ids=prompts[i], id=rid, created=created)
+        return f"fw: {json.dumps(d)}\n"
+    return line
 
 
 def sse(obj: dict) -> str:
@@ -21,17 +47,22 @@ def sse(obj: dict) -> str:
 def usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(outs.values())
+    # a resumed request recomputes its output too, which the prefix cache may hold: only the prompt's count
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)}}
 
 
 async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chunk],
-                 usage_chunk: Callable[[], dict] | None) -> AsyncIterator[str]:
-    """Server-sent events; an error after the stream started is sent as an error event."""
+                 usage_chunk: Callable[[], dict] | None, trace: Trace | None = None) -> AsyncIterator[str]:
+    """Server-sent events; an error after the stream started is sent as an error event.
+    With `trace`, every output gets an event, led by its `fw:` line."""
     try:
         async for item in stream:
             chunk = make_chunk(*item)
-            if chunk is not None:
+            if trace is not None:
+                yield trace(*item) + (sse(chunk) if chunk is not None else "\n")
+            elif chunk is not None:
                 yield sse(chunk)
         if usage_chunk is not None:
             yield sse(usage_chunk())
@@ -70,10 +101,12 @@ class ResponseFormat:
 
     # -- streams -------------------------------------------------------------------------------
 
-    def completion_events(self, stream: Outputs, prompts: list[list[int]],
-                          rid: str, created: int, n: int, include_usage: bool) -> AsyncIterator[str]:
-        counts: dict[int, int] = {}
-        offsets: dict[int, int] = {}
+    def completion_events(self, stream: Outputs, prompts: list[list[int]], rid: str, created: int, n: int,
+                          include_usage: bool, trace: bool = False,
+                          resumed: Resumed | None = None) -> AsyncIterator[str]:
+        resumed = resumed or Resumed()
+        counts: dict[int, int] = dict(resumed.counts)
+        offsets: dict[int, int] = dict(resumed.sent)
         cached = [0]
 
         def chunk(i: int, out: RequestOutput) -> Chunk:
@@ -96,12 +129,14 @@ class ResponseFormat:
             return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": [], "usage": usage(prompts, counts, cached[0])}
 
-        return events(stream, chunk, usage_chunk if include_usage else None)
+        return events(stream, chunk, usage_chunk if include_usage else None,
+                      tracer(prompts, rid, created, n) if trace else None)
 
-    def chat_events(self, stream: Outputs, prompts: list[list[int]],
-                    rid: str, created: int, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
-        counts: dict[int, int] = {}
-        started: set[int] = set()
+    def chat_events(self, stream: Outputs, prompts: list[list[int]], rid: str, created: int, include_usage: bool,
+                    logprobs: bool, trace: bool = False, resumed: Resumed | None = None) -> AsyncIterator[str]:
+        resumed = resumed or Resumed()
+        counts: dict[int, int] = dict(resumed.counts)
+        started: set[int] = set(resumed.started)
         cached = [0]
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
 
@@ -112,19 +147,20 @@ class ResponseFormat:
             if out.error:
                 raise APIError(500, f"generation failed: {out.error}", type_="server_error")
             delta = {"content": out.text}
+            lp = self.chat_logprobs(out.logprobs, out.token_ids) if logprobs and out.logprobs else None
             if k not in started:
                 started.add(k)
                 delta = {"role": "assistant", "content": out.text}
-            elif not out.text and not out.finished:
-                return None
-            lp = self.chat_logprobs(out.logprobs, out.token_ids) if logprobs and out.logprobs else None
+            elif not out.text and not out.finished and lp is None:
+                return None  # a token whose text is held back still sends its logprobs
             return {**base, "choices": [{"index": k, "delta": delta, "logprobs": lp,
                                          "finish_reason": out.finish_reason if out.finished else None}]}
 
         def usage_chunk() -> dict:
             return {**base, "choices": [], "usage": usage(prompts, counts, cached[0])}
 
-        return events(stream, chunk, usage_chunk if include_usage else None)
+        return events(stream, chunk, usage_chunk if include_usage else None,
+                      tracer(prompts, rid, created, 1) if trace else None)
 
     # -- logprobs ------------------------------------------------------------------------------
 

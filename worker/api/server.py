@@ -7,6 +7,7 @@ routes, the completion routes and /health, for the router and the other workers.
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
 FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
+SLOW_STEPS = "slow-steps"  # test-only: every engine step takes 10 ms more (a stream outlasts a test's reaction)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -329,6 +331,8 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
     core.kv_connector = connector = KVConnector(core)
     if FAIL_STEPS in faults:
         core.fault_hook = _fail_step
+    elif SLOW_STEPS in faults:
+        core.fault_hook = lambda batch: time.sleep(0.01)
     failed: list[str] = []
     servers: list[uvicorn.Server] = []
 

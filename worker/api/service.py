@@ -13,13 +13,14 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from fleetwise.logs import request_id
+from fleetwise.protocol import TOKEN_IDS_HEADER
 
 from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.engine import LLMEngine, RequestError
 from ..engine.sequence import SamplingParams
 from ..metrics import WorkerMetrics
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, sampling_params
-from .responses import Outputs, ResponseFormat
+from .responses import Outputs, ResponseFormat, Resumed
 
 T = TypeVar("T")
 
@@ -254,23 +255,37 @@ class WorkerAPI:
         return dict(sorted(choices.items())), cached
 
     async def respond_completion(self, req: CompletionRequest, prompts: list[list[int]], stream: Outputs,
-                                 request: Request) -> StreamingResponse | dict:
+                                 request: Request, resumed: tuple[str, int, Resumed] | None = None
+                                 ) -> StreamingResponse | dict:
+        """`resumed`: the response id, time and state of a stream moved here from another worker."""
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self.format.completion_events(stream, prompts, rid, created, n, include_usage),
+            state = None
+            if resumed is not None:
+                rid, created, state = resumed
+            return StreamingResponse(self.format.completion_events(stream, prompts, rid, created, n, include_usage,
+                                                                   _traced(request), state),
                                      media_type="text/event-stream")
         choices, cached = await self.gather(stream, request, n)
         return self.format.completion(rid, created, choices, prompts, cached, req.logprobs is not None)
 
     async def respond_chat(self, req: ChatCompletionRequest, prompt: list[int], stream: Outputs,
-                           request: Request) -> StreamingResponse | dict:
+                           request: Request, resumed: tuple[str, int, Resumed] | None = None
+                           ) -> StreamingResponse | dict:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            state = None
+            if resumed is not None:
+                rid, created, state = resumed
             return StreamingResponse(self.format.chat_events(stream, [prompt], rid, created, include_usage,
-                                                             req.logprobs),
+                                                             req.logprobs, _traced(request), state),
                                      media_type="text/event-stream")
         choices, cached = await self.gather(stream, request, 1)
         return self.format.chat(rid, created, choices, prompt, cached, req.logprobs)
 
+
+def _traced(request: Request) -> bool:
+    """The caller (the router) asked for every event's token ids (fleetwise/protocol.py)."""
+    return request.headers.get(TOKEN_IDS_HEADER) == "1"

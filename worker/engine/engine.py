@@ -180,6 +180,44 @@ class LLMEngine:
         lp = seq.output_logprobs[0] if seq.output_logprobs else None
         return [self._emit(seq, seq.last_token, lp)]
 
+    # -- a request another worker was generating (migration) ---------------------------
+
+    def add_resumed(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    choices: list[tuple[int, list[int], int]]) -> dict[int, int]:
+        """Continues the choices (index, output token ids so far, random draws made) of a
+        request another worker was generating. The outputs are kept as output, replayed
+        through the same text and stop logic, so penalties, held-back stop text and counts
+        come out as without the move; the prompt and outputs are recomputed here. Returns
+        each choice's characters of text already sent."""
+        if not choices:
+            raise RequestError("choices: nothing to continue", "choices")
+        seqs = self._new_request(request_id, prompt_token_ids, params)
+        by_index = {seq.index: seq for seq in seqs}
+        kept, sent = [], {}
+        for index, outputs, draws in choices:
+            seq = by_index.get(index)
+            if seq is None or seq in kept:
+                raise RequestError(f"choices: index {index} is not a choice of this request (n={params.n})", "choices")
+            for j, token in enumerate(outputs):
+                seq.append_token(token)
+                _, reason = self._text_step(seq, token)
+                if reason is not None:
+                    raise RequestError(f"choices[{index}].output_token_ids: the output ends ({reason}) at "
+                                       f"token {j}, before the last", "choices")
+            seq.skip_draws = draws
+            kept.append(seq)
+            sent[index] = self._text[seq.seq_id].emitted
+        for seq in seqs:
+            if seq not in kept:
+                self._text.pop(seq.seq_id, None)
+        kept[0].parent = None
+        for seq in kept[1:]:
+            seq.parent = kept[0]
+        for seq in kept:
+            self.scheduler.add(seq)
+        self.requests[request_id] = kept
+        return sent
+
     def abort_request(self, request_id: str) -> None:
         for seq in list(self.requests.get(request_id, [])):
             if not seq.is_finished:
@@ -294,6 +332,19 @@ class LLMEngine:
         return outputs
 
     def _emit(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        text, reason = self._text_step(seq, token)
+        out = RequestOutput(seq.request_id, seq.index, [token], text,
+                            [logprob] if logprob is not None else [],
+                            num_prompt_tokens=seq.num_prompt_tokens,
+                            num_output_tokens=seq.num_output_tokens,
+                            num_cached_tokens=seq.num_cached_tokens)
+        if reason is not None:
+            self._finish(seq, reason, out)
+        return out
+
+    def _text_step(self, seq: Sequence, token: int) -> tuple[str, str | None]:
+        """The text `token` (just appended) makes ready to send, and why the sequence ends
+        with it (None: it goes on)."""
         p = seq.params
         state = self._text[seq.seq_id]
         reason = None
@@ -317,15 +368,8 @@ class LLMEngine:
             ready = max(state.emitted, len(text) - (max(len(s) for s in p.stop) - 1))
         else:
             ready = len(text)
-        out = RequestOutput(seq.request_id, seq.index, [token], text[state.emitted:ready],
-                            [logprob] if logprob is not None else [],
-                            num_prompt_tokens=seq.num_prompt_tokens,
-                            num_output_tokens=seq.num_output_tokens,
-                            num_cached_tokens=seq.num_cached_tokens)
-        state.emitted = ready
-        if reason is not None:
-            self._finish(seq, reason, out)
-        return out
+        new, state.emitted = text[state.emitted:ready], ready
+        return new, reason
 
     def _finish(self, seq: Sequence, reason: str, out: RequestOutput | None = None,
                 error: str | None = None) -> RequestOutput:

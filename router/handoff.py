@@ -1,0 +1,133 @@
+"""The prefill -> decode handoff of a disaggregated request, seen from the router.
+
+A prefill replica computes the prompt and its first token and holds the prompt's keys and
+values under a lease; a decode replica pulls them and generates the rest (ARCHITECTURE.md,
+"The path of one request"). `n > 1` and prompt lists are one handoff per sequence
+(fanout.py). When every prefill replica's leases are full (429 `kv_leases_full`), they
+free up as decode workers pull: the prefill is sent again after a short back-off, a
+bounded number of times, before the client hears 429. A streamed decode moves to another
+decode replica if its own fails (migrate.py). Leases the router will not hand on are
+released at once.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from pydantic import ValidationError
+
+from fleetwise.protocol import PROTOCOL_VERSION, DecodeRequest, PrefillAnswer, PrefillRequest
+
+from .endpoints import ModelRoute
+from .fanout import merge_bodies, merge_streams
+from .metrics import RouterMetrics
+from .migrate import Where
+from .retries import RESET, TIMEOUT, RouterError, error_code
+from .upstream import Response as UpstreamResponse
+from .upstream import Upstream
+
+LEASES_FULL = "kv_leases_full"
+LEASE_BACKOFF = 0.05  # seconds before the first prefill sent again; doubles each time
+LEASE_RETRIES = 5     # prefills sent again on kv_leases_full (1.55 s in all) before the client gets the 429
+
+Caller = Callable[..., Awaitable[Upstream]]  # Router.call
+
+
+class Handoffs:
+    def __init__(self, call: Caller, migrating: Callable[[Upstream, Where], Upstream], metrics: RouterMetrics,
+                 session: Callable[[], aiohttp.ClientSession | None], stream_retry: frozenset[str]):
+        self.call, self.migrating, self.metrics, self.session = call, migrating, metrics, session
+        self.stream_retry = stream_retry
+        self.background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
+
+    async def disaggregated(self, route: ModelRoute, kind: str, body: dict, subs: list[tuple[dict, int]],
+                            stream: bool, keys: list[int]) -> Upstream:
+        if len(subs) == 1:
+            return await self.handoff(route, kind, body, stream, keys)
+        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
+                                        return_exceptions=True)
+        ups = [u for u in outcomes if not isinstance(u, BaseException)]
+        errors = [u for u in outcomes if isinstance(u, BaseException)]
+        failed: Upstream | BaseException | None = errors[0] if errors else next(
+            (u for u in ups if u.status != 200), None)
+        if failed is not None:
+            for u in ups:
+                u.release()
+            if isinstance(failed, BaseException):
+                raise failed
+            return failed
+        offsets = [offset for _, offset in subs]
+        counted = [offset % max(1, int(body.get("n") or 1)) == 0 for offset in offsets]
+        if not stream:
+            return Upstream(200, "application/json", merge_bodies(ups, offsets, counted))
+        return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
+
+    async def prefill(self, route: ModelRoute, kind: str, body: dict, keys: list[int]) -> Upstream:
+        payload = PrefillRequest(kind=kind, request=body).model_dump_json().encode()  # type: ignore[arg-type]
+        delay = LEASE_BACKOFF
+        for attempt in range(LEASE_RETRIES + 1):
+            # a prefill is bounded work (one token): after a broken connection or a timeout it is
+            # redone on another replica, and a late answer from the first has its lease released
+            pre = await self.call(route.name, "prefill", route.replicas["prefill"], "/internal/prefill", payload,
+                                  False, keys, retry_on=frozenset({RESET, TIMEOUT}), late=self._late_prefill)
+            if pre.status != 429 or error_code(pre.body) != LEASES_FULL or attempt == LEASE_RETRIES:
+                return pre
+            self.metrics.child(self.metrics.handoff_retries, route.name).inc()
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
+        model = route.name
+        pre = await self.prefill(route, kind, body, keys)
+        if pre.status != 200:
+            return pre  # the client's own error (4xx or 5xx), or every prefill replica busy (429)
+        assert pre.replica is not None  # call() names the replica that answered
+        prefill_url = pre.replica.url
+        try:
+            first = PrefillAnswer.model_validate_json(pre.body)
+        except ValidationError as e:
+            raise RouterError(502, f"the prefill worker {prefill_url} answered outside protocol version "
+                              f"{PROTOCOL_VERSION}: {e.errors()[0]['msg']}", code="bad_upstream", type_="server_error")
+        dbody = DecodeRequest(kind=kind, request=body, prompt_token_ids=first.prompt_token_ids,  # type: ignore[arg-type]
+                              first_token=first.first_token, first_logprob=first.first_logprob,
+                              prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
+        taken = False
+        try:
+            up = await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
+                                 retry_on=self.stream_retry if stream else frozenset())
+            # a decode worker answers 200 only after it pulled the KV (and let the lease go)
+            taken = up.status == 200
+            if stream and taken:
+                return self.migrating(up, Where(model, "decode", route.replicas["decode"], kind, body, keys,
+                                                first.prompt_token_ids))
+            return up
+        finally:
+            if first.handle and not taken:
+                self._release_soon(prefill_url, first.handle)
+
+    async def _late_prefill(self, url: str, resp: UpstreamResponse) -> None:
+        """A prefill answer that came after the router had given up on it: its lease goes."""
+        body = await resp.read()
+        if resp.status == 200:
+            try:
+                handle = PrefillAnswer.model_validate_json(body).handle
+            except ValidationError:
+                return
+            if handle:
+                await self._release_lease(url, handle)
+
+    def _release_soon(self, url: str, handle: str) -> None:
+        task = asyncio.create_task(self._release_lease(url, handle))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _release_lease(self, url: str, handle: str) -> None:
+        session = self.session()
+        assert session is not None
+        try:
+            async with session.delete(f"{url}/internal/kv/{handle}"):
+                pass
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass  # the lease expires on its own
+

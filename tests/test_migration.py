@@ -1,0 +1,386 @@
+"""Migration: a stream whose worker is killed (SIGKILL, when the client has k tokens) goes on
+at another replica, and the client's stream is the one it would have had: the same text,
+logprobs, usage and finish reason, in both modes, greedy, seeded and with penalties and
+stop strings. Real worker processes behind a real router; each killed one is started again
+on its ports, and the router takes it back once its probe passes."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from fleetwise.procs import wait_healthy
+
+from .workers import TOKEN, internal, start_router, start_worker, start_worker_process, write_router_config
+
+ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "slow-steps")
+
+
+@pytest.fixture(scope="module")
+def fleets(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("migration")
+    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS) for _ in range(2)],
+             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS)],
+             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS) for _ in range(2)]}
+    write_router_config(d / "colocated.yaml", "tiny", mixed=[p.internal_url for p in procs["mixed"]])
+    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[p.internal_url for p in procs["prefill"]],
+                        decode=[p.internal_url for p in procs["decode"]])
+    routers = {"colocated": start_router(d / "colocated.yaml"),
+               "disaggregated": start_router(d / "disaggregated.yaml")}
+    try:
+        yield routers, procs
+    finally:
+        for r in routers.values():
+            r.stop()
+        for group in procs.values():
+            for p in group:
+                p.kill()
+
+
+def read_stream(url: str, body: dict, on_tokens=None) -> dict:
+    """The client's view of a streamed completion: per choice its text, token logprobs and
+    finish reason, the usage, and whether it ended with [DONE] and no error."""
+    out: dict = {"text": {}, "logprobs": {}, "finish": {}, "usage": None, "done": False, "errors": []}
+    tokens = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        buf = ""
+        for piece in r.iter_text():
+            buf += piece
+            while "\n\n" in buf:
+                event, buf = buf.split("\n\n", 1)
+                assert event.startswith("data: "), event  # nothing else reaches the client
+                if event == "data: [DONE]":
+                    out["done"] = True
+                    continue
+                data = json.loads(event[6:])
+                if "error" in data:
+                    out["errors"].append(data["error"])
+                    continue
+                if data.get("usage"):
+                    out["usage"] = data["usage"]
+                for ch in data["choices"]:
+                    i = ch["index"]
+                    out["text"][i] = out["text"].get(i, "") + ch["text"]
+                    if ch.get("logprobs"):
+                        out["logprobs"].setdefault(i, []).extend(ch["logprobs"]["token_logprobs"])
+                    if ch["finish_reason"]:
+                        out["finish"][i] = ch["finish_reason"]
+                    tokens += 1
+                if on_tokens is not None:
+                    on_tokens(tokens)
+    return out
+
+
+def killing(router, procs: list, k: int):
+    """A callback that kills the worker serving the stream once the client has k events."""
+    killed: list = []
+
+    def on_tokens(n: int) -> None:
+        if killed or n < k:
+            return
+        route = router.router.source.models()["tiny"]
+        role = "mixed" if route.mode == "colocated" else "decode"
+        busy = [r.url for r in route.replicas[role] if r.outstanding > 0]
+        assert busy
+        proc = next(p for p in procs if p.internal_url == busy[0])
+        proc.kill()
+        killed.append(proc)
+    return on_tokens, killed
+
+
+def migrations(router) -> float:
+    return router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get()
+
+
+def restart(killed: list, router) -> None:
+    """The killed worker again, on its ports; until the router probes it healthy."""
+    for proc in killed:
+        proc.start()
+        wait_healthy([proc], 120, interval=0.1)
+    deadline = time.monotonic() + 10
+    while not all(r.healthy for rs in router.router.source.models()["tiny"].replicas.values() for r in rs):
+        assert time.monotonic() < deadline, "the router did not take the restarted worker back"
+        time.sleep(0.05)
+
+
+def migrated(fleets, mode: str, body: dict, k: int) -> tuple[dict, dict]:
+    """(the uninterrupted stream, the same stream with its worker killed at k events)."""
+    routers, procs = fleets
+    router = routers[mode]
+    want = read_stream(router.url, body)
+    before = migrations(router)
+    on_tokens, killed = killing(router, procs["mixed" if mode == "colocated" else "decode"], k)
+    try:
+        got = read_stream(router.url, body, on_tokens)
+    finally:
+        restart(killed, router)
+    assert killed, "the stream ended before the kill"
+    assert migrations(router) >= before + 1
+    return want, got
+
+
+def same(want: dict, got: dict) -> None:
+    assert got["done"] and not got["errors"], got["errors"]
+    assert got["text"] == want["text"]
+    assert got["finish"] == want["finish"]
+    assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    for i, lps in want["logprobs"].items():
+        assert got["logprobs"][i] == pytest.approx(lps, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_greedy_stream_migrated_at_token_k_is_the_uninterrupted_one(fleets, mode, k):
+    body = {"model": "tiny", "prompt": f"the migration of a stream at {k}", "max_tokens": k + 80,
+            "temperature": 0, "ignore_eos": True, "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, mode, body, k)
+    same(want, got)
+    assert got["usage"]["completion_tokens"] == k + 80
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_seeded_sampling_with_two_choices_migrates_exactly(fleets, mode):
+    body = {"model": "tiny", "prompt": "seeded choices", "max_tokens": 60, "temperature": 1.0, "seed": 1234,
+            "n": 2, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, mode, body, 10)
+    same(want, got)
+    assert len(got["text"]) == 2 and got["text"][0] != got["text"][1]
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_penalties_and_stop_strings_migrate_exactly(fleets, mode):
+    routers, _ = fleets
+    body = {"model": "tiny", "prompt": "penalised and stopped", "max_tokens": 90, "temperature": 0,
+            "frequency_penalty": 0.7, "presence_penalty": 0.4, "repetition_penalty": 1.3, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    free = read_stream(routers[mode].url, body)["text"][0]
+    stop = free[60:63]  # a stop string the text reaches well after the kill
+    assert len(stop) == 3 and free.index(stop) >= 40
+    want, got = migrated(fleets, mode, {**body, "stop": [stop, "\x00never"]}, 5)
+    same(want, got)
+    assert got["finish"][0] == "stop" and got["text"][0] == free[:free.index(stop)]
+
+
+def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
+    from fleetwise.worker.engine.config import EngineConfig
+    worker = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                       num_blocks=128), "mixed", token=TOKEN)
+    try:
+        request = {"model": "tiny", "prompt": "x", "max_tokens": 4, "stream": True}
+        base = {"kind": "completion", "request": request, "prompt_token_ids": [5, 6],
+                "choices": [{"index": 0, "output_token_ids": [7], "draws": 1}], "response_id": "cmpl-1", "created": 1}
+        cases = [({"prompt_token_ids": [5, 10 ** 6]}, "prompt_token_ids"),
+                 ({"choices": [{"index": 0, "output_token_ids": [10 ** 6]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7, 7, 7, 7]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7], "draws": 2}]}, "choices"),
+                 ({"choices": [{"index": 1, "output_token_ids": [7]}]}, "choices"),
+                 ({"choices": [{"index": 0, "output_token_ids": []}, {"index": 0, "output_token_ids": []}]},
+                  "choices"),
+                 ({"request": {**request, "stream": False}}, "request.stream"),
+                 ({"prompt_token_ids": [-1]}, "prompt_token_ids")]
+        for change, field in cases:
+            r = internal("POST", worker, "/internal/resume", json={**base, **change})
+            assert r.status_code == 400, (change, r.text)
+            assert field in (r.json()["error"]["param"] or "") + r.json()["error"]["message"], (change, r.text)
+        r = internal("POST", worker, "/internal/resume", json=base)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        worker.wait_idle()
+    finally:
+        worker.stop()
+
+
+def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_dir, tmp_path):
+    """A worker taken out of routing (draining) keeps its streams for the grace period, then
+    the router moves them: the client's stream is unchanged, the worker idle at once and
+    not taken for unwell."""
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    for w in workers:
+        w.core.fault_hook = lambda batch: time.sleep(0.01)
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=0.1, drain_grace=0.5)
+    body = {"model": "tiny", "prompt": "a stream outliving its worker's drain", "max_tokens": 150,
+            "temperature": 0, "ignore_eos": True, "logprobs": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        want = read_stream(router.url, body)
+        drained: list = []
+
+        def drain(n: int) -> None:
+            if drained or n < 10:
+                return
+            route = router.router.source.models()["tiny"]
+            [busy] = [r for r in route.replicas["mixed"] if r.outstanding > 0]
+            entries = [w.internal_url if w.internal_url != busy.url else
+                       {"url": w.internal_url, "state": "draining", "reason": "scale-down"} for w in workers]
+            write_router_config(path, "tiny", mixed=entries)
+            drained.append(next(w for w in workers if w.internal_url == busy.url))
+        t0 = time.monotonic()
+        got = read_stream(router.url, body, drain)
+        same(want, got)
+        metrics = router.router.metrics
+        assert metrics.migrations.labels("tiny", "drain")._value.get() == 1
+        assert metrics.migrations.labels("tiny", "worker_failed")._value.get() == 0
+        [gone] = drained
+        gone.wait_idle()  # its stream moved: nothing holds it any more
+        replica = next(r for r in router.router.source.models()["tiny"].replicas["mixed"]
+                       if r.url == gone.internal_url)
+        assert replica.healthy and not replica.routable
+        assert time.monotonic() - t0 < 30
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
+
+
+def test_the_tracker_keeps_ids_strips_their_lines_and_knows_its_bounds():
+    from fleetwise.router.migrate import Tracker
+
+    def event(fw: dict, text: str) -> bytes:
+        return b"fw: " + json.dumps(fw).encode() + b"\ndata: " + json.dumps({"choices": [{"text": text}]}).encode() \
+            + b"\n\n"
+    stream = (event({"index": 0, "token_ids": [5], "prompt_token_ids": [1, 2, 3], "id": "cmpl-1", "created": 7}, "a")
+              + b"fw: " + json.dumps({"index": 0, "token_ids": [6]}).encode() + b"\n\n"  # held-back text: no data
+              + event({"index": 0, "token_ids": [7], "finish_reason": "length"}, "b") + b"data: [DONE]\n\n")
+    t = Tracker(max_kept=100)
+    out = b"".join(t.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))  # events cut anywhere
+    assert b"fw:" not in out and out.count(b"data: ") == 3 and out.endswith(b"data: [DONE]\n\n")
+    assert (t.prompt, t.choices[0].token_ids, t.choices[0].finished) == ([1, 2, 3], [5, 6, 7], True)
+    assert (t.response_id, t.created, t.done, t.why_not) == ("cmpl-1", 7, True, None)
+    body = json.loads(t.resume_body("completion", {"model": "tiny", "prompt": "x"}))
+    assert body["choices"] == [{"index": 0, "output_token_ids": [5, 6, 7], "draws": 3, "finished": True}]
+    assert body["request"]["stream"] is True
+    # beyond the bound: nothing more is kept and the request says it cannot move
+    small = Tracker(max_kept=4)
+    small.feed(stream)
+    assert small.why_not == "too_long" and small.prompt is None
+    # the worker saying its engine is gone ends the relay there, the error not passed on
+    gone = Tracker(max_kept=100)
+    dead = b'data: {"error": {"message": "x", "type": "server_error", "param": null, "code": "engine_unavailable"}}\n\n'
+    assert gone.feed(stream[:stream.index(b"fw: ", 10)] + dead).count(b"data: ") == 1 and gone.engine_gone
+
+
+def read_chat(url: str, body: dict) -> dict:
+    """A streamed chat's choices as the client sees them: text, roles sent, logprobs, finish."""
+    out: dict = {"text": {}, "roles": {}, "logprobs": {}, "finish": {}, "usage": None, "errors": [], "ids": set()}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text[-300:]
+    for line in r.text.splitlines():
+        assert not line or line.startswith("data: "), line
+        if not line.startswith("data: {"):
+            continue
+        data = json.loads(line[6:])
+        if "error" in data:
+            out["errors"].append(data["error"])
+            continue
+        out["ids"].add(data["id"])
+        out["usage"] = data.get("usage") or out["usage"]
+        for ch in data["choices"]:
+            i = ch["index"]
+            out["text"][i] = out["text"].get(i, "") + (ch["delta"].get("content") or "")
+            out["roles"][i] = out["roles"].get(i, 0) + ("role" in ch["delta"])
+            if ch["logprobs"]:
+                out["logprobs"].setdefault(i, []).extend(c["logprob"] for c in ch["logprobs"]["content"])
+            if ch["finish_reason"]:
+                out["finish"][i] = ch["finish_reason"]
+    return out
+
+
+def test_a_seeded_chat_whose_engine_dies_moves_with_its_logprobs_and_usage(tiny_model_dir, tmp_path):
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=60)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "say something"}], "max_tokens": 50,
+            "temperature": 1.0, "seed": 99, "n": 2, "logprobs": True, "top_logprobs": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        want = read_chat(router.url, body)
+        steps: list[int] = []
+
+        def die_later(batch) -> None:
+            steps.append(1)
+            if len(steps) == 12:
+                raise SystemExit("the engine loop dies")
+        for w in workers:
+            w.core.fault_hook = die_later
+        got = read_chat(router.url, body)
+        assert not got["errors"] and len(got["ids"]) == 1  # one response id, as one stream
+        assert got["text"] == want["text"] and got["finish"] == want["finish"]
+        assert got["roles"] == {0: 1, 1: 1}  # each choice's role once
+        for i, lps in want["logprobs"].items():
+            assert got["logprobs"][i] == pytest.approx(lps, abs=1e-4)
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+        assert router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get() == 1
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
+
+
+def test_a_stream_whose_engine_dies_moves_and_the_error_never_reaches_the_client(tiny_model_dir, tmp_path):
+    from fleetwise.worker.engine.config import EngineConfig
+    workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                         num_blocks=256)) for _ in range(2)]
+    path = tmp_path / "r.yaml"
+    write_router_config(path, "tiny", mixed=[w.internal_url for w in workers])
+    router = start_router(path, policy="round_robin", probe_interval=60)
+    body = {"model": "tiny", "prompt": "an engine that dies", "max_tokens": 60, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        want = read_stream(router.url, body)  # on one worker; round robin sends the next to the other
+        steps: list[int] = []
+
+        def die_later(batch) -> None:  # the engine serving the stream dies at its 20th step
+            steps.append(1)
+            if len(steps) == 20:
+                raise SystemExit("the engine loop dies")
+        for w in workers:
+            w.core.fault_hook = die_later
+        got = read_stream(router.url, body)
+        same(want, got)
+        assert router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get() == 1
+        assert sum(not w.engine.alive for w in workers) == 1
+    finally:
+        router.stop()
+        for w in workers:
+            w.core.fault_hook = None
+            w.stop()
+
+
+def test_a_drain_moves_only_streams_that_can_move_and_only_after_the_grace_period():
+    from fleetwise.router.metrics import RouterMetrics
+    from fleetwise.router.migrate import Mover
+    from fleetwise.router.replica import Replica
+    from fleetwise.router.upstream import Upstream
+
+    aborted: list[str] = []
+    async def never(*args):
+        raise AssertionError("a drain itself sends nothing")
+    mover = Mover(call=never, broken=lambda replica, e: None, metrics=RouterMetrics(), max_kept=10, max_migrations=3,
+                  drain_grace=5.0)
+    leaving, staying = Replica("http://a:1", "tiny", "mixed"), Replica("http://b:1", "tiny", "mixed")
+    can = mover.track(Upstream(200, "text/event-stream", replica=leaving, abort=lambda: aborted.append("can")),
+                      lambda: True)
+    cannot = mover.track(Upstream(200, "text/event-stream", replica=leaving, abort=lambda: aborted.append("cannot")),
+                         lambda: False)
+    mover.track(Upstream(200, "text/event-stream", replica=staying, abort=lambda: aborted.append("stays")),
+                lambda: True)
+    mover.drain([staying], now=100.0)  # `leaving` is out of routing from now on
+    mover.drain([staying], now=104.9)
+    assert aborted == []
+    mover.drain([staying], now=105.0)
+    assert aborted == ["can"] and can.drained and not cannot.drained
+    mover.untrack(can)
+    mover.untrack(cannot)
+    assert leaving not in mover.streams
