@@ -44,6 +44,15 @@ def whole(x: object) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
+def wants_stream(body: dict) -> bool:
+    """The client's `stream`: a boolean when given, as the document says. The router asks every
+    upstream for a stream, so a wrong type must be refused here: the worker never sees it."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RouterError(400, f"stream: must be true or false; got {stream!r}", param="stream")
+    return bool(stream)
+
+
 def check_counts(body: dict, kind: str, limits: Limits) -> None:
     """n and the number of prompts, each within its bound."""
     n = whole(body.get("n"))

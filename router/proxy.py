@@ -35,7 +35,7 @@ from .assemble import as_stream, assemble, whole
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out
 from .handoff import Handoffs
-from .limits import Limits, check_counts, check_weight, parse_body, read_body
+from .limits import Limits, check_counts, check_weight, parse_body, read_body, wants_stream
 from .metrics import RouterMetrics
 from .migrate import Mover, Where, migrating
 from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
@@ -259,7 +259,7 @@ class Router:
             subs = fan_out(body, kind) if route.mode == "disaggregated" else [(body, 0)]
             check_weight(len(subs), self.inflight, self.max_inflight)
             mode = route.mode
-            stream = bool(body.get("stream"))
+            stream = wants_stream(body)
             # hashing the prompt costs on every request: only prefix affinity reads the keys
             keys = prefix_keys(prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
             weight = len(subs)
