@@ -27,8 +27,10 @@ from fleetwise.protocol import REQUEST_ID_HEADER
 from ..engine.async_engine import AsyncEngine, EngineDead
 from ..engine.config import EngineConfig
 from ..engine.engine import LLMEngine
+from ..engine.faults import FaultSwitches
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
+from .fault_routes import add_fault_routes
 from .handoff import add_handoff_routes
 from .listeners import INTERNAL, PUBLIC, Gate, Listener, Server, SharedLifespan, serve_together
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
 FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
+SWITCHES = "switches"  # the drills' switches at POST /internal/faults (fault_routes.py)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -154,6 +157,9 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
     close_handoff = add_handoff_routes(app, api, connector, faults, internal_token)
+    if SWITCHES in faults and internal_token:
+        api.core.switches = api.core.switches or FaultSwitches()
+        add_fault_routes(app, api.core)
     return app
 
 

@@ -18,6 +18,7 @@ from ..model.sampler import TokenLogprob
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .faults import FaultSwitches
 from .kv_hooks import KVHooks
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
@@ -74,6 +75,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         # test-only fault switch: called with each batch before the forward pass
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None
+        self.switches: FaultSwitches | None = None  # drills' switches (faults.py); None: off
         self.last_step_forward_seconds = 0.0
         self.last_step_seconds = 0.0
         self.failed_steps = 0  # in a row: steps in which every sequence failed
@@ -218,6 +220,8 @@ class LLMEngine:
             time.sleep(forward * (factor - 1))
 
     def step(self) -> list[RequestOutput]:
+        if self.switches is not None:
+            self.switches.hold_stall()
         t0 = time.perf_counter()
         bm = self.block_manager
         q0, h0 = bm.prefix_queries, bm.prefix_hits
@@ -231,6 +235,8 @@ class LLMEngine:
                 if self.fault_hook:
                     self.fault_hook(batch)
                 rows, sampled = self.runner.run(batch)
+                if self.switches is not None:  # a slow GPU: the forward pass itself takes longer
+                    self.switches.after_forward(time.perf_counter() - t1)
                 forward = time.perf_counter() - t1
                 if self.gpu is not None:
                     self._as_the_modelled_gpu(batch, forward)
