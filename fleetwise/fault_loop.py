@@ -84,11 +84,13 @@ class FaultLoop:
             return f"refused: {e}"
         return "done"
 
-    def run(self, stop: threading.Event) -> None:
-        """A window every `windowSeconds`, until `stop` is set."""
+    def run(self, stop: threading.Event, after: Callable[["FaultLoop"], None] | None = None) -> None:
+        """A window every `windowSeconds`, until `stop` is set; `after` sees each window's result."""
         period = float(self.policy.detection.window_seconds)
         while not stop.wait(period):
             try:
                 self.tick()
+                if after is not None:
+                    after(self)
             except Exception:  # one bad window never ends the loop
                 log.exception("fault detection window failed")
