@@ -147,6 +147,11 @@ def up(
     device: str = typer.Option(defaults.DEVICE, "--device"),
     admin_port: int = typer.Option(8081, "--admin-port", min=0,
                                    help="The admin API's port (another if taken; 0: no admin API)."),
+    detect_faults: bool = typer.Option(False, "--detect-faults",
+                                       help="Compare the workers of each role window by window (needs Prometheus); "
+                                            "quarantine and restart one that stays slower than its peers."),
+    fault_window_seconds: int = typer.Option(30, "--fault-window-seconds", min=10, max=3600,
+                                             help="With --detect-faults: the detector's window."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -156,7 +161,8 @@ def up(
             raise typer.BadParameter("must be at least 1", param_hint=name)
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port,
+                         fault_window_seconds=fault_window_seconds if detect_faults else None))
 
 
 @app.command()

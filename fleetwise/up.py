@@ -30,6 +30,7 @@ from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
 
 if TYPE_CHECKING:
     from fleetwise.admin.local import LocalAdmin
+    from fleetwise.local_faults import LocalFaults
 
 console = Console()
 
@@ -105,13 +106,28 @@ def _print_admin(admin: "LocalAdmin") -> None:
                   f"{escape(admin.token_file.read_text().strip())} (also in {admin.token_file})")
 
 
+def _start_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, window: int) -> "LocalFaults | None":
+    """The fault loop over the fleet (`local_faults.py`); None, said why, without Prometheus."""
+    from fleetwise.local_faults import local_policy, start_local_faults
+    from fleetwise.telemetry.prometheus_server import PrometheusUnavailable
+    try:
+        faults = start_local_faults(fleet, procs, workdir, local_policy(window))
+    except PrometheusUnavailable as e:
+        console.print(f"[red]--detect-faults: {e}[/]")
+        return None
+    console.print(f"  fault detection every {window} s (Prometheus {faults.prometheus.url}); "
+                  f"scores and incidents in {workdir / 'faults.json'}, actions in {workdir / 'logs' / 'actions.log'}")
+    return faults
+
+
 def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
     """The router first (no new requests), then the workers; SIGTERM, then SIGKILL."""
     stop_all([[p for p in procs if p.role == "router"], [p for p in procs if p.role != "router"]], grace)
 
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081) -> int:
+        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081,
+        fault_window_seconds: int | None = None) -> int:
     from fleetwise.worker.model.files import write_model
     workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
@@ -132,6 +148,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
     from fleetwise.admin.local import LocalAdmin, start_local
     admin: LocalAdmin | None = None
+    faults: LocalFaults | None = None
 
     stopping: list[int] = []
 
@@ -155,6 +172,10 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 return 1
         if stopping:
             return 130
+        if fault_window_seconds is not None:
+            faults = _start_faults(fleet, procs, workdir, fault_window_seconds)
+            if faults is None:
+                return 2
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
@@ -173,6 +194,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         with console.status("stopping the fleet"):
             if admin is not None:
                 admin.stop()
+            if faults is not None:
+                faults.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)
