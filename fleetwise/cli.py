@@ -104,7 +104,8 @@ def worker(
                                      help="Without a GPU: run as a modelled one of this product (H100, A100, "
                                           "...), its power, caps and DCGM series."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
-                                    help="Test-only fault switches (corrupt-kv, fail-steps, slow-steps)."),
+                                    help="Test-only fault switches (corrupt-kv, fail-steps, slow-steps, "
+                                         "switches: POST /internal/faults)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
@@ -165,6 +166,11 @@ def up(
     device: str = typer.Option(defaults.DEVICE, "--device"),
     admin_port: int = typer.Option(8081, "--admin-port", min=0,
                                    help="The admin API's port (another if taken; 0: no admin API)."),
+    detect_faults: bool = typer.Option(False, "--detect-faults",
+                                       help="Compare the workers of each role window by window (needs Prometheus); "
+                                            "quarantine and restart one that stays slower than its peers."),
+    fault_window_seconds: int = typer.Option(30, "--fault-window-seconds", min=10, max=3600,
+                                             help="With --detect-faults: the detector's window."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -174,7 +180,8 @@ def up(
             raise typer.BadParameter("must be at least 1", param_hint=name)
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port,
+                         fault_window_seconds=fault_window_seconds if detect_faults else None))
 
 
 @app.command()

@@ -30,6 +30,7 @@ from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wa
 
 if TYPE_CHECKING:
     from fleetwise.admin.local import LocalAdmin
+    from fleetwise.local_faults import LocalFaults
 
 console = Console()
 
@@ -105,15 +106,29 @@ def _print_admin(admin: "LocalAdmin") -> None:
                   f"{escape(admin.token_file.read_text().strip())} (also in {admin.token_file})")
 
 
+def _start_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, window: int) -> "LocalFaults | None":
+    """The fault loop over the fleet (`local_faults.py`); None, said why, without Prometheus."""
+    from fleetwise.local_faults import local_policy, start_local_faults
+    from fleetwise.telemetry.prometheus_server import PrometheusUnavailable
+    try:
+        faults = start_local_faults(fleet, procs, workdir, local_policy(window))
+    except PrometheusUnavailable as e:
+        console.print(f"[red]--detect-faults: {e}[/]")
+        return None
+    console.print(f"  fault detection every {window} s (Prometheus {faults.prometheus.url}); "
+                  f"scores and incidents in {workdir / 'faults.json'}, actions in {workdir / 'logs' / 'actions.log'}")
+    return faults
+
+
 def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
     """The router first (no new requests), then the workers; SIGTERM, then SIGKILL."""
     stop_all([[p for p in procs if p.role == "router"], [p for p in procs if p.role != "router"]], grace)
 
 
-def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081) -> int:
+def _model_dir(model: Path | None, workdir: Path) -> Path | None:
+    """The model to serve: the one given, or a tiny random one written once into the work
+    directory; None (after saying why) when the directory holds no model."""
     from fleetwise.worker.model.files import write_model
-    workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = workdir / "models" / "tiny"
         if not (model / "config.json").exists():
@@ -122,6 +137,32 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
             console.print(f"wrote a tiny random model to {model}")
     if not (Path(model) / "config.json").exists():
         console.print(f"[red]{model} is not a model directory (no config.json)[/]")
+        return None
+    return Path(model)
+
+
+def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: list[int]) -> None:
+    """The live table until a signal; a worker that died starts again (the router takes it back
+    once its probe passes); one drained or being restarted by the fleet stays as the fleet left it."""
+    restarts = Restarts()
+    with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
+        while not stopping:
+            for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
+                live.console.print(f"[yellow]{again.name} exited; started again "
+                                   f"(restart {restarts.count[again.name]})[/]")
+                (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
+            for p in procs:
+                _poll(p)
+            live.update(_table(procs, fleet))
+            time.sleep(1.0)
+
+
+def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
+        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081,
+        fault_window_seconds: int | None = None) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = _model_dir(model, workdir)
+    if model is None:
         return 2
     if not port_free(port):
         console.print(f"[red]port {port} is in use; choose another with --port[/]")
@@ -132,6 +173,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
     from fleetwise.admin.local import LocalAdmin, start_local
     admin: LocalAdmin | None = None
+    faults: LocalFaults | None = None
 
     stopping: list[int] = []
 
@@ -155,6 +197,10 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 return 1
         if stopping:
             return 130
+        if fault_window_seconds is not None:
+            faults = _start_faults(fleet, procs, workdir, fault_window_seconds)
+            if faults is None:
+                return 2
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
@@ -162,24 +208,14 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         if admin is not None:
             _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
-        restarts = Restarts()
-        with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
-            while not stopping:
-                # a worker that died starts again (the router takes it back once its probe passes);
-                # one drained or being restarted by the fleet stays as the fleet left it
-                for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
-                    live.console.print(f"[yellow]{again.name} exited; started again "
-                                       f"(restart {restarts.count[again.name]})[/]")
-                    (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
-                for p in procs:
-                    _poll(p)
-                live.update(_table(procs, fleet))
-                time.sleep(1.0)
+        _supervise(procs, fleet, workdir, stopping)
         return 0
     finally:
         with console.status("stopping the fleet"):
             if admin is not None:
                 admin.stop()
+            if faults is not None:
+                faults.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -157,7 +157,8 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
     return httpx.post(url + path, json=body, timeout=30)
 
 
-@pytest.mark.parametrize("field, value", [("stream", 0), ("stream", None), ("seed", False), ("n", True), ("max_tokens", 2.5),
+@pytest.mark.parametrize("field, value", [("stream", 0), ("stream", None), ("seed", False), ("n", True),
+                                          ("max_tokens", 2.5),
                                           ("stop", 5), ("temperature", "1")])
 def test_a_value_of_another_json_type_is_a_400_naming_the_field_not_coerced(router, field, value):
     # pydantic's lax mode read `"stream": 0` as False and `"seed": false` as 0, against the document

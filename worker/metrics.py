@@ -54,6 +54,12 @@ class WorkerMetrics:
         self.kv_leases = Gauge(c.KV_LEASES, "Prompts whose KV cache is held for a decode worker.", mr, registry=r)
         self.kv_leases_expired = Counter(c.KV_LEASES_EXPIRED, "KV leases freed because nobody pulled them.",
                                          mr, registry=r)
+        self.kv_peer_seconds = Counter(c.KV_PEER_SECONDS, "Seconds spent pulling KV caches, by sending peer.",
+                                       mr + ["peer"], registry=r)
+        self.kv_peer_bytes = Counter(c.KV_PEER_BYTES, "KV cache bytes pulled, by sending peer.", mr + ["peer"],
+                                     registry=r)
+        self.kv_peer_failures = Counter(c.KV_PEER_FAILURES, "KV pulls that failed, by sending peer.",
+                                        mr + ["peer"], registry=r)
         self.model_name, self.role = model_name, role
         self._m = {"model_name": model_name}
         self._mr = {"model_name": model_name, "role": role}
@@ -103,6 +109,14 @@ class WorkerMetrics:
         self.kv_bytes.labels(direction=direction, **self._mr).inc(nbytes)
         if seconds is not None:
             self.kv_seconds.labels(**self._mr).observe(seconds)
+
+    def on_kv_peer(self, peer: str, nbytes: int, seconds: float, failed: bool) -> None:
+        self.kv_peer_seconds.labels(peer=peer, **self._mr).inc(seconds)
+        self.kv_peer_bytes.labels(peer=peer, **self._mr).inc(nbytes)
+        if failed:
+            self.kv_peer_failures.labels(peer=peer, **self._mr).inc()
+        else:
+            self.kv_peer_failures.labels(peer=peer, **self._mr)  # reads 0, not missing, once the link is used
 
     def on_leases(self, held: int, expired: int) -> None:
         self.kv_leases.labels(**self._mr).set(held)

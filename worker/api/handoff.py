@@ -261,6 +261,9 @@ class Handoff:
             expect = self.connector.header(res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
+                switches = self.api.core.switches
+                if switches is not None and (delay := switches.kv_delay(url)):
+                    await asyncio.sleep(delay)  # a drill: a slow link to this peer
                 received = await pull(self.http(), url, handle, expect,
                                       lambda layer, k, v: self.connector.write_kv(res, layer, k, v))
             except (TimeoutError, KVTransferError, aiohttp.ClientError, OSError) as e:
@@ -268,8 +271,10 @@ class Handoff:
                             handle, url, e)
                 metrics.on_kv_recompute(e.reason if isinstance(e, KVTransferError) else "unreachable")
                 metrics.on_kv_transfer("received", received)
+                metrics.on_kv_peer(url, received, time.perf_counter() - t0, failed=True)
                 return False
             metrics.on_kv_transfer("received", received, time.perf_counter() - t0)
+            metrics.on_kv_peer(url, received, time.perf_counter() - t0, failed=False)
             return True
         finally:
             task = asyncio.create_task(self._release(url, handle))

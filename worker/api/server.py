@@ -31,8 +31,10 @@ from fleetwise.protocol import REQUEST_ID_HEADER
 from ..engine.async_engine import AsyncEngine, EngineDead
 from ..engine.config import EngineConfig
 from ..engine.engine import LLMEngine
+from ..engine.faults import FaultSwitches
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
+from .fault_routes import add_fault_routes
 from .handoff import add_handoff_routes
 from .listeners import (
     INTERNAL,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
 FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
 SLOW_STEPS = "slow-steps"  # test-only: every engine step takes 10 ms more (a stream outlasts a test's reaction)
+SWITCHES = "switches"  # the drills' switches at POST /internal/faults (fault_routes.py)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -100,30 +103,33 @@ def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
                       Listener(app, lifespan, INTERNAL) if internal_token else None)
 
 
+async def _watch(engine: AsyncEngine, health_failed_steps: int,
+                 on_engine_failure: Callable[[str], None] | None) -> None:
+    """Logs each change between failed and serving; `on_engine_failure` hears each failure."""
+    failing = False
+    while True:
+        failure = engine_failure(engine, health_failed_steps)
+        if (failure is not None) != failing:
+            failing = failure is not None
+            if failure is None:
+                log.info("the engine serves again")
+            else:
+                log.error("the engine has failed: %s", failure["error"])
+                if on_engine_failure is not None:
+                    on_engine_failure(str(failure["error"]))
+        await asyncio.sleep(WATCH_SECONDS)
+
+
 def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_seconds: float,
            faults: frozenset[str], limits: RequestLimits, health_failed_steps: int,
            on_engine_failure: Callable[[str], None] | None, internal_token: str | None) -> FastAPI:
     api = WorkerAPI(engine, role, health_stall_seconds, limits)
 
-    async def watch() -> None:
-        failing = False
-        while True:
-            failure = engine_failure(engine, health_failed_steps)
-            if (failure is not None) != failing:
-                failing = failure is not None
-                if failure is None:
-                    log.info("the engine serves again")
-                else:
-                    log.error("the engine has failed: %s", failure["error"])
-                    if on_engine_failure is not None:
-                        on_engine_failure(str(failure["error"]))
-            await asyncio.sleep(WATCH_SECONDS)
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine._thread is None:
             engine.start(asyncio.get_running_loop())
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(_watch(engine, health_failed_steps, on_engine_failure))
         yield
         watcher.cancel()
         await close_handoff()
@@ -179,6 +185,9 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         if listener not in documents:
             documents[listener] = listener_document(app, listener)
         return JSONResponse(documents[listener])
+    if SWITCHES in faults and internal_token:
+        api.core.switches = api.core.switches or FaultSwitches()
+        add_fault_routes(app, api.core)
     return app
 
 

@@ -18,6 +18,7 @@ from ..model.sampler import TokenLogprob
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .faults import FaultSwitches
 from .kv_hooks import KVHooks
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
@@ -74,6 +75,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         # test-only fault switch: called with each batch before the forward pass
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None
+        self.switches: FaultSwitches | None = None  # drills' switches (faults.py); None: off
         self.last_step_forward_seconds = 0.0
         self.last_step_seconds = 0.0
         self.failed_steps = 0  # in a row: steps in which every sequence failed
@@ -247,8 +249,7 @@ class LLMEngine:
         return gpu
 
     def _as_the_modelled_gpu(self, batch: ScheduledBatch, forward: float) -> None:
-        """The step as the modelled GPU draws it; under its cap the step takes longer, and the
-        engine waits that out so that a cap's cost shows in the latencies, as on a GPU."""
+        """The step as the modelled GPU draws it; a cap's stretch is waited out, as on a GPU."""
         assert self.gpu is not None
         decodes = sum(1 for n in batch.num_new_tokens if n == 1)  # one new token: a decode
         factor = self.gpu.step(batch.num_tokens - decodes, decodes, forward)
@@ -256,6 +257,8 @@ class LLMEngine:
             time.sleep(forward * (factor - 1))
 
     def step(self) -> list[RequestOutput]:
+        if self.switches is not None:
+            self.switches.hold_stall()
         t0 = time.perf_counter()
         bm = self.block_manager
         q0, h0 = bm.prefix_queries, bm.prefix_hits
@@ -269,6 +272,8 @@ class LLMEngine:
                 if self.fault_hook:
                     self.fault_hook(batch)
                 rows, sampled = self.runner.run(batch)
+                if self.switches is not None:  # a slow GPU: the forward pass itself takes longer
+                    self.switches.after_forward(time.perf_counter() - t1)
                 forward = time.perf_counter() - t1
                 if self.gpu is not None:
                     self._as_the_modelled_gpu(batch, forward)

@@ -1,0 +1,76 @@
+"""`fleetwise up --detect-faults`: the fault loop (`fault_loop.py`) over the local fleet, in a
+thread, against a real Prometheus that scrapes the workers and the router (started and stopped
+here). Workers of one role are one group; there are no nodes on one machine. Quarantine goes
+through the router's endpoints file, a restart restarts the process (`LocalFleet`). Each
+window's scores, missing workers, incidents and actions go to `faults.json` in the workdir.
+"""
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fleetwise.fault_loop import FaultLoop
+from fleetwise.fault_signals import Worker
+from fleetwise.local_fleet import LocalFleet, Member
+from fleetwise.spec import FaultPolicySpec
+from fleetwise.telemetry.prometheus import PrometheusClient
+from fleetwise.telemetry.prometheus_server import PrometheusServer
+
+
+def local_policy(window_seconds: int) -> FaultPolicySpec:
+    """Quarantine and restart, at most half of a role's workers out at once (rounded down: one of
+    two or three); two windows out in a row."""
+    return FaultPolicySpec.model_validate({
+        "detection": {"windowSeconds": window_seconds, "minPeers": 3, "deviationThreshold": 4,
+                      "consecutiveWindows": 2},
+        "remediation": {"actions": ["Quarantine", "RestartPod"], "maxUnavailableFraction": 0.5,
+                        "maxActionsPerHour": 10, "cooldownSeconds": 300}})
+
+
+def fleet_workers(fleet: LocalFleet) -> list[Worker]:
+    return [Worker(name, f"{fleet.model}/{m.role}", m.url, m.internal_url) for name, m in fleet.workers.items()]
+
+
+@dataclass
+class LocalFaults:
+    prometheus: PrometheusServer
+    loop: FaultLoop
+    thread: threading.Thread
+    stopping: threading.Event
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        self.loop.prometheus.close()
+        self.prometheus.stop()
+
+
+def start_local_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, policy: FaultPolicySpec,
+                       scrape_interval: float = 1.0) -> LocalFaults:
+    """Starts Prometheus (PrometheusUnavailable without its binary) and the loop's thread."""
+    hosts = {"workers": [urlsplit(m.url).netloc for m in procs if m.role != "router"],
+             "router": [urlsplit(m.url).netloc for m in procs if m.role == "router"]}
+    prom = PrometheusServer(workdir / "prometheus", hosts, scrape_interval=scrape_interval).start()
+    loop = FaultLoop(PrometheusClient(prom.url), fleet, policy, lambda: fleet_workers(fleet))
+    stopping = threading.Event()
+    out = workdir / "faults.json"
+    thread = threading.Thread(target=loop.run, args=(stopping, lambda done: _write(out, done)), name="fault-loop",
+                              daemon=True)
+    thread.start()
+    return LocalFaults(prom, loop, thread, stopping)
+
+
+def _write(path: Path, loop: FaultLoop) -> None:
+    d = loop.last
+    state = {"at": time.time(), "error": loop.error,
+             "scores": d.scores if d else {}, "missing": loop.last_signals.missing if loop.last_signals else [],
+             "incidents": [asdict(i) for i in d.incidents] if d else [],
+             "held": d.held if d else [],
+             "actions": [{"verb": x.action.verb, "target": x.action.target, "outcome": x.outcome, "at": x.at}
+                         for x in loop.done]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, default=str, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,110 @@
+"""The fault loop over a real local fleet (four mixed worker processes behind the router, as
+`fleetwise up --detect-faults` runs it) against a real Prometheus: under steady load through the
+router a healthy run of three windows brings no incident and no action; then one worker slowed
+by its fault switch is quarantined and restarted within three windows."""
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from fleetwise.fleet import Routability
+from fleetwise.local_faults import local_policy, start_local_faults
+from fleetwise.local_fleet import LocalFleet
+from fleetwise.net import free_port
+from fleetwise.procs import wait_healthy
+from fleetwise.up import _ready, plan, stop_fleet, write_token
+
+from .workers import AUTH, token_file
+
+WINDOW = 10          # seconds: the FaultPolicy's least
+HEALTHY_WINDOWS = int(os.environ.get("FLEETWISE_FAULT_HEALTHY_WINDOWS", "3"))  # more for a soak
+WORKERS = 4          # one pool; with three the MAD is one healthy member's distance from the other
+# each forward pass of the slowed worker; on a two-core machine shared with other work three
+# healthy tiny CPU workers differ by up to 3x in step time per token from one window to the
+# next, so the default is a fault well outside that (FLEETWISE_FAULT_SLOW_FACTOR for a quieter one)
+SLOW_FACTOR = float(os.environ.get("FLEETWISE_FAULT_SLOW_FACTOR", "6"))
+
+
+def load(router: str, stop: threading.Event, clients: int = 4) -> None:
+    """Closed-loop clients, each prompt new (the router's prefix affinity spreads them)."""
+    def client(i: int) -> None:
+        n = 0
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                n += 1
+                http.post(router + "/v1/completions", json={"model": "tiny", "max_tokens": 24, "ignore_eos": True,
+                                                            "prompt": f"{i}-{n} find the odd worker out " * 3})
+    with ThreadPoolExecutor(clients) as pool:
+        for i in range(clients):
+            pool.submit(client, i)
+
+
+@pytest.fixture
+def fleet(tmp_path, tiny_model_dir):
+    token = write_token(tmp_path)
+    token.write_text(token_file().read_text())  # the tests' token, so AUTH reaches the workers
+    args = ["--fault", "switches", "--kv-cache-mib", "16", "--device", "cpu"]
+    procs = plan(tiny_model_dir, "tiny", "colocated", free_port(), 0, 0, WORKERS, tmp_path, args, token)
+    fleet = LocalFleet("tiny", procs, tmp_path / "router.yaml", tmp_path / "actions.log", ready_timeout=120)
+    try:
+        for p in procs:
+            p.start()
+        wait_healthy(procs, 180, ready=_ready)
+        faults = start_local_faults(fleet, procs, tmp_path, local_policy(WINDOW), scrape_interval=1.0)
+        try:
+            yield fleet, procs, faults
+        finally:
+            faults.stop()
+    finally:
+        stop_fleet(procs)
+
+
+def test_a_slow_worker_is_quarantined_within_three_windows_and_a_healthy_run_brings_nothing(fleet):
+    fleet, procs, faults = fleet
+    loop, router = faults.loop, procs[-1].url
+    stop = threading.Event()
+    driver = threading.Thread(target=load, args=(router, stop), daemon=True)
+    driver.start()
+    try:
+        incidents, windows, seen = 0, 0, None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < HEALTHY_WINDOWS * WINDOW + 2:  # the healthy run, under load
+            if loop.last is not seen:
+                seen, windows = loop.last, windows + 1
+                incidents += len(seen.incidents) if seen else 0
+            time.sleep(0.5)
+        healthy_scores = loop.last.scores if loop.last else {}
+        print(f"healthy run: {windows} windows, {incidents} incidents, actions {loop.done}")
+        assert loop.done == [] and incidents == 0, loop.done
+        assert len(healthy_scores) == WORKERS, f"not every worker scored: missing {loop.last_signals}"
+        slow = fleet.workers["mixed-1"]
+        r = httpx.post(slow.internal_url + "/internal/faults", json={"slow_factor": SLOW_FACTOR}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        t0 = time.monotonic()
+        seen = None
+        while not loop.done and time.monotonic() - t0 < 3 * WINDOW + 5:
+            if loop.last is not seen and loop.last_signals is not None:
+                seen = loop.last
+                evidence = loop.last_signals.evidence
+                print({k: round(v, 1) for k, v in seen.scores.items()},
+                      {k: round(v.get("step_seconds_per_token", 0) * 1e6) for k, v in evidence.items()})
+            time.sleep(0.5)
+        detected = time.monotonic() - t0
+        assert [(d.action.verb, d.action.target) for d in loop.done][:1] == [("Quarantine", "mixed-1")], loop.done
+        print(f"healthy scores {healthy_scores}; slowed x{SLOW_FACTOR} quarantined after {detected:.1f} s")
+        assert detected <= 3 * WINDOW + 5
+        assert "quarantine mixed-1" in (procs[0].log.parent.parent / "actions.log").read_text()
+        t1 = time.monotonic()  # the restart replaces the process: serving again, its switches off
+        while len(loop.done) < 2 and time.monotonic() - t1 < 120:
+            time.sleep(0.5)
+        assert [(d.action.verb, d.outcome) for d in loop.done] == [("Quarantine", "done"), ("RestartPod", "done")]
+        assert fleet.states["mixed-1"].state is Routability.SERVING
+        view = httpx.get(slow.internal_url + "/internal/faults", headers=AUTH, timeout=10).json()
+        assert view["slow_factor"] == 1.0
+    finally:
+        stop.set()
+        driver.join(timeout=60)
