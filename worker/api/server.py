@@ -32,6 +32,7 @@ from ..metrics import WorkerMetrics
 from .handoff import add_handoff_routes
 from .listeners import INTERNAL, PUBLIC, Gate, Listener, Server, SharedLifespan, serve_together
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
+from .power import add_power_routes
 from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
     close_handoff = add_handoff_routes(app, api, connector, faults, internal_token)
+    app.state.power = add_power_routes(app, api)
     return app
 
 
