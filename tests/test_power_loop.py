@@ -58,7 +58,7 @@ def loop():
 
 
 def test_the_domains_power_is_the_sum_of_its_workers_series_only(loop):
-    power_loop, prom, _ = loop
+    power_loop, _, _ = loop
     reading, drawn, error = power_loop.measure(workers())
     assert reading.watts == 1900 and reading.age_seconds == pytest.approx(1.0) and error is None
     assert drawn == {"local/low-decode": 600.0, "local/low-prefill": 700.0, "local/high-decode": 600.0}
