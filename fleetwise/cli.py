@@ -144,6 +144,15 @@ def up(
     workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
     kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache per worker."),
     device: str = typer.Option(defaults.DEVICE, "--device"),
+    power_limit_watts: float = typer.Option(None, "--power-limit-watts", min=1,
+                                            help="Run the power controller over the fleet with this budget "
+                                                 "(every worker a modelled GPU; needs `prometheus` on PATH)."),
+    modelled_gpu: list[str] = typer.Option([], "--modelled-gpu",
+                                           help="With --power-limit-watts: the workers' GPU product (H100), or "
+                                                "one per pool (prefill=H100, repeatable). Default H100."),
+    power_priority: str = typer.Option("High", "--power-priority", help="High or Low: the model's priority."),
+    power_period: float = typer.Option(2.0, "--power-period", min=0.5, max=60,
+                                       help="Seconds between the power controller's periods."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -151,9 +160,32 @@ def up(
     for name, value in (("--prefill", prefill), ("--decode", decode), ("--mixed", mixed)):
         if value < 1:
             raise typer.BadParameter("must be at least 1", param_hint=name)
+    power = None
+    if power_limit_watts is not None:
+        from fleetwise.local_power import PowerOptions
+        roles = ("prefill", "decode") if mode == "disaggregated" else ("mixed",)
+        if power_priority not in ("High", "Low"):
+            raise typer.BadParameter("must be High or Low", param_hint="--power-priority")
+        power = PowerOptions(power_limit_watts, _pool_products(modelled_gpu, roles), power_priority, power_period)
+    elif modelled_gpu:
+        raise typer.BadParameter("goes with --power-limit-watts", param_hint="--modelled-gpu")
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device]))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], power=power))
+
+
+def _pool_products(values: list[str], roles: tuple[str, ...]) -> dict[str, str]:
+    """`--modelled-gpu` values (PRODUCT, or ROLE=PRODUCT) -> a product for each role."""
+    products = dict.fromkeys(roles, "H100")
+    for value in values:
+        role, _, product = value.rpartition("=")
+        if product not in gpus.PRODUCTS:
+            raise typer.BadParameter(f"{product!r}: choose one of {', '.join(gpus.PRODUCTS)}",
+                                     param_hint="--modelled-gpu")
+        if role and role not in roles:
+            raise typer.BadParameter(f"{role!r}: this mode's pools are {', '.join(roles)}", param_hint="--modelled-gpu")
+        products.update(dict.fromkeys([role] if role else roles, product))
+    return products
 
 
 @app.command()

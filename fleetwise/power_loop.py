@@ -13,7 +13,7 @@ controller then holds its caps, and past its deadline caps low-priority work.
 A person's override (`FleetActions.power_override`) wins: that worker is left out of the
 controller's decision (its draw still counts in the domain's power) and its cap is the
 override's until it lapses. Each cap goes out with a lease of `ttl_periods` control periods
-and a fallback, a conservative cap for low-priority work and none for high-priority, which
+(at least `MIN_TTL_SECONDS`) and a fallback, a conservative cap for low-priority work and none for high-priority, which
 the worker applies if the lease is not renewed (the controller stopped).
 """
 
@@ -29,6 +29,8 @@ from fleetwise.telemetry import catalog as c
 from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError, Sample
 
 log = logging.getLogger(__name__)
+
+MIN_TTL_SECONDS = 15.0  # a cap's lease, at least: one slow renewal (a busy worker) must not lapse it
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class PowerLoop:
 
     @property
     def ttl(self) -> float:
-        return self.ttl_periods * self.period_seconds
+        return max(MIN_TTL_SECONDS, self.ttl_periods * self.period_seconds)
 
     def measure(self, workers: list[DomainWorker]) -> tuple[Reading, dict[str, float], str | None]:
         """The domain's power, each worker's draw per GPU, and why the reading is missing (if it is)."""

@@ -5,7 +5,10 @@ restarted.
 
 Each worker gets two ports: the public one (its /health, in the table) and the internal one
 that the router and the other workers call with the shared token. The token is new at each
-start, in `internal-token` in the workdir, readable by the user alone."""
+start, in `internal-token` in the workdir, readable by the user alone.
+
+With `--power-limit-watts`, every worker is a modelled GPU of its pool's product, and the
+power controller runs over them against a real Prometheus (fleetwise/local_power.py)."""
 
 import json
 import os
@@ -23,6 +26,7 @@ from rich.table import Table
 
 from fleetwise.fleet import Routability
 from fleetwise.local_fleet import LocalFleet, Member
+from fleetwise.local_power import LocalPower, PowerOptions
 from fleetwise.net import free_port, port_free
 from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
 
@@ -30,6 +34,11 @@ console = Console()
 
 
 TOKEN_FILE = "internal-token"
+
+
+def prometheus_available() -> bool:
+    import shutil
+    return shutil.which("prometheus") is not None
 
 
 def write_token(workdir: Path) -> Path:
@@ -43,16 +52,19 @@ def write_token(workdir: Path) -> Path:
 
 
 def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int, mixed: int,
-         workdir: Path, worker_args: list[str], token_file: Path) -> list[Member]:
+         workdir: Path, worker_args: list[str], token_file: Path,
+         role_args: dict[str, list[str]] | None = None) -> list[Member]:
+    """`role_args`: more worker arguments by role (a pool's modelled GPU)."""
     procs: list[Member] = []
     roles = [("prefill", prefill), ("decode", decode)] if mode == "disaggregated" else [("mixed", mixed)]
     token = ["--internal-token-file", str(token_file)]
     for role, count in roles:
+        extra = [*worker_args, *(role_args or {}).get(role, [])]
         for i in range(count):
             p, q = free_port(), free_port()
             procs.append(Member(f"{role}-{i}", fleetwise_argv(
                 "worker", "--model", str(model), "--role", role, "--port", str(p), "--internal-port", str(q),
-                *token, "--served-model-name", name, *worker_args), workdir / "logs" / f"{role}-{i}.log",
+                *token, "--served-model-name", name, *extra), workdir / "logs" / f"{role}-{i}.log",
                 f"http://127.0.0.1:{p}", role=role, internal_url=f"http://127.0.0.1:{q}"))
     procs.append(Member("router", fleetwise_argv("router", "--config", str(workdir / "router.yaml"),
                                                  "--port", str(port), *token),
@@ -76,9 +88,9 @@ def _ready(proc: Member) -> bool:
     return proc.health.get("status") == "ok"
 
 
-def _table(procs: list[Member], fleet: LocalFleet) -> Table:
-    t = Table(title=f"fleetwise: {fleet.model}", expand=False)
-    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing"):
+def _table(procs: list[Member], fleet: LocalFleet, power: LocalPower | None = None) -> Table:
+    t = Table(title=f"fleetwise: {fleet.model}", expand=False, caption=_power_line(power))
+    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing", "cap W"):
         t.add_column(col)
     for p in procs:
         h = p.health
@@ -88,9 +100,21 @@ def _table(procs: list[Member], fleet: LocalFleet) -> Table:
         shown = "" if routing is None else str(routing.state)
         if routing is not None and routing.state is not Routability.SERVING:
             shown = f"[yellow]{shown}: {escape(routing.reason)}[/]"
+        cap = fleet.caps.get(p.name)
         t.add_row(p.name, p.role, p.url, str(p.pid or "-"), f"[{style}]{status}[/]",
-                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown)
+                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown,
+                  "" if cap is None else f"{cap:.0f}")
     return t
+
+
+def _power_line(power: LocalPower | None) -> str | None:
+    if power is None:
+        return None
+    last, limit = power.last, power.options.limit_watts
+    if last is None:
+        return f"power: waiting for the first reading; budget {limit:.0f} W"
+    watts = "no reading" if last.reading.watts is None else f"{last.reading.watts:.0f} W"
+    return f"power: {watts} of a {limit:.0f} W budget ({last.decision.situation}); {escape(last.decision.summary)}"
 
 
 def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
@@ -99,8 +123,14 @@ def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
 
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0) -> int:
+        worker_args: list[str], ready_timeout: float = 180.0, power: PowerOptions | None = None) -> int:
+    """`power`: run the power controller over the fleet (each worker a modelled GPU)."""
     from fleetwise.worker.model.files import write_model
+    if power is not None and not prometheus_available():
+        from fleetwise.telemetry.prometheus_server import INSTALL_HINT
+        console.print(f"[red]--power-limit-watts needs Prometheus, and there is no `prometheus` on PATH: "
+                      f"{INSTALL_HINT}[/]")
+        return 2
     workdir.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = workdir / "models" / "tiny"
@@ -115,9 +145,13 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"[red]port {port} is in use; choose another with --port[/]")
         return 2
     name = Path(model).name
+    token_file = write_token(workdir)
+    role_args = {role: ["--modelled-gpu", product] for role, product in (power.products if power else {}).items()}
     procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args,
-                 write_token(workdir))
-    fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
+                 token_file, role_args)
+    fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log",
+                       token=token_file.read_text().strip())
+    local_power: LocalPower | None = None
 
     stopping: list[int] = []
 
@@ -139,20 +173,26 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 return 1
         if stopping:
             return 130
+        if power is not None:
+            with console.status("starting Prometheus and the power loop"):
+                local_power = LocalPower(power, fleet, workdir).start()
+            console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {local_power.prometheus.url}")
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
                       f"    -d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'")
         console.print("  Ctrl-C stops everything.")
-        with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
+        with Live(_table(procs, fleet, local_power), console=console, refresh_per_second=2) as live:
             while not stopping:
                 for p in procs:
                     _poll(p)
-                live.update(_table(procs, fleet))
+                live.update(_table(procs, fleet, local_power))
                 time.sleep(1.0)
         return 0
     finally:
         with console.status("stopping the fleet"):
+            if local_power is not None:
+                local_power.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)
