@@ -248,6 +248,11 @@ def operator(
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
                                              help="The shared internal token, copied into a Secret in each "
                                                   "namespace with workers, which their pods mount."),
+    prometheus_url: str = typer.Option(None, "--prometheus-url", envvar="FLEETWISE_PROMETHEUS_URL",
+                                       help="Prometheus with the GPUs' DCGM series: the PowerBudgets' power loops "
+                                            "read it (none: no power capping)."),
+    power_period: float = typer.Option(5.0, "--power-period", min=1, max=300,
+                                       help="Seconds between a PowerBudget's control periods."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
@@ -257,7 +262,8 @@ def operator(
     except ValueError as e:
         raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout, token_file=internal_token_file)
+                 drain_timeout=drain_timeout, token_file=internal_token_file, prometheus_url=prometheus_url,
+                 power_period=power_period)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:

@@ -76,6 +76,11 @@ class Kube:
         found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets"))
         return found["items"]
 
+    def model_deployments(self) -> list[dict]:
+        self._count("list", "modeldeployments")
+        found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "modeldeployments"))
+        return found["items"]
+
     # -- writes --------------------------------------------------------------------------------
 
     def create_pod(self, namespace: str, pod: dict[str, Any]) -> None:
@@ -163,6 +168,14 @@ class Kube:
                                                               {"status": status})
         except ApiException as e:
             if e.status != 404:
+                raise
+
+    def patch_budget_status(self, name: str, status: dict) -> None:
+        self._count("patch", "powerbudgets/status")
+        try:
+            self.custom.patch_cluster_custom_object_status(GROUP, VERSION, "powerbudgets", name, {"status": status})
+        except ApiException as e:
+            if e.status != 404:  # deleted meanwhile
                 raise
 
     def event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
