@@ -160,6 +160,8 @@ async def power_loop(stopped: kopf.DaemonStopped, body: kopf.Body, name: str, me
             await loop.run_in_executor(memo.reconcilers, control.period, _plain(body))
         except Exception:
             log.exception("power loop of PowerBudget %s: the period failed", name)
+        if control.prometheus is None:  # the status says so once; there is nothing to watch
+            return
         await stopped.wait(control.period_seconds)
     if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
         await loop.run_in_executor(memo.reconcilers, control.deleted, name)

@@ -76,9 +76,10 @@ class Kube:
         found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets"))
         return found["items"]
 
-    def model_deployments(self) -> list[dict]:
+    def model_deployments(self, namespace: str) -> list[dict]:
         self._count("list", "modeldeployments")
-        found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "modeldeployments"))
+        found = cast(dict[str, Any], self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                                "modeldeployments"))
         return found["items"]
 
     # -- writes --------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     `prometheus_url`: where the power loops read the GPUs' power (None: no power loop)."""
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Prometheus query
     api = load_client(kubeconfig)
     if not client.Configuration.get_default_copy().verify_ssl:
         import urllib3

@@ -67,8 +67,11 @@ def budget_status(spec: PowerBudgetSpec, period: Period, workers: list[DomainWor
     limit, watts = spec.limit_watts, period.reading.watts
     nodes = {w.key: w.ref.node for w in workers}
     action = "; ".join(ch.reason for ch in period.changed[:3]) or last.get("lastAction", "")
+    state = STATES.get(period.decision.situation, "Normal")
+    if state == "Normal" and period.caps:  # the hysteresis band, caps held
+        state = "Capping"
     status = {
-        "state": STATES.get(period.decision.situation, "Normal"), "message": period.decision.summary[:1024],
+        "state": state, "message": period.decision.summary[:1024],
         "limitWatts": limit, "capThresholdWatts": spec.cap_threshold * limit,
         "emergencyThresholdWatts": spec.emergency_threshold * limit,
         "releaseThresholdWatts": spec.release_threshold * limit,
@@ -116,8 +119,10 @@ class PowerControl:
         return self._write(body, budget_status(spec, period, workers, self._last.get(name, {})))
 
     def workers(self, spec: PowerBudgetSpec) -> list[DomainWorker]:
-        return domain_workers(spec, self.kube.nodes(), self.kube.all_pods(f"{m.MANAGED_BY}=fleetwise"),
-                              self.kube.model_deployments())
+        pods = self.kube.all_pods(f"{m.MANAGED_BY}=fleetwise")
+        deployments = [d for ns in sorted({p["metadata"]["namespace"] for p in pods})
+                       for d in self.kube.model_deployments(ns)]
+        return domain_workers(spec, self.kube.nodes(), pods, deployments)
 
     def _write(self, body: dict, status: dict) -> dict:
         name = body["metadata"]["name"]

@@ -36,7 +36,8 @@ class FakeKube:
                 pod("batch-prefill-0", "a", "batch", "prefill"), pod("other-row", "c", "batch", "decode"),
                 pod("starting", "a", "batch", "decode", phase="Pending")]
 
-    def model_deployments(self) -> list[dict]:
+    def model_deployments(self, namespace: str) -> list[dict]:
+        assert namespace == "models"
         return [{"metadata": {"namespace": "models", "name": "batch"}, "spec": {"priority": "Low"}},
                 {"metadata": {"namespace": "models", "name": "chat"}, "spec": {"priority": "High"}}]
 
@@ -78,7 +79,7 @@ def body(spec: dict | None = None) -> dict:
 def test_the_domain_is_the_running_worker_pods_on_the_selected_nodes():
     kube = FakeKube()
     workers = domain_workers(PowerBudgetSpec.model_validate(SPEC), kube.nodes(), kube.all_pods(),
-                             kube.model_deployments())
+                             kube.model_deployments("models"))
     assert {(w.ref.name, w.priority, w.role, w.ref.node) for w in workers} == {
         ("batch-decode-0", "Low", "decode", "a"), ("chat-decode-0", "High", "decode", "b"),
         ("batch-prefill-0", "Low", "prefill", "a")}
@@ -100,12 +101,17 @@ def test_a_period_caps_low_priority_and_writes_the_status_with_an_event_on_each_
     assert all(c["node"] == "a" for c in status["cappedWorkers"])
     assert "above the cap threshold" in status["lastAction"] and status["lastActionTime"]
     assert [e[1] for e in kube.events] == ["PowerCapping"]
-    # the band: caps hold, a new state, one more Event; the same state again: none
+    # the band: caps hold, still capping, no new Event
     prom.watts = {"batch-decode-0": 600.0, "chat-decode-0": 600.0, "batch-prefill-0": 500.0}
-    assert control.period(body())["state"] == "Normal"
-    control.period(body())
-    assert [e[1] for e in kube.events] == ["PowerCapping", "PowerNormal"]
+    assert control.period(body())["state"] == "Capping"
+    assert "inside the hysteresis band" in kube.statuses[-1][1]["message"]
+    assert [e[1] for e in kube.events] == ["PowerCapping"]
     assert kube.statuses[-1][1]["cappedCount"] == len(fleet.caps)  # held, not lifted
+    # low for three periods: releasing, a new state and its Event
+    prom.watts = {"batch-decode-0": 300.0, "chat-decode-0": 300.0, "batch-prefill-0": 300.0}
+    for _ in range(3):
+        control.period(body())
+    assert [e[1] for e in kube.events] == ["PowerCapping", "PowerReleasing"]
 
 
 def test_without_prometheus_nothing_is_capped_and_the_status_says_why():
