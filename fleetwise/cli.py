@@ -332,6 +332,19 @@ def bench_operator(
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
 
 
+@bench_app.command("power")
+def bench_power(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    product: str = typer.Option("H100", "--product", help="The modelled GPU product."),
+    seconds: float = typer.Option(30.0, "--seconds", min=5, help="Duration of each run."),
+):
+    """The power controller on modelled GPUs: reaction time and throughput cost of caps."""
+    if product not in gpus.PRODUCTS:
+        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--product")
+    run_power_bench = _bench("fleetwise.bench.power", "run_power_bench")
+    run_power_bench(out=out, product=product, seconds=seconds)
+
+
 @sim_app.command("run")
 def sim_run(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
