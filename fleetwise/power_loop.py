@@ -65,16 +65,16 @@ class Period:
 
 class PowerLoop:
     def __init__(self, prometheus: PrometheusClient, fleet: FleetActions, settings: Settings = Settings(),
-                 period_seconds: float = 5.0, ttl_periods: float = 4.0) -> None:
+                 period_seconds: float = 5.0, ttl_periods: float = 4.0, min_ttl: float = MIN_TTL_SECONDS) -> None:
         self.prometheus, self.fleet, self.settings = prometheus, fleet, settings
-        self.period_seconds, self.ttl_periods = period_seconds, ttl_periods
+        self.period_seconds, self.ttl_periods, self.min_ttl = period_seconds, ttl_periods, min_ttl
         self.state = PowerState()
         self.caps: dict[str, float] = {}     # worker key -> the cap this loop holds in force
         self._seeded = False
 
     @property
     def ttl(self) -> float:
-        return max(MIN_TTL_SECONDS, self.ttl_periods * self.period_seconds)
+        return max(self.min_ttl, self.ttl_periods * self.period_seconds)
 
     def measure(self, workers: list[DomainWorker]) -> tuple[Reading, dict[str, float], str | None]:
         """The domain's power, each worker's draw per GPU, and why the reading is missing (if it is)."""
