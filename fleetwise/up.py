@@ -13,6 +13,7 @@ power controller runs over them against a real Prometheus (fleetwise/local_power
 import json
 import os
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -37,7 +38,6 @@ TOKEN_FILE = "internal-token"
 
 
 def prometheus_available() -> bool:
-    import shutil
     return shutil.which("prometheus") is not None
 
 

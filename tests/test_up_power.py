@@ -97,3 +97,29 @@ def test_up_caps_power_under_the_limit_and_releases_it(tmp_path, tiny_model_dir)
     assert up.returncode == 0
     with pytest.raises(httpx.HTTPError):  # Prometheus went with the fleet
         httpx.get(status(tmp_path)["prometheus"] + "/-/ready", timeout=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modelled-gpu", "A100"], "goes with --power-limit-watts"),
+    (["--power-limit-watts", "300", "--modelled-gpu", "Z9"], "choose one of"),
+    (["--power-limit-watts", "300", "--modelled-gpu", "mixed=A100"], "this mode's pools are"),
+    (["--power-limit-watts", "300", "--power-priority", "Urgent"], "High or Low"),
+    (["--power-limit-watts", "0"], "--power-limit-watts"),
+])
+def test_up_refuses_bad_power_options_by_name(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from fleetwise.cli import app
+    result = CliRunner().invoke(app, ["up", "--workdir", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "internal-token").exists()  # nothing started
+
+
+def test_up_without_prometheus_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from fleetwise import up
+    monkeypatch.setattr(up.shutil, "which", lambda name: None)
+    code = up.run(None, "disaggregated", free_port(), 1, 1, 1, tmp_path, [],
+                  power=up.PowerOptions(300, {"prefill": "A100", "decode": "A100"}))
+    assert code == 2
+    assert "apt-get install prometheus" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "internal-token").exists()
