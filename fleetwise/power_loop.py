@@ -70,6 +70,7 @@ class PowerLoop:
         self.period_seconds, self.ttl_periods, self.min_ttl = period_seconds, ttl_periods, min_ttl
         self.state = PowerState()
         self.caps: dict[str, float] = {}     # worker key -> the cap this loop holds in force
+        self.reasons: dict[str, str] = {}    # worker key -> why that cap (a renewal says it again)
         self._seeded = False
 
     @property
@@ -138,7 +139,7 @@ class PowerLoop:
                 self._apply(period, w, o.watts, f"override: {o.reason}", budget, now,
                             CapChange(w.key, o.watts, f"override: {o.reason}"), until=min(o.until, now + self.ttl))
             elif w.key in self.caps and w.key not in changed:
-                self._apply(period, w, self.caps[w.key], "renewed", budget, now, None)
+                self._apply(period, w, self.caps[w.key], self.reasons.get(w.key, "renewed"), budget, now, None)
         period.caps = dict(self.caps)
         return period
 
@@ -160,8 +161,10 @@ class PowerLoop:
             return
         if watts is None:
             self.caps.pop(w.key, None)
+            self.reasons.pop(w.key, None)
         else:
             self.caps[w.key] = watts
+            self.reasons[w.key] = reason
         if change is not None and before != watts:
             period.changed.append(change)
 

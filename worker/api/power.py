@@ -117,6 +117,9 @@ class PowerCap:
                 raise APIError(400, f"{field}: this GPU takes a power limit from {limiter.min_watts:g} to "
                                     f"{limiter.max_watts:g} W; got {value:g}", param=field)
         limiter.apply(req.watts)
+        if req.watts != self.watts:  # a renewal is not worth a line
+            log.info("power cap %s W (lease %s s): %s", req.watts, None if req.watts is None else req.ttl_seconds,
+                     req.reason)
         if self._lapse is not None:
             self._lapse.cancel()
             self._lapse = None
@@ -127,7 +130,6 @@ class PowerCap:
             self.until, self.fallback = self.clock() + req.ttl_seconds, req.fallback_watts
             self._lapse = asyncio.get_running_loop().call_later(req.ttl_seconds, self.lapse)
         self._export()
-        log.info("power cap %s W for %s s: %s", req.watts, None if req.watts is None else req.ttl_seconds, req.reason)
         return self.state()
 
     def lapse(self) -> None:
