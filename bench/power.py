@@ -8,10 +8,12 @@ workload runs twice in the same run: uncapped (the baseline: its mean power P an
 throughput), then with the power loop (`fleetwise/power_loop.py`, a 1 s period) under a
 budget of P / 0.94, so that uncapped the domain sits at 94% of its limit, above the 90% cap
 threshold and below the 98% emergency one. Reaction: the first period that sees the domain
-above the threshold -> the first cap applied -> the first period back under it. Cost: the
-throughput after the reaction over the baseline's (prompt tokens a second for prompt-heavy
-load, generated tokens a second for token-heavy load). The modelled GPU's law (fleetwise/
-gpus.py) is what the caps cost; the CPU's own speed only scales both runs alike.
+above the threshold -> the first cap applied -> the first period back under it. Cost, two ways: the
+engines' step time over their forward passes' (the stretch a cap adds, which the engine waits
+out: the modelled GPU's law in fleetwise/gpus.py, free of the CPU's noise), capped over
+uncapped; and the throughput after the reaction over the baseline's (prompt tokens a second
+for prompt-heavy load, generated tokens a second for token-heavy load), which on a shared CPU
+moves with everything else the machine does.
 """
 
 import contextlib
@@ -93,6 +95,23 @@ class Load:
         return sum(picked) / max(1e-9, end - start)
 
 
+def _step_seconds(fleet: LocalFleet) -> tuple[float, float]:
+    """(engine step seconds, forward pass seconds) summed over the workers: a step's time over
+    its forward pass's is the cap's stretch that the engine waited out, free of the CPU's noise."""
+    totals = [0.0, 0.0]
+    for m in fleet.workers.values():
+        page = httpx.get(m.url + "/metrics", timeout=10).text
+        for line in page.splitlines():
+            for i, name in enumerate((c.STEP_SECONDS + "_sum{", c.STEP_FORWARD_SECONDS + "_sum{")):
+                if line.startswith(name):
+                    totals[i] += float(line.rsplit(" ", 1)[1])
+    return totals[0], totals[1]
+
+
+def _stretch(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return (after[0] - before[0]) / max(1e-9, after[1] - before[1])
+
+
 def _power(prom: PrometheusClient) -> float | None:
     try:
         return prom.latest(c.DCGM_POWER_USAGE).total()
@@ -105,6 +124,7 @@ def _uncapped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds:
     load = Load([w.url for w in fleet.workers.values()], prompt, gen)
     samples: list[float] = []
     runner = threading.Thread(target=load.run, args=(seconds,))
+    steps = _step_seconds(fleet)
     t0 = time.time()
     runner.start()
     while runner.is_alive():
@@ -112,7 +132,8 @@ def _uncapped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds:
         if time.time() - t0 > seconds / 3 and (p := _power(prom)) is not None:  # past the ramp
             samples.append(p)
     return {"power_watts": statistics.mean(samples) if samples else None,
-            "throughput": load.throughput(kind, t0 + seconds / 3, t0 + seconds)}
+            "throughput": load.throughput(kind, t0 + seconds / 3, t0 + seconds),
+            "step_stretch": _stretch(steps, _step_seconds(fleet))}
 
 
 def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: float, limit: float,
@@ -124,6 +145,7 @@ def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: f
     loop = PowerLoop(prom, fleet, period_seconds=1.0)
     load = Load([w.url for w in fleet.workers.values()], prompt, gen)
     runner = threading.Thread(target=load.run, args=(seconds,))
+    steps = _step_seconds(fleet)
     t0 = time.time()
     runner.start()
     timeline: list[Tick] = []
@@ -131,6 +153,7 @@ def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: f
         p = loop.run_period(budget, workers)
         timeline.append(Tick(p.at - t0, p.reading.watts, p.decision.situation, len(p.caps), len(p.changed)))
         time.sleep(max(0.0, 1.0 - (time.time() - p.at)))
+    stretch = _stretch(steps, _step_seconds(fleet))
     loop.release_all(workers, "the benchmark's run ended")
     threshold = budget.cap_threshold * limit
     crossed = next((x.t for x in timeline if (x.watts or 0) >= threshold), None)
@@ -143,7 +166,7 @@ def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: f
             "crossed_s": crossed, "cap_applied_s": None if capped is None else capped - (crossed or 0),
             "under_threshold_s": None if under is None else under - (crossed or 0),
             "power_after_watts": statistics.mean(after) if after else None,
-            "throughput": load.throughput(kind, t0 + settled, t0 + seconds)}
+            "throughput": load.throughput(kind, t0 + settled, t0 + seconds), "step_stretch": stretch}
 
 
 def _fleet(workdir: Path, model: Path, product: str) -> LocalFleet:
@@ -184,8 +207,10 @@ def run_power_bench(out: Path, product: str = "H100", seconds: float = 30.0) -> 
                 raise RuntimeError(f"{name}: no power reading from Prometheus")
             console.print(f"{name}: under a budget of {base['power_watts'] / UNCAPPED_SHARE:.0f} W, {seconds:.0f} s")
             capped = _capped(fleet, prom, name, seconds, base["power_watts"] / UNCAPPED_SHARE, product)
-            report["workloads"][name] = {"uncapped": base, "capped": capped,
-                                         "throughput_ratio": capped["throughput"] / max(1e-9, base["throughput"])}
+            saved = 1 - (capped["power_after_watts"] or base["power_watts"]) / base["power_watts"]
+            report["workloads"][name] = {"uncapped": base, "capped": capped, "power_saved_fraction": saved,
+                                         "throughput_ratio": capped["throughput"] / max(1e-9, base["throughput"]),
+                                         "step_time_ratio": capped["step_stretch"] / base["step_stretch"]}
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -203,13 +228,13 @@ def _fmt(x: float | None, unit: str = "") -> str:
 def _print(report: dict) -> None:
     t = Table(title=f"power capping on modelled {report['product']}s")
     for col in ("workload", "uncapped W", "budget W", "capped W", "to first cap", "to under threshold",
-                "throughput capped / uncapped"):
+                "step time capped / uncapped", "throughput capped / uncapped"):
         t.add_column(col)
     for name, w in report["workloads"].items():
         cap = w["capped"]
         t.add_row(name, _fmt(w["uncapped"]["power_watts"]), _fmt(cap["limit_watts"]), _fmt(cap["power_after_watts"]),
                   _fmt(cap["cap_applied_s"], " s"), _fmt(cap["under_threshold_s"], " s"),
-                  f"{w['throughput_ratio']:.2f}")
+                  f"{w['step_time_ratio']:.3f}", f"{w['throughput_ratio']:.2f}")
     console.print(t)
 
 
@@ -225,7 +250,8 @@ def _plot(report: dict, path: Path) -> None:
             if x["changes"]:
                 ax.axvline(x["t"], color="red", alpha=0.3, linewidth=0.8)
         ax.axhline(w["uncapped"]["power_watts"], color="orange", linewidth=0.8, label="uncapped mean")
-        ax.set_title(f"{name}: throughput x{w['throughput_ratio']:.2f}", fontsize=9)
+        ax.set_title(f"{name}: step time x{w['step_time_ratio']:.3f}, throughput x{w['throughput_ratio']:.2f}",
+                     fontsize=9)
         ax.set_xlabel("s")
         ax.set_ylabel("W")
         ax.legend(fontsize=7)
