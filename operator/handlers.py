@@ -146,7 +146,8 @@ async def node_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_
         memo.wakeups.wake_all()
 
 
-@kopf.daemon(GROUP, VERSION, "powerbudgets", cancellation_timeout=10.0)
+# a deleted budget's daemon gets `cancellation_backoff` to lift its caps before kopf cancels it
+@kopf.daemon(GROUP, VERSION, "powerbudgets", cancellation_backoff=20.0, cancellation_timeout=10.0)
 async def power_loop(stopped: kopf.DaemonStopped, body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
     """One control period every `period_seconds`, in a worker thread; an edited budget takes
     effect at the next one (kopf keeps `body` current). A deleted budget's caps are lifted; an

@@ -153,7 +153,7 @@ def test_a_power_budget_caps_reports_takes_edits_and_lifts_its_caps_when_deleted
         assert "Power" + st["state"] in c.kubectl("get", "events", "-n", "default", "--field-selector",
                                                   "involvedObject.name=row-1").stdout
         columns = c.kubectl("get", "powerbudget", "row-1").stdout
-        assert "STATE" in columns and any(state in columns for state in ("Capping", "Emergency", "Normal"))
+        assert "STATE" in columns and any(state in columns for state in ("Capping", "Emergency", "Releasing", "Normal"))
 
         # edited: the room is there now, so the caps come up in steps, then go
         apply(c, budget(10_000))
