@@ -137,10 +137,10 @@ def test_a_power_budget_caps_reports_takes_edits_and_lifts_its_caps_when_deleted
             st = wait_for(capped, 60, what="caps")
         except AssertionError as e:
             raise AssertionError(f"{e}; the budget's status: {seen[0]}") from None
-        assert st["state"] in ("Capping", "Emergency") and st["limitWatts"] == 200
+        assert st["state"] in ("Capping", "Emergency", "Releasing") and st["limitWatts"] == 200
         assert st["capThresholdWatts"] == pytest.approx(180) and st["telemetryAgeSeconds"] < 5
         assert {w["node"] for w in st["cappedWorkers"]} <= {"a100-0", "a100-1"}
-        assert "above the" in st["lastAction"] and st["lastActionTime"]
+        assert "threshold" in st["lastAction"] and st["lastActionTime"]
         capped_pods = [w["pod"] for w in st["cappedWorkers"]]
         caps = worker_caps(addresses)
         assert all(caps[p] is not None and 100 <= caps[p] < 400 for p in capped_pods), caps
