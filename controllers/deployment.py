@@ -70,7 +70,8 @@ class Plan:
 def template_hash(spec: ModelDeploymentSpec, role: str) -> str:
     """Changes exactly when a pod of this role must be replaced."""
     pool = spec.pools()[role]
-    relevant = {"image": spec.image, "model": spec.model.model_dump(), "engine": spec.engine.model_dump(),
+    relevant = {"image": spec.image, "model": spec.model.model_dump(exclude_none=True),
+                "engine": spec.engine.model_dump(),
                 "role": role, "gpuType": pool.gpu_type, "gpus": pool.gpus_per_replica,
                 "resources": pool.resources.model_dump() if pool.resources else None}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

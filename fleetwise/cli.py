@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from fleetwise import defaults, gpus
+from fleetwise.admin.commands import admin_app
+from fleetwise.sim.commands import plan, sim_app
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -15,8 +17,9 @@ bench_app = typer.Typer(help="Benchmarks that compare against a baseline measure
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-sim_app = typer.Typer(help="The fleet simulator.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
+app.command("plan")(plan)
+app.add_typer(admin_app, name="admin")
 
 
 @model_app.command("init")
@@ -32,6 +35,22 @@ def model_init(
                                  param_hint="--preset")
     path = write_model(out, preset, seed)
     typer.echo(f"wrote a {preset} model to {path}")
+
+
+@model_app.command("download")
+def model_download(
+    uri: str = typer.Argument(..., help="hf://ORG/NAME@REVISION"),
+    out: Path = typer.Option(..., "--out", help="Directory to download the model into."),
+):
+    """Download a Hugging Face repository's model files (HF_TOKEN, HF_ENDPOINT apply)."""
+    from fleetwise.model_source import ModelUriError
+    from fleetwise.worker.model.hub import DownloadError, download
+    try:
+        path = download(uri, out)
+    except (ModelUriError, DownloadError) as e:  # one line, unwrapped, for the init container's log
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, ModelUriError) else 1)
+    typer.echo(f"downloaded {uri} to {path}")
 
 
 @app.command()
@@ -153,6 +172,8 @@ def up(
     power_priority: str = typer.Option("High", "--power-priority", help="High or Low: the model's priority."),
     power_period: float = typer.Option(2.0, "--power-period", min=0.5, max=60,
                                        help="Seconds between the power controller's periods."),
+    admin_port: int = typer.Option(8081, "--admin-port", min=0,
+                                   help="The admin API's port (another if taken; 0: no admin API)."),
 ):
     """The main job on one machine: router + prefill and decode workers as local processes."""
     if mode not in ("disaggregated", "colocated"):
@@ -171,7 +192,8 @@ def up(
         raise typer.BadParameter("goes with --power-limit-watts", param_hint="--modelled-gpu")
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], power=power))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], power=power,
+                         admin_port=admin_port))
 
 
 def _pool_products(values: list[str], roles: tuple[str, ...]) -> dict[str, str]:
@@ -253,6 +275,12 @@ def operator(
                                             "read it (none: no power capping)."),
     power_period: float = typer.Option(5.0, "--power-period", min=1, max=300,
                                        help="Seconds between a PowerBudget's control periods."),
+    admin_url: str = typer.Option(None, "--admin-url", envvar="FLEETWISE_ADMIN_URL",
+                                  help="The admin API, which incidents and actions are sent to (queued through "
+                                       "its outages)."),
+    admin_token_file: Path = typer.Option(None, "--admin-token-file", envvar="FLEETWISE_ADMIN_TOKEN_FILE",
+                                          help="With --admin-url: the operator's token (an operator role), re-read "
+                                               "before each send."),
 ):
     """Run the kopf operator: ModelDeployments -> placed and bound prefill/decode worker pods."""
     from fleetwise.operator.main import run_operator
@@ -261,9 +289,11 @@ def operator(
         load_token(internal_token_file)
     except ValueError as e:
         raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
+    if (admin_url is None) != (admin_token_file is None):
+        raise typer.BadParameter("give both --admin-url and --admin-token-file, or neither", param_hint="--admin-url")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
                  drain_timeout=drain_timeout, token_file=internal_token_file, prometheus_url=prometheus_url,
-                 power_period=power_period)
+                 power_period=power_period, admin_url=admin_url, admin_token_file=admin_token_file)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:
@@ -343,16 +373,6 @@ def bench_power(
         raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--product")
     run_power_bench = _bench("fleetwise.bench.power", "run_power_bench")
     run_power_bench(out=out, product=product, seconds=seconds)
-
-
-@sim_app.command("run")
-def sim_run(
-    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
-    out: Path = typer.Option(None, "--out", help="Write the result as JSON here (default: print it)."),
-):
-    """Simulate a fleet serving a trace, with the router's policies and the controllers' decisions."""
-    from fleetwise.sim.run import main
-    raise typer.Exit(main([str(config), *(["--out", str(out)] if out else [])]))
 
 
 if __name__ == "__main__":

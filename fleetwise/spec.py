@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from fleetwise import defaults
+from fleetwise import defaults, model_source
 
 GROUP, VERSION = "fleetwise.dev", "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -22,9 +22,26 @@ class _Spec(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+class SecretKeyRef(_Spec):
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
 class ModelRef(_Spec):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=1024)
+    # hf:// only: the Secret (in the deployment's namespace) whose key holds the hub token
+    token_secret: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _uri_parses(self):
+        source = model_source.parse(self.uri)  # ModelUriError is a ValueError: pydantic reports it
+        if self.token_secret is not None and source.kind != "hf":
+            raise ValueError("model.tokenSecret is for hf:// models only")
+        return self
+
+    def source(self) -> model_source.ModelSource:
+        return model_source.parse(self.uri)
 
 
 class Resources(_Spec):

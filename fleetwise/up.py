@@ -5,7 +5,8 @@ restarted.
 
 Each worker gets two ports: the public one (its /health, in the table) and the internal one
 that the router and the other workers call with the shared token. The token is new at each
-start, in `internal-token` in the workdir, readable by the user alone.
+start, in `internal-token` in the workdir, readable by the user alone. The admin API runs in
+this process, on its own port, over the same `LocalFleet` (`admin/local.py`).
 
 With `--power-limit-watts`, every worker is a modelled GPU of its pool's product, and the
 power controller runs over them against a real Prometheus (fleetwise/local_power.py)."""
@@ -18,6 +19,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
@@ -30,6 +32,9 @@ from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.local_power import LocalPower, PowerOptions
 from fleetwise.net import free_port, port_free
 from fleetwise.procs import ProcessError, fleetwise_argv, stop_all, wait_healthy
+
+if TYPE_CHECKING:
+    from fleetwise.admin.local import LocalAdmin
 
 console = Console()
 
@@ -117,13 +122,30 @@ def _power_line(power: LocalPower | None) -> str | None:
     return f"power: {watts} of a {limit:.0f} W budget ({last.decision.situation}); {escape(last.decision.summary)}"
 
 
+def _start_power(power: PowerOptions | None, fleet: LocalFleet, workdir: Path) -> LocalPower | None:
+    if power is None:
+        return None
+    with console.status("starting Prometheus and the power loop"):
+        local_power = LocalPower(power, fleet, workdir).start()
+    console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {local_power.prometheus.url}")
+    return local_power
+
+
+def _print_admin(admin: "LocalAdmin") -> None:
+    """The admin API's address and its new admin token, shown this once (it is also in the workdir, 0600)."""
+    moved = f" (port {admin.moved_from} was taken)" if admin.moved_from else ""
+    console.print(f"  admin API {admin.url}/api/v1{moved}; admin token, shown once: "
+                  f"{escape(admin.token_file.read_text().strip())} (also in {admin.token_file})")
+
+
 def stop_fleet(procs: list[Member], grace: float = 10.0) -> None:
     """The router first (no new requests), then the workers; SIGTERM, then SIGKILL."""
     stop_all([[p for p in procs if p.role == "router"], [p for p in procs if p.role != "router"]], grace)
 
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0, power: PowerOptions | None = None) -> int:
+        worker_args: list[str], ready_timeout: float = 180.0, power: PowerOptions | None = None,
+        admin_port: int = 8081) -> int:
     """`power`: run the power controller over the fleet (each worker a modelled GPU)."""
     from fleetwise.worker.model.files import write_model
     if power is not None and not prometheus_available():
@@ -146,12 +168,13 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         return 2
     name = Path(model).name
     token_file = write_token(workdir)
-    role_args = {role: ["--modelled-gpu", product] for role, product in (power.products if power else {}).items()}
     procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args,
-                 token_file, role_args)
+                 token_file, {role: ["--modelled-gpu", gpu] for role, gpu in (power.products if power else {}).items()})
     fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log",
                        token=token_file.read_text().strip())
     local_power: LocalPower | None = None
+    from fleetwise.admin.local import LocalAdmin, start_local
+    admin: LocalAdmin | None = None
 
     stopping: list[int] = []
 
@@ -161,6 +184,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     try:
         for p in procs:
             p.start()
+        if admin_port:
+            admin = start_local(fleet, workdir, admin_port)
         (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
         with console.status("starting the fleet") as status:
             try:
@@ -173,14 +198,13 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 return 1
         if stopping:
             return 130
-        if power is not None:
-            with console.status("starting Prometheus and the power loop"):
-                local_power = LocalPower(power, fleet, workdir).start()
-            console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {local_power.prometheus.url}")
+        local_power = _start_power(power, fleet, workdir)
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
                       f"    -d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'")
+        if admin is not None:
+            _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
         with Live(_table(procs, fleet, local_power), console=console, refresh_per_second=2) as live:
             while not stopping:
@@ -193,6 +217,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         with console.status("stopping the fleet"):
             if local_power is not None:
                 local_power.stop()
+            if admin is not None:
+                admin.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -178,6 +178,12 @@ class Kube:
         except ApiException as e:
             if e.status != 404:  # deleted meanwhile
                 raise
+    def review_token(self, token: str) -> str | None:
+        """The user a bearer token authenticates as (a TokenReview), or None."""
+        self._count("create", "tokenreviews")
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+        status = client.AuthenticationV1Api(self.api).create_token_review(review).status
+        return status.user.username if status is not None and status.authenticated and status.user else None
 
     def event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """An Event on `involved` (it needs apiVersion, kind and metadata); one on a

@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from fleetwise.addresses import WORKER_INTERNAL_PORT, WORKER_PORT
 from fleetwise.controllers.placement import GPU_RESOURCE
@@ -122,13 +123,50 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
                       "capabilities": {"drop": ["ALL"]}}
 
 
+MODEL_DIR = "/var/lib/fleetwise/model"  # where a pvc:// or hf:// model appears in the worker container
+
+
+@dataclass
+class ModelMount:
+    """What a pod needs to see its model: the directory the worker loads, the volumes, the
+    worker's mounts and, for hf://, the init container that downloads it."""
+    directory: str
+    volumes: list[dict] = field(default_factory=list)
+    mounts: list[dict] = field(default_factory=list)
+    init_containers: list[dict] = field(default_factory=list)
+
+
+def model_mount(spec: ModelDeploymentSpec) -> ModelMount:
+    source = spec.model.source()
+    if source.kind == "path":
+        return ModelMount(source.path)
+    mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    if source.kind == "pvc":
+        directory = f"{MODEL_DIR}/{source.path}" if source.path else MODEL_DIR
+        return ModelMount(directory, [{"name": "model", "persistentVolumeClaim": {"claimName": source.claim,
+                                                                                   "readOnly": True}}], [mount])
+    env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"},
+                       {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    secret = spec.model.token_secret
+    if secret is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    download = {
+        "name": "model-download", "image": spec.image, "command": ["fleetwise"],
+        "args": ["model", "download", spec.model.uri, "--out", MODEL_DIR],
+        "securityContext": CONTAINER_SECURITY, "env": env,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "model", "mountPath": MODEL_DIR}],
+    }
+    return ModelMount(MODEL_DIR, [{"name": "model", "emptyDir": {}}], [mount], [download])
+
+
 def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
                tolerations: Sequence[dict] = ()) -> dict:
     name = body["metadata"]["name"]
     pool = spec.pools()[role]
     e = spec.engine
     # a worker whose engine keeps failing exits, and the kubelet restarts it
-    args = ["worker", "--model", spec.model.uri, "--served-model-name", spec.model.name, "--role", role,
+    model = model_mount(spec)
+    args = ["worker", "--model", model.directory, "--served-model-name", spec.model.name, "--role", role,
             "--exit-on-engine-failure",
             "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--internal-port", str(WORKER_INTERNAL_PORT),
             "--internal-token-file", f"{TOKEN_DIR}/{TOKEN_KEY}", "--block-size", str(e.block_size),
@@ -157,7 +195,9 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
             "volumes": [{"name": "tmp", "emptyDir": {}},
                         # read by the worker's user through fsGroup; nobody else in the pod
                         {"name": "internal-token", "secret": {"secretName": TOKEN_SECRET, "defaultMode": 0o440,
-                                                              "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}}],
+                                                              "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}},
+                        *model.volumes],
+            "initContainers": model.init_containers,
             "terminationGracePeriodSeconds": 60,
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, *tolerations],
             "containers": [{
@@ -174,7 +214,8 @@ def worker_pod(body: dict, spec: ModelDeploymentSpec, role: str, template: str,
                 "securityContext": CONTAINER_SECURITY,
                 "env": [{"name": "HOME", "value": "/tmp"}],
                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                                 {"name": "internal-token", "mountPath": TOKEN_DIR, "readOnly": True}],
+                                 {"name": "internal-token", "mountPath": TOKEN_DIR, "readOnly": True},
+                                 *model.mounts],
             }],
         },
     }

@@ -2,6 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleetwise.fleet import Routability
 from fleetwise.telemetry import catalog as c
 
 
@@ -16,3 +17,24 @@ class OperatorMetrics:
                              ["reason"], registry=r)
         self.api_requests = Counter(c.OPERATOR_API_REQUESTS, "Kubernetes API requests.", ["verb", "resource"],
                                     registry=r)
+        self.admin_up = Gauge(c.OPERATOR_ADMIN_UP, "1 while records reach the admin API; 0 during an outage.",
+                              registry=r)
+        self.admin_outage = Counter(c.OPERATOR_ADMIN_OUTAGE_SECONDS,
+                                    "Seconds with records queued that could not reach the admin API.", registry=r)
+        self.admin_queued = Gauge(c.OPERATOR_ADMIN_QUEUED, "Records waiting for the admin API.", registry=r)
+        self.admin_sent = Counter(c.OPERATOR_ADMIN_SENT, "Records the admin API accepted.", registry=r)
+        self.admin_dropped = Counter(c.OPERATOR_ADMIN_DROPPED, "Records given up on: the queue was full "
+                                     "(the oldest goes) or the admin API refused them.", ["reason"], registry=r)
+        self.workers = Gauge(c.OPERATOR_WORKERS, "A ModelDeployment's worker pods by routability state.",
+                             ["namespace", "deployment", "state"], registry=r)
+
+    def set_workers(self, namespace: str, deployment: str, states: list[Routability] | None) -> None:
+        """Each state's count of one deployment's pods; None: the deployment is gone."""
+        for state in Routability:
+            if states is None:
+                try:
+                    self.workers.remove(namespace, deployment, str(state))
+                except KeyError:
+                    pass
+            else:
+                self.workers.labels(namespace, deployment, str(state)).set(states.count(state))

@@ -89,6 +89,8 @@ class Operator:
                 self.kube.patch_status(ns, name, status)
             return status
         pods = self.kube.pods(ns, f"{m.LABEL_DEPLOYMENT}={name}")
+        self.metrics.set_workers(ns, name, [m.pod_state(x).state for x in pods
+                                            if not x["metadata"].get("deletionTimestamp")])
         p = plan(spec, _views(pods), time.time(), self.drain_timeout)
         created, not_created = self._apply(body, spec, p)
         not_created += self._ensure_services(body, spec)

@@ -5,8 +5,10 @@ metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECT
 "The path of one request").
 """
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -15,8 +17,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fleetwise.openai_schema import openapi, router_routes
+
 from .endpoints import EndpointSource
 from .proxy import Router
+from .retries import RouterError
+
+log = logging.getLogger(__name__)
 
 
 def build_app(router: Router) -> ASGIApp:
@@ -41,6 +48,14 @@ def build_app(router: Router) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    document: list[dict] = []
+
+    async def openapi_document(request: Request) -> Response:
+        """The same OpenAI shapes as the workers' (fleetwise/openai_schema.py), built once."""
+        if not document:
+            document.append(openapi("fleetwise router", version("fleetwise"), router_routes()))
+        return JSONResponse(document[0])
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await router.start()
@@ -54,6 +69,7 @@ def build_app(router: Router) -> ASGIApp:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
     ], lifespan=lifespan)
     hot = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
@@ -64,7 +80,11 @@ def build_app(router: Router) -> ASGIApp:
         if kind is None:
             await app(scope, receive, send)
             return
-        response = await router.handle(Request(scope, receive), kind)
+        try:
+            response = await router.handle(Request(scope, receive), kind)
+        except Exception as e:  # a fault of the router's own: still an OpenAI error body, never a bare 500
+            log.exception("unexpected error")
+            response = RouterError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
         await response(scope, receive, send)
     return asgi
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .limits import whole
 from .replica import Replica
 from .retries import error_event
 from .upstream import Upstream, UpstreamError
@@ -16,14 +17,17 @@ from .upstream import Upstream, UpstreamError
 
 def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
     """One sub-request per prompt and choice (a handoff carries one sequence), with the
-    choice's index offset; seeded choices get seed + j, as a worker gives its j-th choice."""
-    n = body.get("n") or 1
-    if not isinstance(n, int) or n < 1:
-        return [(body, 0)]  # the prefill worker refuses it with a clear message
+    choice's index offset; seeded choices get seed + j, as a worker gives its j-th choice.
+    A body whose `n`, `seed` or prompt list is not what the worker takes goes whole: the
+    prefill worker refuses it with a 400 naming the field, as a colocated worker would."""
+    n = 1 if body.get("n") is None else whole(body["n"])
+    seed = None if body.get("seed") is None else whole(body["seed"])
+    if n is None or n < 1 or (seed is None and body.get("seed") is not None):
+        return [(body, 0)]
     prompts = [None]
     if kind == "completion":
         p = body.get("prompt")
-        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        if isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(_ids(x) for x in p)):
             prompts = p
     if n == 1 and len(prompts) == 1:
         return [(body, 0)]
@@ -33,10 +37,21 @@ def fan_out(body: dict, kind: str) -> list[tuple[dict, int]]:
             sub = {**body, "n": 1}
             if p is not None:
                 sub["prompt"] = p
-            if body.get("seed") is not None:
-                sub["seed"] = body["seed"] + j
+            if seed is not None:
+                sub["seed"] = _wrap64(seed + j)
             subs.append((sub, i * n + j))
     return subs
+
+
+def _ids(x: object) -> bool:
+    """A prompt as token ids, as a list of prompts holds them."""
+    return isinstance(x, list) and all(whole(t) is not None for t in x)
+
+
+def _wrap64(seed: int) -> int:
+    """A seed within the worker's bound (int64): seed + j past 2^63 - 1 wraps around rather
+    than turning the client's valid seed into a 400."""
+    return (seed + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def merge_bodies(ups: list[Upstream], offsets: list[int], counted: list[bool]) -> bytes:

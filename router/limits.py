@@ -37,10 +37,17 @@ def _too_large(limit: int) -> RouterError:
     return RouterError(413, f"the body is larger than the router's limit of {limit} bytes", code="body_too_large")
 
 
+def whole(x: object) -> int | None:
+    """`x` as JSON Schema's (and the worker's) integer: 2.0 is one, True is not; else None."""
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
 def check_counts(body: dict, kind: str, limits: Limits) -> None:
     """n and the number of prompts, each within its bound."""
-    n = body.get("n")
-    if isinstance(n, int) and n > limits.max_n:
+    n = whole(body.get("n"))
+    if n is not None and n > limits.max_n:
         raise RouterError(400, f"n: at most {limits.max_n} choices per request; got {n}", param="n")
     prompt = body.get("prompt") if kind == "completion" else None
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limits.max_prompts:

@@ -4,6 +4,7 @@ Pure decisions over the router's view of its replicas (no I/O, no event loop): t
 does the calling, and anything else that routes (a simulator) can plug these in as they are.
 """
 
+import bisect
 import hashlib
 from collections import OrderedDict
 from typing import Protocol
@@ -58,20 +59,93 @@ class RoundRobin:
 
 
 class LeastOutstanding:
+    """The available replica with the fewest outstanding requests; ties in turn (round robin
+    over the tied replicas in list order).
+
+    A scan is O(replicas) per request. A caller that passes the same list object again and
+    again (a simulator of thousands of replicas) gets an index instead, from the second call
+    on: the list's available replicas in buckets by outstanding count, kept current by
+    watching each replica, so a choice is O(1) and a change O(bucket). The decisions are the
+    scan's. Such a caller passes a new list when the membership changes (one of another length
+    is noticed, an element replaced in place is not); the router builds a new list per request
+    and so always scans."""
     name = "least_outstanding"
+    INDEX_FROM = 32   # replicas; below this a scan is as quick
 
     def __init__(self) -> None:
         self._rr = RoundRobin()
+        self._last: list[Replica] | None = None
+        self._index: _LoadIndex | None = None
 
     def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
+        index = self._index
+        if index is None or index.replicas is not replicas or index.size != len(replicas):
+            index = self._reindex(replicas)
+        if index is not None:
+            tied = index.least()
+            if not tied:
+                return None
+            self._rr._next += 1
+            return replicas[tied[self._rr._next % len(tied)]]
         live = [r for r in replicas if r.available]
         if not live:
             return None
         least = min(r.outstanding for r in live)
         return self._rr.choose([r for r in live if r.outstanding == least])
 
+    def _reindex(self, replicas: list[Replica]) -> "_LoadIndex | None":
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        again, self._last = self._last is replicas, replicas
+        if again and len(replicas) >= self.INDEX_FROM and len({id(r) for r in replicas}) == len(replicas):
+            self._index = _LoadIndex(replicas)
+        return self._index
+
     def forget(self, url: str) -> None:
         pass
+
+
+class _LoadIndex:
+    """Positions of a list's available replicas, in ascending order, by outstanding count."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas, self.size = replicas, len(replicas)
+        self.position = {id(r): i for i, r in enumerate(replicas)}
+        self.level: list[int | None] = [None] * len(replicas)
+        self.buckets: dict[int, list[int]] = {}
+        self.lowest: int | None = None
+        for i, r in enumerate(replicas):
+            self._place(i, r)
+            r.watch(self.changed)
+
+    def least(self) -> list[int]:
+        return self.buckets[self.lowest] if self.lowest is not None else []
+
+    def changed(self, r: Replica) -> None:
+        i = self.position[id(r)]
+        old = self.level[i]
+        if old is not None:
+            bucket = self.buckets[old]
+            del bucket[bisect.bisect_left(bucket, i)]
+            if not bucket:
+                del self.buckets[old]
+                if old == self.lowest:
+                    self.lowest = min(self.buckets) if self.buckets else None
+        self._place(i, r)
+
+    def _place(self, i: int, r: Replica) -> None:
+        if not r.available:
+            self.level[i] = None
+            return
+        level = self.level[i] = r.outstanding
+        bisect.insort(self.buckets.setdefault(level, []), i)
+        if self.lowest is None or level < self.lowest:
+            self.lowest = level
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.unwatch(self.changed)
 
 
 class PrefixAffinity:
@@ -133,14 +207,16 @@ def make_policy(name: str) -> RoutingPolicy:
 
 def prompt_text(body: dict, kind: str) -> str:
     """The text whose prefix keys prefix affinity hashes: the chat's messages, or the
-    (first) prompt."""
+    (first) prompt. The body is not validated yet (the worker does that): whatever it
+    holds, this never raises."""
     if kind == "chat":
         parts = []
-        for m in body.get("messages") or []:
+        messages = body.get("messages")
+        for m in messages if isinstance(messages, list) else []:
             if isinstance(m, dict):
                 content = m.get("content")
                 if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                    content = "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
                 parts.append(f"{m.get('role')}:{content}")
         return "\n".join(parts)
     prompt = body.get("prompt")

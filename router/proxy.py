@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import aiohttp
 import orjson
@@ -236,18 +235,18 @@ class Router:
 
     async def _handle(self, request: Request, kind: str) -> Response:
         t0 = time.perf_counter()
-        model: Any = ""  # whatever the body named, for the request metric
+        model = ""  # the served model the body named, for the request metric: a bounded label
         mode, status = "", 500
         try:
             raw = await read_body(request, self.limits.max_body_bytes)
             body = parse_body(raw)
-            model = body.get("model")
-            if not isinstance(model, str):
+            name = body.get("model")
+            if not isinstance(name, str):
                 raise RouterError(400, "model: a model name is required", param="model")
-            route = self.source.models().get(model)
-            if route is None:
-                raise RouterError(404, f"the model {model!r} does not exist; served: "
+            if (route := self.source.models().get(name)) is None:
+                raise RouterError(404, f"the model {name!r} does not exist; served: "
                                   f"{', '.join(sorted(self.source.models()))}", code="model_not_found", param="model")
+            model = name
             check_counts(body, kind, self.limits)
             # in disaggregated mode each sequence is a handoff of its own, and holds a place
             subs = fan_out(body, kind) if route.mode == "disaggregated" else [(body, 0)]

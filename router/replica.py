@@ -1,8 +1,12 @@
 """The router's view of one worker: where it is, what it serves, whether it takes requests
 and how many it holds. The router keeps it current (requests, probes, discovery); routing
-policies only read it."""
+policies only read it. A policy that keeps an index over replicas (least outstanding, on a
+large fleet) may watch a replica: it is told each time the routing state changes."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+ROUTING_STATE = frozenset({"healthy", "routable", "outstanding"})
 
 
 @dataclass(eq=False)
@@ -14,6 +18,21 @@ class Replica:
     routable: bool = True     # the control plane may take a replica out (draining, quarantined)
     outstanding: int = 0      # requests sent and not yet finished
     failures: int = 0         # consecutive failed requests or probes
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in ROUTING_STATE:
+            for hook in self.__dict__.get("_watchers", ()):
+                hook(self)
+
+    def watch(self, hook: Callable[["Replica"], None]) -> None:
+        """Calls `hook(replica)` after every change of `healthy`, `routable` or `outstanding`."""
+        self.__dict__.setdefault("_watchers", []).append(hook)
+
+    def unwatch(self, hook: Callable[["Replica"], None]) -> None:
+        watchers = self.__dict__.get("_watchers", [])
+        if hook in watchers:
+            watchers.remove(hook)
 
     @property
     def available(self) -> bool:

@@ -12,14 +12,17 @@ decode replica when the prompt pass ends, as the router hands a prompt over.
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fleetwise.router.policies import RoutingPolicy, make_policy
 from fleetwise.router.replica import Replica
 
+from .power import PowerLoop
 from .trace import Request
 from .workers import Flight, Link, Pool, Worker
 
-PREFILL_DONE, DECODE, LINK, JOIN = range(4)
+PREFILL_DONE, DECODE, LINK, JOIN, TICK = range(5)
+GOLDEN = 0.6180339887498949   # spreads low-priority requests evenly over the ids
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Settings:
     max_batch: int = 64                   # running sequences per decode batch (and the KV cache must hold them)
     link_gbps_per_gpu: float = 400.0      # a prefill worker's link: this times its GPUs
     link_latency_s: float = 50e-6
+    low_priority_share: float = 0.0       # of requests, served by the Low-priority pools where there are some
 
 
 class Simulation:
@@ -36,7 +40,7 @@ class Simulation:
         """`policy`: a name for the router's own `make_policy`."""
         self.settings = settings
         self.workers: list[Worker] = []
-        self.replicas: dict[str, list[Replica]] = {}
+        self.replicas: dict[tuple[str, str], list[Replica]] = {}   # by (role, priority)
         self.by_url: dict[str, Worker] = {}
         self.links: dict[Worker, Link] = {}
         for pool, count in pools:
@@ -44,18 +48,30 @@ class Simulation:
                 replica = Replica(f"sim://{pool.name}/{i}", pool.perf.model, pool.role)
                 w = Worker(pool, replica, settings.max_batch)
                 self.workers.append(w)
-                self.replicas.setdefault(pool.role, []).append(replica)
+                self.replicas.setdefault((pool.role, pool.priority), []).append(replica)
                 self.by_url[replica.url] = w
                 if pool.role == "prefill":
                     gbps = settings.link_gbps_per_gpu * pool.perf.tp
                     self.links[w] = Link(gbps * 1e9 / 8, settings.link_latency_s)
-        roles = set(self.replicas)
+        roles = {role for role, _ in self.replicas}
         if roles not in ({"mixed"}, {"prefill", "decode"}):
             raise ValueError(f"a fleet is all mixed workers (colocated) or prefill and decode ones "
                              f"(disaggregated), not {sorted(roles)}")
         self.colocated = roles == {"mixed"}
         # one policy instance per role, as the router keeps one per model and role
-        self.policies: dict[str, RoutingPolicy] = {role: make_policy(policy) for role in roles}
+        self.policies: dict[tuple[str, str], RoutingPolicy] = {key: make_policy(policy) for key in self.replicas}
+        # a priority without pools of its own goes to the role's other pools
+        self.route_key = {(role, p): (role, p) if (role, p) in self.replicas else
+                          next(k for k in sorted(self.replicas) if k[0] == role)
+                          for role in roles for p in ("High", "Low")}
+        self.on_draw: Callable[[Worker], None] | None = None    # told when a worker's draw may have changed
+        self.tickers: list[Callable[[float], float | None]] = []   # periodic: each returns its next time
+        self.arrivals_left = 0
+        self.ticks_queued = 0
+        self.on_transfer: Callable[[Flight, float], None] | None = None   # told each KV transfer's seconds
+        self.power: PowerLoop | None = None      # set by run.build when the power controller is in the loop
+        # faults.FaultLoop, set by run.build when faults or the detector are in the loop (it imports this module)
+        self.faults: Any = None
         self.events: list[tuple[float, int, int, object, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -71,7 +87,11 @@ class Simulation:
         requests = sorted(requests, key=lambda r: r.arrival)
         i, n, events = 0, len(requests), self.events
         handlers = {PREFILL_DONE: self.prefill_done, DECODE: self.decode_due, LINK: self.link_due,
-                    JOIN: self.decode_arrives}
+                    JOIN: self.decode_arrives, TICK: self.tick}
+        self.arrivals_left = n
+        for k in range(len(self.tickers)):
+            self.push(0.0, TICK, k)
+        self.ticks_queued = len(self.tickers)
         while i < n or events:
             if events and (i >= n or events[0][0] <= requests[i].arrival):
                 t, _, kind, obj, version = heapq.heappop(events)
@@ -81,6 +101,7 @@ class Simulation:
                 self.now = requests[i].arrival
                 self.arrive(requests[i])
                 i += 1
+                self.arrivals_left = n - i
             self.events_done += 1
             if progress is not None and self.events_done % 4096 == 0:
                 progress(self.now)
@@ -88,16 +109,35 @@ class Simulation:
             w.advance(self.now)
         return self.finished
 
-    def route(self, role: str) -> Worker:
-        replica = self.policies[role].choose(self.replicas[role])
+    def tick(self, k: int, _version: int) -> None:
+        t = self.tickers[k](self.now)
+        self.ticks_queued -= 1
+        if t is not None and (self.arrivals_left or len(self.events) > self.ticks_queued):   # else only ticks are left
+            self.push(t, TICK, k)
+            self.ticks_queued += 1
+
+    def advance_all(self) -> None:
+        for w in self.workers:
+            w.advance(self.now)
+
+    def settle(self, w: Worker) -> None:
+        if self.on_draw is not None:
+            self.on_draw(w)
+
+    def route(self, role: str, priority: str = "High") -> Worker:
+        key = self.route_key[(role, priority)]
+        replica = self.policies[key].choose(self.replicas[key])
         if replica is None:
             raise RuntimeError(f"no {role} replica is available")
         replica.outstanding += 1
         return self.by_url[replica.url]
 
     def arrive(self, req: Request) -> None:
-        f = Flight(req, dispatched=self.now)
-        w = self.route("mixed" if self.colocated else "prefill")
+        low = (req.id * GOLDEN) % 1.0 < self.settings.low_priority_share
+        self.dispatch(Flight(req, dispatched=self.now, priority="Low" if low else "High"))
+
+    def dispatch(self, f: Flight) -> None:
+        w = self.route("mixed" if self.colocated else "prefill", f.priority)
         f.prefill = w
         w.queue.append(f)
         self.start_prompt(w)
@@ -109,20 +149,27 @@ class Simulation:
         # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
         budget = max(1, self.settings.prompt_budget - len(w.batch))
         tokens = w.take_prompts(budget, self.settings.chunked_prefill)
-        seconds, watts = w.pool.prompt_step(tokens, len(w.batch))
+        w.prompt_tokens += tokens
+        seconds, watts = w.prompt_step(tokens, len(w.batch))
+        w.pass_watts = watts
         w.prompt_s += seconds
         w.prompt_j += seconds * watts
         for _, _, f in w.batch:   # the running decodes wait for this pass
             f.max_gap = max(f.max_gap, seconds)
         w.in_pass = True
         w.version += 1   # a colocated batch waits for the pass
-        self.push(self.now + seconds, PREFILL_DONE, w)
+        w.passes += 1
+        self.push(self.now + seconds, PREFILL_DONE, w, w.passes)
+        self.settle(w)
 
-    def prefill_done(self, w: Worker, _version: int) -> None:
+    def prefill_done(self, w: Worker, version: int) -> None:
+        if version != w.passes:   # the pass died with its worker; its prompts went elsewhere
+            return
         passed, w.prefilling, w.in_pass = w.prefilling, [], False
         w.g_time = self.now
         if w.batch:
             w.g += 1      # the running decodes' token in the hybrid step
+            w.tokens_made += len(w.batch)
             for f in w.reap():
                 self.finish(f)
         for f in passed:
@@ -133,11 +180,12 @@ class Simulation:
                 self.admit(w, f)
             else:
                 w.replica.outstanding -= 1
-                f.decode = self.route("decode")
+                f.decode = self.route("decode", f.priority)
                 self.send_kv(f)
         self.admit_waiting(w)
         self.start_prompt(w)
         self.schedule_decode(w)
+        self.settle(w)
 
     def admit(self, w: Worker, f: Flight) -> None:
         f.decode = w
@@ -165,18 +213,32 @@ class Simulation:
             self.finish(f)
         self.admit_waiting(w)
         self.schedule_decode(w)
+        self.settle(w)
 
     def decode_arrives(self, f: Flight, _version: int) -> None:
         assert f.decode is not None
+        if f.decode.dead:   # the decode worker died while the cache was on its way: another pulls it
+            f.decode.replica.outstanding -= 1
+            f.decode = self.route("decode", f.priority)
         self.admit(f.decode, f)
         if not f.decode.in_pass:
             self.schedule_decode(f.decode)
+        self.settle(f.decode)
+
+    def set_cap(self, w: Worker, cap: float | None) -> None:
+        """A cap from now on: the decode batch changes pace (a running prompt pass keeps its own)."""
+        w.advance(self.now)
+        w.set_cap(cap)
+        if not w.in_pass:
+            self.schedule_decode(w)
+        self.settle(w)
 
     def send_kv(self, f: Flight) -> None:
         assert f.prefill is not None
         link = self.links[f.prefill]
         link.advance(self.now)
         link.active[f] = float(f.req.prompt_tokens * f.prefill.pool.perf.kv_bytes_per_token)
+        f.kv_start = self.now
         self.schedule_link(link)
 
     def schedule_link(self, link: Link) -> None:
@@ -193,6 +255,8 @@ class Simulation:
         link.active[first] = 0.0   # the event was set for this one: no rounding left over
         for f in link.drained():
             self.push(self.now + link.latency_s, JOIN, f)
+            if self.on_transfer is not None:
+                self.on_transfer(f, self.now + link.latency_s - f.kv_start)
         self.schedule_link(link)
 
     def finish(self, f: Flight) -> None:

@@ -1,7 +1,7 @@
 """The simulated fleet's machines and where its workers run: nodes of `gpus_per_node` GPUs of
 each product the pools ask for, grouped into power domains of `nodes_per_domain` nodes, and
 each worker's node as the controllers' own placement (fleetwise.controllers.placement)
-decides it, as the operator would. The power controller will act per domain (next)."""
+decides it, as the operator would. The power controller acts per domain (power.py)."""
 
 import math
 from dataclasses import dataclass
@@ -18,8 +18,8 @@ DOMAIN_LABEL = "fleetwise.dev/power-domain"
 class Layout:
     gpus_per_node: int = 8
     nodes_per_domain: int = 16
-    domain_watts: float | None = None   # a domain's budget; None: the nameplate power of its nodes
-    oversubscription: float = 1.0
+    domain_watts: float | None = None   # a domain's budget; None: its nodes' nameplate / oversubscription
+    oversubscription: float = 1.0       # nameplate placed in a domain over its budget
 
 
 def make_nodes(pools: list[tuple[Pool, int]], layout: Layout) -> tuple[list[Node], list[PowerDomain]]:
@@ -37,8 +37,9 @@ def make_nodes(pools: list[tuple[Pool, int]], layout: Layout) -> tuple[list[Node
             name = f"{family.lower()}-d{d}"
             members = min(layout.nodes_per_domain, n_nodes - d * layout.nodes_per_domain)
             nameplate = members * layout.gpus_per_node * product.rated_watts
-            domains.append(PowerDomain(name, {DOMAIN_LABEL: name}, layout.domain_watts or nameplate,
-                                       layout.oversubscription))
+            budget = layout.domain_watts or nameplate / layout.oversubscription
+            # (a hair over, so that budget x oversubscription admits the whole nameplate despite rounding)
+            domains.append(PowerDomain(name, {DOMAIN_LABEL: name}, budget, layout.oversubscription * (1 + 1e-12)))
             for i in range(members):
                 index = d * layout.nodes_per_domain + i
                 nodes.append(Node(f"{family.lower()}-{index:04d}", product.dcgm_model_name, layout.gpus_per_node,

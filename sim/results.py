@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .faults import Detection
+from .power import DomainReport
 from .workers import Flight, Worker
 
 
@@ -55,6 +57,9 @@ class SimResult:
     wall_s: float
     events_per_s: float
     pools: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_priority: dict[str, dict[str, Percentiles]] = field(default_factory=dict)   # ttft_s, tbt_s per priority
+    power: list[DomainReport] | None = None
+    faults: Detection | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,4 +126,14 @@ def summarise(flights: list[Flight], workers: list[Worker], slo_ttft: float, slo
         ttft_attained=sum(ok_ttft) / n, tbt_attained=sum(ok_tbt) / n,
         both_attained=sum(a and b for a, b in zip(ok_ttft, ok_tbt)) / n,
         energy=energy(workers, span), events=events, wall_s=wall,
-        events_per_s=events / wall if wall > 0 else 0.0, pools=pool_use(workers, span))
+        events_per_s=events / wall if wall > 0 else 0.0, pools=pool_use(workers, span),
+        by_priority=by_priority(flights))
+
+
+def by_priority(flights: list[Flight]) -> dict[str, dict[str, Percentiles]]:
+    out = {}
+    for priority in sorted({f.priority for f in flights}):
+        mine = [f for f in flights if f.priority == priority]
+        out[priority] = {"ttft_s": percentiles([f.first_token - f.req.arrival for f in mine]),
+                         "tbt_s": percentiles([t for f in mine if (t := tbt(f)) is not None])}
+    return out

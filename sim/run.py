@@ -18,8 +18,10 @@ from fleetwise import gpus
 
 from . import trace
 from .engine import Settings, Simulation
-from .nodes import Layout, place_workers
+from .faults import Fault, FaultConfig, FaultLoop
+from .nodes import DOMAIN_LABEL, Layout, place_workers
 from .perf import perf_model
+from .power import PowerConfig, PowerLoop
 from .results import SimResult, summarise
 from .workers import Pool
 
@@ -36,6 +38,7 @@ class PoolConfig:
     tp: int = 4
     cap_watts: float | None = None    # per-GPU power cap; None: uncapped
     name: str = ""
+    priority: str = "High"            # High | Low: Low pools serve settings.low_priority_share of requests
 
 
 @dataclass
@@ -52,6 +55,8 @@ class SimConfig:
     slo_tbt_s: float = 0.1
     settings: Settings = field(default_factory=Settings)
     layout: Layout = field(default_factory=Layout)
+    power: PowerConfig | None = None   # the power controller in the loop; None: no power domains acted on
+    faults: FaultConfig | None = None  # faults to inject and the fault detector; None: a healthy fleet
 
 
 def requests_for(config: SimConfig) -> list[trace.Request]:
@@ -71,24 +76,44 @@ def build(config: SimConfig) -> Simulation:
     pools = []
     for i, p in enumerate(config.pools):
         name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
-        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts),
-                      p.count))
+        if p.priority not in ("High", "Low"):
+            raise ValueError(f"pools[{i}].priority must be High or Low, not {p.priority!r}")
+        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts,
+                           p.priority), p.count))
     sim = Simulation(pools, config.settings, config.policy)
-    where, _, _ = place_workers(pools, config.layout)
+    where, nodes, domains = place_workers(pools, config.layout)
     for worker, node in zip(sim.workers, where):
         worker.node = node
+    if config.power is not None:
+        domain_of = {n.name: n.labels[DOMAIN_LABEL] for n in nodes}
+        loop = PowerLoop(domains, {w: domain_of[w.node] for w in sim.workers}, config.power)
+        loop.apply = sim.set_cap
+        sim.on_draw = lambda w: loop.draw(w, sim.now)
+        sim.tickers.append(loop.tick)
+        sim.power = loop
+    if config.faults is not None:
+        detector = FaultLoop(sim, config.faults)
+        sim.tickers.append(detector.tick)
+        sim.faults = detector
     return sim
 
 
-def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None) -> SimResult:
-    """Runs the configured fleet over its requests. `progress(sim_seconds)` is called now and
-    then with the simulated time reached."""
-    requests = requests_for(config)
+def run_simulation(config: SimConfig, progress: Callable[[float], None] | None = None,
+                   requests: list[trace.Request] | None = None) -> SimResult:
+    """Runs the configured fleet over its requests (or these). `progress(sim_seconds)` is
+    called now and then with the simulated time reached."""
+    if requests is None:
+        requests = requests_for(config)
     sim = build(config)
     started = time.perf_counter()
     flights = sim.run(requests, progress)
     wall = time.perf_counter() - started
-    return summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
+    result = summarise(flights, sim.workers, config.slo_ttft_s, config.slo_tbt_s, sim.events_done, wall)
+    if sim.power is not None:
+        result.power = sim.power.report(sim.now)
+    if sim.faults is not None:
+        result.faults = sim.faults.report()
+    return result
 
 
 def config_from_dict(raw: dict[str, Any]) -> SimConfig:
@@ -100,7 +125,13 @@ def config_from_dict(raw: dict[str, Any]) -> SimConfig:
     pools = [PoolConfig(**p) for p in raw.pop("pools")]
     settings = Settings(**raw.pop("settings", {}))
     layout = Layout(**raw.pop("layout", {}))
-    return SimConfig(pools=pools, settings=settings, layout=layout, **raw)
+    power = raw.pop("power", None)
+    fault_config = raw.pop("faults", None)
+    if fault_config is not None:
+        fault_config = dict(fault_config)
+        fault_config = FaultConfig(faults=[Fault(**f) for f in fault_config.pop("faults", [])], **fault_config)
+    return SimConfig(pools=pools, settings=settings, layout=layout,
+                     power=PowerConfig(**power) if power is not None else None, faults=fault_config, **raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetwise.sim", description=__doc__)
     parser.add_argument("config", type=Path, help="a YAML file with SimConfig's keys")
     parser.add_argument("--out", type=Path, help="write the result as JSON here (default: stdout)")
+    parser.add_argument("--plot", type=Path, help="draw latency, power per domain and pool use into this PNG")
     args = parser.parse_args(argv)
     config = config_from_dict(yaml.safe_load(args.config.read_text()))
     horizon = config.duration_s or trace.read_trace(config.trace)[-1].arrival / config.rate_scale
@@ -120,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     else:
         sys.stdout.write(text + "\n")
+    if args.plot:
+        from .plots import result_plot
+        sys.stderr.write(result_plot(result.to_json(), args.plot) + "\n")
     return 0
 
 

@@ -35,6 +35,10 @@ class Flight:
     finish_at: float = 0.0    # the batch's progress counter when it is done
     max_gap: float = 0.0      # the longest wait between two of its tokens seen so far
     prefilled: int = 0        # prompt tokens through a prompt pass (chunked prefill)
+    priority: str = "High"    # High | Low: which pools serve it, which the power controller caps first
+    kv_start: float = 0.0     # its KV transfer began
+    kv_link_s: float = 0.0    # its KV transfer's link time: each stretch of time over the streams sharing it
+    retries: int = 0          # times a dead worker sent it back to the router
 
 
 @dataclass(eq=False)
@@ -45,16 +49,25 @@ class Pool:
     gpu: gpus.GPUProduct
     perf: PerfModel
     cap_watts: float | None = None    # per GPU; None: uncapped
+    priority: str = "High"            # High | Low (the ModelDeployment's, for the power controller)
+    _steps: dict[tuple[int, bool, float | None], tuple[float, float]] = field(default_factory=dict, repr=False)
+    _token_steps: dict[tuple[float, int], list[float]] = field(default_factory=dict, repr=False)
 
-    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
-        """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens."""
-        demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
-        slow = gpus.stretch("prompt", demand, self.cap_watts)
-        return self.perf.prompt_ms(tokens) * slow / 1e3, gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+    def prompt_step(self, tokens: int, decodes: int, cap: float | None) -> tuple[float, float]:
+        """(seconds, watts for the worker) of a prompt pass over `tokens` batched tokens under
+        a per-GPU cap (remembered: passes repeat the same sizes, and this is on the hot path)."""
+        key = (tokens, decodes > 0, cap)
+        step = self._steps.get(key)
+        if step is None:
+            demand = gpus.step_demand_watts(self.gpu, tokens, decodes)
+            slow = gpus.stretch("prompt", demand, cap)
+            step = self._steps[key] = (self.perf.prompt_ms(tokens) * slow / 1e3,
+                                       gpus.drawn_watts(demand, cap) * self.perf.tp)
+        return step
 
-    def token_stretch_and_watts(self) -> tuple[float, float]:
+    def token_stretch_and_watts(self, cap: float | None) -> tuple[float, float]:
         demand = gpus.step_demand_watts(self.gpu, 0, 1)
-        return gpus.stretch("token", demand, self.cap_watts), gpus.drawn_watts(demand, self.cap_watts) * self.perf.tp
+        return gpus.stretch("token", demand, cap), gpus.drawn_watts(demand, cap) * self.perf.tp
 
 
 @dataclass(eq=False)
@@ -77,14 +90,44 @@ class Worker:
     token_s: float = 0.0
     prompt_j: float = 0.0
     token_j: float = 0.0
+    prompt_tokens: int = 0    # computed in prompt passes
+    tokens_made: float = 0.0  # by decode steps
+    dead: bool = False
+    passes: int = 0           # prompt passes started: the one a PREFILL_DONE event ends
 
     def __post_init__(self) -> None:
-        self.token_slow, self.token_watts = self.pool.token_stretch_and_watts()
+        self.kv_capacity = self.pool.perf.kv_capacity_tokens
+        self.idle_watts = self.pool.gpu.idle_watts * self.pool.perf.tp
+        self.pass_watts = 0.0     # the running prompt pass's draw
+        self.slow = 1.0           # fault injection: every step takes this many times as long
+        self.set_cap(self.pool.cap_watts)
+
+    def set_cap(self, cap: float | None) -> None:
+        """A new per-GPU cap (None: none) for the steps from now on; the decode batch must be
+        advanced to now first, since its pace changes."""
+        self.cap_watts = cap
+        token_slow, self.token_watts = self.pool.token_stretch_and_watts(cap)
+        self.token_slow = token_slow * self.slow
         perf = self.pool.perf
-        # seconds per step before the cache read, by batch size (a lookup on the hot path)
-        self.step_s = [perf.token_base_ms(b) * self.token_slow / 1e3 for b in range(self.max_batch + 1)]
+        # seconds per step before the cache read, by batch size (a lookup on the hot path; shared
+        # by the pool's workers at one pace, never changed in place)
+        key = (self.token_slow, self.max_batch)
+        if key not in self.pool._token_steps:
+            self.pool._token_steps[key] = [perf.token_base_ms(b) * self.token_slow / 1e3
+                                           for b in range(self.max_batch + 1)]
+        self.step_s = self.pool._token_steps[key]
         self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
-        self.kv_capacity = perf.kv_capacity_tokens
+
+    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
+        seconds, watts = self.pool.prompt_step(tokens, decodes, self.cap_watts)
+        return seconds * self.slow, watts
+
+    @property
+    def draw(self) -> float:
+        """Watts the worker draws now."""
+        if self.dead:
+            return 0.0
+        return self.pass_watts if self.in_pass else self.token_watts if self.batch else self.idle_watts
 
     @property
     def gpus(self) -> int:
@@ -108,7 +151,9 @@ class Worker:
         """Runs the decode batch up to `now` (not while a prompt pass holds the worker)."""
         dt = now - self.g_time
         if self.batch and not self.in_pass and dt > 0:
-            self.g += self.steps_in(dt)
+            steps = self.steps_in(dt)
+            self.g += steps
+            self.tokens_made += steps * len(self.batch)
             self.token_s += dt
             self.token_j += dt * self.token_watts
         self.g_time = now
@@ -175,15 +220,18 @@ class Link:
     """A prefill worker's network link: transfers share its bandwidth equally."""
     bytes_per_s: float
     latency_s: float
+    slow: float = 1.0         # fault injection: the link carries 1 / slow of its bandwidth
     active: dict[Flight, float] = field(default_factory=dict)   # bytes left
     t: float = 0.0
     version: int = 0
 
     def advance(self, now: float) -> None:
         if self.active and now > self.t:
-            sent = (now - self.t) * self.bytes_per_s / len(self.active)
+            share = (now - self.t) / len(self.active)
+            sent = share * self.bytes_per_s / self.slow
             for f in self.active:
                 self.active[f] -= sent
+                f.kv_link_s += share
         self.t = now
 
     def drained(self) -> list[Flight]:
@@ -195,4 +243,4 @@ class Link:
     def next_drain(self) -> float | None:
         if not self.active:
             return None
-        return self.t + max(0.0, min(self.active.values())) * len(self.active) / self.bytes_per_s
+        return self.t + max(0.0, min(self.active.values())) * len(self.active) * self.slow / self.bytes_per_s

@@ -56,6 +56,22 @@ OPERATOR_RECONCILE_ERRORS = "fleetwise_operator_reconcile_errors"  # counter: re
 OPERATOR_BIND_SECONDS = "fleetwise_operator_bind_seconds"        # histogram: pod created -> bound
 OPERATOR_PENDING_PODS = "fleetwise_operator_pending_pods"        # gauge: reason
 OPERATOR_API_REQUESTS = "fleetwise_operator_api_requests"        # counter: verb, resource
+# records (incidents, actions) the operator sends to the admin API, queued through its outages
+OPERATOR_ADMIN_UP = "fleetwise_operator_admin_api_up"            # gauge: 1 while sends reach the admin API
+OPERATOR_ADMIN_OUTAGE_SECONDS = "fleetwise_operator_admin_outage_seconds"  # counter: time unable to send
+OPERATOR_ADMIN_QUEUED = "fleetwise_operator_admin_records_queued"  # gauge
+OPERATOR_ADMIN_SENT = "fleetwise_operator_admin_records_sent"    # counter
+OPERATOR_ADMIN_DROPPED = "fleetwise_operator_admin_records_dropped"  # counter: reason (full, rejected)
+
+OPERATOR_WORKERS = "fleetwise_operator_workers"                  # gauge: namespace, deployment, state (routability)
+
+# Named for the chart's alerts and the dashboards before their exporters exist (the power
+# loop, fault detection); NOT_EXPORTED_YET lists them until a part exports each, and
+# tests/test_dashboards.py keeps the list honest.
+POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: domain; the domain's draw, W
+POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: domain; its PowerBudget's limitWatts
+INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: kind; fault incidents not yet resolved
+NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS, INCIDENTS_OPEN)
 
 # GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
 # and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter

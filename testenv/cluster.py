@@ -278,3 +278,19 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.5, what: str 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.79.2"
+
+
+def prometheus_operator_crds() -> list[Path]:
+    """The Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from its Go
+    module (the module proxy serves the whole repository), so that the chart's monitoring
+    objects are checked by a real API server against their real schemas."""
+    if shutil.which("go") is None:
+        raise TestEnvError("the Prometheus Operator's CRDs come from its Go module: install Go")
+    out = subprocess.run(["go", "mod", "download", "-json", PROMETHEUS_OPERATOR], capture_output=True, text=True,
+                         check=True, timeout=300, cwd="/")
+    crds = Path(json.loads(out.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
+    return [crds / f"monitoring.coreos.com_{kind}.yaml" for kind in ("servicemonitors", "podmonitors",
+                                                                     "prometheusrules")]

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # the folders linked into fleetwise/
-PARTS = ["worker", "router", "controllers", "operator", "telemetry", "sim", "bench", "testenv"]
+PARTS = ["worker", "router", "controllers", "operator", "telemetry", "sim", "bench", "testenv", "admin"]
 DEV_PACKAGES = {"fleetwise.bench", "fleetwise.testenv"}  # development only: not in the wheel
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80

@@ -154,3 +154,55 @@ def test_the_router_serves_only_the_namespaces_the_operator_watches():
     [deployment] = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def spec_with(uri: str, **model) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate({"model": {"name": "llama", "uri": uri, **model}, "image": "img:1",
+                                               "mode": "Colocated", "mixed": {"replicas": 1, "gpuType": "H100"}})
+
+
+def model_arg(pod: dict) -> str:
+    args = pod["spec"]["containers"][0]["args"]
+    return args[args.index("--model") + 1]
+
+
+def test_a_model_in_the_image_needs_no_volume_and_no_init_container():
+    pod = worker_pod(BODY, spec_with("/models/llama"), "mixed", "abc")
+    assert model_arg(pod) == "/models/llama"
+    assert pod["spec"]["initContainers"] == []
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"tmp", "internal-token"}
+
+
+def test_a_model_on_a_claim_is_mounted_read_only_and_loaded_from_its_path():
+    pod = worker_pod(BODY, spec_with("pvc://weights/llama-3/8b"), "mixed", "abc")
+    [volume] = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    [mount] = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    assert model_arg(pod) == f"{mount['mountPath']}/llama-3/8b"
+    assert pod["spec"]["initContainers"] == []
+    assert model_arg(worker_pod(BODY, spec_with("pvc://weights"), "mixed", "abc")) == mount["mountPath"]
+
+
+def test_a_hub_model_is_downloaded_by_an_init_container_into_a_volume_the_worker_reads():
+    pod = worker_pod(BODY, spec_with("hf://meta-llama/Llama-3.1-8B@0e9e39f", tokenSecret={"name": "hf",
+                                                                                         "key": "hf-token"}),
+                     "mixed", "abc")
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] not in ("tmp", "internal-token")]
+    assert volume["emptyDir"] == {}
+    [init] = pod["spec"]["initContainers"]
+    assert init["image"] == "img:1"
+    assert init["command"] == ["fleetwise"] and init["args"][:3] == ["model", "download",
+                                                                     "hf://meta-llama/Llama-3.1-8B@0e9e39f"]
+    out = init["args"][init["args"].index("--out") + 1]
+    [init_mount] = [m for m in init["volumeMounts"] if m["name"] == volume["name"]]
+    assert init_mount["mountPath"] == out and not init_mount.get("readOnly")
+    [worker_mount] = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert worker_mount["readOnly"] is True and model_arg(pod) == worker_mount["mountPath"] == out
+    env = {e["name"]: e for e in init["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "hf-token"}}
+    # the init container runs restricted too, with its writable /tmp
+    assert_restricted({"securityContext": pod["spec"]["securityContext"], "volumes": pod["spec"]["volumes"],
+                       "containers": [init]}, "model-download")
+    public = worker_pod(BODY, spec_with("hf://org/name"), "mixed", "abc")
+    assert "HF_TOKEN" not in {e["name"] for e in public["spec"]["initContainers"][0]["env"]}

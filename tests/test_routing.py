@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from fleetwise.router.policies import LeastOutstanding, PrefixAffinity, RoundRobin, make_policy, prefix_keys
 from fleetwise.router.replica import Replica
 
@@ -110,3 +112,63 @@ def test_discovery_sends_to_the_internal_port_and_drains_ask_the_public_one():
     public_only = {"models/w": "http://127.0.0.1:1"}  # no internal address known: not routed to
     assert worker_url(pod, public_only) == "http://127.0.0.1:1"
     assert worker_url(pod, public_only, internal=True) is None
+
+
+class ScanLeastOutstanding:
+    """The least-outstanding rule as a plain scan: the reference for the indexed policy."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def choose(self, rs):
+        live = [r for r in rs if r.available]
+        if not live:
+            return None
+        least = min(r.outstanding for r in live)
+        tied = [r for r in live if r.outstanding == least]
+        self.turn += 1
+        return tied[self.turn % len(tied)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_least_outstanding_on_a_large_fleet_decides_as_the_scan_does(seed):
+    """Random starts, finishes, health and routability flips and membership changes on one
+    list the policy indexes (the simulator's way) and on fresh lists (the router's way): the
+    same replica every time as a scan's."""
+    rng = random.Random(seed)
+    rs = replicas(200)
+    indexed, scan, fresh, scan_fresh = LeastOutstanding(), ScanLeastOutstanding(), LeastOutstanding(), \
+        ScanLeastOutstanding()
+    busy = []
+    for step in range(6000):
+        op = rng.random()
+        if op < 0.5:
+            a, b = indexed.choose(rs), scan.choose(rs)
+            assert a is b, step
+            c, d = fresh.choose(list(rs)), scan_fresh.choose(list(rs))
+            assert c is d, step
+            if a is not None:
+                a.outstanding += 1
+                busy.append(a)
+        elif op < 0.9 and busy:
+            busy.pop(rng.randrange(len(busy))).outstanding -= 1
+        elif op < 0.99:
+            r = rng.choice(rs)
+            if rng.random() < 0.5:
+                r.healthy = not r.healthy
+            else:
+                r.routable = not r.routable
+        else:   # membership changes: a new list, a replica gone, one added
+            rs = [r for r in rs if r is not rng.choice(rs)] + replicas(1)
+    assert indexed._index is not None and indexed._index.replicas is rs   # the index was in use
+    assert fresh._index is None
+
+
+def test_the_least_outstanding_index_lets_go_of_replicas_it_no_longer_routes_to():
+    rs = replicas(64)
+    p = LeastOutstanding()
+    p.choose(rs)
+    p.choose(rs)
+    assert all(r.__dict__["_watchers"] for r in rs)
+    p.choose(rs[:10])
+    assert not any(r.__dict__["_watchers"] for r in rs)

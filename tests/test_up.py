@@ -29,8 +29,9 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("mode, sig, own_model", [("disaggregated", signal.SIGINT, False),
                                                   ("colocated", signal.SIGTERM, True)])
 def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_model):
-    port = free_port()
-    args = [sys.executable, "-m", "fleetwise", "up", "--port", str(port), "--workdir", str(tmp_path), "--mode", mode]
+    port, admin_port = free_port(), free_port()
+    args = [sys.executable, "-m", "fleetwise", "up", "--port", str(port), "--workdir", str(tmp_path), "--mode", mode,
+            "--admin-port", str(admin_port)]
     if own_model:
         args += ["--model", str(tiny_model_dir), "--mixed", "2"]
     up = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -58,6 +59,14 @@ def test_up_serves_and_stops_cleanly(tmp_path, tiny_model_dir, mode, sig, own_mo
         assert httpx.get(internal + "/health", timeout=10).status_code == 401
         ok = httpx.get(internal + "/health", headers={"authorization": f"Bearer {token.read_text().strip()}"})
         assert ok.status_code == 200
+        # the admin API, in the same process: its new token printed once and kept for the user alone
+        admin_token = tmp_path / "admin-token"
+        assert admin_token.stat().st_mode & 0o777 == 0o600
+        assert admin_token.read_text().strip() in "".join("".join(lines).split())
+        fleet = httpx.get(f"http://127.0.0.1:{admin_port}/api/v1/fleet", timeout=10,
+                          headers={"authorization": f"Bearer {admin_token.read_text().strip()}"})
+        assert fleet.status_code == 200 and {w["role"] for w in fleet.json()["workers"]} == (
+            {"prefill", "decode"} if mode == "disaggregated" else {"mixed"})
         up.send_signal(sig)
         out, _ = up.communicate(timeout=60)
         out = "".join(lines) + out

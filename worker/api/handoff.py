@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from fleetwise.openai_schema import ERRORS, ROUTES, errors
 from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, bearer
 
 from ..engine.async_engine import tagged
@@ -92,10 +93,15 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, fau
     """Adds the endpoints; returns a coroutine function that closes their HTTP client.
     `token`: the shared token this worker's pulls carry to prefill workers."""
     handoff = Handoff(api, connector, faults, token)
-    app.post("/internal/prefill", response_model=None)(handoff.prefill)
-    app.get("/internal/kv/{handle}", response_model=None)(handoff.kv)
-    app.delete("/internal/kv/{handle}", response_model=None)(handoff.release)
-    app.post("/internal/decode", response_model=None)(handoff.decode_)
+    app.post("/internal/prefill", response_model=None, summary="Prefill: a prompt's first token, its KV held",
+             responses={200: {"model": PrefillAnswer}, **ERRORS})(handoff.prefill)
+    app.get("/internal/kv/{handle}", response_model=None, summary="A held prompt's KV stream", responses={
+        200: {"description": "the KV stream (kv/transfer.py)", "content": {"application/octet-stream": {}}},
+        **errors(400, 404)})(handoff.kv)
+    app.delete("/internal/kv/{handle}", response_model=None, summary="Release a KV lease", status_code=204,
+               responses=errors(404))(handoff.release)
+    app.post("/internal/decode", response_model=None, summary="Decode: continue a prefilled request",
+             responses=ROUTES["/v1/completions"]["responses"])(handoff.decode_)
     return handoff.close
 
 

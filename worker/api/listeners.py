@@ -31,8 +31,9 @@ from .openai import APIError
 
 PUBLIC, INTERNAL = "public", "internal"
 LISTENER = "fleetwise.listener"  # the scope key a Listener sets: which one the request came in on
-PUBLIC_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
-INTERNAL_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/health"})  # and /internal/*
+PUBLIC_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                          "/openapi.json"})
+INTERNAL_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/health", "/openapi.json"})  # and /internal/*
 
 Refuse = Callable[[APIError, Scope, Receive, Send], Awaitable[None]]
 

@@ -10,11 +10,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleetwise import defaults
 from fleetwise.logs import configure as configure_logs
 from fleetwise.logs import incoming_request_id, request_id
+from fleetwise.openai_schema import ROUTES, WORKER_HEALTH, openapi, openapi_error
 from fleetwise.protocol import REQUEST_ID_HEADER
 
 from ..engine.async_engine import AsyncEngine, EngineDead
@@ -30,7 +33,18 @@ from ..engine.engine import LLMEngine
 from ..kv.connector import KVConnector
 from ..metrics import WorkerMetrics
 from .handoff import add_handoff_routes
-from .listeners import INTERNAL, PUBLIC, Gate, Listener, Server, SharedLifespan, serve_together
+from .listeners import (
+    INTERNAL,
+    INTERNAL_PATHS,
+    LISTENER,
+    PUBLIC,
+    PUBLIC_PATHS,
+    Gate,
+    Listener,
+    Server,
+    SharedLifespan,
+    serve_together,
+)
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
 from .power import add_power_routes
 from .service import WorkerAPI
@@ -80,6 +94,7 @@ def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
     pulls from prefill workers carry); None: no internal listener."""
     app = _build(engine, connector, role, health_stall_seconds, faults, limits, health_failed_steps,
                  on_engine_failure, internal_token)
+    app.state.power = add_power_routes(app, app.state.api)
     lifespan = SharedLifespan(app)  # the engine starts with the first listener and stops with the last
     return WorkerApps(Listener(app, lifespan, PUBLIC),
                       Listener(app, lifespan, INTERNAL) if internal_token else None)
@@ -122,7 +137,7 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
     app.add_middleware(RequestContext)  # outermost: a 401, 404 or 413 carries the request id too
     _add_error_handlers(app)
 
-    @app.get("/health")
+    @app.get("/health", **WORKER_HEALTH)
     async def health():
         failure = engine_failure(engine, health_failed_steps)
         if failure is not None:
@@ -133,30 +148,54 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         return {"status": "ok", "role": role, "model": api.model_name,
                 "running": api.core.num_running, "waiting": engine.num_waiting()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", **ROUTES["/metrics"])
     async def metrics():
         api.metrics.heartbeat_age.labels(model_name=api.model_name, role=role).set(engine.stalled_for())
         return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **ROUTES["/v1/models"])
     async def models():
         return {"object": "list", "data": [{
             "id": api.model_name, "object": "model", "created": 0, "owned_by": "fleetwise",
             "root": api.core.config.model, "max_model_len": api.core.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **ROUTES["/v1/completions"])
     async def completions(req: CompletionRequest, request: Request):
         prompts, params = await api.prepare_completion(req)
         return await api.respond_completion(req, prompts, await api.run(prompts, params, request), request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **ROUTES["/v1/chat/completions"])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         prompt, params = await api.prepare_chat(req)
         return await api.respond_chat(req, prompt, await api.run([prompt], [params], request), request)
 
     close_handoff = add_handoff_routes(app, api, connector, faults, internal_token)
-    app.state.power = add_power_routes(app, api)
+    documents: dict[str, dict] = {}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(request: Request) -> JSONResponse:
+        """Each listener's own routes: the internal ones only on the internal listener."""
+        listener = request.scope.get(LISTENER, PUBLIC)
+        if listener not in documents:
+            documents[listener] = listener_document(app, listener)
+        return JSONResponse(documents[listener])
     return app
+
+
+def listener_document(app: FastAPI, listener: str) -> dict:
+    """The OpenAPI document of the routes one listener serves (listeners.py)."""
+    internal = listener == INTERNAL
+    paths = INTERNAL_PATHS if internal else PUBLIC_PATHS
+    routes = [r for r in app.routes if isinstance(r, APIRoute)
+              and (r.path in paths or (internal and r.path.startswith("/internal/")))]
+    doc = openapi(f"fleetwise worker ({listener} listener)", version("fleetwise"), routes)
+    if internal:  # every internal call needs the shared token
+        doc["components"]["securitySchemes"] = {"internal_token": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"internal_token": []}]
+        for item in doc["paths"].values():
+            for op in item.values():
+                op["responses"].setdefault("401", openapi_error(401))
+    return doc
 
 
 async def _refuse(e: APIError, scope: Scope, receive: Receive, send: Send) -> None:

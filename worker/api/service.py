@@ -18,7 +18,7 @@ from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.engine import LLMEngine, RequestError
 from ..engine.sequence import SamplingParams
 from ..metrics import WorkerMetrics
-from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits
+from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, sampling_params
 from .responses import Outputs, ResponseFormat
 
 T = TypeVar("T")
@@ -139,7 +139,7 @@ class WorkerAPI:
         if max_tokens is None:
             max_tokens = max(1, self.core.max_model_len - prompt_len)
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            return sampling_params(req, max_tokens, logprobs)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0])
 

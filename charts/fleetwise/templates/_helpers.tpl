@@ -62,3 +62,46 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
     resourceNames: [fleetwise-internal-token]
     verbs: [get, patch]                     # that copy only: kept equal to the chart's Secret
 {{- end }}
+
+{{/* Spread a component's pods over the topology keys values name. */}}
+{{- define "fleetwise.topologySpread" -}}
+{{- $root := index . 0 -}}{{- $component := index . 1 -}}{{- $spread := index . 2 -}}
+{{- if $spread.enabled }}
+topologySpreadConstraints:
+{{- range $spread.topologyKeys }}
+  - maxSkew: {{ $spread.maxSkew }}
+    topologyKey: {{ . }}
+    whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels: {app.kubernetes.io/instance: {{ $root.Release.Name }}, app.kubernetes.io/component: {{ $component }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A PodDisruptionBudget for a component that runs more than one replica. */}}
+{{- define "fleetwise.pdb" -}}
+{{- $root := index . 0 -}}{{- $component := index . 1 -}}{{- $values := index . 2 -}}
+{{- if and $values.podDisruptionBudget.enabled (gt (int $values.replicas) 1) }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "fleetwise.fullname" $root }}-{{ $component }}
+  namespace: {{ $root.Release.Namespace }}
+  labels: {{- include "fleetwise.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ $component }}
+spec:
+  maxUnavailable: {{ $values.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels: {app.kubernetes.io/instance: {{ $root.Release.Name }}, app.kubernetes.io/component: {{ $component }}}
+{{- end }}
+{{- end -}}
+
+{{/* The namespaces worker pods run in, for what selects them (NetworkPolicy, PodMonitor). */}}
+{{- define "fleetwise.workerNamespaces" -}}
+{{- .Values.networkPolicy.namespaces | default .Values.operator.watchNamespaces | default (list .Release.Namespace) | toJson -}}
+{{- end -}}
+
+{{- define "fleetwise.adminSecret" -}}
+{{- .Values.admin.tokenSecret | default (printf "%s-admin-token" (include "fleetwise.fullname" .)) -}}
+{{- end -}}

@@ -1,0 +1,90 @@
+"""`fleetwise sim ...` and `fleetwise plan`: the simulator's commands, which `fleetwise/cli.py`
+mounts. Imports of the simulator itself are lazy, so the command line starts fast."""
+
+from pathlib import Path
+
+import typer
+
+sim_app = typer.Typer(help="The fleet simulator.", no_args_is_help=True)
+
+
+@sim_app.command("run")
+def sim_run(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings (sim/examples/ has one)."),
+    out: Path = typer.Option(None, "--out", help="Write the result as JSON here (default: print it)."),
+    plot: Path = typer.Option(None, "--plot", help="Draw latency, power per domain and pool use into this PNG."),
+):
+    """Simulate a fleet serving a trace, with the router's policies and the controllers' decisions."""
+    from fleetwise.sim.run import main
+    args = [str(config), *(["--out", str(out)] if out else []), *(["--plot", str(plot)] if plot else [])]
+    raise typer.Exit(main(args))
+
+
+
+def plan(
+    rate: float = typer.Option(..., "--rate", help="Requests per second to serve."),
+    trace: Path = typer.Option(None, "--trace", help="An Azure LLM trace CSV (default: conversation)."),
+    slo_ttft: float = typer.Option(1.0, "--slo-ttft", help="Time to first token objective, seconds."),
+    slo_tbt: float = typer.Option(0.1, "--slo-tbt", help="Time between tokens objective, seconds."),
+    attainment: float = typer.Option(0.99, help="Fraction of requests that must meet both objectives."),
+    shapes: str = typer.Option("H100/H100,A100/A100,H100/A100,H100",
+                               help="PREFILL/DECODE products (disaggregated) or one (colocated), by commas."),
+    power_budget_kw: float = typer.Option(None, "--power-budget-kw", help="The fleet's power budget (GPU power)."),
+    max_oversubscription: float = typer.Option(1.0, help="Nameplate power over the budget allowed, with capping."),
+    trial_s: float = typer.Option(120.0, "--trial-s", help="Simulated seconds per trial."),
+    time_budget: float = typer.Option(600.0, "--time-budget", help="Stop searching after this many seconds."),
+    out: Path = typer.Option(None, "--out", help="Write the plan as JSON here."),
+):
+    """The cheapest fleet (pool sizes per GPU product, oversubscription) that meets the objectives."""
+    from fleetwise.sim.plan import PlanConfig, main
+    try:
+        config = PlanConfig(rate, str(trace) if trace else PlanConfig.trace, slo_ttft_s=slo_ttft, slo_tbt_s=slo_tbt,
+                            attainment=attainment, shapes=[s.strip() for s in shapes.split(",")],
+                            power_budget_watts=power_budget_kw * 1e3 if power_budget_kw else None,
+                            max_oversubscription=max_oversubscription, trial_s=trial_s, time_budget_s=time_budget)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    raise typer.Exit(main(config, out))
+
+
+@sim_app.command("power")
+def sim_power(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
+    ratios: str = typer.Option("1.2,1.4,1.6,1.8,2.0", help="Fleet sizes to try, as multiples of the budget's."),
+    out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Draw p99 loss and time over budget by ratio into this PNG."),
+):
+    """How many servers a row's power budget carries under each power controller (the operator's, POLCA's, none)."""
+    from fleetwise.sim.study import main
+    try:
+        grid = [float(r) for r in ratios.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--ratios must be numbers separated by commas, not {ratios!r}")
+    raise typer.Exit(main(config, grid, out, plot))
+
+
+@sim_app.command("faults")
+def sim_faults(
+    config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `faults` section included."),
+    out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+):
+    """Injected faults with the operator's fault detector and without it: detection, false positives, goodput."""
+    from fleetwise.sim.study import faults_main
+    raise typer.Exit(faults_main(config, out))
+
+
+@sim_app.command("scale")
+def sim_scale(
+    config: Path = typer.Argument(None, help="A YAML file to scale (default: sim/examples/conv-1000-gpus.yaml)."),
+    sizes: str = typer.Option("1000,4000,16000", help="GPU counts, comma-separated."),
+    duration: float = typer.Option(None, "--duration", help="Simulated seconds per run (default: the file's)."),
+    out: Path = typer.Option(None, "--out", help="Write the points as JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Draw wall time and events per second by size into this PNG."),
+):
+    """How the simulator's run time grows with the fleet, at the same load per GPU."""
+    from fleetwise.sim.scaling import main
+    try:
+        counts = [int(s) for s in sizes.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--sizes must be integers separated by commas, not {sizes!r}")
+    raise typer.Exit(main(config, counts, duration, out, plot))
