@@ -164,6 +164,15 @@ def up(
     workdir: Path = typer.Option(Path(".fleetwise"), "--workdir", help="Logs, router config, the default model."),
     kv_cache_mib: int = typer.Option(defaults.KV_CACHE_MIB, "--kv-cache-mib", help="KV cache per worker."),
     device: str = typer.Option(defaults.DEVICE, "--device"),
+    power_limit_watts: float = typer.Option(None, "--power-limit-watts", min=1,
+                                            help="Run the power controller over the fleet with this budget "
+                                                 "(every worker a modelled GPU; needs `prometheus` on PATH)."),
+    modelled_gpu: list[str] = typer.Option([], "--modelled-gpu",
+                                           help="With --power-limit-watts: the workers' GPU product (H100), or "
+                                                "one per pool (prefill=H100, repeatable). Default H100."),
+    power_priority: str = typer.Option("High", "--power-priority", help="High or Low: the model's priority."),
+    power_period: float = typer.Option(2.0, "--power-period", min=0.5, max=60,
+                                       help="Seconds between the power controller's periods."),
     admin_port: int = typer.Option(8081, "--admin-port", min=0,
                                    help="The admin API's port (another if taken; 0: no admin API)."),
     detect_faults: bool = typer.Option(False, "--detect-faults",
@@ -178,10 +187,33 @@ def up(
     for name, value in (("--prefill", prefill), ("--decode", decode), ("--mixed", mixed)):
         if value < 1:
             raise typer.BadParameter("must be at least 1", param_hint=name)
+    power = None
+    if power_limit_watts is not None:
+        from fleetwise.local_power import PowerOptions
+        roles = ("prefill", "decode") if mode == "disaggregated" else ("mixed",)
+        if power_priority not in ("High", "Low"):
+            raise typer.BadParameter("must be High or Low", param_hint="--power-priority")
+        power = PowerOptions(power_limit_watts, _pool_products(modelled_gpu, roles), power_priority, power_period)
+    elif modelled_gpu:
+        raise typer.BadParameter("goes with --power-limit-watts", param_hint="--modelled-gpu")
     from fleetwise.up import run
     raise typer.Exit(run(model, mode, port, prefill, decode, mixed, workdir,
-                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], admin_port=admin_port,
-                         fault_window_seconds=fault_window_seconds if detect_faults else None))
+                         ["--kv-cache-mib", str(kv_cache_mib), "--device", device], power=power,
+                         admin_port=admin_port, fault_window_seconds=fault_window_seconds if detect_faults else None))
+
+
+def _pool_products(values: list[str], roles: tuple[str, ...]) -> dict[str, str]:
+    """`--modelled-gpu` values (PRODUCT, or ROLE=PRODUCT) -> a product for each role."""
+    products = dict.fromkeys(roles, "H100")
+    for value in values:
+        role, _, product = value.rpartition("=")
+        if product not in gpus.PRODUCTS:
+            raise typer.BadParameter(f"{product!r}: choose one of {', '.join(gpus.PRODUCTS)}",
+                                     param_hint="--modelled-gpu")
+        if role and role not in roles:
+            raise typer.BadParameter(f"{role!r}: this mode's pools are {', '.join(roles)}", param_hint="--modelled-gpu")
+        products.update(dict.fromkeys([role] if role else roles, product))
+    return products
 
 
 @app.command()
@@ -251,6 +283,11 @@ def operator(
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
                                              help="The shared internal token, copied into a Secret in each "
                                                   "namespace with workers, which their pods mount."),
+    prometheus_url: str = typer.Option(None, "--prometheus-url", envvar="FLEETWISE_PROMETHEUS_URL",
+                                       help="Prometheus with the GPUs' DCGM series: the PowerBudgets' power loops "
+                                            "read it (none: no power capping)."),
+    power_period: float = typer.Option(5.0, "--power-period", min=1, max=300,
+                                       help="Seconds between a PowerBudget's control periods."),
     admin_url: str = typer.Option(None, "--admin-url", envvar="FLEETWISE_ADMIN_URL",
                                   help="The admin API, which incidents and actions are sent to (queued through "
                                        "its outages)."),
@@ -268,8 +305,8 @@ def operator(
     if (admin_url is None) != (admin_token_file is None):
         raise typer.BadParameter("give both --admin-url and --admin-token-file, or neither", param_hint="--admin-url")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
-                 drain_timeout=drain_timeout, token_file=internal_token_file, admin_url=admin_url,
-                 admin_token_file=admin_token_file)
+                 drain_timeout=drain_timeout, token_file=internal_token_file, prometheus_url=prometheus_url,
+                 power_period=power_period, admin_url=admin_url, admin_token_file=admin_token_file)
 
 
 def _bench(module: str, name: str) -> Callable[..., None]:
@@ -336,6 +373,19 @@ def bench_operator(
     """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
     run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
     run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
+
+
+@bench_app.command("power")
+def bench_power(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    product: str = typer.Option("H100", "--product", help="The modelled GPU product."),
+    seconds: float = typer.Option(30.0, "--seconds", min=5, help="Duration of each run."),
+):
+    """The power controller on modelled GPUs: reaction time and throughput cost of caps."""
+    if product not in gpus.PRODUCTS:
+        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--product")
+    run_power_bench = _bench("fleetwise.bench.power", "run_power_bench")
+    run_power_bench(out=out, product=product, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@ operator implements on Kubernetes (`operator/actions.py`) and `fleetwise up` on 
 processes (`fleetwise/local_fleet.py`). Each worker is in exactly one `Routability` state,
 recorded with why and since when, wherever the implementation keeps it.
 A person's power-cap override (the admin API's) is a verb too: the power controller applies
-it instead of its own decision for that worker until it lapses.
+it instead of its own decision for that worker until it lapses. The controller's own caps go
+through `cap_power`: a cap until a time, renewed each control period, falling back to a
+conservative value if it is not (the worker's `/internal/power` enforces that).
 """
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+
+import httpx
+
+from fleetwise.protocol import AUTH_HEADER, POWER_PATH, PROTOCOL_VERSION, VERSION_HEADER, PowerCapRequest, bearer
 
 
 class Routability(StrEnum):
@@ -82,3 +89,29 @@ class FleetActions(Protocol):
     def power_override(self, worker: WorkerRef) -> PowerOverride | None:
         """The override in force for the worker, if any (a lapsed one reads as None)."""
         ...
+
+    def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
+                  fallback_watts: float | None = None) -> None:
+        """Hold the worker's GPU power limit at `watts` per GPU (None: lift it) until `until`
+        (seconds since the epoch), then `fallback_watts` (None: lifted) unless renewed."""
+        ...
+
+
+def send_power_cap(internal_url: str, token: str, watts: float | None, until: float, reason: str,
+                   fallback_watts: float | None = None, timeout: float = 5.0) -> dict:
+    """`POST /internal/power` on a worker; the time to live from `until` on this clock (the
+    worker counts it on its own). Raises ActionRefused with the worker's answer."""
+    ttl = min(3600.0, max(1.0, until - time.time()))
+    body = PowerCapRequest(watts=watts, ttl_seconds=ttl, fallback_watts=fallback_watts, reason=reason[:1024])
+    try:
+        r = httpx.post(internal_url.rstrip("/") + POWER_PATH, json=body.model_dump(), timeout=timeout,
+                       headers={AUTH_HEADER: bearer(token), VERSION_HEADER: str(PROTOCOL_VERSION)})
+    except httpx.HTTPError as e:
+        raise ActionRefused(f"cap_power: {internal_url} unreachable: {type(e).__name__}: {e}") from e
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:200]
+        raise ActionRefused(f"cap_power: {internal_url} answered {r.status_code}: {message}")
+    return r.json()

@@ -8,9 +8,10 @@ the file (on its next probe round). Each rewrite is atomic (write, then rename),
 router never reads half a file. A drain stops the process once it holds no request (its
 /health `running` and `waiting`) or after the drain timeout; nothing replaces it on one
 machine, so it stays listed, not routable, until restarted. A restart stops the process
-and starts it again on the same port, out of routing until it is healthy. There are no
-nodes: cordon and uncordon are refused. Each action is a log line (in the logger and in
-`actions.log`) and the worker's state.
+and starts it again on the same port, out of routing until it is healthy. A power cap goes
+to the worker's `/internal/power` with the shared token. There are no nodes: cordon and
+uncordon are refused. Each action is a log line (in the logger and in `actions.log`) and the
+worker's state.
 """
 
 import datetime as dt
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState
+from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState, send_power_cap
 from fleetwise.procs import Process, ProcessError, wait_healthy
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,16 @@ def _entry(url: str, state: WorkerState) -> str | dict:
 class LocalFleet:
     def __init__(self, model: str, members: list[Member], config: Path, actions_log: Path | None = None,
                  drain_timeout: float = DRAIN_TIMEOUT_SECONDS, ready_timeout: float = 180.0,
-                 settle: float = SETTLE_SECONDS) -> None:
-        self.model, self.config, self.actions_log = model, config, actions_log
+                 settle: float = SETTLE_SECONDS, token: str | None = None) -> None:
+        """`token`: the shared internal token, for the workers' /internal/power (caps)."""
+        self.model, self.config, self.actions_log, self.token = model, config, actions_log, token
         self.drain_timeout, self.ready_timeout, self.settle = drain_timeout, ready_timeout, settle
         self.workers = {m.name: m for m in members if m.role != "router"}
         self.states = {name: WorkerState(Routability.SERVING, "started", time.time()) for name in self.workers}
         self._lock = threading.RLock()
         self._turn: dict[str, int] = dict.fromkeys(self.workers, 0)  # a drain ends when its turn has passed
         self.overrides: dict[str, PowerOverride] = {}
+        self.caps: dict[str, float] = {}  # worker -> the cap in force (W per GPU), as last applied
         self.write()
 
     def write(self) -> None:
@@ -87,13 +90,15 @@ class LocalFleet:
             self._turn[w.name] += 1
             self.write()
             turn = self._turn[w.name]
-        line = f"{verb} {w.name} ({w.url}): {reason}"
+        self._log(f"{verb} {w.name} ({w.url}): {reason}")
+        return turn
+
+    def _log(self, line: str) -> None:
         log.info(line)
         if self.actions_log is not None:
             self.actions_log.parent.mkdir(parents=True, exist_ok=True)
             with self.actions_log.open("a") as f:
                 f.write(f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} {line}\n")
-        return turn
 
     def state(self, worker: WorkerRef) -> WorkerState:
         return self.states[self._worker("state", worker).name]
@@ -155,6 +160,19 @@ class LocalFleet:
     def power_override(self, worker: WorkerRef) -> PowerOverride | None:
         o = self.overrides.get(self._worker("power_override", worker).name)
         return o if o is not None and o.active(time.time()) else None
+
+    def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
+                  fallback_watts: float | None = None) -> None:
+        w = self._worker("cap_power", worker)
+        if self.token is None:
+            raise ActionRefused("cap_power: this fleet has no internal token to reach the workers' /internal/power")
+        send_power_cap(w.internal_url, self.token, watts, until, reason, fallback_watts)
+        with self._lock:
+            before = self.caps.pop(w.name, None)
+            if watts is not None:
+                self.caps[w.name] = watts
+        if before != watts:  # a renewal is not news
+            self._log(f"cap_power {w.name}: {'lifted' if watts is None else f'{watts:.0f} W'}: {reason}")
 
     def cordon(self, node: str, reason: str) -> None:
         raise ActionRefused("cordon: " + NO_NODES.format("cordon"))

@@ -271,3 +271,30 @@ def version_error(received: str | None) -> str | None:
         return None
     speaks = ", ".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
     return f"{VERSION_HEADER} {received!r} is not spoken here; this peer speaks version {speaks}"
+
+
+POWER_PATH = "/internal/power"
+MAX_CAP_TTL_SECONDS = 3600.0
+
+
+class PowerCapRequest(BaseModel):
+    """`POST /internal/power`: hold the GPU's power limit at `watts` per GPU (None: lift it) for
+    `ttl_seconds`, counted on the worker's own clock; a cap not renewed by then falls back to
+    `fallback_watts` (None: lifted). A lift takes no ttl."""
+    model_config = ConfigDict(extra="forbid")
+
+    watts: float | None = Field(gt=0)
+    ttl_seconds: float = Field(default=30.0, gt=0, le=MAX_CAP_TTL_SECONDS)
+    fallback_watts: float | None = Field(default=None, gt=0)
+    reason: str = Field(default="", max_length=1024)
+
+
+class PowerCapState(BaseModel):
+    """What `GET`/`POST /internal/power` answer: the cap in force (None: none) and its lease."""
+    watts: float | None
+    seconds_left: float | None     # None: no expiry (no cap, or a fallback in force)
+    fallback_watts: float | None
+    reason: str
+    source: Literal["modelled", "nvml"]
+    min_watts: float               # the range the GPU accepts
+    max_watts: float

@@ -6,11 +6,15 @@ restarted.
 Each worker gets two ports: the public one (its /health, in the table) and the internal one
 that the router and the other workers call with the shared token. The token is new at each
 start, in `internal-token` in the workdir, readable by the user alone. The admin API runs in
-this process, on its own port, over the same `LocalFleet` (`admin/local.py`)."""
+this process, on its own port, over the same `LocalFleet` (`admin/local.py`).
+
+With `--power-limit-watts`, every worker is a modelled GPU of its pool's product, and the
+power controller runs over them against a real Prometheus (fleetwise/local_power.py)."""
 
 import json
 import os
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from rich.table import Table
 
 from fleetwise.fleet import Routability
 from fleetwise.local_fleet import LocalFleet, Member
+from fleetwise.local_power import LocalPower, PowerOptions
 from fleetwise.net import free_port, port_free
 from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wait_healthy
 
@@ -38,6 +43,10 @@ console = Console()
 TOKEN_FILE = "internal-token"
 
 
+def prometheus_available() -> bool:
+    return shutil.which("prometheus") is not None
+
+
 def write_token(workdir: Path) -> Path:
     """A new shared token in the workdir, readable and writable by the user alone (0600)."""
     path = workdir / TOKEN_FILE
@@ -49,16 +58,19 @@ def write_token(workdir: Path) -> Path:
 
 
 def plan(model: Path, name: str, mode: str, port: int, prefill: int, decode: int, mixed: int,
-         workdir: Path, worker_args: list[str], token_file: Path) -> list[Member]:
+         workdir: Path, worker_args: list[str], token_file: Path,
+         role_args: dict[str, list[str]] | None = None) -> list[Member]:
+    """`role_args`: more worker arguments by role (a pool's modelled GPU)."""
     procs: list[Member] = []
     roles = [("prefill", prefill), ("decode", decode)] if mode == "disaggregated" else [("mixed", mixed)]
     token = ["--internal-token-file", str(token_file)]
     for role, count in roles:
+        extra = [*worker_args, *(role_args or {}).get(role, [])]
         for i in range(count):
             p, q = free_port(), free_port()
             procs.append(Member(f"{role}-{i}", fleetwise_argv(
                 "worker", "--model", str(model), "--role", role, "--port", str(p), "--internal-port", str(q),
-                *token, "--served-model-name", name, *worker_args), workdir / "logs" / f"{role}-{i}.log",
+                *token, "--served-model-name", name, *extra), workdir / "logs" / f"{role}-{i}.log",
                 f"http://127.0.0.1:{p}", role=role, internal_url=f"http://127.0.0.1:{q}"))
     procs.append(Member("router", fleetwise_argv("router", "--config", str(workdir / "router.yaml"),
                                                  "--port", str(port), *token),
@@ -82,9 +94,9 @@ def _ready(proc: Member) -> bool:
     return proc.health.get("status") == "ok"
 
 
-def _table(procs: list[Member], fleet: LocalFleet) -> Table:
-    t = Table(title=f"fleetwise: {fleet.model}", expand=False)
-    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing"):
+def _table(procs: list[Member], fleet: LocalFleet, power: LocalPower | None = None) -> Table:
+    t = Table(title=f"fleetwise: {fleet.model}", expand=False, caption=_power_line(power))
+    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing", "cap W"):
         t.add_column(col)
     for p in procs:
         h = p.health
@@ -94,9 +106,30 @@ def _table(procs: list[Member], fleet: LocalFleet) -> Table:
         shown = "" if routing is None else str(routing.state)
         if routing is not None and routing.state is not Routability.SERVING:
             shown = f"[yellow]{shown}: {escape(routing.reason)}[/]"
+        cap = fleet.caps.get(p.name)
         t.add_row(p.name, p.role, p.url, str(p.pid or "-"), f"[{style}]{status}[/]",
-                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown)
+                  str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown,
+                  "" if cap is None else f"{cap:.0f}")
     return t
+
+
+def _power_line(power: LocalPower | None) -> str | None:
+    if power is None:
+        return None
+    last, limit = power.last, power.options.limit_watts
+    if last is None:
+        return f"power: waiting for the first reading; budget {limit:.0f} W"
+    watts = "no reading" if last.reading.watts is None else f"{last.reading.watts:.0f} W"
+    return f"power: {watts} of a {limit:.0f} W budget ({last.decision.situation}); {escape(last.decision.summary)}"
+
+
+def _start_power(power: PowerOptions | None, fleet: LocalFleet, workdir: Path) -> LocalPower | None:
+    if power is None:
+        return None
+    with console.status("starting Prometheus and the power loop"):
+        local_power = LocalPower(power, fleet, workdir).start()
+    console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {local_power.prometheus.url}")
+    return local_power
 
 
 def _print_admin(admin: "LocalAdmin") -> None:
@@ -141,11 +174,12 @@ def _model_dir(model: Path | None, workdir: Path) -> Path | None:
     return Path(model)
 
 
-def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: list[int]) -> None:
+def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: list[int],
+               local_power: LocalPower | None) -> None:
     """The live table until a signal; a worker that died starts again (the router takes it back
     once its probe passes); one drained or being restarted by the fleet stays as the fleet left it."""
     restarts = Restarts()
-    with Live(_table(procs, fleet), console=console, refresh_per_second=2) as live:
+    with Live(_table(procs, fleet, local_power), console=console, refresh_per_second=2) as live:
         while not stopping:
             for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
                 live.console.print(f"[yellow]{again.name} exited; started again "
@@ -153,13 +187,20 @@ def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: 
                 (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
             for p in procs:
                 _poll(p)
-            live.update(_table(procs, fleet))
+            live.update(_table(procs, fleet, local_power))
             time.sleep(1.0)
 
 
 def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mixed: int, workdir: Path,
-        worker_args: list[str], ready_timeout: float = 180.0, admin_port: int = 8081,
-        fault_window_seconds: int | None = None) -> int:
+        worker_args: list[str], ready_timeout: float = 180.0, power: PowerOptions | None = None,
+        admin_port: int = 8081, fault_window_seconds: int | None = None) -> int:
+    """`power`: run the power controller over the fleet (each worker a modelled GPU);
+    `fault_window_seconds`: run the fault detector with this window."""
+    if power is not None and not prometheus_available():
+        from fleetwise.telemetry.prometheus_server import INSTALL_HINT
+        console.print(f"[red]--power-limit-watts needs Prometheus, and there is no `prometheus` on PATH: "
+                      f"{INSTALL_HINT}[/]")
+        return 2
     workdir.mkdir(parents=True, exist_ok=True)
     model = _model_dir(model, workdir)
     if model is None:
@@ -168,9 +209,12 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         console.print(f"[red]port {port} is in use; choose another with --port[/]")
         return 2
     name = Path(model).name
+    token_file = write_token(workdir)
     procs = plan(Path(model).resolve(), name, mode, port, prefill, decode, mixed, workdir, worker_args,
-                 write_token(workdir))
-    fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log")
+                 token_file, {role: ["--modelled-gpu", gpu] for role, gpu in (power.products if power else {}).items()})
+    fleet = LocalFleet(name, procs, workdir / "router.yaml", workdir / "logs" / "actions.log",
+                       token=token_file.read_text().strip())
+    local_power: LocalPower | None = None
     from fleetwise.admin.local import LocalAdmin, start_local
     admin: LocalAdmin | None = None
     faults: LocalFaults | None = None
@@ -201,6 +245,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
             faults = _start_faults(fleet, procs, workdir, fault_window_seconds)
             if faults is None:
                 return 2
+        local_power = _start_power(power, fleet, workdir)
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
@@ -208,10 +253,12 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         if admin is not None:
             _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
-        _supervise(procs, fleet, workdir, stopping)
+        _supervise(procs, fleet, workdir, stopping, local_power)
         return 0
     finally:
         with console.status("stopping the fleet"):
+            if local_power is not None:
+                local_power.stop()
             if admin is not None:
                 admin.stop()
             if faults is not None:

@@ -8,14 +8,24 @@ quarantined pod is replaced too but left running (`controllers/deployment.py`). 
 deletes the pod, which the ModelDeployment's plan then replaces; cordon sets the node
 unschedulable, which placement already respects. Every action records an Event with its
 reason on the pod or node, and every call goes through `kube.py`.
+
+A power cap is recorded on the pod (`fleetwise.dev/power-cap`: watts, until, fallback,
+reason), with an Event when its value changes, and sent to the worker's `/internal/power`
+with the shared token. The annotation is the intent anyone can read with kubectl and what a
+node agent with NVML's privileges applies on real GPUs (a worker container cannot); the call
+is what a modelled GPU takes. A renewal rewrites the annotation only once half its time has
+gone, so holding caps costs the API server little.
 """
 
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState
+from fleetwise.addresses import load_address_map, worker_url
+from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState, send_power_cap
+from fleetwise.protocol import load_token
 
 from . import manifests as m
 from .kube import Kube
@@ -24,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 class KubeFleet:
-    def __init__(self, kube: Kube) -> None:
-        self.kube = kube
+    def __init__(self, kube: Kube, token_file: Path | None = None) -> None:
+        """`token_file`: the shared internal token, for the workers' /internal/power."""
+        self.kube, self.token_file = kube, token_file
 
     def _pod(self, verb: str, worker: WorkerRef) -> dict[str, Any]:
         pod = self.kube.pod(worker.namespace, worker.name)
@@ -81,6 +92,25 @@ class KubeFleet:
 
     def power_override(self, worker: WorkerRef) -> PowerOverride | None:
         return m.pod_power_override(self._pod("power_override", worker), time.time())
+
+    def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
+                  fallback_watts: float | None = None) -> None:
+        pod = self._pod("cap_power", worker)
+        before, now = m.pod_power_cap(pod), time.time()
+        was, left = (None, 0.0) if before is None else (before["watts"], before["until"] - now)
+        if was != watts or (watts is not None and left < (until - now) / 2):
+            value = None if watts is None else json.dumps(
+                {"watts": watts, "until": until, "fallbackWatts": fallback_watts, "reason": reason[:1024]})
+            self.kube.patch_pod_metadata(worker.namespace, worker.name, labels={},
+                                         annotations={m.ANNOTATION_POWER_CAP: value})
+        if was != watts:
+            self.kube.event(pod, "Normal", "PowerCapLifted" if watts is None else "PowerCapped",
+                            reason if watts is None else f"cap {watts:.0f} W per GPU: {reason}")
+        url = worker.url or worker_url(pod, load_address_map(), internal=True)
+        if self.token_file is None or url is None:
+            raise ActionRefused(f"cap_power: recorded on {worker.namespace}/{worker.name}, not sent: "
+                                + ("no internal token" if self.token_file is None else "the pod has no address yet"))
+        send_power_cap(url, load_token(self.token_file), watts, until, reason, fallback_watts)
 
     def cordon(self, node: str, reason: str) -> None:
         body = self._node("cordon", node)

@@ -21,6 +21,7 @@ from fleetwise.spec import GROUP, VERSION
 
 from . import manifests as m
 from .kube import error_message
+from .power import PowerControl
 from .reconcile import Operator
 from .wakeups import Wakeups
 
@@ -144,6 +145,28 @@ async def service_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
 async def node_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if memo.operator.cluster.on_node(event["type"], _plain(body)):
         memo.wakeups.wake_all()
+
+
+# a deleted budget's daemon gets `cancellation_backoff` to lift its caps before kopf cancels it
+@kopf.daemon(GROUP, VERSION, "powerbudgets", cancellation_backoff=20.0, cancellation_timeout=10.0)
+async def power_loop(stopped: kopf.DaemonStopped, body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """One control period every `period_seconds`, in a worker thread; an edited budget takes
+    effect at the next one (kopf keeps `body` current). A deleted budget's caps are lifted; an
+    operator that stops leaves them to lapse to their fallbacks."""
+    control: PowerControl | None = memo.get("power")
+    if control is None:
+        return
+    loop = asyncio.get_running_loop()
+    while not stopped:
+        try:
+            await loop.run_in_executor(memo.reconcilers, control.period, _plain(body))
+        except Exception:
+            log.exception("power loop of PowerBudget %s: the period failed", name)
+        if control.prometheus is None:  # the status says so once; there is nothing to watch
+            return
+        await stopped.wait(control.period_seconds)
+    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+        await loop.run_in_executor(memo.reconcilers, control.deleted, name)
 
 
 @kopf.on.event(GROUP, VERSION, "powerbudgets")

@@ -76,6 +76,12 @@ class Kube:
         found = cast(dict[str, Any], self.custom.list_cluster_custom_object(GROUP, VERSION, "powerbudgets"))
         return found["items"]
 
+    def model_deployments(self, namespace: str) -> list[dict]:
+        self._count("list", "modeldeployments")
+        found = cast(dict[str, Any], self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                                "modeldeployments"))
+        return found["items"]
+
     # -- writes --------------------------------------------------------------------------------
 
     def create_pod(self, namespace: str, pod: dict[str, Any]) -> None:
@@ -165,6 +171,13 @@ class Kube:
             if e.status != 404:
                 raise
 
+    def patch_budget_status(self, name: str, status: dict) -> None:
+        self._count("patch", "powerbudgets/status")
+        try:
+            self.custom.patch_cluster_custom_object_status(GROUP, VERSION, "powerbudgets", name, {"status": status})
+        except ApiException as e:
+            if e.status != 404:  # deleted meanwhile
+                raise
     def review_token(self, token: str) -> str | None:
         """The user a bearer token authenticates as (a TokenReview), or None."""
         self._count("create", "tokenreviews")

@@ -12,13 +12,16 @@ from prometheus_client import start_http_server
 
 from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
 from fleetwise.logs import configure as configure_logs
+from fleetwise.telemetry.prometheus import PrometheusClient
 
 from . import handlers
+from .actions import KubeFleet
 from .admin_sink import AdminSink
 from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
+from .power import PERIOD_SECONDS, PowerControl
 from .reconcile import Operator
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,15 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None,
                  drain_timeout: float = DRAIN_TIMEOUT_SECONDS, token_file: Path | None = None,
+                 prometheus_url: str | None = None, power_period: float = PERIOD_SECONDS,
                  admin_url: str | None = None, admin_token_file: Path | None = None) -> None:
     """`token_file`: the shared internal token, copied into the workers' namespaces.
+    `prometheus_url`: where the power loops read the GPUs' power (None: no power loop).
     `admin_url`: where incidents and actions go (`memo.admin`, an `AdminSink`), with the
     token in `admin_token_file`."""
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Prometheus query
     api = load_client(kubeconfig)
     if not client.Configuration.get_default_copy().verify_ssl:
         import urllib3
@@ -53,6 +59,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     tokens = TokenCopies(kube, token_file) if token_file else None
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
                                            drain_timeout=drain_timeout, tokens=tokens))
+    memo.power = PowerControl(kube, KubeFleet(kube, token_file),
+                              PrometheusClient(prometheus_url) if prometheus_url else None, power_period)
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)

@@ -26,6 +26,8 @@ ANNOTATION_ROUTABILITY_REASON = "fleetwise.dev/routability-reason"
 ANNOTATION_ROUTABILITY_SINCE = "fleetwise.dev/routability-since"
 ANNOTATION_CORDON_REASON = "fleetwise.dev/cordon-reason"  # on a node fleetwise cordoned
 ANNOTATION_POWER_OVERRIDE = "fleetwise.dev/power-override"  # JSON {"watts", "until", "reason"} on a worker pod
+# the power controller's cap on a worker pod: JSON {"watts", "until", "fallbackWatts", "reason"}
+ANNOTATION_POWER_CAP = "fleetwise.dev/power-cap"
 SCHEDULER_NAME = "fleetwise"
 # the shared internal token, copied by the operator into each namespace it places workers in
 TOKEN_SECRET = "fleetwise-internal-token"
@@ -91,6 +93,17 @@ def pod_power_override(pod: dict, now: float) -> PowerOverride | None:
     except (ValueError, TypeError, KeyError):
         return None
     return override if override is not None and override.active(now) else None
+
+
+def pod_power_cap(pod: dict) -> dict | None:
+    """The power controller's cap recorded on a worker pod (its annotation's JSON), or None."""
+    raw = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_POWER_CAP)
+    try:
+        cap = json.loads(raw) if raw else None
+        ok = isinstance(cap, dict) and all(isinstance(cap.get(k), int | float) for k in ("watts", "until"))
+        return cap if ok else None
+    except ValueError:
+        return None
 
 
 def owner_reference(body: dict) -> dict:

@@ -28,6 +28,8 @@ KV_BLOCKS_FREE = "fleetwise_kv_blocks_free"
 REQUESTS_REJECTED = "fleetwise_requests_rejected"  # counter, label reason
 REQUEST_ERRORS = "fleetwise_request_errors"        # counter: requests failed inside the engine
 ENGINE_HEARTBEAT_AGE = "fleetwise_engine_heartbeat_age_seconds"
+POWER_CAP_WATTS = "fleetwise_power_cap_watts"  # gauge, W per GPU: the cap in force; no series while uncapped
+POWER_CAP_EXPIRY = "fleetwise_power_cap_expiry_timestamp_seconds"  # gauge: when the cap lapses unless renewed
 
 # prefill -> decode handoff
 KV_TRANSFER_BYTES = "fleetwise_kv_transfer_bytes"      # counter, label direction (sent|received)

@@ -245,7 +245,8 @@ def token_file(cluster: Cluster) -> Path:
     return path
 
 
-def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -> OperatorProcess:
+def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator",
+                   extra_args: tuple[str, ...] = ()) -> OperatorProcess:
     metrics, liveness = free_port(), free_port()
     log = cluster.workdir / f"{name}-{int(time.time() * 1000)}.log"
     proc = OperatorProcess(name, fleetwise_argv("operator", "--kubeconfig", str(kubeconfig),
@@ -253,7 +254,7 @@ def start_operator(cluster: Cluster, kubeconfig: Path, name: str = "operator") -
                                                 "--metrics-port", str(metrics), "--liveness-port", str(liveness),
                                                 # kwok's pods have no workers to ask: their drains run out
                                                 "--drain-timeout", str(DRAIN_TIMEOUT_S),
-                                                "--internal-token-file", str(token_file(cluster))),
+                                                "--internal-token-file", str(token_file(cluster)), *extra_args),
                            log, metrics_port=metrics, liveness_port=liveness, die_with_parent=True,
                            env={ADDRESS_MAP_ENV: str(address_map(cluster))})
     proc.start()

@@ -38,7 +38,8 @@ EVENT_ONLY = ("fleetwise_kv_recomputes", "fleetwise_kv_leases_expired", "fleetwi
               "fleetwise_router_retries", 'status="429"', "fleetwise_router_replica_server_errors",
               "fleetwise_router_replica_timeouts",
               "fleetwise_router_migration", "fleetwise_router_unmigratable", "fleetwise_router_handoff_retries",
-              "vllm:num_preemptions")
+              "vllm:num_preemptions",
+              "fleetwise_power_cap")  # a worker's cap: a series only while one is in force
 
 
 def queries(path: Path) -> list[tuple[str, str]]:

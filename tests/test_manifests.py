@@ -68,10 +68,11 @@ def test_the_chart_keeps_the_workers_internal_port_to_the_router_and_the_workers
     public, internal = policy["spec"]["ingress"]
     assert public == {"ports": [{"port": WORKER_PORT, "protocol": "TCP"}]}  # probes, from anywhere
     assert internal["ports"] == [{"port": WORKER_INTERNAL_PORT, "protocol": "TCP"}]
-    router, workers = internal["from"]
-    assert router["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "sys"}}
-    assert router["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "t",
-                                                    "app.kubernetes.io/component": "router"}
+    router, operator, workers = internal["from"]
+    for peer, component in ((router, "router"), (operator, "operator")):  # the operator sends power caps
+        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "sys"}}
+        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "t",
+                                                      "app.kubernetes.io/component": component}
     assert workers == {"podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "fleetwise"}}}
     scoped = [d for d in helm_template("--set", "operator.watchNamespaces={team-a,team-b}")
               if d["kind"] == "NetworkPolicy"]

@@ -1,5 +1,7 @@
 """The worker's Prometheus metrics (names from fleetwise.telemetry.catalog)."""
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from fleetwise.telemetry import catalog as c
@@ -60,6 +62,10 @@ class WorkerMetrics:
                                      registry=r)
         self.kv_peer_failures = Counter(c.KV_PEER_FAILURES, "KV pulls that failed, by sending peer.",
                                         mr + ["peer"], registry=r)
+        self.power_cap = Gauge(c.POWER_CAP_WATTS, "The GPU power cap in force, per GPU (no series: none).", mr,
+                               registry=r)
+        self.power_cap_expiry = Gauge(c.POWER_CAP_EXPIRY, "When the power cap lapses unless renewed (epoch s).",
+                                      mr, registry=r)
         self.model_name, self.role = model_name, role
         self._m = {"model_name": model_name}
         self._mr = {"model_name": model_name, "role": role}
@@ -125,6 +131,15 @@ class WorkerMetrics:
 
     def on_kv_recompute(self, reason: str) -> None:
         self.kv_recomputes.labels(reason=reason, **self._mr).inc()
+
+    def on_power_cap(self, watts: float | None, expires: float | None) -> None:
+        """The cap in force and when it lapses; a series is there only while it applies."""
+        for gauge, value in ((self.power_cap, watts), (self.power_cap_expiry, expires)):
+            if value is not None:
+                gauge.labels(**self._mr).set(value)
+                continue
+            with contextlib.suppress(KeyError):  # not there: nothing to remove
+                gauge.remove(self.model_name, self.role)
 
     def on_reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason, **self._mr).inc()

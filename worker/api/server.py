@@ -49,6 +49,7 @@ from .listeners import (
     serve_together,
 )
 from .openai import APIError, ChatCompletionRequest, CompletionRequest, RequestLimits, error_body
+from .power import add_power_routes
 from .service import WorkerAPI
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
     pulls from prefill workers carry); None: no internal listener."""
     app = _build(engine, connector, role, health_stall_seconds, faults, limits, health_failed_steps,
                  on_engine_failure, internal_token)
+    app.state.power = add_power_routes(app, app.state.api)
     lifespan = SharedLifespan(app)  # the engine starts with the first listener and stops with the last
     return WorkerApps(Listener(app, lifespan, PUBLIC),
                       Listener(app, lifespan, INTERNAL) if internal_token else None)
