@@ -276,7 +276,8 @@ class RouterHealth(BaseModel):
 # -- the OpenAPI document ----------------------------------------------------------------------
 
 _ERRORS = {400: "a client mistake, naming the field in `param`", 401: "no or a wrong shared token",
-           404: "an unknown model or route", 413: "the body is over the limit",
+           404: "an unknown model or route", 409: "valid, but this worker cannot do it (e.g. it has no GPU to cap)",
+           413: "the body is over the limit",
            429: "full: try again after Retry-After", "5XX": "the server failed; never without this body"}
 
 

@@ -7,6 +7,8 @@ naming it."""
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleetwise.openai_schema import errors
+
 from ..engine.engine import LLMEngine
 from ..engine.faults import MAX_KV_DELAY_SECONDS, MAX_SLOW_FACTOR, MAX_STALL_SECONDS, MAX_XID, FaultSettings
 from .openai import APIError
@@ -28,11 +30,11 @@ def add_fault_routes(app: FastAPI, core: LLMEngine) -> None:
     switches = core.switches
     assert switches is not None
 
-    @app.get("/internal/faults")
+    @app.get("/internal/faults", summary="The fault switches in force (drills and tests)")
     async def faults() -> dict:
         return switches.view()
 
-    @app.post("/internal/faults")
+    @app.post("/internal/faults", summary="Set the fault switches (drills and tests)", responses=errors(400))
     async def set_faults(body: FaultsBody) -> dict:
         if body.xid and core.gpu is None:
             raise APIError(400, "xid: this worker has no modelled GPU (start it with --modelled-gpu); on a real GPU "

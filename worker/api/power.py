@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 
 from fastapi import FastAPI
 
+from fleetwise.openai_schema import errors
 from fleetwise.protocol import POWER_PATH, PowerCapRequest, PowerCapState
 from fleetwise.telemetry.modelled_gpu import ModelledGPU
 from fleetwise.telemetry.nvml import NvmlGPU, NvmlRefused, NvmlUnavailable
@@ -155,11 +156,11 @@ class PowerCap:
 def add_power_routes(app: FastAPI, api: WorkerAPI) -> PowerCap:
     cap = PowerCap(api)
 
-    @app.get(POWER_PATH)
+    @app.get(POWER_PATH, summary="The power cap in force", responses=errors(409))
     async def power_state() -> PowerCapState:
         return cap.state()
 
-    @app.post(POWER_PATH)
+    @app.post(POWER_PATH, summary="Set or lift the power cap, as a lease", responses=errors(400, 409))
     async def power_set(body: PowerCapRequest) -> PowerCapState:
         return cap.set(body)
 
