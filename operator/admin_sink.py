@@ -142,6 +142,7 @@ class ReportingFleet:
 
     def __init__(self, fleet: FleetActions, sink: AdminSink) -> None:
         self.fleet, self.sink = fleet, sink
+        self.caps: dict[tuple[str, str], float | None] = {}  # the last cap reported per worker
 
     def _do(self, verb: str, kind: Literal["worker", "node"], target: str, namespace: str, reason: str,
             *args: Any) -> None:
@@ -172,6 +173,17 @@ class ReportingFleet:
 
     def uncordon(self, node: str, reason: str) -> None:
         self._do("uncordon", "node", node, "", reason, node)
+
+    def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
+                  fallback_watts: float | None = None) -> None:
+        """Reported when the cap changes, not at each renewal of the same cap (every period)."""
+        self.fleet.cap_power(worker, watts, until, reason, fallback_watts)
+        key = (worker.namespace, worker.name)
+        if key not in self.caps and watts is None:
+            return  # lifting a cap this operator never reported: nothing changed for the record
+        if self.caps.get(key, -1.0) != watts:
+            self.caps[key] = watts
+            self.sink.power(worker.name, worker.namespace, watts, until if watts is not None else None, reason)
 
     def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
         """Not reported: overrides are a person's, set through the admin API, which records them."""

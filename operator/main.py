@@ -11,12 +11,13 @@ from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
+from fleetwise.fleet import FleetActions
 from fleetwise.logs import configure as configure_logs
 from fleetwise.telemetry.prometheus import PrometheusClient
 
 from . import handlers
 from .actions import KubeFleet
-from .admin_sink import AdminSink
+from .admin_sink import AdminSink, ReportingFleet
 from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
@@ -59,9 +60,11 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     tokens = TokenCopies(kube, token_file) if token_file else None
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
                                            drain_timeout=drain_timeout, tokens=tokens))
-    memo.power = PowerControl(kube, KubeFleet(kube, token_file),
-                              PrometheusClient(prometheus_url) if prometheus_url else None, power_period)
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
+    fleet: FleetActions = KubeFleet(kube, token_file)
+    if memo.admin is not None:  # what the loops do reaches the admin API's records
+        fleet = ReportingFleet(fleet, memo.admin)
+    memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)

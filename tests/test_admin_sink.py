@@ -155,3 +155,35 @@ def test_the_operator_s_verbs_are_reported_done_or_refused(tmp_path, sink_to):
             ("cordon", "gpu-1", "refused"), ("restore", "mixed-0", "refused"), ("quarantine", "mixed-0", "done")]
     finally:
         server.stop()
+
+
+def test_a_power_cap_is_reported_when_it_changes_not_at_each_renewal():
+    from fleetwise.fleet import WorkerRef
+    from fleetwise.operator.admin_sink import ReportingFleet
+
+    class Fleet:  # records what reaches the workers
+        def __init__(self):
+            self.calls = []
+
+        def cap_power(self, worker, watts, until, reason, fallback_watts=None):
+            self.calls.append((worker.name, watts))
+
+    class Sink:
+        def __init__(self):
+            self.records = []
+
+        def power(self, worker, namespace, watts, until, reason):
+            self.records.append((worker, namespace, watts, until))
+
+    fleet, sink = Fleet(), Sink()
+    reporting = ReportingFleet(fleet, sink)
+    w, other = WorkerRef("decode-0", "prod"), WorkerRef("decode-1", "prod")
+    reporting.cap_power(other, None, 10.0, "nothing held")  # a lift of what was never capped
+    for t in (100.0, 101.0, 102.0):  # one cap, renewed each period
+        reporting.cap_power(w, 300.0, t, "domain over 90%")
+    reporting.cap_power(w, 250.0, 103.0, "deeper")
+    reporting.cap_power(w, None, 104.0, "released")
+    reporting.cap_power(w, None, 105.0, "released")
+    assert len(fleet.calls) == 7  # every call still reaches the worker: renewals keep the lease alive
+    assert sink.records == [("decode-0", "prod", 300.0, 100.0), ("decode-0", "prod", 250.0, 103.0),
+                            ("decode-0", "prod", None, None)]
