@@ -41,26 +41,35 @@ class LocalFaults:
     thread: threading.Thread
     stopping: threading.Event
 
+    owns_prometheus: bool = True
+
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=30)
         self.loop.prometheus.close()
-        self.prometheus.stop()
+        if self.owns_prometheus:
+            self.prometheus.stop()
+
+
+def local_prometheus(procs: list[Member], workdir: Path, scrape_interval: float = 1.0) -> PrometheusServer:
+    """The one Prometheus of a local fleet, scraping its workers and its router (not started)."""
+    hosts = {"workers": [urlsplit(m.url).netloc for m in procs if m.role != "router"],
+             "router": [urlsplit(m.url).netloc for m in procs if m.role == "router"]}
+    return PrometheusServer(workdir / "prometheus", hosts, scrape_interval=scrape_interval)
 
 
 def start_local_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, policy: FaultPolicySpec,
-                       scrape_interval: float = 1.0) -> LocalFaults:
-    """Starts Prometheus (PrometheusUnavailable without its binary) and the loop's thread."""
-    hosts = {"workers": [urlsplit(m.url).netloc for m in procs if m.role != "router"],
-             "router": [urlsplit(m.url).netloc for m in procs if m.role == "router"]}
-    prom = PrometheusServer(workdir / "prometheus", hosts, scrape_interval=scrape_interval).start()
+                       scrape_interval: float = 1.0, prometheus: PrometheusServer | None = None) -> LocalFaults:
+    """Starts the loop's thread over `prometheus` (started, kept by the caller) or over a
+    Prometheus of its own (PrometheusUnavailable without its binary)."""
+    prom = prometheus or local_prometheus(procs, workdir, scrape_interval).start()
     loop = FaultLoop(PrometheusClient(prom.url), fleet, policy, lambda: fleet_workers(fleet))
     stopping = threading.Event()
     out = workdir / "faults.json"
     thread = threading.Thread(target=loop.run, args=(stopping, lambda done: _write(out, done)), name="fault-loop",
                               daemon=True)
     thread.start()
-    return LocalFaults(prom, loop, thread, stopping)
+    return LocalFaults(prom, loop, thread, stopping, owns_prometheus=prometheus is None)
 
 
 def _write(path: Path, loop: FaultLoop) -> None:

@@ -53,15 +53,10 @@ class LocalPower:
     options: PowerOptions
     fleet: LocalFleet
     workdir: Path
-    prometheus: PrometheusServer = field(init=False)
+    prometheus: PrometheusServer          # started and stopped by the caller (fleetwise up's one)
     last: Period | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-
-    def __post_init__(self) -> None:
-        targets = [_hostport(w.url) for w in self.fleet.workers.values()]
-        self.prometheus = PrometheusServer(self.workdir / "prometheus", {"workers": targets},
-                                           scrape_interval=self.options.scrape_interval)
 
     def workers(self) -> list[DomainWorker]:
         return [self._worker(m) for m in self.fleet.workers.values()]
@@ -71,7 +66,6 @@ class LocalPower:
                             self.options.products[m.role], series=(("instance", _hostport(m.url)),))
 
     def start(self) -> "LocalPower":
-        self.prometheus.start()
         self._thread = threading.Thread(target=self._run, name="power-loop", daemon=True)
         self._thread.start()
         return self
@@ -102,9 +96,7 @@ class LocalPower:
         os.replace(tmp, path)
 
     def stop(self) -> None:
-        """The loop first (no cap goes out after this), then Prometheus; the workers' caps
-        go with the workers."""
+        """The loop; no cap goes out after this. The workers' caps go with the workers."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.prometheus.stop()

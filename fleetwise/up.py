@@ -36,6 +36,7 @@ from fleetwise.procs import ProcessError, Restarts, fleetwise_argv, stop_all, wa
 if TYPE_CHECKING:
     from fleetwise.admin.local import LocalAdmin
     from fleetwise.local_faults import LocalFaults
+    from fleetwise.telemetry.prometheus_server import PrometheusServer
 
 console = Console()
 
@@ -123,12 +124,25 @@ def _power_line(power: LocalPower | None) -> str | None:
     return f"power: {watts} of a {limit:.0f} W budget ({last.decision.situation}); {escape(last.decision.summary)}"
 
 
-def _start_power(power: PowerOptions | None, fleet: LocalFleet, workdir: Path) -> LocalPower | None:
+def _start_prometheus(procs: list[Member], workdir: Path) -> "PrometheusServer | None":
+    """One Prometheus for the power and fault loops alike; None, said why, when it cannot
+    start (no binary)."""
+    from fleetwise.local_faults import local_prometheus
+    from fleetwise.telemetry.prometheus_server import PrometheusUnavailable
+    try:
+        with console.status("starting Prometheus"):
+            return local_prometheus(procs, workdir).start()
+    except PrometheusUnavailable as e:
+        console.print(f"[red]{e}[/]")
+        return None
+
+
+def _start_power(power: PowerOptions | None, fleet: LocalFleet, workdir: Path,
+                 prometheus: "PrometheusServer") -> LocalPower | None:
     if power is None:
         return None
-    with console.status("starting Prometheus and the power loop"):
-        local_power = LocalPower(power, fleet, workdir).start()
-    console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {local_power.prometheus.url}")
+    local_power = LocalPower(power, fleet, workdir, prometheus).start()
+    console.print(f"power: budget {power.limit_watts:.0f} W, Prometheus {prometheus.url}")
     return local_power
 
 
@@ -139,15 +153,11 @@ def _print_admin(admin: "LocalAdmin") -> None:
                   f"{escape(admin.token_file.read_text().strip())} (also in {admin.token_file})")
 
 
-def _start_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, window: int) -> "LocalFaults | None":
-    """The fault loop over the fleet (`local_faults.py`); None, said why, without Prometheus."""
+def _start_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, window: int,
+                  prometheus: "PrometheusServer") -> "LocalFaults":
+    """The fault loop over the fleet (`local_faults.py`)."""
     from fleetwise.local_faults import local_policy, start_local_faults
-    from fleetwise.telemetry.prometheus_server import PrometheusUnavailable
-    try:
-        faults = start_local_faults(fleet, procs, workdir, local_policy(window))
-    except PrometheusUnavailable as e:
-        console.print(f"[red]--detect-faults: {e}[/]")
-        return None
+    faults = start_local_faults(fleet, procs, workdir, local_policy(window), prometheus=prometheus)
     console.print(f"  fault detection every {window} s (Prometheus {faults.prometheus.url}); "
                   f"scores and incidents in {workdir / 'faults.json'}, actions in {workdir / 'logs' / 'actions.log'}")
     return faults
@@ -218,6 +228,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
     from fleetwise.admin.local import LocalAdmin, start_local
     admin: LocalAdmin | None = None
     faults: LocalFaults | None = None
+    prometheus: PrometheusServer | None = None
 
     stopping: list[int] = []
 
@@ -241,11 +252,12 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 return 1
         if stopping:
             return 130
-        if fault_window_seconds is not None:
-            faults = _start_faults(fleet, procs, workdir, fault_window_seconds)
-            if faults is None:
+        if power is not None or fault_window_seconds is not None:
+            if (prometheus := _start_prometheus(procs, workdir)) is None:
                 return 2
-        local_power = _start_power(power, fleet, workdir)
+            if fault_window_seconds is not None:
+                faults = _start_faults(fleet, procs, workdir, fault_window_seconds, prometheus)
+            local_power = _start_power(power, fleet, workdir, prometheus)
         router = procs[-1].url
         console.print(f"[green]fleet ready[/] ({mode}): router {router}  (logs in {workdir / 'logs'})")
         console.print(f"  curl -s {router}/v1/completions -H 'content-type: application/json' \\\n"
@@ -263,6 +275,8 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
                 admin.stop()
             if faults is not None:
                 faults.stop()
+            if prometheus is not None:  # after both loops
+                prometheus.stop()
             stop_fleet(procs)
         for s, handler in old.items():
             signal.signal(s, handler)
