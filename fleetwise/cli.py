@@ -1,20 +1,17 @@
 """The `fleetwise` command line."""
 
-import importlib
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
 from fleetwise import defaults, gpus
 from fleetwise.admin.commands import admin_app
+from fleetwise.bench_commands import bench_app
 from fleetwise.sim.commands import plan, sim_app
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 model_app = typer.Typer(help="Model files.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that compare against a baseline measured in the same run.",
-                        no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 app.add_typer(sim_app, name="sim")
@@ -307,85 +304,6 @@ def operator(
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
                  drain_timeout=drain_timeout, token_file=internal_token_file, prometheus_url=prometheus_url,
                  power_period=power_period, admin_url=admin_url, admin_token_file=admin_token_file)
-
-
-def _bench(module: str, name: str) -> Callable[..., None]:
-    """A benchmark's entry point. The benchmarks come with a checkout, not with the package."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("fleetwise.bench"):
-            raise
-        typer.echo("the benchmarks are not part of the installed package; run them from a checkout of the "
-                   'repository after `pip install -e ".[dev]"`', err=True)
-        raise typer.Exit(2)
-
-
-@bench_app.command("core")
-def bench_core(
-    requests: int = typer.Option(200, "--requests", help="Requests drawn from the Azure conversation trace."),
-    preset: str = typer.Option("small", "--preset", help="Model preset to benchmark."),
-    model: Path = typer.Option(None, "--model", help="Use this model directory instead of a preset."),
-    trace: Path = typer.Option(None, "--trace", help="Azure LLM trace CSV (default: the conversation trace)."),
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
-    seed: int = typer.Option(0, "--seed"),
-    skip: list[str] = typer.Option([], "--skip", help="Baselines to leave out: static, continuous."),
-):
-    """Throughput and latency of the core against transformers, on trace-shaped requests."""
-    run_core_bench = _bench("fleetwise.bench.core.run", "run_core_bench")
-    run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
-
-
-@bench_app.command("pd")
-def bench_pd(
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
-    preset: str = typer.Option("small", "--preset", help="Model preset."),
-    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths",
-                                       help="Comma-separated prompt lengths."),
-    repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
-):
-    """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
-    run_pd_bench = _bench("fleetwise.bench.pd.run", "run_pd_bench")
-    run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
-
-
-@bench_app.command("router")
-def bench_router(
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
-    rate: int = typer.Option(500, "--rate", help="Requests per second offered."),
-    seconds: float = typer.Option(10.0, "--seconds", help="Duration of each run."),
-    skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
-):
-    """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
-    run_router_bench = _bench("fleetwise.bench.router.run", "run_router_bench")
-    run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
-
-
-@bench_app.command("operator")
-def bench_operator(
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result goes."),
-    nodes: int = typer.Option(250, "--nodes", help="kwok GPU nodes."),
-    deployments: int = typer.Option(100, "--deployments", help="ModelDeployments to create at once."),
-    prefill: int = typer.Option(4, "--prefill", help="Prefill replicas per deployment."),
-    decode: int = typer.Option(6, "--decode", help="Decode replicas per deployment."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Give up after this many seconds."),
-):
-    """Operator convergence on a real API server (kwok nodes), and placement of 10,000 GPUs."""
-    run_operator_bench = _bench("fleetwise.bench.operator", "run_operator_bench")
-    run_operator_bench(out, nodes, deployments, prefill, decode, timeout)
-
-
-@bench_app.command("power")
-def bench_power(
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
-    product: str = typer.Option("H100", "--product", help="The modelled GPU product."),
-    seconds: float = typer.Option(30.0, "--seconds", min=5, help="Duration of each run."),
-):
-    """The power controller on modelled GPUs: reaction time and throughput cost of caps."""
-    if product not in gpus.PRODUCTS:
-        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--product")
-    run_power_bench = _bench("fleetwise.bench.power", "run_power_bench")
-    run_power_bench(out=out, product=product, seconds=seconds)
 
 
 if __name__ == "__main__":
