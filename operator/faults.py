@@ -35,6 +35,7 @@ from fleetwise.telemetry.prometheus import PrometheusClient
 from . import manifests as m
 from .admin_sink import AdminSink
 from .kube import Kube
+from .metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50         # pods and nodes listed in the status
@@ -116,6 +117,7 @@ class FaultControl:
     fleet: FleetActions
     prometheus: PrometheusClient | None
     admin: AdminSink | None = None
+    metrics: OperatorMetrics | None = None
     policies: dict[tuple[str, str], PolicyState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -148,6 +150,7 @@ class FaultControl:
             opened = state.book.window(decision.incidents, [(d.action.verb, d.action.target, d.outcome) for d in done],
                                        decision.held, now, spec.detection.window_seconds)
             self._report(body, opened, done)
+            self._count(key, state.book)
         if done:  # what the actions changed shows in this window's status
             pods, nodes = self.kube.pods(key[0], selector(spec)), self.kube.nodes()
         refused = [f"{d.action.verb} {d.action.target}: {d.outcome}" for d in done if d.outcome.startswith("refused")]
@@ -211,6 +214,21 @@ class FaultControl:
                 self.kube.event(involved, "Warning" if bad else "Normal", f"{cond['type']}{cond['reason']}",
                                 cond["message"])
 
+    def _count(self, key: tuple[str, str], book: fs.IncidentBook | None) -> None:
+        """The open-incidents gauge by kind; None: the policy is gone."""
+        if self.metrics is None:
+            return
+        for kind in ("worker", "node", "link"):
+            if book is None:
+                try:
+                    self.metrics.incidents_open.remove(*key, kind)
+                except KeyError:
+                    pass
+            else:
+                self.metrics.incidents_open.labels(*key, kind).set(
+                    sum(r.state == "Open" and r.kind == kind for r in book.records))
+
     def deleted(self, namespace: str, name: str) -> None:
         with self._lock:
             self.policies.pop((namespace, name), None)
+        self._count((namespace, name), None)

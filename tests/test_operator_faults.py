@@ -8,6 +8,7 @@ from fleetwise.fault_loop import FaultLoop
 from fleetwise.fault_signals import Worker
 from fleetwise.fleet import ActionRefused, Routability, WorkerState
 from fleetwise.operator.faults import FaultControl, policy_workers, selector
+from fleetwise.operator.metrics import OperatorMetrics
 from fleetwise.spec import FaultPolicySpec
 
 from .test_fault_signals import FakeProm
@@ -139,8 +140,12 @@ def test_a_window_quarantines_the_odd_one_out_and_writes_status_events_and_one_a
 
 def test_a_refused_action_makes_the_policy_degraded_and_a_skipped_window_keeps_that():
     kube = FakeKube([pod(i, "a") for i in range(4)], [node("a")])
-    control = FaultControl(kube, FakeFleet(kube, refuse=True), steps({0: 2.0, 1: 2.0, 2: 2.0, 3: 9.0}))  # type: ignore[arg-type]
+    metrics = OperatorMetrics()
+    control = FaultControl(kube, FakeFleet(kube, refuse=True), steps({0: 2.0, 1: 2.0, 2: 2.0, 3: 9.0}),  # type: ignore[arg-type]
+                           metrics=metrics)
     control.window(body(), now=0.0)
+    assert metrics.registry.get_sample_value("fleetwise_incidents_open",
+                                             {"namespace": NS, "policy": "peers", "kind": "worker"}) == 1
     conds = {c["type"]: c for c in kube.statuses[-1]["conditions"]}
     assert (conds["Degraded"]["status"], conds["Degraded"]["reason"]) == ("True", "ActionsRefused")
     assert "being deleted" in conds["Degraded"]["message"] and "AdminReachable" not in conds
@@ -153,6 +158,9 @@ def test_a_refused_action_makes_the_policy_degraded_and_a_skipped_window_keeps_t
     assert conds["Ready"]["status"] == "False" and "no answer" in conds["Ready"]["message"]
     assert conds["Degraded"]["reason"] == "ActionsRefused"  # nothing new was learnt
     assert kube.statuses[-1]["incidents"][0]["state"] == "Open"
+    control.deleted(NS, "peers")
+    assert metrics.registry.get_sample_value("fleetwise_incidents_open",
+                                             {"namespace": NS, "policy": "peers", "kind": "worker"}) is None
 
 
 def test_no_prometheus_or_an_invalid_spec_is_said_in_the_status():
