@@ -4,10 +4,11 @@ window writes to the status, the Events, the incidents sent once per episode, an
 as a condition, a policy with no Prometheus or an invalid spec; and the shared loop's cordon,
 which drains the node's serving workers."""
 
+from fleetwise.controllers import fault_status as fs
 from fleetwise.fault_loop import FaultLoop
 from fleetwise.fault_signals import Worker
 from fleetwise.fleet import ActionRefused, Routability, WorkerState
-from fleetwise.operator.faults import FaultControl, policy_workers, selector
+from fleetwise.operator.faults import FaultControl, admin_kind, policy_workers, selector
 from fleetwise.operator.metrics import OperatorMetrics
 from fleetwise.spec import FaultPolicySpec
 
@@ -202,3 +203,12 @@ def test_a_cordon_drains_the_node_s_serving_workers_and_says_which():
     loop.tick(now=0.0)
     assert fleet.calls == [("cordon", "n1"), ("drain", "w0"), ("drain", "w2")]  # w1 already out
     assert loop.done[0].outcome == "done; drained w0, w2; not drained w3: being deleted"
+
+
+def test_an_incident_s_kind_in_the_admin_store_says_what_was_out():
+    def kind(k: str, evidence: dict) -> str:
+        return admin_kind(fs.Record(k, "x", "", 0.0, 0.0, evidence))
+    assert kind("worker", {"score": 9.0, "hard": None}) == "slow_worker"
+    assert kind("worker", {"hard": "XID error 79"}) == "hard_signal"
+    assert kind("worker", {"kv_sender": {"a->b": 9.0}}) == "slow_kv_sender"
+    assert (kind("node", {"w1": {}}), kind("link", {"score": 9.0})) == ("bad_node", "slow_link")

@@ -2,7 +2,8 @@
 deployment on three two-GPU nodes, a stand-in Prometheus whose series make one pod, then both
 pods of one node, the odd ones out, the operator with the chart's RBAC and a real admin API.
 A FaultPolicy quarantines the slow pod (label, Events, status, an incident in the admin
-store), then cordons the bad node and drains its pods."""
+store), then, with the admin API down, cordons the bad node, drains its pods and says the
+admin API is unreachable."""
 
 import json
 import time
@@ -75,7 +76,7 @@ def setup(tmp_path_factory):
                    for i, p in enumerate(sorted(pods, key=lambda p: p["metadata"]["name"]))}
         address_map(c).write_text(json.dumps({f"{NS}/{name}": {"url": f"http://{inst}", "internal": f"http://{inst}"}
                                               for name, (_, inst) in workers.items()}))
-        yield c, prom, workers, api.url + "/api/v1"
+        yield c, prom, workers, api
     finally:
         if op is not None:
             op.stop()
@@ -109,7 +110,8 @@ def status(c) -> dict:
 
 
 def test_a_fault_policy_quarantines_the_odd_pod_out_then_cordons_a_bad_node(setup):
-    c, prom, workers, api = setup
+    c, prom, workers, admin = setup
+    api = admin.url + "/api/v1"
     odd = sorted(workers)[0]
     prom.set(series(workers, {odd}))
     t0 = time.monotonic()
@@ -145,7 +147,10 @@ def test_a_fault_policy_quarantines_the_odd_pod_out_then_cordons_a_bad_node(setu
     done = httpx.get(f"{api}/actions/remediation", headers=h).json()["items"]
     assert any(a["verb"] == "quarantine" and a["target"] == odd and a["outcome"] == "done" for a in done), done
 
-    # both pods of a node with no quarantined pod go bad together: the node is cordoned, its pods drained
+    # the admin API goes away; both pods of a node with no quarantined pod go bad together: the node
+    # is cordoned and its pods drained all the same, and the policy says its records wait (that they
+    # arrive once it is back is tests/test_admin_sink.py's)
+    admin.stop()
     by_node: dict[str, list[str]] = {}
     for name, (node, _) in workers.items():
         by_node.setdefault(node, []).append(name)
@@ -166,4 +171,7 @@ def test_a_fault_policy_quarantines_the_odd_pod_out_then_cordons_a_bad_node(setu
     for name in pair:  # drained: out of routing, then gone once the drain runs out
         p = get(c, "pods", "-n", NS, "--field-selector", f"metadata.name={name}")["items"]
         assert not p or p[0]["metadata"]["labels"].get("fleetwise.dev/routable") == "false"
+    down = wait_for(lambda: next((x for x in status(c)["conditions"] if x["type"] == "AdminReachable"
+                                  and x["status"] == "False"), None), 30, what="AdminReachable False")
+    assert "wait in the queue" in down["message"] and "AdminReachableUnreachable" in events(c, NS, "peers")
     print(f"quarantined after {took:.1f} s")
