@@ -26,7 +26,7 @@ from fleetwise.addresses import load_address_map, worker_url
 from fleetwise.controllers import fault_status as fs
 from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
 from fleetwise.controllers.status import Condition
-from fleetwise.fault_loop import FaultLoop
+from fleetwise.fault_loop import Done, FaultLoop
 from fleetwise.fault_signals import Worker
 from fleetwise.fleet import FleetActions, Routability
 from fleetwise.spec import API_VERSION, FaultPolicySpec
@@ -166,7 +166,7 @@ class FaultControl:
         self._write(body, status, conditions)
         return float(spec.detection.window_seconds)
 
-    def _report(self, body: dict, opened: list[fs.Record], done: list) -> None:
+    def _report(self, body: dict, opened: list[fs.Record], done: list[Done]) -> None:
         involved = {"apiVersion": API_VERSION, "kind": "FaultPolicy", "metadata": body["metadata"]}
         namespace = body["metadata"]["namespace"]
         for rec in opened:
