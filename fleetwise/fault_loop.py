@@ -3,7 +3,8 @@
 wraps its fleet in `ReportingFleet` so each one reaches the admin API). Used by the operator
 and by `fleetwise up --detect-faults` alike.
 
-Quarantine and RestartPod go to the worker; CordonNode to its node; a slow link has no verb
+Quarantine and RestartPod go to the worker; CordonNode to its node, then a drain of each of its
+workers still serving (their deployments replace them away from the node); a slow link has no verb
 yet (routing around one pair is the router's), so it is an incident without an action. An
 action the fleet refuses is recorded as refused; a Prometheus that does not answer skips the
 window (no data is not a healthy window, and not a sick one either).
@@ -22,6 +23,7 @@ from fleetwise.spec import FaultPolicySpec
 from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError
 
 log = logging.getLogger(__name__)
+MAX_DONE = 200   # actions kept in `done`, the newest
 
 
 @dataclass
@@ -47,8 +49,9 @@ class FaultLoop:
 
     def tick(self, now: float | None = None) -> FaultDecision | None:
         now = time.time() if now is None else now
+        del self.done[:-MAX_DONE]
         workers = self.workers()
-        refs = {w.name: WorkerRef(w.name, node=w.node, url=w.url) for w in workers}
+        refs = {w.name: WorkerRef(w.name, w.namespace, node=w.node, url=w.url) for w in workers}
         out = {n for n, ref in refs.items() if self.fleet.state(ref).state is not Routability.SERVING}
         try:
             signals = read_signals(self.prometheus, workers, self.policy.detection.window_seconds, out)
@@ -65,14 +68,15 @@ class FaultLoop:
             if self.on_incident is not None:
                 self.on_incident(inc)
         for action in decision.actions:
-            self.done.append(Done(action, self._apply(action, refs), now))
+            self.done.append(Done(action, self._apply(action, refs, out), now))
         self.last = decision
         return decision
 
-    def _apply(self, action: Action, refs: dict[str, WorkerRef]) -> str:
+    def _apply(self, action: Action, refs: dict[str, WorkerRef], out: set[str]) -> str:
         try:
             if action.verb == "CordonNode":
                 self.fleet.cordon(action.target, action.reason)
+                return self._drain_node(action, refs, out)
             elif action.verb == "Quarantine":
                 self.fleet.quarantine(refs[action.target], action.reason)
             elif action.verb == "RestartPod":
@@ -83,6 +87,19 @@ class FaultLoop:
             log.warning("%s %s refused: %s", action.verb, action.target, e)
             return f"refused: {e}"
         return "done"
+
+    def _drain_node(self, action: Action, refs: dict[str, WorkerRef], out: set[str]) -> str:
+        drained, refused = [], []
+        for name, ref in sorted(refs.items()):
+            if ref.node != action.target or name in out:
+                continue
+            try:
+                self.fleet.drain(ref, f"its node {action.target} is cordoned: {action.reason}")
+                drained.append(name)
+            except ActionRefused as e:
+                refused.append(f"{name}: {e}")
+        return "; ".join(["done", *(["drained " + ", ".join(drained)] if drained else []),
+                          *(["not drained " + "; ".join(refused)] if refused else [])])
 
     def run(self, stop: threading.Event, after: Callable[["FaultLoop"], None] | None = None) -> None:
         """A window every `windowSeconds`, until `stop` is set; `after` sees each window's result."""

@@ -35,6 +35,7 @@ class Worker:
     url: str                  # public: the scrape target (Prometheus' `instance`)
     internal_url: str = ""    # what the router and the decode workers call (the `url` and `peer` labels)
     node: str | None = None
+    namespace: str = "local"  # a pod's namespace; "local" under `fleetwise up` (as `WorkerRef`)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class AdminSink:
         self.queue: deque[Record] = deque()
         self.wake = threading.Condition()
         self.stopping = False
+        self.reachable = True   # False while records cannot be delivered (a condition's, as the metric's 0)
         self.thread = threading.Thread(target=self._run, name="admin-sink", daemon=True)
         metrics.admin_up.set(1)
 
@@ -58,6 +59,10 @@ class AdminSink:
             self.wake.notify()
         self.thread.join(timeout)
         self.client.close()
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
 
     def send(self, path: str, body: dict[str, Any]) -> None:
         """Queues a record and returns at once."""
@@ -120,12 +125,14 @@ class AdminSink:
                     down_since = now
                     log.warning("the admin API is unreachable; %d records queued, retrying", len(self.queue))
                 self.metrics.admin_up.set(0)
+                self.reachable = False
                 with self.wake:
                     self.wake.wait_for(lambda: self.stopping, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = self.min_backoff
             self.metrics.admin_up.set(1)
+            self.reachable = True
             if result == "sent":
                 self.metrics.admin_sent.inc()
             else:

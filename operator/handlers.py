@@ -20,6 +20,7 @@ from fleetwise.controllers.status import settled
 from fleetwise.spec import GROUP, VERSION
 
 from . import manifests as m
+from .faults import FaultControl
 from .kube import error_message
 from .power import PowerControl
 from .reconcile import Operator
@@ -173,3 +174,27 @@ async def power_loop(stopped: kopf.DaemonStopped, body: kopf.Body, name: str, me
 async def budget_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.operator.cluster.on_budget(event["type"], _plain(body))
     memo.wakeups.wake_all()
+
+
+@kopf.daemon(GROUP, VERSION, "faultpolicies", cancellation_timeout=10.0)
+async def fault_loop(stopped: kopf.DaemonStopped, body: kopf.Body, namespace: str | None, name: str,
+                     memo: kopf.Memo, **_: Any) -> None:
+    """One window every `windowSeconds`, in a worker thread, the first at once (Prometheus holds
+    the window before it); an edited policy takes effect at the next one."""
+    control: FaultControl | None = memo.get("faults")
+    if control is None:
+        return
+    assert namespace is not None, "FaultPolicies are namespaced"
+    loop = asyncio.get_running_loop()
+    try:
+        while not stopped:
+            try:
+                wait = await loop.run_in_executor(memo.reconcilers, control.window, _plain(body))
+            except Exception:
+                log.exception("fault loop of FaultPolicy %s/%s: the window failed", namespace, name)
+                wait = RESYNC_SECONDS
+            if wait is None:  # the status says why once; there is nothing to watch
+                return
+            await stopped.wait(wait)
+    finally:  # the detector's memory goes with the daemon (the policy deleted, or the operator stopping)
+        control.deleted(namespace, name)

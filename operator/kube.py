@@ -178,6 +178,16 @@ class Kube:
         except ApiException as e:
             if e.status != 404:  # deleted meanwhile
                 raise
+
+    def patch_fault_policy_status(self, namespace: str, name: str, status: dict) -> None:
+        self._count("patch", "faultpolicies/status")
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "faultpolicies", name,
+                                                              {"status": status})
+        except ApiException as e:
+            if e.status != 404:  # deleted meanwhile
+                raise
+
     def review_token(self, token: str) -> str | None:
         """The user a bearer token authenticates as (a TokenReview), or None."""
         self._count("create", "tokenreviews")

@@ -18,6 +18,7 @@ from fleetwise.telemetry.prometheus import PrometheusClient
 from . import handlers
 from .actions import KubeFleet
 from .admin_sink import AdminSink, ReportingFleet
+from .faults import FaultControl
 from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
@@ -44,7 +45,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                  prometheus_url: str | None = None, power_period: float = PERIOD_SECONDS,
                  admin_url: str | None = None, admin_token_file: Path | None = None) -> None:
     """`token_file`: the shared internal token, copied into the workers' namespaces.
-    `prometheus_url`: where the power loops read the GPUs' power (None: no power loop).
+    `prometheus_url`: where the power loops read the GPUs' power and the fault loops the
+    workers' signals (None: neither runs).
     `admin_url`: where incidents and actions go (`memo.admin`, an `AdminSink`), with the
     token in `admin_token_file`."""
     configure_logs(logging.INFO)
@@ -65,6 +67,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
     memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period)
+    memo.faults = FaultControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, memo.admin,
+                               metrics)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)

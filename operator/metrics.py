@@ -25,6 +25,9 @@ class OperatorMetrics:
         self.admin_sent = Counter(c.OPERATOR_ADMIN_SENT, "Records the admin API accepted.", registry=r)
         self.admin_dropped = Counter(c.OPERATOR_ADMIN_DROPPED, "Records given up on: the queue was full "
                                      "(the oldest goes) or the admin API refused them.", ["reason"], registry=r)
+        self.incidents_open = Gauge(c.INCIDENTS_OPEN, "A FaultPolicy's incidents seen in its last window that "
+                                    "nothing was done about, by kind (worker, node, link).",
+                                    ["namespace", "policy", "kind"], registry=r)
         self.workers = Gauge(c.OPERATOR_WORKERS, "A ModelDeployment's worker pods by routability state.",
                              ["namespace", "deployment", "state"], registry=r)
 

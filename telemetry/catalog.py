@@ -78,8 +78,9 @@ OPERATOR_WORKERS = "fleetwise_operator_workers"                  # gauge: namesp
 # tests/test_dashboards.py keeps the list honest.
 POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: domain; the domain's draw, W
 POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: domain; its PowerBudget's limitWatts
-INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: kind; fault incidents not yet resolved
-NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS, INCIDENTS_OPEN)
+NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS)
+# the operator's fault loops (operator/faults.py)
+INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: namespace, policy, kind; open incidents
 
 # GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
 # and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter

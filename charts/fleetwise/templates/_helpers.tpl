@@ -42,6 +42,12 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
   - apiGroups: [fleetwise.dev]
     resources: [modeldeployments/status]
     verbs: [patch]
+  - apiGroups: [fleetwise.dev]
+    resources: [faultpolicies]
+    verbs: [list, watch, patch]             # patch: the fault loop's daemon (kopf's finalizer)
+  - apiGroups: [fleetwise.dev]
+    resources: [faultpolicies/status]
+    verbs: [patch]                          # the fault loop's status
   - apiGroups: [""]
     resources: [pods]
     verbs: [create, delete, patch]          # patch: routability labels and annotations
