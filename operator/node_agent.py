@@ -71,7 +71,7 @@ class Applied:
     holder: Holder
 
 
-@dataclass
+@dataclass(eq=False)  # a collector: the registry keys it by identity
 class NodeAgent:
     node: str
     gpus: list[NvmlGPU]

@@ -66,7 +66,10 @@ class NvmlGPU:
 
     def limit_watts(self) -> float:
         nv = _nvml()
-        return nv.nvmlDeviceGetPowerManagementLimit(self._handle) / 1000
+        try:
+            return nv.nvmlDeviceGetPowerManagementLimit(self._handle) / 1000
+        except nv.NVMLError as e:
+            raise NvmlUnavailable(f"GPU {self.index}: {e}") from e
 
     def set_limit(self, watts: float | None) -> None:
         """`watts` within [min_watts, max_watts]; None: back to the default limit."""
