@@ -44,6 +44,9 @@ def run_node_agent(node: str, port: int, host: str, period: float, socket: Path,
         config.load_incluster_config()
     else:
         config.load_kube_config()
+    if not client.Configuration.get_default_copy().verify_ssl:
+        import urllib3
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     pods = NodePods(client.ApiClient(), node)
     agent = NodeAgent(node, gpus, pods.intents, lambda: list_gpu_holders(str(socket)), xid, gpu_metrics)
     pods.on_error = lambda: agent.errors.labels("pods_watch", "").inc()
