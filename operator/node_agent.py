@@ -129,9 +129,10 @@ class NodeAgent:
         if abs(gpu.limit_watts() - want) > TOLERANCE_WATTS:
             try:
                 gpu.set_limit(watts)
-            except NvmlRefused as e:
+            except NvmlRefused as e:  # what holds is whatever held before: no cap of ours to report
                 self.errors.labels("set_limit", str(gpu.index)).inc()
                 log.error("%s", e)
+                self.applied.pop(gpu.index, None)
                 return
             who = f"{holder.namespace}/{holder.pod}" if holder else "no pod"
             log.info("GPU %s (%s): power limit %g W%s", gpu.index, who, want, " (default)" if watts is None else "")

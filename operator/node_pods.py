@@ -60,7 +60,8 @@ class NodePods:
                 self._stop.wait(RETRY_SECONDS)
 
     def _list_and_watch(self) -> None:
-        listed = self.core.list_pod_for_all_namespaces(**self._query(), _request_timeout=30)
+        # resource_version "0": from the API server's watch cache, as kubelets list, not a quorum read
+        listed = self.core.list_pod_for_all_namespaces(**self._query(), resource_version="0", _request_timeout=30)
         pods = self.api.sanitize_for_serialization(listed.items)
         with self._lock:
             self._intents = {(p["metadata"]["namespace"], p["metadata"]["name"]): cap_intent(p) for p in pods}
