@@ -7,6 +7,7 @@ import typer
 from fleetwise import defaults, gpus
 from fleetwise.admin.commands import admin_app
 from fleetwise.bench_commands import bench_app
+from fleetwise.operator.agent_commands import node_agent
 from fleetwise.sim.commands import plan, sim_app
 
 app = typer.Typer(help="fleetwise: serve large language models on fleets of GPU nodes.",
@@ -17,6 +18,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(sim_app, name="sim")
 app.command("plan")(plan)
 app.add_typer(admin_app, name="admin")
+app.command("node-agent")(node_agent)
 
 
 @model_app.command("init")
@@ -285,6 +287,10 @@ def operator(
                                             "read it (none: no power capping)."),
     power_period: float = typer.Option(5.0, "--power-period", min=1, max=300,
                                        help="Seconds between a PowerBudget's control periods."),
+    power_actuator: str = typer.Option("worker", "--power-actuator",
+                                       help="worker or node-agent: who applies caps: the worker (a modelled GPU) "
+                                            "or `fleetwise node-agent` on the GPU nodes, from the pod's annotation "
+                                            "(real GPUs)."),
     admin_url: str = typer.Option(None, "--admin-url", envvar="FLEETWISE_ADMIN_URL",
                                   help="The admin API, which incidents and actions are sent to (queued through "
                                        "its outages)."),
@@ -301,9 +307,12 @@ def operator(
         raise typer.BadParameter(f"{e} (worker pods mount a copy of it)", param_hint="--internal-token-file")
     if (admin_url is None) != (admin_token_file is None):
         raise typer.BadParameter("give both --admin-url and --admin-token-file, or neither", param_hint="--admin-url")
+    if power_actuator not in ("worker", "node-agent"):
+        raise typer.BadParameter("worker or node-agent", param_hint="--power-actuator")
     run_operator(kubeconfig, namespace, lease_namespace, metrics_port, liveness_port, tolerate_taint,
                  drain_timeout=drain_timeout, token_file=internal_token_file, prometheus_url=prometheus_url,
-                 power_period=power_period, admin_url=admin_url, admin_token_file=admin_token_file)
+                 power_period=power_period, admin_url=admin_url, admin_token_file=admin_token_file,
+                 power_actuator=power_actuator)
 
 
 if __name__ == "__main__":

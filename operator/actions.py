@@ -11,10 +11,13 @@ reason on the pod or node, and every call goes through `kube.py`.
 
 A power cap is recorded on the pod (`fleetwise.dev/power-cap`: watts, until, fallback,
 reason), with an Event when its value changes, and sent to the worker's `/internal/power`
-with the shared token. The annotation is the intent anyone can read with kubectl and what a
-node agent with NVML's privileges applies on real GPUs (a worker container cannot); the call
-is what a modelled GPU takes. A renewal rewrites the annotation only once half its time has
-gone, so holding caps costs the API server little.
+with the shared token. The annotation is the intent anyone can read with kubectl; the call
+is what a modelled GPU takes. On real GPUs (`power_actuator="node-agent"`) the annotation is
+the only path: `fleetwise node-agent` on the pod's node applies it through NVML (a worker
+container has no privilege to) and enforces its `until` as the lease, so no call is sent. A
+renewal rewrites the annotation only once half its time has gone, so holding caps costs the
+API server little. The power verbs read the pod from the operator's watch cache when given
+one (`PodCache`): a control period then makes no GET per pod.
 """
 
 import json
@@ -29,17 +32,29 @@ from fleetwise.protocol import load_token
 
 from . import manifests as m
 from .kube import Kube
+from .pod_cache import PodCache
 
 log = logging.getLogger(__name__)
 
 
-class KubeFleet:
-    def __init__(self, kube: Kube, token_file: Path | None = None) -> None:
-        """`token_file`: the shared internal token, for the workers' /internal/power."""
-        self.kube, self.token_file = kube, token_file
+POWER_ACTUATORS = ("worker", "node-agent")
 
-    def _pod(self, verb: str, worker: WorkerRef) -> dict[str, Any]:
-        pod = self.kube.pod(worker.namespace, worker.name)
+
+class KubeFleet:
+    def __init__(self, kube: Kube, token_file: Path | None = None, pods: PodCache | None = None,
+                 power_actuator: str = "worker") -> None:
+        """`token_file`: the shared internal token, for the workers' /internal/power. `pods`:
+        the watch cache the power verbs read. `power_actuator`: who applies a cap, the worker
+        (a modelled GPU) or the node agent (real GPUs, from the annotation alone)."""
+        if power_actuator not in POWER_ACTUATORS:
+            raise ValueError(f"power_actuator: one of {', '.join(POWER_ACTUATORS)}; got {power_actuator!r}")
+        self.kube, self.token_file, self.pods, self.power_actuator = kube, token_file, pods, power_actuator
+
+    def _pod(self, verb: str, worker: WorkerRef, cached: bool = False) -> dict[str, Any]:
+        if cached and self.pods is not None and self.pods.loaded:
+            pod = self.pods.get(worker.namespace, worker.name)
+        else:
+            pod = self.kube.pod(worker.namespace, worker.name)
         if pod is None:
             raise ActionRefused(f"{verb}: no pod {worker.namespace}/{worker.name}")
         labels = pod["metadata"].get("labels") or {}
@@ -91,11 +106,11 @@ class KubeFleet:
                         f"cap cleared: {reason}" if watts is None else f"cap {watts:.0f} W until {until:.0f}: {reason}")
 
     def power_override(self, worker: WorkerRef) -> PowerOverride | None:
-        return m.pod_power_override(self._pod("power_override", worker), time.time())
+        return m.pod_power_override(self._pod("power_override", worker, cached=True), time.time())
 
     def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
                   fallback_watts: float | None = None) -> None:
-        pod = self._pod("cap_power", worker)
+        pod = self._pod("cap_power", worker, cached=True)
         before, now = m.pod_power_cap(pod), time.time()
         was, left = (None, 0.0) if before is None else (before["watts"], before["until"] - now)
         if was != watts or (watts is not None and left < (until - now) / 2):
@@ -106,6 +121,8 @@ class KubeFleet:
         if was != watts:
             self.kube.event(pod, "Normal", "PowerCapLifted" if watts is None else "PowerCapped",
                             reason if watts is None else f"cap {watts:.0f} W per GPU: {reason}")
+        if self.power_actuator == "node-agent":
+            return
         url = worker.url or worker_url(pod, load_address_map(), internal=True)
         if self.token_file is None or url is None:
             raise ActionRefused(f"cap_power: recorded on {worker.namespace}/{worker.name}, not sent: "

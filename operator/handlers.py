@@ -59,6 +59,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     operator: Operator = memo.operator
     operator.cluster.load(operator.kube)
+    if memo.get("pods") is not None:
+        memo.pods.load(operator.kube)
 
 
 def reconcile_once(operator: Operator, body: dict) -> float:
@@ -123,7 +125,10 @@ def deleted(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
 
 @kopf.on.event("", "v1", "pods")
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.operator.cluster.on_pod(event["type"], _plain(body))
+    pod = _plain(body)
+    memo.operator.cluster.on_pod(event["type"], pod)
+    if memo.get("pods") is not None:
+        memo.pods.on_pod(event["type"], pod)
     deployment = (body.get("metadata", {}).get("labels") or {}).get(m.LABEL_DEPLOYMENT)
     if deployment:
         memo.wakeups.wake(body["metadata"]["namespace"], deployment)

@@ -23,6 +23,7 @@ from .internal_token import TokenCopies
 from .kube import Kube
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
+from .pod_cache import PodCache
 from .power import PERIOD_SECONDS, PowerControl
 from .reconcile import Operator
 
@@ -43,12 +44,14 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                  liveness_port: int, tolerate_taints: list[str], identity: str | None = None,
                  drain_timeout: float = DRAIN_TIMEOUT_SECONDS, token_file: Path | None = None,
                  prometheus_url: str | None = None, power_period: float = PERIOD_SECONDS,
-                 admin_url: str | None = None, admin_token_file: Path | None = None) -> None:
+                 admin_url: str | None = None, admin_token_file: Path | None = None,
+                 power_actuator: str = "worker") -> None:
     """`token_file`: the shared internal token, copied into the workers' namespaces.
     `prometheus_url`: where the power loops read the GPUs' power and the fault loops the
     workers' signals (None: neither runs).
     `admin_url`: where incidents and actions go (`memo.admin`, an `AdminSink`), with the
-    token in `admin_token_file`."""
+    token in `admin_token_file`. `power_actuator`: who applies caps, the workers (modelled
+    GPUs) or `fleetwise node-agent` on each GPU node (real GPUs)."""
     configure_logs(logging.INFO)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Prometheus query
@@ -63,10 +66,12 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
                                            drain_timeout=drain_timeout, tokens=tokens))
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
-    fleet: FleetActions = KubeFleet(kube, token_file)
+    memo.pods = PodCache()  # the watch's worker pods: the power loops read no pod on their own
+    fleet: FleetActions = KubeFleet(kube, token_file, memo.pods, power_actuator)
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
-    memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period)
+    memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period,
+                              pods=memo.pods, metrics=metrics)
     memo.faults = FaultControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, memo.admin,
                                metrics)
     if metrics_port:

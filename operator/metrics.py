@@ -30,6 +30,21 @@ class OperatorMetrics:
                                     ["namespace", "policy", "kind"], registry=r)
         self.workers = Gauge(c.OPERATOR_WORKERS, "A ModelDeployment's worker pods by routability state.",
                              ["namespace", "deployment", "state"], registry=r)
+        self.domain_watts = Gauge(c.POWER_DOMAIN_WATTS, "A power domain's measured draw (its workers' GPUs), W.",
+                                  ["domain"], registry=r)
+        self.domain_limit = Gauge(c.POWER_DOMAIN_LIMIT_WATTS, "A power domain's PowerBudget limitWatts.",
+                                  ["domain"], registry=r)
+
+    def set_power_domain(self, domain: str, watts: float | None, limit: float | None) -> None:
+        """The domain's draw and limit; None removes the series (a missing reading is no sample, never 0)."""
+        for gauge, value in ((self.domain_watts, watts), (self.domain_limit, limit)):
+            if value is None:
+                try:
+                    gauge.remove(domain)
+                except KeyError:
+                    pass
+            else:
+                gauge.labels(domain).set(value)
 
     def set_workers(self, namespace: str, deployment: str, states: list[Routability] | None) -> None:
         """Each state's count of one deployment's pods; None: the deployment is gone."""

@@ -7,6 +7,12 @@ A worker's priority is its ModelDeployment's, its GPU product the node's label, 
 series those labelled with its `pod` and `namespace` (as the DCGM exporter labels them on
 Kubernetes, and as a modelled GPU does from the downward API). Without a Prometheus URL
 the operator runs no power loop and says so in each budget's status.
+
+The pods come from the operator's watch cache (`PodCache`) when it has one, so a period
+lists nodes and ModelDeployments but never reads a pod on its own. Each period also sets
+the domain's `fleetwise_power_domain_watts` (no sample while the reading is missing: never
+a zero) and `fleetwise_power_domain_limit_watts`, labelled `domain` with the budget's name,
+which the dashboards and the chart's alert divide.
 """
 
 import datetime as dt
@@ -26,6 +32,8 @@ from fleetwise.telemetry.prometheus import PrometheusClient
 from . import manifests as m
 from .cluster import pod_gpus
 from .kube import Kube
+from .metrics import OperatorMetrics
+from .pod_cache import PodCache
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,8 @@ class PowerControl:
     prometheus: PrometheusClient | None
     period_seconds: float = PERIOD_SECONDS
     settings: Settings = field(default_factory=Settings)
+    pods: PodCache | None = None
+    metrics: OperatorMetrics | None = None
     loops: dict[str, PowerLoop] = field(default_factory=dict)
     _last: dict[str, dict] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -116,10 +126,15 @@ class PowerControl:
                                                          self.period_seconds))
         workers = self.workers(spec)
         period = loop.run_period(spec, workers)
+        if self.metrics is not None:
+            self.metrics.set_power_domain(name, period.reading.watts, spec.limit_watts)
         return self._write(body, budget_status(spec, period, workers, self._last.get(name, {})))
 
     def workers(self, spec: PowerBudgetSpec) -> list[DomainWorker]:
-        pods = self.kube.all_pods(f"{m.MANAGED_BY}=fleetwise")
+        if self.pods is not None and self.pods.loaded:
+            pods = self.pods.workers()
+        else:
+            pods = self.kube.all_pods(f"{m.MANAGED_BY}=fleetwise")
         deployments = [d for ns in sorted({p["metadata"]["namespace"] for p in pods})
                        for d in self.kube.model_deployments(ns)]
         return domain_workers(spec, self.kube.nodes(), pods, deployments)
@@ -140,6 +155,8 @@ class PowerControl:
         with self._lock:
             loop = self.loops.pop(name, None)
         self._last.pop(name, None)
+        if self.metrics is not None:
+            self.metrics.set_power_domain(name, None, None)
         if loop is None or not loop.caps:
             return
         workers = [DomainWorker(WorkerRef(k.split("/", 1)[1], k.split("/", 1)[0]), "High", "mixed", "")

@@ -31,6 +31,9 @@ ENGINE_HEARTBEAT_AGE = "fleetwise_engine_heartbeat_age_seconds"
 POWER_CAP_WATTS = "fleetwise_power_cap_watts"  # gauge, W per GPU: the cap in force; no series while uncapped
 POWER_CAP_EXPIRY = "fleetwise_power_cap_expiry_timestamp_seconds"  # gauge: when the cap lapses unless renewed
 
+# fleetwise node-agent (real GPUs): it also exports the DCGM series below and the caps it applied
+NODE_AGENT_ERRORS = "fleetwise_node_agent_errors"  # counter, label what: gpu_read, set_limit, pod_resources, pods_watch
+
 # prefill -> decode handoff
 KV_TRANSFER_BYTES = "fleetwise_kv_transfer_bytes"      # counter, label direction (sent|received)
 KV_TRANSFER_SECONDS = "fleetwise_kv_transfer_seconds"  # histogram, one pull
@@ -72,15 +75,16 @@ OPERATOR_ADMIN_SENT = "fleetwise_operator_admin_records_sent"    # counter
 OPERATOR_ADMIN_DROPPED = "fleetwise_operator_admin_records_dropped"  # counter: reason (full, rejected)
 
 OPERATOR_WORKERS = "fleetwise_operator_workers"                  # gauge: namespace, deployment, state (routability)
+# each PowerBudget's loop (operator/power.py), labelled domain (the budget's name)
+POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: the domain's draw, W; no sample while missing
+POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: its PowerBudget's limitWatts
 
-# Named for the chart's alerts and the dashboards before their exporters exist (the power
-# loop, fault detection); NOT_EXPORTED_YET lists them until a part exports each, and
-# tests/test_dashboards.py keeps the list honest.
-POWER_DOMAIN_WATTS = "fleetwise_power_domain_watts"              # gauge: domain; the domain's draw, W
-POWER_DOMAIN_LIMIT_WATTS = "fleetwise_power_domain_limit_watts"  # gauge: domain; its PowerBudget's limitWatts
-NOT_EXPORTED_YET = (POWER_DOMAIN_WATTS, POWER_DOMAIN_LIMIT_WATTS)
 # the operator's fault loops (operator/faults.py)
 INCIDENTS_OPEN = "fleetwise_incidents_open"                      # gauge: namespace, policy, kind; open incidents
+
+# Names the chart's alerts or the dashboards read before a part exports them; empty now that
+# every one is exported, and tests/test_dashboards.py keeps it honest.
+NOT_EXPORTED_YET: tuple[str, ...] = ()
 
 # GPU telemetry under the DCGM exporter's names and labels (gpu, UUID, modelName, Hostname,
 # and on Kubernetes pod, namespace, container), so the same PromQL reads a real DCGM exporter
@@ -93,4 +97,6 @@ DCGM_SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"                        # gauge, MHz
 DCGM_GPU_TEMP = "DCGM_FI_DEV_GPU_TEMP"                        # gauge, degrees C
 DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"                        # gauge, %
 DCGM_XID_ERRORS = "DCGM_FI_DEV_XID_ERRORS"                    # gauge: the last XID error's code (0: none)
+DCGM_ECC_SBE_VOL = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"            # counter: single-bit (corrected) ECC errors since load
+DCGM_ECC_DBE_VOL = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"            # counter: double-bit (uncorrected) ECC errors since load
 DCGM_LABELS = ("gpu", "UUID", "modelName", "Hostname")

@@ -52,6 +52,8 @@ def test_helm_lint_passes_with_every_feature_on():
     ("serviceMonitor.interval=soon", "at '/serviceMonitor/interval'"),
     ("admin.database=mysql://db", "at '/admin/database'"),
     ("prometheusRule.kvRecomputeRatio=5", "at '/prometheusRule/kvRecomputeRatio'"),
+    ("nodeAgent.period=0", "at '/nodeAgent/period'"),
+    ("nodeAgent.podResourcesPath=kubelet", "at '/nodeAgent/podResourcesPath'"),
 ])
 def test_a_wrong_value_fails_naming_it(value, words):
     from fleetwise.testenv.cluster import CHART
@@ -171,3 +173,34 @@ def test_the_packaged_chart_carries_the_dashboards_and_not_their_generator(tmp_p
     assert {f"fleetwise/dashboards/{p.name}" for p in (ROOT / "dashboards").glob("*.json")} <= names
     assert not [n for n in names if n.endswith(".py")]
     assert "fleetwise/values.schema.json" in names
+
+
+def test_the_node_agent_is_off_by_default_and_on_gets_only_what_nvml_and_the_kubelet_need():
+    assert not [d for d in render() if "node-agent" in d["metadata"]["name"]]
+    operator_args = one(render(), "Deployment", "t-fleetwise-operator")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert not [a for a in operator_args if a.startswith("--power-actuator")]
+    docs = render(*EVERYTHING, "--set", "nodeAgent.enabled=true,nodeAgent.gpuMetrics=false")
+    agent = one(docs, "DaemonSet", "t-fleetwise-node-agent")["spec"]["template"]
+    pod, [container] = agent["spec"], agent["spec"]["containers"]
+    assert container["command"] == ["fleetwise", "node-agent"] and "--no-gpu-metrics" in container["args"]
+    ctx = container["securityContext"]
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] and not ctx["privileged"]
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])  # it takes no GPU from the workers
+    [host] = [v for v in pod["volumes"] if "hostPath" in v]
+    assert host["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] == host["name"])
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
+    role = one(docs, "ClusterRole", "t-fleetwise-node-agent")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    binding = one(docs, "ClusterRoleBinding", "t-fleetwise-node-agent")
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    monitor = one(docs, "PodMonitor", "t-fleetwise-node-agent")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= agent["metadata"]["labels"].items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in container["ports"]}
+    operator_args = one(docs, "Deployment", "t-fleetwise-operator")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--power-actuator=node-agent" in operator_args

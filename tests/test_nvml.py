@@ -42,6 +42,7 @@ def fake_pynvml(init_error: int | None = None, set_error: int | None = None) -> 
     m.nvmlDeviceGetPowerManagementDefaultLimit = lambda h: 700_000
     m.nvmlDeviceGetPowerManagementLimit = lambda h: m.limit_mw
     m.nvmlDeviceGetName = lambda h: "NVIDIA H100 80GB HBM3"
+    m.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
     m.nvmlDeviceSetPowerManagementLimit = set_limit
     return m
 

@@ -137,3 +137,76 @@ def test_a_deleted_budget_lifts_the_caps_it_holds():
     assert capped
     control.deleted("row-1")
     assert all(fleet.caps[k] is None for k in capped) and "row-1" not in control.loops
+
+
+class CountingKube(FakeKube):
+    """FakeKube with the pod reads and writes `KubeFleet` makes, each counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.annotations: dict[str, dict] = {}
+
+    def all_pods(self, selector: str = "") -> list[dict]:
+        self.calls.append(("list", "pods"))
+        return super().all_pods(selector)
+
+    def pod(self, namespace: str, name: str) -> dict | None:
+        self.calls.append(("get", "pods"))
+        return next((p for p in super().all_pods() if p["metadata"]["name"] == name), None)
+
+    def patch_pod_metadata(self, namespace: str, name: str, labels=None, annotations=None) -> None:
+        self.calls.append(("patch", "pods"))
+        self.annotations.setdefault(name, {}).update(annotations or {})
+
+    def event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def test_a_period_reads_pods_and_overrides_from_the_watch_cache_with_no_per_pod_get():
+    import json
+
+    from fleetwise.operator.actions import KubeFleet
+    from fleetwise.operator.pod_cache import PodCache
+    kube, cache = CountingKube(), PodCache()
+    for p in FakeKube().all_pods():
+        cache.on_pod("ADDED", p)
+    cache.loaded = True
+    override = {"watts": 300, "until": 4e9, "reason": "drill"}
+    chat = pod("chat-decode-0", "b", "chat", "decode")
+    chat["metadata"]["annotations"] = {"fleetwise.dev/power-override": json.dumps(override)}
+    cache.on_pod("MODIFIED", chat)  # the override as the watch brings it
+    fleet = KubeFleet(kube, pods=cache, power_actuator="node-agent")  # type: ignore[arg-type]  # a fake Kube
+    prom = FakePrometheus({"batch-decode-0": 650.0, "chat-decode-0": 650.0, "batch-prefill-0": 600.0})
+    control = PowerControl(kube, fleet, prom, pods=cache)  # type: ignore[arg-type]  # fakes of what it calls
+    for _ in range(3):
+        status = control.period(body())
+    assert ("get", "pods") not in kube.calls and ("list", "pods") not in kube.calls, kube.calls
+    assert {w["pod"]: w["override"] for w in status["cappedWorkers"]}["chat-decode-0"] is True
+    assert json.loads(kube.annotations["chat-decode-0"]["fleetwise.dev/power-cap"])["watts"] == 300
+    assert any(json.loads(a["fleetwise.dev/power-cap"])["watts"] < 700 for n, a in kube.annotations.items()
+               if n.startswith("batch"))
+    # a pod the watch has seen go is no worker of the domain, and no verb reads it by GET
+    cache.on_pod("DELETED", chat)
+    control.period(body())
+    assert "chat-decode-0" not in {w["pod"] for w in kube.statuses[-1][1]["cappedWorkers"]}
+    assert ("get", "pods") not in kube.calls
+
+
+def test_each_period_exports_the_domains_draw_and_limit_and_a_missing_reading_is_no_sample():
+    from prometheus_client import generate_latest
+
+    from fleetwise.operator.metrics import OperatorMetrics
+    kube, fleet, metrics = FakeKube(), FakeFleet(), OperatorMetrics()
+    prom = FakePrometheus({"batch-decode-0": 400.0, "chat-decode-0": 500.0, "batch-prefill-0": 300.0})
+    control = PowerControl(kube, fleet, prom, metrics=metrics)  # type: ignore[arg-type]  # fakes of what it calls
+    control.period(body())
+    page = generate_latest(metrics.registry).decode()
+    assert 'fleetwise_power_domain_watts{domain="row-1"} 1200.0' in page
+    assert 'fleetwise_power_domain_limit_watts{domain="row-1"} 2000.0' in page
+    prom.watts = {"batch-decode-0": 400.0}  # two workers without a series: the reading is missing
+    control.period(body())
+    page = generate_latest(metrics.registry).decode()
+    assert "fleetwise_power_domain_watts{" not in page and 'limit_watts{domain="row-1"} 2000.0' in page
+    control.deleted("row-1")
+    assert "domain=" not in generate_latest(metrics.registry).decode()

@@ -2,7 +2,8 @@
 processes behind them (each a modelled A100 labelled with its pod's name, as the DCGM exporter
 labels a GPU's series), a real Prometheus scraping them, the operator with the chart's RBAC.
 A PowerBudget over the nodes writes its status, caps the pods (annotation, Event, the
-worker's own cap), takes an edit at its next period, and lifts its caps when deleted."""
+worker's own cap), takes an edit at its next period, and lifts its caps when deleted; its
+domain's draw and limit are on the operator's /metrics, and its periods read no pod by GET."""
 
 import contextlib
 import json
@@ -71,7 +72,7 @@ def setup(tmp_path_factory, tiny_model_dir):
         address_map(c).write_text(json.dumps(addresses))
         wait_healthy(workers, 120)
         prometheus.set_targets({"workers": [w.url.removeprefix("http://") for w in workers]})
-        yield c, addresses
+        yield c, addresses, op
     finally:
         for w in workers:
             w.stop()
@@ -88,6 +89,17 @@ def budget(limit: float) -> dict:
 
 def status(c) -> dict:
     return get(c, "powerbudget", "row-1").get("status") or {}
+
+
+def operator_series(op, name: str) -> dict[str, float]:
+    """The samples of one metric on the operator's /metrics page, by their label text."""
+    page = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=10).text
+    return {line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in page.splitlines() if line.startswith(name + "{")}
+
+
+def pod_gets(op) -> float:
+    return operator_series(op, "fleetwise_operator_api_requests_total").get('verb="get",resource="pods"', 0.0)
 
 
 def worker_caps(addresses: dict) -> dict[str, float | None]:
@@ -121,10 +133,12 @@ class Load:
 
 
 def test_a_power_budget_caps_reports_takes_edits_and_lifts_its_caps_when_deleted(setup):
-    c, addresses = setup
+    c, addresses, op = setup
     # two idle A100s draw 110 W, under the release threshold of a 200 W budget; busy, well over it
     apply(c, budget(200))
     wait_for(lambda: status(c).get("state") == "Normal" and status(c)["measuredWatts"] < 160, 60, what="idle")
+    assert operator_series(op, "fleetwise_power_domain_limit_watts") == {'domain="row-1"': 200.0}
+    assert 0 < operator_series(op, "fleetwise_power_domain_watts")['domain="row-1"'] < 160
     load = Load(addresses)
     try:
         seen: list[dict] = [{}]
@@ -137,6 +151,9 @@ def test_a_power_budget_caps_reports_takes_edits_and_lifts_its_caps_when_deleted
             st = wait_for(capped, 60, what="caps")
         except AssertionError as e:
             raise AssertionError(f"{e}; the budget's status: {seen[0]}") from None
+        gets = pod_gets(op)  # caps held and renewed, overrides looked for: from the watch cache
+        time.sleep(3.5)  # three periods
+        assert pod_gets(op) == gets
         assert st["state"] in ("Capping", "Emergency", "Releasing") and st["limitWatts"] == 200
         assert st["capThresholdWatts"] == pytest.approx(180) and st["telemetryAgeSeconds"] < 5
         assert {w["node"] for w in st["cappedWorkers"]} <= {"a100-0", "a100-1"}

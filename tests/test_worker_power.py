@@ -127,3 +127,16 @@ def test_a_worker_without_a_gpu_refuses_a_cap_plainly(tiny_model_dir):
         assert r.json()["error"]["code"] == "no_gpu"
     finally:
         proc.stop()
+
+
+def test_a_worker_on_a_real_gpu_leaves_its_cap_to_the_node_agent():
+    """One path for a real GPU's cap (the pod's annotation, the node agent): the worker says so."""
+    from types import SimpleNamespace
+
+    from fleetwise.worker.api.openai import APIError
+    from fleetwise.worker.api.power import PowerCap
+    api = SimpleNamespace(core=SimpleNamespace(gpu=None, runner=SimpleNamespace(device=SimpleNamespace(type="cuda"))))
+    with pytest.raises(APIError) as refused:
+        PowerCap(api).limiter()  # type: ignore[arg-type]  # only what limiter() reads
+    assert refused.value.status == 409 and refused.value.code == "node_agent_caps"
+    assert "node-agent" in refused.value.message

@@ -9,14 +9,15 @@ uncapped at once. The cap in force is a metric (`fleetwise_power_cap_watts`, wit
 expiry) next to the GPU's own enforced-limit series.
 
 The GPU is the modelled one (`--modelled-gpu`: the cap holds its draw and stretches its
-steps) or, on a real GPU, NVML; a worker container normally lacks the privilege NVML needs,
-and then the answer says so (409) instead of pretending the cap holds. Only the internal
-listener serves this, behind the shared token.
+steps). A real GPU's cap has one path, and it is not this one: the operator records it on
+the pod and `fleetwise node-agent` applies it with NVML's privileges, which a worker
+container lacks; a worker on a real GPU answers 409 saying so, instead of pretending the
+cap holds or fighting the agent over the limit. Only the internal listener serves this,
+behind the shared token.
 """
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from fastapi import FastAPI
 from fleetwise.openai_schema import errors
 from fleetwise.protocol import POWER_PATH, PowerCapRequest, PowerCapState
 from fleetwise.telemetry.modelled_gpu import ModelledGPU
-from fleetwise.telemetry.nvml import NvmlGPU, NvmlRefused, NvmlUnavailable
 
 from .openai import APIError
 from .service import WorkerAPI
@@ -55,28 +55,6 @@ class ModelledLimiter:
         self.gpu.set_cap(watts)
 
 
-@dataclass
-class NvmlLimiter:
-    gpu: NvmlGPU
-    source: Literal["modelled", "nvml"] = "nvml"
-
-    def __post_init__(self) -> None:
-        self.min_watts, self.max_watts = self.gpu.min_watts, self.gpu.max_watts
-
-    def apply(self, watts: float | None) -> None:
-        try:
-            self.gpu.set_limit(watts)
-        except NvmlRefused as e:
-            raise APIError(409, str(e), code="power_limit_refused") from e
-
-
-def _nvml_index(device: str) -> int:
-    """The NVML index of torch's `cuda[:N]`: NVML numbers every GPU, CUDA the visible ones."""
-    n = int(device.split(":")[1]) if ":" in device else 0
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return int(visible[n]) if n < len(visible) and visible[n].strip().isdigit() else n
-
-
 class PowerCap:
     """The cap in force on this worker's GPU and its lease; acts in the serving event loop."""
 
@@ -96,10 +74,9 @@ class PowerCap:
             if core.gpu is not None:
                 self._limiter = ModelledLimiter(core.gpu)
             elif core.runner.device.type == "cuda":
-                try:
-                    self._limiter = NvmlLimiter(NvmlGPU(_nvml_index(str(core.runner.device))))
-                except NvmlUnavailable as e:
-                    raise APIError(409, f"this worker cannot set its GPU's power limit: {e}", code="no_gpu") from e
+                raise APIError(409, "a real GPU's power cap is applied by fleetwise node-agent on its node, from "
+                                    "the pod's fleetwise.dev/power-cap annotation (the operator's --power-actuator "
+                                    "node-agent), not by the worker", code="node_agent_caps")
             else:
                 raise APIError(409, "this worker has no GPU to cap (a CPU worker takes caps only as a modelled GPU: "
                                     "--modelled-gpu)", code="no_gpu")
@@ -139,7 +116,7 @@ class PowerCap:
         fallback, was = self.fallback, self.watts
         try:
             self.limiter().apply(fallback)
-        except APIError as e:  # NVML refused the fallback: keep reporting what holds
+        except APIError as e:  # the GPU refused the fallback: keep reporting what holds
             log.error("power cap lapsed, fallback %s W not applied: %s", fallback, e.message)
             return
         self.watts, self.until, self.fallback = fallback, None, None
