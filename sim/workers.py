@@ -120,7 +120,8 @@ class Worker:
 
     def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
         seconds, watts = self.pool.prompt_step(tokens, decodes, self.cap_watts)
-        return seconds * self.slow, watts
+        extra = self.pool.perf.hybrid_ms(decodes, self.ctx_sum + len(self.batch) * self.g) * self.token_slow / 1e3
+        return seconds * self.slow + extra, watts
 
     @property
     def draw(self) -> float:
