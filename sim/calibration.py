@@ -10,10 +10,11 @@ can run here is simulated with a profile of its own worker, one step at a time:
                    + per_context_token x cached tokens the decodes read
 
 fitted by least squares with every coefficient kept non-negative (a negative one is dropped and
-the rest fitted again). `StepProfile.perf_model()` turns it into a `PerfModel`: a prompt pass
-of n tokens is `overhead + per_prompt_token x n`, a token step of b sequences is `overhead +
-per_decode x b` plus the cache read, and a prompt pass that carries decodes (a hybrid step)
-pays for them too (`PerfModel.hybrid`).
+the rest fitted again), then once more without the steps far off the first fit (a step another
+process held off the CPU). `StepProfile.perf_model()` turns it into a `PerfModel`: a prompt
+pass of n tokens is `overhead + per_prompt_token x n`, a token step of b sequences is
+`overhead + per_decode x b` plus the cache read, and a prompt pass that carries decodes (a
+hybrid step) pays for them too (`PerfModel.hybrid`).
 """
 
 import json
@@ -84,26 +85,40 @@ def load(path: str | Path) -> StepProfile:
     return StepProfile(**{k: v for k, v in data.items() if k in known})
 
 
-def fit(samples: list[StepSample], model: str, kv_capacity_tokens: int, kv_bytes_per_token: int) -> StepProfile:
-    """The non-negative least-squares line through the samples (at least one per term)."""
-    if len(samples) < len(TERMS):
-        raise ValueError(f"a fit needs at least {len(TERMS)} steps, got {len(samples)}")
-    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context) for s in samples])
-    y = np.array([s.seconds * 1e3 for s in samples])
-    keep = list(range(len(TERMS)))
-    coef = np.zeros(len(TERMS))
+def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient non-negative: the most negative one is dropped and
+    the rest fitted again until none is."""
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
     while keep:
         sol, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
-        coef = np.zeros(len(TERMS))
+        coef = np.zeros(x.shape[1])
         coef[keep] = sol
         negative = [k for k in keep if coef[k] < 0]
         if not negative:
             break
-        keep.remove(min(negative, key=lambda k: coef[k]))   # the most negative goes; refit the rest
-    coef = np.clip(coef, 0.0, None)
+        keep.remove(min(negative, key=lambda k: coef[k]))
+    return np.clip(coef, 0.0, None)
+
+
+def fit(samples: list[StepSample], model: str, kv_capacity_tokens: int, kv_bytes_per_token: int) -> StepProfile:
+    """The non-negative least-squares line through the samples (at least one per term). Steps
+    far off the first line (beyond 4 robust standard deviations: a step another process held
+    off the CPU) are left out of the second fit."""
+    if len(samples) < len(TERMS):
+        raise ValueError(f"a fit needs at least {len(TERMS)} steps, got {len(samples)}")
+    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context) for s in samples])
+    y = np.array([s.seconds * 1e3 for s in samples])
+    coef = _lstsq(x, y)
+    residual = y - x @ coef
+    mad = float(np.median(np.abs(residual - np.median(residual))))
+    inliers = np.abs(residual) <= 4 * 1.4826 * mad if mad > 0 else np.ones(len(y), dtype=bool)
+    if inliers.sum() >= len(TERMS):
+        x, y = x[inliers], y[inliers]
+        coef = _lstsq(x, y)
     predicted = x @ coef
     spread = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - predicted) ** 2)) / spread if spread > 0 else math.nan
     return StepProfile(model, *(float(c) for c in coef), kv_capacity_tokens=kv_capacity_tokens,
-                       kv_bytes_per_token=kv_bytes_per_token, samples=len(samples), r2=r2,
+                       kv_bytes_per_token=kv_bytes_per_token, samples=len(y), r2=r2,
                        median_abs_error_ms=float(np.median(np.abs(y - predicted))))

@@ -111,3 +111,13 @@ def test_gap_histogram_quantiles_are_within_a_percent():
     for q in (0.5, 0.9, 0.99):
         assert h.quantile(q) == pytest.approx(q, rel=0.01)
     assert math.isnan(GapHistogram().quantile(0.5))
+
+
+def test_steps_held_off_the_cpu_do_not_drag_the_fit():
+    samples = synthetic(300, noise_ms=0.3, seed=2)
+    # one step in ten took 50 ms longer: another process had the core
+    held = [StepSample(s.prompt_tokens, s.decodes, s.context, s.seconds + (0.05 if i % 10 == 0 else 0.0))
+            for i, s in enumerate(samples)]
+    got = calibration.fit(held, "m", 1000, 64)
+    assert got.overhead_ms == pytest.approx(TRUE["overhead_ms"], rel=0.1)
+    assert 250 <= got.samples <= 270   # the 30 held-off steps are out, few others
