@@ -4,6 +4,7 @@ EOS ignored, with per-token log probabilities asked so that every token comes in
 its own; each token's arrival time is kept."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import httpx
 import orjson
 
 from fleetwise.net import free_port
+from fleetwise.telemetry import catalog as c
 
 
 @dataclass
@@ -98,12 +100,40 @@ async def drive(url: str, model: str, requests: list[tuple[float, list[int], int
         return measured, time.perf_counter() - t0
 
 
+def public_urls(workdir: Path) -> list[str]:
+    """The workers' public listeners (where /metrics is), from their command lines."""
+    urls = []
+    for name, pid in json.loads((workdir / "pids.json").read_text()).items():
+        if name.startswith("mixed-"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            urls.append(f"http://127.0.0.1:{argv[argv.index(b'--port') + 1].decode()}")
+    return urls
+
+
+def engine_steps(workdir: Path) -> tuple[float, float]:
+    """(step seconds, steps) so far, summed over the fleet's workers, from their own metrics."""
+    seconds = steps = 0.0
+    for u in public_urls(workdir):
+        text = httpx.get(u + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(c.STEP_SECONDS + "_sum"):
+                seconds += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(c.STEP_SECONDS + "_count"):
+                steps += float(line.rsplit(" ", 1)[1])
+    return seconds, steps
+
+
 def run_fleet(model_dir: Path, workdir: Path, workers: int,
-              requests: list[tuple[float, list[int], int]]) -> tuple[list[Measured], float]:
+              requests: list[tuple[float, list[int], int]]) -> tuple[list[Measured], float, tuple[float, float]]:
+    """What each request saw, the run's wall seconds, and the engine seconds and steps the
+    workers spent on it (their own step metrics, read before and after)."""
     workdir.mkdir(parents=True, exist_ok=True)
     up, url = start_fleet(model_dir, workdir, workers)
     try:
         wait_ready(up, url, model_dir.name)
-        return asyncio.run(drive(url, model_dir.name, requests))
+        s0, n0 = engine_steps(workdir)
+        measured, wall = asyncio.run(drive(url, model_dir.name, requests))
+        s1, n1 = engine_steps(workdir)
+        return measured, wall, (s1 - s0, n1 - n0)
     finally:
         stop_fleet(up)

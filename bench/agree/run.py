@@ -7,6 +7,12 @@
 3. The real fleet: `fleetwise up` with `workers` mixed workers serving the workload (fleet.py).
 4. The simulator: the same requests, colocated pools timed by the saved profile, the engine's
    token budget and batch limit.
+The machine is shared, so the engine's steps run slower under others' load than when the profile
+was measured: the workers' own step metrics give the seconds they spent stepping during the run,
+and the profile, scaled by one factor to match that total (`load_factor`), times the simulator
+(`sim`); the unscaled profile's run is reported too (`sim_unscaled`). The factor fixes the mean
+cost of a step, not how latency spreads over requests: TTFT and TBT percentiles stay predictions,
+while throughput is then close by construction.
 Both sides report TTFT, time between tokens (per request, and every single gap) and throughput;
 the result states each percentile's relative error and the largest over TTFT and TBT p50/p90.
 """
@@ -84,6 +90,17 @@ def sim_side(requests: list[trace.Request], profile: Path, workers: int) -> tupl
     return out, flights
 
 
+def predicted_engine_s(profile: calibration.StepProfile, requests: list[trace.Request], steps: float) -> float:
+    """Engine seconds the profile gives the requests' work over `steps` steps: each step's fixed
+    cost, every prompt token, every decode and the cache each decode reads, however the steps
+    grouped them."""
+    prompt = sum(r.prompt_tokens for r in requests)
+    decodes = sum(r.output_tokens - 1 for r in requests)
+    context = sum((r.output_tokens - 1) * (r.prompt_tokens + 1) + (r.output_tokens - 1) * (r.output_tokens - 2) / 2
+                  for r in requests)
+    return profile.step_ms(prompt, decodes, context) / 1e3 + profile.overhead_ms * (steps - 1) / 1e3
+
+
 def errors(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
     """sim / real - 1 for every percentile both have, and throughput."""
     out: dict[str, Any] = {}
@@ -112,7 +129,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     rng = random.Random(seed)
     sent = [(r.arrival, [rng.choice(allowed) for _ in range(r.prompt_tokens)], r.output_tokens) for r in requests]
     console.print(f"the real fleet: fleetwise up, {workers} mixed worker(s), one torch thread each")
-    measured, wall = run_fleet(model_dir, out / "agree-fleet", workers, sent)
+    measured, wall, (engine_s, steps) = run_fleet(model_dir, out / "agree-fleet", workers, sent)
     after, _, _ = measure_steps(model_dir, lengths, calibration_steps, seed + 1)
     # the machine is shared: steps measured on both sides of the run, so the profile sees the load it had
     profile = calibration.fit(before + after, model_dir.name, kv_tokens, kv_bytes)
@@ -121,15 +138,21 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     profile_path = profile.save(out / f"agree-profile-{preset}.json")
     console.print(f"profile: {profile}")
     real = real_side(measured)
-    sim, flights = sim_side(requests, profile_path, workers)
+    load = engine_s / predicted_engine_s(profile, requests, steps) if steps else 1.0
+    scaled = replace(profile, **{k: getattr(profile, k) * load for k in calibration.TERMS})
+    scaled_path = scaled.save(out / f"agree-profile-{preset}-load-scaled.json")
+    unscaled, _ = sim_side(requests, profile_path, workers)
+    sim, flights = sim_side(requests, scaled_path, workers)
     report = header("sim-agree") | {
         "command": (f"fleetwise sim agree --preset {preset} --workers {workers} --start {start:g} "
                     f"--rate-scale {rate_scale:g} --seconds {seconds:g} --length-scale {length_scale:g} "
                     f"--calibration-steps {calibration_steps}"),
         "trace": str(trace_path), "requests": len(requests), "workers": workers, "rate_scale": rate_scale,
         "length_scale": length_scale, "seconds": seconds, "fleet_wall_s": wall,
-        "profile": asdict(profile), "profiles_before_and_after": drift, "real": real, "sim": sim,
-        "relative_error": errors(real, sim)}
+        "profile": asdict(profile), "profiles_before_and_after": drift,
+        "fleet_engine": {"step_seconds": engine_s, "steps": steps, "load_factor": load},
+        "profile_load_scaled": asdict(scaled), "real": real, "sim": sim, "relative_error": errors(real, sim),
+        "sim_unscaled": unscaled, "relative_error_unscaled": errors(real, unscaled)}
     name = f"sim-agree-{preset}-{workers}w"
     json_path = write_json(out / f"{name}.json", report)
     real_cdfs = {"ttft": [m.token_times[0] - m.arrival for m in measured if m.token_times],
