@@ -119,6 +119,6 @@ def fit(samples: list[StepSample], model: str, kv_capacity_tokens: int, kv_bytes
     predicted = x @ coef
     spread = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - predicted) ** 2)) / spread if spread > 0 else math.nan
-    return StepProfile(model, *(float(c) for c in coef), kv_capacity_tokens=kv_capacity_tokens,
+    return StepProfile(model, **{k: float(c) for k, c in zip(TERMS, coef)}, kv_capacity_tokens=kv_capacity_tokens,
                        kv_bytes_per_token=kv_bytes_per_token, samples=len(y), r2=r2,
                        median_abs_error_ms=float(np.median(np.abs(y - predicted))))

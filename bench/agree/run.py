@@ -161,7 +161,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
                  "gaps": [float(g) for m in measured for g in np.diff(m.token_times)]}
     png = save_plot(lambda p: draw(report, real_cdfs, flights, p), out / f"{name}.png", console)
     wrote(console, json_path, png)
-    err = report["relative_error"]
+    err = errors(real, sim)
     console.print(f"sim vs real: TTFT p50 {err['ttft_s']['p50']:+.1%} p90 {err['ttft_s']['p90']:+.1%}; "
                   f"TBT p50 {err['tbt_s']['p50']:+.1%} p90 {err['tbt_s']['p90']:+.1%}; "
                   f"throughput {err['output_tokens_per_s']:+.1%}; largest {err['max_abs_ttft_tbt_p50_p90']:.1%}")
