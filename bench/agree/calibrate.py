@@ -1,7 +1,11 @@
 """The worker's step profile, measured: the real engine (one torch thread, the worker's own
 defaults) runs a stream of requests whose lengths come from the workload, arriving so that the
 batch grows and shrinks, and every step's makeup (prompt tokens, decodes, the cache they read)
-and its wall time are recorded; `fleetwise.sim.calibration.fit` fits them."""
+and its time are recorded; `fleetwise.sim.calibration.fit` fits them. The time is the engine
+thread's CPU time, not the wall clock: on a shared machine the wall clock of a step is mostly
+how long other processes held the core, which has nothing to do with the step's makeup and
+drowns the shape of the cost (one torch thread: the forward pass runs on the calling thread).
+How much slower the wall clock ran during the fleet's run is measured there (run.py)."""
 
 import random
 import time
@@ -49,11 +53,11 @@ def measure_steps(model_dir: Path, lengths: list[tuple[int, int]], steps: int, s
             engine.add_request(f"c{i}", [rng.choice(allowed) for _ in range(p)],
                                SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, logprobs=0))
         seen.clear()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         engine.step()
-        wall = time.perf_counter() - t0
+        cpu = time.thread_time() - t0
         if i >= warmup and seen:
-            samples.append(StepSample(*_makeup(seen[0]), wall))
+            samples.append(StepSample(*_makeup(seen[0]), cpu))
     kv_tokens = engine.runner.num_blocks * engine.config.block_size
     cfg = engine.model_config
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4

@@ -7,10 +7,12 @@
 3. The real fleet: `fleetwise up` with `workers` mixed workers serving the workload (fleet.py).
 4. The simulator: the same requests, colocated pools timed by the saved profile, the engine's
    token budget and batch limit.
-The machine is shared, so the engine's steps run slower under others' load than when the profile
-was measured: the workers' own step metrics give the seconds they spent stepping during the run,
-and the profile, scaled by one factor to match that total (`load_factor`), times the simulator
-(`sim`); the unscaled profile's run is reported too (`sim_unscaled`). The factor fixes the mean
+The profile is measured in the engine thread's CPU time (the shape of a step's cost, free of
+other processes); on a shared machine the wall clock runs slower than that by however much of
+the core others take, so the workers' own step metrics give the wall seconds they spent
+stepping during the run, and the profile, scaled by one factor to match that total
+(`load_factor`), times the simulator (`sim`); the unscaled profile's run is reported too
+(`sim_unscaled`). The factor fixes the mean
 cost of a step, not how latency spreads over requests: TTFT and TBT percentiles stay predictions,
 while throughput is then close by construction.
 Both sides report TTFT, time between tokens (per request, and every single gap) and throughput;
@@ -131,7 +133,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     console.print(f"the real fleet: fleetwise up, {workers} mixed worker(s), one torch thread each")
     measured, wall, (engine_s, steps) = run_fleet(model_dir, out / "agree-fleet", workers, sent)
     after, _, _ = measure_steps(model_dir, lengths, calibration_steps, seed + 1)
-    # the machine is shared: steps measured on both sides of the run, so the profile sees the load it had
+    # measured on both sides of the run: how far apart the two fits are says how well the shape is known
     profile = calibration.fit(before + after, model_dir.name, kv_tokens, kv_bytes)
     drift = {name: asdict(calibration.fit(part, model_dir.name, kv_tokens, kv_bytes))
              for name, part in (("before", before), ("after", after))}
