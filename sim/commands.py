@@ -88,3 +88,27 @@ def sim_scale(
     except ValueError:
         raise typer.BadParameter(f"--sizes must be integers separated by commas, not {sizes!r}")
     raise typer.Exit(main(config, counts, duration, out, plot))
+
+
+@sim_app.command("agree")
+def sim_agree(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result, PNG and profile go."),
+    preset: str = typer.Option("small", "--preset", help="Model preset the workers serve."),
+    workers: int = typer.Option(1, "--workers", min=1, max=2, help="Mixed workers under fleetwise up (one or two)."),
+    trace: Path = typer.Option(None, "--trace", help="An Azure LLM trace CSV (default: conversation)."),
+    start: float = typer.Option(40.0, "--start", min=0, help="Seconds into the trace where the slice begins."),
+    rate_scale: float = typer.Option(0.1, "--rate-scale", min=0.001, help="The trace's arrival rate times this."),
+    seconds: float = typer.Option(120.0, "--seconds", min=1, max=3600, help="Seconds of the slowed trace to serve."),
+    length_scale: float = typer.Option(0.2, "--length-scale", min=0.001, max=1.0,
+                                       help="Prompt and output lengths times this."),
+    calibration_steps: int = typer.Option(400, "--calibration-steps", min=20, max=100_000,
+                                          help="Engine steps measured for the step profile."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """The simulator against `fleetwise up` on the same trace slice, the simulator timed by the
+    worker's own measured steps; TTFT, TBT and throughput compared (needs a checkout: it is a benchmark)."""
+    from fleetwise.bench_commands import _bench
+    from fleetwise.sim.run import DEFAULT_TRACE
+    run_agree = _bench("fleetwise.bench.agree.run", "run_agree")
+    run_agree(out, preset, workers, trace or DEFAULT_TRACE, start, rate_scale, seconds, length_scale,
+              calibration_steps, seed)

@@ -156,6 +156,7 @@ class Simulation:
         w.prompt_j += seconds * watts
         for _, _, f in w.batch:   # the running decodes wait for this pass
             f.max_gap = max(f.max_gap, seconds)
+        w.gaps.add(seconds, len(w.batch))
         w.in_pass = True
         w.version += 1   # a colocated batch waits for the pass
         w.passes += 1

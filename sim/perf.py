@@ -69,14 +69,20 @@ class PerfModel:
     prompt_points: tuple[tuple[int, float], ...]   # (batched prompt tokens, ms)
     token_points: tuple[tuple[int, float], ...]    # (batch, ms) at zero context
     kv_ms_per_token: float                    # ms per context token read by one token step
+    # a measured worker's own profile (calibration.py) states these; the Splitwise fit derives them
+    kv_capacity: int | None = None            # tokens of KV cache per worker
+    kv_bytes: int | None = None               # per token
+    hybrid: bool = False                      # a prompt pass also pays for the decodes it carries
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return MODELS[self.model].kv_bytes_per_token
+        return self.kv_bytes if self.kv_bytes is not None else MODELS[self.model].kv_bytes_per_token
 
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens of KV cache a worker holds: its GPUs' memory, less the weights."""
+        if self.kv_capacity is not None:
+            return self.kv_capacity
         memory = GPU_MEMORY_GB.get(self.gpu) or GPU_MEMORY_GB[profiled_stand_in(self.gpu)]
         free = self.tp * memory * 1e9 * MEMORY_UTILISATION - MODELS[self.model].weight_bytes
         if free <= 0:
@@ -90,6 +96,13 @@ class PerfModel:
     def token_base_ms(self, batch: int) -> float:
         """A token step of `batch` sequences, before reading the KV cache."""
         return _interp(self.token_points, batch)
+
+    def hybrid_ms(self, decodes: int, context: float) -> float:
+        """What `decodes` sequences reading `context` cached tokens add to a prompt pass
+        (nothing unless the model is `hybrid`: the Splitwise profile's passes carry none)."""
+        if not self.hybrid or decodes == 0:
+            return 0.0
+        return self.token_base_ms(decodes) - self.token_base_ms(0) + self.kv_ms_per_token * context
 
     def token_ms(self, batch: int, context: float) -> float:
         """A token step of `batch` sequences reading `context` cached tokens in all."""

@@ -31,10 +31,11 @@ def result_plot(result: dict[str, Any], path: Path) -> str:
 
     def draw(axes: Any) -> None:
         ax = axes[0]
-        names = ("ttft_s", "tbt_s", "e2e_s")
+        names = [n for n in ("ttft_s", "tbt_s", "tbt_token_s", "e2e_s") if result.get(n)]
         for i, q in enumerate(("p50", "p90", "p99")):
-            ax.bar([k + (i - 1) * 0.27 for k in range(3)], [result[n][q] for n in names], 0.27, label=q)
-        ax.set_xticks(range(3), ["TTFT", "TBT", "end to end"])
+            ax.bar([k + (i - 1) * 0.27 for k in range(len(names))], [result[n][q] for n in names], 0.27, label=q)
+        labels = {"ttft_s": "TTFT", "tbt_s": "TBT\n(request)", "tbt_token_s": "TBT\n(token)", "e2e_s": "end to end"}
+        ax.set_xticks(range(len(names)), [labels[n] for n in names])
         ax.set_yscale("log")
         ax.set_ylabel("seconds")
         ax.legend()

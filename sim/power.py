@@ -4,6 +4,8 @@ Prometheus (the mean over the last scrape interval), and every control period ha
 `fleetwise.controllers.power.decide`, the operator's own function, whose cap changes then
 stretch the workers' steps from that moment on.
 
+The operator's controller is handed, besides each window's mean, the highest `sample_s` mean
+inside it (prompt passes' bursts); `fleetwise-mean` is the same controller handed the mean alone.
 Two other controllers run in the same place for comparison: `polca`, POLCA's two-threshold
 policy (a fixed frequency cap, as a power fraction, on every low-priority worker above the
 first threshold and on every worker above the second; all lifted below the release threshold),
@@ -19,7 +21,7 @@ from fleetwise.spec import PowerBudgetSpec
 
 from .workers import Worker
 
-CONTROLLERS = ("fleetwise", "polca", "none")
+CONTROLLERS = ("fleetwise", "fleetwise-mean", "polca", "none")
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Domain:
     cap_changes: int = 0
     situations: dict[str, int] = field(default_factory=dict)
     marks: dict[str, float] = field(default_factory=dict)   # energy at the start of each window
+    peak: float = 0.0             # the highest sample since the last control period
 
 
 @dataclass
@@ -123,6 +126,7 @@ class PowerLoop:
         for d in self.domains:
             watts = self._mean(d.meter, d.marks, "sample", now, step)
             d.samples.append((now, watts))
+            d.peak = max(d.peak, watts)
             if watts > d.budget.limit_watts:
                 d.over_s += step
                 d.run_s += step
@@ -145,7 +149,10 @@ class PowerLoop:
 
     def control(self, d: Domain, now: float) -> None:
         window = self.config.scrape_s
-        reading = power.Reading(self._mean(d.meter, d.marks, "scrape", now, window))
+        peaks = self.config.controller == "fleetwise"
+        reading = power.Reading(self._mean(d.meter, d.marks, "scrape", now, window),
+                                peak_watts=d.peak if peaks else None)
+        d.peak = 0.0
         if self.config.controller == "none":
             return
         marks = d.marks
@@ -156,7 +163,7 @@ class PowerLoop:
             drawn = self._mean(m, marks, key, now, window) / w.gpus
             workers.append(power.PowerWorker(key, w.pool.priority, w.pool.role, w.pool.gpu.family, w.gpus,
                                              w.cap_watts, drawn))
-        if self.config.controller == "fleetwise":
+        if self.config.controller in ("fleetwise", "fleetwise-mean"):
             decision = power.decide(d.budget, reading, workers, d.state, now)
             d.state = decision.state
             changes = [(c.worker, c.cap_watts) for c in decision.changes]

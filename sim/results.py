@@ -6,7 +6,9 @@ Time between tokens is per request: (last token - first token) / (tokens - 1), s
 whose decodes waited behind prompt passes shows the wait spread over its tokens. The worst gap
 is per request too: the longest of its wait for the second token (the KV handoff, a full
 batch), the prompt passes it waited behind (colocated) and its mean; steps that merely grow
-with the batch are not tracked one by one, so it is a lower bound.
+with the batch are not tracked one by one, so it is a lower bound. `tbt_token_s` is the other
+view: the distribution of every single gap (gaps.py), where a stall is one long gap for each
+waiting sequence, not spread over a request's tokens.
 """
 
 import math
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .faults import Detection
+from .gaps import GapHistogram
 from .power import DomainReport
 from .workers import Flight, Worker
 
@@ -60,6 +63,7 @@ class SimResult:
     by_priority: dict[str, dict[str, Percentiles]] = field(default_factory=dict)   # ttft_s, tbt_s per priority
     power: list[DomainReport] | None = None
     faults: Detection | None = None
+    tbt_token_s: Percentiles | None = None   # every single gap between two tokens (gaps.py), not per request
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +131,14 @@ def summarise(flights: list[Flight], workers: list[Worker], slo_ttft: float, slo
         both_attained=sum(a and b for a, b in zip(ok_ttft, ok_tbt)) / n,
         energy=energy(workers, span), events=events, wall_s=wall,
         events_per_s=events / wall if wall > 0 else 0.0, pools=pool_use(workers, span),
-        by_priority=by_priority(flights))
+        by_priority=by_priority(flights), tbt_token_s=token_gaps(workers))
+
+
+def token_gaps(workers: list[Worker]) -> Percentiles:
+    gaps = GapHistogram()
+    for w in workers:
+        gaps.merge(w.gaps)
+    return Percentiles(gaps.quantile(0.5), gaps.quantile(0.9), gaps.quantile(0.99), gaps.mean())
 
 
 def by_priority(flights: list[Flight]) -> dict[str, dict[str, Percentiles]]:

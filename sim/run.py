@@ -16,7 +16,7 @@ import yaml
 
 from fleetwise import gpus
 
-from . import trace
+from . import calibration, trace
 from .engine import Settings, Simulation
 from .faults import Fault, FaultConfig, FaultLoop
 from .nodes import DOMAIN_LABEL, Layout, place_workers
@@ -39,6 +39,7 @@ class PoolConfig:
     cap_watts: float | None = None    # per-GPU power cap; None: uncapped
     name: str = ""
     priority: str = "High"            # High | Low: Low pools serve settings.low_priority_share of requests
+    profile: str | None = None        # a measured worker's step profile (calibration.py's JSON) instead of the GPU's
 
 
 @dataclass
@@ -78,8 +79,8 @@ def build(config: SimConfig) -> Simulation:
         name = p.name or f"{p.role}-{gpus.gpu_family(p.gpu)}-{i}"
         if p.priority not in ("High", "Low"):
             raise ValueError(f"pools[{i}].priority must be High or Low, not {p.priority!r}")
-        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf_model(p.gpu, p.model, p.tp), p.cap_watts,
-                           p.priority), p.count))
+        perf = calibration.load(p.profile).perf_model() if p.profile else perf_model(p.gpu, p.model, p.tp)
+        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf, p.cap_watts, p.priority), p.count))
     sim = Simulation(pools, config.settings, config.policy)
     where, nodes, domains = place_workers(pools, config.layout)
     for worker, node in zip(sim.workers, where):

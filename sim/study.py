@@ -68,7 +68,8 @@ def _high(result: SimResult) -> tuple[float, float, float, float]:
     return p["ttft_s"].p50, p["ttft_s"].p99, p["tbt_s"].p50, p["tbt_s"].p99
 
 
-def study(base: SimConfig, ratios: list[float], controllers: tuple[str, ...] = ("fleetwise", "polca", "none"),
+def study(base: SimConfig, ratios: list[float],
+          controllers: tuple[str, ...] = ("fleetwise", "fleetwise-mean", "polca", "none"),
           max_loss: float = 0.01, progress: Callable[[str], None] | None = None) -> Study:
     power = base.power or PowerConfig()
     reference = run_simulation(replace(base, power=replace(power, controller="none")))
@@ -108,7 +109,7 @@ def main(config_path: Path, ratios: list[float], out: Path | None, plot: Path | 
     from rich.table import Table
 
     base = config_from_dict(yaml.safe_load(config_path.read_text()))
-    runs = 1 + len(ratios) * 3
+    runs = 1 + len(ratios) * 4
     with Progress(transient=True) as bar:
         task = bar.add_task("oversubscription study", total=runs)
         result = study(base, ratios, progress=lambda what: bar.update(task, advance=1, description=what))

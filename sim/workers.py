@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fleetwise import gpus
 from fleetwise.router.replica import Replica
 
+from .gaps import GapHistogram
 from .perf import PerfModel
 from .trace import Request
 
@@ -100,6 +101,7 @@ class Worker:
         self.idle_watts = self.pool.gpu.idle_watts * self.pool.perf.tp
         self.pass_watts = 0.0     # the running prompt pass's draw
         self.slow = 1.0           # fault injection: every step takes this many times as long
+        self.gaps = GapHistogram()   # every token gap its decodes saw
         self.set_cap(self.pool.cap_watts)
 
     def set_cap(self, cap: float | None) -> None:
@@ -120,7 +122,8 @@ class Worker:
 
     def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
         seconds, watts = self.pool.prompt_step(tokens, decodes, self.cap_watts)
-        return seconds * self.slow, watts
+        extra = self.pool.perf.hybrid_ms(decodes, self.ctx_sum + len(self.batch) * self.g) * self.token_slow / 1e3
+        return seconds * self.slow + extra, watts
 
     @property
     def draw(self) -> float:
@@ -153,6 +156,7 @@ class Worker:
         if self.batch and not self.in_pass and dt > 0:
             steps = self.steps_in(dt)
             self.g += steps
+            self.gaps.add(dt / steps, steps * len(self.batch))
             self.tokens_made += steps * len(self.batch)
             self.token_s += dt
             self.token_j += dt * self.token_watts
@@ -174,6 +178,8 @@ class Worker:
         # its second token comes one step after it joins: the handoff and any wait are in that gap
         step = self.step_s[len(self.batch)] + self.kv_s * (self.ctx_sum + len(self.batch) * self.g)
         f.max_gap = max(f.max_gap, now - f.first_token + step)
+        if now > f.first_token:   # a handoff or a full batch held its second token (its step is counted by advance)
+            self.gaps.add(now - f.first_token + step)
 
     def reap(self) -> list[Flight]:
         """Removes and returns the sequences that are done at the current progress."""

@@ -159,3 +159,16 @@ def test_no_oscillation_under_a_noisy_load_swinging_across_the_thresholds(seed):
     flips = [(a, b) for (a, da), (b, db) in itertools.pairwise(directions) if da != db and b - a == 1]
     assert not flips, f"cap direction flipped in consecutive periods: {flips}"
     assert sum(1 for (_, da), (_, db) in itertools.pairwise(directions) if da != db) <= 5  # one per swing
+
+
+def test_a_burst_over_the_budget_that_the_mean_hides_is_shed_and_the_release_waits_for_the_mean():
+    workers = [PowerWorker(f"d{i}", "Low", "decode", "H100", drawn_watts=424.0) for i in range(4)]
+    calm = decide(BUDGET, Reading(8_500, peak_watts=9_800), workers, PowerState(), now=0)
+    assert calm.situation == "band" and calm.changes == []          # the peak is under the budget
+    burst = decide(BUDGET, Reading(8_500, peak_watts=10_400), workers, PowerState(), now=0)
+    assert burst.situation == "capping" and burst.changes and "burst" in burst.summary
+    capped = [PowerWorker(f"d{i}", "Low", "decode", "H100", cap_watts=300.0, drawn_watts=300.0) for i in range(4)]
+    state = PowerState(periods_below_release=5)
+    # a high peak under the budget does not hold a release the mean allows
+    release = decide(BUDGET, Reading(7_000, peak_watts=9_500), capped, state, now=0)
+    assert release.situation == "releasing" and release.changes

@@ -53,21 +53,24 @@ def test_oversubscription_breaches_the_budget_without_a_controller_and_not_with_
 
 
 def test_the_controller_takes_low_priority_first(monkeypatch):
-    """Every period the controller caps, a low-priority worker is among the first it caps
-    unless every low-priority worker is already at the floor."""
-    caps: list[tuple[str, float | None]] = []
+    """Every period the controller caps, it caps a high-priority worker only when every
+    low-priority worker that could give a step (drawing above the floor) is capped too."""
+    periods: list[tuple[set[str], set[str], bool]] = []   # (low with room, changed, any high changed)
     decide = controllers_power.decide
 
     def watching(budget, reading, workers, state, now, settings=controllers_power.Settings()):
         d = decide(budget, reading, workers, state, now, settings)
-        if d.situation == "capping":
-            priority = {w.name: w.priority for w in workers}
-            caps.extend((priority[c.worker], c.cap_watts) for c in d.changes)
+        if d.situation == "capping" and d.changes:
+            room = {w.name for w in workers if w.priority == "Low"
+                    and min(w.drawn_watts or 0, w.cap_watts or 1e9) > budget.min_gpu_cap_watts + 1}
+            high = {w.name for w in workers if w.priority == "High"}
+            changed = {c.worker for c in d.changes}
+            periods.append((room, changed, bool(changed & high)))
         return d
     monkeypatch.setattr(controllers_power, "decide", watching)
     run_simulation(fleet(2.0))
-    assert caps and caps[0][0] == "Low"
-    assert sum(p == "Low" for p, _ in caps) >= sum(p == "High" for p, _ in caps)
+    assert periods and any(room for room, _, _ in periods)
+    assert all(room <= changed for room, changed, high in periods if high)
 
 
 def test_the_simulator_calls_the_controllers_own_power_module(monkeypatch):

@@ -1,0 +1,139 @@
+"""The real side: `fleetwise up` (colocated, one or two mixed workers, every process with one
+torch thread) serving the workload's requests at their trace arrival times, streamed, greedy,
+EOS ignored, with per-token log probabilities asked so that every token comes in an event of
+its own; each token's arrival time is kept."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+
+from fleetwise.net import free_port
+from fleetwise.telemetry import catalog as c
+
+
+@dataclass
+class Measured:
+    arrival: float                     # seconds from the start of the run, as sent
+    prompt_tokens: int
+    output_tokens: int
+    token_times: list[float] = field(default_factory=list)   # seconds from the start, one per token
+    error: str | None = None
+
+
+def start_fleet(model_dir: Path, workdir: Path, workers: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(workdir / "up.log", "w") as log:   # the child keeps its own copy of the descriptor
+        up = subprocess.Popen([sys.executable, "-m", "fleetwise", "up", "--model", str(model_dir), "--mode",
+                               "colocated", "--mixed", str(workers), "--port", str(port), "--workdir", str(workdir),
+                               "--admin-port", "0"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    return up, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(up: subprocess.Popen, url: str, model: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2}
+    while time.monotonic() < deadline:
+        if up.poll() is not None:
+            raise RuntimeError(f"fleetwise up exited ({up.returncode}); see its log")
+        try:
+            if httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the fleet was not serving within {timeout:.0f} s")
+
+
+def stop_fleet(up: subprocess.Popen) -> None:
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+
+
+async def _one(http: httpx.AsyncClient, url: str, model: str, prompt: list[int], m: Measured, t0: float) -> None:
+    await asyncio.sleep(max(0.0, t0 + m.arrival - time.perf_counter()))
+    body = {"model": model, "prompt": prompt, "max_tokens": m.output_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "logprobs": 0}
+    try:
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                m.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.perf_counter() - t0
+                obj = orjson.loads(line[6:])
+                if "error" in obj:
+                    m.error = str(obj["error"])[:200]
+                    return
+                for choice in obj.get("choices", []):
+                    lp = choice.get("logprobs") or {}
+                    m.token_times += [now] * len(lp.get("tokens") or [None])
+    except httpx.HTTPError as e:
+        m.error = f"{type(e).__name__}: {e}"
+
+
+async def drive(url: str, model: str, requests: list[tuple[float, list[int], int]]) -> tuple[list[Measured], float]:
+    """Sends every (arrival, prompt ids, output tokens) at its time; returns what each saw and
+    the run's wall seconds."""
+    measured = [Measured(a, len(p), o) for a, p, o in requests]
+    limits = httpx.Limits(max_connections=len(requests) + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_one(http, url, model, p, m, t0) for (_, p, _), m in zip(requests, measured)))
+        return measured, time.perf_counter() - t0
+
+
+def public_urls(workdir: Path) -> list[str]:
+    """The workers' public listeners (where /metrics is), from their command lines."""
+    urls = []
+    for name, pid in json.loads((workdir / "pids.json").read_text()).items():
+        if name.startswith("mixed-"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            urls.append(f"http://127.0.0.1:{argv[argv.index(b'--port') + 1].decode()}")
+    return urls
+
+
+def engine_steps(workdir: Path) -> tuple[float, float]:
+    """(step seconds, steps) so far, summed over the fleet's workers, from their own metrics."""
+    seconds = steps = 0.0
+    for u in public_urls(workdir):
+        text = httpx.get(u + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(c.STEP_SECONDS + "_sum"):
+                seconds += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(c.STEP_SECONDS + "_count"):
+                steps += float(line.rsplit(" ", 1)[1])
+    return seconds, steps
+
+
+def run_fleet(model_dir: Path, workdir: Path, workers: int,
+              requests: list[tuple[float, list[int], int]]) -> tuple[list[Measured], float, tuple[float, float]]:
+    """What each request saw, the run's wall seconds, and the engine seconds and steps the
+    workers spent on it (their own step metrics, read before and after)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    up, url = start_fleet(model_dir, workdir, workers)
+    try:
+        wait_ready(up, url, model_dir.name)
+        s0, n0 = engine_steps(workdir)
+        measured, wall = asyncio.run(drive(url, model_dir.name, requests))
+        s1, n1 = engine_steps(workdir)
+        return measured, wall, (s1 - s0, n1 - n0)
+    finally:
+        stop_fleet(up)
