@@ -119,3 +119,15 @@ def test_a_check_reads_back_from_a_result():
     c = Target(AT_MOST, 0.15).check(0.2)
     back = Check(c.target, **{k: c.to_json().get(k) for k in ("measured", "ours", "baseline")})
     assert back.met is False and not back.is_ratio
+
+
+def test_the_power_bench_judges_each_workload_by_the_same_rule():
+    from fleetwise.bench.power import evaluate as power_checks
+    capped = {"cap_applied_s": 1.0, "under_threshold_s": 6.0, "power_after_watts": 900.0, "threshold_watts": 1000.0}
+    checks = power_checks({"prompt_heavy": {"capped": capped}, "token_heavy": {"capped": {
+        **capped, "cap_applied_s": None, "under_threshold_s": 2.0, "power_after_watts": 1100.0}}})
+    assert checks["prompt_heavy.cap_applied_s"].met is True
+    assert checks["prompt_heavy.under_threshold_s"].met is False  # 6 s: more than 5 periods
+    assert checks["prompt_heavy.power_after_over_threshold"].measured == pytest.approx(0.9)
+    assert checks["token_heavy.cap_applied_s"].met is None  # never capped: not measured
+    assert checks["token_heavy.power_after_over_threshold"].met is False
