@@ -133,12 +133,16 @@ def operator_run(cluster: Any, op: Any, deployments: int, prefill: int, decode: 
     cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                           "items": model_deployments(deployments, prefill, decode)}))
     seen = wait_ready(cluster, OURS_NS, want, t0, timeout, console, "fleetwise operator: pods Ready")
-    text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
-    requests = _metric(text, "fleetwise_operator_api_requests_total")
-    binds, bind_count = _metric(text, "fleetwise_operator_bind_seconds_sum"), _metric(
-        text, "fleetwise_operator_bind_seconds_count")
     result = {"system": "fleetwise operator", "observed_all_ready_s": seen,
               **timings(_list_pods(cluster, OURS_NS), t0)}
+    try:
+        text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
+    except httpx.HTTPError as exc:  # the operator is gone: what it did is in the pods, why in its log
+        return {**result, "operator_exited": op.exited, "operator_log_tail": op.tail(20),
+                "metrics_error": f"{type(exc).__name__}: {exc}"}
+    requests = _metric(text, "fleetwise_operator_api_requests_total")
+    binds = _metric(text, "fleetwise_operator_bind_seconds_sum")
+    bind_count = _metric(text, "fleetwise_operator_bind_seconds_count")
     return {**result, "api_requests": requests, "api_requests_per_pod": requests / max(1, result["ready"]),
             "mean_bind_seconds": binds / bind_count if bind_count else None,
             "reconciles": _metric(text, "fleetwise_operator_reconciles_total")}
