@@ -21,14 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-from fleetwise.bench.harness import figure, finish, header, over_runs, save_plot, write_json, wrote
+from fleetwise.bench.harness import figure, finish, header, make_console, over_runs, save_plot, write_json, wrote
 from fleetwise.bench.operator_cluster import A100, H100, cluster_bench
 from fleetwise.bench.targets import AT_LEAST, AT_MOST, Check, Target, checks_json, checks_table, target_values
 
-console = Console()
+console = make_console(120)
 
 TARGETS = {
     "converge_seconds": Target(AT_MOST, 60, "fleetwise: creation to all Ready", "<= 60 s"),

@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
-from fleetwise.bench.harness import figure, finish, header, save_plot, write_json, wrote
+from fleetwise.bench.harness import figure, finish, header, make_console, save_plot, write_json, wrote
 from fleetwise.bench.targets import AT_MOST, Check, Target, checks_json, checks_table, target_values
 from fleetwise.fleet import WorkerRef
 from fleetwise.local_fleet import LocalFleet, Member
@@ -41,7 +40,7 @@ from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError
 from fleetwise.telemetry.prometheus_server import PrometheusServer
 from fleetwise.up import write_token
 
-console = Console()
+console = make_console(120)
 WORKLOADS = {  # name: (prompt tokens, max tokens, what throughput counts)
     "prompt_heavy": (800, 1, "prompt"),
     "token_heavy": (16, 64, "generated"),

@@ -102,12 +102,15 @@ def targets_table(rows: Iterable[tuple[str, str, str, bool | None]]) -> Table:
 
 def checks_table(checks: dict[str, Check], fmt: dict[str, str] | None = None) -> Table:
     """The checks as a targets table; `fmt` per name, a format for the measured value
-    (default: "{:.2f}x" for a ratio, "{:.3g}" otherwise)."""
+    (default: "{:.2f}x" for a ratio, "{:.3g}" otherwise). A name "<case>.<target>" shows its case."""
     rows = []
     for name, c in checks.items():
         f = (fmt or {}).get(name) or ("{:.2f}x" if c.is_ratio else "{:.3g}")
         shown = "-" if c.measured is None else f.format(c.measured)
         if c.is_ratio and c.ours is not None and c.baseline is not None:
             shown += f" ({c.ours:.4g} / {c.baseline:.4g})"
-        rows.append((c.target.label or name, shown, c.target.shown, c.met))
+        label = c.target.label or name
+        if "." in name:  # "<case>.<target>": one target for each case of a benchmark
+            label = f"{name.split('.', 1)[0]}: {label}"
+        rows.append((label, shown, c.target.shown, c.met))
     return targets_table(rows)

@@ -131,3 +131,14 @@ def test_the_power_bench_judges_each_workload_by_the_same_rule():
     assert checks["prompt_heavy.power_after_over_threshold"].measured == pytest.approx(0.9)
     assert checks["token_heavy.cap_applied_s"].met is None  # never capped: not measured
     assert checks["token_heavy.power_after_over_threshold"].met is False
+
+
+def test_the_targets_table_names_each_case_and_shows_what_a_ratio_came_from(tmp_path):
+    from rich.console import Console
+
+    from fleetwise.bench.targets import checks_table
+    t = Target(AT_MOST, 1.0, "power / threshold", "<= 1.0x")
+    with open(tmp_path / "t.txt", "w") as f:
+        Console(file=f, width=200).print(checks_table({"token_heavy.p": t.ratio(380.0, 500.0)}))
+    text = (tmp_path / "t.txt").read_text()
+    assert "token_heavy: power / threshold" in text and "0.76x (380 / 500)" in text
