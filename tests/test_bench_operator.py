@@ -54,7 +54,8 @@ def test_the_stock_pod_asks_kube_scheduler_for_the_gpu_product():
 def test_the_targets_compare_with_kube_scheduler_in_the_same_run(tmp_path):
     placement = placement_bench(gpus=400, repeats=1)
     run = {"pods": 2, "bound": 2, "ready": 2, "created_to_bound_s": None, "bound_at_s": [1.0, 4.0]}
-    cluster = {"pods": 2, "nodes": 2, "kube_scheduler": {**run, "system": "kube-scheduler", "seconds_to_all_bound": 8.0},
+    cluster = {"pods": 2, "nodes": 2,
+               "kube_scheduler": {**run, "system": "kube-scheduler", "seconds_to_all_bound": 8.0},
                "fleetwise": {**run, "system": "fleetwise operator", "seconds_to_all_bound": 4.0,
                              "seconds_to_all_ready": 5.0}}
     checks = evaluate(placement, cluster)
