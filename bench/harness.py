@@ -4,16 +4,14 @@ the JSON result and the PNG plot.
 Statistics: a percentile is numpy's default, linear interpolation between the two closest
 ranks (Hyndman and Fan's type 7): p50 of [1, 2, 3, 4] is 2.5. Every pNN in a result is that.
 
-Targets: a target is met when the measured value is at most (`AT_MOST`) or at least
-(`AT_LEAST`) the target value, the bound included: 1.0 ms against "at most 1 ms" is met.
-A measure that could not be taken meets nothing and fails nothing (None).
+Targets and their one comparison rule live in bench/targets.py; this module re-exports
+them for the benchmarks that import them from here.
 """
 
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+
+# the targets live in bench/targets.py; re-exported here, where the benchmarks have long imported them from
+from fleetwise.bench.targets import AT_LEAST, AT_MOST, Target, mark, target_values, targets_table  # noqa: F401
 
 # -- statistics -----------------------------------------------------------------------------
 
@@ -67,47 +67,21 @@ def summary(values: Iterable[float | int | None], *fields: str, scale: float = 1
     return out
 
 
-# -- targets --------------------------------------------------------------------------------
-
-AT_MOST, AT_LEAST = "<=", ">="
-
-
-@dataclass(frozen=True)
-class Target:
-    """A bound on one measure; `met` holds the rule of the module docstring."""
-    bound: str        # AT_MOST or AT_LEAST
-    value: float
-    label: str = ""   # what is measured, for the table
-    shown: str = ""   # the target as the table shows it, e.g. "<= 1 ms"
-
-    def met(self, measured: float | None, relative_to: float = 1.0) -> bool | None:
-        """`relative_to`: the target is `value` times that (a target set against a baseline)."""
-        if measured is None:
-            return None
-        bound = self.value * relative_to
-        return bool(measured <= bound if self.bound == AT_MOST else measured >= bound)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"op": self.bound, "value": self.value}
+def over_runs(values: Iterable[float]) -> dict[str, Any]:
+    """One measure over repeated runs: the median, the extremes, and the spread, (max - min) /
+    median, the share by which the runs disagree."""
+    v = [float(x) for x in values]
+    med = float(np.median(v))
+    return {"median": med, "min": min(v), "max": max(v), "spread": (max(v) - min(v)) / med if med else 0.0,
+            "n": len(v), "values": v}
 
 
-def target_values(targets: dict[str, Target]) -> dict[str, dict[str, Any]]:
-    """The targets as a result states them: name -> {"op": "<=" or ">=", "value": ...}."""
-    return {name: t.to_json() for name, t in targets.items()}
-
-
-def mark(ok: bool | None) -> str:
-    return "-" if ok is None else ("[green]yes[/green]" if ok else "[red]no[/red]")
-
-
-def targets_table(rows: Iterable[tuple[str, str, str, bool | None]]) -> Table:
-    """A table of (measure, measured, target, met) rows."""
-    t = Table(title="targets")
-    for col in ("measure", "measured", "target", "met"):
-        t.add_column(col)
-    for label, measured, shown, ok in rows:
-        t.add_row(label, measured, shown, mark(ok))
-    return t
+def rotated(names: list[str], rounds: int) -> list[list[str]]:
+    """An order of `names` for each round, turned a share of the list each round so that no
+    name keeps its place (and whatever else the machine does at that time)."""
+    n = len(names)
+    turn = max(1, n // max(1, rounds))
+    return [names[(r * turn) % n:] + names[:(r * turn) % n] for r in range(rounds)] if n else []
 
 
 # -- console and progress ---------------------------------------------------------------------

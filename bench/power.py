@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
-from fleetwise.bench.harness import figure, finish, header, save_plot, write_json, wrote
+from fleetwise.bench.harness import figure, finish, header, make_console, save_plot, write_json, wrote
+from fleetwise.bench.targets import AT_MOST, Check, Target, checks_json, checks_table, target_values
 from fleetwise.fleet import WorkerRef
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port
@@ -40,13 +40,34 @@ from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError
 from fleetwise.telemetry.prometheus_server import PrometheusServer
 from fleetwise.up import write_token
 
-console = Console()
+console = make_console(120)
 WORKLOADS = {  # name: (prompt tokens, max tokens, what throughput counts)
     "prompt_heavy": (800, 1, "prompt"),
     "token_heavy": (16, 64, "generated"),
 }
 UNCAPPED_SHARE = 0.94  # of the budget, where the uncapped load puts the domain
 CLIENTS = 8
+PERIOD_S = 1.0
+# per workload. The first cap within two control periods of the crossing, power back under the
+# cap threshold within five, and held there: the power after the reaction over the threshold,
+# both measured in the capped run.
+TARGETS = {
+    "cap_applied_s": Target(AT_MOST, 2 * PERIOD_S, "threshold crossed -> first cap", "<= 2 periods (2 s)"),
+    "under_threshold_s": Target(AT_MOST, 5 * PERIOD_S, "threshold crossed -> power under it", "<= 5 periods (5 s)"),
+    "power_after_over_threshold": Target(AT_MOST, 1.0, "power after the reaction / cap threshold", "<= 1.0x"),
+}
+
+
+def evaluate(workloads: dict) -> dict[str, Check]:
+    """Each target for each workload, named "<workload>.<target>"."""
+    out = {}
+    for name, w in workloads.items():
+        cap = w["capped"]
+        out[f"{name}.cap_applied_s"] = TARGETS["cap_applied_s"].check(cap["cap_applied_s"])
+        out[f"{name}.under_threshold_s"] = TARGETS["under_threshold_s"].check(cap["under_threshold_s"])
+        out[f"{name}.power_after_over_threshold"] = TARGETS["power_after_over_threshold"].ratio(
+            cap["power_after_watts"], cap["threshold_watts"])
+    return out
 
 
 @dataclass
@@ -142,7 +163,7 @@ def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: f
     budget = PowerBudgetSpec(node_selector={"bench": "power"}, limit_watts=limit, min_gpu_cap_watts=50)
     workers = [DomainWorker(WorkerRef(m.name, url=m.internal_url), "Low", m.role, products,
                             series=(("instance", m.url.removeprefix("http://")),)) for m in fleet.workers.values()]
-    loop = PowerLoop(prom, fleet, period_seconds=1.0)
+    loop = PowerLoop(prom, fleet, period_seconds=PERIOD_S)
     load = Load([w.url for w in fleet.workers.values()], prompt, gen)
     runner = threading.Thread(target=load.run, args=(seconds,))
     steps = _step_seconds(fleet)
@@ -152,7 +173,7 @@ def _capped(fleet: LocalFleet, prom: PrometheusClient, workload: str, seconds: f
     while runner.is_alive():
         p = loop.run_period(budget, workers)
         timeline.append(Tick(p.at - t0, p.reading.watts, p.decision.situation, len(p.caps), len(p.changed)))
-        time.sleep(max(0.0, 1.0 - (time.time() - p.at)))
+        time.sleep(max(0.0, PERIOD_S - (time.time() - p.at)))
     stretch = _stretch(steps, _step_seconds(fleet))
     loop.release_all(workers, "the benchmark's run ended")
     threshold = budget.cap_threshold * limit
@@ -215,7 +236,10 @@ def run_power_bench(out: Path, product: str = "H100", seconds: float = 30.0) -> 
         if prometheus is not None:
             prometheus.stop()
         stop_all([members])
+    checks = evaluate(report["workloads"])
+    report |= {"targets": checks_json(checks), "target_values": target_values(TARGETS)}
     _print(report)
+    console.print(checks_table(checks, {k: "{:.1f} s" for k in checks if k.endswith("_s")}))
     json_path = write_json(out / "power.json", report)
     wrote(console, json_path, save_plot(lambda p: _plot(report, p), out / "power.png", console))
     return report

@@ -33,10 +33,19 @@ def bench_core(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     seed: int = typer.Option(0, "--seed"),
     skip: list[str] = typer.Option([], "--skip", help="Baselines to leave out: static, continuous."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs of each system, in rotated order."),
+    static_batch_sizes: str = typer.Option("4,8,16,32,64", "--static-batch-sizes",
+                                           help="Comma-separated batch sizes of the static baseline's sweep."),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch threads for every system (default: torch's)."),
 ):
     """Throughput and latency of the core against transformers, on trace-shaped requests."""
+    try:
+        sizes = tuple(int(x) for x in static_batch_sizes.split(","))
+    except ValueError:
+        raise typer.BadParameter("comma-separated whole numbers", param_hint="--static-batch-sizes")
     run_core_bench = _bench("fleetwise.bench.core.run", "run_core_bench")
-    run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip)
+    run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip,
+                   repeats=repeats, static_batch_sizes=sizes, threads=threads)
 
 
 @bench_app.command("pd")
@@ -66,7 +75,7 @@ def bench_router(
 
 @bench_app.command("operator")
 def bench_operator(
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result goes."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     nodes: int = typer.Option(250, "--nodes", help="kwok GPU nodes."),
     deployments: int = typer.Option(100, "--deployments", help="ModelDeployments to create at once."),
     prefill: int = typer.Option(4, "--prefill", help="Prefill replicas per deployment."),

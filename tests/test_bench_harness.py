@@ -56,11 +56,13 @@ def test_targets_relative_to_a_baseline():
 
 
 def test_every_benchmark_states_its_targets_with_the_one_rule():
-    from fleetwise.bench import operator
+    from fleetwise.bench import operator, power
     from fleetwise.bench.core import report as core
     from fleetwise.bench.pd import report as pd
     from fleetwise.bench.router import report as router
-    for module in (core, pd, router, operator):
+    from fleetwise.bench.targets import Target as the_one
+    for module in (core, pd, router, operator, power):
+        assert all(type(t) is the_one for t in module.TARGETS.values())
         assert module.TARGETS and all(t.bound in (AT_MOST, AT_LEAST) for t in module.TARGETS.values())
         assert all(t.shown.startswith(t.bound) for t in module.TARGETS.values())
 

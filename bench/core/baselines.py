@@ -60,7 +60,8 @@ def _static_config(n_new: int, pad_id: int) -> Any:
                             eos_token_id=None, pad_token_id=pad_id, num_beams=1)
 
 
-def run_static(model: Any, reqs: list[Request], batch_size: int, pad_id: int, console: Console) -> SystemResult:
+def run_static(model: Any, reqs: list[Request], batch_size: int, pad_id: int, console: Console,
+               label: str = "static    ") -> SystemResult:
     device = model.device
 
     def generate(batch: list[Request], streamer: _StepClock | None = None) -> tuple[list[list[int]], int]:
@@ -85,7 +86,7 @@ def run_static(model: Any, reqs: list[Request], batch_size: int, pad_id: int, co
         outputs: dict[str, list[int]] = {}
         generated = 0
         steps: list[int] = []
-        with progress_bar(console, "static    ", sum(r.output_len for r in reqs), "tokens") as advance:
+        with progress_bar(console, label, sum(r.output_len for r in reqs), "tokens") as advance:
             usage0 = usage_snapshot()
             t0 = time.perf_counter()
             for batch in batches:
@@ -175,7 +176,8 @@ def _collect(manager: Any, results: dict[str, Any], ids: set[str],
                 advance(len(r.generated_tokens))
 
 
-def run_continuous(model: Any, reqs: list[Request], kv_tokens: int, console: Console) -> SystemResult:
+def run_continuous(model: Any, reqs: list[Request], kv_tokens: int, console: Console,
+                   label: str = "continuous") -> SystemResult:
     gen_config, cb_config, hints = _cb_configs(model, reqs, kv_tokens)
     cb_log = logging.getLogger("ContinuousBatchingLogger")
     noise = _DropNoise()
@@ -192,7 +194,7 @@ def run_continuous(model: Any, reqs: list[Request], kv_tokens: int, console: Con
             manager.add_request(reqs[0].prompt_ids[:8], request_id="warmup", max_new_tokens=4,
                                 eos_token_id=-1)
             _collect(manager, results, {"warmup"})
-            with progress_bar(console, "continuous", sum(r.output_len for r in reqs), "tokens") as advance:
+            with progress_bar(console, label, sum(r.output_len for r in reqs), "tokens") as advance:
                 usage0 = usage_snapshot()
                 t0 = time.perf_counter()
                 for r in reqs:  # one length per request (generate_batch takes a single one)

@@ -3,13 +3,15 @@
 Three systems run the same trace-shaped requests in one process, one after the other:
 
   static      `LlamaForCausalLM.generate()` in static batches (arrival order, left padding);
-              every row of a batch decodes until the longest request of the batch is done
+              every row of a batch decodes until the longest request of the batch is done;
+              at each batch size of a sweep, the best one is the baseline
   continuous  transformers' own continuous batching (`continuous_batching_context_manager`,
               the machinery behind `generate_batch`), over its paged cache
   core        fleetwise's `LLMEngine`, driven step by step in the same process (no HTTP)
 
-The workload (bench/core/workload.py), the baselines (baselines.py), the core (engine.py)
-and the report (report.py) each have their own module; this one runs them in turn.
+The workload (bench/core/workload.py), the baselines (baselines.py), the core (engine.py),
+the rounds (rounds.py: each system `repeats` times in rotated order, median and spread) and
+the report (report.py) each have their own module; this one runs them.
 
 Requests are offline: all are submitted at t0, and every system produces exactly the
 requested number of output tokens (EOS ignored), so all do the same useful work. Output
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -34,11 +37,21 @@ from fleetwise.bench.core.baselines import (
     run_static,
 )
 from fleetwise.bench.core.engine import BLOCK_SIZE, KV_CACHE_MIB, run_core
-from fleetwise.bench.core.report import TARGETS, agreement, measured, plot, print_notes, print_summary
+from fleetwise.bench.core.report import TARGETS, agreement, evaluate, plot, print_notes, print_summary, ratios
 from fleetwise.bench.core.result import SYSTEM_LABELS, SystemResult
+from fleetwise.bench.core.rounds import (
+    STATIC_BATCH_SIZES,
+    best_static,
+    kind,
+    median_run,
+    run_rounds,
+    static_name,
+    summarise,
+)
 from fleetwise.bench.core.workload import Workload, build_workload, resolve_trace
-from fleetwise.bench.harness import header, make_console, save_plot, target_values, write_json, wrote
+from fleetwise.bench.harness import header, make_console, rotated, save_plot, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
+from fleetwise.bench.targets import checks_json, target_values
 
 # Work knobs. The trace fitted to a 2048-token context averages ~620 tokens per request,
 # ~124k tokens for 200 requests: on a quiet 2-core CPU the three systems together take ~17
@@ -46,7 +59,7 @@ from fleetwise.bench.models import kv_bytes_per_token, preset_model
 # 0.4 of them. The extra factor keeps a default run well inside ten minutes there, with room
 # for a busy machine; override it with FLEETWISE_BENCH_LENGTH_SCALE (1.0: the fitted lengths).
 DEFAULT_LENGTH_SCALE = 0.4
-STATIC_BATCH_SIZE = 16
+REPEATS = 3
 SKIP_ALIASES = {"static": "static", "generate": "static", "a": "static",
                 "continuous": "continuous", "generate_batch": "continuous", "cb": "continuous", "b": "continuous"}
 
@@ -93,58 +106,85 @@ def _print_setup(console: Console, model_dir: Path, cfg: dict, n_params: int, de
                   f"{ws['output_tokens']['total']} output tokens")
 
 
-def _run_baselines(model_dir: Path, cfg: dict, wl: Workload, device: str, skip: set[str], batch_size: int,
-                   kv_tokens: int, console: Console) -> tuple[dict[str, SystemResult], dict[str, str]]:
-    """The transformers systems not skipped; those that could not run, with the reason."""
-    results: dict[str, SystemResult] = {}
-    skipped = {n: "--skip" for n in skip}
-    if {"static", "continuous"} <= skip:
-        return results, skipped
-    try:
-        hf_model = load_hf_model(model_dir, torch.device(device))
-    except Exception as exc:  # both baselines need it
-        reason = f"transformers could not load the model: {type(exc).__name__}: {exc}"
-        return results, {**{n: reason for n in ("static", "continuous")}, **skipped}
-    if "static" not in skipped:
-        console.print(f"[bold]static[/bold]: generate() in batches of {batch_size}, left padding, EOS off")
-        results["static"] = run_static(hf_model, wl.requests, batch_size, _pad_id(model_dir, cfg), console)
-    if "continuous" not in skipped:
-        console.print("[bold]continuous[/bold]: transformers continuous batching, same token budget and "
-                      "KV capacity as the core")
+class _Systems:
+    """Runs one system by name; the transformers model is loaded once, when a baseline first needs it."""
+
+    def __init__(self, model_dir: Path, cfg: dict, wl: Workload, device: str, kv_tokens: int, console: Console):
+        self.model_dir, self.cfg, self.wl, self.device = model_dir, cfg, wl, device
+        self.kv_tokens, self.console = kv_tokens, console
+        self.skipped: dict[str, str] = {}
+        self._hf: Any = None
+
+    def _hf_model(self) -> Any:
+        if self._hf is None:
+            self._hf = load_hf_model(self.model_dir, torch.device(self.device))
+        return self._hf
+
+    def run(self, name: str, r: int) -> SystemResult | None:
+        """One run of `name` in round `r`; None once it could not run (the reason in `skipped`)."""
+        if name in self.skipped:
+            return None
+        label = f"{name} r{r + 1}".ljust(14)
         try:
-            results["continuous"] = run_continuous(hf_model, wl.requests, kv_tokens, console)
+            if kind(name) == "core":
+                return run_core(self.model_dir, self.wl.requests, self.device, self.console, label)[0]
+            model = self._hf_model()
+            if kind(name) == "static":
+                return run_static(model, self.wl.requests, int(name.split("/")[1]),
+                                  _pad_id(self.model_dir, self.cfg), self.console, label)
+            return run_continuous(model, self.wl.requests, self.kv_tokens, self.console, label)
         except Exception as exc:
-            skipped["continuous"] = f"{type(exc).__name__}: {exc}"
-            console.print(f"[yellow]continuous batching skipped: {skipped['continuous']}[/yellow]")
-    return results, skipped
+            if kind(name) == "core":
+                raise
+            self.skipped[name] = f"{type(exc).__name__}: {exc}"
+            self.console.print(f"[yellow]{name} skipped: {self.skipped[name]}[/yellow]")
+            return None
 
 
-def _report(results: dict[str, SystemResult], skipped: dict[str, str], config: dict, ws: dict) -> dict:
-    core = results["core"]
-    systems: dict[str, dict] = {n: r.to_json() for n, r in results.items()}
+def _names(skip: set[str], batch_sizes: tuple[int, ...]) -> list[str]:
+    names = [] if "static" in skip else [static_name(b) for b in batch_sizes]
+    return names + ([] if "continuous" in skip else ["continuous"]) + ["core"]
+
+
+def _report(runs: dict[str, list[SystemResult]], order: list[list[str]], skipped: dict[str, str], config: dict,
+            ws: dict) -> dict:
+    systems = summarise(runs, order)
     for n, why in skipped.items():
-        systems[n] = {"label": SYSTEM_LABELS[n], "skipped": why}
-    ratios = {f"core_over_{n}": core.tokens_per_s / results[n].tokens_per_s if n in results else None
-              for n in ("static", "continuous")}
-    report = {**header("core"), "config": config, "workload": ws, "systems": systems, "ratios": ratios}
-    report["targets"] = {k: t.met(measured(report, k)) for k, t in TARGETS.items()}
-    report["target_values"] = target_values(TARGETS)
-    report["greedy_agreement_with_core"] = {n: agreement(core, results[n]) for n in ("static", "continuous")
-                                            if n in results}
+        if n in systems:  # ran, then failed in a later round
+            systems[n]["failed_in_a_later_round"] = why
+        else:
+            systems[n] = {"label": SYSTEM_LABELS[kind(n)], "skipped": why}
+    best = best_static(systems)
+    checks = evaluate(systems, best)
+    report = {**header("core"), "config": config, "workload": ws, "systems": systems, "static_best": best,
+              "order": order, "ratios": ratios(systems, best), "targets": checks_json(checks),
+              "target_values": target_values(TARGETS)}
+    core = median_run(runs["core"])
+    report["greedy_agreement_with_core"] = {n: agreement(core, median_run(rs)) for n, rs in runs.items()
+                                            if n != "core"}
     return report
 
 
 def run_core_bench(requests: int = 200, preset: str = "small", model: Path | None = None,
                    trace: Path | None = None, out: Path = Path("bench/results"), seed: int = 0,
                    skip: list[str] | None = None, length_scale: float | None = None,
-                   static_batch_size: int = STATIC_BATCH_SIZE) -> dict:
-    """Run the three systems on the same requests; write OUT/core.json and OUT/core.png.
+                   static_batch_sizes: tuple[int, ...] = STATIC_BATCH_SIZES, repeats: int = REPEATS,
+                   threads: int | None = None) -> dict:
+    """Run every system `repeats` times in rotated order on the same requests; write
+    OUT/core.json and OUT/core.png.
 
     `length_scale` multiplies the context-fitted trace lengths (default DEFAULT_LENGTH_SCALE,
-    or the FLEETWISE_BENCH_LENGTH_SCALE environment variable).
+    or the FLEETWISE_BENCH_LENGTH_SCALE environment variable). `threads`: torch's threads for
+    every system (default: torch's own choice).
     """
     console = make_console(120)
     skip_set, length_scale = _check_options(requests, skip or [], length_scale)
+    if repeats < 1 or not static_batch_sizes or min(static_batch_sizes) < 1:
+        raise SystemExit("error: --repeats and every static batch size must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit("error: --threads must be at least 1")
+        torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trace_path = resolve_trace(trace)
@@ -158,10 +198,16 @@ def run_core_bench(requests: int = 200, preset: str = "small", model: Path | Non
     _print_setup(console, model_dir, cfg, n_params, device, wl, ws, seed)
 
     kv_tokens = (KV_CACHE_MIB << 20) // kv_bytes_per_token(cfg)
-    results, skipped = _run_baselines(model_dir, cfg, wl, device, skip_set, static_batch_size, kv_tokens, console)
-    console.print(f"[bold]core[/bold]: LLMEngine, max_num_seqs {MAX_NUM_SEQS}, max_num_batched_tokens "
-                  f"{MAX_NUM_BATCHED_TOKENS}, KV {KV_CACHE_MIB} MiB, block {BLOCK_SIZE}")
-    results["core"], _ = run_core(model_dir, wl.requests, device, console)
+    order = rotated(_names(skip_set, tuple(static_batch_sizes)), repeats)
+    console.print(f"{repeats} rounds, each system once a round: " + " | ".join(", ".join(o) for o in order))
+    console.print(("" if "static" in skip_set else f"static: generate() in batches of "
+                   f"{', '.join(map(str, static_batch_sizes))}, left padding, EOS off; ")
+                  + ("" if "continuous" in skip_set else "continuous: transformers continuous batching, same "
+                     "token budget and KV capacity as the core; ")
+                  + f"core: LLMEngine, max_num_seqs {MAX_NUM_SEQS}, max_num_batched_tokens "
+                    f"{MAX_NUM_BATCHED_TOKENS}, KV {KV_CACHE_MIB} MiB, block {BLOCK_SIZE}")
+    systems = _Systems(model_dir, cfg, wl, device, kv_tokens, console)
+    runs = run_rounds(order, systems.run)
 
     import transformers
     config = {
@@ -170,14 +216,15 @@ def run_core_bench(requests: int = 200, preset: str = "small", model: Path | Non
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "static_batch_size": static_batch_size, "max_num_seqs": MAX_NUM_SEQS,
+        "static_batch_sizes": list(static_batch_sizes), "repeats": repeats, "max_num_seqs": MAX_NUM_SEQS,
         "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS, "kv_cache_mib": KV_CACHE_MIB,
-        "kv_capacity_tokens": kv_tokens, "block_size": BLOCK_SIZE, "skip": sorted(skip_set),
+        "kv_capacity_tokens": kv_tokens, "block_size": BLOCK_SIZE,
+        "skip": sorted({n for n in skip_set} | set(systems.skipped)),
         "mode": "offline: all requests submitted at t0",
     }
-    report = _report(results, skipped, config, ws)
+    report = _report(runs, order, {**{n: "--skip" for n in skip_set}, **systems.skipped}, config, ws)
     json_path = write_json(out / "core.json", report)
-    png_path = save_plot(lambda p: plot(report, results, p), out / "core.png", console)
+    png_path = save_plot(lambda p: plot(report, runs, p), out / "core.png", console)
     console.rule("summary")
     print_summary(console, report)
     print_notes(console, report)

@@ -6,6 +6,7 @@ from ..model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from ..model.llama import DTYPES, ModelConfig, load_model
 from ..model.sampler import SamplerOutput, SamplingMetadata, sample
 from .config import EngineConfig
+from .phases import PhaseClock
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -39,6 +40,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(2, slots, mc.num_key_value_heads, mc.head_dim,
                                       dtype=self.dtype, device=self.device)
                           for _ in range(mc.num_hidden_layers)]
+        self.clock: PhaseClock | None = None  # phases.attach: time preparation, forward, sampling
 
     @property
     def bytes_per_block(self) -> int:
@@ -113,13 +115,23 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
         """Returns the rows of `batch` that produced a token, and the tokens."""
+        clock = self.clock
+        if clock is not None:
+            clock.start()
         ids, positions, meta, logits_indices, rows = self.prepare(batch)
+        if clock is not None:
+            clock.lap("prepare")
         logits = self.model(ids, positions, self.kv_caches, meta, logits_indices)
+        if clock is not None:
+            clock.lap("forward")
         if not rows:
             return rows, None
         seqs = [batch.seqs[i] for i in rows]
         sampling = sampling_metadata(seqs, self.model_config.vocab_size, self.device)
-        return rows, sample(logits, sampling)
+        out = sample(logits, sampling)
+        if clock is not None:
+            clock.lap("sample")
+        return rows, out
 
 
 def _length_groups(rows: list[int], ctx: list[int], spread: float = 1.15, max_groups: int = 16) -> list[list[int]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .phases import PhaseClock
 from .sequence import Sequence, SequenceStatus
 
 
@@ -41,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.clock: PhaseClock | None = None  # phases.attach: time each schedule()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,6 +74,14 @@ class Scheduler:
         return p is None or p.is_finished or p.num_computed_tokens >= p.num_prompt_tokens
 
     def schedule(self) -> ScheduledBatch:
+        if self.clock is None:
+            return self._schedule()
+        self.clock.start()
+        batch = self._schedule()
+        self.clock.lap("schedule")
+        return batch
+
+    def _schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
