@@ -43,7 +43,7 @@ def bench_core(
 def bench_pd(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     preset: str = typer.Option("small", "--preset", help="Model preset."),
-    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths",
+    prompt_lengths: str = typer.Option("256,512,1024,2048,4096,8192", "--prompt-lengths",
                                        help="Comma-separated prompt lengths."),
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
 ):
