@@ -29,7 +29,6 @@ import asyncio
 import concurrent.futures
 import json
 import struct
-import warnings
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
@@ -114,55 +113,59 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return t.view(torch.uint8).numpy().data.cast("B")
 
 
-class _IteratorReader:
-    """`readexactly` over an async iterator of byte chunks."""
+class _Reader:
+    """Exact reads over a body's chunks as they come (aiohttp's `readany`, or an async
+    iterator of chunks): each byte is copied once, from the chunk into the caller's buffer,
+    with no joins or slices in between."""
 
-    def __init__(self, chunks: AsyncIterator[bytes]):
-        self.chunks = chunks
-        self.buf = bytearray()
+    def __init__(self, source):
+        self.source = source
+        self.chunk: bytes = b""
+        self.offset = 0
 
-    async def readexactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
+    async def _more(self) -> bool:
+        if hasattr(self.source, "readany"):
+            chunk = await self.source.readany()
+        else:
             try:
-                chunk = await self.chunks.__anext__()
+                chunk = await self.source.__anext__()
             except StopAsyncIteration:
-                raise KVTransferError(f"the stream ended early ({len(self.buf)} of {n} bytes of a frame)")
-            self.buf += chunk
-        out = bytes(memoryview(self.buf)[:n])
-        del self.buf[:n]
-        return out
+                chunk = b""
+        self.chunk, self.offset = chunk, 0
+        return bool(chunk)
 
-    async def at_eof(self) -> bool:
-        if self.buf:
-            return False
-        try:
-            await self.chunks.__anext__()
-            return False
-        except StopAsyncIteration:
-            return True
-
-
-class _StreamReader:
-    """An aiohttp response body (anything with readexactly and read)."""
-
-    def __init__(self, content):
-        self.content = content
+    async def readinto(self, view: memoryview) -> None:
+        got, n = 0, len(view)
+        while got < n:
+            if self.offset >= len(self.chunk) and not await self._more():
+                raise KVTransferError(f"the stream ended early ({got} of {n} bytes of a frame)")
+            k = min(n - got, len(self.chunk) - self.offset)
+            view[got:got + k] = memoryview(self.chunk)[self.offset:self.offset + k]
+            got += k
+            self.offset += k
 
     async def readexactly(self, n: int) -> bytes:
-        try:
-            return await self.content.readexactly(n)
-        except asyncio.IncompleteReadError as e:
-            raise KVTransferError(f"the stream ended early ({len(e.partial)} of {n} bytes of a frame)")
+        if len(self.chunk) - self.offset >= n:  # the usual case for the small frames
+            out = self.chunk[self.offset:self.offset + n]
+            self.offset += n
+            return out
+        buf = bytearray(n)
+        await self.readinto(memoryview(buf))
+        return bytes(buf)
 
     async def at_eof(self) -> bool:
-        return not await self.content.read(1)
+        return self.offset >= len(self.chunk) and not await self._more()
 
 
-async def decode(source, expect: KVHeader) -> AsyncIterator[tuple[int, torch.Tensor, torch.Tensor]]:
+async def decode(source, expect: KVHeader, staging: list[torch.Tensor] | None = None) -> AsyncIterator[
+        tuple[int, torch.Tensor, torch.Tensor]]:
     """Checks a stream against what the receiver expects and yields (layer, keys, values)
     only for layers whose length and checksum are right. Raises KVTransferError otherwise.
-    `source`: an async iterator of byte chunks, or a stream with `readexactly` (aiohttp)."""
-    r = _StreamReader(source) if hasattr(source, "readexactly") else _IteratorReader(source)
+    `source`: an async iterator of byte chunks, or an aiohttp body (`readany`).
+    `staging`: byte buffers of one layer's payload each, used in turn, so that layer i's
+    tensors are overwritten by layer i + len(staging): for a caller done with each layer by
+    then (pull); without it every layer gets its own memory."""
+    r = _Reader(source)
     magic, version, n = _PREAMBLE.unpack(await r.readexactly(_PREAMBLE.size))
     if magic != MAGIC or version not in VERSIONS:
         raise KVTransferError(f"not a KV stream of version {' or '.join(map(str, VERSIONS))} "
@@ -179,21 +182,19 @@ async def decode(source, expect: KVHeader) -> AsyncIterator[tuple[int, torch.Ten
                                   f"this worker expects {getattr(expect, name)!r}", "mismatch")
     dtype = DTYPES[header.dtype]
     shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
-    count = header.payload_bytes // 2 // dtype.itemsize
     for i in range(header.num_layers):
         tag, layer, size, crc = _LAYER.unpack(await r.readexactly(_LAYER.size))
         if tag != LAYER or layer != i:
             raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
         if size != header.payload_bytes:
             raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
-        payload = await r.readexactly(size)
-        if checksum(version, payload) != crc:
+        buf = staging[i % len(staging)] if staging else torch.empty(size, dtype=torch.uint8)
+        view = buf.numpy().data.cast("B")
+        await r.readinto(view)
+        if checksum(version, view) != crc:
             raise KVTransferError(f"layer {i}: checksum mismatch")
-        with warnings.catch_warnings():  # read-only bytes: the tensors are only read from
-            warnings.simplefilter("ignore", UserWarning)
-            k = torch.frombuffer(payload, dtype=dtype, count=count).view(shape)
-            v = torch.frombuffer(payload, dtype=dtype, offset=size // 2, count=count).view(shape)
-        yield i, k, v
+        kv = buf.view(dtype).view(2, *shape)
+        yield i, kv[0], kv[1]
     tag, n_layers = _DONE.unpack(await r.readexactly(_DONE.size))
     if tag != DONE or n_layers != header.num_layers:
         raise KVTransferError("the stream does not end where its header says")
@@ -227,8 +228,9 @@ async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write, 
             raise KVTransferError(f"the stream announces {length} bytes; this token range takes "
                                   f"{stream_size(expect)}", "refused")
         writing = None  # a layer is written in a thread while the next one arrives
+        staging = [torch.empty(expect.payload_bytes, dtype=torch.uint8) for _ in range(2)]
         try:
-            async for layer, k, v in decode(r.content, expect):
+            async for layer, k, v in decode(r.content, expect, staging):
                 if writing is not None:
                     await asyncio.wrap_future(writing)
                 writing = _writer.submit(write, layer, k, v)
