@@ -4,13 +4,14 @@ Two measurements, each against a baseline taken in the same run (bench/pd/kv.py 
 bench/pd/e2e.py; the report is bench/pd/report.py, this module starts the fleet and runs them):
 
   KV transfer   a prompt's keys and values pulled from a prefill worker
-                (GET /internal/kv/{handle}), read and checked by the decode worker's own code
-                (kv_transfer.decode with the header it expects) and copied into a cache-shaped
-                buffer, against a plain loopback TCP copy of the same number of bytes between
-                two processes (sendall from one buffer, recv_into another). A third kind of
-                trial only reads the same stream off the wire, which splits the pull's time
-                into the sender and HTTP on one side and the receiver's checks and copies on
-                the other. Trials rotate their order so that load from elsewhere hits all alike.
+                (GET /internal/kv/{handle}) as the decode worker pulls them: blocks reserved
+                in a decode worker's paged cache by its KVConnector, the stream checked by
+                kv_transfer.pull and written into them by KVConnector.write_kv, against a
+                plain loopback TCP copy of the same number of bytes between two processes
+                (sendall from one buffer, recv_into another). A third kind of trial only
+                reads the same stream off the wire, which splits the pull's time into the
+                sender and HTTP on one side and the receiver's checks and copies on the
+                other. Trials rotate their order so that load from elsewhere hits all alike.
   end to end    the same prompts through a router over a prefill and a decode worker
                 (disaggregated) and through a router over one mixed worker (colocated):
                 streamed completions, greedy, EOS ignored, so both do the same work. The two
