@@ -52,13 +52,28 @@ def bench_core(
 def bench_pd(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     preset: str = typer.Option("small", "--preset", help="Model preset."),
-    prompt_lengths: str = typer.Option("512,1024,2048,4096", "--prompt-lengths",
+    prompt_lengths: str = typer.Option("256,512,1024,2048,4096,8192", "--prompt-lengths",
                                        help="Comma-separated prompt lengths."),
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
     run_pd_bench = _bench("fleetwise.bench.pd.run", "run_pd_bench")
     run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
+
+
+@bench_app.command("pd-load")
+def bench_pd_load(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    preset: str = typer.Option("small", "--preset", help="Model preset."),
+    requests: int = typer.Option(24, "--requests", min=2, help="Trace requests per load."),
+    loads: str = typer.Option("0.5,1,2,4", "--loads",
+                              help="Comma-separated loads, as multiples of two workers' unbatched rate."),
+    trace_start: int = typer.Option(0, "--trace-start", min=0, help="The trace row to start from."),
+):
+    """1 prefill + 1 decode worker vs 2 mixed workers under bursty trace arrivals: TBT and TTFT."""
+    run = _bench("fleetwise.bench.pd.load_run", "run_pd_load_bench")
+    run(out=out, preset=preset, requests=requests, multipliers=[float(x) for x in loads.split(",")],
+        trace_start=trace_start)
 
 
 @bench_app.command("router")

@@ -28,7 +28,9 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
   random draws made, and the finished ones for usage. It answers as that stream would have
   gone on, under the same response id.
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
-the same way by the receiver.
+the same way by the receiver. The receiver names the version it wants in the pull's query
+(`kv_version`); a sender that does not know the parameter sends version 1, which receivers
+still read (`KV_STREAM_VERSIONS`).
 
 Every internal call is authenticated by a shared secret, `Authorization: Bearer <token>`,
 read from a file (`--internal-token-file` or `FLEETWISE_INTERNAL_TOKEN_FILE`): the router
@@ -62,7 +64,8 @@ AUTH_HEADER = "authorization"
 TOKEN_FILE_ENV = "FLEETWISE_INTERNAL_TOKEN_FILE"
 MIN_TOKEN_CHARS = 16
 
-KV_STREAM_VERSION = 1
+KV_STREAM_VERSION = 2  # what a receiver asks for; 2: CRC-32C frame checksums (worker/kv/transfer.py)
+KV_STREAM_VERSIONS = (1, 2)  # read and sent on request; 1 until the release after next
 MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

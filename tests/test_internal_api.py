@@ -257,3 +257,47 @@ def test_a_worker_without_a_token_refuses_to_start_and_says_how_to_run_public_on
         assert "--internal-token-file" in result.output and "--public-only" in result.output
     result = runner.invoke(cli, ["worker", "--model", str(tiny_model_dir), "--role", "prefill", "--public-only"])
     assert result.exit_code == 2 and "only a mixed worker" in result.output
+
+
+def test_kv_streams_of_both_versions_carry_the_same_tensors_and_a_flipped_byte_is_caught():
+    import torch
+    layers = [(torch.randn(3, 2, 4), torch.randn(3, 2, 4)) for _ in range(2)]
+    for version in (1, 2):
+        stream = b"".join(bytes(f) for f in transfer.encode(EXPECT, iter(layers), version))
+        assert struct.unpack("<H", stream[4:6])[0] == version
+
+        async def read(data: bytes) -> list:
+            async def chunks():
+                yield data
+            return [(k.clone(), v.clone()) async for _, k, v in transfer.decode(chunks(), EXPECT)]
+        got = asyncio.run(read(stream))
+        assert all(torch.equal(a, b) for pair, want in zip(got, layers) for a, b in zip(pair, want))
+        bad = bytearray(stream)
+        bad[-20] ^= 1  # inside the last layer's values
+        with pytest.raises(KVTransferError, match="checksum"):
+            asyncio.run(read(bytes(bad)))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, version):
+    """A decode worker asks for the newest version; a sender of the previous release ignores
+    the parameter and answers version 1, which still reads."""
+    import aiohttp
+    import torch
+    p = fleet["prefill"]
+    first = internal("POST", p, "/internal/prefill", json={"kind": "completion", "request": REQUEST}).json()
+    connector = p.core.kv_connector
+    expect = connector.header(0, len(first["prompt_token_ids"]))
+    want = [(k.clone(), v.clone()) for k, v in connector.open_kv(first["handle"])[1]]
+    connector.close_kv(first["handle"])
+    got: list = []
+
+    async def run() -> int:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {p.token}"}) as session:
+            return await transfer.pull(session, p.internal_url, first["handle"], expect,
+                                       lambda layer, k, v: got.append((k.clone(), v.clone())), version=version)
+    assert asyncio.run(run()) == transfer.stream_size(expect)
+    assert len(got) == len(want) and all(torch.equal(a, b) for pair, w in zip(got, want) for a, b in zip(pair, w))
+    r = internal("GET", p, f"/internal/kv/{first['handle']}", params={"kv_version": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_version"
+    assert internal("DELETE", p, f"/internal/kv/{first['handle']}").status_code == 204

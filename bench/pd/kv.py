@@ -1,10 +1,15 @@
 """The pd benchmark's KV transfer measurement: a prompt's keys and values pulled from a
-prefill worker exactly as the decode worker pulls them (GET /internal/kv/{handle}, checked
-by kv_transfer.decode, copied into a cache-shaped buffer), against a plain loopback TCP copy
-of the same number of bytes between two processes (sendall from one buffer, recv_into
+prefill worker exactly as the decode worker pulls them, into a decode worker's paged cache
+through the real connector (KVConnector.reserve_kv, kv_transfer.pull with the worker's
+client, KVConnector.write_kv into the reserved blocks), against a plain loopback TCP copy of
+the same number of bytes between two processes (sendall from one buffer, recv_into
 another). A third kind of trial only reads the same stream off the wire, which splits the
 pull's time into the sender and HTTP on one side and the receiver's checks and copies on the
-other. Trials rotate their order so that load from elsewhere hits all alike."""
+other. Trials rotate their order so that load from elsewhere hits all alike.
+
+The decode side is a decode worker's engine and connector built in this process (the
+worker's own classes and settings: `DecodeSide`), so the pull is timed without an HTTP hop
+of its own and the blocks it fills are freed after each trial."""
 
 import json
 import socket
@@ -125,20 +130,20 @@ async def prefill(http: Any, url: str, model: str, prompt: list[int]) -> dict:
     return first
 
 
-async def pull_kv(session: Any, url: str, handle: str, expect: Any, sink: "_Sink") -> tuple[int, float]:
-    """Exactly as the decode worker pulls (kv_transfer.pull): stream, check every layer,
-    copy it into cache-shaped tensors. Returns (bytes on the wire, seconds)."""
-    from fleetwise.worker.kv.transfer import pull
-    t0 = time.perf_counter()
-    received = await pull(session, url, handle, expect, sink.slot_copy)
-    return received, time.perf_counter() - t0
+async def pull_kv(side: "DecodeSide", url: str, handle: str, prompt: list[int],
+                  first_token: int) -> tuple[int, float]:
+    """Exactly as the decode worker pulls (Handoff._pull): blocks reserved by the connector,
+    the stream checked layer by layer and written into them. Returns (bytes, seconds of the
+    pull); the blocks are freed afterwards."""
+    return await side.pull(url, handle, prompt, first_token)
 
 
 async def read_kv(session: Any, url: str, handle: str) -> tuple[int, float]:
     """The stream read off the wire with the same client and dropped: no checks, no copies."""
+    from fleetwise.worker.kv.transfer import VERSIONS
     received = 0
     t0 = time.perf_counter()
-    async with session.get(f"{url}/internal/kv/{handle}") as r:
+    async with session.get(f"{url}/internal/kv/{handle}", params={"kv_version": str(max(VERSIONS))}) as r:
         if r.status != 200:
             raise RuntimeError(f"the prefill worker answered {r.status}")
         async for chunk in r.content.iter_any():
@@ -146,19 +151,41 @@ async def read_kv(session: Any, url: str, handle: str) -> tuple[int, float]:
     return received, time.perf_counter() - t0
 
 
-class _Sink:
-    """Stand-in for the decode worker's cache. The worker copies whole blocks at a time
-    (KVConnector.write_kv); blocks here are consecutive, so one copy per layer and kind."""
+class DecodeSide:
+    """A decode worker's engine, paged cache and KV connector in this process, with the
+    client a decode worker pulls with (kv_transfer.client_session)."""
 
-    def __init__(self, num_layers: int, num_tokens: int, heads: int, head_dim: int, dtype: Any):
-        import torch
-        self.caches = [torch.empty(2, num_tokens, heads, head_dim, dtype=dtype) for _ in range(num_layers)]
-        self.slots = torch.arange(num_tokens)
+    def __init__(self, model_dir: str, kv_cache_mib: int, max_num_batched_tokens: int, headers: dict[str, str]):
+        from fleetwise.worker.engine.config import EngineConfig
+        from fleetwise.worker.engine.engine import LLMEngine
+        from fleetwise.worker.kv.connector import KVConnector
+        from fleetwise.worker.kv.transfer import client_session
+        self.engine = LLMEngine(EngineConfig(model=model_dir, kv_cache_bytes=kv_cache_mib << 20,
+                                             max_num_batched_tokens=max_num_batched_tokens))
+        self.engine.kv_connector = self.connector = KVConnector(self.engine)
+        self.session = client_session(headers)
+        self.count = 0
 
-    def slot_copy(self, layer: int, k: Any, v: Any) -> None:
-        cache = self.caches[layer]
-        cache[0].copy_(k)
-        cache[1].copy_(v)
+    async def pull(self, url: str, handle: str, prompt: list[int], first_token: int) -> tuple[int, float]:
+        from fleetwise.worker.engine.sequence import SamplingParams
+        from fleetwise.worker.kv.transfer import pull
+        self.count += 1
+        rid = f"bench-{self.count}"
+        connector = self.connector
+        res = connector.reserve_kv(rid, prompt, first_token, SamplingParams(max_tokens=2))
+        try:
+            if res is None or res.start != 0:
+                raise RuntimeError(f"the decode side reserved {res}: no blocks, or a prefix it had cached")
+            expect = connector.header(res.start, res.num_tokens)
+            t0 = time.perf_counter()
+            received = await pull(self.session, url, handle, expect,
+                                  lambda layer, k, v: connector.write_kv(res, layer, k, v))
+            return received, time.perf_counter() - t0
+        finally:
+            self.engine.abort_request(rid)  # frees the blocks: nothing was activated, nothing cached
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 def _framing(h: Any) -> int:
@@ -171,11 +198,12 @@ def _framing(h: Any) -> int:
 # -- the measurement ------------------------------------------------------------------------
 
 
-async def _trials(kv_session: Any, url: str, handle: str, expect: Any, sink: _Sink, trials: int,
-                  sock: SocketCopy, progress: Progress, task: TaskID, L: int) -> tuple[int, dict[str, list[float]]]:
+async def _trials(side: DecodeSide, url: str, handle: str, prompt: list[int], first_token: int, trials: int,
+                  sock: SocketCopy, progress: Progress, task: TaskID) -> tuple[int, dict[str, list[float]]]:
     """Bytes of the stream, and the seconds of every trial of each kind."""
     times: dict[str, list[float]] = {k: [] for k in KV_TRIAL_KINDS}
-    nbytes, _ = await pull_kv(kv_session, url, handle, expect, sink)  # warm
+    nbytes, _ = await pull_kv(side, url, handle, prompt, first_token)  # warm
+    L = len(prompt)
     for i in range(trials):
         progress.update(task, description=f"KV transfer {L}: trial {i + 1}/{trials}")
         k = i % len(KV_TRIAL_KINDS)  # rotate the order, so that drift hits all alike
@@ -184,9 +212,9 @@ async def _trials(kv_session: Any, url: str, handle: str, expect: Any, sink: _Si
                 times[kind].append(sock.copy(nbytes))
             else:
                 if kind == "kv":
-                    n, t = await pull_kv(kv_session, url, handle, expect, sink)
+                    n, t = await pull_kv(side, url, handle, prompt, first_token)
                 else:
-                    n, t = await read_kv(kv_session, url, handle)
+                    n, t = await read_kv(side.session, url, handle)
                 if n != nbytes:
                     raise RuntimeError(f"KV stream sizes differ between pulls: {nbytes} vs {n}")
                 times[kind].append(t)
@@ -194,24 +222,20 @@ async def _trials(kv_session: Any, url: str, handle: str, expect: Any, sink: _Si
     return nbytes, times
 
 
-async def measure_length(http: Any, kv_session: Any, prefill_url: str, name: str, mid: str, prompt: list[int],
-                         cfg: dict, dtype: Any, trials: int, sock: SocketCopy, progress: Progress, task: TaskID,
-                         notes: list[str]) -> dict:
+async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: str, mid: str, prompt: list[int],
+                         trials: int, sock: SocketCopy, progress: Progress, task: TaskID, notes: list[str]) -> dict:
     """One prompt's KV, prefilled once and pulled `trials` times of each kind: the row of its
     length in the result. `mid`: the model id of the files the workers serve."""
-    from fleetwise.worker.kv.transfer import DTYPE_NAMES, DTYPES, KVHeader
     L = len(prompt)
     progress.update(task, description=f"KV transfer: prefill {L}")
     first = await prefill(http, prefill_url, name, prompt)
     if first["model_id"] != mid:
         notes.append(f"the prefill worker's model id {first['model_id']} differs from the files' {mid}")
     progress.advance(task)
-    expect = KVHeader(first["model_id"], DTYPE_NAMES[dtype], cfg["num_hidden_layers"],
-                      cfg["num_key_value_heads"], cfg["head_dim"], 0, L)
-    sink = _Sink(cfg["num_hidden_layers"], L, cfg["num_key_value_heads"], cfg["head_dim"], DTYPES[expect.dtype])
+    expect = side.connector.header(0, L)
     try:
-        nbytes, times = await _trials(kv_session, prefill_url, first["handle"], expect, sink, trials, sock,
-                                      progress, task, L)
+        nbytes, times = await _trials(side, prefill_url, first["handle"], prompt, first["first_token"], trials,
+                                      sock, progress, task)
     finally:
         await http.delete(f"{prefill_url}/internal/kv/{first['handle']}")
     if nbytes != expect.payload_bytes * expect.num_layers + _framing(expect):

@@ -4,13 +4,14 @@ Two measurements, each against a baseline taken in the same run (bench/pd/kv.py 
 bench/pd/e2e.py; the report is bench/pd/report.py, this module starts the fleet and runs them):
 
   KV transfer   a prompt's keys and values pulled from a prefill worker
-                (GET /internal/kv/{handle}), read and checked by the decode worker's own code
-                (kv_transfer.decode with the header it expects) and copied into a cache-shaped
-                buffer, against a plain loopback TCP copy of the same number of bytes between
-                two processes (sendall from one buffer, recv_into another). A third kind of
-                trial only reads the same stream off the wire, which splits the pull's time
-                into the sender and HTTP on one side and the receiver's checks and copies on
-                the other. Trials rotate their order so that load from elsewhere hits all alike.
+                (GET /internal/kv/{handle}) as the decode worker pulls them: blocks reserved
+                in a decode worker's paged cache by its KVConnector, the stream checked by
+                kv_transfer.pull and written into them by KVConnector.write_kv, against a
+                plain loopback TCP copy of the same number of bytes between two processes
+                (sendall from one buffer, recv_into another). A third kind of trial only
+                reads the same stream off the wire, which splits the pull's time into the
+                sender and HTTP on one side and the receiver's checks and copies on the
+                other. Trials rotate their order so that load from elsewhere hits all alike.
   end to end    the same prompts through a router over a prefill and a decode worker
                 (disaggregated) and through a router over one mixed worker (colocated):
                 streamed completions, greedy, EOS ignored, so both do the same work. The two
@@ -40,10 +41,11 @@ from rich.console import Console
 from fleetwise.bench.harness import header, make_console, progress, save_plot, target_values, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
 from fleetwise.bench.pd.e2e import MODES, Prompts, complete, e2e_row, kv_counters, measure_e2e
-from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, SocketCopy, measure_length, overall
+from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, DecodeSide, SocketCopy, measure_length, overall
 from fleetwise.bench.pd.report import TARGET_LENGTH, TARGETS, e2e_notes, kv_notes, plot, print_summary
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
+from fleetwise.worker.kv.transfer import VERSIONS as KV_VERSIONS
 
 MAX_TOKENS = 32           # completion tokens per end-to-end request
 WARMUP_MAX_TOKENS = 4
@@ -119,13 +121,10 @@ def _model_dir(out: Path, preset: str, need: int, console: Console) -> tuple[Pat
 
 async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], repeats: int,
                    sock: SocketCopy, console: Console) -> dict:
-    import aiohttp
     import httpx
 
-    from fleetwise.worker.engine.runner import resolve_device, resolve_dtype
     from fleetwise.worker.model.files import model_id
 
-    dtype = resolve_dtype("auto", resolve_device("auto"))  # what the workers resolve "auto" to
     prompts = Prompts(model_dir, seed=0)
     trials = max(MIN_KV_TRIALS, repeats)
     notes: list[str] = []
@@ -133,8 +132,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     auth = {"Authorization": bearer(load_token(fleet.token_file))}  # the prefill worker's internal listener
     http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0), headers=auth,
                              limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
-    kv_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), read_bufsize=1 << 20,
-                                       headers=auth)
+    side = DecodeSide(str(model_dir), KV_CACHE_MIB, max(MIN_BATCHED_TOKENS, lengths[-1]), auth)
     routers = {m: fleet.routers[m].url for m in MODES}
     steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
     try:
@@ -146,8 +144,8 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                     bar.update(task, description=f"warm-up {mode} {L}")
                     await complete(http, routers[mode], fleet.name, prompts.new(L), WARMUP_MAX_TOKENS)
                     bar.advance(task)
-            kv_rows = {str(L): await measure_length(http, kv_session, fleet.internal["prefill"], fleet.name,
-                                                    model_id(model_dir), prompts.new(L), cfg, dtype, trials, sock,
+            kv_rows = {str(L): await measure_length(http, side, fleet.internal["prefill"], fleet.name,
+                                                    model_id(model_dir), prompts.new(L), trials, sock,
                                                     bar, task, notes) for L in lengths}
             before = await kv_counters(http, fleet.decode.url)
             runs = await measure_e2e(http, routers, fleet.decode.url, fleet.name, prompts, lengths, repeats,
@@ -155,7 +153,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
             after = await kv_counters(http, fleet.decode.url)
     finally:
         await http.aclose()
-        await kv_session.close()
+        await side.close()
 
     e2e_rows = {L: e2e_row(by_mode) for L, by_mode in runs.items()}
     target_ratio = e2e_notes(e2e_rows, notes)
@@ -220,7 +218,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
                  prompt_lengths: list[int] | None = None, repeats: int = 3) -> dict:
     """Start the fleet, measure, stop it; write OUT/pd.json and OUT/pd.png. Returns the report."""
     console = make_console(150)
-    prompt_lengths = sorted(set(prompt_lengths or [512, 1024, 2048, 4096]))
+    prompt_lengths = sorted(set(prompt_lengths or [256, 512, 1024, 2048, 4096, 8192]))
     if prompt_lengths[0] < 1:
         raise SystemExit("error: prompt lengths must be at least 1")
     if repeats < 1:
@@ -253,10 +251,12 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
         "kv_trials_per_length": max(MIN_KV_TRIALS, repeats),
         "request": "streamed /v1/completions through the router, temperature 0, ignore_eos, "
                    "random token-id prompts distinct per request",
-        "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull (aiohttp, as the decode worker), "
-                      "header, index_copy_ into cache-shaped tensors (as the decode worker); http_read: the same "
+        "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull with the decode worker's client, into "
+                      "blocks KVConnector.reserve_kv set aside in a decode worker's paged cache (its engine and "
+                      "connector in the benchmark's process), written by KVConnector.write_kv; http_read: the same "
                       "stream only read; baseline: loopback TCP, another process sendall()s the same number of "
                       "bytes, recv_into 4 MiB at a time; trials rotate the order of the three",
+        "kv_stream_version": max(KV_VERSIONS),
     }
     if ctx["note"]:
         measures["notes"].insert(0, ctx["note"])

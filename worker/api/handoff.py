@@ -33,7 +33,8 @@ from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
-from ..kv.transfer import KVTransferError, encode, pull, stream_size
+from ..kv.transfer import SEND_BATCH_BYTES, KVTransferError, client_session, encode, pull, stream_size, take_frames
+from ..kv.transfer import VERSIONS as KV_VERSIONS
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
 from .resume import resume
 from .service import WorkerAPI, engine_request_id
@@ -125,9 +126,7 @@ class Handoff:
     def http(self) -> aiohttp.ClientSession:
         """One pooled client per worker, made in the serving event loop."""
         if not self.sessions:
-            self.sessions.append(aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
-                connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20, headers=self.headers))
+            self.sessions.append(client_session(self.headers))
         return self.sessions[0]
 
     async def close(self) -> None:
@@ -176,9 +175,13 @@ class Handoff:
                              finish_reason=out.finish_reason, num_cached_tokens=out.num_cached_tokens,
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
-    async def kv(self, handle: str, start: int = 0) -> StreamingResponse:
-        """The held prompt's keys and values from token `start`, streamed layer by layer."""
+    async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> StreamingResponse:
+        """The held prompt's keys and values from token `start`, streamed layer by layer in
+        stream version `kv_version` (kv/transfer.py)."""
         self.require("prefill", "mixed")
+        if kv_version not in KV_VERSIONS:
+            raise _error(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
+                         code="unsupported_protocol_version")
         connector, metrics = self.connector, self.metrics
         try:
             header, layers = connector.open_kv(handle, start)
@@ -186,20 +189,22 @@ class Handoff:
             raise _error(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
         except ValueError as e:
             raise _error(400, str(e), param="start")
-        frames = encode(header, layers)
+        frames = encode(header, layers, kv_version)
         if CORRUPT_KV in self.faults:
             frames = _corrupted(frames)
 
         async def body() -> AsyncIterator[bytes | memoryview]:
             sent = 0
-            # the next frame (a layer's gather and checksum) is made in a thread while the
-            # current one is sent
-            upcoming = asyncio.ensure_future(asyncio.to_thread(next, frames, None))
+            # the next frames (layers' gathers and checksums, at least SEND_BATCH_BYTES of
+            # them) are made in a thread while the current ones are sent: one thread hop
+            # per batch, not per frame, which is most of a short prompt's pull
+            upcoming = asyncio.ensure_future(asyncio.to_thread(take_frames, frames, SEND_BATCH_BYTES))
             try:
-                while (chunk := await upcoming) is not None:
-                    upcoming = asyncio.ensure_future(asyncio.to_thread(next, frames, None))
-                    sent += len(chunk)
-                    yield chunk
+                while chunks := await upcoming:
+                    upcoming = asyncio.ensure_future(asyncio.to_thread(take_frames, frames, SEND_BATCH_BYTES))
+                    for chunk in chunks:
+                        sent += len(chunk)
+                        yield chunk
             finally:
                 # the lease is let go only once no thread reads its blocks any more; no await
                 # here: a cancelled response would be cancelled again at every await
