@@ -258,6 +258,7 @@ class WorkerHealth(BaseModel):
     model: str
     running: int
     waiting: int
+    kv_leases: int = 0  # KV held for another worker to pull (a prefill's, a drained stream's): a drain waits for it
 
 
 class WorkerUnwell(BaseModel):

@@ -18,6 +18,6 @@ def in_flight(pod: dict, address_map: dict | None = None, timeout: float = 1.0) 
     try:
         r = httpx.get(url + "/health", timeout=timeout)
         health = r.json()
-        return int(health["running"]) + int(health["waiting"])
+        return int(health["running"]) + int(health["waiting"]) + int(health.get("kv_leases", 0))
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None

@@ -193,13 +193,24 @@ def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
         worker.stop()
 
 
-def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_dir, tmp_path):
+def kv_moves(worker) -> tuple[float, float, float]:
+    """A worker's (choices exported with their KV, KV bytes received, handed-over KV recomputed)."""
+    m = worker.core.metrics
+    recomputed = sum(s.value for f in m.kv_recomputes.collect() for s in f.samples if s.name.endswith("_total"))
+    return (m.kv_exported.labels(**m._mr)._value.get(), m.kv_bytes.labels(direction="received", **m._mr)._value.get(),
+            recomputed)
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["kv_moves", "kv_corrupt_recomputed"])
+def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_dir, tmp_path, corrupt):
     """A worker taken out of routing (draining) keeps its streams for the grace period, then
-    the router moves them: the client's stream is unchanged, the worker idle at once and
-    not taken for unwell."""
+    the router moves them with their KV: the client's stream is unchanged, the new worker
+    pulls the context instead of recomputing it, the old one is idle at once and not taken
+    for unwell. A KV stream that arrives corrupt is recomputed, with the same result."""
     from fleetwise.worker.engine.config import EngineConfig
+    faults = frozenset({"corrupt-kv"}) if corrupt else frozenset()
     workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
-                                         num_blocks=256)) for _ in range(2)]
+                                         num_blocks=256), faults=faults) for _ in range(2)]
     for w in workers:
         w.core.fault_hook = lambda batch: time.sleep(0.01)
     path = tmp_path / "r.yaml"
@@ -228,11 +239,15 @@ def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_di
         assert metrics.migrations.labels("tiny", "drain")._value.get() == 1
         assert metrics.migrations.labels("tiny", "worker_failed")._value.get() == 0
         [gone] = drained
-        gone.wait_idle()  # its stream moved: nothing holds it any more
+        gone.wait_idle()  # its stream moved: nothing holds it any more, its KV lease released
         replica = next(r for r in router.router.source.models()["tiny"].replicas["mixed"]
                        if r.url == gone.internal_url)
         assert replica.healthy and not replica.routable
         assert time.monotonic() - t0 < 30
+        [target] = [w for w in workers if w is not gone]
+        assert kv_moves(gone)[0] == 1
+        _, received, recomputed = kv_moves(target)
+        assert (received > 0, recomputed) == ((False, 1) if corrupt else (True, 0))
     finally:
         router.stop()
         for w in workers:

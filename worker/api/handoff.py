@@ -34,6 +34,7 @@ from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.transfer import KVTransferError, encode, pull, stream_size
+from .export import add_export_route
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
 from .resume import resume
 from .service import WorkerAPI, engine_request_id
@@ -105,9 +106,10 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, fau
              responses=ROUTES["/v1/completions"]["responses"])(handoff.decode_)
 
     async def resume_(body: ResumeRequest, request: Request) -> StreamingResponse | dict:
-        return await resume(api, body, request)
+        return await resume(api, body, request, handoff._pull)
     app.post("/internal/resume", response_model=None, summary="Resume: go on with another worker's stream",
              responses=ROUTES["/v1/completions"]["responses"])(resume_)
+    add_export_route(app, api, connector)
     return handoff.close
 
 
@@ -177,8 +179,9 @@ class Handoff:
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
     async def kv(self, handle: str, start: int = 0) -> StreamingResponse:
-        """The held prompt's keys and values from token `start`, streamed layer by layer."""
-        self.require("prefill", "mixed")
+        """The held prompt's keys and values from token `start`, streamed layer by layer
+        (on a decode worker: a drained stream's context, engine/migration.py)."""
+        self.require("prefill", "mixed", "decode")
         connector, metrics = self.connector, self.metrics
         try:
             header, layers = connector.open_kv(handle, start)
@@ -211,7 +214,7 @@ class Handoff:
                                  headers={"content-length": str(stream_size(header))})
 
     async def release(self, handle: str) -> Response:
-        self.require("prefill", "mixed")
+        self.require("prefill", "mixed", "decode")
         if not await self.engine.call(self.connector.release_kv, handle):
             raise _error(404, f"no KV lease {handle!r}", code="kv_not_found")
         return Response(status_code=204)

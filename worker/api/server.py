@@ -154,7 +154,7 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         if stalled > health_stall_seconds:
             return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
         return {"status": "ok", "role": role, "model": api.model_name,
-                "running": api.core.num_running, "waiting": engine.num_waiting()}
+                "running": api.core.num_running, "waiting": engine.num_waiting(), "kv_leases": len(connector.leases)}
 
     @app.get("/metrics", **ROUTES["/metrics"])
     async def metrics():
