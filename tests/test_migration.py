@@ -2,7 +2,9 @@
 at another replica, and the client's stream is the one it would have had: the same text,
 logprobs, usage and finish reason, in both modes, greedy, seeded and with penalties and
 stop strings. Real worker processes behind a real router; each killed one is started again
-on its ports, and the router takes it back once its probe passes."""
+on its ports in the background (three replicas per role, so that the next test need not
+wait for it), and the router takes it back once its probe passes. A drained worker's
+streams move with their KV, with the same result."""
 
 import json
 import time
@@ -12,22 +14,42 @@ import pytest
 
 from fleetwise.procs import wait_healthy
 
-from .workers import TOKEN, internal, start_router, start_worker, start_worker_process, write_router_config
+from .workers import (
+    TOKEN,
+    internal,
+    slow_steps,
+    start_router,
+    start_worker,
+    start_worker_process,
+    write_router_config,
+)
 
-ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "slow-steps")
+ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "switches")
+RESTARTING: list = []  # killed workers started again, not yet slowed (their switches start off)
 
 
 @pytest.fixture(scope="module")
 def fleets(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("migration")
-    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS) for _ in range(2)],
-             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS)],
-             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS) for _ in range(2)]}
-    write_router_config(d / "colocated.yaml", "tiny", mixed=[p.internal_url for p in procs["mixed"]])
-    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[p.internal_url for p in procs["prefill"]],
-                        decode=[p.internal_url for p in procs["decode"]])
-    routers = {"colocated": start_router(d / "colocated.yaml"),
-               "disaggregated": start_router(d / "disaggregated.yaml")}
+    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS, wait=False) for _ in range(3)],
+             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS, wait=False)],
+             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS, wait=False) for _ in range(3)]}
+    everyone = [p for group in procs.values() for p in group]
+    try:
+        wait_healthy(everyone, 180, interval=0.1)
+    except Exception:
+        for p in everyone:
+            p.kill()
+        raise
+    for p in everyone:
+        slow_steps(p)
+    configs = {"colocated": ({"mixed": procs["mixed"]}, d / "colocated.yaml"),
+               "disaggregated": ({"prefill": procs["prefill"], "decode": procs["decode"]}, d / "disaggregated.yaml")}
+    for roles, path in configs.values():
+        write_router_config(path, "tiny", **{role: [p.internal_url for p in ps] for role, ps in roles.items()})
+    routers = {mode: start_router(path, drain_grace=0.2) for mode, (_, path) in configs.items()}
+    for mode, router in routers.items():
+        router.config = configs[mode]  # type: ignore[attr-defined]  # (roles, path), for drains
     try:
         yield routers, procs
     finally:
@@ -36,6 +58,7 @@ def fleets(tiny_model_dir, tmp_path_factory):
         for group in procs.values():
             for p in group:
                 p.kill()
+        RESTARTING.clear()
 
 
 def read_stream(url: str, body: dict, on_tokens=None) -> dict:
@@ -94,14 +117,24 @@ def migrations(router) -> float:
     return router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get()
 
 
-def restart(killed: list, router) -> None:
-    """The killed worker again, on its ports; until the router probes it healthy."""
+def restart(killed: list) -> None:
+    """The killed worker again, on its ports, in the background: `settle` takes it up."""
     for proc in killed:
         proc.start()
-        wait_healthy([proc], 120, interval=0.1)
-    deadline = time.monotonic() + 10
-    while not all(r.healthy for rs in router.router.source.models()["tiny"].replicas.values() for r in rs):
-        assert time.monotonic() < deadline, "the router did not take the restarted worker back"
+        RESTARTING.append(proc)
+
+
+def settle(router, mode: str) -> None:
+    """Restarted workers that are up get their slow steps; then until the router has two
+    healthy replicas of each role that migrates (one to lose, one to take over)."""
+    for proc in list(RESTARTING):
+        if proc.healthy():
+            slow_steps(proc)
+            RESTARTING.remove(proc)
+    role = "mixed" if mode == "colocated" else "decode"
+    deadline = time.monotonic() + 120
+    while sum(r.healthy for r in router.router.source.models()["tiny"].replicas[role]) < 2:
+        assert time.monotonic() < deadline, "the router has fewer than two healthy replicas"
         time.sleep(0.05)
 
 
@@ -109,13 +142,14 @@ def migrated(fleets, mode: str, body: dict, k: int) -> tuple[dict, dict]:
     """(the uninterrupted stream, the same stream with its worker killed at k events)."""
     routers, procs = fleets
     router = routers[mode]
+    settle(router, mode)
     want = read_stream(router.url, body)
     before = migrations(router)
     on_tokens, killed = killing(router, procs["mixed" if mode == "colocated" else "decode"], k)
     try:
         got = read_stream(router.url, body, on_tokens)
     finally:
-        restart(killed, router)
+        restart(killed)
     assert killed, "the stream ended before the kill"
     assert migrations(router) >= before + 1
     return want, got
@@ -163,6 +197,89 @@ def test_penalties_and_stop_strings_migrate_exactly(fleets, mode):
     want, got = migrated(fleets, mode, {**body, "stop": [stop, "\x00never"]}, 5)
     same(want, got)
     assert got["finish"][0] == "stop" and got["text"][0] == free[:free.index(stop)]
+
+
+def test_a_completion_with_several_prompts_migrates_exactly(fleets):
+    body = {"model": "tiny", "prompt": ["the first of two prompts", "and the second"], "n": 2, "max_tokens": 70,
+            "temperature": 0.8, "seed": 7, "ignore_eos": True, "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, "colocated", body, 12)
+    same(want, got)
+    assert sorted(got["text"]) == [0, 1, 2, 3] and got["usage"]["completion_tokens"] == 4 * 70
+
+
+def draining(router, k: int):
+    """A callback that drains the workers serving the stream once the client has k events
+    (their state in the router's endpoints file), and the list of those drained."""
+    roles, path = router.config
+    role = "mixed" if "mixed" in roles else "decode"
+    drained: list[str] = []
+
+    def on_tokens(n: int) -> None:
+        if drained or n < k:
+            return
+        drained.extend(r.url for r in router.router.source.models()["tiny"].replicas[role] if r.outstanding > 0)
+        assert drained
+        write_router_config(path, "tiny", **{r: [p.internal_url if p.internal_url not in drained else
+                                                 {"url": p.internal_url, "state": "draining", "reason": "scale-down"}
+                                                 for p in ps] for r, ps in roles.items()})
+    return on_tokens, drained
+
+
+def undrain(router) -> None:
+    roles, path = router.config
+    write_router_config(path, "tiny", **{r: [p.internal_url for p in ps] for r, ps in roles.items()})
+    deadline = time.monotonic() + 10
+    while not all(r.routable for rs in router.router.source.models()["tiny"].replicas.values() for r in rs):
+        assert time.monotonic() < deadline, "the router did not take the drained workers back"
+        time.sleep(0.05)
+
+
+def scraped(procs: list, name: str) -> float:
+    """The sum of a metric's samples over the workers' /metrics (dead ones count 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            text = httpx.get(p.url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    return total
+
+
+DRAINED = {"greedy": {"prompt": "a stream that a drain moves", "max_tokens": 120, "temperature": 0, "logprobs": 1},
+           "seeded": {"prompt": "seeded and drained", "max_tokens": 90, "temperature": 1.0, "seed": 4321, "n": 2},
+           "prompts": {"prompt": ["two prompts", "drained together"], "max_tokens": 90, "temperature": 0}}
+CASES = [(mode, case) for mode in ("colocated", "disaggregated") for case in sorted(DRAINED)
+         if (mode, case) != ("disaggregated", "prompts")]  # the router fans those out: greedy again
+
+
+@pytest.mark.parametrize(("mode", "case"), CASES)
+def test_a_drained_workers_streams_move_with_their_kv_and_go_on_exactly(fleets, mode, case):
+    """The drain's grace period ends mid-stream: the draining worker exports the stream's
+    choices with their KV, another pulls it and decodes on without recomputing, and the
+    client's stream is the uninterrupted one, greedy, seeded and with several prompts."""
+    routers, procs = fleets
+    router = routers[mode]
+    role = "mixed" if mode == "colocated" else "decode"
+    body = {"model": "tiny", **DRAINED[case], "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    settle(router, mode)
+    want = read_stream(router.url, body)
+    before = [scraped(procs[role], m) for m in ("fleetwise_kv_exported_total", "fleetwise_kv_recomputes_total")]
+    drains = router.router.metrics.migrations.labels("tiny", "drain")._value.get()
+    on_tokens, drained = draining(router, 10)
+    try:
+        got = read_stream(router.url, body, on_tokens)
+    finally:
+        undrain(router)
+    assert drained, "the stream ended before the drain"
+    same(want, got)
+    exported, recomputed = (scraped(procs[role], m) - b for m, b in
+                            zip(("fleetwise_kv_exported_total", "fleetwise_kv_recomputes_total"), before))
+    choices = len(want["text"])
+    assert (exported, recomputed) == (choices, 0)
+    assert router.router.metrics.migrations.labels("tiny", "drain")._value.get() >= drains + 1
 
 
 def test_resume_requests_are_checked_field_by_field(tiny_model_dir):

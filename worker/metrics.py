@@ -55,6 +55,7 @@ class WorkerMetrics:
                                      mr + ["reason"], registry=r)
         self.kv_exported = Counter(c.KV_EXPORTED, "Running choices handed to another worker with their KV cache.",
                                    mr, registry=r)
+        self.kv_exported_total = 0
         self.kv_leases = Gauge(c.KV_LEASES, "Prompts whose KV cache is held for a decode worker.", mr, registry=r)
         self.kv_leases_expired = Counter(c.KV_LEASES_EXPIRED, "KV leases freed because nobody pulled them.",
                                          mr, registry=r)
@@ -133,6 +134,7 @@ class WorkerMetrics:
 
     def on_kv_exported(self, choices: int) -> None:
         self.kv_exported.labels(**self._mr).inc(choices)
+        self.kv_exported_total += choices  # /health says it too: a drain's Event reports it
 
     def on_kv_recompute(self, reason: str) -> None:
         self.kv_recomputes.labels(reason=reason, **self._mr).inc()
