@@ -298,7 +298,13 @@ def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
                  ({"choices": [{"index": 0, "output_token_ids": []}, {"index": 0, "output_token_ids": []}]},
                   "choices"),
                  ({"request": {**request, "stream": False}}, "request.stream"),
-                 ({"prompt_token_ids": [-1]}, "prompt_token_ids")]
+                 ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
+                 ({"prompt_list": [[5, 6], [8]]}, "request.prompt"),  # the request has one prompt
+                 ({"prompt_list": [[9], [8]], "request": {**request, "prompt": ["x", "y"]}}, "prompt_list"),
+                 ({"prompt_list": [[5, 6], []]}, "prompt_list"),
+                 ({"prompt_list": [[5, 6], [10 ** 6]], "request": {**request, "prompt": ["x", "y"]}}, "prompt_list"),
+                 ({"kv_url": "http://127.0.0.1:1/path"}, "kv_url"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7], "draws": 1, "kv_handle": "a b"}]}, "choices")]
         for change, field in cases:
             r = internal("POST", worker, "/internal/resume", json={**base, **change})
             assert r.status_code == 400, (change, r.text)
@@ -516,3 +522,55 @@ def test_a_drain_moves_only_streams_that_can_move_and_only_after_the_grace_perio
     mover.untrack(can)
     mover.untrack(cannot)
     assert leaving not in mover.streams
+
+
+def test_a_drain_exports_streams_with_their_kv_and_breaks_off_only_those_it_cannot():
+    import asyncio
+
+    from fleetwise.router.metrics import RouterMetrics
+    from fleetwise.router.migrate import Mover
+    from fleetwise.router.replica import Replica
+    from fleetwise.router.upstream import Upstream
+
+    aborted: list[str] = []
+    asked: list[list[str]] = []
+
+    async def never(*args):
+        raise AssertionError("a drain itself sends nothing")
+
+    async def export(replica, ids):
+        asked.append(ids)
+        return None if ids == ["refused"] else {0: "rid.m0"}
+
+    async def main() -> None:
+        mover = Mover(call=never, broken=lambda replica, e: None, metrics=RouterMetrics(), max_kept=10,
+                      max_migrations=3, drain_grace=0.0, export=export)
+        leaving = Replica("http://a:1", "tiny", "mixed")
+
+        def track(name: str, ids):
+            return mover.track(Upstream(200, "text/event-stream", replica=leaving,
+                                        abort=lambda: aborted.append(name)), lambda: True, lambda: ids)
+        ok, refused, unknown = track("ok", ["rid"]), track("refused", ["refused"]), track("unknown", None)
+        mover.drain([], now=1.0)
+        assert aborted == ["unknown"]  # its ids not known yet: recomputed, as without export
+        assert await ok.exporting == {0: "rid.m0"} and await refused.exporting is None
+        assert sorted(aborted) == ["refused", "unknown"] and ok.drained and refused.drained and unknown.drained
+        assert sorted(asked) == [["refused"], ["rid"]]
+    asyncio.run(main())
+
+
+def test_the_tracker_keeps_every_prompt_and_names_the_kv_in_a_resume():
+    from fleetwise.router.migrate import Tracker
+    lines = [{"index": 0, "token_ids": [5], "prompt": 0, "prompt_token_ids": [1, 2], "request_id": "a", "id": "c-1",
+              "created": 3},
+             {"index": 1, "token_ids": [6], "prompt": 1, "prompt_token_ids": [3, 4], "request_id": "b"},
+             {"index": 0, "token_ids": [7]}]
+    t = Tracker(max_kept=100)
+    t.feed(b"".join(b"fw: " + json.dumps(d).encode() + b"\n\n" for d in lines))
+    request = {"model": "tiny", "prompt": ["x", "y"]}
+    assert t.complete(request) and t.request_ids == {0: "a", 1: "b"}
+    body = json.loads(t.resume_body("completion", request, ("http://a:1", {0: "a.m0", 1: "b.m0"})))
+    assert body["prompt_token_ids"] == [1, 2] and body["prompt_list"] == [[1, 2], [3, 4]]
+    assert [(c["output_token_ids"], c["kv_handle"]) for c in body["choices"]] == [([5, 7], "a.m0"), ([6], "b.m0")]
+    assert body["kv_url"] == "http://a:1"
+    assert not Tracker(max_kept=100, prompt=[1, 2]).complete(request)  # the second prompt's ids not in yet
