@@ -19,6 +19,7 @@ off and recomputed as for a failure.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from .metrics import RouterMetrics
 from .replica import Replica
 from .retries import ENGINE_UNAVAILABLE, RouterError, error_code
 from .upstream import Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
 
 WORKER_FAILED, DRAIN = "worker_failed", "drain"
 DONE = b"data: [DONE]\n\n"
@@ -209,6 +212,7 @@ class Moving:
         try:
             handles = await asyncio.wait_for(export(replica, ids), EXPORT_SECONDS)
         except TimeoutError:
+            log.warning("export from %s took over %.0f s: recomputing", replica.url, EXPORT_SECONDS)
             handles = None
         if handles is None:
             self.move()

@@ -347,11 +347,12 @@ class Router:
             async with self.session.post(replica.url + "/internal/export", json={"request_ids": request_ids},
                                          headers={VERSION_HEADER: str(PROTOCOL_VERSION)}) as r:
                 if r.status != 200:
-                    log.info("%s did not export %s (%d): recomputing", replica.url, request_ids, r.status)
+                    log.warning("%s did not export %s (%d: %s): recomputing", replica.url, request_ids, r.status,
+                                (await r.text())[:200])
                     return None
                 return {c["index"]: c["handle"] for c in (await r.json())["choices"]}
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as e:
-            log.info("export from %s failed, recomputing: %s", replica.url, e)
+            log.warning("export from %s failed, recomputing: %r", replica.url, e)
             return None
 
     def _broken(self, replica: Replica, e: UpstreamError) -> None:
