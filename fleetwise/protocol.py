@@ -47,7 +47,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -188,7 +188,8 @@ class ExportRequest(_Message):
     """Router -> a draining decode or mixed worker: hand these requests' running choices
     over with their KV (the engine's ids, from each stream's `fw:` lines). Their streams end
     with an error event of code `migrated`; the KV waits under one lease per choice."""
-    request_ids: list[str] = Field(min_length=1, max_length=MAX_RESUME_CHOICES)
+    request_ids: list[Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_LENGTH + 16)]] = Field(
+        min_length=1, max_length=MAX_RESUME_CHOICES)
 
 
 class ExportedChoice(_Message):

@@ -140,17 +140,20 @@ def settle(routers: dict, mode: str) -> None:
     """Restarted workers that are up get their slow steps and go back into routing; then
     until the router has two routable healthy replicas of the role that migrates (one to
     lose, one to take over)."""
-    for proc in list(RESTARTING):
-        if proc.healthy():
-            slow_steps(proc)
-            RESTARTING.remove(proc)
-    for r in routers.values():
-        routes(r)
     role = "mixed" if mode == "colocated" else "decode"
     deadline = time.monotonic() + 120
-    while sum(r.healthy and r.routable for r in routers[mode].router.source.models()["tiny"].replicas[role]) < 2:
+    while True:
+        up = [proc for proc in RESTARTING if proc.healthy()]
+        for proc in up:
+            slow_steps(proc)
+            RESTARTING.remove(proc)
+        if up:
+            for r in routers.values():
+                routes(r)
+        if sum(r.healthy and r.routable for r in routers[mode].router.source.models()["tiny"].replicas[role]) >= 2:
+            return
         assert time.monotonic() < deadline, "the router has fewer than two healthy replicas"
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def migrated(fleets, mode: str, body: dict, k: int) -> tuple[dict, dict]:
