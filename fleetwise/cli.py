@@ -103,7 +103,7 @@ def worker(
                                      help="Without a GPU: run as a modelled one of this product (H100, A100, "
                                           "...), its power, caps and DCGM series."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
-                                    help="Test-only fault switches (corrupt-kv, fail-steps, slow-steps, "
+                                    help="Test-only fault switches (corrupt-kv, fail-steps, "
                                          "switches: POST /internal/faults)."),
 ):
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""

@@ -182,10 +182,10 @@ class LocalFleet:
 
 
 def _idle(w: Member) -> bool:
-    """Its /health says it holds no request (running and waiting both 0), or that its
-    engine is dead (nothing left to finish)."""
+    """Its /health says it holds no request (running, waiting and KV leases all 0: a drained
+    stream's KV waits to be pulled), or that its engine is dead (nothing left to finish)."""
     try:
         h = httpx.get(w.url + "/health", timeout=1.0).json()
     except (httpx.HTTPError, ValueError):
         return False
-    return h.get("status") == "dead" or (h.get("running") == 0 and h.get("waiting") == 0)
+    return h.get("status") == "dead" or (h.get("running") == 0 and h.get("waiting") == 0 and not h.get("kv_leases"))

@@ -258,6 +258,8 @@ class WorkerHealth(BaseModel):
     model: str
     running: int
     waiting: int
+    kv_leases: int = 0  # KV held for another worker to pull (a prefill's, a drained stream's): a drain waits for it
+    kv_exported: int = 0  # running sequences handed to other workers with their KV (drains), since it started
 
 
 class WorkerUnwell(BaseModel):

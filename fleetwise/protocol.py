@@ -27,6 +27,11 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
   generating: the prompt, each unfinished choice's output so far (kept as output) and its
   random draws made, and the finished ones for usage. It answers as that stream would have
   gone on, under the same response id.
+- A drain moves the KV too: `POST /internal/export` (`ExportRequest`) takes running
+  requests off a worker, their streams ending with an error event of code `migrated` and
+  each choice's context kept under a KV lease; the resume names the lease (`kv_url`, each
+  choice's `kv_handle`) and the new worker pulls it as a decode worker pulls a prompt,
+  recomputing instead when the pull fails. An older worker ignores the fields and recomputes.
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
 the same way by the receiver. The receiver names the version it wants in the pull's query
 (`kv_version`); a sender that does not know the parameter sends version 1, which receivers
@@ -44,7 +49,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -145,7 +150,9 @@ class TraceEvent(_Message):
     index: int = 0
     token_ids: list[int] = []
     finish_reason: str | None = None
-    prompt_token_ids: list[int] | None = None  # the first event only
+    prompt_token_ids: list[int] | None = None  # the first event of each prompt
+    prompt: int = 0                            # which prompt (a completion with several)
+    request_id: str | None = None              # the first event of each prompt: the engine's id, for an export
     id: str | None = None                      # the first event only
     created: int | None = None                 # the first event only
 
@@ -165,6 +172,7 @@ class ResumeChoice(_Message):
     output_token_ids: list[int] = Field(max_length=MAX_RESUME_TOKENS)
     draws: int = Field(0, ge=0)
     finished: bool = False
+    kv_handle: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,256}$")  # its KV, held at `kv_url`
 
     @field_validator("output_token_ids")
     @classmethod
@@ -179,6 +187,25 @@ class ResumeChoice(_Message):
         return draws
 
 
+class ExportRequest(_Message):
+    """Router -> a draining decode or mixed worker: hand these requests' running choices
+    over with their KV (the engine's ids, from each stream's `fw:` lines). Their streams end
+    with an error event of code `migrated`; the KV waits under one lease per choice."""
+    request_ids: list[Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_LENGTH + 16)]] = Field(
+        min_length=1, max_length=MAX_RESUME_CHOICES)
+
+
+class ExportedChoice(_Message):
+    index: int  # the choice's index in its response (prompt k's choice j: k * n + j)
+    handle: str  # its KV lease, pulled with GET /internal/kv/{handle}
+    num_tokens: int  # the tokens the lease holds: the prompt and the output but its last token
+
+
+class ExportAnswer(_Message):
+    choices: list[ExportedChoice]
+    kv_lease_seconds: float
+
+
 class ResumeRequest(_Message):
     """Router -> decode or mixed worker: go on with a stream another worker was generating.
     `request` is the client's body (for a disaggregated request, its sub-request); its
@@ -189,11 +216,34 @@ class ResumeRequest(_Message):
     choices: list[ResumeChoice] = Field(min_length=1, max_length=MAX_RESUME_CHOICES)
     response_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     created: int = Field(ge=0)
+    # a completion with several prompts: all of them, the first being prompt_token_ids;
+    # choice k belongs to prompt k // n
+    prompt_list: list[list[int]] = Field([], max_length=MAX_RESUME_CHOICES)
+    kv_url: str | None = None  # the worker the choices' `kv_handle`s are pulled from (a drain's export)
 
     @field_validator("prompt_token_ids")
     @classmethod
     def _token_ids(cls, ids: list[int]) -> list[int]:
         return _ids(ids)
+
+    @field_validator("prompt_list")
+    @classmethod
+    def _prompt_list(cls, prompts: list[list[int]]) -> list[list[int]]:
+        if sum(len(p) for p in prompts) > MAX_RESUME_TOKENS:
+            raise ValueError(f"more than {MAX_RESUME_TOKENS} token ids in all")
+        if any(not p for p in prompts):
+            raise ValueError("a prompt is empty")
+        for p in prompts:
+            _ids(p)
+        return prompts
+
+    @field_validator("kv_url")
+    @classmethod
+    def _kv_url(cls, url: str | None) -> str | None:
+        problem = base_url_problem(url) if url is not None else None
+        if problem:
+            raise ValueError(problem)
+        return url
 
     @field_validator("choices")
     @classmethod

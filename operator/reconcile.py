@@ -21,7 +21,7 @@ from fleetwise.spec import ModelDeploymentSpec
 from . import manifests as m
 from .binding import Binder
 from .cluster import ClusterState
-from .inflight import in_flight
+from .inflight import exported, in_flight
 from .internal_token import TokenCopies
 from .kube import Kube, epoch, error_message, now_iso
 from .metrics import OperatorMetrics
@@ -92,6 +92,10 @@ class Operator:
         self.metrics.set_workers(ns, name, [m.pod_state(x).state for x in pods
                                             if not x["metadata"].get("deletionTimestamp")])
         p = plan(spec, _views(pods), time.time(), self.drain_timeout)
+        for pod in pods:  # a drained pod's Event says how many streams moved with their KV
+            if pod["metadata"]["name"] in p.delete and (pod["metadata"].get("annotations") or {}).get(
+                    m.ANNOTATION_DRAINING):
+                self._drained_event(pod)
         created, not_created = self._apply(body, spec, p)
         not_created += self._ensure_services(body, spec)
         deleted = set(p.delete)
@@ -106,6 +110,12 @@ class Operator:
         if status != body.get("status"):  # most reconciles change nothing: no write
             self.kube.patch_status(ns, name, status)
         return status
+
+    def _drained_event(self, pod: dict) -> None:
+        moved = exported(pod)
+        if moved is not None:
+            self.kube.event({**pod, "apiVersion": "v1", "kind": "Pod"}, "Normal", "Drained",
+                            f"drained: {moved} running sequence(s) handed to other workers with their KV cache")
 
     def _apply(self, body: dict, spec: ModelDeploymentSpec, p: Plan) -> tuple[list[dict], list[str]]:
         """Records the plan's events, deletes, drains and creates; returns the pods it created

@@ -7,11 +7,19 @@ events on without those lines. When the worker fails (the connection breaks, it 
 or it says its engine is gone; never for the request's own error), `migrating` sends
 `/internal/resume` to another replica of the same role (mixed, or decode: it recomputes the
 prompt and the output) with the output so far kept as output, and relays the rest into the
-same stream. A request is no longer movable when it keeps more ids than the bound, has
-moved `max_migrations` times, or is a completion with several prompts (the
-`fleetwise_router_unmigratable` metric says which).
+same stream. A request is no longer movable when it keeps more ids than the bound or has
+moved `max_migrations` times (the `fleetwise_router_unmigratable` metric says which).
+
+A drain moves the KV itself (live migration, as Llumnix): when the grace period ends the
+router asks the draining worker to export the stream's requests (`/internal/export`); the
+worker ends the stream with a `migrated` event once every token sampled before has gone
+out, and keeps each choice's KV under a lease that the resume names, for the new worker
+to pull instead of recomputing. When the export is refused or fails, the stream is broken
+off and recomputed as for a failure.
 """
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,12 +34,22 @@ from .replica import Replica
 from .retries import ENGINE_UNAVAILABLE, RouterError, error_code
 from .upstream import Upstream, UpstreamError
 
+log = logging.getLogger(__name__)
+
 WORKER_FAILED, DRAIN = "worker_failed", "drain"
 DONE = b"data: [DONE]\n\n"
 
 
+MIGRATED = "migrated"  # the error code that ends an exported stream
+EXPORT_SECONDS = 5.0  # an export that takes longer is given up: the stream is recomputed instead
+
+
 class EngineGone(UpstreamError):
     """The worker said, mid-stream, that its engine is gone."""
+
+
+class Exported(UpstreamError):
+    """The worker handed the stream over with its KV (a drain's export)."""
 
 
 @dataclass
@@ -48,12 +66,15 @@ class Tracker:
     max_kept: int
     n: int = 1
     prompt: list[int] | None = None  # given when known before the stream (a prefill's answer)
+    prompts: dict[int, list[int]] = field(default_factory=dict)  # a completion's several, by index
+    request_ids: dict[int, str] = field(default_factory=dict)  # the engine's, by prompt: for an export
     response_id: str | None = None
     created: int | None = None
     choices: dict[int, Choice] = field(default_factory=dict)
     kept: int = 0
     why_not: str | None = None  # set once the stream can no longer move
     engine_gone: bool = False
+    exported: bool = False  # the worker ended the stream to hand it over (a drain's export)
     errors: int = 0  # error events passed on: the request's own failure, a 5xx of the replica's
     done: bool = False
     buf: bytes = b""
@@ -81,8 +102,9 @@ class Tracker:
                 if event == b"\n":
                     continue
             elif event.startswith(b'data: {"error"'):
-                if error_code(event[6:]) == ENGINE_UNAVAILABLE:
-                    self.engine_gone = True
+                code = error_code(event[6:])
+                if code in (ENGINE_UNAVAILABLE, MIGRATED):
+                    self.engine_gone, self.exported = code == ENGINE_UNAVAILABLE, code == MIGRATED
                     break
                 self.errors += 1
             elif event == DONE:
@@ -94,9 +116,16 @@ class Tracker:
     def _note(self, d: dict) -> None:
         if d.get("id") is not None:
             self.response_id, self.created = d["id"], d.get("created")
-            if self.prompt is None and d.get("prompt_token_ids") is not None:
+        if d.get("prompt_token_ids") is not None:
+            i = d.get("prompt", 0)
+            if isinstance(d.get("request_id"), str):
+                self.request_ids[i] = d["request_id"]
+            if i == 0 and self.prompt is None:
                 self.prompt = d["prompt_token_ids"]
                 self._count(len(self.prompt))
+            elif i != 0 and i not in self.prompts:
+                self.prompts[i] = d["prompt_token_ids"]
+                self._count(len(self.prompts[i]))
         choice = self.choices.get(d.get("index", 0))
         if choice is None:
             choice = self.choices[d.get("index", 0)] = Choice()
@@ -112,18 +141,35 @@ class Tracker:
         if self.kept > self.max_kept and self.why_not is None:
             self.why_not = "too_long"
             self.prompt = None
+            self.prompts = {}
             for c in self.choices.values():
                 c.token_ids = []
 
-    def resume_body(self, kind: str, request: dict) -> bytes:
+    def num_prompts(self, request: dict) -> int:
+        p = request.get("prompt")
+        return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+
+    def complete(self, request: dict) -> bool:
+        """Whether every prompt's ids are known (a prompt's first event may not have come yet)."""
+        return self.prompt is not None and len(self.prompts) == self.num_prompts(request) - 1
+
+    def resume_body(self, kind: str, request: dict, kv: tuple[str, dict[int, str]] | None = None) -> bytes:
+        """`kv`: the exporting worker and each choice's KV lease there."""
         assert self.prompt is not None and self.response_id is not None
         choices = []
-        for i in range(self.n):
+        for i in range(self.n * self.num_prompts(request)):
             c = self.choices.get(i) or Choice()
-            choices.append({"index": i, "output_token_ids": c.token_ids, "draws": len(c.token_ids),
-                            "finished": c.finished})
-        return orjson.dumps({"kind": kind, "request": {**request, "stream": True}, "prompt_token_ids": self.prompt,
-                             "choices": choices, "response_id": self.response_id, "created": self.created or 0})
+            choice = {"index": i, "output_token_ids": c.token_ids, "draws": len(c.token_ids), "finished": c.finished}
+            if kv is not None and i in kv[1] and not c.finished:
+                choice["kv_handle"] = kv[1][i]
+            choices.append(choice)
+        body = {"kind": kind, "request": {**request, "stream": True}, "prompt_token_ids": self.prompt,
+                "choices": choices, "response_id": self.response_id, "created": self.created or 0}
+        if self.prompts:
+            body["prompt_list"] = [self.prompt, *(self.prompts[i] for i in sorted(self.prompts))]
+        if kv is not None:
+            body["kv_url"] = kv[0]
+        return orjson.dumps(body)
 
 
 @dataclass
@@ -139,19 +185,38 @@ class Where:
 
 
 Call = Callable[[str, str, list[Replica], bytes, list[int]], Awaitable[Upstream]]
+# (draining replica, the engine's request ids) -> each choice's KV lease there, or None: refused or failed
+Export = Callable[[Replica, list[str]], Awaitable[dict[int, str] | None]]
 
 
 @dataclass(eq=False)
 class Moving:
     """A stream on its way, as a drain sees it: breaking it off moves it (reason drain).
-    `movable` says whether it could move now (a drain never breaks off one that cannot)."""
+    `movable` says whether it could move now (a drain never breaks off one that cannot);
+    `request_ids`, the engine's ids of its requests on the worker (None: not all known)."""
     up: Upstream
     movable: Callable[[], bool] = lambda: True
+    request_ids: Callable[[], list[str] | None] = lambda: None
     drained: bool = False
+    exporting: "asyncio.Task[dict[int, str] | None] | None" = None
 
     def move(self) -> None:
         self.drained = True
         self.up.abort()
+
+    async def export(self, export: Export, ids: list[str]) -> dict[int, str] | None:
+        """Asks the worker to hand the stream over with its KV; breaks it off (to be
+        recomputed) when the worker will not."""
+        replica = self.up.replica
+        assert replica is not None
+        try:
+            handles = await asyncio.wait_for(export(replica, ids), EXPORT_SECONDS)
+        except TimeoutError:
+            log.warning("export from %s took over %.0f s: recomputing", replica.url, EXPORT_SECONDS)
+            handles = None
+        if handles is None:
+            self.move()
+        return handles
 
 
 @dataclass
@@ -164,6 +229,7 @@ class Mover:
     max_kept: int
     max_migrations: int
     drain_grace: float = 30.0
+    export: Export | None = None  # None: a drain recomputes, as for a failure
     streams: dict[Replica, set[Moving]] = field(default_factory=dict)
     leaving: dict[Replica, float] = field(default_factory=dict)  # since when out of routing
 
@@ -182,10 +248,16 @@ class Mover:
             if now - since >= self.drain_grace:
                 for m in list(moving):
                     if not m.drained and m.movable():
-                        m.move()
+                        ids = m.request_ids()
+                        if self.export is None or ids is None:
+                            m.move()
+                            continue
+                        m.drained = True
+                        m.exporting = asyncio.ensure_future(m.export(self.export, ids))
 
-    def track(self, up: Upstream, movable: Callable[[], bool]) -> Moving:
-        m = Moving(up, movable)
+    def track(self, up: Upstream, movable: Callable[[], bool],
+              request_ids: Callable[[], list[str] | None] = lambda: None) -> Moving:
+        m = Moving(up, movable, request_ids)
         if up.replica is not None:
             self.streams.setdefault(up.replica, set()).add(m)
         return m
@@ -198,21 +270,11 @@ class Mover:
                 del self.streams[replica]
 
 
-def movable(kind: str, body: dict) -> str | None:
-    """Why a request cannot move at all, or None."""
-    prompt = body.get("prompt")
-    if kind == "completion" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
-            and len(prompt) > 1:
-        return "prompt_list"
-    return None
-
-
 def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
     """`up` (a stream's first chunk and the rest) as a stream that moves to another replica
     when its own fails; it raises UpstreamError only when it cannot move."""
     n = where.body.get("n") or 1
     tracker = Tracker(mover.max_kept, n if isinstance(n, int) else 1, where.prompt)
-    tracker.why_not = movable(where.kind, where.body)
     current = [up]
     m = mover.metrics
 
@@ -222,7 +284,8 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
         last, gap_from = time.perf_counter(), None
         while True:
             failure: UpstreamError
-            moving = mover.track(up, partial(_could_move, tracker, where, up.replica, moves < mover.max_migrations))
+            moving = mover.track(up, partial(_could_move, tracker, where, up.replica, moves < mover.max_migrations),
+                                 partial(_request_ids, tracker, where))
             try:
                 async for chunk in _chunks(up):
                     errors = tracker.errors
@@ -236,16 +299,18 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                             gap_from = None
                         yield out
                         last = now
-                    if tracker.engine_gone:
+                    if tracker.engine_gone or tracker.exported:
                         break
-                if not tracker.engine_gone:
+                if not (tracker.engine_gone or tracker.exported):
                     return
-                failure = EngineGone("the replica's engine is gone")
-                tracker.engine_gone = False
+                failure = Exported("handed over") if tracker.exported else EngineGone("the replica's engine is gone")
             except UpstreamError as e:
                 failure = e
             finally:
                 mover.untrack(moving)
+            handles = await moving.exporting if moving.exporting is not None else None
+            kv = (up.replica.url, handles) if handles and tracker.exported and up.replica is not None else None
+            tracker.engine_gone = tracker.exported = False
             failed = up.replica
             up.release()
             reason = DRAIN if moving.drained else WORKER_FAILED
@@ -254,7 +319,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
             if tracker.done:
                 return
             why = tracker.why_not or ("migrations_exhausted" if moves >= mover.max_migrations else None)
-            if why is None and (tracker.prompt is None or tracker.response_id is None):
+            if why is None and (not tracker.complete(where.body) or tracker.response_id is None):
                 why = "no_token_ids"
             if why is not None:
                 m.child(m.unmigratable, where.model, why).inc()
@@ -263,8 +328,8 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
             tracker.buf = b""  # a part of an event from the failed replica is never sent
             others = [r for r in where.replicas if r is not failed]
             try:
-                up = await mover.call(where.model, where.role, others, tracker.resume_body(where.kind, where.body),
-                                      where.keys)
+                up = await mover.call(where.model, where.role, others,
+                                      tracker.resume_body(where.kind, where.body, kv), where.keys)
             except RouterError as e:
                 m.child(m.unmigratable, where.model, "no_replica").inc()
                 raise UpstreamError(f"{failure}; no replica could take the stream over: {e}")
@@ -285,8 +350,16 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
 
 def _could_move(tracker: Tracker, where: Where, on: Replica | None, moves_left: bool) -> bool:
     """Whether a stream on `on` could move now (a drain breaks off only such a one)."""
-    return (moves_left and tracker.why_not is None and tracker.prompt is not None
+    return (moves_left and tracker.why_not is None and tracker.complete(where.body)
             and any(r.available for r in where.replicas if r is not on))
+
+
+def _request_ids(tracker: Tracker, where: Where) -> list[str] | None:
+    """The engine's ids of the stream's requests on its worker, by prompt; None until all are known."""
+    count = tracker.num_prompts(where.body)
+    if len(tracker.request_ids) != count or not tracker.complete(where.body):
+        return None
+    return [tracker.request_ids[i] for i in range(count)]
 
 
 async def _chunks(up: Upstream) -> AsyncIterator[bytes]:

@@ -78,7 +78,8 @@ class Router:
         self.auth = {AUTH_HEADER: bearer(token)} if token else {}
         self._auth_line = "".join(f"{k}: {v}\r\n" for k, v in self.auth.items()).encode()
         self._prober: asyncio.Task | None = None
-        self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations, drain_grace)
+        self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations, drain_grace,
+                           self._export)
         self.handoffs = Handoffs(self.call, self._migrating, self.metrics, lambda: self.session, _STREAM)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -336,6 +337,23 @@ class Router:
     async def _resume(self, model: str, role: str, replicas: list[Replica], payload: bytes,
                       keys: list[int]) -> Upstream:
         return await self.call(model, role, replicas, "/internal/resume", payload, True, keys, retry_on=_STREAM)
+
+    async def _export(self, replica: Replica, request_ids: list[str]) -> dict[int, str] | None:
+        """A drained replica's streams handed over with their KV (migrate.py): each choice's
+        lease, or None when the replica would not or could not (the stream is recomputed)."""
+        if self.session is None:
+            return None
+        try:
+            async with self.session.post(replica.url + "/internal/export", json={"request_ids": request_ids},
+                                         headers={VERSION_HEADER: str(PROTOCOL_VERSION)}) as r:
+                if r.status != 200:
+                    log.warning("%s did not export %s (%d: %s): recomputing", replica.url, request_ids, r.status,
+                                (await r.text())[:200])
+                    return None
+                return {c["index"]: c["handle"] for c in (await r.json())["choices"]}
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("export from %s failed, recomputing: %r", replica.url, e)
+            return None
 
     def _broken(self, replica: Replica, e: UpstreamError) -> None:
         """A stream that broke after its first chunk: the replica is marked down."""

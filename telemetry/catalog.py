@@ -40,6 +40,7 @@ KV_TRANSFER_SECONDS = "fleetwise_kv_transfer_seconds"  # histogram, one pull
 KV_RECOMPUTES = "fleetwise_kv_recomputes"              # counter, label reason: prompts recomputed instead
 KV_LEASES = "fleetwise_kv_leases"                      # gauge: prompts held for a decode worker
 KV_LEASES_EXPIRED = "fleetwise_kv_leases_expired"      # counter: leases nobody pulled in time
+KV_EXPORTED = "fleetwise_kv_exported"                  # counter: running choices handed over with their KV (drains)
 # per KV link, on the receiving (decode) worker, label peer: the sending worker's internal URL
 KV_PEER_SECONDS = "fleetwise_kv_peer_transfer_seconds"    # counter: seconds spent pulling from the peer
 KV_PEER_BYTES = "fleetwise_kv_peer_transfer_bytes"        # counter: bytes pulled from the peer

@@ -2,7 +2,9 @@
 at another replica, and the client's stream is the one it would have had: the same text,
 logprobs, usage and finish reason, in both modes, greedy, seeded and with penalties and
 stop strings. Real worker processes behind a real router; each killed one is started again
-on its ports, and the router takes it back once its probe passes."""
+on its ports in the background (three replicas per role, so that the next test need not
+wait for it), and the router takes it back once its probe passes. A drained worker's
+streams move with their KV, with the same result."""
 
 import json
 import time
@@ -12,22 +14,42 @@ import pytest
 
 from fleetwise.procs import wait_healthy
 
-from .workers import TOKEN, internal, start_router, start_worker, start_worker_process, write_router_config
+from .workers import (
+    TOKEN,
+    internal,
+    slow_steps,
+    start_router,
+    start_worker,
+    start_worker_process,
+    write_router_config,
+)
 
-ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "slow-steps")
+ARGS = ("--block-size", "8", "--max-num-seqs", "16", "--fault", "switches")
+RESTARTING: list = []  # killed workers started again, not yet slowed (their switches start off)
 
 
 @pytest.fixture(scope="module")
 def fleets(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("migration")
-    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS) for _ in range(2)],
-             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS)],
-             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS) for _ in range(2)]}
-    write_router_config(d / "colocated.yaml", "tiny", mixed=[p.internal_url for p in procs["mixed"]])
-    write_router_config(d / "disaggregated.yaml", "tiny", prefill=[p.internal_url for p in procs["prefill"]],
-                        decode=[p.internal_url for p in procs["decode"]])
-    routers = {"colocated": start_router(d / "colocated.yaml"),
-               "disaggregated": start_router(d / "disaggregated.yaml")}
+    procs = {"mixed": [start_worker_process(tiny_model_dir, "mixed", *ARGS, wait=False) for _ in range(3)],
+             "prefill": [start_worker_process(tiny_model_dir, "prefill", *ARGS, wait=False)],
+             "decode": [start_worker_process(tiny_model_dir, "decode", *ARGS, wait=False) for _ in range(3)]}
+    everyone = [p for group in procs.values() for p in group]
+    try:
+        wait_healthy(everyone, 180, interval=0.1)
+    except Exception:
+        for p in everyone:
+            p.kill()
+        raise
+    for p in everyone:
+        slow_steps(p)
+    configs = {"colocated": ({"mixed": procs["mixed"]}, d / "colocated.yaml"),
+               "disaggregated": ({"prefill": procs["prefill"], "decode": procs["decode"]}, d / "disaggregated.yaml")}
+    for roles, path in configs.values():
+        write_router_config(path, "tiny", **{role: [p.internal_url for p in ps] for role, ps in roles.items()})
+    routers = {mode: start_router(path, drain_grace=0.2) for mode, (_, path) in configs.items()}
+    for mode, router in routers.items():
+        router.config = configs[mode]  # type: ignore[attr-defined]  # (roles, path), for drains
     try:
         yield routers, procs
     finally:
@@ -36,6 +58,7 @@ def fleets(tiny_model_dir, tmp_path_factory):
         for group in procs.values():
             for p in group:
                 p.kill()
+        RESTARTING.clear()
 
 
 def read_stream(url: str, body: dict, on_tokens=None) -> dict:
@@ -94,21 +117,50 @@ def migrations(router) -> float:
     return router.router.metrics.migrations.labels("tiny", "worker_failed")._value.get()
 
 
+def routes(router, draining: list[str] | tuple[()] = ()) -> None:
+    """The router's endpoints file: every worker, those restarting (their steps not slowed
+    yet) and those in `draining` out of routing."""
+    roles, path = router.config
+    out = {p.internal_url for p in RESTARTING} | set(draining)
+    write_router_config(path, "tiny", **{r: [p.internal_url if p.internal_url not in out else
+                                             {"url": p.internal_url, "state": "draining", "reason": "scale-down"}
+                                             for p in ps] for r, ps in roles.items()})
+
+
 def restart(killed: list, router) -> None:
-    """The killed worker again, on its ports; until the router probes it healthy."""
+    """The killed worker again, on its ports, in the background, out of routing until
+    `settle` has slowed its steps."""
     for proc in killed:
         proc.start()
-        wait_healthy([proc], 120, interval=0.1)
-    deadline = time.monotonic() + 10
-    while not all(r.healthy for rs in router.router.source.models()["tiny"].replicas.values() for r in rs):
-        assert time.monotonic() < deadline, "the router did not take the restarted worker back"
-        time.sleep(0.05)
+        RESTARTING.append(proc)
+    routes(router)
+
+
+def settle(routers: dict, mode: str) -> None:
+    """Restarted workers that are up get their slow steps and go back into routing; then
+    until the router has two routable healthy replicas of the role that migrates (one to
+    lose, one to take over)."""
+    role = "mixed" if mode == "colocated" else "decode"
+    deadline = time.monotonic() + 120
+    while True:
+        up = [proc for proc in RESTARTING if proc.healthy()]
+        for proc in up:
+            slow_steps(proc)
+            RESTARTING.remove(proc)
+        if up:
+            for r in routers.values():
+                routes(r)
+        if sum(r.healthy and r.routable for r in routers[mode].router.source.models()["tiny"].replicas[role]) >= 2:
+            return
+        assert time.monotonic() < deadline, "the router has fewer than two healthy replicas"
+        time.sleep(0.1)
 
 
 def migrated(fleets, mode: str, body: dict, k: int) -> tuple[dict, dict]:
     """(the uninterrupted stream, the same stream with its worker killed at k events)."""
     routers, procs = fleets
     router = routers[mode]
+    settle(routers, mode)
     want = read_stream(router.url, body)
     before = migrations(router)
     on_tokens, killed = killing(router, procs["mixed" if mode == "colocated" else "decode"], k)
@@ -165,6 +217,93 @@ def test_penalties_and_stop_strings_migrate_exactly(fleets, mode):
     assert got["finish"][0] == "stop" and got["text"][0] == free[:free.index(stop)]
 
 
+def test_a_completion_with_several_prompts_migrates_exactly(fleets):
+    body = {"model": "tiny", "prompt": ["the first of two prompts", "and the second"], "n": 2, "max_tokens": 70,
+            "temperature": 0.8, "seed": 7, "ignore_eos": True, "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    want, got = migrated(fleets, "colocated", body, 12)
+    same(want, got)
+    assert sorted(got["text"]) == [0, 1, 2, 3] and got["usage"]["completion_tokens"] == 4 * 70
+
+
+def draining(router, k: int):
+    """A callback that drains the workers serving the stream once the client has k events
+    (their state in the router's endpoints file), and the list of those drained."""
+    roles, _ = router.config
+    role = "mixed" if "mixed" in roles else "decode"
+    drained: list[str] = []
+
+    def on_tokens(n: int) -> None:
+        if drained or n < k:
+            return
+        drained.extend(r.url for r in router.router.source.models()["tiny"].replicas[role] if r.outstanding > 0)
+        assert drained
+        routes(router, drained)
+    return on_tokens, drained
+
+
+def undrain(router) -> None:
+    routes(router)
+    restarting = {p.internal_url for p in RESTARTING}
+    deadline = time.monotonic() + 10
+    while not all(r.routable for rs in router.router.source.models()["tiny"].replicas.values() for r in rs
+                  if r.url not in restarting):
+        assert time.monotonic() < deadline, "the router did not take the drained workers back"
+        time.sleep(0.05)
+
+
+def scraped(procs: list, name: str) -> float:
+    """The sum of a metric's samples over the workers' /metrics (dead ones count 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            text = httpx.get(p.url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    return total
+
+
+DRAINED = {"greedy": {"prompt": "a stream that a drain moves", "max_tokens": 120, "temperature": 0, "logprobs": 1},
+           "seeded": {"prompt": "seeded and drained", "max_tokens": 90, "temperature": 1.0, "seed": 4321, "n": 2},
+           "prompts": {"prompt": ["two prompts", "drained together"], "max_tokens": 90, "temperature": 0}}
+CASES = [(mode, case) for mode in ("colocated", "disaggregated") for case in sorted(DRAINED)
+         if (mode, case) != ("disaggregated", "prompts")]  # the router fans those out: greedy again
+
+
+@pytest.mark.parametrize(("mode", "case"), CASES)
+def test_a_drained_workers_streams_move_with_their_kv_and_go_on_exactly(fleets, mode, case):
+    """The drain's grace period ends mid-stream: the draining worker exports the stream's
+    choices with their KV, another pulls it and decodes on without recomputing, and the
+    client's stream is the uninterrupted one, greedy, seeded and with several prompts."""
+    routers, procs = fleets
+    router = routers[mode]
+    role = "mixed" if mode == "colocated" else "decode"
+    body = {"model": "tiny", **DRAINED[case], "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    settle(routers, mode)
+    want = read_stream(router.url, body)
+    before = [scraped(procs[role], m) for m in ("fleetwise_kv_exported_total", "fleetwise_kv_recomputes_total")]
+    drains = router.router.metrics.migrations.labels("tiny", "drain")._value.get()
+    on_tokens, drained = draining(router, 10)
+    try:
+        got = read_stream(router.url, body, on_tokens)
+    finally:
+        undrain(router)
+    assert drained, "the stream ended before the drain"
+    same(want, got)
+    exported, recomputed = (scraped(procs[role], m) - b for m, b in
+                            zip(("fleetwise_kv_exported_total", "fleetwise_kv_recomputes_total"), before))
+    choices = len(want["text"])
+    assert (exported, recomputed) == (choices, 0)
+    assert router.router.metrics.migrations.labels("tiny", "drain")._value.get() >= drains + 1
+    for url in drained:  # its leases pulled and let go: nothing holds the drained worker any more
+        [proc] = [p for p in procs[role] if p.internal_url == url]
+        health = httpx.get(proc.url + "/health", timeout=5).json()
+        assert (health["running"], health["waiting"], health["kv_leases"], health["kv_exported"] > 0) == \
+            (0, 0, 0, True)
+
+
 def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
     from fleetwise.worker.engine.config import EngineConfig
     worker = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
@@ -181,7 +320,13 @@ def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
                  ({"choices": [{"index": 0, "output_token_ids": []}, {"index": 0, "output_token_ids": []}]},
                   "choices"),
                  ({"request": {**request, "stream": False}}, "request.stream"),
-                 ({"prompt_token_ids": [-1]}, "prompt_token_ids")]
+                 ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
+                 ({"prompt_list": [[5, 6], [8]]}, "request.prompt"),  # the request has one prompt
+                 ({"prompt_list": [[9], [8]], "request": {**request, "prompt": ["x", "y"]}}, "prompt_list"),
+                 ({"prompt_list": [[5, 6], []]}, "prompt_list"),
+                 ({"prompt_list": [[5, 6], [10 ** 6]], "request": {**request, "prompt": ["x", "y"]}}, "prompt_list"),
+                 ({"kv_url": "http://127.0.0.1:1/path"}, "kv_url"),
+                 ({"choices": [{"index": 0, "output_token_ids": [7], "draws": 1, "kv_handle": "a b"}]}, "choices")]
         for change, field in cases:
             r = internal("POST", worker, "/internal/resume", json={**base, **change})
             assert r.status_code == 400, (change, r.text)
@@ -193,13 +338,24 @@ def test_resume_requests_are_checked_field_by_field(tiny_model_dir):
         worker.stop()
 
 
+def kv_moves(worker) -> tuple[float, float, float]:
+    """A worker's (choices exported with their KV, KV bytes received, handed-over KV recomputed)."""
+    m = worker.core.metrics
+    recomputed = sum(s.value for f in m.kv_recomputes.collect() for s in f.samples if s.name.endswith("_total"))
+    return (m.kv_exported.labels(**m._mr)._value.get(), m.kv_bytes.labels(direction="received", **m._mr)._value.get(),
+            recomputed)
+
+
 def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_dir, tmp_path):
     """A worker taken out of routing (draining) keeps its streams for the grace period, then
-    the router moves them: the client's stream is unchanged, the worker idle at once and
-    not taken for unwell."""
+    the router moves them with their KV; here the KV arrives corrupt and the new worker
+    recomputes instead: the client's stream is unchanged, the old worker idle at once (its
+    lease let go) and not taken for unwell. (The KV moving whole: the tests on processes.)"""
     from fleetwise.worker.engine.config import EngineConfig
+    corrupt = True
+    faults = frozenset({"corrupt-kv"})
     workers = [start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
-                                         num_blocks=256)) for _ in range(2)]
+                                         num_blocks=256), faults=faults) for _ in range(2)]
     for w in workers:
         w.core.fault_hook = lambda batch: time.sleep(0.01)
     path = tmp_path / "r.yaml"
@@ -228,11 +384,15 @@ def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_di
         assert metrics.migrations.labels("tiny", "drain")._value.get() == 1
         assert metrics.migrations.labels("tiny", "worker_failed")._value.get() == 0
         [gone] = drained
-        gone.wait_idle()  # its stream moved: nothing holds it any more
+        gone.wait_idle()  # its stream moved: nothing holds it any more, its KV lease released
         replica = next(r for r in router.router.source.models()["tiny"].replicas["mixed"]
                        if r.url == gone.internal_url)
         assert replica.healthy and not replica.routable
         assert time.monotonic() - t0 < 30
+        [target] = [w for w in workers if w is not gone]
+        assert kv_moves(gone)[0] == 1
+        _, received, recomputed = kv_moves(target)
+        assert (received > 0, recomputed) == ((False, 1) if corrupt else (True, 0))
     finally:
         router.stop()
         for w in workers:
@@ -384,3 +544,55 @@ def test_a_drain_moves_only_streams_that_can_move_and_only_after_the_grace_perio
     mover.untrack(can)
     mover.untrack(cannot)
     assert leaving not in mover.streams
+
+
+def test_a_drain_exports_streams_with_their_kv_and_breaks_off_only_those_it_cannot():
+    import asyncio
+
+    from fleetwise.router.metrics import RouterMetrics
+    from fleetwise.router.migrate import Mover
+    from fleetwise.router.replica import Replica
+    from fleetwise.router.upstream import Upstream
+
+    aborted: list[str] = []
+    asked: list[list[str]] = []
+
+    async def never(*args):
+        raise AssertionError("a drain itself sends nothing")
+
+    async def export(replica, ids):
+        asked.append(ids)
+        return None if ids == ["refused"] else {0: "rid.m0"}
+
+    async def main() -> None:
+        mover = Mover(call=never, broken=lambda replica, e: None, metrics=RouterMetrics(), max_kept=10,
+                      max_migrations=3, drain_grace=0.0, export=export)
+        leaving = Replica("http://a:1", "tiny", "mixed")
+
+        def track(name: str, ids):
+            return mover.track(Upstream(200, "text/event-stream", replica=leaving,
+                                        abort=lambda: aborted.append(name)), lambda: True, lambda: ids)
+        ok, refused, unknown = track("ok", ["rid"]), track("refused", ["refused"]), track("unknown", None)
+        mover.drain([], now=1.0)
+        assert aborted == ["unknown"]  # its ids not known yet: recomputed, as without export
+        assert await ok.exporting == {0: "rid.m0"} and await refused.exporting is None
+        assert sorted(aborted) == ["refused", "unknown"] and ok.drained and refused.drained and unknown.drained
+        assert sorted(asked) == [["refused"], ["rid"]]
+    asyncio.run(main())
+
+
+def test_the_tracker_keeps_every_prompt_and_names_the_kv_in_a_resume():
+    from fleetwise.router.migrate import Tracker
+    lines = [{"index": 0, "token_ids": [5], "prompt": 0, "prompt_token_ids": [1, 2], "request_id": "a", "id": "c-1",
+              "created": 3},
+             {"index": 1, "token_ids": [6], "prompt": 1, "prompt_token_ids": [3, 4], "request_id": "b"},
+             {"index": 0, "token_ids": [7]}]
+    t = Tracker(max_kept=100)
+    t.feed(b"".join(b"fw: " + json.dumps(d).encode() + b"\n\n" for d in lines))
+    request = {"model": "tiny", "prompt": ["x", "y"]}
+    assert t.complete(request) and t.request_ids == {0: "a", 1: "b"}
+    body = json.loads(t.resume_body("completion", request, ("http://a:1", {0: "a.m0", 1: "b.m0"})))
+    assert body["prompt_token_ids"] == [1, 2] and body["prompt_list"] == [[1, 2], [3, 4]]
+    assert [(c["output_token_ids"], c["kv_handle"]) for c in body["choices"]] == [([5, 7], "a.m0"), ([6], "b.m0")]
+    assert body["kv_url"] == "http://a:1"
+    assert not Tracker(max_kept=100, prompt=[1, 2]).complete(request)  # the second prompt's ids not in yet

@@ -21,7 +21,7 @@ from fleetwise.router.proxy import Router
 from fleetwise.router.replica import Replica
 from fleetwise.router.upstream import NotSent, Pool, Upstream, UpstreamError
 
-from .workers import start_router, start_worker, start_worker_process, write_router_config
+from .workers import slow_steps, start_router, start_worker, start_worker_process, write_router_config
 
 BAD = [7] * 9  # a prompt the fault hooks below fail on
 
@@ -151,7 +151,8 @@ def test_a_non_streamed_generation_whose_replica_dies_moves_to_another(tiny_mode
     """The router reads a non-streamed request as a stream (assemble.py): when its worker
     dies mid-generation the rest comes from another, and the client gets the whole answer
     the uninterrupted worker gives, choices, logprobs and usage."""
-    doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8", "--fault", "slow-steps")
+    doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8", "--fault", "switches")
+    slow_steps(doomed)
     other = start_worker(config(tiny_model_dir))
     write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.internal_url, doomed.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)

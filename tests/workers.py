@@ -151,8 +151,9 @@ class WorkerProcess(Process):
     internal_url: str = ""
 
 
-def start_worker_process(model_dir: Path, role: str, *args: str) -> WorkerProcess:
-    """A worker in its own process (`fleetwise worker`), for tests that kill it."""
+def start_worker_process(model_dir: Path, role: str, *args: str, wait: bool = True) -> WorkerProcess:
+    """A worker in its own process (`fleetwise worker`), for tests that kill it. `wait`:
+    until it is healthy (else the caller waits, for several started at once)."""
     port, internal = free_port(), free_port()
     log = LOGS / f"{role}-{port}.log"
     log.unlink(missing_ok=True)
@@ -160,9 +161,20 @@ def start_worker_process(model_dir: Path, role: str, *args: str) -> WorkerProces
         "worker", "--model", str(model_dir), "--role", role, "--port", str(port), "--internal-port", str(internal),
         "--internal-token-file", str(token_file()), "--served-model-name", "tiny", *args),
         log, f"http://127.0.0.1:{port}", die_with_parent=True, internal_url=f"http://127.0.0.1:{internal}").start()
+    if not wait:
+        return proc
     try:
         wait_processes([proc], 120, interval=0.05)
     except Exception:
         proc.kill()
         raise
     return proc
+
+
+SLOW_STEPS = {"step_delay_seconds": 0.01}  # every step 10 ms more: a stream outlasts a test's reaction
+
+
+def slow_steps(worker: "WorkerProcess | RunningWorker", settings: dict = SLOW_STEPS) -> None:
+    """Sets a worker's fault switches (it runs with `--fault switches`), by default slow steps."""
+    r = httpx.post(worker.internal_url + "/internal/faults", json=settings, headers=AUTH, timeout=10)
+    assert r.status_code == 200, r.text

@@ -53,6 +53,9 @@ class WorkerMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.kv_recomputes = Counter(c.KV_RECOMPUTES, "Handed-off prompts recomputed instead of pulled.",
                                      mr + ["reason"], registry=r)
+        self.kv_exported = Counter(c.KV_EXPORTED, "Running choices handed to another worker with their KV cache.",
+                                   mr, registry=r)
+        self.kv_exported_total = 0
         self.kv_leases = Gauge(c.KV_LEASES, "Prompts whose KV cache is held for a decode worker.", mr, registry=r)
         self.kv_leases_expired = Counter(c.KV_LEASES_EXPIRED, "KV leases freed because nobody pulled them.",
                                          mr, registry=r)
@@ -128,6 +131,10 @@ class WorkerMetrics:
         self.kv_leases.labels(**self._mr).set(held)
         if expired:
             self.kv_leases_expired.labels(**self._mr).inc(expired)
+
+    def on_kv_exported(self, choices: int) -> None:
+        self.kv_exported.labels(**self._mr).inc(choices)
+        self.kv_exported_total += choices  # /health says it too: a drain's Event reports it
 
     def on_kv_recompute(self, reason: str) -> None:
         self.kv_recomputes.labels(reason=reason, **self._mr).inc()

@@ -10,7 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from fleetwise.openai_schema import errors
 
 from ..engine.engine import LLMEngine
-from ..engine.faults import MAX_KV_DELAY_SECONDS, MAX_SLOW_FACTOR, MAX_STALL_SECONDS, MAX_XID, FaultSettings
+from ..engine.faults import (
+    MAX_KV_DELAY_SECONDS,
+    MAX_SLOW_FACTOR,
+    MAX_STALL_SECONDS,
+    MAX_STEP_DELAY_SECONDS,
+    MAX_XID,
+    FaultSettings,
+)
 from .openai import APIError
 
 
@@ -18,6 +25,8 @@ class FaultsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slow_factor: float = Field(1.0, ge=1.0, le=MAX_SLOW_FACTOR,
                                description="each forward pass takes this many times longer")
+    step_delay_seconds: float = Field(0.0, ge=0.0, le=MAX_STEP_DELAY_SECONDS,
+                                      description="each step with work takes this much longer")
     stall_seconds: float = Field(0.0, ge=0.0, le=MAX_STALL_SECONDS,
                                  description="the engine loop stops this long, from now")
     kv_slow_peer: str | None = Field(None, max_length=200,

@@ -35,6 +35,7 @@ from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.transfer import SEND_BATCH_BYTES, KVTransferError, client_session, encode, pull, stream_size, take_frames
 from ..kv.transfer import VERSIONS as KV_VERSIONS
+from .export import add_export_route
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
 from .resume import resume
 from .service import WorkerAPI, engine_request_id
@@ -106,9 +107,10 @@ def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, fau
              responses=ROUTES["/v1/completions"]["responses"])(handoff.decode_)
 
     async def resume_(body: ResumeRequest, request: Request) -> StreamingResponse | dict:
-        return await resume(api, body, request)
+        return await resume(api, body, request, handoff._pull)
     app.post("/internal/resume", response_model=None, summary="Resume: go on with another worker's stream",
              responses=ROUTES["/v1/completions"]["responses"])(resume_)
+    add_export_route(app, api, connector)
     return handoff.close
 
 
@@ -177,8 +179,9 @@ class Handoff:
 
     async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> StreamingResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer in
-        stream version `kv_version` (kv/transfer.py)."""
-        self.require("prefill", "mixed")
+        stream version `kv_version` (kv/transfer.py); on a decode worker: a drained stream's
+        context (engine/migration.py)."""
+        self.require("prefill", "mixed", "decode")
         if kv_version not in KV_VERSIONS:
             raise _error(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
                          code="unsupported_protocol_version")
@@ -216,7 +219,7 @@ class Handoff:
                                  headers={"content-length": str(stream_size(header))})
 
     async def release(self, handle: str) -> Response:
-        self.require("prefill", "mixed")
+        self.require("prefill", "mixed", "decode")
         if not await self.engine.call(self.connector.release_kv, handle):
             raise _error(404, f"no KV lease {handle!r}", code="kv_not_found")
         return Response(status_code=204)

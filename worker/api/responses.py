@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..engine.async_engine import EngineDead
 from ..engine.engine import RequestOutput
+from ..engine.migration import MIGRATED
 from ..model.sampler import TokenLogprob
 from ..model.tokenizer import Tokenizer
 from .openai import APIError, error_body
@@ -27,15 +28,18 @@ class Resumed:
 
 
 def tracer(prompts: list[list[int]], rid: str, created: int, n: int) -> Trace:
-    """The `fw:` lines of a stream: each output's token ids, the first also the prompt's."""
-    first = [True]
+    """The `fw:` lines of a stream: each output's token ids; the first of each prompt also
+    the prompt's and the engine's id of its request, the very first the response's id."""
+    seen: set[int] = set()
 
     def line(i: int, out: RequestOutput) -> str:
         d: dict = {"index": i * n + out.index, "token_ids": out.token_ids,
                    "finish_reason": out.finish_reason if out.finished else None}
-        if first[0]:
-            first[0] = False
-            d.update(prompt_token_ids=prompts[i], id=rid, created=created)
+        if i not in seen:
+            if not seen:
+                d.update(id=rid, created=created)
+            seen.add(i)
+            d.update(prompt=i, prompt_token_ids=prompts[i], request_id=out.request_id)
         return f"fw: {json.dumps(d)}\n"
     return line
 
@@ -56,15 +60,22 @@ def usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
 async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chunk],
                  usage_chunk: Callable[[], dict] | None, trace: Trace | None = None) -> AsyncIterator[str]:
     """Server-sent events; an error after the stream started is sent as an error event.
-    With `trace`, every output gets an event, led by its `fw:` line."""
+    With `trace`, every output gets an event, led by its `fw:` line. A stream whose choices
+    were exported (a drain's live migration) ends with an error event of code `migrated`."""
+    moved = False
     try:
         async for item in stream:
+            if item[1].finish_reason == MIGRATED:  # its KV left for another worker: not an end
+                moved = True
+                continue
             chunk = make_chunk(*item)
             if trace is not None:
                 yield trace(*item) + (sse(chunk) if chunk is not None else "\n")
             elif chunk is not None:
                 yield sse(chunk)
-        if usage_chunk is not None:
+        if moved:
+            yield sse(error_body("the stream moved to another worker", "server_error", None, MIGRATED))
+        elif usage_chunk is not None:
             yield sse(usage_chunk())
     except APIError as e:
         yield sse(error_body(e.message, e.type, e.param, e.code))

@@ -7,7 +7,6 @@ routes, the completion routes and /health, for the router and the other workers.
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.5  # how often the engine's state is looked at for on_engine_failure
 FAIL_STEPS = "fail-steps"  # test-only fault switch: every engine step raises (through fault_hook)
-SLOW_STEPS = "slow-steps"  # test-only: every engine step takes 10 ms more (a stream outlasts a test's reaction)
 SWITCHES = "switches"  # the drills' switches at POST /internal/faults (fault_routes.py)
 
 
@@ -154,7 +152,8 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
         if stalled > health_stall_seconds:
             return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
         return {"status": "ok", "role": role, "model": api.model_name,
-                "running": api.core.num_running, "waiting": engine.num_waiting()}
+                "running": api.core.num_running, "waiting": engine.num_waiting(), "kv_leases": len(connector.leases),
+                "kv_exported": api.metrics.kv_exported_total}
 
     @app.get("/metrics", **ROUTES["/metrics"])
     async def metrics():
@@ -342,8 +341,6 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
     core.kv_connector = connector = KVConnector(core)
     if FAIL_STEPS in faults:
         core.fault_hook = _fail_step
-    elif SLOW_STEPS in faults:
-        core.fault_hook = lambda batch: time.sleep(0.01)
     failed: list[str] = []
     servers: list[uvicorn.Server] = []
 

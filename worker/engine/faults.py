@@ -3,7 +3,8 @@ worker, turned on and off at run time (`POST /internal/faults`, only on a worker
 `--fault switches`). Off by default; every switch has an explicit bound.
 
 A slow step sleeps `slow_factor - 1` times the forward pass after it, so step time grows
-against the work in the step, as on a GPU with a low clock; a stall holds the engine loop
+against the work in the step, as on a GPU with a low clock, and `step_delay_seconds` more,
+whatever the work (a slow host; tests use it so that a stream outlasts their reaction); a stall holds the engine loop
 (the heartbeat stops, so /health turns 503); a slow KV link delays every pull from one
 prefill worker; an XID error sets the modelled GPU's DCGM XID series."""
 
@@ -12,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 MAX_SLOW_FACTOR = 20.0
+MAX_STEP_DELAY_SECONDS = 1.0
 MAX_STALL_SECONDS = 600.0
 MAX_KV_DELAY_SECONDS = 30.0
 MAX_XID = 1000
@@ -20,6 +22,7 @@ MAX_XID = 1000
 @dataclass(frozen=True)
 class FaultSettings:
     slow_factor: float = 1.0       # 1: off
+    step_delay_seconds: float = 0.0  # 0: off
     stall_seconds: float = 0.0     # from when it was set; 0: off
     kv_slow_peer: str | None = None  # a prefill worker's internal URL
     kv_delay_seconds: float = 0.0
@@ -48,9 +51,10 @@ class FaultSwitches:
             time.sleep(min(left, 0.1))
 
     def after_forward(self, forward_seconds: float) -> None:
-        factor = self.settings.slow_factor
-        if factor > 1.0:
-            time.sleep(forward_seconds * (factor - 1.0))
+        s = self.settings
+        delay = forward_seconds * (s.slow_factor - 1.0) + s.step_delay_seconds
+        if delay > 0:
+            time.sleep(delay)
 
     def kv_delay(self, peer: str) -> float:
         s = self.settings

@@ -1,0 +1,88 @@
+"""A running request moved between workers with its KV, not recomputed (a drain's live
+migration, as Llumnix does it).
+
+On the worker it leaves (`export_running`), each decoding choice gives its blocks to a
+context sequence (the prompt and the output but the last token: what the cache holds),
+which the KV connector keeps under a lease like a finished prefill, and the choice ends
+with the reason `migrated`, so that its stream says where it went and closes. On the
+worker it moves to (`add_moved`), the choices start as a resumed request would (the
+output kept as output, the seeded sampler moved past its draws) but wait, RESERVED, with
+blocks for that context; once the keys and values are in, `activate_moved` lets them
+decode on. A choice whose keys and values did not arrive is recomputed instead.
+"""
+
+from .engine import LLMEngine, RequestError, RequestOutput
+from .sequence import SamplingParams, Sequence, SequenceStatus
+
+MIGRATED = "migrated"  # the finish reason of a choice whose KV left this worker
+
+
+def handle_of(request_id: str, index: int) -> str:
+    """The KV lease's name for one moved choice."""
+    return f"{request_id}.m{index}"
+
+
+def export_running(engine: LLMEngine, request_ids: list[str]) -> tuple[list[Sequence], list[RequestOutput]]:
+    """Takes the unfinished choices of `request_ids` out of the batch: (their context
+    sequences, which hold their blocks now, named by `handle_of`; the `migrated` outputs
+    that end their streams). All or nothing: a RequestError when a request is unknown or
+    one of its choices is not decoding (waiting, preempted, or its prompt still in
+    chunks), since only a decoding choice has all its context in blocks."""
+    seqs = []
+    for rid in request_ids:
+        if rid not in engine.requests:
+            raise RequestError(f"request_ids: no request {rid!r} is running here", "request_ids")
+        seqs += [s for s in engine.requests[rid] if not s.is_finished]
+    for s in seqs:
+        if s.status != SequenceStatus.RUNNING or s.num_computed_tokens != s.num_tokens - 1:
+            raise RequestError(f"request_ids: {s.request_id!r} is not decoding (its choice {s.index} waits "
+                               "or is still computing its prompt)", "request_ids")
+    contexts, outs = [], []
+    for s in seqs:
+        ctx = Sequence(s.token_ids[:-1], s.params, handle_of(s.request_id, s.index), s.index)
+        ctx.block_table, ctx.block_hashes, s.block_table, s.block_hashes = s.block_table, s.block_hashes, [], []
+        ctx.num_computed_tokens = ctx.num_tokens
+        ctx.status = SequenceStatus.FINISHED
+        contexts.append(ctx)
+        outs.append(engine._finish(s, MIGRATED))
+    return contexts, outs
+
+
+def add_moved(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              choices: list[tuple[int, list[int], int]]) -> tuple[dict[int, int], dict[int, Sequence | None]]:
+    """Takes the choices (index, output so far, draws made) of a request whose KV is on its
+    way, as `LLMEngine.add_resumed` would, and sets blocks aside for each one's context,
+    reusing what the prefix cache holds. Returns each choice's characters of text already
+    sent and its sequence (its keys and values due from `num_computed_tokens` up to its last
+    token), or None when there are no blocks to spare (it is recomputed then)."""
+    sent = engine.add_resumed(request_id, prompt_token_ids, params, choices)
+    bm, scheduler = engine.block_manager, engine.scheduler
+    reserved: dict[int, Sequence | None] = {}
+    for seq in engine.requests[request_id]:
+        scheduler.waiting.remove(seq)
+        seq.status = SequenceStatus.RESERVED
+        computed = bm.get_computed_blocks(seq)
+        num_new = seq.num_tokens - 1 - len(computed) * bm.block_size
+        if bm.can_allocate(seq, num_new, computed, scheduler.watermark):
+            bm.allocate(seq, num_new, computed)
+            reserved[seq.index] = seq
+        else:
+            reserved[seq.index] = None
+    return sent, reserved
+
+
+def activate_moved(engine: LLMEngine, request_id: str, received: dict[int, bool]) -> None:
+    """Each reserved choice decodes on from its context (`received[index]`) or queues to
+    be recomputed from its tokens."""
+    for seq in engine.requests.get(request_id, []):
+        if seq.status != SequenceStatus.RESERVED:
+            continue  # aborted meanwhile
+        if received.get(seq.index):
+            seq.num_computed_tokens = seq.num_tokens - 1
+            engine.block_manager.cache_full_blocks(seq)
+            seq.status = SequenceStatus.RUNNING
+            engine.scheduler.running.append(seq)
+        else:
+            engine.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            engine.scheduler.add(seq)
