@@ -11,7 +11,8 @@ Limits: request head (URL and headers) at most `MAX_HEAD_BYTES` (431), at most
 `MAX_HEADERS` headers (431), the completion body at most the router's `max_body_bytes` (413
 as soon as it is known, then the connection closes), other bodies at most
 `MAX_OTHER_BODY_BYTES` (413), `MAX_PIPELINED` requests queued on one connection (reading
-pauses), idle keep-alive connections closed after `KEEP_ALIVE_S`.
+pauses), idle keep-alive connections closed after `KEEP_ALIVE_S`; after a refusal that ends the
+connection, the rest of what the client sends read and dropped for `LINGER_S`.
 """
 
 import asyncio
@@ -42,6 +43,7 @@ MAX_OTHER_BODY_BYTES = 1 << 20
 MAX_PIPELINED = 32
 KEEP_ALIVE_S = 5.0
 GRACE_S = 5.0
+LINGER_S = 2.0
 
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 Handle = Callable[[object, str], Awaitable[Response]]
@@ -101,6 +103,7 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.streaming = False
         self.paused = False
+        self.eof = False
         self.refused = False  # an answer that ends the connection was written: ignore the rest
         self.drained: asyncio.Future | None = None
         self.idle: asyncio.TimerHandle | None = None
@@ -147,6 +150,11 @@ class Connection(asyncio.Protocol):
             self._refuse(400, "upgrades are not supported")
         except httptools.HttpParserError as e:
             self._refuse(400, f"invalid HTTP request: {e}")
+
+    def eof_received(self) -> bool:
+        """The client sent all it will: what it asked is still answered, then the connection closes."""
+        self.eof = True
+        return self.task is not None
 
     def pause_writing(self) -> None:
         self.drained = self.loop.create_future()
@@ -223,8 +231,19 @@ class Connection(asyncio.Protocol):
     def _close_after_refusal(self) -> None:
         self.refused = True
         self.queue.clear()
-        if self.task is None and self.transport:
-            self.transport.close()
+        if self.task is None:
+            self._linger()
+
+    def _linger(self) -> None:
+        """The answer, then our end closed for writing while what the client still sends is
+        read and dropped for LINGER_S: a close with unread data would reset the connection,
+        and the client might lose the answer before reading it."""
+        t = self.transport
+        if t is None:
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        self.loop.call_later(LINGER_S, t.close)
 
     def _idle(self) -> None:
         if self.transport is not None and not self.door.stopping:
@@ -251,7 +270,9 @@ class Connection(asyncio.Protocol):
                     self.transport.close()
         finally:
             self.task = None
-            if self.refused and self.transport:
+            if self.refused:
+                self._linger()
+            elif self.eof and self.transport:
                 self.transport.close()
             elif not self.queue:
                 self._idle()
