@@ -101,9 +101,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Incoming] = deque()
         self.task: asyncio.Task | None = None
-        self.streaming = False
-        self.paused = False
-        self.eof = False
+        self.streaming = self.paused = self.eof = False
         self.refused = False  # an answer that ends the connection was written: ignore the rest
         self.drained: asyncio.Future | None = None
         self.idle: asyncio.TimerHandle | None = None
@@ -116,15 +114,14 @@ class Connection(asyncio.Protocol):
         self.parts: list[bytes] = []
         self.kind: str | None = None
 
-    # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.door.conns.add(self)
-        self._idle()
+        self.door.conns.add(self)  # no idle timer before the first request, as uvicorn: a client
+        # whose loop is behind writes its request well after its connect was accepted
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.door.conns.discard(self)
@@ -164,7 +161,6 @@ class Connection(asyncio.Protocol):
             self.drained.set_result(None)
         self.drained = None
 
-    # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._begin()
@@ -214,7 +210,6 @@ class Connection(asyncio.Protocol):
         if self.task is None:
             self.task = self.loop.create_task(self._serve())
 
-    # -- answers -------------------------------------------------------------------------------
 
     def _limit(self) -> int:
         return self.door.max_body if self.kind else MAX_OTHER_BODY_BYTES
@@ -336,10 +331,12 @@ class Connection(asyncio.Protocol):
     async def _other(self, req: Incoming, keep: bool) -> None:
         """Through the ASGI app, answered whole."""
         path, _, query = req.url.partition(b"?")
+        peer = self.transport.get_extra_info("peername") if self.transport else None
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": req.version,
                  "method": req.method.decode(), "scheme": "http", "root_path": "",
                  "path": unquote(path.decode("latin-1")), "raw_path": path, "query_string": query,
-                 "headers": req.raw_headers, "server": None, "client": self._peer(), "state": {}}
+                 "headers": req.raw_headers, "server": None, "state": {},
+                 "client": tuple(peer[:2]) if isinstance(peer, tuple) and len(peer) >= 2 else None}
         sent = [False]
         start: dict[str, Any] = {}
         parts: list[bytes] = []
@@ -362,10 +359,6 @@ class Connection(asyncio.Protocol):
         response.raw_headers = [(k.lower(), v) for k, v in start.get("headers", [])
                                 if k.lower() not in (b"content-length", b"transfer-encoding")]
         self._write_whole(response, keep, req.method)
-
-    def _peer(self) -> tuple[str, int] | None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return (peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
 async def run_door(router: Router, app: ASGIApp, handle: Handle, host: str, port: int,
