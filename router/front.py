@@ -41,7 +41,8 @@ MAX_HEAD_BYTES = 64 << 10
 MAX_HEADERS = 128
 MAX_OTHER_BODY_BYTES = 1 << 20
 MAX_PIPELINED = 32
-KEEP_ALIVE_S = 5.0
+KEEP_ALIVE_S = 75.0  # longer than clients keep idle connections (aiohttp 15 s, httpx 5 s): a
+# server that closes first races the client's reuse of the connection, which then fails
 GRACE_S = 5.0
 LINGER_S = 2.0
 
