@@ -82,10 +82,23 @@ def bench_router(
     rate: int = typer.Option(500, "--rate", help="Requests per second offered."),
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each run."),
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
+    cases: str = typer.Option("stream,handoff,retry", "--cases",
+                              help="Further cases after the first: stream, handoff, retry (comma-separated; '' none)."),
+    case_seconds: float = typer.Option(6.0, "--case-seconds", help="Open-loop seconds per system in each case."),
+    stream_rate: float = typer.Option(100.0, "--stream-rate", help="Streamed requests per second offered."),
+    tokens: int = typer.Option(64, "--tokens", help="Events per streamed answer."),
+    itl_ms: float = typer.Option(1.0, "--itl-ms", help="Milliseconds between a stream's events at the backend."),
+    fail_every: int = typer.Option(10, "--fail-every", help="Retry case: every k-th request at a backend gets 429."),
 ):
     """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
     run_router_bench = _bench("fleetwise.bench.router.run", "run_router_bench")
-    run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router)
+    from fleetwise.bench.router.cases import CASES, Cases
+    names = tuple(c for c in cases.split(",") if c)
+    bad = [c for c in names if c not in CASES]
+    if bad:
+        raise typer.BadParameter(f"{', '.join(bad)}: the cases are {', '.join(CASES)}", param_hint="--cases")
+    run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router,
+                     extra=Cases(names, rate, stream_rate, case_seconds, tokens, itl_ms, fail_every))
 
 
 @bench_app.command("operator")

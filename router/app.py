@@ -1,14 +1,19 @@
 """The router's HTTP face: an OpenAI-compatible ASGI app over a Router, and `serve` to run it.
 
 The two completion paths are dispatched straight to the Router; the rest (models, health,
-metrics) goes through Starlette. The work on a request is in proxy.py (ARCHITECTURE.md,
+metrics) goes through Starlette. `serve` runs it behind the front door (front.py), which
+takes the completion paths off the ASGI stack altogether; the tests serve the same app
+under uvicorn. The work on a request is in proxy.py (ARCHITECTURE.md,
 "The path of one request").
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib.metadata import version
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -80,22 +85,33 @@ def build_app(router: Router) -> ASGIApp:
         if kind is None:
             await app(scope, receive, send)
             return
-        try:
-            response = await router.handle(Request(scope, receive), kind)
-        except Exception as e:  # a fault of the router's own: still an OpenAI error body, never a bare 500
-            log.exception("unexpected error")
-            response = RouterError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
+        response = await answer(router, Request(scope, receive), kind)
         await response(scope, receive, send)
     return asgi
+
+
+async def answer(router: Router, request: Any, kind: str) -> Response:
+    """A completion request's answer; a fault of the router's own is still an OpenAI error
+    body, never a bare 500. `request`: Starlette's, or the front door's (front.py)."""
+    try:
+        return await router.handle(request, kind)
+    except Exception as e:
+        log.exception("unexpected error")
+        return RouterError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
 
 def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_affinity",
           max_inflight: int = 2048, probe_interval: float = 1.0, max_migrations: int = 3,
           max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0) -> None:
     """`token`: the shared token of the workers' internal listeners, which the router calls."""
-    import uvicorn
+    from .front import run_door
 
     router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval, token=token,
                     max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace)
-    uvicorn.run(build_app(router), host=host, port=port, log_level="warning", access_log=False,
-                proxy_headers=False, server_header=False, date_header=False, timeout_graceful_shutdown=5)
+    app = build_app(router)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run_door(router, app, partial(answer, router), host, port))
+        return
+    uvloop.run(run_door(router, app, partial(answer, router), host, port))

@@ -3,7 +3,7 @@ keeps the token ids and can move the request when the worker fails, migrate.py) 
 assembles the answer the worker would have sent whole: the same choices, text, logprobs,
 finish reasons and usage. An error event becomes the error answer it stands for."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -27,13 +27,11 @@ async def assemble(up: Upstream, kind: str) -> Upstream:
         async for chunk in _chunks(up):
             buf += chunk
             *events, buf = buf.split(b"\n\n")
-            for event in events:
-                if not event.startswith(b"data: {"):
-                    continue
-                data = orjson.loads(event[6:])
+            payloads = [e[6:] for e in events if e.startswith(b"data: {")]
+            for payload, data in zip(payloads, _parse(payloads)):
                 if "error" in data:
                     status = 503 if data["error"].get("code") == "engine_unavailable" else 500
-                    return Upstream(status, "application/json", event[6:])
+                    return Upstream(status, "application/json", payload)
                 head = head or data
                 usage = data.get("usage") or usage
                 for ch in data.get("choices") or ():
@@ -47,6 +45,19 @@ async def assemble(up: Upstream, kind: str) -> Upstream:
     whole = {"id": head.get("id"), "object": obj, "created": head.get("created"), "model": head.get("model"),
              "choices": [_choice(i, c, kind) for i, c in sorted(choices.items())], "usage": usage}
     return Upstream(200, "application/json", orjson.dumps(whole))
+
+
+def _parse(payloads: list[bytes]) -> Iterable[Any]:
+    """The events' JSON, parsed in one go (an array of them); one by one if that fails, so
+    that a bad event raises where it is."""
+    if len(payloads) > 1:
+        try:
+            parsed = orjson.loads(b"[" + b",".join(payloads) + b"]")
+            if len(parsed) == len(payloads):
+                return parsed
+        except orjson.JSONDecodeError:
+            pass
+    return (orjson.loads(p) for p in payloads)
 
 
 def _add(c: dict[str, Any], ch: dict[str, Any], kind: str) -> None:

@@ -13,7 +13,7 @@ plain text.
 """
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ from .replica import Replica
 # closed by the replica while idle (its close was on the way): the request never reached it.
 # A later close is the replica failing with the request in hand, which is not retried.
 STALE_CLOSE = 0.25
+MAX_ADDRESSES = 4096  # replica URLs whose parsed address is kept
 
 
 class UpstreamError(Exception):
@@ -62,7 +63,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport  # set by connection_made, before create_connection returns
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[None] | None = None
-        self.chunks: asyncio.Queue[bytes | Exception | None] | None = None
+        self.chunks: deque[bytes | Exception | None] | None = None
+        self.waiter: asyncio.Future[None] | None = None  # a reader waiting for the next chunk
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.complete = False
@@ -102,30 +104,58 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         assert self.chunks is not None  # a response comes only after send() set the queue
-        self.chunks.put_nowait(body)
+        self.chunks.append(body)
+        self._wake()
 
     def on_message_complete(self) -> None:
         assert self.chunks is not None
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
-        self.chunks.put_nowait(None)
+        self.chunks.append(None)
+        self._wake()
 
     def _fail(self, exc: Exception) -> None:
         if self.head is not None and not self.head.done():
             self.head.set_exception(exc)
         if self.chunks is not None:
-            self.chunks.put_nowait(exc)
+            self.chunks.append(exc)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next_chunk(self, timeout: float) -> bytes | Exception | None:
+        """The next body chunk, None at the end, or the exception that broke the answer off.
+        A future and a timer, not a Queue and asyncio.timeout: this runs for every chunk."""
+        chunks = self.chunks
+        assert chunks is not None
+        if not chunks:
+            loop = asyncio.get_running_loop()
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        return chunks.popleft()
 
     # -- one exchange -------------------------------------------------------------------------
 
     def send(self, request: bytes) -> "asyncio.Future[None]":
         """Writes the request; the future is done when the response head has arrived."""
         loop = asyncio.get_running_loop()
-        self.head, self.chunks = loop.create_future(), asyncio.Queue()
+        self.head, self.chunks = loop.create_future(), deque()
         self.status, self.headers, self.complete, self.keep_alive = 0, {}, False, False
         self.sent_at = loop.time()
         self.transport.write(request)
         return self.head
+
+
+def _expire(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Response:
@@ -137,13 +167,14 @@ class Response:
         self._done = False
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; raises UpstreamError if the replica breaks off."""
+        """Body chunks as they arrive; raises UpstreamError if the replica breaks off. The
+        chunks that arrived together go on as one: a reader that fell behind (a busy CPU)
+        catches up in one step rather than one per event."""
         while True:
             conn = self._conn
             assert conn is not None and conn.chunks is not None, "read after release()"
             try:
-                async with asyncio.timeout(self._pool.read_timeout):
-                    item = await conn.chunks.get()
+                item = await conn.next_chunk(self._pool.read_timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the replica sent nothing for {self._pool.read_timeout:g} s")
             if item is None:
@@ -151,6 +182,12 @@ class Response:
                 return
             if isinstance(item, Exception):
                 raise item
+            queued = conn.chunks
+            if queued and isinstance(queued[0], bytes):
+                parts = [item]
+                while queued and isinstance(queued[0], bytes):
+                    parts.append(queued.popleft())  # type: ignore[arg-type]  # bytes, checked above
+                item = b"".join(parts)
             yield item
 
     async def read(self) -> bytes:
@@ -185,6 +222,20 @@ class Pool:
         self.max_idle = max_idle_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
         self._late: set[asyncio.Task] = set()  # answers waited for after a timeout
+        self._addresses: dict[str, tuple[str, int]] = {}
+
+    def _address(self, url: str) -> tuple[str, int]:
+        """(host, port) of a replica's URL, parsed once; NotSent for one this client cannot speak."""
+        address = self._addresses.get(url)
+        if address is None:
+            problem = unsupported(url)
+            if problem:
+                raise NotSent(problem)
+            parts = urlsplit(url)
+            if len(self._addresses) >= MAX_ADDRESSES:  # replicas come and go (pod IPs): stay bounded
+                self._addresses.clear()
+            address = self._addresses[url] = (parts.hostname or "", parts.port or 80)
+        return address
 
     async def _connection(self, host: str, port: int) -> _Connection:
         idle = self._idle[(host, port)]
@@ -205,19 +256,22 @@ class Pool:
         """Sends the request and waits for the response head. `headers`: more header lines,
         each ending in CRLF. `late`: after a timeout the connection is kept and the answer,
         when it comes (within another read timeout), goes to `late` (say, to undo its effect)."""
-        problem = unsupported(url)
-        if problem:
-            raise NotSent(problem)
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or 80
+        host, port = self._address(url)
         for attempt in (0, 1):
             conn = await self._connection(host, port)
             reused = conn.head is not None
             head = conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
                       b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
-                async with asyncio.timeout(self.read_timeout):  # lighter than wait_for: no task
-                    await (head if late is None else asyncio.shield(head))
+                if late is None:  # the common case: a timer on the head itself, lighter than asyncio.timeout
+                    timer = asyncio.get_running_loop().call_later(self.read_timeout, _expire, head)
+                    try:
+                        await head
+                    finally:
+                        timer.cancel()
+                else:
+                    async with asyncio.timeout(self.read_timeout):
+                        await asyncio.shield(head)
             except TimeoutError:
                 if late is None:
                     conn.transport.close()

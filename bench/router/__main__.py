@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from fleetwise.bench.router.backend import serve_backend
+from fleetwise.bench.router.backend import Behaviour, serve_backend
 
 
 def main(argv: list[str]) -> None:
@@ -13,9 +13,12 @@ def main(argv: list[str]) -> None:
     b = sub.add_parser("backend", help="A stand-in OpenAI completions server that answers at once.")
     b.add_argument("--host", default="127.0.0.1")
     b.add_argument("--port", type=int, required=True)
+    b.add_argument("--itl-ms", type=float, default=0.0, help="Milliseconds between a stream's events (0: at once).")
+    b.add_argument("--fail-every", type=int, default=0, help="Answer 429 to every k-th completion (0: never).")
+    b.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
     args = ap.parse_args(argv)
     if args.cmd == "backend":
-        serve_backend(args.host, args.port)
+        serve_backend(args.host, args.port, Behaviour(args.itl_ms / 1e3, args.fail_every, args.role))
 
 
 if __name__ == "__main__":

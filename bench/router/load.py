@@ -7,6 +7,7 @@ import asyncio
 import gc
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class Run:
     clients: int | None = None
     loadgen_cpu_s: float = 0.0
     server_cpu_s: float | None = None
+    ttft_s: np.ndarray = field(default_factory=lambda: np.zeros(0))         # streams: send to first event
+    chunk_delay_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # streams: backend write to arrival
+    tokens: int = 0                 # streams: events received (completed requests)
 
     @property
     def error_count(self) -> int:
@@ -67,7 +71,9 @@ class Run:
         return Run(parts[0].mode, sum(r.sent for r in parts), sum(r.completed for r in parts), errors,
                    np.concatenate([r.latencies_s for r in parts]), np.concatenate([r.lag_s for r in parts]),
                    sum(r.span_s for r in parts), sum(r.scheduled_s for r in parts), parts[0].clients,
-                   sum(r.loadgen_cpu_s for r in parts), None if len(cpu) < len(parts) else sum(cpu))
+                   sum(r.loadgen_cpu_s for r in parts), None if len(cpu) < len(parts) else sum(cpu),
+                   np.concatenate([r.ttft_s for r in parts]), np.concatenate([r.chunk_delay_s for r in parts]),
+                   sum(r.tokens for r in parts))
 
     def to_json(self) -> dict:
         d = {"mode": self.mode, "sent": self.sent, "completed": self.completed, "errors": self.error_count,
@@ -79,9 +85,15 @@ class Run:
             d["dispatch_lag_ms"] = percentiles_ms(self.lag_s)
         else:
             d["clients"] = self.clients
+        if self.tokens:
+            d["tokens"] = self.tokens
+            d["ttft_ms"] = percentiles_ms(self.ttft_s)
+            d["chunk_delay_ms"] = percentiles_ms(self.chunk_delay_s)
         if self.server_cpu_s is not None:
             d["router_cpu_s"] = self.server_cpu_s
             d["router_cpu_us_per_request"] = 1e6 * self.server_cpu_s / max(1, self.completed)
+            if self.tokens:
+                d["router_cpu_us_per_token"] = 1e6 * self.server_cpu_s / self.tokens
             d["router_cpu_cores"] = self.server_cpu_s / self.span_s if self.span_s > 0 else None
         return d
 
@@ -148,6 +160,43 @@ async def _one(session: Any, url: str, body: bytes) -> str | None:
         return type(e).__name__
 
 
+_STAMP = re.compile(rb'"t":([0-9.]+)')
+
+
+@dataclass
+class Stream:
+    """What one streamed answer's events said: their count, when the first came, how long
+    each took from the backend's write (its `"t"` stamp, CLOCK_MONOTONIC) to arrival here."""
+    events: int = 0
+    first: float | None = None
+    delays: list[float] = field(default_factory=list)
+
+
+async def _one_stream(session: Any, url: str, body: bytes, seen: Stream) -> str | None:
+    """Sends one streamed completion and reads its events as they come."""
+    try:
+        async with session.post(url, data=body, headers=_HEADERS) as r:
+            if r.status != 200:
+                await r.read()
+                return f"HTTP {r.status}"
+            tail = b""
+            async for data in r.content.iter_any():
+                now = time.monotonic()
+                if seen.first is None:
+                    seen.first = time.perf_counter()
+                for m in _STAMP.finditer(data):
+                    seen.delays.append(now - float(m.group(1)))
+                    seen.events += 1
+                tail = (tail + data)[-64:]
+            if b"{\"error\"" in tail or not tail.endswith(b"data: [DONE]\n\n"):
+                return "stream did not finish"
+            return None
+    except TimeoutError:
+        return "timeout"
+    except Exception as e:  # counted, never fatal: the run goes on
+        return type(e).__name__
+
+
 async def _ticker(tick: Callable[[], None], every: float = PROGRESS_EVERY_S) -> None:
     while True:
         await asyncio.sleep(every)
@@ -156,14 +205,18 @@ async def _ticker(tick: Callable[[], None], every: float = PROGRESS_EVERY_S) -> 
 
 async def open_loop(session: Any, urls: list[str], bodies: list[bytes], schedule: np.ndarray, duration: float,
                     first_body: int = 0, tick: Callable[[int], None] | None = None,
-                    cpu: Callable[[], float | None] | None = None) -> Run:
+                    cpu: Callable[[], float | None] | None = None, stream: bool = False) -> Run:
     """Sends request i at schedule[i] whatever the answers before it (open loop); latency
     runs from the send to the last byte of the answer. `duration`: the span the schedule
-    stands for (for the offered rate); `cpu`: reads the server's CPU seconds."""
+    stands for (for the offered rate); `cpu`: reads the server's CPU seconds; `stream`: the
+    bodies ask for streams, whose events are timed too."""
     n = len(schedule)
     lat = np.full(n, np.nan)
     lag = np.zeros(n)
     ends = np.zeros(n)
+    ttft = np.full(n, np.nan)
+    delays: list[float] = []
+    tokens = [0]
     errors: dict[str, int] = {}
     pending = set()
     done = [0]
@@ -173,11 +226,17 @@ async def open_loop(session: Any, urls: list[str], bodies: list[bytes], schedule
     async def one(i: int) -> None:
         t0 = time.perf_counter()
         lag[i] = t0 - (start + schedule[i])
-        err = await _one(session, urls[i % nurls], bodies[(first_body + i) % nbodies])
+        seen = Stream()
+        url, body = urls[i % nurls], bodies[(first_body + i) % nbodies]
+        err = await (_one_stream(session, url, body, seen) if stream else _one(session, url, body))
         t1 = time.perf_counter()
         ends[i] = t1
         if err is None:
             lat[i] = t1 - t0
+            if stream and seen.first is not None:
+                ttft[i] = seen.first - t0
+                delays.extend(seen.delays)
+                tokens[0] += seen.events
         else:
             errors[err] = errors.get(err, 0) + 1
         done[0] += 1
@@ -201,17 +260,18 @@ async def open_loop(session: Any, urls: list[str], bodies: list[bytes], schedule
     ok = ~np.isnan(lat)
     return Run("open_loop", sent=n, completed=int(ok.sum()), errors=errors, latencies_s=lat[ok], lag_s=lag,
                span_s=max(float(ends.max() - start), duration), scheduled_s=duration,
-               loadgen_cpu_s=lg1 - lg0, server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
+               loadgen_cpu_s=lg1 - lg0, server_cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+               ttft_s=ttft[~np.isnan(ttft)], chunk_delay_s=np.asarray(delays), tokens=tokens[0])
 
 
 async def closed_loop(session: Any, urls: list[str], bodies: list[bytes], clients: int, seconds: float,
                       warmup_s: float, tick: Callable[[float], None] | None = None,
-                      cpu: Callable[[], float | None] | None = None) -> Run:
+                      cpu: Callable[[], float | None] | None = None, stream: bool = False) -> Run:
     """`clients` loops, each sending its next request when the last one returns; counts what
     completes inside the window after the warm-up."""
     lat: list[float] = []
     errors: dict[str, int] = {}
-    sent = [0]
+    sent, tokens = [0], [0]
     t_start = time.perf_counter()
     w0, w1 = t_start + warmup_s, t_start + warmup_s + seconds
     nurls, nbodies = len(urls), len(bodies)
@@ -226,11 +286,14 @@ async def closed_loop(session: Any, urls: list[str], bodies: list[bytes], client
             t0 = time.perf_counter()
             if t0 >= w1:
                 return
-            err = await _one(session, urls[i % nurls], bodies[i % nbodies])
+            seen = Stream()
+            err = await (_one_stream(session, urls[i % nurls], bodies[i % nbodies], seen) if stream
+                         else _one(session, urls[i % nurls], bodies[i % nbodies]))
             t1 = time.perf_counter()
             i += clients
             if t0 >= w0 and t1 <= w1:
                 sent[0] += 1
+                tokens[0] += seen.events if err is None else 0
                 if err is None:
                     lat.append(t1 - t0)
                 else:
@@ -250,7 +313,8 @@ async def closed_loop(session: Any, urls: list[str], bodies: list[bytes], client
     cpu0, cpu1 = cpu_at["start"], cpu_at["end"]
     server = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return Run("closed_loop", sent=sent[0], completed=len(lat), errors=errors, latencies_s=np.asarray(lat),
-               span_s=seconds, clients=clients, loadgen_cpu_s=lg_at["end"] - lg_at["start"], server_cpu_s=server)
+               span_s=seconds, clients=clients, loadgen_cpu_s=lg_at["end"] - lg_at["start"], server_cpu_s=server,
+               tokens=tokens[0])
 
 
 class QuietGC:

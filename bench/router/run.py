@@ -32,6 +32,16 @@ from rich.console import Console
 
 from fleetwise.bench.harness import make_console, progress, save_plot, write_json, wrote
 from fleetwise.bench.router.backend import MODEL, run_loop
+from fleetwise.bench.router.cases import (
+    Cases,
+    case_bodies,
+    make_cases,
+    plot_cases,
+    print_case,
+    run_case,
+    start_case,
+    tracker_cost,
+)
 from fleetwise.bench.router.load import make_bodies, poisson_schedule, split_schedule
 from fleetwise.bench.router.report import (
     DEFAULT_POLICY,
@@ -176,10 +186,35 @@ def _measure(servers: Servers, systems: list[System], bodies: list[bytes], parts
     return machine
 
 
+def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, console: Console) -> dict:
+    """Each further case over its own backends, its servers stopped before the next starts."""
+    from fleetwise.up import write_token
+    cases = make_cases(extra.rate, extra.stream_rate, extra.tokens, extra.itl_ms, extra.fail_every)
+    out: dict = {}
+    for name in extra.names:
+        case = cases[name]
+        servers = Servers(Path(tempfile.mkdtemp(prefix=f"fleetwise-bench-router-{name}-")))
+        token = write_token(servers.logdir)
+        cbodies = case_bodies(case, bodies)
+        rounds = max(1, round(extra.seconds / ROUND_S))
+        closed_rounds = max(1, round(min(CLOSED_LOOP_MAX_S, max(1.0, extra.seconds / 2)) / CLOSED_ROUND_S))
+        try:
+            systems = start_case(case, servers, cbodies, token, vllm_cmd, console)
+            console.print(f"case {name}: {len(systems)} systems up, {case.rate:g} req/s")
+            out[name] = run_case(case, systems, cbodies, extra.seconds, rounds, closed_rounds, CLOSED_ROUND_S,
+                                 console)
+        finally:
+            servers.stop_all()
+            shutil.rmtree(servers.logdir, ignore_errors=True)
+        print_case(console, name, out[name])
+    return out
+
+
 def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds: float = 10.0,
-                     skip_vllm_router: bool = False) -> dict:
+                     skip_vllm_router: bool = False, extra: Cases | None = None) -> dict:
     """Direct, fleetwise router (each policy) and vllm-router over the same stand-in backends;
-    writes OUT/router.json and OUT/router.png and returns the report."""
+    then the further cases (`extra`: streams, the handoff, retries); writes OUT/router.json,
+    OUT/router.png and OUT/router_cases.png and returns the report."""
     console = make_console(180)
     if rate <= 0 or seconds <= 0:
         raise ValueError("rate and seconds must be positive")
@@ -220,11 +255,19 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
 
     runs = {s.key: s for s in systems}
     report = build_report(runs, skipped, rate, seconds, parts, closed_rounds, closed_round_s, bodies, env, machine)
-    json_path = write_json(out / "router.json", report)
-    png_path = save_plot(lambda p: plot(report, runs, p), out / "router.png", console)
+    shutil.rmtree(servers.logdir, ignore_errors=True)
     console.rule("summary")
     print_summary(console, report)
     print_notes(console, report)
-    shutil.rmtree(servers.logdir, ignore_errors=True)
+    if extra is not None and extra.names:
+        console.rule("further cases")
+        report["cases"] = _run_cases(extra, bodies, vllm_cmd, console)
+        report["migration_per_token"] = tracker_cost()
+        t = report["migration_per_token"]
+        console.print(f"migration's per-token work (Tracker.feed, in process): {t['tracker_us_per_event']:.2f} µs "
+                      f"per event against {t['pass_through_us_per_event']:.2f} µs passed through")
+        save_plot(lambda p: plot_cases(report["cases"], p), out / "router_cases.png", console)
+    json_path = write_json(out / "router.json", report)
+    png_path = save_plot(lambda p: plot(report, runs, p), out / "router.png", console)
     wrote(console, json_path, png_path)
     return report

@@ -88,7 +88,7 @@ class System:
 
 
 async def measure_all(systems: list[System], bodies: list[bytes], parts: list[tuple[np.ndarray, float]],
-                      closed_rounds: int, closed_round_s: float, progress: Progress) -> None:
+                      closed_rounds: int, closed_round_s: float, progress: Progress, stream: bool = False) -> None:
     """Round after round, each system gets the same slice of the schedule, in an order that
     turns by one each round, so load on the machine from elsewhere falls on all of them
     alike; then the closed-loop rounds in the same way."""
@@ -104,7 +104,7 @@ async def measure_all(systems: list[System], bodies: list[bytes], parts: list[tu
         rate = n_open / sum(d for _, d in parts)
         warm = poisson_schedule(rate, WARMUP_S, SEED + 1)
         for s in systems:  # opens the client's connections and the router's own pools
-            await open_loop(sessions[s.key], s.urls, bodies, warm, WARMUP_S)
+            await open_loop(sessions[s.key], s.urls, bodies, warm, WARMUP_S, stream=stream)
         # before each turn: connections a server closed while idle are opened again off the clock
         turn_warm = poisson_schedule(rate, TURN_WARMUP_S, SEED + 2)
         with QuietGC():
@@ -118,8 +118,9 @@ async def measure_all(systems: list[System], bodies: list[bytes], parts: list[tu
                     def tick(n: int, s: System = s, base: int = base) -> None:
                         progress.update(bars[s.key][0], completed=base + n)
                         progress.refresh()
-                    await open_loop(sessions[s.key], s.urls, bodies, turn_warm, TURN_WARMUP_S)
-                    run = await open_loop(sessions[s.key], s.urls, bodies, part, duration, first, tick, s.cpu)
+                    await open_loop(sessions[s.key], s.urls, bodies, turn_warm, TURN_WARMUP_S, stream=stream)
+                    run = await open_loop(sessions[s.key], s.urls, bodies, part, duration, first, tick, s.cpu,
+                                          stream=stream)
                     s.open_rounds.append(run)
                     done_open[s.key] += len(part)
                 first += len(part)
@@ -132,7 +133,7 @@ async def measure_all(systems: list[System], bodies: list[bytes], parts: list[tu
                         progress.update(bars[s.key][1], completed=start + x)
                         progress.refresh()
                     run = await closed_loop(sessions[s.key], s.urls, bodies, CLOSED_LOOP_CLIENTS, closed_round_s,
-                                            CLOSED_LOOP_WARMUP_S, tick_closed, s.cpu)
+                                            CLOSED_LOOP_WARMUP_S, tick_closed, s.cpu, stream=stream)
                     s.closed_rounds.append(run)
                 gc.collect()
     finally:
