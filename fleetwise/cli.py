@@ -223,7 +223,7 @@ def router(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     policy: str = typer.Option("prefix_affinity", "--policy",
-                               help="prefix_affinity, least_outstanding or round_robin."),
+                               help="prefix_affinity, prefix_load, least_outstanding or round_robin."),
     max_inflight: int = typer.Option(2048, "--max-inflight", help="Beyond it requests get 429."),
     probe_interval: float = typer.Option(1.0, "--probe-interval", help="Seconds between health probes."),
     internal_token_file: Path = typer.Option(None, "--internal-token-file", envvar="FLEETWISE_INTERNAL_TOKEN_FILE",
