@@ -47,7 +47,7 @@ def _system(key, goodputs):
 def test_the_ratio_is_against_the_best_baseline_and_says_whether_it_beats_the_spread():
     systems = [_system("fleetwise/prefix_load", [9, 8, 9]), _system("vllm-router/cache_aware", [6, 7, 5]),
                _system("vllm-router/round_robin", [7, 7, 6])]
-    r = build_report(systems, [1.0], 1.0, 10.0, 3, SLO(1.0, 0.1), Shape(), 0.2, {}, {})
+    r = build_report(systems, [1.0], [1.0], 10.0, 3, SLO(1.0, 0.1), Shape(), 0.2, {}, {})
     row = r["ratios"][0]["fleetwise/prefix_load"]
     assert row["vs"] == "vllm-router/round_robin"        # its median 0.7 beats cache_aware's 0.6
     assert abs(row["ratio"] - 0.9 / 0.7) < 1e-9 and row["met"] and row["beyond_spread"]

@@ -3,9 +3,9 @@ on one fleet of real workers, under a prefix-skewed workload (workload.py).
 
 One fleet of mixed workers (the CPU model, one torch thread each) serves every system: the
 fleetwise router under its policy, and vllm-router under `cache_aware`, `power_of_two` and
-`round_robin`, each its own process, all up from the start. First the fleet's capacity: a
-closed loop straight to the workers (the client round-robins; no router). Then, for each
-repeat and each offered load (a multiple of that capacity), every system in turn (the order
+`round_robin`, each its own process, all up from the start. Each repeat first measures the
+fleet's capacity: a closed loop straight to the workers (the client round-robins; no router).
+Then, for each offered load (a multiple of that capacity), every system in turn (the order
 turning by one each time) gets the same arrivals and lengths with system prompts of its own
 words, so none finds the caches warmed by another. Goodput is the rate of requests that met
 both the TTFT and the TPOT target. The result goes to `OUT/goodput.json` and
@@ -102,23 +102,39 @@ def _answers(url: str, model_name: str) -> bool:
                        .encode(), timeout=10.0)
 
 
-def _measure(systems: list[System], shape: Shape, lengths: tuple, model_name: str, capacity: float,
-             loads: list[float], seconds: float, repeats: int, slo: SLO, console: Console) -> None:
-    turns = [(r, li) for r in range(repeats) for li in range(len(loads))]
+def _capacity(urls: list[tuple[str, str]], shape: Shape, lengths: tuple, model_name: str, repeat: int) -> float:
+    """Requests/s the fleet completes for a closed loop straight to the workers (no router)."""
+    reqs = turn_requests(shape, lengths, 1.0, 400.0, SEED, turn=-1 - repeat, words=0)
+    done, window = run_loop(closed_loop([u + "/v1/completions" for u, _ in urls], reqs, model_name,
+                                        3 * len(urls), CAPACITY_S))
+    return done / window
+
+
+def _measure(systems: list[System], urls: list[tuple[str, str]], shape: Shape, lengths: tuple, model_name: str,
+             loads: list[float], seconds: float, repeats: int, slo: SLO, console: Console) -> list[float]:
+    """Each repeat: the fleet's capacity again (the machine's other load moves it), then every
+    load, each system in turn. The capacities measured."""
+    capacities = []
     with progress(console, unit="turns") as bar:
-        task = bar.add_task("systems' turns", total=len(turns) * len(systems))
-        for n, (r, li) in enumerate(turns):
-            rate = loads[li] * capacity
-            for j in range(len(systems)):
-                k = (n + j) % len(systems)
-                s = systems[k]
-                reqs = turn_requests(shape, lengths, rate, seconds, SEED, turn=1 + n, words=k)
-                outcomes, span = run_loop(open_loop(s.url, reqs, model_name))
-                counted = [o for q, o in zip(reqs, outcomes) if q.at >= WARMUP_SHARE * seconds]
-                s.add(li, counted, seconds * (1 - WARMUP_SHARE), slo, span)
-                bar.advance(task)
-                console.print(f"repeat {r} load {loads[li]:.2f}x ({rate:.2f}/s) {s.key}: "
-                              f"goodput {s.goodput[li][-1]:.2f}/s, {s.attainment[li][-1]:.0%} within the SLO")
+        task = bar.add_task("systems' turns", total=repeats * len(loads) * len(systems))
+        for r in range(repeats):
+            capacity = _capacity(urls, shape, lengths, model_name, r)
+            capacities.append(capacity)
+            console.print(f"repeat {r}: capacity {capacity:.2f} requests/s (closed loop, "
+                          f"{3 * len(urls)} clients, no router)")
+            for li, load in enumerate(loads):
+                n = r * len(loads) + li
+                for j in range(len(systems)):
+                    k = (n + j) % len(systems)
+                    s = systems[k]
+                    reqs = turn_requests(shape, lengths, load * capacity, seconds, SEED, turn=1 + n, words=k)
+                    outcomes, span = run_loop(open_loop(s.url, reqs, model_name))
+                    counted = [o for q, o in zip(reqs, outcomes) if q.at >= WARMUP_SHARE * seconds]
+                    s.add(li, counted, seconds * (1 - WARMUP_SHARE), slo, span)
+                    bar.advance(task)
+                    console.print(f"repeat {r} load {load:.2f}x ({load * capacity:.2f}/s) {s.key}: "
+                                  f"goodput {s.goodput[li][-1]:.2f}/s, {s.attainment[li][-1]:.0%} within the SLO")
+    return capacities
 
 
 def run_goodput_bench(out: Path = Path("bench/results"), preset: str = "small", workers: int = 4,
@@ -148,21 +164,16 @@ def run_goodput_bench(out: Path = Path("bench/results"), preset: str = "small", 
         token = write_token(fleet.logdir)
         urls = fleet.start_workers(model, workers, token, kv_cache_mib)
         systems = _systems(fleet, model.name, urls, token, policies, vllm_cmd)
-        reqs = turn_requests(shape, lengths, 1.0, 400.0, SEED, turn=0, words=0)
-        done, window = run_loop(closed_loop([u + "/v1/completions" for u, _ in urls], reqs, model.name,
-                                            3 * workers, CAPACITY_S))
-        capacity = done / window
-        console.print(f"{workers} workers ({preset}, 1 torch thread each), {len(systems)} systems; "
-                      f"capacity {capacity:.2f} requests/s (closed loop, {3 * workers} clients, no router)")
+        console.print(f"{workers} workers ({preset}, 1 torch thread each), {len(systems)} systems")
         for s in systems:
             s.init(len(loads))
-        _measure(systems, shape, lengths, model.name, capacity, loads, seconds, repeats, slo, console)
+        capacities = _measure(systems, urls, shape, lengths, model.name, loads, seconds, repeats, slo, console)
     except ProcessError as e:
         raise SystemExit(f"error: {e}")
     finally:
         fleet.stop()
         signal.signal(signal.SIGTERM, old_term)
-    report = build_report(systems, loads, capacity, seconds, repeats, slo, shape, WARMUP_SHARE,
+    report = build_report(systems, loads, capacities, seconds, repeats, slo, shape, WARMUP_SHARE,
                           {"workers": workers, "preset": preset, "kv_cache_mib": kv_cache_mib,
                            "torch_threads_per_worker": 1, "vllm_router": vllm_version},
                           environment(vllm_version))
