@@ -104,7 +104,7 @@ def _answers(url: str, model_name: str) -> bool:
 
 def _capacity(urls: list[tuple[str, str]], shape: Shape, lengths: tuple, model_name: str, repeat: int) -> float:
     """Requests/s the fleet completes for a closed loop straight to the workers (no router)."""
-    reqs = turn_requests(shape, lengths, 1.0, 400.0, SEED, turn=-1 - repeat, words=0)
+    reqs = turn_requests(shape, lengths, 1.0, 400.0, SEED, turn=100_000 + repeat, words=0)
     done, window = run_loop(closed_loop([u + "/v1/completions" for u, _ in urls], reqs, model_name,
                                         3 * len(urls), CAPACITY_S))
     return done / window
