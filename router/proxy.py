@@ -50,7 +50,7 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class Router:
-    def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
+    def __init__(self, source: EndpointSource, policy: str = "prefix_load", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
                  limits: Limits = Limits(), token: str | None = None, max_migrations: int = 3,
                  max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0):
