@@ -126,3 +126,27 @@ def bench_power(
         raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--product")
     run_power_bench = _bench("fleetwise.bench.power", "run_power_bench")
     run_power_bench(out=out, product=product, seconds=seconds)
+
+
+@bench_app.command("goodput")
+def bench_goodput(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    preset: str = typer.Option("small", "--preset", help="Model preset of the workers."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Mixed workers, one torch thread each."),
+    loads: str = typer.Option("0.5,0.75,1.0,1.2", "--loads", help="Offered loads, times the fleet's capacity."),
+    seconds: float = typer.Option(30.0, "--seconds", min=1, help="Each system's turn at each load."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Turns per system and load."),
+    ttft: float = typer.Option(1.5, "--ttft", help="The SLO's time-to-first-token target, seconds."),
+    tpot: float = typer.Option(0.25, "--tpot", help="The SLO's time-per-output-token target, seconds."),
+    policy: list[str] = typer.Option(["prefix_load"], "--policy", help="fleetwise router policies to run."),
+    trace: Path = typer.Option(None, "--trace", help="Azure LLM trace CSV (default: the code trace)."),
+    skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
+):
+    """SLO goodput of the router against vllm-router's policies, real workers, prefix-skewed load."""
+    try:
+        load_list = [float(x) for x in loads.split(",")]
+    except ValueError:
+        raise typer.BadParameter("comma-separated numbers, e.g. 0.5,1.0", param_hint="--loads")
+    run_goodput_bench = _bench("fleetwise.bench.goodput.run", "run_goodput_bench")
+    run_goodput_bench(out=out, preset=preset, workers=workers, loads=load_list, seconds=seconds, repeats=repeats,
+                      ttft_s=ttft, tpot_s=tpot, policies=policy, trace=trace, skip_vllm_router=skip_vllm_router)

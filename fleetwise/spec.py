@@ -72,7 +72,7 @@ class Engine(_Spec):
 
 
 class Routing(_Spec):
-    policy: Literal["prefix_affinity", "least_outstanding", "round_robin"] = "prefix_affinity"
+    policy: Literal["prefix_affinity", "prefix_load", "least_outstanding", "round_robin"] = "prefix_load"
 
 
 class SLO(_Spec):

@@ -100,7 +100,7 @@ async def answer(router: Router, request: Any, kind: str) -> Response:
         return RouterError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
 
-def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_affinity",
+def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_load",
           max_inflight: int = 2048, probe_interval: float = 1.0, max_migrations: int = 3,
           max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0) -> None:
     """`token`: the shared token of the workers' internal listeners, which the router calls."""

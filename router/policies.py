@@ -1,4 +1,5 @@
-"""Which replica gets a request: round-robin, least outstanding requests, prefix affinity.
+"""Which replica gets a request: round-robin, least outstanding requests, prefix affinity,
+prefix blocks within a load bound (prefix.py).
 
 Pure decisions over the router's view of its replicas (no I/O, no event loop): the router
 does the calling, and anything else that routes (a simulator) can plug these in as they are.
@@ -7,8 +8,10 @@ does the calling, and anything else that routes (a simulator) can plug these in 
 import bisect
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
+from .prefix import PrefixLoad, prefix_blocks
 from .replica import Replica
 
 
@@ -196,7 +199,12 @@ class PrefixAffinity:
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {
-    RoundRobin.name: RoundRobin, LeastOutstanding.name: LeastOutstanding, PrefixAffinity.name: PrefixAffinity}
+    RoundRobin.name: RoundRobin, LeastOutstanding.name: LeastOutstanding, PrefixAffinity.name: PrefixAffinity,
+    PrefixLoad.name: PrefixLoad}
+
+# the prompt's prefix keys, for the policies that read them (hashing costs on every request)
+PREFIX_KEYS: dict[str, Callable[[str], list[int]]] = {
+    PrefixAffinity.name: prefix_keys, PrefixLoad.name: prefix_blocks}
 
 
 def make_policy(name: str) -> RoutingPolicy:

@@ -38,7 +38,7 @@ from .handoff import Handoffs
 from .limits import Limits, check_counts, check_weight, parse_body, read_body, wants_stream
 from .metrics import RouterMetrics
 from .migrate import Mover, Where, migrating
-from .policies import RoutingPolicy, make_policy, prefix_keys, prompt_text
+from .policies import PREFIX_KEYS, RoutingPolicy, make_policy, prompt_text
 from .replica import Replica
 from .retries import RESET, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
 from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
@@ -50,7 +50,7 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 class Router:
-    def __init__(self, source: EndpointSource, policy: str = "prefix_affinity", max_inflight: int = 2048,
+    def __init__(self, source: EndpointSource, policy: str = "prefix_load", max_inflight: int = 2048,
                  max_attempts: int = 3, request_timeout: float = 600.0, probe_interval: float = 1.0,
                  limits: Limits = Limits(), token: str | None = None, max_migrations: int = 3,
                  max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0):
@@ -261,8 +261,9 @@ class Router:
             check_weight(len(subs), self.inflight, self.max_inflight)
             mode = route.mode
             stream = wants_stream(body)
-            # hashing the prompt costs on every request: only prefix affinity reads the keys
-            keys = prefix_keys(prompt_text(body, kind)) if self.policy_name == "prefix_affinity" else []
+            # hashing the prompt costs on every request: only the prefix policies read the keys
+            keyer = PREFIX_KEYS.get(self.policy_name)
+            keys = keyer(prompt_text(body, kind)) if keyer else []
             weight = len(subs)
             self._enter(weight)
             try:
