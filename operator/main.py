@@ -71,7 +71,7 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
     memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period,
-                              pods=memo.pods, metrics=metrics)
+                              pods=memo.pods, metrics=metrics, admin=memo.admin)
     memo.faults = FaultControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, memo.admin,
                                metrics)
     if metrics_port:

@@ -18,10 +18,12 @@ which the dashboards and the chart's alert divide.
 import datetime as dt
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from fleetwise.controllers import fault_status as fs
 from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
 from fleetwise.controllers.power import Settings
 from fleetwise.fleet import FleetActions, WorkerRef
@@ -30,6 +32,7 @@ from fleetwise.spec import API_VERSION, PowerBudgetSpec
 from fleetwise.telemetry.prometheus import PrometheusClient
 
 from . import manifests as m
+from .admin_sink import AdminSink
 from .cluster import pod_gpus
 from .kube import Kube
 from .metrics import OperatorMetrics
@@ -107,6 +110,7 @@ class PowerControl:
     settings: Settings = field(default_factory=Settings)
     pods: PodCache | None = None
     metrics: OperatorMetrics | None = None
+    admin: AdminSink | None = None  # its reachability is a condition on each budget's status
     loops: dict[str, PowerLoop] = field(default_factory=dict)
     _last: dict[str, dict] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -142,12 +146,20 @@ class PowerControl:
     def _write(self, body: dict, status: dict) -> dict:
         name = body["metadata"]["name"]
         before = self._last.get(name, {})
+        if self.admin is not None:
+            cond = fs.admin_reachable(self.admin.reachable, self.admin.queued)
+            status["conditions"] = fs.with_times(before, [cond], _iso(time.time()), body["metadata"].get("generation"))
         self.kube.patch_budget_status(name, status)
         self._last[name] = status
+        involved = {"apiVersion": API_VERSION, "kind": "PowerBudget", "metadata": body["metadata"]}
         if status["state"] != before.get("state"):
-            involved = {"apiVersion": API_VERSION, "kind": "PowerBudget", "metadata": body["metadata"]}
             warn = status["state"] in ("Emergency", "Stale", "Invalid", "Unmanaged")
             self.kube.event(involved, "Warning" if warn else "Normal", f"Power{status['state']}", status["message"])
+        was = {c["type"]: c["status"] for c in before.get("conditions") or []}
+        for c in status.get("conditions") or []:
+            if c["status"] != was.get(c["type"], "True"):  # a first healthy condition is no news
+                self.kube.event(involved, "Warning" if c["status"] == "False" else "Normal",
+                                f"{c['type']}{c['reason']}", c["message"])
         return status
 
     def deleted(self, name: str) -> None:

@@ -2,6 +2,8 @@
 what the test says: which pods make up the domain, the status and Events it writes, a budget
 with no Prometheus, and a deleted budget's caps lifted."""
 
+from dataclasses import dataclass
+
 from fleetwise.fleet import PowerOverride, WorkerRef
 from fleetwise.operator.power import PowerControl, domain_workers
 from fleetwise.spec import PowerBudgetSpec
@@ -210,3 +212,26 @@ def test_each_period_exports_the_domains_draw_and_limit_and_a_missing_reading_is
     assert "fleetwise_power_domain_watts{" not in page and 'limit_watts{domain="row-1"} 2000.0' in page
     control.deleted("row-1")
     assert "domain=" not in generate_latest(metrics.registry).decode()
+
+
+@dataclass
+class FakeAdmin:
+    reachable: bool = True
+    queued: int = 0
+
+
+def test_an_admin_outage_is_a_condition_on_the_budget_with_an_event_each_way():
+    kube, fleet, admin = FakeKube(), FakeFleet(), FakeAdmin()
+    control = PowerControl(kube, fleet, None, admin=admin)  # type: ignore[arg-type]  # fakes of what it calls
+    cond = control.period(body())["conditions"][0]
+    assert (cond["type"], cond["status"]) == ("AdminReachable", "True")
+    assert not [e for e in kube.events if e[1].startswith("AdminReachable")]  # a healthy first is no news
+    admin.reachable, admin.queued = False, 7
+    cond = control.period(body())["conditions"][0]
+    assert (cond["status"], cond["reason"]) == ("False", "Unreachable") and "7 wait" in cond["message"]
+    assert kube.events[-1][:2] == ("Warning", "AdminReachableUnreachable")
+    since = cond["lastTransitionTime"]
+    assert control.period(body())["conditions"][0]["lastTransitionTime"] == since  # no change, no new time
+    admin.reachable = True
+    assert control.period(body())["conditions"][0]["status"] == "True"
+    assert kube.events[-1][:2] == ("Normal", "AdminReachableDelivering")
