@@ -31,7 +31,7 @@ from fleetwise.bench.router.systems import (
 )
 
 NUM_BACKENDS = 2
-POLICIES = ("prefix_affinity", "round_robin", "least_outstanding")  # the first is the router's default
+POLICIES = ("prefix_load", "round_robin", "least_outstanding")  # the first is the router's default
 DEFAULT_POLICY = POLICIES[0]
 VLLM_ROUTER_POLICY = "round_robin"
 
@@ -182,7 +182,7 @@ def print_notes(console: Console, report: dict) -> None:
         console.print("vllm-router: " + " ".join(v["command"]))
 
 
-COLORS = {"direct": "#555555", "fleetwise/prefix_affinity": "#dd8452",
+COLORS = {"direct": "#555555", "fleetwise/prefix_load": "#dd8452",
           "fleetwise/round_robin": "#c44e52", "fleetwise/least_outstanding": "#8172b3", "vllm-router": "#4c72b0"}
 
 

@@ -4,7 +4,7 @@ Fast stand-in backends (an OpenAI-completions-shaped HTTP server that answers at
 a small fixed completion, one process each) take the requests. The same load goes
 
   direct             straight to the backends (the client round-robins over them)
-  fleetwise/POLICY   through `fleetwise router` over the same backends: prefix_affinity
+  fleetwise/POLICY   through `fleetwise router` over the same backends: prefix_load
                      (its default), round_robin and least_outstanding
   vllm-router        through `vllm-router` (the Rust router, round_robin) over them
 
