@@ -56,9 +56,10 @@ def setup(tmp_path_factory, tiny_model_dir):
                   "metadata": {"name": "batch", "namespace": NS},
                   "spec": {"model": {"name": "tiny", "uri": "/models/tiny"}, "image": "fleetwise:1",
                            "mode": "Colocated", "priority": "Low", "mixed": {"replicas": 2, "gpuType": "A100"}}})
-        pods = wait_for(lambda: [p for p in get(c, "pods", "-n", NS)["items"]
-                                 if (p.get("status") or {}).get("phase") == "Running"] or None
-                        if len(get(c, "pods", "-n", NS)["items"]) == 2 else None, 90, what="two running pods")
+        def running() -> list[dict] | None:  # both, or not yet: a pod still Pending would have no worker
+            items = [p for p in get(c, "pods", "-n", NS)["items"] if (p.get("status") or {}).get("phase") == "Running"]
+            return items if len(items) == 2 else None
+        pods = wait_for(running, 90, what="two running pods")
         addresses = {}
         for pod in pods:
             name, port, internal = pod["metadata"]["name"], free_port(), free_port()
