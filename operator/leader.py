@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -111,11 +112,24 @@ class LeaderElector:
 
     def acquire(self) -> None:
         """Blocks until this replica leads, then keeps renewing in the background."""
-        while not self.try_acquire():
+        while not self._try_or_wait():
             log.info("waiting for the lease %s/%s", self.namespace, self.name)
             time.sleep(self.renew_every)
         log.info("leading as %s", self.identity)
         threading.Thread(target=self._renew_forever, name="lease-renewer", daemon=True).start()
+
+    def _try_or_wait(self) -> bool:
+        """One try while not leading; an API server that is overloaded or away (5xx, no answer)
+        is a reason to wait, not to exit: nothing is held yet."""
+        try:
+            return self.try_acquire()
+        except ApiException as e:
+            if e.status is not None and e.status < 500:
+                raise
+            log.warning("the lease could not be read (%s); retrying", e.status)
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            log.warning("the lease could not be read (%s); retrying", e)
+        return False
 
     def _renew_forever(self) -> None:
         last = time.monotonic()
