@@ -364,8 +364,15 @@ def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_di
     body = {"model": "tiny", "prompt": "a stream outliving its worker's drain", "max_tokens": 150,
             "temperature": 0, "ignore_eos": True, "logprobs": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    # the reference stream from a third worker: had either of the two served it, the new
+    # worker could hold the whole context in its prefix cache and pull nothing
+    reference = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
+                                          num_blocks=256))
     try:
-        want = read_stream(router.url, body)
+        want = read_stream(reference.url, body)
+    finally:
+        reference.stop()
+    try:
         drained: list = []
 
         def drain(n: int) -> None:
