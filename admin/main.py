@@ -18,8 +18,7 @@ from .token_review import ReviewedTokens
 def run(database: str, book: TokenFile, host: str, port: int, kubeconfig: str | None, limits: Limits,
         prometheus_url: str | None = None, token_review: bool = False) -> None:
     from fleetwise.operator.actions import KubeFleet
-    from fleetwise.operator.kube import Kube
-    from fleetwise.operator.main import load_client
+    from fleetwise.operator.kube import Kube, load_client
 
     from .kube_view import KubeView
     configure_logs(logging.INFO)

@@ -162,20 +162,6 @@ def admin_reachable(reachable: bool, queued: int) -> Condition:
                      f"the admin API does not take records; {queued} wait in the queue and are retried")
 
 
-def with_times(previous: dict[str, Any] | None, conditions: list[Condition], now: str,
-               generation: int | None) -> list[dict[str, Any]]:
-    """Conditions as the status holds them; each keeps its lastTransitionTime while its status stays."""
-    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
-    out = []
-    for cond in conditions:
-        prev = old.get(cond.type)
-        since = now if prev is None or prev.get("status") != cond.status else prev.get("lastTransitionTime", now)
-        out.append({"type": cond.type, "status": cond.status, "reason": cond.reason,
-                    "message": cond.message[:MAX_MESSAGE], "observedGeneration": generation,
-                    "lastTransitionTime": since})
-    return out
-
-
 def record_view(rec: Record, iso: Callable[[float], str]) -> dict[str, Any]:
     """One incident for the status; `iso` turns seconds since the epoch into RFC 3339."""
     return {"kind": rec.kind, "target": rec.target, "group": rec.group, "state": rec.state,

@@ -74,17 +74,24 @@ def _degraded(pending: list[Unplaced], not_created: list[str]) -> Condition:
     return Condition("Degraded", "False", "Placed", "every pod is placed")
 
 
-def deployment_status(previous: Mapping[str, Any] | None, generation: int | None, pools: Mapping[str, PoolStatus],
-                      conditions: list[Condition], pending: list[Unplaced], now: str) -> dict[str, Any]:
-    """The status object to write; `previous` is the one written before, `now` an RFC 3339 time."""
-    old = {c["type"]: c for c in (previous or {}).get("conditions") or []}
-    conds = []
+def with_times(previous: Mapping[str, Any] | None, conditions: list[Condition], now: str,
+               generation: int | None) -> list[dict[str, Any]]:
+    """Conditions as the status holds them; each keeps its lastTransitionTime while its status stays."""
+    old = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    out = []
     for cond in conditions:
         prev = old.get(cond.type)
         since = now if prev is None or prev.get("status") != cond.status else prev.get("lastTransitionTime", now)
-        conds.append({"type": cond.type, "status": cond.status, "reason": cond.reason,
-                      "message": cond.message[:MAX_MESSAGE], "observedGeneration": generation,
-                      "lastTransitionTime": since})
+        out.append({"type": cond.type, "status": cond.status, "reason": cond.reason,
+                    "message": cond.message[:MAX_MESSAGE], "observedGeneration": generation,
+                    "lastTransitionTime": since})
+    return out
+
+
+def deployment_status(previous: Mapping[str, Any] | None, generation: int | None, pools: Mapping[str, PoolStatus],
+                      conditions: list[Condition], pending: list[Unplaced], now: str) -> dict[str, Any]:
+    """The status object to write; `previous` is the one written before, `now` an RFC 3339 time."""
+    conds = with_times(previous, conditions, now, generation)
     out: dict[str, Any] = {"observedGeneration": generation, "conditions": conds, "pending": pending[:MAX_PENDING]}
     for role, s in pools.items():
         out[role] = {"desired": s.desired, "ready": s.ready, "updated": s.updated, "summary": s.summary}

@@ -256,7 +256,7 @@ def router(
     configure_logs(logging.INFO)
     source: EndpointSource
     if kubernetes:
-        from fleetwise.operator.main import load_client
+        from fleetwise.operator.kube import load_client
         from fleetwise.router.kube_source import KubernetesEndpoints
         source = KubernetesEndpoints(load_client(kubeconfig), namespace)
     else:

@@ -4,7 +4,6 @@ every `--period` seconds, `/metrics`, and every GPU's default limit restored on 
 (SIGTERM, as a DaemonSet's pod is stopped, or SIGINT)."""
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -18,12 +17,12 @@ SYNC_SECONDS = 30.0  # the first pods list, before the first period: a restart m
 
 def run_node_agent(node: str, port: int, host: str, period: float, socket: Path, kubeconfig: str | None,
                    gpu_metrics: bool, stop: threading.Event | None = None) -> None:
-    from kubernetes import client, config
     from prometheus_client import start_http_server
 
     from fleetwise.logs import configure as configure_logs
     from fleetwise.telemetry.nvml import XidWatch, all_gpus
 
+    from .kube import load_client
     from .node_agent import NodeAgent
     from .node_pods import NodePods
     from .pod_resources import list_gpu_holders
@@ -38,16 +37,8 @@ def run_node_agent(node: str, port: int, host: str, period: float, socket: Path,
     except Exception as e:  # NVML's events are optional: no XID series then
         log.warning("XID errors not watched: %s", e)
         xid = None
-    if kubeconfig:
-        config.load_kube_config(kubeconfig)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-    else:
-        config.load_kube_config()
-    if not client.Configuration.get_default_copy().verify_ssl:
-        import urllib3
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    pods = NodePods(client.ApiClient(), node)
+    api = load_client(kubeconfig)
+    pods = NodePods(api, node)
     agent = NodeAgent(node, gpus, pods.intents, lambda: list_gpu_holders(str(socket)), xid, gpu_metrics)
     pods.on_error = lambda: agent.errors.labels("pods_watch", "").inc()
     stop = stop or threading.Event()

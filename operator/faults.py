@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from fleetwise.addresses import load_address_map, worker_url
 from fleetwise.controllers import fault_status as fs
 from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
-from fleetwise.controllers.status import Condition
+from fleetwise.controllers.status import Condition, with_times
 from fleetwise.fault_loop import Done, FaultLoop
 from fleetwise.fault_signals import Worker
 from fleetwise.fleet import FleetActions, Routability
@@ -198,7 +198,7 @@ class FaultControl:
             conditions = [*conditions, fs.admin_reachable(self.admin.reachable, self.admin.queued)]
         state = self.policies.get(key)
         before = state.status if state is not None else (body.get("status") or {})
-        status["conditions"] = fs.with_times(before, conditions, _iso(time.time()), meta.get("generation"))
+        status["conditions"] = with_times(before, conditions, _iso(time.time()), meta.get("generation"))
         status["observedGeneration"] = meta.get("generation")
         self.kube.patch_fault_policy_status(key[0], key[1], status)
         if state is not None:

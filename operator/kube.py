@@ -4,15 +4,30 @@ import base64
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, cast
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from fleetwise.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
+
+
+def load_client(kubeconfig: str | None) -> client.ApiClient:
+    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config."""
+    if kubeconfig:
+        config.load_kube_config(kubeconfig)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    if not client.Configuration.get_default_copy().verify_ssl:  # the user chose it: no warning per request
+        import urllib3
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    return client.ApiClient()
 
 
 def now_iso() -> str:

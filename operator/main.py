@@ -2,12 +2,11 @@
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from prometheus_client import start_http_server
 
 from fleetwise.controllers.deployment import DRAIN_TIMEOUT_SECONDS
@@ -20,7 +19,7 @@ from .actions import KubeFleet
 from .admin_sink import AdminSink, ReportingFleet
 from .faults import FaultControl
 from .internal_token import TokenCopies
-from .kube import Kube
+from .kube import Kube, load_client
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
 from .pod_cache import PodCache
@@ -28,16 +27,6 @@ from .power import PERIOD_SECONDS, PowerControl
 from .reconcile import Operator
 
 log = logging.getLogger(__name__)
-
-
-def load_client(kubeconfig: str | None) -> client.ApiClient:
-    if kubeconfig:
-        config.load_kube_config(kubeconfig)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-    else:
-        config.load_kube_config()
-    return client.ApiClient()
 
 
 def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace: str, metrics_port: int,
@@ -56,9 +45,6 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per watch event
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Prometheus query
     api = load_client(kubeconfig)
-    if not client.Configuration.get_default_copy().verify_ssl:
-        import urllib3
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     metrics = OperatorMetrics()
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from fleetwise.controllers import fault_status as fs
 from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
 from fleetwise.controllers.power import Settings
+from fleetwise.controllers.status import with_times
 from fleetwise.fleet import FleetActions, WorkerRef
 from fleetwise.power_loop import DomainWorker, Period, PowerLoop
 from fleetwise.spec import API_VERSION, PowerBudgetSpec
@@ -148,7 +149,7 @@ class PowerControl:
         before = self._last.get(name, {})
         if self.admin is not None:
             cond = fs.admin_reachable(self.admin.reachable, self.admin.queued)
-            status["conditions"] = fs.with_times(before, [cond], _iso(time.time()), body["metadata"].get("generation"))
+            status["conditions"] = with_times(before, [cond], _iso(time.time()), body["metadata"].get("generation"))
         self.kube.patch_budget_status(name, status)
         self._last[name] = status
         involved = {"apiVersion": API_VERSION, "kind": "PowerBudget", "metadata": body["metadata"]}

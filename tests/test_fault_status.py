@@ -6,6 +6,7 @@ import math
 
 from fleetwise.controllers import fault_status as fs
 from fleetwise.controllers.faults import FaultDecision, Incident
+from fleetwise.controllers.status import with_times
 
 W = 10.0  # windowSeconds
 
@@ -79,9 +80,9 @@ def test_ready_and_admin_reachable():
 
 
 def test_a_condition_keeps_its_transition_time_while_its_status_stays():
-    first = fs.with_times(None, [fs.admin_reachable(True, 0)], "t0", 1)
-    same = fs.with_times({"conditions": first}, [fs.admin_reachable(True, 3)], "t1", 1)
-    changed = fs.with_times({"conditions": same}, [fs.admin_reachable(False, 3)], "t2", 2)
+    first = with_times(None, [fs.admin_reachable(True, 0)], "t0", 1)
+    same = with_times({"conditions": first}, [fs.admin_reachable(True, 3)], "t1", 1)
+    changed = with_times({"conditions": same}, [fs.admin_reachable(False, 3)], "t2", 2)
     assert [c[0]["lastTransitionTime"] for c in (first, same, changed)] == ["t0", "t0", "t2"]
     assert changed[0]["observedGeneration"] == 2
 
