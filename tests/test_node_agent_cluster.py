@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fleetwise.net import free_port
-from fleetwise.procs import Process, fleetwise_argv
+from fleetwise.procs import Process, answers_200, fleetwise_argv
 from fleetwise.telemetry.prometheus_server import PrometheusServer
 from fleetwise.testenv.cluster import (
     CHART,
@@ -95,7 +95,7 @@ def test_caps_reach_the_gpus_through_the_node_agent_lapse_without_the_operator_a
             # an empty entry would put the working folder, and its operator/, before the standard library
             env={"PYTHONPATH": os.pathsep.join(p for p in (str(FAKE_DIR), os.environ.get("PYTHONPATH")) if p),
                  "FAKE_NVML_STATE": str(state)}).start()
-        wait_for(lambda: _ok(agent.url + "/metrics"), 60, what="the agent's /metrics")
+        wait_for(lambda: answers_200(agent.url + "/metrics", timeout=2), 60, what="the agent's /metrics")
 
         # 3 x 650 W against 2100 W: over the cap threshold (1890 W), under the emergency one
         apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "PowerBudget", "metadata": {"name": "row-1"},
@@ -133,10 +133,3 @@ def test_caps_reach_the_gpus_through_the_node_agent_lapse_without_the_operator_a
                 p.stop()
         kubelet.stop()
         c.stop()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

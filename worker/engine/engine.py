@@ -169,15 +169,7 @@ class LLMEngine:
         if not seqs or seqs[0].status != SequenceStatus.RESERVED:
             return []  # aborted meanwhile
         seq = seqs[0]
-        if received:
-            seq.num_computed_tokens = seq.num_prompt_tokens
-            self.block_manager.cache_full_blocks(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.scheduler.running.append(seq)
-        else:
-            self.block_manager.free(seq)
-            seq.status = SequenceStatus.WAITING
-            self.scheduler.add(seq)
+        self.scheduler.activate(seq, seq.num_prompt_tokens if received else None)
         seq.first_token_time = seq.last_token_time = time.monotonic()
         lp = seq.output_logprobs[0] if seq.output_logprobs else None
         return [self._emit(seq, seq.last_token, lp)]

@@ -77,12 +77,4 @@ def activate_moved(engine: LLMEngine, request_id: str, received: dict[int, bool]
     for seq in engine.requests.get(request_id, []):
         if seq.status != SequenceStatus.RESERVED:
             continue  # aborted meanwhile
-        if received.get(seq.index):
-            seq.num_computed_tokens = seq.num_tokens - 1
-            engine.block_manager.cache_full_blocks(seq)
-            seq.status = SequenceStatus.RUNNING
-            engine.scheduler.running.append(seq)
-        else:
-            engine.block_manager.free(seq)
-            seq.status = SequenceStatus.WAITING
-            engine.scheduler.add(seq)
+        engine.scheduler.activate(seq, seq.num_tokens - 1 if received.get(seq.index) else None)

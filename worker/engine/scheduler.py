@@ -47,6 +47,19 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def activate(self, seq: Sequence, computed: int | None) -> None:
+        """A RESERVED sequence joins the batch: with its KV arrived up to `computed` tokens
+        (running from there), or without it (None: its blocks freed, computed from scratch)."""
+        if computed is not None:
+            seq.num_computed_tokens = computed
+            self.block_manager.cache_full_blocks(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.add(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
