@@ -117,7 +117,7 @@ def deleted(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
     frees their GPUs without waiting for it."""
     assert namespace is not None, "ModelDeployments are namespaced"
     operator: Operator = memo.operator
-    operator.binder.record_pending(namespace, name, None)
+    operator.forget(namespace, name)
     operator.metrics.set_workers(namespace, name, None)
     for pod in operator.kube.pods(namespace, f"{m.LABEL_DEPLOYMENT}={name}"):
         operator.kube.delete_pod(namespace, pod["metadata"]["name"])

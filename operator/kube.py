@@ -14,10 +14,13 @@ from kubernetes.client.rest import ApiException
 from fleetwise.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
+CONNECTIONS = 32  # kept open to the API server: as many as requests that run at once (creates, reconciles)
 
 
 def load_client(kubeconfig: str | None) -> client.ApiClient:
-    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config."""
+    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config, keeping up to
+    `CONNECTIONS` connections (the client's default, 5 per CPU, makes the concurrent requests
+    beyond it open and close a TLS connection each)."""
     if kubeconfig:
         config.load_kube_config(kubeconfig)
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -27,7 +30,9 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
     if not client.Configuration.get_default_copy().verify_ssl:  # the user chose it: no warning per request
         import urllib3
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    return client.ApiClient()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = CONNECTIONS
+    return client.ApiClient(cfg)
 
 
 def now_iso() -> str:
@@ -37,6 +42,12 @@ def now_iso() -> str:
 def epoch(ts: str) -> float:
     """An API server timestamp ('2024-05-01T12:00:00Z') in seconds since the epoch."""
     return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
+
+
+def _json(answer: Any) -> Any:
+    """A raw answer (`_preload_content=False`) decoded: the client's models cost far more CPU
+    to build and turn back into dicts than the JSON they come from."""
+    return json.loads(answer.data)
 
 
 class Kube:
@@ -53,13 +64,19 @@ class Kube:
     # -- reads ---------------------------------------------------------------------------------
 
     def pods(self, namespace: str, selector: str) -> list[dict]:
+        return self.pod_list(namespace, selector)[0]
+
+    def pod_list(self, namespace: str, selector: str, cached: bool = False) -> tuple[list[dict], str]:
+        """The pods and the list's resourceVersion; `cached`: from the API server's watch cache
+        (resourceVersion 0: no read of its store, possibly a moment behind it)."""
         self._count("list", "pods")
-        return self.api.sanitize_for_serialization(
-            self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+        found = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False,
+                                                    resource_version="0" if cached else None))
+        return found["items"], found["metadata"].get("resourceVersion", "")
 
     def all_pods(self, selector: str = "") -> list[dict]:
         self._count("list", "pods")
-        return self.api.sanitize_for_serialization(self.core.list_pod_for_all_namespaces(label_selector=selector).items)
+        return _json(self.core.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False))["items"]
 
     def pod(self, namespace: str, name: str) -> dict | None:
         """One pod, None when there is none."""
@@ -99,22 +116,28 @@ class Kube:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def create_pod(self, namespace: str, pod: dict[str, Any]) -> None:
+    def create_pod(self, namespace: str, pod: dict[str, Any]) -> dict:
+        """Returns the pod as the API server stored it."""
         self._count("create", "pods")
         # the client takes a plain dict for its model
-        self.core.create_namespaced_pod(namespace, pod)  # type: ignore[arg-type]
+        return _json(self.core.create_namespaced_pod(namespace, pod, _preload_content=False))  # type: ignore[arg-type]
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str) -> dict | None:
+        """Returns the pod as the API server left it (marked for deletion), or None when it is
+        gone at once or was gone already."""
         self._count("delete", "pods")
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            found = _json(self.core.delete_namespaced_pod(name, namespace, _preload_content=False))
         except ApiException as e:
             if e.status != 404:
                 raise
+            return None
+        return found if found.get("kind") == "Pod" else None
 
     def patch_pod_metadata(self, namespace: str, name: str, labels: dict | None = None,
-                           annotations: dict | None = None) -> None:
-        """Merges labels and annotations into the pod's (a None value removes the key)."""
+                           annotations: dict | None = None) -> dict | None:
+        """Merges labels and annotations into the pod's (a None value removes the key);
+        returns the pod as patched, None when it is gone."""
         self._count("patch", "pods")
         meta = {}
         if labels:
@@ -122,10 +145,11 @@ class Kube:
         if annotations:
             meta["annotations"] = annotations
         try:
-            self.core.patch_namespaced_pod(name, namespace, {"metadata": meta})
+            return _json(self.core.patch_namespaced_pod(name, namespace, {"metadata": meta}, _preload_content=False))
         except ApiException as e:
             if e.status != 404:
                 raise
+            return None
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> None:
         """A merge patch of the node (a None value removes the key)."""

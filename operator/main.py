@@ -49,10 +49,11 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
     tokens = TokenCopies(kube, token_file) if token_file else None
+    pods = PodCache()  # the watch's worker pods: reconciles and power loops read no pod on their own
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
-                                           drain_timeout=drain_timeout, tokens=tokens))
+                                           drain_timeout=drain_timeout, tokens=tokens, pods=pods))
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
-    memo.pods = PodCache()  # the watch's worker pods: the power loops read no pod on their own
+    memo.pods = pods
     fleet: FleetActions = KubeFleet(kube, token_file, memo.pods, power_actuator)
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
