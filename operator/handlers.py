@@ -127,10 +127,9 @@ def deleted(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     pod = _plain(body)
     memo.operator.cluster.on_pod(event["type"], pod)
-    if memo.get("pods") is not None:
-        memo.pods.on_pod(event["type"], pod)
+    changed = memo.pods.on_pod(event["type"], pod) if memo.get("pods") is not None else True
     deployment = (body.get("metadata", {}).get("labels") or {}).get(m.LABEL_DEPLOYMENT)
-    if deployment:
+    if deployment and changed:  # not for what the operator wrote itself, nor an address or a container state
         memo.wakeups.wake(body["metadata"]["namespace"], deployment)
 
 

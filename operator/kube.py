@@ -14,13 +14,11 @@ from kubernetes.client.rest import ApiException
 from fleetwise.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
-CONNECTIONS = 32  # kept open to the API server: as many as requests that run at once (creates, reconciles)
+CONNECTIONS = 32  # kept open to the API server by one client; a request beyond them waits for one
 
 
 def load_client(kubeconfig: str | None) -> client.ApiClient:
-    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config, keeping up to
-    `CONNECTIONS` connections (the client's default, 5 per CPU, makes the concurrent requests
-    beyond it open and close a TLS connection each)."""
+    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config (see `own_client`)."""
     if kubeconfig:
         config.load_kube_config(kubeconfig)
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -30,9 +28,18 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
     if not client.Configuration.get_default_copy().verify_ssl:  # the user chose it: no warning per request
         import urllib3
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    cfg = client.Configuration.get_default_copy()
+    return own_client(client.Configuration.get_default_copy())
+
+
+def own_client(cfg: client.Configuration) -> client.ApiClient:
+    """A client with its own `CONNECTIONS` connections, where a request waits for a free one:
+    by default a request beyond the pool (5 connections per CPU) opens a TLS connection of its
+    own and closes it after, and with a hundred reconciles at once the handshakes, and a fresh
+    TLS context loading the system's certificates for each, cost more CPU than the requests."""
     cfg.connection_pool_maxsize = CONNECTIONS
-    return client.ApiClient(cfg)
+    api = client.ApiClient(cfg)
+    api.rest_client.pool_manager.connection_pool_kw["block"] = True
+    return api
 
 
 def now_iso() -> str:

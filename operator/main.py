@@ -19,7 +19,7 @@ from .actions import KubeFleet
 from .admin_sink import AdminSink, ReportingFleet
 from .faults import FaultControl
 from .internal_token import TokenCopies
-from .kube import Kube, load_client
+from .kube import Kube, load_client, own_client
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
 from .pod_cache import PodCache
@@ -63,7 +63,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                                metrics)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
-    elector = LeaderElector(api, lease_namespace, identity=identity)
+    # the lease on connections of its own: never waiting behind the reconciles' requests
+    elector = LeaderElector(own_client(api.configuration), lease_namespace, identity=identity)
     standby = StandbyLiveness(liveness_port) if liveness_port else None
     try:
         elector.acquire()

@@ -36,6 +36,15 @@ def _version(body: dict) -> int | None:
     return int(rv) if isinstance(rv, str) and rv.isdigit() else None
 
 
+def _as_planned(body: dict) -> tuple:
+    """What of a pod a deployment's reconcile acts on: a change elsewhere (an address, a
+    container's state, a condition other than Ready) wakes nothing."""
+    meta, status = body["metadata"], body.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return (status.get("phase"), ready, meta.get("deletionTimestamp"), (body.get("spec") or {}).get("nodeName"),
+            meta.get("labels"), meta.get("annotations"))
+
+
 def _older(body: dict, than: dict) -> bool:
     a, b = _version(body), _version(than)
     return a is not None and b is not None and a < b
@@ -52,13 +61,13 @@ class PodCache:
         self._gone: OrderedDict[Key, tuple[float, int | None]] = OrderedDict()  # when, and at which version
         self.loaded = False
 
-    def on_pod(self, event: str, body: dict) -> None:
-        """A watch event."""
+    def on_pod(self, event: str, body: dict) -> bool:
+        """A watch event; whether it changed what a reconcile of the pod's deployment acts on
+        (not when it only brings back what the operator wrote)."""
         with self._lock:
             if event == "DELETED":
-                self._forget(body, _version(body))
-            else:
-                self._put(body)
+                return self._forget(body, _version(body))
+            return self._put(body)
 
     def written(self, body: dict | None, namespace: str = "", name: str = "") -> None:
         """The API server's answer to the operator's write of a pod: the pod as it is now, or
@@ -71,7 +80,7 @@ class PodCache:
             else:
                 self._put(body)
 
-    def _put(self, body: dict) -> None:
+    def _put(self, body: dict) -> bool:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         gone = self._gone.pop(key, None)
@@ -79,28 +88,30 @@ class PodCache:
             v = _version(body)
             if gone[1] is not None and v is not None and v <= gone[1]:
                 self._gone[key] = gone
-                return  # an answer or event from before it went
+                return False  # an answer or event from before it went
         current = self._pods.get(key)
         if current is not None and _older(body, current):
-            return
+            return False
         self._unindex(key, current)
         if not is_worker(body):
-            self._pods.pop(key, None)
-            return
+            return self._pods.pop(key, None) is not None
         self._pods[key] = body
         deployment = (meta.get("labels") or {}).get(m.LABEL_DEPLOYMENT)
         if deployment:
             self._by_deployment.setdefault((key[0], deployment), set()).add(key[1])
+        return current is None or _as_planned(current) != _as_planned(body)
 
-    def _forget(self, body: dict, version: int | None) -> None:
+    def _forget(self, body: dict, version: int | None) -> bool:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        self._unindex(key, self._pods.pop(key, None))
+        known = self._pods.pop(key, None)
+        self._unindex(key, known)
         self._gone[key] = (time.monotonic(), version)
         self._gone.move_to_end(key)
         cutoff = time.monotonic() - GONE_SECONDS
         while self._gone and (len(self._gone) > GONE_KEPT or next(iter(self._gone.values()))[0] < cutoff):
             self._gone.popitem(last=False)
+        return known is not None
 
     def _unindex(self, key: Key, pod: dict | None) -> None:
         deployment = pod and (pod["metadata"].get("labels") or {}).get(m.LABEL_DEPLOYMENT)

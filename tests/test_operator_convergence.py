@@ -105,7 +105,8 @@ def body(prefill: int, decode: int) -> dict:
 
 def node(name: str, product: str, gpus: int) -> dict:
     return {"metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product}},
-            "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}, "conditions": [{"type": "Ready", "status": "True"}]}}
+            "status": {"allocatable": {"nvidia.com/gpu": str(gpus)},
+                       "conditions": [{"type": "Ready", "status": "True"}]}}
 
 
 def operator(kube: FakeKube, gpus_per_node: int = 8) -> Operator:
@@ -161,3 +162,18 @@ def test_pods_that_do_not_fit_wait_unbound_and_a_refused_one_gives_its_gpus_back
         op.cluster.on_node("ADDED", node(name, A100, 1))
     status = op.reconcile(body(1, 4))
     assert kube.requests.count(("create", "pods/binding")) == binds + 1 and status["pending"] == []
+
+
+def test_only_what_a_reconcile_acts_on_wakes_it():
+    cache = PodCache()
+    created = {**worker("a", 10), "status": {"phase": "Pending"}}  # as the API server answers a create
+    cache.written(created)
+    assert cache.on_pod("ADDED", created) is False  # the operator's own create, come back
+    placed = {**worker("a", 11), "status": {"phase": "Pending", "podIP": "10.0.0.7",
+                                            "conditions": [{"type": "Initialized", "status": "True"}]}}
+    assert cache.on_pod("MODIFIED", placed) is False  # an address and a condition it does not read
+    ready = {**worker("a", 12), "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert cache.on_pod("MODIFIED", ready) is True
+    assert cache.on_pod("MODIFIED", worker("a", 11)) is False  # older than what it holds
+    assert cache.on_pod("ADDED", worker("b", 13)) is True  # a pod it did not make
+    assert cache.on_pod("DELETED", worker("a", 14)) is True and cache.on_pod("DELETED", worker("a", 14)) is False
