@@ -4,7 +4,8 @@ of one real control plane, twice, by the stock kube-scheduler and by the fleetwi
 kube-scheduler (its defaults, as testenv starts it) gets bare pods, one GPU each, with a
 nodeSelector for the GPU product and the kwok toleration; the benchmark creates them itself
 through the API, 16 at a time, so no controller's client rate limit delays them. The
-operator gets the ModelDeployments that make the same pods and creates the pods itself. The
+operator gets the ModelDeployments that make the same pods, created the same way (16 at a
+time, through the API), and creates the pods itself. The
 stock run comes first, on the fresh control plane; its pods are deleted before the operator
 starts. For each: seconds from the first create to every pod bound (the latest PodScheduled
 condition) and to every pod Ready (the latest Ready condition), from the API server's own
@@ -61,6 +62,7 @@ def timings(pods: list[dict], t0: float) -> dict[str, Any]:
     ready = [_condition(p, "Ready") for p in pods]
     created = [_epoch(p["metadata"]["creationTimestamp"]) for p in pods]
     per_pod = [b - c for b, c in zip(bound, created) if b is not None]
+    to_ready = [r - c for r, c in zip(ready, created) if r is not None]
     bound_at = sorted(b - t0 for b in bound if b is not None)
     ready_at = sorted(r - t0 for r in ready if r is not None)
     every = bool(pods)
@@ -68,7 +70,8 @@ def timings(pods: list[dict], t0: float) -> dict[str, Any]:
             "seconds_to_all_bound": bound_at[-1] if every and len(bound_at) == len(pods) else None,
             "seconds_to_all_ready": ready_at[-1] if every and len(ready_at) == len(pods) else None,
             "last_created_s": max(created) - t0 if created else None,
-            "created_to_bound_s": summary(per_pod, "p50", "p90", "p99", "max"), "bound_at_s": bound_at}
+            "created_to_bound_s": summary(per_pod, "p50", "p90", "p99", "max"),
+            "created_to_ready_s": summary(to_ready, "p50", "p90", "p99", "max"), "bound_at_s": bound_at}
 
 
 def cpu_seconds(cluster: Any, names: tuple[str, ...] = CONTROL_PLANE) -> float:
@@ -97,6 +100,17 @@ def wait_ready(cluster: Any, ns: str, want: int, t0: float, timeout: float, cons
     return None
 
 
+def create_all(cluster: Any, token: str, path: str, objects: list[dict]) -> None:
+    """POSTs the objects to `path`, `CREATE_THREADS` at a time (each system's input is created
+    alike: the stock run's pods, the operator run's ModelDeployments)."""
+    with (httpx.Client(verify=False, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
+          ThreadPoolExecutor(CREATE_THREADS) as pool):
+        codes = list(pool.map(lambda obj: http.post(f"{cluster.server}{path}", json=obj).status_code, objects))
+    bad = [c for c in codes if c != 201]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(objects)} objects were refused (HTTP {sorted(set(bad))})")
+
+
 def stock_pod(name: str, product: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": STOCK_NS},
             "spec": {"nodeSelector": {"nvidia.com/gpu.product": product},
@@ -110,17 +124,8 @@ def stock_run(cluster: Any, token: str, deployments: int, prefill: int, decode: 
     """The same pods as the operator's run, bound by kube-scheduler; deleted afterwards."""
     pods = [stock_pod(f"m{m}-{role}-{i}", product) for m in range(deployments)
             for role, n, product in (("prefill", prefill, H100), ("decode", decode, A100)) for i in range(n)]
-    url = f"{cluster.server}/api/v1/namespaces/{STOCK_NS}/pods"
-    with httpx.Client(verify=False, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
-        def create(pod: dict) -> int:
-            return http.post(url, json=pod).status_code
-
-        t0, cpu0, sched0 = time.time(), cpu_seconds(cluster), cpu_seconds(cluster, ("kube-scheduler",))
-        with ThreadPoolExecutor(CREATE_THREADS) as pool:
-            codes = list(pool.map(create, pods))
-    bad = [c for c in codes if c != 201]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {len(pods)} pods were refused (HTTP {sorted(set(bad))})")
+    t0, cpu0, sched0 = time.time(), cpu_seconds(cluster), cpu_seconds(cluster, ("kube-scheduler",))
+    create_all(cluster, token, f"/api/v1/namespaces/{STOCK_NS}/pods", pods)
     seen = wait_ready(cluster, STOCK_NS, len(pods), t0, timeout, console, "kube-scheduler: pods Ready")
     result = {"system": "kube-scheduler", "observed_all_ready_s": seen,
               "binder_cpu_s": cpu_seconds(cluster, ("kube-scheduler",)) - sched0,
@@ -148,15 +153,17 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def operator_run(cluster: Any, op: Any, deployments: int, prefill: int, decode: int, timeout: float,
+def operator_run(cluster: Any, token: str, op: Any, deployments: int, prefill: int, decode: int, timeout: float,
                  console: Console, ns: str = OURS_NS, system: str = "fleetwise operator") -> dict:
     want = deployments * (prefill + decode)
     t0, cpu0, op0 = time.time(), cpu_seconds(cluster), process_cpu_seconds(op.pid) or 0.0
-    items = model_deployments(deployments, prefill, decode, ns)
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    create_all(cluster, token, f"/apis/fleetwise.dev/v1alpha1/namespaces/{ns}/modeldeployments",
+               model_deployments(deployments, prefill, decode, ns))
+    inputs_created = time.time() - t0
     seen = wait_ready(cluster, ns, want, t0, timeout, console, f"{system}: pods Ready")
     op_cpu = process_cpu_seconds(op.pid)
-    result = {"system": system, "observed_all_ready_s": seen, "binder_cpu_s": None if op_cpu is None else op_cpu - op0,
+    result = {"system": system, "observed_all_ready_s": seen, "deployments_created_s": inputs_created,
+              "binder_cpu_s": None if op_cpu is None else op_cpu - op0,
               "control_plane_cpu_s": cpu_seconds(cluster) - cpu0,
               **timings(_list_pods(cluster, ns), t0)}
     try:
@@ -202,7 +209,7 @@ def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeo
         stock = stock_run(cluster, ADMIN_TOKEN, deployments, prefill, decode, timeout, console)
         op = start_operator(cluster, operator_kubeconfig(cluster), "bench-operator")
         time.sleep(3)  # leader election and the first list
-        ours = operator_run(cluster, op, deployments, prefill, decode, timeout, console)
+        ours = operator_run(cluster, ADMIN_TOKEN, op, deployments, prefill, decode, timeout, console)
         return {"nodes": nodes, "deployments": deployments, "pods": deployments * (prefill + decode),
                 "order": ["kube-scheduler", "fleetwise operator"], "kube_scheduler": stock, "fleetwise": ours}
     finally:
