@@ -62,6 +62,9 @@ class Kube:
                  on_request: Callable[[str, str], None] | None = None) -> None:
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
+        # pod creates on connections of their own: converging a fleet, they never wait for a
+        # connection behind the reconciles' other requests (Events, status patches, Services)
+        self.pod_creates = client.CoreV1Api(own_client(self.api.configuration))
         self.custom = client.CustomObjectsApi(self.api)
         self.on_request = on_request or (lambda verb, resource: None)
 
@@ -127,7 +130,8 @@ class Kube:
         """Returns the pod as the API server stored it."""
         self._count("create", "pods")
         # the client takes a plain dict for its model
-        return _json(self.core.create_namespaced_pod(namespace, pod, _preload_content=False))  # type: ignore[arg-type]
+        return _json(self.pod_creates.create_namespaced_pod(namespace, pod,  # type: ignore[arg-type]
+                                                           _preload_content=False))
 
     def delete_pod(self, namespace: str, name: str) -> dict | None:
         """Returns the pod as the API server left it (marked for deletion), or None when it is
