@@ -9,6 +9,7 @@ them for the benchmarks that import them from here.
 """
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,18 @@ from rich.progress import (
 
 # the targets live in bench/targets.py; re-exported here, where the benchmarks have long imported them from
 from fleetwise.bench.targets import AT_LEAST, AT_MOST, Target, mark, target_values, targets_table  # noqa: F401
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a running process, all its threads (Linux); None when unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 # -- statistics -----------------------------------------------------------------------------
 

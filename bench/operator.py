@@ -5,7 +5,9 @@ Convergence (bench/operator_cluster.py): kwok GPU nodes (half H100, half A100, 8
 10 racks) and ModelDeployments of prefill + decode replicas (by default 250 nodes, 100 x
 (4 + 6) = 1,000 pods), against the stock kube-scheduler binding the same 1,000 pods
 (nodeSelector for the GPU product) on the same control plane: seconds to every pod bound and
-Ready, and the operator's Kubernetes API requests per pod (from its own metrics).
+Ready, the operator's Kubernetes API requests per pod (from its own metrics), and the CPU
+seconds of the binder (kube-scheduler, or the operator process) and of the rest of the
+control plane over each run.
 
 Placement, in-process, for 10,000 GPUs in 40 power domains, against a naive placement that
 does the same work (the same nodes, pods and power domains, the same checks and ranking)
@@ -127,18 +129,24 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f} s"
 
 
+def _cpu(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
 def _print(report: dict, checks: dict[str, Check]) -> None:
     c, p = report["cluster"], report["placement"]
     t = Table(title=f"{c['pods']} pods on {c['nodes']} kwok GPU nodes, one control plane "
                     "(server timestamps, whole seconds)")
-    for col in ("system", "bound", "all bound", "all Ready", "created -> bound p50/p99", "API requests/pod"):
+    for col in ("system", "bound", "all bound", "all Ready", "created -> bound p50/p99", "API requests/pod",
+                "binder CPU", "rest of control plane CPU"):
         t.add_column(col)
     for key in ("kube_scheduler", "fleetwise"):
         r = c[key]
         cb = r["created_to_bound_s"] or {}
         t.add_row(r["system"], f"{r['bound']}/{r['pods']}", _s(r["seconds_to_all_bound"]),
                   _s(r["seconds_to_all_ready"]), f"{cb.get('p50', 0):.0f} / {cb.get('p99', 0):.0f} s" if cb else "-",
-                  f"{r['api_requests_per_pod']:.1f}" if "api_requests_per_pod" in r else "-")
+                  f"{r['api_requests_per_pod']:.1f}" if "api_requests_per_pod" in r else "-",
+                  _cpu(r.get("binder_cpu_s")), _cpu(r.get("control_plane_cpu_s")))
     console.print(t)
     console.print(f"placement of {p['gpus']} GPUs ({p['pods']} pods, {p['power_domains']} power domains), "
                   f"in-process: {p['seconds'] * 1e3:.0f} ms CPU (median of {p['seconds_over_runs']['n']}; wall "

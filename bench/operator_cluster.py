@@ -4,11 +4,17 @@ of one real control plane, twice, by the stock kube-scheduler and by the fleetwi
 kube-scheduler (its defaults, as testenv starts it) gets bare pods, one GPU each, with a
 nodeSelector for the GPU product and the kwok toleration; the benchmark creates them itself
 through the API, 16 at a time, so no controller's client rate limit delays them. The
-operator gets the ModelDeployments that make the same pods and creates the pods itself. The
+operator gets the ModelDeployments that make the same pods, created the same way (16 at a
+time, through the API), and creates the pods itself. The
 stock run comes first, on the fresh control plane; its pods are deleted before the operator
 starts. For each: seconds from the first create to every pod bound (the latest PodScheduled
 condition) and to every pod Ready (the latest Ready condition), from the API server's own
-timestamps (whole seconds), and each pod's creation-to-bound time.
+timestamps (whole seconds), and each pod's creation-to-bound time. A pod created with its node
+already set (as the operator creates the pods it can place) is bound at its creation.
+
+CPU seconds are read from /proc for the binder (kube-scheduler, or the operator process) and
+for the rest of the control plane (kube-apiserver, kine, kwok, kube-controller-manager) over
+each run: on a shared machine they say what each system cost where wall time cannot.
 """
 
 import datetime as dt
@@ -21,11 +27,12 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from fleetwise.bench.harness import progress, summary
+from fleetwise.bench.harness import process_cpu_seconds, progress, summary
 
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"
 OURS_NS, STOCK_NS = "bench", "bench-stock"
 CREATE_THREADS = 16
+CONTROL_PLANE = ("kube-apiserver", "kine", "kwok", "kube-controller-manager")
 
 
 def _epoch(ts: str) -> float:
@@ -39,13 +46,23 @@ def _condition(pod: dict, kind: str) -> float | None:
     return None
 
 
+def _bound(pod: dict) -> float | None:
+    """When the pod was bound: its PodScheduled condition, or its creation when it was created
+    with its node set (nothing binds it then, and nothing writes that condition)."""
+    at = _condition(pod, "PodScheduled")
+    if at is None and (pod.get("spec") or {}).get("nodeName"):
+        return _epoch(pod["metadata"]["creationTimestamp"])
+    return at
+
+
 def timings(pods: list[dict], t0: float) -> dict[str, Any]:
     """From the pods' own timestamps (whole seconds): the latest bind and Ready after `t0`,
     and each pod's creation to bound."""
-    bound = [_condition(p, "PodScheduled") for p in pods]
+    bound = [_bound(p) for p in pods]
     ready = [_condition(p, "Ready") for p in pods]
     created = [_epoch(p["metadata"]["creationTimestamp"]) for p in pods]
     per_pod = [b - c for b, c in zip(bound, created) if b is not None]
+    to_ready = [r - c for r, c in zip(ready, created) if r is not None]
     bound_at = sorted(b - t0 for b in bound if b is not None)
     ready_at = sorted(r - t0 for r in ready if r is not None)
     every = bool(pods)
@@ -53,7 +70,13 @@ def timings(pods: list[dict], t0: float) -> dict[str, Any]:
             "seconds_to_all_bound": bound_at[-1] if every and len(bound_at) == len(pods) else None,
             "seconds_to_all_ready": ready_at[-1] if every and len(ready_at) == len(pods) else None,
             "last_created_s": max(created) - t0 if created else None,
-            "created_to_bound_s": summary(per_pod, "p50", "p90", "p99", "max"), "bound_at_s": bound_at}
+            "created_to_bound_s": summary(per_pod, "p50", "p90", "p99", "max"),
+            "created_to_ready_s": summary(to_ready, "p50", "p90", "p99", "max"), "bound_at_s": bound_at}
+
+
+def cpu_seconds(cluster: Any, names: tuple[str, ...] = CONTROL_PLANE) -> float:
+    """CPU seconds so far of the control plane's processes named."""
+    return sum(process_cpu_seconds(cluster.procs[n].pid) or 0.0 for n in names if n in cluster.procs)
 
 
 def _list_pods(cluster: Any, ns: str) -> list[dict]:
@@ -77,6 +100,17 @@ def wait_ready(cluster: Any, ns: str, want: int, t0: float, timeout: float, cons
     return None
 
 
+def create_all(cluster: Any, token: str, path: str, objects: list[dict]) -> None:
+    """POSTs the objects to `path`, `CREATE_THREADS` at a time (each system's input is created
+    alike: the stock run's pods, the operator run's ModelDeployments)."""
+    with (httpx.Client(verify=False, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
+          ThreadPoolExecutor(CREATE_THREADS) as pool):
+        codes = list(pool.map(lambda obj: http.post(f"{cluster.server}{path}", json=obj).status_code, objects))
+    bad = [c for c in codes if c != 201]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(objects)} objects were refused (HTTP {sorted(set(bad))})")
+
+
 def stock_pod(name: str, product: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": STOCK_NS},
             "spec": {"nodeSelector": {"nvidia.com/gpu.product": product},
@@ -90,19 +124,12 @@ def stock_run(cluster: Any, token: str, deployments: int, prefill: int, decode: 
     """The same pods as the operator's run, bound by kube-scheduler; deleted afterwards."""
     pods = [stock_pod(f"m{m}-{role}-{i}", product) for m in range(deployments)
             for role, n, product in (("prefill", prefill, H100), ("decode", decode, A100)) for i in range(n)]
-    url = f"{cluster.server}/api/v1/namespaces/{STOCK_NS}/pods"
-    with httpx.Client(verify=False, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
-        def create(pod: dict) -> int:
-            return http.post(url, json=pod).status_code
-
-        t0 = time.time()
-        with ThreadPoolExecutor(CREATE_THREADS) as pool:
-            codes = list(pool.map(create, pods))
-    bad = [c for c in codes if c != 201]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {len(pods)} pods were refused (HTTP {sorted(set(bad))})")
+    t0, cpu0, sched0 = time.time(), cpu_seconds(cluster), cpu_seconds(cluster, ("kube-scheduler",))
+    create_all(cluster, token, f"/api/v1/namespaces/{STOCK_NS}/pods", pods)
     seen = wait_ready(cluster, STOCK_NS, len(pods), t0, timeout, console, "kube-scheduler: pods Ready")
-    result = {"system": "kube-scheduler", "observed_all_ready_s": seen, **timings(_list_pods(cluster, STOCK_NS), t0)}
+    result = {"system": "kube-scheduler", "observed_all_ready_s": seen,
+              "binder_cpu_s": cpu_seconds(cluster, ("kube-scheduler",)) - sched0,
+              "control_plane_cpu_s": cpu_seconds(cluster) - cpu0, **timings(_list_pods(cluster, STOCK_NS), t0)}
     cluster.kubectl("delete", "pods", "--all", "-n", STOCK_NS, "--grace-period=0", "--force", "--wait=false")
     deadline = time.time() + timeout
     while _list_pods(cluster, STOCK_NS) and time.time() < deadline:
@@ -110,9 +137,9 @@ def stock_run(cluster: Any, token: str, deployments: int, prefill: int, decode: 
     return result
 
 
-def model_deployments(deployments: int, prefill: int, decode: int) -> list[dict]:
+def model_deployments(deployments: int, prefill: int, decode: int, ns: str = OURS_NS) -> list[dict]:
     return [{"apiVersion": "fleetwise.dev/v1alpha1", "kind": "ModelDeployment",
-             "metadata": {"name": f"m{i}", "namespace": OURS_NS},
+             "metadata": {"name": f"m{i}", "namespace": ns},
              "spec": {"model": {"name": f"m{i}", "uri": "/models/m"}, "image": "fleetwise:bench",
                       "prefill": {"replicas": prefill, "gpuType": "H100"},
                       "decode": {"replicas": decode, "gpuType": "A100"}}} for i in range(deployments)]
@@ -126,15 +153,19 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def operator_run(cluster: Any, op: Any, deployments: int, prefill: int, decode: int, timeout: float,
-                 console: Console) -> dict:
+def operator_run(cluster: Any, token: str, op: Any, deployments: int, prefill: int, decode: int, timeout: float,
+                 console: Console, ns: str = OURS_NS, system: str = "fleetwise operator") -> dict:
     want = deployments * (prefill + decode)
-    t0 = time.time()
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                          "items": model_deployments(deployments, prefill, decode)}))
-    seen = wait_ready(cluster, OURS_NS, want, t0, timeout, console, "fleetwise operator: pods Ready")
-    result = {"system": "fleetwise operator", "observed_all_ready_s": seen,
-              **timings(_list_pods(cluster, OURS_NS), t0)}
+    t0, cpu0, op0 = time.time(), cpu_seconds(cluster), process_cpu_seconds(op.pid) or 0.0
+    create_all(cluster, token, f"/apis/fleetwise.dev/v1alpha1/namespaces/{ns}/modeldeployments",
+               model_deployments(deployments, prefill, decode, ns))
+    inputs_created = time.time() - t0
+    seen = wait_ready(cluster, ns, want, t0, timeout, console, f"{system}: pods Ready")
+    op_cpu = process_cpu_seconds(op.pid)
+    result = {"system": system, "observed_all_ready_s": seen, "deployments_created_s": inputs_created,
+              "binder_cpu_s": None if op_cpu is None else op_cpu - op0,
+              "control_plane_cpu_s": cpu_seconds(cluster) - cpu0,
+              **timings(_list_pods(cluster, ns), t0)}
     try:
         text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
     except httpx.HTTPError as exc:  # the operator is gone: what it did is in the pods, why in its log
@@ -178,7 +209,7 @@ def cluster_bench(nodes: int, deployments: int, prefill: int, decode: int, timeo
         stock = stock_run(cluster, ADMIN_TOKEN, deployments, prefill, decode, timeout, console)
         op = start_operator(cluster, operator_kubeconfig(cluster), "bench-operator")
         time.sleep(3)  # leader election and the first list
-        ours = operator_run(cluster, op, deployments, prefill, decode, timeout, console)
+        ours = operator_run(cluster, ADMIN_TOKEN, op, deployments, prefill, decode, timeout, console)
         return {"nodes": nodes, "deployments": deployments, "pods": deployments * (prefill + decode),
                 "order": ["kube-scheduler", "fleetwise operator"], "kube_scheduler": stock, "fleetwise": ours}
     finally:

@@ -1,11 +1,11 @@
 """The cluster as placement needs it: nodes, power domains and the GPU pods placed on nodes.
 
-Watch events feed it, and so do the operator's own bindings, the moment the API server
-accepts them. That second feed is why this is a cache kept by hand rather than a
-`@kopf.index`: an index learns of a binding only when its pod's watch event comes back, and
-a reconcile that places in between would see the GPUs free and book them twice. The event
-handlers write it from the event loop, reconciles read it and book into it from worker
-threads; one lock guards it.
+Watch events feed it, and so do the operator's own placements, booked the moment they are
+decided (and given back when the API server refuses the pod). That second feed is why this
+is a cache kept by hand rather than a `@kopf.index`: an index learns of a binding only when
+its pod's watch event comes back, and a reconcile that places in between would see the GPUs
+free and book them twice. The event handlers write it from the event loop, reconciles read
+it and book into it from worker threads; one lock guards it.
 """
 
 import threading
@@ -89,6 +89,19 @@ class ClusterState:
         """The operator bound `pod` (its node set): book it before the watch event confirms it."""
         with self.lock:
             self.placed[(namespace, pod.name)] = pod
+
+    def booked(self, namespace: str, name: str) -> bool:
+        """The pod is on a node, as far as placement knows (the watch said so, or the operator
+        booked it a moment ago)."""
+        with self.lock:
+            return (namespace, name) in self.placed
+
+    def unbook(self, namespace: str, pod: Pod) -> None:
+        """`pod` was booked but its create or binding failed: its GPUs are free again (unless a
+        watch event has said where it is meanwhile)."""
+        with self.lock:
+            if self.placed.get((namespace, pod.name)) is pod:
+                del self.placed[(namespace, pod.name)]
 
     def placement(self) -> Placement:
         """A placement over what the cache holds now; it books its own decisions as it makes them."""

@@ -14,10 +14,11 @@ from kubernetes.client.rest import ApiException
 from fleetwise.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
+CONNECTIONS = 32  # kept open to the API server by one client; a request beyond them waits for one
 
 
 def load_client(kubeconfig: str | None) -> client.ApiClient:
-    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config."""
+    """A client from `kubeconfig`, else in-cluster, else ~/.kube/config (see `own_client`)."""
     if kubeconfig:
         config.load_kube_config(kubeconfig)
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -27,7 +28,18 @@ def load_client(kubeconfig: str | None) -> client.ApiClient:
     if not client.Configuration.get_default_copy().verify_ssl:  # the user chose it: no warning per request
         import urllib3
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    return client.ApiClient()
+    return own_client(client.Configuration.get_default_copy())
+
+
+def own_client(cfg: client.Configuration) -> client.ApiClient:
+    """A client with its own `CONNECTIONS` connections, where a request waits for a free one:
+    by default a request beyond the pool (5 connections per CPU) opens a TLS connection of its
+    own and closes it after, and with a hundred reconciles at once the handshakes, and a fresh
+    TLS context loading the system's certificates for each, cost more CPU than the requests."""
+    cfg.connection_pool_maxsize = CONNECTIONS
+    api = client.ApiClient(cfg)
+    api.rest_client.pool_manager.connection_pool_kw["block"] = True
+    return api
 
 
 def now_iso() -> str:
@@ -39,11 +51,20 @@ def epoch(ts: str) -> float:
     return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC).timestamp()
 
 
+def _json(answer: Any) -> Any:
+    """A raw answer (`_preload_content=False`) decoded: the client's models cost far more CPU
+    to build and turn back into dicts than the JSON they come from."""
+    return json.loads(answer.data)
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None,
                  on_request: Callable[[str, str], None] | None = None) -> None:
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
+        # pod creates on connections of their own: converging a fleet, they never wait for a
+        # connection behind the reconciles' other requests (Events, status patches, Services)
+        self.pod_creates = client.CoreV1Api(own_client(self.api.configuration))
         self.custom = client.CustomObjectsApi(self.api)
         self.on_request = on_request or (lambda verb, resource: None)
 
@@ -53,13 +74,19 @@ class Kube:
     # -- reads ---------------------------------------------------------------------------------
 
     def pods(self, namespace: str, selector: str) -> list[dict]:
+        return self.pod_list(namespace, selector)[0]
+
+    def pod_list(self, namespace: str, selector: str, cached: bool = False) -> tuple[list[dict], str]:
+        """The pods and the list's resourceVersion; `cached`: from the API server's watch cache
+        (resourceVersion 0: no read of its store, possibly a moment behind it)."""
         self._count("list", "pods")
-        return self.api.sanitize_for_serialization(
-            self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+        found = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False,
+                                                    resource_version="0" if cached else None))
+        return found["items"], found["metadata"].get("resourceVersion", "")
 
     def all_pods(self, selector: str = "") -> list[dict]:
         self._count("list", "pods")
-        return self.api.sanitize_for_serialization(self.core.list_pod_for_all_namespaces(label_selector=selector).items)
+        return _json(self.core.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False))["items"]
 
     def pod(self, namespace: str, name: str) -> dict | None:
         """One pod, None when there is none."""
@@ -99,22 +126,29 @@ class Kube:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def create_pod(self, namespace: str, pod: dict[str, Any]) -> None:
+    def create_pod(self, namespace: str, pod: dict[str, Any]) -> dict:
+        """Returns the pod as the API server stored it."""
         self._count("create", "pods")
         # the client takes a plain dict for its model
-        self.core.create_namespaced_pod(namespace, pod)  # type: ignore[arg-type]
+        return _json(self.pod_creates.create_namespaced_pod(namespace, pod,  # type: ignore[arg-type]
+                                                           _preload_content=False))
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str) -> dict | None:
+        """Returns the pod as the API server left it (marked for deletion), or None when it is
+        gone at once or was gone already."""
         self._count("delete", "pods")
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            found = _json(self.core.delete_namespaced_pod(name, namespace, _preload_content=False))
         except ApiException as e:
             if e.status != 404:
                 raise
+            return None
+        return found if found.get("kind") == "Pod" else None
 
     def patch_pod_metadata(self, namespace: str, name: str, labels: dict | None = None,
-                           annotations: dict | None = None) -> None:
-        """Merges labels and annotations into the pod's (a None value removes the key)."""
+                           annotations: dict | None = None) -> dict | None:
+        """Merges labels and annotations into the pod's (a None value removes the key);
+        returns the pod as patched, None when it is gone."""
         self._count("patch", "pods")
         meta = {}
         if labels:
@@ -122,10 +156,11 @@ class Kube:
         if annotations:
             meta["annotations"] = annotations
         try:
-            self.core.patch_namespaced_pod(name, namespace, {"metadata": meta})
+            return _json(self.core.patch_namespaced_pod(name, namespace, {"metadata": meta}, _preload_content=False))
         except ApiException as e:
             if e.status != 404:
                 raise
+            return None
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> None:
         """A merge patch of the node (a None value removes the key)."""

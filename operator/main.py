@@ -19,7 +19,7 @@ from .actions import KubeFleet
 from .admin_sink import AdminSink, ReportingFleet
 from .faults import FaultControl
 from .internal_token import TokenCopies
-from .kube import Kube, load_client
+from .kube import Kube, load_client, own_client
 from .leader import LeaderElector, StandbyLiveness
 from .metrics import OperatorMetrics
 from .pod_cache import PodCache
@@ -49,10 +49,11 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     kube = Kube(api, on_request=lambda verb, resource: metrics.api_requests.labels(verb, resource).inc())
     tolerations = [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in tolerate_taints]
     tokens = TokenCopies(kube, token_file) if token_file else None
+    pods = PodCache()  # the watch's worker pods: reconciles and power loops read no pod on their own
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
-                                           drain_timeout=drain_timeout, tokens=tokens))
+                                           drain_timeout=drain_timeout, tokens=tokens, pods=pods))
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
-    memo.pods = PodCache()  # the watch's worker pods: the power loops read no pod on their own
+    memo.pods = pods
     fleet: FleetActions = KubeFleet(kube, token_file, memo.pods, power_actuator)
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
@@ -62,7 +63,8 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
                                metrics)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
-    elector = LeaderElector(api, lease_namespace, identity=identity)
+    # the lease on connections of its own: never waiting behind the reconciles' requests
+    elector = LeaderElector(own_client(api.configuration), lease_namespace, identity=identity)
     standby = StandbyLiveness(liveness_port) if liveness_port else None
     try:
         elector.acquire()

@@ -3,6 +3,10 @@
 controllers.deployment decides which pods to create, drain and delete, controllers.placement
 where new pods go (through binding.py), controllers.status what the status says; this module
 only reads the cluster, carries the decisions out and writes the status when it changed.
+
+The deployment's pods come from the pod cache (`PodCache`: the watch, and the answers to this
+module's own writes), with a LIST of them now and then (`RELIST_SECONDS`), so a reconcile that
+a pod event woke reads nothing from the API server.
 """
 
 import logging
@@ -25,9 +29,11 @@ from .inflight import exported, in_flight
 from .internal_token import TokenCopies
 from .kube import Kube, epoch, error_message, now_iso
 from .metrics import OperatorMetrics
+from .pod_cache import PodCache
 
 log = logging.getLogger(__name__)
 PLAN_DRAIN_REASON = "the ModelDeployment's plan: scale down or rollout"
+RELIST_SECONDS = 60.0  # a deployment's pods listed again after this long (a deletion the watch missed)
 
 
 def pod_view(pod: dict, outstanding: int | None = None) -> PodView:
@@ -70,8 +76,10 @@ class Operator:
     tolerations: list[dict] = field(default_factory=list)  # extra ones for worker pods (e.g. kwok's)
     drain_timeout: float = DRAIN_TIMEOUT_SECONDS
     tokens: TokenCopies | None = None  # the internal token's copies in the workers' namespaces
+    pods: PodCache | None = None  # None: each reconcile lists its deployment's pods
     binder: Binder = field(init=False)
     _services: set[tuple[str, str, str, str]] = field(default_factory=set)
+    _listed: dict[tuple[str, str], float] = field(default_factory=dict)  # deployment -> when its pods were listed
 
     def __post_init__(self) -> None:
         self.binder = Binder(self.kube, self.cluster, self.metrics, self.tolerations)
@@ -88,7 +96,7 @@ class Operator:
             if status != body.get("status"):
                 self.kube.patch_status(ns, name, status)
             return status
-        pods = self.kube.pods(ns, f"{m.LABEL_DEPLOYMENT}={name}")
+        pods = self._pods(ns, name)
         self.metrics.set_workers(ns, name, [m.pod_state(x).state for x in pods
                                             if not x["metadata"].get("deletionTimestamp")])
         p = plan(spec, _views(pods), time.time(), self.drain_timeout)
@@ -96,11 +104,14 @@ class Operator:
             if pod["metadata"]["name"] in p.delete and (pod["metadata"].get("annotations") or {}).get(
                     m.ANNOTATION_DRAINING):
                 self._drained_event(pod)
-        created, not_created = self._apply(body, spec, p)
+        not_created, pending = self._apply(body, spec, p)
         not_created += self._ensure_services(body, spec)
         deleted = set(p.delete)
-        unbound = [x for x in pods + created if _ours_to_bind(x, deleted)]
-        pending = self.binder.bind(body, spec, unbound) if unbound else []
+        # a pod bound a moment ago is booked, though its watch event has not come back yet
+        unbound = [x for x in pods if _ours_to_bind(x, deleted) and not self.cluster.booked(ns, x["metadata"]["name"])]
+        if unbound:
+            pending += self.binder.bind(body, spec, unbound)
+        self.binder.unschedulable(body, pending)
         self.binder.record_pending(ns, name, pending)
         news = st.not_created_news(not_created, body.get("status"))
         if news:
@@ -117,34 +128,49 @@ class Operator:
             self.kube.event({**pod, "apiVersion": "v1", "kind": "Pod"}, "Normal", "Drained",
                             f"drained: {moved} running sequence(s) handed to other workers with their KV cache")
 
-    def _apply(self, body: dict, spec: ModelDeploymentSpec, p: Plan) -> tuple[list[dict], list[str]]:
-        """Records the plan's events, deletes, drains and creates; returns the pods it created
-        and, for each it could not, the API server's reason."""
+    def _pods(self, namespace: str, name: str) -> list[dict]:
+        """The deployment's pods: from the cache, listed first when they have not been for a while."""
+        selector = f"{m.LABEL_DEPLOYMENT}={name}"
+        if self.pods is None:
+            return self.kube.pods(namespace, selector)
+        key = (namespace, name)
+        if time.monotonic() - self._listed.get(key, -RELIST_SECONDS) >= RELIST_SECONDS:
+            items, version = self.kube.pod_list(namespace, selector, cached=True)
+            self.pods.relisted(namespace, name, items, version)
+            self._listed[key] = time.monotonic()
+        return self.pods.deployment_pods(namespace, name)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The deployment is gone."""
+        self._listed.pop((namespace, name), None)
+        self.binder.record_pending(namespace, name, None)
+
+    def _written(self, answer: dict | None, namespace: str, name: str) -> None:
+        if self.pods is not None:
+            self.pods.written(answer, namespace, name)
+
+    def _apply(self, body: dict, spec: ModelDeploymentSpec, p: Plan) -> tuple[list[str], list[st.Unplaced]]:
+        """Records the plan's events, deletes, drains and creates; returns, for each pod it could
+        not create, the API server's reason, and the new pods that do not fit."""
         ns = body["metadata"]["namespace"]
         for reason_type, reason, message in p.events:
             self.kube.event(body, reason_type, reason, message)
         for pod_name in p.delete:
-            self.kube.delete_pod(ns, pod_name)
+            self._written(self.kube.delete_pod(ns, pod_name), ns, pod_name)
         for pod_name in p.drain:
             labels, annotations = m.routability_patch(Routability.DRAINING, PLAN_DRAIN_REASON, time.time())
-            self.kube.patch_pod_metadata(ns, pod_name, labels=labels, annotations=annotations)
-        created: list[dict] = []
-        not_created: list[str] = []
+            self._written(self.kube.patch_pod_metadata(ns, pod_name, labels=labels, annotations=annotations),
+                          ns, pod_name)
         problem = self._ensure_token(ns)  # every reconcile: a rotated token reaches the copy
         if problem and p.create:  # the pods would wait for the Secret they mount
-            return [], [f"{role} pod: the internal token Secret: {problem}" for role, _ in p.create]
-        for role, template in p.create:
-            pod = m.worker_pod(body, spec, role, template, self.tolerations)
-            try:
-                self.kube.create_pod(ns, pod)
-            except ApiException as e:
-                self.metrics.errors.labels("create_pod").inc()
-                not_created.append(f"{role} pod: {error_message(e)}")
-                continue
-            pod["metadata"]["namespace"] = ns
-            pod["metadata"]["creationTimestamp"] = now_iso()
-            created.append(pod)
-        return created, not_created
+            return [f"{role} pod: the internal token Secret: {problem}" for role, _ in p.create], []
+        if not p.create:
+            return [], []
+        new = [m.worker_pod(body, spec, role, template, self.tolerations) for role, template in p.create]
+        created, not_created, pending = self.binder.create(body, spec, new)
+        for pod in created:
+            self._written(pod, ns, pod["metadata"]["name"])
+        return not_created, pending
 
     def _ensure_token(self, namespace: str) -> str | None:
         """The internal token's copy in the namespace; why it could not be written, or None."""

@@ -42,6 +42,11 @@ def test_convergence_is_read_from_the_pods_timestamps():
     assert t["bound_at_s"] == [3, 10] and t["created_to_bound_s"]["max"] == 8
     unbound = timings([*pods, _pod("2023-11-14T22:13:22Z", None, None)], t0)
     assert unbound["seconds_to_all_bound"] is None and unbound["bound"] == 2
+    # created with its node set: nothing binds it, nothing writes PodScheduled; bound at creation
+    on_node = {**_pod("2023-11-14T22:13:40Z", None, "2023-11-14T22:13:45Z"), "spec": {"nodeName": "gpu-1"}}
+    t = timings([*pods, on_node], t0)
+    assert t["seconds_to_all_bound"] == 20 and t["created_to_bound_s"]["max"] == 8
+    assert t["created_to_ready_s"]["max"] == 9 and t["seconds_to_all_ready"] == 25
 
 
 def test_the_stock_pod_asks_kube_scheduler_for_the_gpu_product():
