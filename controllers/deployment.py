@@ -141,7 +141,8 @@ def _plan_pool(spec, role, pods: list[PodView], now: float, drain_timeout: float
                 ready -= 1
         out.drain += retire
         remaining = len(serving) - len(retire)
-        surge = desired + 1 - remaining
+        # one pod above the count while old ones stay; none once the last old one is going
+        surge = desired + (len(old) > len(retire)) - remaining
         if surge > 0:
             out.create += [(role, current)] * surge
         if retire or surge > 0:
