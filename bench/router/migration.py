@@ -29,11 +29,11 @@ import yaml
 from rich.console import Console
 
 from fleetwise.bench.harness import figure, finish, label_bars, percentile, progress_bar
+from fleetwise.bench.migrate import slow_steps, start_workers
 from fleetwise.bench.models import preset_model
 from fleetwise.bench.targets import AT_MOST, Target
 from fleetwise.net import free_port
 from fleetwise.procs import Process, fleetwise_argv, stop_all, wait_healthy
-from fleetwise.protocol import AUTH_HEADER, bearer
 
 TARGETS = {"gap_p99_s": Target(AT_MOST, 2.0, "migration gap p99, s", "<= 2 s")}
 STEP_DELAY_S = 0.02
@@ -45,16 +45,7 @@ class Fleet:
     def __init__(self, model_dir: Path, workdir: Path):
         from fleetwise.up import write_token
         self.workdir, self.token = workdir, write_token(workdir)
-        self.workers: list[Process] = []
-        self.internal: list[str] = []
-        for i in range(3):
-            port, internal = free_port(), free_port()
-            self.workers.append(Process(f"worker-{i}", fleetwise_argv(
-                "worker", "--model", str(model_dir), "--role", "mixed", "--port", str(port), "--internal-port",
-                str(internal), "--internal-token-file", str(self.token), "--served-model-name", "tiny",
-                "--block-size", "8", "--fault", "switches"), workdir / f"worker-{i}.log",
-                f"http://127.0.0.1:{port}").start())
-            self.internal.append(f"http://127.0.0.1:{internal}")
+        self.workers, self.internal = start_workers(model_dir, workdir, 3, self.token, "tiny", "--block-size", "8")
         self.config = workdir / "endpoints.yaml"
         self.write()
         port = free_port()
@@ -63,10 +54,7 @@ class Fleet:
             "--drain-grace", "0", "--probe-interval", "0.2"), workdir / "router.log", f"http://127.0.0.1:{port}")
         self.router.start()
         wait_healthy([*self.workers, self.router], 180)
-        auth = {AUTH_HEADER: bearer(self.token.read_text().strip())}
-        for url in self.internal:
-            httpx.post(url + "/internal/faults", json={"step_delay_seconds": STEP_DELAY_S}, headers=auth,
-                       timeout=10).raise_for_status()
+        slow_steps(self.token, self.internal, STEP_DELAY_S)
 
     def write(self, gone: tuple[int, ...] = (), draining: tuple[int, ...] = ()) -> None:
         mixed = [url if i not in draining else {"url": url, "state": "draining", "reason": "bench"}
