@@ -130,7 +130,8 @@ def _summary(name: str, p: dict, want: list[str], tokens: int) -> dict:
 
 
 def run_migration(out: Path, console: Console, streams: int = 12, tokens: int = 96) -> dict:
-    """The three phases; returns the report (also OUT/router_migration.json and .png)."""
+    """The three phases; returns the report (the router benchmark keeps it in router.json as
+    `migration` and draws it with `plot_migration`). The tiny model is written under OUT."""
     model = preset_model(Path(out), "tiny", console)
     bodies = [{"model": "tiny", "prompt": f"stream {i} of the migration case", "max_tokens": tokens,
                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
