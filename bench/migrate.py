@@ -124,11 +124,11 @@ class Fleet:
         stop_all([self.workers])
 
 
-def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]]:
-    """The completion's text and the times of its events."""
-    body = {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    text, times = "", []
+def read_stream(url: str, body: dict, on_event=None) -> tuple[str, list[float], int]:
+    """A streamed completion read: its text, the arrival time of each event with text, and
+    its usage's completion tokens (0 when not asked); `on_event(k)` after the k-th event.
+    A stream that ends in an error raises RuntimeError."""
+    text, times, used = [], [], 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -136,11 +136,24 @@ def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]
                 continue
             data = json.loads(line[6:])
             if "error" in data:
-                raise SystemExit(f"error: the stream failed: {data['error']}")
-            text += "".join(c["text"] for c in data["choices"])
-            times.append(time.perf_counter())
-            if on_event is not None:
-                on_event(len(times))
+                raise RuntimeError(f"the stream failed: {data['error']}")
+            used = (data.get("usage") or {}).get("completion_tokens", used)
+            if data.get("choices"):
+                text += [c["text"] for c in data["choices"]]
+                times.append(time.perf_counter())
+                if on_event is not None:
+                    on_event(len(times))
+    return "".join(text), times, used
+
+
+def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]]:
+    """The completion's text and the times of its events."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        text, times, _ = read_stream(url, body, on_event)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
     return text, times
 
 

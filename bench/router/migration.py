@@ -16,7 +16,6 @@ and the undisturbed text. The router's CPU (its process's user + system time ove
 relayed token is compared with the undisturbed phase's.
 """
 
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,7 @@ import yaml
 from rich.console import Console
 
 from fleetwise.bench.harness import figure, finish, label_bars, percentile, progress_bar
-from fleetwise.bench.migrate import slow_steps, start_workers
+from fleetwise.bench.migrate import read_stream, slow_steps, start_workers
 from fleetwise.bench.models import preset_model
 from fleetwise.bench.targets import AT_MOST, Target
 from fleetwise.net import free_port
@@ -79,23 +78,10 @@ class Fleet:
 
 
 def read(url: str, body: dict, seen: list[int], i: int) -> tuple[str, list[float], int]:
-    """One stream: its text, each event's arrival time and its usage's completion tokens;
-    `seen[i]` counts its events."""
-    text, times, used = [], [], 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            data = json.loads(line[6:])
-            if "error" in data:
-                raise RuntimeError(f"stream {i}: {data['error']}")
-            used = (data.get("usage") or {}).get("completion_tokens", used)
-            for ch in data.get("choices", []):
-                text.append(ch["text"])
-                times.append(time.perf_counter())
-                seen[i] += 1
-    return "".join(text), times, used
+    """One stream (bench/migrate.py's reading); `seen[i]` counts its events."""
+    def count(k: int) -> None:
+        seen[i] = k
+    return read_stream(url, body, count)
 
 
 def phase(fleet: Fleet, bodies: list[dict], act=None, at: int = 0) -> dict:
