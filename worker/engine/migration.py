@@ -71,7 +71,8 @@ def add_moved(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], p
         seq.status = SequenceStatus.RESERVED
         computed = bm.get_computed_blocks(seq)
         context = seq.num_tokens - 1
-        if lead is not None and common > len(computed) and context >= common * bm.block_size:
+        if (lead is not None and common > len(computed) and len(lead.block_table) >= common
+                and context >= common * bm.block_size):
             shared = lead.block_table[:common]
             if bm.can_allocate(seq, context - common * bm.block_size, shared, scheduler.watermark):
                 bm.share(seq, shared, context - common * bm.block_size)
