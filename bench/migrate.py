@@ -40,6 +40,28 @@ STEP_DELAY_S = 0.02
 TRIES = 3  # a run whose stream ended before the drain reached it is run again
 
 
+def start_workers(model_dir: Path, out: Path, count: int, token: Path, name: str,
+                  *extra: str) -> tuple[list[Process], list[str]]:
+    """`count` mixed worker processes (fault switches on), started: them and their internal URLs."""
+    workers, internal = [], []
+    for i in range(count):
+        port, inner = free_port(), free_port()
+        workers.append(Process(f"worker-{i}", fleetwise_argv(
+            "worker", "--model", str(model_dir), "--role", "mixed", "--port", str(port), "--internal-port",
+            str(inner), "--internal-token-file", str(token), "--served-model-name", name, "--fault", "switches",
+            *extra), out / f"worker-{i}.log", f"http://127.0.0.1:{port}").start())
+        internal.append(f"http://127.0.0.1:{inner}")
+    return workers, internal
+
+
+def slow_steps(token: Path, internal: list[str], delay: float) -> None:
+    """Each worker's steps `delay` seconds longer (its fault switch)."""
+    auth = {"Authorization": f"Bearer {token.read_text().strip()}"}
+    for url in internal:
+        httpx.post(url + "/internal/faults", json={"step_delay_seconds": delay}, headers=auth,
+                   timeout=10).raise_for_status()
+
+
 class Fleet:
     """Two worker processes and a router in a thread of this process."""
 
@@ -48,16 +70,8 @@ class Fleet:
         from fleetwise.router.proxy import Router
         from fleetwise.up import write_token
         self.token = write_token(out)
-        self.workers: list[Process] = []
-        self.internal: list[str] = []  # the workers' internal listeners: what the router reaches
-        for i in range(2):
-            port, internal = free_port(), free_port()
-            self.workers.append(Process(f"worker-{i}", fleetwise_argv(
-                "worker", "--model", str(model_dir), "--role", "mixed", "--port", str(port), "--internal-port",
-                str(internal), "--internal-token-file", str(self.token), "--served-model-name", "m",
-                "--kv-cache-mib", "256", "--fault", "switches"), out / f"worker-{i}.log",
-                f"http://127.0.0.1:{port}").start())
-            self.internal.append(f"http://127.0.0.1:{internal}")
+        # the workers' internal listeners: what the router reaches
+        self.workers, self.internal = start_workers(model_dir, out, 2, self.token, "m", "--kv-cache-mib", "256")
         self.config = out / "router.yaml"
         self.write()
         self.router = Router(StaticEndpoints(self.config), "round_robin", probe_interval=0.05,
@@ -74,10 +88,7 @@ class Fleet:
         """Each decode step STEP_DELAY_S longer (the workers' fault switch), so that a stream
         is still on its worker when the client has read DRAIN_AT events, however loaded the
         machine; both modes pay it once in their gap (the new worker's first step)."""
-        auth = {"Authorization": f"Bearer {self.token.read_text().strip()}"}
-        for url in self.internal:
-            httpx.post(url + "/internal/faults", json={"step_delay_seconds": STEP_DELAY_S}, headers=auth,
-                       timeout=10).raise_for_status()
+        slow_steps(self.token, self.internal, STEP_DELAY_S)
 
     def write(self, draining: str | None = None) -> None:
         entries = [u if u != draining else {"url": u, "state": "draining", "reason": "scale-down"}
@@ -113,11 +124,11 @@ class Fleet:
         stop_all([self.workers])
 
 
-def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]]:
-    """The completion's text and the times of its events."""
-    body = {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    text, times = "", []
+def read_stream(url: str, body: dict, on_event=None) -> tuple[str, list[float], int]:
+    """A streamed completion read: its text, the arrival time of each event with text, and
+    its usage's completion tokens (0 when not asked); `on_event(k)` after the k-th event.
+    A stream that ends in an error raises RuntimeError."""
+    text, times, used = [], [], 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -125,11 +136,24 @@ def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]
                 continue
             data = json.loads(line[6:])
             if "error" in data:
-                raise SystemExit(f"error: the stream failed: {data['error']}")
-            text += "".join(c["text"] for c in data["choices"])
-            times.append(time.perf_counter())
-            if on_event is not None:
-                on_event(len(times))
+                raise RuntimeError(f"the stream failed: {data['error']}")
+            used = (data.get("usage") or {}).get("completion_tokens", used)
+            if data.get("choices"):
+                text += [c["text"] for c in data["choices"]]
+                times.append(time.perf_counter())
+                if on_event is not None:
+                    on_event(len(times))
+    return "".join(text), times, used
+
+
+def stream(url: str, prompt: list[int], on_event=None) -> tuple[str, list[float]]:
+    """The completion's text and the times of its events."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        text, times, _ = read_stream(url, body, on_event)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
     return text, times
 
 

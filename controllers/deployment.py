@@ -58,6 +58,7 @@ class Plan:
     create: list[tuple[str, str]] = field(default_factory=list)   # (role, template hash)
     delete: list[str] = field(default_factory=list)
     drain: list[str] = field(default_factory=list)                # mark not routable, delete later
+    draining: list[str] = field(default_factory=list)  # drained before, not idle yet: looked at again soon
     pools: dict[str, PoolStatus] = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
@@ -119,6 +120,8 @@ def _plan_pool(spec, role, pods: list[PodView], now: float, drain_timeout: float
             continue
         if p.outstanding == 0 or not p.ready or now - p.draining_since >= drain_timeout:
             out.delete.append(p.name)
+        else:
+            out.draining.append(p.name)
     new = [p for p in serving if p.template_hash == current]
     old = [p for p in serving if p.template_hash != current]
     status = PoolStatus(desired, sum(p.ready for p in serving), sum(p.ready for p in new))
@@ -141,7 +144,8 @@ def _plan_pool(spec, role, pods: list[PodView], now: float, drain_timeout: float
                 ready -= 1
         out.drain += retire
         remaining = len(serving) - len(retire)
-        surge = desired + 1 - remaining
+        # one pod above the count while old ones stay; none once the last old one is going
+        surge = desired + (len(old) > len(retire)) - remaining
         if surge > 0:
             out.create += [(role, current)] * surge
         if retire or surge > 0:

@@ -54,13 +54,17 @@ def plan_applied(plan: Plan, pending: list[Unplaced], not_created: list[str] | N
     did not fit, `not_created` why the API server refused the ones it would not create."""
     pools = plan.pools.values()
     ready = all(s.ready >= s.desired and s.updated >= s.desired for s in pools)
-    progressing = bool(plan.create or plan.delete or plan.drain) or any(s.updated < s.desired for s in pools)
+    # a drained pod still busy keeps it progressing: it is looked at again soon, not at the next
+    # resync, since nothing wakes the deployment when its worker goes idle
+    progressing = bool(plan.create or plan.delete or plan.drain or plan.draining) or any(
+        s.updated < s.desired for s in pools)
     summary = ", ".join(f"{role} {s.summary}" for role, s in plan.pools.items())
+    waiting = [f"{len(plan.draining)} drained pod(s) finishing their requests"] if plan.draining else []
     return [
         Condition("Ready", "True" if ready else "False", "AllReplicasReady" if ready else "ReplicasNotReady",
                   f"ready replicas: {summary}"),
         Condition("Progressing", "True" if progressing else "False", "Reconciling" if progressing else "Converged",
-                  "; ".join(message for _, _, message in plan.events) or summary),
+                  "; ".join([*(message for _, _, message in plan.events), *waiting]) or summary),
         _degraded(pending, not_created or []),
     ]
 

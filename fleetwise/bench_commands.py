@@ -82,8 +82,9 @@ def bench_router(
     rate: int = typer.Option(500, "--rate", help="Requests per second offered."),
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each run."),
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
-    cases: str = typer.Option("stream,handoff,retry", "--cases",
-                              help="Further cases after the first: stream, handoff, retry (comma-separated; '' none)."),
+    cases: str = typer.Option("stream,handoff,retry,migrate", "--cases",
+                              help="Further cases after the first: stream, handoff, retry, migrate (comma-separated; "
+                                   "'' none)."),
     case_seconds: float = typer.Option(6.0, "--case-seconds", help="Open-loop seconds per system in each case."),
     stream_rate: float = typer.Option(100.0, "--stream-rate", help="Streamed requests per second offered."),
     tokens: int = typer.Option(64, "--tokens", help="Events per streamed answer."),

@@ -253,8 +253,15 @@ class Mover:
     max_migrations: int
     drain_grace: float = 30.0
     export: Export | None = None  # None: a drain recomputes, as for a failure
+    # (model, role) -> its replicas as discovery has them now: a stream moves among these, not
+    # among those of when it began (a rollout replaces every one of those); None: those
+    current: Callable[[str, str], list[Replica]] | None = None
     streams: dict[Replica, set[Moving]] = field(default_factory=dict)
     leaving: dict[Replica, float] = field(default_factory=dict)  # since when out of routing
+
+    def replicas(self, where: "Where") -> list[Replica]:
+        """Where a stream of `where` may go on now."""
+        return where.replicas if self.current is None else self.current(where.model, where.role)
 
     def drain(self, routable: list[Replica], now: float) -> None:
         """Streams on a replica out of routing (drained, or gone from discovery) for the
@@ -307,7 +314,8 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
         last, gap_from = time.perf_counter(), None
         while True:
             failure: UpstreamError
-            moving = mover.track(up, partial(_could_move, tracker, where, up.replica, moves < mover.max_migrations),
+            moving = mover.track(up, partial(_could_move, tracker, mover, where, up.replica,
+                                             moves < mover.max_migrations),
                                  partial(_request_ids, tracker, where))
             try:
                 async for chunk in _chunks(up):
@@ -349,7 +357,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                 raise failure
             moves += 1
             tracker.buf = b""  # a part of an event from the failed replica is never sent
-            others = [r for r in where.replicas if r is not failed]
+            others = [r for r in mover.replicas(where) if r is not failed]
             try:
                 up = await mover.call(where.model, where.role, others,
                                       tracker.resume_body(where.kind, where.body, kv), where.keys)
@@ -371,10 +379,10 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
     return Upstream(200, up.content_type, b"", relay(), release)
 
 
-def _could_move(tracker: Tracker, where: Where, on: Replica | None, moves_left: bool) -> bool:
+def _could_move(tracker: Tracker, mover: Mover, where: Where, on: Replica | None, moves_left: bool) -> bool:
     """Whether a stream on `on` could move now (a drain breaks off only such a one)."""
     return (moves_left and tracker.why_not is None and tracker.complete(where.body)
-            and any(r.available for r in where.replicas if r is not on))
+            and any(r.available for r in mover.replicas(where) if r is not on))
 
 
 def _request_ids(tracker: Tracker, where: Where) -> list[str] | None:

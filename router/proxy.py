@@ -79,7 +79,7 @@ class Router:
         self._auth_line = "".join(f"{k}: {v}\r\n" for k, v in self.auth.items()).encode()
         self._prober: asyncio.Task | None = None
         self.mover = Mover(self._resume, self._broken, self.metrics, max_tokens_kept, max_migrations, drain_grace,
-                           self._export)
+                           self._export, self._replicas)
         self.handoffs = Handoffs(self.call, self._migrating, self.metrics, lambda: self.session, _STREAM)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -331,6 +331,10 @@ class Router:
             up.release()
             self._enter(-weight)
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
+
+    def _replicas(self, model: str, role: str) -> list[Replica]:
+        route = self.source.models().get(model)
+        return route.replicas[role] if route is not None else []
 
     def _migrating(self, up: Upstream, where: Where) -> Upstream:
         return migrating(up, where, self.mover)

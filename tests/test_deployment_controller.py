@@ -105,6 +105,21 @@ def test_rollout_never_drops_below_the_desired_ready_count():
     assert all(x.template_hash == template_hash(c.spec, x.role) for x in c.pods if x.draining_since is None)
 
 
+def test_a_rollout_creates_each_replica_once_and_no_pod_to_drain_again():
+    c = Cluster(spec(image="img:1", decode=2))
+    while not c.step().converged:
+        pass
+    c.spec = spec(image="img:2", decode=2)
+    created: list[str] = []
+    for _ in range(40):
+        p = c.step()
+        created += [role for role, _ in p.create]
+        assert not any(e[1] == "ScalingDown" for e in p.events)  # the last surge pod is not one too many
+        if p.converged:
+            break
+    assert sorted(created) == ["decode"] * 2 + ["prefill"] * 2
+
+
 def test_mode_change_removes_the_other_pools():
     s = spec(mode="Colocated", decode=2)
     current = pods(spec(), "prefill", 2) + pods(spec(), "decode", 3)

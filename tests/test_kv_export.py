@@ -111,3 +111,69 @@ def test_only_decoding_choices_are_exported_and_their_blocks_go_with_them(tiny_m
     for c in contexts:
         core.block_manager.free(c)
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+def _events(lines, ids: dict[int, list[int]], text: dict[int, str]) -> list[dict]:
+    """A worker's stream lines read: each choice's token ids (`fw:`) and text, and the `fw:` notes."""
+    notes = []
+    for line in lines:
+        if line.startswith("fw: "):
+            notes.append(note := json.loads(line[4:]))
+            ids.setdefault(note.get("index", 0), []).extend(note.get("token_ids") or [])
+        elif line.startswith("data: {") and '"choices"' in line:
+            for ch in json.loads(line[6:])["choices"]:
+                text[ch["index"]] = text.get(ch["index"], "") + ch["text"]
+    return notes
+
+
+def test_a_moved_request_with_two_choices_pulls_their_common_prompt_once(tiny_model_dir):
+    """n=2, seeded: the new worker pulls the prompt's full blocks with the first choice only
+    and shares them with the second (their bytes on the wire say so), and both choices go on
+    exactly as in an undisturbed run."""
+    from fleetwise.router.migrate import Tracker
+    from fleetwise.worker.kv.transfer import stream_size
+
+    from .test_migration import kv_moves
+    config = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8, num_blocks=256)
+    source, target = (start_worker(config, "mixed", faults=frozenset({"switches"})) for _ in range(2))
+    slow_steps(source)
+    body = {"model": "tiny", "prompt": " ".join(["a prompt long enough for several blocks"] * 4), "max_tokens": 60,
+            "n": 2, "temperature": 1.0, "seed": 7, "ignore_eos": True, "stream": True}
+    try:
+        want: dict[int, str] = {}
+        with httpx.stream("POST", source.internal_url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+            _events(r.iter_lines(), {}, want)
+        tracker, ids, text = Tracker(max_kept=10_000, n=2), {}, {}
+        with httpx.stream("POST", source.internal_url + "/v1/completions", json=body, timeout=60,
+                          headers={**AUTH, TOKEN_IDS_HEADER: "1"}) as r:
+            lines = r.iter_lines()
+            seen: list[str] = []
+            for line in lines:  # until both choices have a few tokens
+                seen.append(line)
+                _events([line], ids, {})
+                if len(ids) == 2 and min(map(len, ids.values())) >= 5:
+                    break
+            rid = json.loads(seen[0][4:])["request_id"]
+            a = internal("POST", source, "/internal/export", json={"request_ids": [rid]})
+            assert a.status_code == 200, a.text
+            seen += list(lines)
+        tracker.feed("".join(line + "\n" for line in seen).encode())
+        _events(seen, {}, text)
+        handles = {c["index"]: c["handle"] for c in a.json()["choices"]}
+        contexts = {c["index"]: c["num_tokens"] for c in a.json()["choices"]}
+        resume = json.loads(tracker.resume_body("completion", body, (source.internal_url, handles)))
+        with httpx.stream("POST", target.internal_url + "/internal/resume", json=resume, headers=AUTH,
+                          timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            _events(r.iter_lines(), {}, text)
+        assert text == want and len(want) == 2
+        _, received, recomputed = kv_moves(target)
+        prompt = len(tracker.prompt or [])
+        common = prompt // 8 * 8  # the prompt's full blocks, pulled with choice 0 only
+        header = target.engine.engine.kv_connector.header
+        assert prompt > 16 and recomputed == 0
+        assert received == stream_size(header(0, contexts[0])) + stream_size(header(common, contexts[1] - common))
+        target.wait_idle()
+    finally:
+        source.stop()
+        target.stop()

@@ -8,6 +8,7 @@ streams move with their KV, with the same result."""
 
 import json
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -603,3 +604,45 @@ def test_the_tracker_keeps_every_prompt_and_names_the_kv_in_a_resume():
     assert [(c["output_token_ids"], c["kv_handle"]) for c in body["choices"]] == [([5, 7], "a.m0"), ([6], "b.m0")]
     assert body["kv_url"] == "http://a:1"
     assert not Tracker(max_kept=100, prompt=[1, 2]).complete(request)  # the second prompt's ids not in yet
+
+
+def test_a_stream_moves_to_the_replicas_discovery_has_now_not_those_of_when_it_began():
+    """In a rollout every replica a stream could have gone to when it began is replaced: it
+    moves among those the router knows now."""
+    import asyncio
+
+    from fleetwise.router.metrics import RouterMetrics
+    from fleetwise.router.migrate import Mover, Where, migrating
+    from fleetwise.router.replica import Replica
+    from fleetwise.router.upstream import Upstream, UpstreamError
+
+    old = [Replica(f"http://old-{i}:1", "tiny", "mixed") for i in range(2)]
+    new = [Replica("http://new-0:1", "tiny", "mixed")]
+    now = {"routes": old}
+    sent_to: list[list[str]] = []
+    trace = {"id": "c-1", "created": 1, "index": 0, "token_ids": [5], "prompt": 0, "prompt_token_ids": [1, 2],
+             "request_id": "r"}
+
+    async def broken() -> AsyncIterator[bytes]:
+        now["routes"] = new  # the old replicas leave discovery meanwhile
+        raise UpstreamError("connection closed: by the replica")
+        yield b""
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"index": 0, "text": "b"}]}\n\ndata: [DONE]\n\n'
+
+    async def call(model, role, replicas, payload, keys) -> Upstream:
+        sent_to.append([r.url for r in replicas])
+        return Upstream(200, "text/event-stream", b"", rest(), replica=replicas[0])
+
+    async def main() -> bytes:
+        mover = Mover(call=call, broken=lambda replica, e: None, metrics=RouterMetrics(), max_kept=100,
+                      max_migrations=3, current=lambda model, role: now["routes"])
+        first = b"fw: " + json.dumps(trace).encode() + b'\ndata: {"choices": [{"index": 0, "text": "a"}]}\n\n'
+        up = migrating(Upstream(200, "text/event-stream", first, broken(), replica=old[0]),
+                       Where("tiny", "mixed", old, "completion", {"model": "tiny", "prompt": "x"}, []), mover)
+        assert up.rest is not None
+        return b"".join([chunk async for chunk in up.rest])
+    out = asyncio.run(main())
+    assert sent_to == [["http://new-0:1"]]
+    assert b'"text": "a"' in out and b'"text": "b"' in out and out.endswith(b"data: [DONE]\n\n")

@@ -48,6 +48,11 @@ def test_a_rollout_is_progressing_and_not_ready_until_every_pod_is_updated():
     for p in (Plan(drain=["old"], pools={"decode": PoolStatus(2, 3, 2)}),
               Plan(delete=["old"], pools={"decode": PoolStatus(2, 2, 2)})):
         assert by_type(plan_applied(p, []))["Progressing"].status == "True"
+    # every pod updated and ready, a drained one still busy: looked at again soon, not settled
+    conds = plan_applied(Plan(draining=["old"], pools={"decode": PoolStatus(2, 2, 2)}), [])
+    assert by_type(conds)["Progressing"] == Condition("Progressing", "True", "Reconciling",
+                                                      "1 drained pod(s) finishing their requests")
+    assert not settled(deployment_status(None, 1, {}, conds, [], T0))
     p = Plan(pools={"decode": PoolStatus(2, 2, 1)})  # ready, but one pod on the old template
     conds = by_type(plan_applied(p, []))
     assert conds["Ready"].status == "False" and conds["Progressing"].status == "True"

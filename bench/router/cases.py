@@ -11,6 +11,9 @@ fleetwise's router (its default policy) and vllm-router in the same rounds:
   retry     each backend answers 429 to every `fail_every`-th request: the router sends it to
             the other (direct's client gets the 429, counted as its error)
 
+  migrate   real workers: streams moved when a worker is killed and when one is drained; the
+            gap the client sees and the router's CPU per token (bench/router/migration.py)
+
 Plus `tracker_cost`: the CPU of migration's per-token work (Tracker.feed: the `fw:` line
 parsed, the ids kept, the line stripped), timed in this process against passing the same
 bytes through, so that no other load moves it.
@@ -32,7 +35,8 @@ from fleetwise.bench.router.systems import SEED, System, measure_all
 from fleetwise.net import free_port
 from fleetwise.procs import fleetwise_argv
 
-CASES = ("stream", "handoff", "retry")
+CASES = ("stream", "handoff", "retry", "migrate")
+OWN_RUN = ("migrate",)  # not over the stand-in backends: run.py runs it on its own
 TARGETS = {
     "p50_overhead_vs_vllm_router": Target(AT_MOST, 2.0, "p50 overhead / vllm-router's", "<= 2x"),
     "p99_overhead_vs_vllm_router": Target(AT_MOST, 2.0, "p99 overhead / vllm-router's", "<= 2x"),

@@ -33,6 +33,7 @@ from rich.console import Console
 from fleetwise.bench.harness import make_console, progress, save_plot, write_json, wrote
 from fleetwise.bench.router.backend import MODEL, run_loop
 from fleetwise.bench.router.cases import (
+    OWN_RUN,
     Cases,
     case_bodies,
     make_cases,
@@ -192,6 +193,8 @@ def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, co
     cases = make_cases(extra.rate, extra.stream_rate, extra.tokens, extra.itl_ms, extra.fail_every)
     out: dict = {}
     for name in extra.names:
+        if name in OWN_RUN:
+            continue
         case = cases[name]
         servers = Servers(Path(tempfile.mkdtemp(prefix=f"fleetwise-bench-router-{name}-")))
         token = write_token(servers.logdir)
@@ -267,6 +270,10 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
         console.print(f"migration's per-token work (Tracker.feed, in process): {t['tracker_us_per_event']:.2f} µs "
                       f"per event against {t['pass_through_us_per_event']:.2f} µs passed through")
         save_plot(lambda p: plot_cases(report["cases"], p), out / "router_cases.png", console)
+        if "migrate" in extra.names:
+            from fleetwise.bench.router.migration import plot_migration, run_migration
+            report["migration"] = run_migration(out, console)
+            save_plot(lambda p: plot_migration(report["migration"], p), out / "router_migration.png", console)
     json_path = write_json(out / "router.json", report)
     png_path = save_plot(lambda p: plot(report, runs, p), out / "router.png", console)
     wrote(console, json_path, png_path)

@@ -127,7 +127,7 @@ async def _start(api: WorkerAPI, body: ResumeRequest, i: int, prompt: list[int],
     moving = pull is not None and body.kv_url is not None and any(c.kv_handle for c in choices)
     try:
         if moving:
-            sent, reserved = await engine.call(add_moved, api.core, rid, prompt, params, args)
+            sent, reserved, follows = await engine.call(add_moved, api.core, rid, prompt, params, args)
         else:
             sent = await engine.call(api.core.add_resumed, rid, prompt, params, args)
     except RequestError as e:
@@ -137,8 +137,12 @@ async def _start(api: WorkerAPI, body: ResumeRequest, i: int, prompt: list[int],
     if moving:
         assert pull is not None and body.kv_url is not None
         try:
-            received = {c.index % n: await pull(_slots(api, rid, reserved[c.index % n]), body.kv_url, c.kv_handle)
-                        for c in choices if c.kv_handle}
+            received: dict[int, bool] = {}
+            for c in choices:  # the leader first: a choice that shares its blocks is whole only with them
+                j = c.index % n
+                if c.kv_handle:
+                    got = await pull(_slots(api, rid, reserved[j]), body.kv_url, c.kv_handle)
+                    received[j] = got and (j not in follows or received.get(follows[j], False))
             await engine.call(activate_moved, api.core, rid, received)
         except BaseException:
             engine.abort(rid)

@@ -96,6 +96,17 @@ class BlockManager:
         self.prefix_hits += seq.num_cached_tokens
         self.append_slots(seq, num_new_tokens)
 
+    def share(self, seq: Sequence, blocks: list[int], num_new_tokens: int) -> None:
+        """First allocation of a sequence whose leading `blocks` another holds and will fill
+        (a moved request's choices: one pull brings their common prompt's blocks for all),
+        then blocks for its next `num_new_tokens`."""
+        assert not seq.block_table
+        for block_id in blocks:
+            self.blocks[block_id].ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        self.append_slots(seq, num_new_tokens)
+
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         return needed <= self.num_free_blocks

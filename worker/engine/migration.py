@@ -49,26 +49,43 @@ def export_running(engine: LLMEngine, request_ids: list[str]) -> tuple[list[Sequ
 
 
 def add_moved(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-              choices: list[tuple[int, list[int], int]]) -> tuple[dict[int, int], dict[int, Sequence | None]]:
+              choices: list[tuple[int, list[int], int]]
+              ) -> tuple[dict[int, int], dict[int, Sequence | None], dict[int, int]]:
     """Takes the choices (index, output so far, draws made) of a request whose KV is on its
     way, as `LLMEngine.add_resumed` would, and sets blocks aside for each one's context,
-    reusing what the prefix cache holds. Returns each choice's characters of text already
-    sent and its sequence (its keys and values due from `num_computed_tokens` up to its last
-    token), or None when there are no blocks to spare (it is recomputed then)."""
+    reusing what the prefix cache holds. The first choice that gets blocks leads: the
+    others share its blocks of their common prompt (its full blocks), so the prompt is
+    pulled once, not once per choice. Returns each choice's characters of text already
+    sent; its sequence (its keys and values due from `num_computed_tokens` up to its last
+    token), or None when there are no blocks to spare (it is recomputed then); and, for a
+    choice that shares the leader's blocks, the leader's index (its keys and values are
+    whole only once the leader's have arrived too)."""
     sent = engine.add_resumed(request_id, prompt_token_ids, params, choices)
     bm, scheduler = engine.block_manager, engine.scheduler
     reserved: dict[int, Sequence | None] = {}
+    follows: dict[int, int] = {}
+    lead: Sequence | None = None
+    common = len(prompt_token_ids) // bm.block_size  # full blocks of the prompt: alike in every choice
     for seq in engine.requests[request_id]:
         scheduler.waiting.remove(seq)
         seq.status = SequenceStatus.RESERVED
         computed = bm.get_computed_blocks(seq)
-        num_new = seq.num_tokens - 1 - len(computed) * bm.block_size
+        context = seq.num_tokens - 1
+        if (lead is not None and common > len(computed) and len(lead.block_table) >= common
+                and context >= common * bm.block_size):
+            shared = lead.block_table[:common]
+            if bm.can_allocate(seq, context - common * bm.block_size, shared, scheduler.watermark):
+                bm.share(seq, shared, context - common * bm.block_size)
+                reserved[seq.index], follows[seq.index] = seq, lead.index
+                continue
+        num_new = context - len(computed) * bm.block_size
         if bm.can_allocate(seq, num_new, computed, scheduler.watermark):
             bm.allocate(seq, num_new, computed)
             reserved[seq.index] = seq
+            lead = lead or seq
         else:
             reserved[seq.index] = None
-    return sent, reserved
+    return sent, reserved, follows
 
 
 def activate_moved(engine: LLMEngine, request_id: str, received: dict[int, bool]) -> None:
