@@ -6,8 +6,11 @@ is the deployment controller's own drain: the same label and `draining-since` an
 so the next reconcile replaces the pod and deletes it once idle or out of time. A
 quarantined pod is replaced too but left running (`controllers/deployment.py`). Restart
 deletes the pod, which the ModelDeployment's plan then replaces; cordon sets the node
-unschedulable, which placement already respects. Every action records an Event with its
-reason on the pod or node, and every call goes through `kube.py`.
+unschedulable, which placement already respects. A slow KV link is routed around on the
+decode pod: its `fleetwise.dev/avoid-prefill` annotation (JSON `{prefill pod: {until,
+reason}}`, lapsed entries dropped at each write) is what the router's discovery reads, so it
+needs no permission beyond the pod patch the other verbs use. Every action records an Event
+with its reason on the pod or node, and every call goes through `kube.py`.
 
 A power cap is recorded on the pod (`fleetwise.dev/power-cap`: watts, until, fallback,
 reason), with an Event when its value changes, and sent to the worker's `/internal/power`
@@ -27,7 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from fleetwise.addresses import load_address_map, worker_url
-from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState, send_power_cap
+from fleetwise.fleet import (
+    ANNOTATION_AVOID_PREFILL,
+    ActionRefused,
+    PowerOverride,
+    Routability,
+    WorkerRef,
+    WorkerState,
+    dump_avoidances,
+    read_avoidance_annotation,
+    send_power_cap,
+    with_avoidance,
+)
 from fleetwise.protocol import load_token
 
 from . import manifests as m
@@ -96,6 +110,33 @@ class KubeFleet:
         self.kube.event(pod, "Normal", "Restarting", f"{reason}; deleted, its ModelDeployment replaces it")
         self.kube.delete_pod(worker.namespace, worker.name)
         log.info("restart %s/%s: %s", worker.namespace, worker.name, reason)
+
+    def avoid_link(self, prefill: WorkerRef, decode: WorkerRef, reason: str, until: float | None) -> None:
+        """Read fresh (not from the watch cache): a second link to the same decode pod in one
+        window must not overwrite the first."""
+        if prefill.namespace != decode.namespace:
+            raise ActionRefused(f"avoid_link: {prefill.namespace}/{prefill.name} and {decode.namespace}/{decode.name} "
+                                "are in different namespaces; only peers of one namespace are paired")
+        source, pod = self._pod("avoid_link", prefill, cached=True), self._pod("avoid_link", decode)
+        roles = [(p["metadata"].get("labels") or {}).get(m.LABEL_ROLE) for p in (source, pod)]
+        if roles != ["prefill", "decode"]:
+            raise ActionRefused(f"avoid_link: {prefill.name} ({roles[0]}) -> {decode.name} ({roles[1]}) "
+                                "is no prefill -> decode pair")
+        now = time.time()
+        try:
+            current = read_avoidance_annotation((pod["metadata"].get("annotations") or {}).get(
+                ANNOTATION_AVOID_PREFILL), now)
+        except ValueError:
+            current = {}  # edited by hand into something unreadable: replaced
+        kept = dump_avoidances(with_avoidance(current, prefill.name, until, reason, now), now)
+        self.kube.patch_pod_metadata(decode.namespace, decode.name, labels={},
+                                     annotations={ANNOTATION_AVOID_PREFILL: json.dumps(kept) if kept else None})
+        lifted = prefill.name not in kept
+        self.kube.event(pod, "Normal" if lifted else "Warning", "LinkRestored" if lifted else "LinkAvoided",
+                        f"KV link from {prefill.name}: " + ("paired again" if lifted else
+                                                             f"routed around until {until:.0f}") + f": {reason}")
+        log.info("avoid_link %s -> %s/%s: %s", prefill.name, decode.namespace, decode.name,
+                 "lifted" if lifted else f"until {until}")
 
     def override_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str) -> None:
         pod = self._pod("override_power", worker)
