@@ -19,8 +19,9 @@ is what a modelled GPU takes. On real GPUs (`power_actuator="node-agent"`) the a
 the only path: `fleetwise node-agent` on the pod's node applies it through NVML (a worker
 container has no privilege to) and enforces its `until` as the lease, so no call is sent. A
 renewal rewrites the annotation only once half its time has gone, so holding caps costs the
-API server little. The power verbs read the pod from the operator's watch cache when given
-one (`PodCache`): a control period then makes no GET per pod.
+API server little. The power verbs and `state` read the pod from the operator's watch cache
+when given one (`PodCache`): a power period or a fault window then makes no GET per pod; the
+verbs that change a pod's routability read it fresh.
 """
 
 import json
@@ -85,7 +86,7 @@ class KubeFleet:
         return node
 
     def state(self, worker: WorkerRef) -> WorkerState:
-        return m.pod_state(self._pod("state", worker))
+        return m.pod_state(self._pod("state", worker, cached=True))
 
     def _route(self, verb: str, worker: WorkerRef, state: Routability, reason: str, event: str) -> None:
         pod = self._pod(verb, worker)

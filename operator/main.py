@@ -52,14 +52,14 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     memo = handlers.operator_memo(Operator(kube, metrics=metrics, tolerations=tolerations,
                                            drain_timeout=drain_timeout, tokens=tokens))
     memo.admin = AdminSink(admin_url, admin_token_file, metrics).start() if admin_url and admin_token_file else None
-    memo.pods = PodCache()  # the watch's worker pods: the power loops read no pod on their own
+    memo.pods = PodCache()  # the watch's worker pods: the power and fault loops read no pod on their own
     fleet: FleetActions = KubeFleet(kube, token_file, memo.pods, power_actuator)
     if memo.admin is not None:  # what the loops do reaches the admin API's records
         fleet = ReportingFleet(fleet, memo.admin)
     memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period,
                               pods=memo.pods, metrics=metrics, admin=memo.admin)
     memo.faults = FaultControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, memo.admin,
-                               metrics)
+                               metrics, pods=memo.pods)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     elector = LeaderElector(api, lease_namespace, identity=identity)
