@@ -5,8 +5,11 @@ annotations say which state, why and since when (`manifests.routability_patch`).
 is the deployment controller's own drain: the same label and `draining-since` annotation,
 so the next reconcile replaces the pod and deletes it once idle or out of time. A
 quarantined pod is replaced too but left running (`controllers/deployment.py`). Restart
-deletes the pod, which the ModelDeployment's plan then replaces; cordon sets the node
-unschedulable, which placement already respects. A slow KV link is routed around on the
+deletes the pod, which the ModelDeployment's plan then replaces, after marking its node
+suspect with a `PreferNoSchedule` taint (`fleetwise.dev/suspect`): placement, like
+kube-scheduler, puts the replacement on another node when one fits, and on that one only when
+none does; uncordon lifts the mark with the cordon. Cordon sets the node unschedulable, which
+placement already respects. A slow KV link is routed around on the
 decode pod: its `fleetwise.dev/avoid-prefill` annotation (JSON `{prefill pod: {until,
 reason}}`, lapsed entries dropped at each write) is what the router's discovery reads, so it
 needs no permission beyond the pod patch the other verbs use. Every action records an Event
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 
 POWER_ACTUATORS = ("worker", "node-agent")
+TAINT_SUSPECT = "fleetwise.dev/suspect"  # PreferNoSchedule: a restarted worker's node, until uncordoned
 
 
 class KubeFleet:
@@ -108,7 +112,11 @@ class KubeFleet:
 
     def restart(self, worker: WorkerRef, reason: str) -> None:
         pod = self._pod("restart", worker)
-        self.kube.event(pod, "Normal", "Restarting", f"{reason}; deleted, its ModelDeployment replaces it")
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            self._suspect(node, True, f"{worker.namespace}/{worker.name} restarted: {reason}")
+        self.kube.event(pod, "Normal", "Restarting", f"{reason}; deleted, its ModelDeployment replaces it"
+                        + (f" away from {node} when another node fits" if node else ""))
         self.kube.delete_pod(worker.namespace, worker.name)
         log.info("restart %s/%s: %s", worker.namespace, worker.name, reason)
 
@@ -178,7 +186,25 @@ class KubeFleet:
         self.kube.event(body, "Warning", "Cordoned", reason)
         log.info("cordon %s: %s", node, reason)
 
+    def _suspect(self, node: str, suspect: bool, reason: str) -> None:
+        """Marks the node suspect (a PreferNoSchedule taint) or lifts the mark; a node that is
+        gone needs neither. The taints are one list: the whole of it is written."""
+        body = self.kube.node(node)
+        if body is None:
+            return
+        taints = [t for t in (body.get("spec") or {}).get("taints") or [] if t.get("key") != TAINT_SUSPECT]
+        had = len(taints) != len((body.get("spec") or {}).get("taints") or [])
+        if had == suspect:
+            return
+        if suspect:
+            taints.append({"key": TAINT_SUSPECT, "effect": "PreferNoSchedule"})
+        self.kube.patch_node(node, {"spec": {"taints": taints or None}})
+        body["apiVersion"], body["kind"] = "v1", "Node"
+        self.kube.event(body, "Warning" if suspect else "Normal", "MarkedSuspect" if suspect else "SuspectLifted",
+                        reason)
+
     def uncordon(self, node: str, reason: str) -> None:
+        self._suspect(node, False, reason)
         body = self._node("uncordon", node)
         self.kube.patch_node(node, {"spec": {"unschedulable": None},
                                     "metadata": {"annotations": {m.ANNOTATION_CORDON_REASON: None}}})

@@ -8,11 +8,12 @@ time, and the conditions Ready, Degraded and AdminReachable.
 The pods come from the operator's watch cache (`PodCache`) when it has one, and each worker's
 routability from the same pods (`KubeFleet.state` reads the cache): a window makes no GET per
 pod, and a LIST of the policy's pods only after a window that acted, so that its status shows
-what the actions changed. Peers are the pods of one deployment, role and GPU product (the node's label). A pod is scraped
-at its public address (Prometheus' `instance`), its peers and the router call its internal one.
-Events: on the pod or node, each action's (`KubeFleet`); on the policy, each new incident, each
-action and its outcome, and each change of the Degraded or AdminReachable condition. Each new
-incident also goes to the admin API with its evidence, through the sink's queue.
+what the actions changed. Peers are the pods of one deployment, role and GPU product (the
+node's label). A pod is scraped at its public address (Prometheus' `instance`), its peers and
+the router call its internal one. Events: on the pod or node, each action's (`KubeFleet`); on
+the policy, each new incident, each action and its outcome, and each change of the Degraded or
+AdminReachable condition. Each new incident also goes to the admin API with its evidence,
+through the sink's queue.
 """
 
 import datetime as dt

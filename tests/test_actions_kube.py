@@ -91,6 +91,45 @@ def test_actions_on_what_is_not_a_worker_pod_are_refused():
         KubeFleet(Kube(None)).cordon("gpu-9", "r")
 
 
+def test_restart_marks_the_node_suspect_keeping_its_other_taints_and_uncordon_lifts_the_mark():
+    from fleetwise.operator.actions import TAINT_SUSPECT, KubeFleet
+
+    class Kube:
+        def __init__(self) -> None:
+            self.node_body = {"metadata": {"name": "a100-0"}, "spec": {"taints": [
+                {"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}}
+            self.calls: list[tuple] = []
+
+        def pod(self, namespace, name):
+            return worker_pod()
+
+        def node(self, name):
+            return self.node_body
+
+        def patch_node(self, name, patch):
+            self.calls.append(("patch", name, patch))
+            self.node_body["spec"] = {k: v for k, v in (self.node_body["spec"] | patch.get("spec", {})).items()
+                                      if v is not None}
+
+        def delete_pod(self, namespace, name):
+            self.calls.append(("delete", name))
+
+        def event(self, involved, type_, reason, message):
+            self.calls.append(("event", involved["kind"], reason))
+
+    kube = Kube()
+    fleet = KubeFleet(kube)  # type: ignore[arg-type]  # a fake of what it calls
+    fleet.restart(WorkerRef("chat-mixed-1", NS), "slow steps")
+    assert [c[0] for c in kube.calls] == ["patch", "event", "event", "delete"]  # marked before the pod goes
+    assert kube.node_body["spec"]["taints"] == [{"key": "nvidia.com/gpu", "effect": "NoSchedule"},
+                                                {"key": TAINT_SUSPECT, "effect": "PreferNoSchedule"}]
+    fleet.restart(WorkerRef("chat-mixed-1", NS), "again")  # marked already: no second patch
+    assert sum(c[0] == "patch" for c in kube.calls) == 1
+    fleet.uncordon("a100-0", "replaced the GPU")
+    assert kube.node_body["spec"]["taints"] == [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+    assert ("event", "Node", "SuspectLifted") in kube.calls
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = start_cluster(tmp_path_factory.mktemp("k8s"))

@@ -72,9 +72,9 @@ def test_a_slow_link_is_routed_around_and_both_its_workers_keep_serving(fleet):
         while not any(d.action.verb == "RouteAround" for d in loop.done) and time.monotonic() - t0 < 3 * WINDOW + 5:
             time.sleep(0.5)
         detected = time.monotonic() - t0
-        print(f"routed around after {detected:.1f} s: {[(d.action.verb, d.action.target, d.outcome) for d in loop.done]}")
-        assert [(d.action.verb, d.action.target, d.outcome) for d in loop.done] == [
-            ("RouteAround", "prefill-0->decode-0", "done")]
+        done = [(d.action.verb, d.action.target, d.outcome) for d in loop.done]
+        print(f"routed around after {detected:.1f} s: {done}")
+        assert done == [("RouteAround", "prefill-0->decode-0", "done")]
         assert all(s.state is Routability.SERVING for s in fleet.states.values()), fleet.states
         time.sleep(3)  # the router re-reads its file each probe round (1 s); pulls in flight finish
         before = pulled(fleet)
