@@ -11,14 +11,11 @@ import httpx
 import pytest
 
 from fleetwise.fleet import Routability
-from fleetwise.local_faults import local_policy, start_local_faults
 from fleetwise.local_fleet import LocalFleet
-from fleetwise.net import free_port
-from fleetwise.procs import wait_healthy
-from fleetwise.up import _ready, plan, stop_fleet, write_token
 
+from .detecting_fleet import detecting_fleet
 from .test_fault_loop_e2e import load
-from .workers import AUTH, token_file
+from .workers import AUTH
 
 WINDOW = 10        # seconds: the FaultPolicy's least
 KV_DELAY = 0.3     # seconds added to each pull over the slow link; a tiny model's pull takes milliseconds
@@ -26,22 +23,8 @@ KV_DELAY = 0.3     # seconds added to each pull over the slow link; a tiny model
 
 @pytest.fixture
 def fleet(tmp_path, tiny_model_dir):
-    token = write_token(tmp_path)
-    token.write_text(token_file().read_text())  # the tests' token, so AUTH reaches the workers
-    args = ["--fault", "switches", "--kv-cache-mib", "16", "--device", "cpu"]
-    procs = plan(tiny_model_dir, "tiny", "disaggregated", free_port(), 2, 2, 0, tmp_path, args, token)
-    fleet = LocalFleet("tiny", procs, tmp_path / "router.yaml", tmp_path / "actions.log", ready_timeout=120)
-    try:
-        for p in procs:
-            p.start()
-        wait_healthy(procs, 180, ready=_ready)
-        faults = start_local_faults(fleet, procs, tmp_path, local_policy(WINDOW), scrape_interval=1.0)
-        try:
-            yield fleet, procs, faults
-        finally:
-            faults.stop()
-    finally:
-        stop_fleet(procs)
+    with detecting_fleet(tmp_path, tiny_model_dir, "disaggregated", (2, 2, 0), WINDOW) as running:
+        yield running
 
 
 def pulled(fleet: LocalFleet) -> dict[tuple[str, str], float]:
