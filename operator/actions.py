@@ -5,8 +5,8 @@ annotations say which state, why and since when (`manifests.routability_patch`).
 is the deployment controller's own drain: the same label and `draining-since` annotation,
 so the next reconcile replaces the pod and deletes it once idle or out of time. A
 quarantined pod is replaced too but left running (`controllers/deployment.py`). Restart
-deletes the pod, which the ModelDeployment's plan then replaces, after marking its node
-suspect with a `PreferNoSchedule` taint (`fleetwise.dev/suspect`): placement, like
+deletes the pod, which the ModelDeployment's plan then replaces. Both first mark the pod's
+node suspect with a `PreferNoSchedule` taint (`fleetwise.dev/suspect`): placement, like
 kube-scheduler, puts the replacement on another node when one fits, and on that one only when
 none does; uncordon lifts the mark with the cordon. Cordon sets the node unschedulable, which
 placement already respects. A slow KV link is routed around on the
@@ -96,6 +96,9 @@ class KubeFleet:
         pod = self._pod(verb, worker)
         if pod["metadata"].get("deletionTimestamp"):
             raise ActionRefused(f"{verb}: {worker.namespace}/{worker.name} is being deleted")
+        node = (pod.get("spec") or {}).get("nodeName")
+        if state is Routability.QUARANTINED and node:  # before the replacement the quarantine brings is placed
+            self._suspect(node, True, f"{worker.namespace}/{worker.name} quarantined: {reason}")
         labels, annotations = m.routability_patch(state, reason, time.time())
         self.kube.patch_pod_metadata(worker.namespace, worker.name, labels=labels, annotations=annotations)
         self.kube.event(pod, "Warning" if state is Routability.QUARANTINED else "Normal", event, reason)

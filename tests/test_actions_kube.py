@@ -93,7 +93,7 @@ def test_actions_on_what_is_not_a_worker_pod_are_refused():
         KubeFleet(Kube(None)).cordon("gpu-9", "r")
 
 
-def test_restart_marks_the_node_suspect_keeping_its_other_taints_and_uncordon_lifts_the_mark():
+def test_restart_and_quarantine_mark_the_node_suspect_keeping_its_other_taints_and_uncordon_lifts_it():
     from fleetwise.operator.actions import TAINT_SUSPECT, KubeFleet
 
     class Kube:
@@ -127,6 +127,11 @@ def test_restart_marks_the_node_suspect_keeping_its_other_taints_and_uncordon_li
                                                 {"key": TAINT_SUSPECT, "effect": "PreferNoSchedule"}]
     fleet.restart(WorkerRef("chat-mixed-1", NS), "again")  # marked already: no second patch
     assert sum(c[0] == "patch" for c in kube.calls) == 1
+    fleet.uncordon("a100-0", "replaced the GPU")
+    kube.calls.clear()
+    kube.patch_pod_metadata = lambda *a, **kw: kube.calls.append(("patch pod",))  # type: ignore[method-assign]
+    fleet.quarantine(WorkerRef("chat-mixed-1", NS), "slow steps")  # its replacement is placed next: marked first
+    assert [c[0] for c in kube.calls][:3] == ["patch", "event", "patch pod"], kube.calls
     fleet.uncordon("a100-0", "replaced the GPU")
     assert kube.node_body["spec"]["taints"] == [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
     assert ("event", "Node", "SuspectLifted") in kube.calls
