@@ -232,6 +232,13 @@ class CountingKube(FakeKube):
     def patch_pod_metadata(self, namespace: str, name: str, labels=None, annotations=None) -> None:
         self.calls.append(("patch", "pods"))
 
+    def node(self, name: str) -> dict | None:
+        self.calls.append(("get", "nodes"))
+        return next((n for n in self._nodes if n["metadata"]["name"] == name), None)
+
+    def patch_node(self, name: str, patch: dict) -> None:
+        self.calls.append(("patch", "nodes"))
+
 
 def test_windows_read_pods_and_their_states_from_the_watch_cache_with_no_get_per_pod():
     from fleetwise.operator.actions import KubeFleet
@@ -252,5 +259,7 @@ def test_windows_read_pods_and_their_states_from_the_watch_cache_with_no_get_per
     assert kube.calls == [], kube.calls  # three windows over six pods: no GET, no LIST
     control.prometheus = control.policies[(NS, "peers")].loop.prometheus = steps(healthy | {3: 6.0})
     control.window(body(), now=1030.0)
-    # acting reads the one pod it changes fresh, then lists the policy's pods once for the status
-    assert kube.calls == [("get", "pods"), ("patch", "pods"), ("list", "pods")], kube.calls
+    # acting reads the one pod it changes fresh (and marks its node suspect), then lists the
+    # policy's pods once for the status
+    assert kube.calls == [("get", "pods"), ("get", "nodes"), ("patch", "nodes"), ("patch", "pods"),
+                          ("list", "pods")], kube.calls
