@@ -66,7 +66,7 @@ class RemediationAction(Base):
     __tablename__ = "remediation_actions"
     at: Mapped[float] = mapped_column(Float, index=True)
     verb: Mapped[str] = mapped_column(String(32))
-    target_kind: Mapped[str] = mapped_column(String(16))               # worker or node
+    target_kind: Mapped[str] = mapped_column(String(16))               # worker, node or link
     target: Mapped[str] = mapped_column(String(255), index=True)
     namespace: Mapped[str] = mapped_column(String(253), default="")
     reason: Mapped[str] = mapped_column(Text, default="")

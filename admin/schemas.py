@@ -180,9 +180,10 @@ class PowerActionPage(BaseModel):
 
 
 class RemediationIn(In):
-    verb: Literal["quarantine", "restore", "drain", "restart", "cordon", "uncordon"] = Field(
+    verb: Literal["quarantine", "restore", "drain", "restart", "cordon", "uncordon", "avoid_link"] = Field(
         description="The FleetActions verb done.")
-    target_kind: Literal["worker", "node"] = Field(description="What it was done to.")
+    target_kind: Literal["worker", "node", "link"] = Field(
+        description="What it was done to: a link is `prefill->decode`, the two workers' names.")
     target: str = Field(min_length=1, max_length=255, description="Its name.")
     namespace: str = Field("", max_length=253, description="A worker's namespace.")
     reason: str = Field("", max_length=1024, description="Why.")
@@ -197,7 +198,7 @@ class RemediationOut(Out):
     id: int = Field(description="The record's id.")
     at: float = Field(description="When, in seconds since the epoch.")
     verb: str = Field(description="The verb.")
-    target_kind: str = Field(description="worker or node.")
+    target_kind: str = Field(description="worker, node or link.")
     target: str = Field(description="Its name.")
     namespace: str = Field(description="A worker's namespace.")
     reason: str = Field(description="Why.")

@@ -19,7 +19,13 @@ pairs (at least two) -> the sender, a receiver likewise, a single pair -> the li
 them, which is routed around and whose workers are kept.
 
 Remediation: Quarantine, then RestartPod (a replacement placed away from the suspect node),
-for a worker; CordonNode for a node; route-around for a link. Limits, in this order: the
+for a worker; CordonNode for a node; RouteAround for a link: the router pairs the two workers
+with others until the action's `until`, `cooldownSeconds` (at least two windows) on, when the
+link carries traffic again and is judged afresh. RouteAround evicts nobody, so it takes no share
+of `maxUnavailableFraction` and no place in `maxActionsPerHour` (a burst of slow links must not
+use up what a sick worker needs), is never held as flapping (a link still slow when its avoidance
+lapses is found again, not flapping), and is not taken again while it is in force; a policy that
+allows no actions at all (detection only) does not take it either. Limits, in this order: the
 policy's allowed actions; `cooldownSeconds` per target; `maxActionsPerHour`; and never more
 than `maxUnavailableFraction` of a group out at once, rounded down (4 peers at 0.25: one; 3
 peers at 0.25: none). A target that comes back as an incident `FLAP_LIMIT` times within an hour
@@ -71,6 +77,12 @@ class Action:
     verb: str                    # Quarantine | RestartPod | CordonNode | RouteAround
     target: str
     reason: str
+    until: float | None = None   # RouteAround: when the avoidance lapses (seconds since the epoch)
+
+
+def avoidance_seconds(policy: FaultPolicySpec) -> float:
+    """How long a slow link is routed around before it is tried again."""
+    return float(max(policy.remediation.cooldown_seconds, 2 * policy.detection.window_seconds))
 
 
 @dataclass
@@ -196,7 +208,9 @@ def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPo
         unavailable[m.group] = unavailable.get(m.group, 0) + m.unavailable
     while state.actions and now - state.actions[0] > HOUR:
         state.actions.popleft()
-    actions, held, flapping = [], [], []
+    actions: list[Action] = []
+    held: list[tuple[str, str]] = []
+    flapping: list[str] = []
     for inc in incidents:
         episodes = state.episodes.setdefault(inc.target, deque())
         last = state.last_seen.get(inc.target)
@@ -205,8 +219,11 @@ def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPo
         state.last_seen[inc.target] = now
         while episodes and now - episodes[0] > HOUR:
             episodes.popleft()
+        if inc.kind == "link":
+            actions += _route_around(inc, allowed, policy, state, now, held)
+            continue
         why = _why_not(inc, allowed, policy, state, now, group_size, unavailable)
-        if len(episodes) >= FLAP_LIMIT and inc.kind != "link":
+        if len(episodes) >= FLAP_LIMIT:
             flapping.append(inc.target)
             why = f"back {len(episodes)} times within an hour: no more actions on it until a person looks"
         if why:
@@ -215,17 +232,28 @@ def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPo
         verbs = _verbs(inc, allowed)
         reason = f"{inc.kind} {inc.target} out of its peers: {inc.evidence}"[:1000]
         actions += [Action(verb, inc.target, reason) for verb in verbs]
-        if inc.kind != "link":
-            state.acted[inc.target] = now
-            state.actions.append(now)
-            if inc.group:
-                unavailable[inc.group] = unavailable.get(inc.group, 0) + 1
+        state.acted[inc.target] = now
+        state.actions.append(now)
+        if inc.group:
+            unavailable[inc.group] = unavailable.get(inc.group, 0) + 1
     return actions, held, flapping
 
 
+def _route_around(inc: Incident, allowed: set[str], policy: FaultPolicySpec, state: FaultState, now: float,
+                  held: list[tuple[str, str]]) -> list[Action]:
+    """RouteAround for a slow link, unless one is in force or the policy only detects."""
+    if not allowed:
+        held.append((inc.target, "the FaultPolicy allows no actions (detection only)"))
+        return []
+    last = state.acted.get(inc.target)
+    if last is not None and now - last < avoidance_seconds(policy):
+        return []  # routed around already: the pair's last transfers may still be in the window
+    state.acted[inc.target] = now
+    reason = f"link {inc.target} out of its peers: {inc.evidence}"[:1000]
+    return [Action("RouteAround", inc.target, reason, until=now + avoidance_seconds(policy))]
+
+
 def _verbs(inc: Incident, allowed: set[str]) -> list[str]:
-    if inc.kind == "link":
-        return ["RouteAround"]
     if inc.kind == "node":
         return ["CordonNode"] if "CordonNode" in allowed else []
     return [v for v in ("Quarantine", "RestartPod") if v in allowed]
@@ -233,9 +261,7 @@ def _verbs(inc: Incident, allowed: set[str]) -> list[str]:
 
 def _why_not(inc: Incident, allowed: set[str], policy: FaultPolicySpec, state: FaultState, now: float,
              group_size: dict[str, int], unavailable: dict[str, int]) -> str | None:
-    """Why the incident gets no action now, or None."""
-    if inc.kind == "link":
-        return None  # routing around a link evicts nobody
+    """Why a worker or node incident gets no action now, or None."""
     if not set(_verbs(inc, allowed)):
         return f"the FaultPolicy allows none of the actions for a {inc.kind} ({', '.join(sorted(allowed)) or 'none'})"
     last = state.acted.get(inc.target)

@@ -2,7 +2,9 @@
 
 A pool's replicas go only to nodes with the pool's GPU product (Splitwise pairs prompt
 machines with token machines of another type), that are schedulable, whose taints the
-workers tolerate and that have the GPUs free. Among those, replicas spread: fewest
+workers tolerate and that have the GPUs free. Among those, a node with a `PreferNoSchedule`
+taint the pod does not tolerate comes last (as kube-scheduler scores it: a node marked suspect
+takes a replica only when no other fits); then replicas spread: fewest
 replicas of the same pool on the node, then in its power domain, then the most free GPUs
 left (so a node is not split between pools when another is empty). A power domain
 (`PowerBudget`) admits a replica only while the nameplate power of everything placed in it
@@ -136,7 +138,8 @@ class Placement:
 
     def _key(self, st: _NodeState, pod: Pod) -> tuple:
         domain_load = max((self.domain_pools[d][pod.pool] for d in st.domains), default=0)
-        return (st.pools[pod.pool], domain_load, -st.free_gpus, st.node.name)
+        avoid = any(effect == "PreferNoSchedule" and key not in pod.tolerations for key, effect in st.node.taints)
+        return (avoid, st.pools[pod.pool], domain_load, -st.free_gpus, st.node.name)
 
     def place(self, pod: Pod) -> Decision:
         return self.place_many([pod])[0]

@@ -4,9 +4,9 @@ wraps its fleet in `ReportingFleet` so each one reaches the admin API). Used by 
 and by `fleetwise up --detect-faults` alike.
 
 Quarantine and RestartPod go to the worker; CordonNode to its node, then a drain of each of its
-workers still serving (their deployments replace them away from the node); a slow link has no verb
-yet (routing around one pair is the router's), so it is an incident without an action. An
-action the fleet refuses is recorded as refused; a Prometheus that does not answer skips the
+workers still serving (their deployments replace them away from the node); RouteAround to the
+link's two workers (`avoid_link`: the router pairs them with others until the action's `until`;
+both stay serving). An action the fleet refuses is recorded as refused; a Prometheus that does not answer skips the
 window (no data is not a healthy window, and not a sick one either).
 """
 
@@ -81,8 +81,11 @@ class FaultLoop:
                 self.fleet.quarantine(refs[action.target], action.reason)
             elif action.verb == "RestartPod":
                 self.fleet.restart(refs[action.target], action.reason)
+            elif action.verb == "RouteAround":
+                sender, receiver = action.target.split("->", 1)
+                self.fleet.avoid_link(refs[sender], refs[receiver], action.reason, action.until)
             else:
-                return "refused: no verb routes around one link yet; the incident stands"
+                return f"refused: no verb for {action.verb}"
         except (ActionRefused, KeyError) as e:
             log.warning("%s %s refused: %s", action.verb, action.target, e)
             return f"refused: {e}"

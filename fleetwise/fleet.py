@@ -9,8 +9,14 @@ A person's power-cap override (the admin API's) is a verb too: the power control
 it instead of its own decision for that worker until it lapses. The controller's own caps go
 through `cap_power`: a cap until a time, renewed each control period, falling back to a
 conservative value if it is not (the worker's `/internal/power` enforces that).
+A slow KV link between two workers is routed around with `avoid_link`: the router pairs the
+decode worker with any prefill worker but that one until the avoidance lapses, and both stay
+routable for everything else. Avoidances are kept on the decode side, as a mapping from the
+prefill peer (its URL in the router's file, its pod name on the decode pod's
+`fleetwise.dev/avoid-prefill` annotation) to `{until, reason}`; a lapsed one is read as none.
 """
 
+import json
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,6 +61,58 @@ class PowerOverride:
         return now < self.until
 
 
+ANNOTATION_AVOID_PREFILL = "fleetwise.dev/avoid-prefill"
+MAX_AVOIDED = 64  # prefill peers one decode worker avoids at most
+
+
+@dataclass(frozen=True)
+class Avoidance:
+    """A prefill peer the decode worker is not paired with until `until` (seconds since the epoch)."""
+    until: float
+    reason: str = ""
+
+
+def read_avoidances(data: object, now: float) -> dict[str, Avoidance]:
+    """`{peer: {until, reason}}` as the router's file or the annotation holds it, lapsed ones
+    left out. Raises ValueError naming what is wrong."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("avoid: a mapping from each avoided prefill peer to {until, reason}")
+    if len(data) > MAX_AVOIDED:
+        raise ValueError(f"avoid: at most {MAX_AVOIDED} peers; got {len(data)}")
+    out = {}
+    for peer, entry in data.items():
+        if not isinstance(peer, str) or not peer or not isinstance(entry, dict):
+            raise ValueError(f"avoid.{peer}: a peer name mapped to {{until, reason}}")
+        until, reason = entry.get("until"), entry.get("reason", "")
+        if isinstance(until, bool) or not isinstance(until, (int, float)) or not isinstance(reason, str):
+            raise ValueError(f"avoid.{peer}: until is seconds since the epoch, reason a string")
+        if until > now:
+            out[peer] = Avoidance(float(until), reason)
+    return out
+
+
+def read_avoidance_annotation(value: str | None, now: float) -> dict[str, Avoidance]:
+    """The decode pod's `fleetwise.dev/avoid-prefill` annotation (JSON); ValueError when malformed."""
+    return read_avoidances(json.loads(value), now) if value else {}
+
+
+def with_avoidance(current: dict[str, Avoidance], peer: str, until: float | None, reason: str,
+                   now: float) -> dict[str, Avoidance]:
+    """The avoidances after avoiding `peer` until `until` (None: lifted), lapsed ones dropped."""
+    kept = {p: a for p, a in current.items() if a.until > now and p != peer}
+    if until is not None and until > now:
+        kept[peer] = Avoidance(until, reason[:256])
+    return kept
+
+
+def dump_avoidances(current: dict[str, Avoidance], now: float) -> dict[str, object]:
+    """What `read_avoidances` reads: the avoidances in force, the `MAX_AVOIDED` lasting longest."""
+    newest = sorted(((p, a) for p, a in current.items() if a.until > now), key=lambda kv: kv[1].until)
+    return {p: {"until": a.until, "reason": a.reason} for p, a in newest[-MAX_AVOIDED:]}
+
+
 class ActionRefused(Exception):
     """The action cannot be done here; the message says why."""
 
@@ -75,6 +133,11 @@ class FleetActions(Protocol):
         ...
 
     def restart(self, worker: WorkerRef, reason: str) -> None: ...
+
+    def avoid_link(self, prefill: WorkerRef, decode: WorkerRef, reason: str, until: float | None) -> None:
+        """The router pairs `decode` with any prefill worker but `prefill` until `until`
+        (seconds since the epoch; None lifts it); both stay routable for everything else."""
+        ...
 
     def cordon(self, node: str, reason: str) -> None:
         """Nothing new is placed on the node; what runs there stays."""

@@ -8,7 +8,9 @@ the file (on its next probe round). Each rewrite is atomic (write, then rename),
 router never reads half a file. A drain stops the process once it holds no request (its
 /health `running` and `waiting`) or after the drain timeout; nothing replaces it on one
 machine, so it stays listed, not routable, until restarted. A restart stops the process
-and starts it again on the same port, out of routing until it is healthy. A power cap goes
+and starts it again on the same port, out of routing until it is healthy. A slow KV link is
+routed around through the same file: the decode worker's entry lists the prefill peers it avoids
+(`avoid`, by internal URL, each until a time the router honours on its own). A power cap goes
 to the worker's `/internal/power` with the shared token. There are no nodes: cordon and
 uncordon are refused. Each action is a log line (in the logger and in `actions.log`) and the
 worker's state.
@@ -25,7 +27,17 @@ from pathlib import Path
 import httpx
 import yaml
 
-from fleetwise.fleet import ActionRefused, PowerOverride, Routability, WorkerRef, WorkerState, send_power_cap
+from fleetwise.fleet import (
+    ActionRefused,
+    Avoidance,
+    PowerOverride,
+    Routability,
+    WorkerRef,
+    WorkerState,
+    dump_avoidances,
+    send_power_cap,
+    with_avoidance,
+)
 from fleetwise.procs import Process, ProcessError, wait_healthy
 
 log = logging.getLogger(__name__)
@@ -45,10 +57,11 @@ class Member(Process):
     health: dict = field(default_factory=dict)
 
 
-def _entry(url: str, state: WorkerState) -> str | dict:
+def _entry(url: str, state: WorkerState, avoid: dict[str, object]) -> str | dict:
     if state.state is Routability.SERVING:
-        return url
-    return {"url": url, "routable": False, "state": str(state.state), "reason": state.reason}
+        return {"url": url, "avoid": avoid} if avoid else url
+    return {"url": url, "routable": False, "state": str(state.state), "reason": state.reason,
+            **({"avoid": avoid} if avoid else {})}
 
 
 class LocalFleet:
@@ -64,14 +77,18 @@ class LocalFleet:
         self._turn: dict[str, int] = dict.fromkeys(self.workers, 0)  # a drain ends when its turn has passed
         self.overrides: dict[str, PowerOverride] = {}
         self.caps: dict[str, float] = {}  # worker -> the cap in force (W per GPU), as last applied
+        self.avoided: dict[str, dict[str, Avoidance]] = {}  # decode worker -> prefill worker -> until when
         self.write()
 
     def write(self) -> None:
         """The router's endpoints file from the workers' states, replaced in one rename."""
         with self._lock:
             roles: dict[str, list] = {}
+            now = time.time()
             for name, w in self.workers.items():
-                roles.setdefault(w.role, []).append(_entry(w.internal_url or w.url, self.states[name]))
+                avoid = dump_avoidances({self.workers[p].internal_url or self.workers[p].url: a
+                                         for p, a in self.avoided.get(name, {}).items()}, now)
+                roles.setdefault(w.role, []).append(_entry(w.internal_url or w.url, self.states[name], avoid))
             tmp = self.config.with_name(f".{self.config.name}.tmp")
             tmp.write_text(yaml.safe_dump({"models": [{"name": self.model, **roles}]}, sort_keys=False))
             os.replace(tmp, self.config)
@@ -142,6 +159,17 @@ class LocalFleet:
         except ProcessError as e:
             raise ActionRefused(f"restart: {w.name} did not come back: {e}") from e
         self._record("restarted", w, Routability.SERVING, reason)
+
+    def avoid_link(self, prefill: WorkerRef, decode: WorkerRef, reason: str, until: float | None) -> None:
+        p, d = self._worker("avoid_link", prefill), self._worker("avoid_link", decode)
+        if (p.role, d.role) != ("prefill", "decode"):
+            raise ActionRefused(f"avoid_link: {p.name} ({p.role}) -> {d.name} ({d.role}) is no prefill -> decode pair")
+        now = time.time()
+        with self._lock:
+            self.avoided[d.name] = kept = with_avoidance(self.avoided.get(d.name, {}), p.name, until, reason, now)
+            self.write()
+        what = "lifted" if p.name not in kept else f"avoided for {until - now:.0f} s"  # type: ignore[operator]
+        self._log(f"avoid_link {p.name} -> {d.name}: {what}: {reason}")
 
     def stopped_on_purpose(self, member: Process) -> bool:
         """The fleet stopped it (drained) or is restarting it itself: not to be restarted."""

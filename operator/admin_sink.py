@@ -81,7 +81,7 @@ class AdminSink:
                                  "namespace": namespace, "severity": severity, "summary": summary,
                                  "evidence": evidence or []})
 
-    def remediation(self, verb: str, target_kind: Literal["worker", "node"], target: str, namespace: str = "",
+    def remediation(self, verb: str, target_kind: Literal["worker", "node", "link"], target: str, namespace: str = "",
                     reason: str = "", outcome: Literal["done", "refused"] = "done") -> None:
         self.send("/actions/remediation", {"verb": verb, "target_kind": target_kind, "target": target,
                                            "namespace": namespace, "reason": reason[:1024], "outcome": outcome})
@@ -151,10 +151,10 @@ class ReportingFleet:
         self.fleet, self.sink = fleet, sink
         self.caps: dict[tuple[str, str], float | None] = {}  # the last cap reported per worker
 
-    def _do(self, verb: str, kind: Literal["worker", "node"], target: str, namespace: str, reason: str,
+    def _do(self, verb: str, kind: Literal["worker", "node", "link"], target: str, namespace: str, reason: str,
             *args: Any) -> None:
         try:
-            getattr(self.fleet, verb)(*args, reason)
+            getattr(self.fleet, verb)(*args)
         except ActionRefused:
             self.sink.remediation(verb, kind, target, namespace, reason, "refused")
             raise
@@ -164,22 +164,26 @@ class ReportingFleet:
         return self.fleet.state(worker)
 
     def quarantine(self, worker: WorkerRef, reason: str) -> None:
-        self._do("quarantine", "worker", worker.name, worker.namespace, reason, worker)
+        self._do("quarantine", "worker", worker.name, worker.namespace, reason, worker, reason)
 
     def restore(self, worker: WorkerRef, reason: str) -> None:
-        self._do("restore", "worker", worker.name, worker.namespace, reason, worker)
+        self._do("restore", "worker", worker.name, worker.namespace, reason, worker, reason)
 
     def drain(self, worker: WorkerRef, reason: str) -> None:
-        self._do("drain", "worker", worker.name, worker.namespace, reason, worker)
+        self._do("drain", "worker", worker.name, worker.namespace, reason, worker, reason)
 
     def restart(self, worker: WorkerRef, reason: str) -> None:
-        self._do("restart", "worker", worker.name, worker.namespace, reason, worker)
+        self._do("restart", "worker", worker.name, worker.namespace, reason, worker, reason)
 
     def cordon(self, node: str, reason: str) -> None:
-        self._do("cordon", "node", node, "", reason, node)
+        self._do("cordon", "node", node, "", reason, node, reason)
 
     def uncordon(self, node: str, reason: str) -> None:
-        self._do("uncordon", "node", node, "", reason, node)
+        self._do("uncordon", "node", node, "", reason, node, reason)
+
+    def avoid_link(self, prefill: WorkerRef, decode: WorkerRef, reason: str, until: float | None) -> None:
+        self._do("avoid_link", "link", f"{prefill.name}->{decode.name}", decode.namespace, reason,
+                 prefill, decode, reason, until)
 
     def cap_power(self, worker: WorkerRef, watts: float | None, until: float, reason: str,
                   fallback_watts: float | None = None) -> None:

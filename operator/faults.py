@@ -5,11 +5,15 @@ Prometheus, `controllers/faults.py`'s decision, the actions through `KubeFleet`,
 (`controllers/fault_status.py`), the pods quarantined and the nodes cordoned, the last window's
 time, and the conditions Ready, Degraded and AdminReachable.
 
-Peers are the pods of one deployment, role and GPU product (the node's label). A pod is scraped
-at its public address (Prometheus' `instance`), its peers and the router call its internal one.
-Events: on the pod or node, each action's (`KubeFleet`); on the policy, each new incident, each
-action and its outcome, and each change of the Degraded or AdminReachable condition. Each new
-incident also goes to the admin API with its evidence, through the sink's queue.
+The pods come from the operator's watch cache (`PodCache`) when it has one, and each worker's
+routability from the same pods (`KubeFleet.state` reads the cache): a window makes no GET per
+pod, and a LIST of the policy's pods only after a window that acted, so that its status shows
+what the actions changed. Peers are the pods of one deployment, role and GPU product (the
+node's label). A pod is scraped at its public address (Prometheus' `instance`), its peers and
+the router call its internal one. Events: on the pod or node, each action's (`KubeFleet`); on
+the policy, each new incident, each action and its outcome, and each change of the Degraded or
+AdminReachable condition. Each new incident also goes to the admin API with its evidence,
+through the sink's queue.
 """
 
 import datetime as dt
@@ -36,6 +40,7 @@ from . import manifests as m
 from .admin_sink import AdminSink
 from .kube import Kube
 from .metrics import OperatorMetrics
+from .pod_cache import PodCache
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50         # pods and nodes listed in the status
@@ -51,6 +56,13 @@ def selector(spec: FaultPolicySpec) -> str:
     """The policy's worker pods: fleetwise's, with the policy's labels."""
     return ",".join([f"{m.MANAGED_BY}=fleetwise", m.LABEL_ROLE, *(f"{k}={v}" for k, v in
                                                                    sorted(spec.selector.match_labels.items()))])
+
+
+def selected(pods: list[dict], namespace: str, spec: FaultPolicySpec) -> list[dict]:
+    """The worker pods `selector(spec)` picks in `namespace`, from the watch cache's pods."""
+    want = spec.selector.match_labels.items()
+    return [p for p in pods if p["metadata"]["namespace"] == namespace
+            and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in want)]
 
 
 def policy_workers(pods: list[dict], nodes: list[dict], address_map: dict) -> list[Worker]:
@@ -118,6 +130,7 @@ class FaultControl:
     prometheus: PrometheusClient | None
     admin: AdminSink | None = None
     metrics: OperatorMetrics | None = None
+    pods: PodCache | None = None
     policies: dict[tuple[str, str], PolicyState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,7 +153,10 @@ class FaultControl:
             if state is None:
                 state = self.policies[key] = PolicyState(FaultLoop(self.prometheus, self.fleet, spec, list))
         state.loop.policy = spec
-        pods = self.kube.pods(key[0], selector(spec))
+        if self.pods is not None and self.pods.loaded:
+            pods = selected(self.pods.workers(), key[0], spec)
+        else:
+            pods = self.kube.pods(key[0], selector(spec))
         nodes = self.kube.nodes()
         workers = policy_workers(pods, nodes, load_address_map())
         state.loop.workers = lambda: workers

@@ -60,7 +60,7 @@ def run_operator(kubeconfig: str | None, namespaces: list[str], lease_namespace:
     memo.power = PowerControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, power_period,
                               pods=memo.pods, metrics=metrics, admin=memo.admin)
     memo.faults = FaultControl(kube, fleet, PrometheusClient(prometheus_url) if prometheus_url else None, memo.admin,
-                               metrics)
+                               metrics, pods=memo.pods)
     if metrics_port:
         start_http_server(metrics_port, addr="0.0.0.0", registry=metrics.registry)
     # the lease on connections of its own: never waiting behind the reconciles' requests

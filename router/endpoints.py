@@ -13,16 +13,19 @@ up` takes a worker out of routing this way):
           - {url: http://127.0.0.1:9002, routable: false, state: quarantined, reason: "p99 3x its peers"}
 
 `state` is one of fleetwise.fleet.Routability; `routable` follows from it when left out.
+A decode replica's `avoid` maps prefill replicas' URLs to `{until, reason}`: slow KV links the
+router routes around until then (`fleetwise.fleet.avoid_link`; the handoff pairs around them).
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import yaml
 
-from fleetwise.fleet import Routability
+from fleetwise.fleet import Routability, read_avoidances
 
 from .replica import Replica
 
@@ -56,7 +59,7 @@ class ConfigError(ValueError):
     pass
 
 
-REPLICA_KEYS = ("url", "routable", "state", "reason")
+REPLICA_KEYS = ("url", "routable", "state", "reason", "avoid")
 
 
 def _url(u: object) -> bool:
@@ -64,7 +67,7 @@ def _url(u: object) -> bool:
 
 
 def parse_replica(entry: object, where: str, model: str, role: str) -> Replica:
-    """A URL, or {url, routable, state, reason} (only url required)."""
+    """A URL, or {url, routable, state, reason, avoid} (only url required)."""
     if isinstance(entry, str):
         if not _url(entry):
             raise ConfigError(f"{where}: {entry!r} is not an http(s) URL")
@@ -86,7 +89,14 @@ def parse_replica(entry: object, where: str, model: str, role: str) -> Replica:
     follows = state is None or state == Routability.SERVING
     if routable is not None and state is not None and routable != follows:
         raise ConfigError(f"{where}: routable: {str(routable).lower()} contradicts state: {state}")
-    return Replica(entry["url"].rstrip("/"), model, role, routable=follows if routable is None else routable)
+    try:
+        avoid = read_avoidances(entry.get("avoid"), time.time())
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    if avoid and role != "decode":
+        raise ConfigError(f"{where}.avoid: only a decode replica avoids prefill peers")
+    return Replica(entry["url"].rstrip("/"), model, role, routable=follows if routable is None else routable,
+                   avoid={peer.rstrip("/"): a.until for peer, a in avoid.items()})
 
 
 def parse_config(data) -> dict[str, ModelRoute]:
@@ -168,4 +178,5 @@ def _carry(old: Replica | None, new: Replica) -> Replica:
     if old is None:
         return new
     old.routable = new.routable
+    old.avoid = new.avoid
     return old

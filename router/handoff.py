@@ -7,10 +7,14 @@ values under a lease; a decode replica pulls them and generates the rest (ARCHIT
 free up as decode workers pull: the prefill is sent again after a short back-off, a
 bounded number of times, before the client hears 429. A streamed decode moves to another
 decode replica if its own fails (migrate.py). Leases the router will not hand on are
-released at once.
+released at once. A decode replica that routes around a slow KV link from the prefill
+replica that answered (its `avoid`, set by the fault loop's `avoid_link`) is not chosen for
+that handoff, unless every available decode replica avoids it: then any is (a slow link is
+slower, not broken, and the avoidance must never turn into refusals).
 """
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -22,6 +26,7 @@ from .endpoints import ModelRoute
 from .fanout import merge_bodies, merge_streams
 from .metrics import RouterMetrics
 from .migrate import Where
+from .replica import Replica
 from .retries import RESET, TIMEOUT, RouterError, error_code
 from .upstream import Response as UpstreamResponse
 from .upstream import Upstream
@@ -94,7 +99,8 @@ class Handoffs:
                               prefill_url=prefill_url, handle=first.handle).model_dump_json().encode()
         taken = False
         try:
-            up = await self.call(model, "decode", route.replicas["decode"], "/internal/decode", dbody, stream, keys,
+            decodes = paired(route.replicas["decode"], prefill_url, time.time())
+            up = await self.call(model, "decode", decodes, "/internal/decode", dbody, stream, keys,
                                  retry_on=self.stream_retry if stream else frozenset())
             # a decode worker answers 200 only after it pulled the KV (and let the lease go)
             taken = up.status == 200
@@ -131,3 +137,12 @@ class Handoffs:
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass  # the lease expires on its own
 
+
+
+def paired(decodes: list[Replica], prefill_url: str, now: float) -> list[Replica]:
+    """The decode replicas for a prompt from `prefill_url`: those not routing around a slow link
+    from it, or all of them when none of those is available."""
+    if not any(d.avoid for d in decodes):
+        return decodes
+    kept = [d for d in decodes if not d.avoids(prefill_url, now)]
+    return kept if any(d.available for d in kept) else decodes

@@ -6,7 +6,10 @@ Ready, has an IP, is not being deleted and is not marked `fleetwise.dev/routable
 (draining or quarantined). Its model and role come from its
 labels. Its address is its internal listener's, from fleetwise/addresses.py (tests whose pod
 IPs cannot be reached give an address map, read at every refresh): the router sends every
-request and probe there, with the shared token.
+request and probe there, with the shared token. A decode pod's `fleetwise.dev/avoid-prefill`
+annotation (JSON `{prefill pod name: {until, reason}}`, written by the fault loop's
+`avoid_link`) names prefill pods of its namespace whose KV links to it are routed around
+until then; an annotation that does not parse is ignored with a warning.
 """
 
 import logging
@@ -17,6 +20,7 @@ from collections.abc import Collection
 from kubernetes import client, watch
 
 from fleetwise.addresses import AddressMap, load_address_map, worker_url
+from fleetwise.fleet import ANNOTATION_AVOID_PREFILL, read_avoidance_annotation
 from fleetwise.spec import GROUP
 
 from .endpoints import ROLES, ModelRoute, swap_routes
@@ -46,6 +50,8 @@ def routes_from_pods(pods: list[dict], address_map: AddressMap,
                      namespaces: Collection[str] = ()) -> dict[str, ModelRoute]:
     """The routes the pods make; only pods in `namespaces` count, when it names any."""
     routes: dict[str, ModelRoute] = {}
+    urls: dict[tuple[str, str], str] = {}
+    avoiding: list[tuple[Replica, dict]] = []
     for pod in sorted(pods, key=lambda p: (p["metadata"]["namespace"], p["metadata"]["name"])):
         if namespaces and pod["metadata"]["namespace"] not in namespaces:
             continue
@@ -57,8 +63,26 @@ def routes_from_pods(pods: list[dict], address_map: AddressMap,
         labels = pod["metadata"]["labels"]
         model, role = labels[MODEL_LABEL], labels[ROLE_LABEL]
         route = routes.setdefault(model, ModelRoute(model))
-        route.replicas[role].append(Replica(url, model, role))
+        replica = Replica(url, model, role)
+        route.replicas[role].append(replica)
+        urls[(pod["metadata"]["namespace"], pod["metadata"]["name"])] = url
+        if role == "decode" and ANNOTATION_AVOID_PREFILL in (pod["metadata"].get("annotations") or {}):
+            avoiding.append((replica, pod))
+    now = time.time()
+    for replica, pod in avoiding:
+        ns = pod["metadata"]["namespace"]
+        replica.avoid = {urls[(ns, peer)]: a.until for peer, a in _avoided(pod, now).items() if (ns, peer) in urls}
     return routes
+
+
+def _avoided(pod: dict, now: float) -> dict:
+    value = pod["metadata"]["annotations"][ANNOTATION_AVOID_PREFILL]
+    try:
+        return read_avoidance_annotation(value, now)
+    except ValueError as e:  # json's errors are ValueErrors too
+        log.warning("%s/%s: ignoring %s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"],
+                    ANNOTATION_AVOID_PREFILL, e)
+        return {}
 
 
 class KubernetesEndpoints:

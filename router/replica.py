@@ -4,7 +4,7 @@ policies only read it. A policy that keeps an index over replicas (least outstan
 large fleet) may watch a replica: it is told each time the routing state changes."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROUTING_STATE = frozenset({"healthy", "routable", "outstanding"})
 
@@ -18,6 +18,11 @@ class Replica:
     routable: bool = True     # the control plane may take a replica out (draining, quarantined)
     outstanding: int = 0      # requests sent and not yet finished
     failures: int = 0         # consecutive failed requests or probes
+    avoid: dict[str, float] = field(default_factory=dict)  # a decode replica's prefill peers (URL) -> until when
+
+    def avoids(self, prefill_url: str, now: float) -> bool:
+        """A slow KV link from that prefill replica is being routed around."""
+        return self.avoid.get(prefill_url, 0.0) > now
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)

@@ -2,6 +2,8 @@
 (pure), then quarantine, restore, drain, restart and cordon against a real kube-apiserver,
 with the operator running and the chart's RBAC."""
 
+import time
+
 import pytest
 
 from fleetwise.fleet import ActionRefused, Routability, WorkerRef
@@ -89,6 +91,50 @@ def test_actions_on_what_is_not_a_worker_pod_are_refused():
         KubeFleet(Kube(deleting)).drain(WorkerRef("chat-mixed-1", NS), "r")
     with pytest.raises(ActionRefused, match="cordon: no node gpu-9"):
         KubeFleet(Kube(None)).cordon("gpu-9", "r")
+
+
+def test_restart_and_quarantine_mark_the_node_suspect_keeping_its_other_taints_and_uncordon_lifts_it():
+    from fleetwise.operator.actions import TAINT_SUSPECT, KubeFleet
+
+    class Kube:
+        def __init__(self) -> None:
+            self.node_body = {"metadata": {"name": "a100-0"}, "spec": {"taints": [
+                {"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}}
+            self.calls: list[tuple] = []
+
+        def pod(self, namespace, name):
+            return worker_pod()
+
+        def node(self, name):
+            return self.node_body
+
+        def patch_node(self, name, patch):
+            self.calls.append(("patch", name, patch))
+            self.node_body["spec"] = {k: v for k, v in (self.node_body["spec"] | patch.get("spec", {})).items()
+                                      if v is not None}
+
+        def delete_pod(self, namespace, name):
+            self.calls.append(("delete", name))
+
+        def event(self, involved, type_, reason, message):
+            self.calls.append(("event", involved["kind"], reason))
+
+    kube = Kube()
+    fleet = KubeFleet(kube)  # type: ignore[arg-type]  # a fake of what it calls
+    fleet.restart(WorkerRef("chat-mixed-1", NS), "slow steps")
+    assert [c[0] for c in kube.calls] == ["patch", "event", "event", "delete"]  # marked before the pod goes
+    assert kube.node_body["spec"]["taints"] == [{"key": "nvidia.com/gpu", "effect": "NoSchedule"},
+                                                {"key": TAINT_SUSPECT, "effect": "PreferNoSchedule"}]
+    fleet.restart(WorkerRef("chat-mixed-1", NS), "again")  # marked already: no second patch
+    assert sum(c[0] == "patch" for c in kube.calls) == 1
+    fleet.uncordon("a100-0", "replaced the GPU")
+    kube.calls.clear()
+    kube.patch_pod_metadata = lambda *a, **kw: kube.calls.append(("patch pod",))  # type: ignore[method-assign]
+    fleet.quarantine(WorkerRef("chat-mixed-1", NS), "slow steps")  # its replacement is placed next: marked first
+    assert [c[0] for c in kube.calls][:3] == ["patch", "event", "patch pod"], kube.calls
+    fleet.uncordon("a100-0", "replaced the GPU")
+    assert kube.node_body["spec"]["taints"] == [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+    assert ("event", "Node", "SuspectLifted") in kube.calls
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +266,48 @@ def test_cordon_places_nothing_new_on_the_node(cluster, fleet):
     assert "fleetwise.dev/cordon-reason" not in (get(c, "node", "a100-0")["metadata"].get("annotations") or {})
     with pytest.raises(ActionRefused, match="no node"):
         fleet.cordon("nowhere", "x")
+
+
+@pytest.mark.cluster
+def test_a_slow_link_is_recorded_on_the_decode_pod_and_the_routers_discovery_pairs_around_it(cluster, fleet, tmp_path):
+    import json
+
+    from kubernetes import config
+
+    from fleetwise.router.handoff import paired
+    from fleetwise.router.kube_source import KubernetesEndpoints
+    c, _ = cluster
+    apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "ModelDeployment",
+              "metadata": {"name": "pd", "namespace": NS},
+              "spec": {"model": {"name": "pd", "uri": "/models/tiny"}, "image": "fleetwise:1",
+                       "prefill": {"replicas": 2, "gpuType": "A100"}, "decode": {"replicas": 2, "gpuType": "A100"}}})
+
+    def by_role() -> dict[str, list[str]] | None:
+        found = [p for p in get(c, "pods", "-n", NS, "-l", "fleetwise.dev/deployment=pd")["items"] if ready(p)]
+        out: dict[str, list[str]] = {"prefill": [], "decode": []}
+        for p in sorted(found, key=lambda p: p["metadata"]["name"]):
+            out.setdefault(p["metadata"]["labels"]["fleetwise.dev/role"], []).append(p["metadata"]["name"])
+        return out if all(len(v) == 2 for v in out.values()) else None
+    roles = wait_for(by_role, 90, what="pd ready")
+    (p0, p1), (d0, d1) = roles["prefill"], roles["decode"]
+    urls = {n: f"http://127.0.0.1:{9300 + i}" for i, n in enumerate((p0, p1, d0, d1))}
+    addresses = tmp_path / "addresses.json"
+    addresses.write_text(json.dumps({f"{NS}/{n}": {"url": u, "internal": u} for n, u in urls.items()}))
+    # the operator's own account writes it (its role's pod patch), the router's reads it (its pod watch)
+    fleet.avoid_link(WorkerRef(p0, NS), WorkerRef(d0, NS), "slow KV link", time.time() + 300)
+    assert "LinkAvoided" in events(c, d0)
+    source = KubernetesEndpoints(config.new_client_from_config(str(c.kubeconfig)), [NS], str(addresses))
+    try:
+        def decodes() -> list:
+            source.refresh()
+            route = source.models().get("pd")
+            return route.replicas["decode"] if route and len(route.replicas["decode"]) == 2 else []
+        ds = wait_for(lambda: (d := decodes()) and any(r.avoid for r in d) and d, 30, what="the avoidance seen")
+        assert paired(ds, urls[p0], time.time()) == [r for r in ds if r.url == urls[d1]]
+        assert paired(ds, urls[p1], time.time()) == ds  # d0 still takes p1's prompts
+        assert all(r.routable for r in ds)
+        fleet.avoid_link(WorkerRef(p0, NS), WorkerRef(d0, NS), "healed", None)
+        wait_for(lambda: (d := decodes()) and not any(r.avoid for r in d), 30, what="the avoidance lifted")
+    finally:
+        source.close()
+    c.kubectl("delete", "modeldeployment", "pd", "-n", NS)

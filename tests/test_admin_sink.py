@@ -149,10 +149,13 @@ def test_the_operator_s_verbs_are_reported_done_or_refused(tmp_path, sink_to):
             fleet.restore(WorkerRef("mixed-0"), "too soon")  # its process is not running
         with pytest.raises(ActionRefused):
             fleet.cordon("gpu-1", "ecc")
-        until(lambda: value(metrics, "fleetwise_operator_admin_records_sent_total") == 3)
+        with pytest.raises(ActionRefused):  # two mixed workers are no prefill -> decode pair
+            fleet.avoid_link(WorkerRef("mixed-0"), WorkerRef("mixed-1"), "slow link", 4e9)
+        until(lambda: value(metrics, "fleetwise_operator_admin_records_sent_total") == 4)
         done = httpx.get(f"http://127.0.0.1:{port}/api/v1/actions/remediation", headers=headers(Role.VIEWER))
         assert [(d["verb"], d["target"], d["outcome"]) for d in done.json()["items"]] == [
-            ("cordon", "gpu-1", "refused"), ("restore", "mixed-0", "refused"), ("quarantine", "mixed-0", "done")]
+            ("avoid_link", "mixed-0->mixed-1", "refused"), ("cordon", "gpu-1", "refused"),
+            ("restore", "mixed-0", "refused"), ("quarantine", "mixed-0", "done")]
     finally:
         server.stop()
 

@@ -12,13 +12,9 @@ import httpx
 import pytest
 
 from fleetwise.fleet import Routability
-from fleetwise.local_faults import local_policy, start_local_faults
-from fleetwise.local_fleet import LocalFleet
-from fleetwise.net import free_port
-from fleetwise.procs import wait_healthy
-from fleetwise.up import _ready, plan, stop_fleet, write_token
 
-from .workers import AUTH, token_file
+from .detecting_fleet import detecting_fleet
+from .workers import AUTH
 
 WINDOW = 10          # seconds: the FaultPolicy's least
 HEALTHY_WINDOWS = int(os.environ.get("FLEETWISE_FAULT_HEALTHY_WINDOWS", "3"))  # more for a soak
@@ -45,22 +41,8 @@ def load(router: str, stop: threading.Event, clients: int = 4) -> None:
 
 @pytest.fixture
 def fleet(tmp_path, tiny_model_dir):
-    token = write_token(tmp_path)
-    token.write_text(token_file().read_text())  # the tests' token, so AUTH reaches the workers
-    args = ["--fault", "switches", "--kv-cache-mib", "16", "--device", "cpu"]
-    procs = plan(tiny_model_dir, "tiny", "colocated", free_port(), 0, 0, WORKERS, tmp_path, args, token)
-    fleet = LocalFleet("tiny", procs, tmp_path / "router.yaml", tmp_path / "actions.log", ready_timeout=120)
-    try:
-        for p in procs:
-            p.start()
-        wait_healthy(procs, 180, ready=_ready)
-        faults = start_local_faults(fleet, procs, tmp_path, local_policy(WINDOW), scrape_interval=1.0)
-        try:
-            yield fleet, procs, faults
-        finally:
-            faults.stop()
-    finally:
-        stop_fleet(procs)
+    with detecting_fleet(tmp_path, tiny_model_dir, "colocated", (0, 0, WORKERS), WINDOW) as running:
+        yield running
 
 
 def test_a_slow_worker_is_quarantined_within_three_windows_and_a_healthy_run_brings_nothing(fleet):

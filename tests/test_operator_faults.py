@@ -212,3 +212,54 @@ def test_an_incident_s_kind_in_the_admin_store_says_what_was_out():
     assert kind("worker", {"hard": "XID error 79"}) == "hard_signal"
     assert kind("worker", {"kv_sender": {"a->b": 9.0}}) == "slow_kv_sender"
     assert (kind("node", {"w1": {}}), kind("link", {"score": 9.0})) == ("bad_node", "slow_link")
+
+
+class CountingKube(FakeKube):
+    """FakeKube with the pod reads and writes `KubeFleet` makes, each counted."""
+
+    def __init__(self, pods: list[dict], nodes: list[dict]) -> None:
+        super().__init__(pods, nodes)
+        self.calls: list[tuple[str, str]] = []
+
+    def pods(self, namespace: str, selector: str) -> list[dict]:
+        self.calls.append(("list", "pods"))
+        return super().pods(namespace, selector)
+
+    def pod(self, namespace: str, name: str) -> dict | None:
+        self.calls.append(("get", "pods"))
+        return next((p for p in self._pods if p["metadata"]["name"] == name), None)
+
+    def patch_pod_metadata(self, namespace: str, name: str, labels=None, annotations=None) -> None:
+        self.calls.append(("patch", "pods"))
+
+    def node(self, name: str) -> dict | None:
+        self.calls.append(("get", "nodes"))
+        return next((n for n in self._nodes if n["metadata"]["name"] == name), None)
+
+    def patch_node(self, name: str, patch: dict) -> None:
+        self.calls.append(("patch", "nodes"))
+
+
+def test_windows_read_pods_and_their_states_from_the_watch_cache_with_no_get_per_pod():
+    from fleetwise.operator.actions import KubeFleet
+    from fleetwise.operator.pod_cache import PodCache
+    pods = [pod(i, "ab"[i % 2]) for i in range(6)] + [pod(9, "a", deployment="other")]
+    pods[-1]["metadata"]["namespace"] = "elsewhere"  # another namespace's worker: not this policy's
+    kube, cache = CountingKube(pods, [node("a"), node("b")]), PodCache()
+    for p in pods:
+        cache.on_pod("ADDED", p)
+    cache.loaded = True
+    fleet = KubeFleet(kube)  # type: ignore[arg-type]  # a fake of what it calls
+    fleet.pods = cache
+    healthy = {i: 2.0 + 0.01 * i for i in range(6)}
+    control = FaultControl(kube, fleet, steps(healthy), pods=cache)  # type: ignore[arg-type]  # fakes
+    for t in (1000.0, 1010.0, 1020.0):
+        control.window(body(), now=t)
+        assert kube.statuses[-1]["workers"] == 6
+    assert kube.calls == [], kube.calls  # three windows over six pods: no GET, no LIST
+    control.prometheus = control.policies[(NS, "peers")].loop.prometheus = steps(healthy | {3: 6.0})
+    control.window(body(), now=1030.0)
+    # acting reads the one pod it changes fresh (and marks its node suspect), then lists the
+    # policy's pods once for the status
+    assert kube.calls == [("get", "pods"), ("get", "nodes"), ("patch", "nodes"), ("patch", "pods"),
+                          ("list", "pods")], kube.calls

@@ -3,7 +3,8 @@ deployment on three two-GPU nodes, a stand-in Prometheus whose series make one p
 pods of one node, the odd ones out, the operator with the chart's RBAC and a real admin API.
 A FaultPolicy quarantines the slow pod (label, Events, status, an incident in the admin
 store), then, with the admin API down, cordons the bad node, drains its pods and says the
-admin API is unreachable."""
+admin API is unreachable. A second policy's RestartPod deletes an odd pod and its replacement
+is placed on another node than the one it left."""
 
 import json
 import time
@@ -175,3 +176,45 @@ def test_a_fault_policy_quarantines_the_odd_pod_out_then_cordons_a_bad_node(setu
                                   and x["status"] == "False"), None), 30, what="AdminReachable False")
     assert "wait in the queue" in down["message"] and "AdminReachableUnreachable" in events(c, NS, "peers")
     print(f"quarantined after {took:.1f} s")
+
+
+def test_a_restart_remediation_replaces_the_pod_away_from_its_node(setup):
+    """Three pods on two two-GPU nodes (two on h100-0): the odd one out on h100-0 is deleted and
+    its replacement goes to h100-1, where spread alone would put it back (equal counts, equal
+    free GPUs, h100-0 first by name): h100-0 is marked suspect."""
+    c, prom, _, _ = setup
+    ns, h100 = "restarts", "NVIDIA-H100-80GB-HBM3"
+    for i in range(2):
+        apply(c, gpu_node(f"h100-{i}", h100, gpus=2))
+    create_namespace(c, ns)
+    apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "ModelDeployment",
+              "metadata": {"name": "echo", "namespace": ns},
+              "spec": {"model": {"name": "tiny", "uri": "/models/tiny"}, "image": "fleetwise:1",
+                       "mode": "Colocated", "mixed": {"replicas": 3, "gpuType": "H100"}}})
+
+    def running() -> dict[str, str]:
+        return {p["metadata"]["name"]: p["spec"].get("nodeName", "") for p in get(c, "pods", "-n", ns)["items"]
+                if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")}
+    placed = wait_for(lambda: len(r := running()) == 3 and r, 60, what="three running pods")
+    odd = sorted(name for name, node in placed.items() if node == "h100-0")[0]
+    workers = {name: (node, f"127.0.0.1:{32000 + i}") for i, (name, node) in enumerate(sorted(placed.items()))}
+    addresses = json.loads(address_map(c).read_text())
+    address_map(c).write_text(json.dumps(addresses | {f"{ns}/{name}": {"url": f"http://{inst}",
+                                                                        "internal": f"http://{inst}"}
+                                                       for name, (_, inst) in workers.items()}))
+    prom.set(series(workers, {odd}))
+    apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "FaultPolicy",
+              "metadata": {"name": "restarts", "namespace": ns},
+              "spec": {"detection": {"windowSeconds": 10, "minPeers": 3, "consecutiveWindows": 1},
+                       "remediation": {"actions": ["RestartPod"], "maxUnavailableFraction": 0.34,
+                                       "cooldownSeconds": 60}}})
+    now = wait_for(lambda: odd not in (r := running()) and len(r) == 3 and r, 60, what="the odd pod replaced")
+    [new] = set(now) - set(placed)
+    assert now[new] == "h100-1", now
+    taints = get(c, "node", "h100-0")["spec"].get("taints") or []
+    assert {"key": "fleetwise.dev/suspect", "effect": "PreferNoSchedule"} in taints, taints
+    assert "Restarting" in events(c, ns, odd) and "MarkedSuspect" in events(c, "default", "h100-0")
+    st = wait_for(lambda: (s := get(c, "faultpolicy", "restarts", "-n", ns).get("status") or {}).get("incidents")
+                  and s, 20, what="the incident in the status")
+    inc = st["incidents"][0]
+    assert (inc["target"], inc["state"], inc["actions"]) == (odd, "Remediated", ["RestartPod: done"]), inc

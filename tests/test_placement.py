@@ -98,3 +98,12 @@ def test_placement_of_10000_gpus_is_fast_enough_to_run_every_reconcile():
     elapsed = time.perf_counter() - t0
     assert sum(1 for d in decisions if d.node) == len(new)
     assert elapsed < 10, elapsed
+
+
+def test_a_node_marked_suspect_takes_a_replica_only_when_no_other_fits():
+    suspect = gpu_node("n1", "H100", gpus=2, taints=[("fleetwise.dev/suspect", "PreferNoSchedule")])
+    nodes = [suspect, gpu_node("n2", "H100", gpus=2)]
+    placed = [Pod("old-0", "ns/m/decode", 1, "H100", node="n2")]  # spread alone would pick n1
+    assert [d.node for d in place_all(nodes, placed, pods("ns/m/decode", 2))] == ["n2", "n1"]  # n1 when n2 is full
+    tolerant = Pod("t-0", "ns/m/decode", 1, "H100", tolerations=("fleetwise.dev/suspect",))
+    assert place_all(nodes, placed, [tolerant])[0].node == "n1"
