@@ -6,8 +6,12 @@ window, and one that stays out for several windows is an incident; then remediat
 Scoring: each member's load-normalised signal (for example step seconds per token computed,
 so a busy worker is not taken for a slow one) against its group's median, in units of the
 group's median absolute deviation (scaled by 1.4826, so that it estimates a standard deviation
-for normal data), with a floor of `MIN_SPREAD` of the median so that a group of near-identical
-members does not turn noise into huge scores. Only slowness counts (a positive score). A
+for normal data). Two floors keep a window whose few members happen to lie close together from
+turning ordinary noise into huge scores: `MIN_SPREAD` of the median, and the group's typical
+spread, the median of its last `HISTORY` windows' spreads (each relative to its median). On a
+shared machine healthy peers differ by 2-3x in one window and four of them may agree to a few
+percent in the next; a member is judged against how far apart its group usually is, not
+against one lucky window. Only slowness counts (a positive score). A
 group smaller than `minPeers` cannot outvote one member: each member is compared with its
 own last `HISTORY` windows instead. A member is suspect after `consecutiveWindows` windows
 out in a row; a hard signal (an XID error, a double-bit ECC error, a stalled engine) makes it
@@ -16,7 +20,10 @@ suspect at once.
 Localisation: suspects on one node that are at least half of that node's members -> the node;
 KV transfer times scored over every (sender, receiver) pair seen: a sender out on all its
 pairs (at least two) -> the sender, a receiver likewise, a single pair -> the link between
-them, which is routed around and whose workers are kept.
+them, which is routed around and whose workers are kept. A single pair carries few transfers
+in a window, so it must stay out `consecutiveWindows` windows in a row, as a worker must (a
+window in which it moved nothing does not break the run); a whole row or column is several
+pairs agreeing and acts at once.
 
 Remediation: Quarantine, then RestartPod (a replacement placed away from the suspect node),
 for a worker; CordonNode for a node; route-around for a link. Limits, in this order: the
@@ -81,6 +88,7 @@ class FaultState:
     actions: deque = field(default_factory=deque)                     # times of actions, for the hourly bound
     episodes: dict[str, deque] = field(default_factory=dict)          # target -> times it became an incident
     last_seen: dict[str, float] = field(default_factory=dict)         # target -> last window it was one
+    spreads: dict[str, deque] = field(default_factory=dict)           # group -> its last windows' relative spreads
 
 
 @dataclass
@@ -92,12 +100,29 @@ class FaultDecision:
     scores: dict[str, float]
 
 
-def robust_scores(values: dict[str, float]) -> dict[str, float]:
-    """Each value's distance above the median, in robust standard deviations."""
+def robust_scores(values: dict[str, float], typical: float = 0.0) -> dict[str, float]:
+    """Each value's distance above the median, in robust standard deviations; the spread is at
+    least `MIN_SPREAD` and `typical` (a spread relative to the median) of the median."""
     median = statistics.median(values.values())
     mad = statistics.median(abs(v - median) for v in values.values())
-    spread = max(1.4826 * mad, MIN_SPREAD * abs(median), 1e-12)
+    spread = max(1.4826 * mad, max(MIN_SPREAD, typical) * abs(median), 1e-12)
     return {k: (v - median) / spread for k, v in values.items()}
+
+
+def relative_spread(values: dict[str, float]) -> float:
+    """1.4826 MAD over the median: how far apart the values are, as a share of their median."""
+    median = statistics.median(values.values())
+    mad = statistics.median(abs(v - median) for v in values.values())
+    return 1.4826 * mad / abs(median) if median else 0.0
+
+
+def _group_scores(name: str, group: list[Member], state: FaultState) -> dict[str, float]:
+    """Scores against the group, its typical spread (over `HISTORY` windows) as a floor."""
+    values = {m.name: float(m.value or 0.0) for m in group}
+    past = state.spreads.setdefault(name, deque(maxlen=HISTORY))
+    typical = statistics.median(past) if len(past) >= 3 else 0.0
+    past.append(relative_spread(values))
+    return robust_scores(values, typical)
 
 
 def _score(members: list[Member], policy: FaultPolicySpec, state: FaultState) -> dict[str, float]:
@@ -106,9 +131,9 @@ def _score(members: list[Member], policy: FaultPolicySpec, state: FaultState) ->
     for m in members:
         if m.value is not None and not m.unavailable:
             groups.setdefault(m.group, []).append(m)
-    for group in groups.values():
+    for name, group in groups.items():
         if len(group) >= policy.detection.min_peers:
-            scores.update(robust_scores({m.name: float(m.value or 0.0) for m in group}))
+            scores.update(_group_scores(name, group, state))
             continue
         for m in group:  # too few peers: against its own history
             past = state.history.get(m.name)
@@ -181,9 +206,29 @@ def detect(members: list[Member], transfers: list[Transfer], policy: FaultPolicy
            now: float) -> FaultDecision:
     scores = _score(members, policy, state)
     incidents = _localise(members, _suspects(members, scores, policy, state))
-    incidents += localise_links(transfers, policy.detection.deviation_threshold)
+    incidents += _persistent(localise_links(transfers, policy.detection.deviation_threshold), transfers, policy, state)
     actions, held, flapping = _remediate(incidents, members, policy, state, now)
     return FaultDecision(incidents, actions, held, flapping, scores)
+
+
+def _persistent(incidents: list[Incident], transfers: list[Transfer], policy: FaultPolicySpec,
+                state: FaultState) -> list[Incident]:
+    """Single links out `consecutiveWindows` windows with transfers in a row (a window in which
+    the pair moved nothing neither counts nor resets); rows and columns as they are."""
+    out, slow = [], set()
+    for inc in incidents:
+        if inc.kind != "link":
+            out.append(inc)
+            continue
+        key = f"link {inc.target}"
+        slow.add(key)
+        state.streak[key] = state.streak.get(key, 0) + 1
+        if state.streak[key] >= policy.detection.consecutive_windows:
+            out.append(Incident(inc.kind, inc.target, inc.group, {**inc.evidence, "windows_out": state.streak[key]}))
+    for t in transfers:
+        if (key := f"link {t.sender}->{t.receiver}") not in slow:
+            state.streak.pop(key, None)
+    return out
 
 
 def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPolicySpec, state: FaultState,
