@@ -17,7 +17,7 @@ def test_bench_faults_quick_finds_an_xid_and_writes_its_result(tmp_path):
     result = json.loads((tmp_path / "faults-quick.json").read_text())
     assert (tmp_path / "faults-quick.png").stat().st_size > 0
     (xid,) = [c for c in result["cases"] if c["kind"] == "xid"]
-    assert xid["target"] == "mixed-1" and xid["detected_s"] is not None and xid["detected_s"] <= 15
+    assert xid["target"].startswith("mixed-") and xid["detected_s"] is not None and xid["detected_s"] <= 15
     assert [(verb, outcome) for verb, _, outcome in xid["actions"]] == [("Quarantine", "done")]
     assert result["targets"]["hard_detection_s"]["met"] is True
     assert result["run"]["windows"] >= 2 and result["run"]["load"]["ok"] > 0

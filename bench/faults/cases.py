@@ -11,7 +11,7 @@ again. Every incident that names something no fault touched at that time is a fa
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleetwise.bench.faults.fleet import BenchFleet, Window
 
@@ -63,10 +63,35 @@ def xid(worker: str, code: int = 79) -> Case:
     return Case("xid", "xid", worker, {"xid": code})
 
 
-def slow_link(f: BenchFleet, sender: str, receiver: str, delay_s: float = 0.3) -> Case:
-    peer = f.fleet.workers[sender].internal_url
-    return Case("slow KV link", "link", receiver, {"kv_slow_peer": peer, "kv_delay_seconds": delay_s},
-                link=f"{sender}->{receiver}", factor=0.0)
+def slow_link(delay_s: float = 0.3) -> Case:
+    """A slow link between the busiest (prefill, decode) pair of the last windows."""
+    return Case("slow KV link", "link", "decode", {"kv_delay_seconds": delay_s}, link="prefill->decode")
+
+
+def resolve(f: BenchFleet, case: Case, used: set[str], recent: int = 3) -> Case:
+    """A case aimed at a role ("decode", "prefill", "mixed") aimed at one worker of it: the one
+    that computed the most tokens in the last `recent` windows among those no case used yet (a
+    worker the router sends nothing has no signal to find), or for a link, the pair that moved
+    the most KV; the worker is then used."""
+    if case.kind == "healthy" or case.worker in f.fleet.workers:
+        return case
+    windows = f.record.windows[-recent:]
+    if case.kind == "link":
+        moved: dict[str, int] = {}
+        for w in windows:
+            for key in w.links:
+                moved[key] = moved.get(key, 0) + 1
+        pairs = sorted(moved, key=lambda k: -moved[k]) + [f"prefill-0->decode-{i}" for i in range(8)]
+        link = next(k for k in pairs if k.split("->")[1] not in used and k.split("->")[1] in f.fleet.workers)
+        sender, receiver = link.split("->")
+        used.add(receiver)
+        return replace(case, worker=receiver, link=link,
+                       settings={**case.settings, "kv_slow_peer": f.fleet.workers[sender].internal_url})
+    done = {n: sum(w.tokens.get(n, 0.0) for w in windows) for n in f.fleet.workers
+            if n.startswith(case.worker + "-") and n not in used}
+    chosen = max(sorted(done), key=lambda n: done[n])
+    used.add(chosen)
+    return replace(case, worker=chosen)
 
 
 def healthy(seconds: float) -> Case:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fleetwise.bench import harness
 from fleetwise.bench.faults import cases as C
-from fleetwise.bench.faults.fleet import BenchFleet, bench_fleet
+from fleetwise.bench.faults.fleet import bench_fleet
 from fleetwise.bench.faults.load import LoadThread
 from fleetwise.bench.faults.report import report
 from fleetwise.bench.faults.sim_figures import sim_detection
@@ -25,12 +25,12 @@ CONSECUTIVE = 2             # windows out in a row (local_policy's)
 MAX_WINDOWS = 5             # a fault not found within this many windows is reported as missed
 
 
-def plan(f: BenchFleet, quick: bool, healthy_s: float) -> list[C.Case]:
+def plan(quick: bool, healthy_s: float) -> list[C.Case]:
+    """The cases in order, each aimed at a role (`cases.resolve` picks the worker when it starts)."""
     if quick:
-        return [C.healthy(healthy_s), C.xid("mixed-1")]
-    return [C.healthy(healthy_s), C.slow("decode-0", 1.3), C.slow("decode-1", 2.0), C.slow("decode-2", 6.0),
-            C.slow("prefill-0", 6.0), C.stall("decode-3"), C.xid("prefill-1"),
-            C.slow_link(f, "prefill-2", "decode-1"), C.healthy(healthy_s / 2)]
+        return [C.healthy(healthy_s), C.xid("mixed")]
+    return [C.healthy(healthy_s), C.slow("decode", 1.3), C.slow("decode", 2.0), C.slow("decode", 6.0),
+            C.slow("prefill", 6.0), C.stall("prefill"), C.xid("prefill"), C.slow_link(), C.healthy(healthy_s / 2)]
 
 
 def _touched(results: list[C.CaseResult], window: int):
@@ -64,14 +64,14 @@ def run_faults_bench(out: Path = Path("bench/results"), quick: bool = False, per
             f = fleet_cm.__enter__()
         try:
             started_s = time.time() - t_start
-            cases = plan(f, quick, healthy_s)
+            cases, used = plan(quick, healthy_s), set[str]()
             requests = bursty_requests(shape, 3600.0, seed=seed)
             load = LoadThread(f.router, "tiny", requests).start()
             results = []
             with harness.progress_bar(console, "fault cases", len(cases), "cases") as advance:
                 t_cases = time.time()
                 for case in cases:
-                    results.append(C.run_case(f, case, MAX_WINDOWS, wait_serving=not quick))
+                    results.append(C.run_case(f, C.resolve(f, case, used), MAX_WINDOWS, wait_serving=not quick))
                     advance(1)
             span = time.time() - t_cases
             load.stop()
@@ -79,7 +79,8 @@ def run_faults_bench(out: Path = Path("bench/results"), quick: bool = False, per
         finally:
             fleet_cm.__exit__(None, None, None)
     fp = C.false_positive_episodes(windows, _touched(results, WINDOW))
-    sim = {} if quick else sim_detection(cases, mode, per_pool, WINDOW, CONSECUTIVE, restart_s=15.0)
+    sim = {} if quick else sim_detection([r.case for r in results], mode, per_pool, WINDOW, CONSECUTIVE,
+                                         restart_s=15.0)
     run = {"mode": mode, "workers_per_pool": per_pool, "window_s": WINDOW, "consecutive_windows": CONSECUTIVE,
            "max_windows": MAX_WINDOWS, "started_s": started_s, "detector_seconds": span, "windows": len(windows),
            "shape": shape.to_json(), "burstiness": burstiness([r for r in requests if r.at <= span]),
