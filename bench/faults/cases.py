@@ -81,10 +81,8 @@ def resolve(f: BenchFleet, case: Case, used: set[str], recent: int = 3) -> Case:
         for w in windows:
             for key in w.links:
                 moved[key] = moved.get(key, 0) + 1
-        pairs = sorted(moved, key=lambda k: -moved[k]) + [f"prefill-0->decode-{i}" for i in range(8)]
-        link = next(k for k in pairs if k.split("->")[1] not in used and k.split("->")[1] in f.fleet.workers)
+        link = max(sorted(moved), key=lambda k: moved[k]) if moved else "prefill-0->decode-0"
         sender, receiver = link.split("->")
-        used.add(receiver)
         return replace(case, worker=receiver, link=link,
                        settings={**case.settings, "kv_slow_peer": f.fleet.workers[sender].internal_url})
     done = {n: sum(w.tokens.get(n, 0.0) for w in windows) for n in f.fleet.workers
