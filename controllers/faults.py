@@ -20,10 +20,11 @@ suspect at once.
 Localisation: suspects on one node that are at least half of that node's members -> the node;
 KV transfer times scored over every (sender, receiver) pair seen: a sender out on all its
 pairs (at least two) -> the sender, a receiver likewise, a single pair -> the link between
-them, which is routed around and whose workers are kept. A single pair carries few transfers
-in a window, so it must stay out `consecutiveWindows` windows in a row, as a worker must (a
-window in which it moved nothing does not break the run); a whole row or column is several
-pairs agreeing and acts at once.
+them, which is routed around and whose workers are kept. Transfer times are scored on a log
+scale against the matrix's typical spread (a pull's time on a busy receiver varies several
+fold; a bad link is ten times slower or more), and a single pair, which carries few transfers
+in a window, must stay out `consecutiveWindows` windows in a row, as a worker must; a whole
+row or column is several pairs agreeing and acts at once.
 
 Remediation: Quarantine, then RestartPod (a replacement placed away from the suspect node),
 for a worker; CordonNode for a node; route-around for a link. Limits, in this order: the
@@ -34,6 +35,7 @@ peers at 0.25: none). A target that comes back as an incident `FLAP_LIMIT` times
 Degraded condition, instead of flapping.
 """
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ MIN_SPREAD = 0.02   # of the median: the least spread a group is taken to have
 HISTORY = 20        # windows of a member's own history, for groups too small to compare
 FLAP_LIMIT = 3      # incidents on one target within an hour before the detector stops acting on it
 HOUR = 3600.0
+LINKS = "kv links"  # the spreads' key of the KV transfer matrix
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,16 @@ def robust_scores(values: dict[str, float], typical: float = 0.0) -> dict[str, f
     mad = statistics.median(abs(v - median) for v in values.values())
     spread = max(1.4826 * mad, max(MIN_SPREAD, typical) * abs(median), 1e-12)
     return {k: (v - median) / spread for k, v in values.items()}
+
+
+def log_scores(values: dict[str, float], typical: float = 0.0) -> tuple[dict[str, float], float]:
+    """Robust scores of the values' logarithms (a value k times the median is as far out as one
+    1/k of it), and their spread, 1.4826 MAD of the logs (about the relative spread); the
+    spread used is at least `MIN_SPREAD` and `typical`."""
+    logs = {k: math.log(max(v, 1e-300)) for k, v in values.items()}
+    median = statistics.median(logs.values())
+    spread = 1.4826 * statistics.median(abs(v - median) for v in logs.values())
+    return {k: (v - median) / max(spread, MIN_SPREAD, typical) for k, v in logs.items()}, spread
 
 
 def relative_spread(values: dict[str, float]) -> float:
@@ -182,12 +195,12 @@ def _localise(members: list[Member], suspects: dict[str, dict]) -> list[Incident
     return incidents
 
 
-def localise_links(transfers: list[Transfer], threshold: float) -> list[Incident]:
+def localise_links(transfers: list[Transfer], threshold: float, typical: float = 0.0) -> list[Incident]:
     """Slow KV transfers: a whole row (sender) or column (receiver) of at least two pairs, else
-    single pairs (links)."""
+    single pairs (links). Scored on a log scale, the spread at least `typical` (`log_scores`)."""
     if len(transfers) < 3:
         return []
-    scores = robust_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers})
+    scores, _ = log_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers}, typical)
     slow = {k for k, s in scores.items() if s > threshold}
     incidents = []
     for end, position in (("sender", 0), ("receiver", 1)):
@@ -206,15 +219,18 @@ def detect(members: list[Member], transfers: list[Transfer], policy: FaultPolicy
            now: float) -> FaultDecision:
     scores = _score(members, policy, state)
     incidents = _localise(members, _suspects(members, scores, policy, state))
-    incidents += _persistent(localise_links(transfers, policy.detection.deviation_threshold), transfers, policy, state)
+    past = state.spreads.setdefault(LINKS, deque(maxlen=HISTORY))
+    typical = statistics.median(past) if len(past) >= 3 else 0.0
+    links = localise_links(transfers, policy.detection.deviation_threshold, typical)
+    if len(transfers) >= 3:
+        past.append(log_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers})[1])
+    incidents += _persistent(links, policy, state)
     actions, held, flapping = _remediate(incidents, members, policy, state, now)
     return FaultDecision(incidents, actions, held, flapping, scores)
 
 
-def _persistent(incidents: list[Incident], transfers: list[Transfer], policy: FaultPolicySpec,
-                state: FaultState) -> list[Incident]:
-    """Single links out `consecutiveWindows` windows with transfers in a row (a window in which
-    the pair moved nothing neither counts nor resets); rows and columns as they are."""
+def _persistent(incidents: list[Incident], policy: FaultPolicySpec, state: FaultState) -> list[Incident]:
+    """Single links out `consecutiveWindows` windows in a row; rows and columns as they are."""
     out, slow = [], set()
     for inc in incidents:
         if inc.kind != "link":
@@ -225,9 +241,8 @@ def _persistent(incidents: list[Incident], transfers: list[Transfer], policy: Fa
         state.streak[key] = state.streak.get(key, 0) + 1
         if state.streak[key] >= policy.detection.consecutive_windows:
             out.append(Incident(inc.kind, inc.target, inc.group, {**inc.evidence, "windows_out": state.streak[key]}))
-    for t in transfers:
-        if (key := f"link {t.sender}->{t.receiver}") not in slow:
-            state.streak.pop(key, None)
+    for key in [k for k in state.streak if k.startswith("link ") and k not in slow]:
+        del state.streak[key]
     return out
 
 
