@@ -4,9 +4,10 @@ and an action on it is done (or `max_windows` pass), the switch cleared, and the
 time to serve again before the next case. A healthy stretch is a case without a fault.
 
 Times are from the injection (`time.time()` after the switch answered): `detected_s` to the
-window whose decision first names the target, `acted_s` to the first action on it (the
-window's tick; a restart is done within it), `serving_s` to the target routable and healthy
-again. Every incident that names something no fault touched at that time is a false positive.
+decision that first names the target (the loop's `on_incident`, before its actions),
+`acted_s` to the first action on it (the window's tick; a restart is done within it, and the
+loop sees no window while it runs), `serving_s` to the target routable and healthy again.
+Every incident that names something no fault touched at that time is a false positive.
 """
 
 import time
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from fleetwise.bench.faults.fleet import BenchFleet, Window
+
+ACTION_WAIT_S = 150.0   # after an incident, for its window's actions (a restart) to be done
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,13 @@ def run_case(f: BenchFleet, case: Case, max_windows: int, tick: Callable[[], Non
             r.windows += 1
             _look(r, w)
             tick()
-        if case.kind != "healthy" and r.detected_s is not None and (r.acted_s is not None or case.kind == "link"):
+        if case.kind == "healthy":
+            continue
+        named = [t for t, kind, target in list(f.record.incidents) if t >= r.injected and names(case, kind, target)]
+        if named and (r.detected_s is None or named[0] - r.injected < r.detected_s):
+            r.detected_s = named[0] - r.injected
+            limit = max(limit, named[0] + ACTION_WAIT_S)   # its actions (a restart) end the window
+        if r.detected_s is not None and (r.acted_s is not None or case.kind == "link"):
             break
     if case.kind != "healthy":
         _clear(f, case)

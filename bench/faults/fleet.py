@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from fleetwise.controllers.faults import Incident
 from fleetwise.fault_loop import FaultLoop
 from fleetwise.local_faults import LocalFaults, local_policy, start_local_faults
 from fleetwise.local_fleet import LocalFleet, Member
@@ -49,6 +50,7 @@ class Window:
 class Record:
     """Every window of the run, appended by the fault loop's thread."""
     windows: list[Window] = field(default_factory=list)
+    incidents: list[tuple[float, str, str]] = field(default_factory=list)   # (time, kind, target) as decided
     _seen: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,6 +70,11 @@ class Record:
                    {f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in sig.transfers})
         with self._lock:
             self.windows.append(w)
+
+    def on_incident(self, inc: Incident) -> None:
+        """Called by the loop as it decides, before its actions (a restart holds the window up)."""
+        with self._lock:
+            self.incidents.append((time.time(), inc.kind, inc.target))
 
     def since(self, t: float) -> list[Window]:
         with self._lock:
@@ -121,6 +128,7 @@ def bench_fleet(workdir: Path, model: Path, mode: str, per_pool: int, window: in
         wait_healthy(procs, READY_TIMEOUT_S, ready=_ready)
         record = Record()
         faults = start_local_faults(fleet, procs, workdir, policy, scrape_interval=1.0, observe=record.observe)
+        faults.loop.on_incident = record.on_incident
         try:
             yield BenchFleet(fleet, procs, faults, record, procs[-1].url, token, window)
         finally:
