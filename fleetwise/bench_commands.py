@@ -155,7 +155,8 @@ def bench_goodput(
 @bench_app.command("faults")
 def bench_faults(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
-    quick: bool = typer.Option(False, "--quick", help="One XID on four mixed workers (quarantine, no restart), under a minute."),
+    quick: bool = typer.Option(False, "--quick",
+                               help="One XID on four mixed workers (quarantine, no restart), under a minute."),
     workers: int = typer.Option(4, "--workers", min=3, max=8, help="Workers in each pool (at least minPeers, 3)."),
     healthy: float = typer.Option(None, "--healthy-seconds", min=10,
                                   help="The healthy stretch before the faults (default 120; quick 10)."),
