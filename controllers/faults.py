@@ -6,8 +6,12 @@ window, and one that stays out for several windows is an incident; then remediat
 Scoring: each member's load-normalised signal (for example step seconds per token computed,
 so a busy worker is not taken for a slow one) against its group's median, in units of the
 group's median absolute deviation (scaled by 1.4826, so that it estimates a standard deviation
-for normal data), with a floor of `MIN_SPREAD` of the median so that a group of near-identical
-members does not turn noise into huge scores. Only slowness counts (a positive score). A
+for normal data). Two floors keep a window whose few members happen to lie close together from
+turning ordinary noise into huge scores: `MIN_SPREAD` of the median, and the group's typical
+spread, the median of its last `HISTORY` windows' spreads (each relative to its median). On a
+shared machine healthy peers differ by 2-3x in one window and four of them may agree to a few
+percent in the next; a member is judged against how far apart its group usually is, not
+against one lucky window. Only slowness counts (a positive score). A
 group smaller than `minPeers` cannot outvote one member: each member is compared with its
 own last `HISTORY` windows instead. A member is suspect after `consecutiveWindows` windows
 out in a row; a hard signal (an XID error, a double-bit ECC error, a stalled engine) makes it
@@ -16,7 +20,11 @@ suspect at once.
 Localisation: suspects on one node that are at least half of that node's members -> the node;
 KV transfer times scored over every (sender, receiver) pair seen: a sender out on all its
 pairs (at least two) -> the sender, a receiver likewise, a single pair -> the link between
-them, which is routed around and whose workers are kept.
+them, which is routed around and whose workers are kept. Transfer times are scored on a log
+scale against the matrix's typical spread (a pull's time on a busy receiver varies several
+fold; a bad link is ten times slower or more), and a single pair, which carries few transfers
+in a window, must stay out `consecutiveWindows` windows in a row, as a worker must; a whole
+row or column is several pairs agreeing and acts at once.
 
 Remediation: Quarantine, then RestartPod (a replacement placed away from the suspect node),
 for a worker; CordonNode for a node; RouteAround for a link: the router pairs the two workers
@@ -33,6 +41,7 @@ peers at 0.25: none). A target that comes back as an incident `FLAP_LIMIT` times
 Degraded condition, instead of flapping.
 """
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +52,7 @@ MIN_SPREAD = 0.02   # of the median: the least spread a group is taken to have
 HISTORY = 20        # windows of a member's own history, for groups too small to compare
 FLAP_LIMIT = 3      # incidents on one target within an hour before the detector stops acting on it
 HOUR = 3600.0
+LINKS = "kv links"  # the spreads' key of the KV transfer matrix
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class FaultState:
     actions: deque = field(default_factory=deque)                     # times of actions, for the hourly bound
     episodes: dict[str, deque] = field(default_factory=dict)          # target -> times it became an incident
     last_seen: dict[str, float] = field(default_factory=dict)         # target -> last window it was one
+    spreads: dict[str, deque] = field(default_factory=dict)           # group -> its last windows' relative spreads
 
 
 @dataclass
@@ -104,12 +115,39 @@ class FaultDecision:
     scores: dict[str, float]
 
 
-def robust_scores(values: dict[str, float]) -> dict[str, float]:
-    """Each value's distance above the median, in robust standard deviations."""
+def robust_scores(values: dict[str, float], typical: float = 0.0) -> dict[str, float]:
+    """Each value's distance above the median, in robust standard deviations; the spread is at
+    least `MIN_SPREAD` and `typical` (a spread relative to the median) of the median."""
     median = statistics.median(values.values())
     mad = statistics.median(abs(v - median) for v in values.values())
-    spread = max(1.4826 * mad, MIN_SPREAD * abs(median), 1e-12)
+    spread = max(1.4826 * mad, max(MIN_SPREAD, typical) * abs(median), 1e-12)
     return {k: (v - median) / spread for k, v in values.items()}
+
+
+def log_scores(values: dict[str, float], typical: float = 0.0) -> tuple[dict[str, float], float]:
+    """Robust scores of the values' logarithms (a value k times the median is as far out as one
+    1/k of it), and their spread, 1.4826 MAD of the logs (about the relative spread); the
+    spread used is at least `MIN_SPREAD` and `typical`."""
+    logs = {k: math.log(max(v, 1e-300)) for k, v in values.items()}
+    median = statistics.median(logs.values())
+    spread = 1.4826 * statistics.median(abs(v - median) for v in logs.values())
+    return {k: (v - median) / max(spread, MIN_SPREAD, typical) for k, v in logs.items()}, spread
+
+
+def relative_spread(values: dict[str, float]) -> float:
+    """1.4826 MAD over the median: how far apart the values are, as a share of their median."""
+    median = statistics.median(values.values())
+    mad = statistics.median(abs(v - median) for v in values.values())
+    return 1.4826 * mad / abs(median) if median else 0.0
+
+
+def _group_scores(name: str, group: list[Member], state: FaultState) -> dict[str, float]:
+    """Scores against the group, its typical spread (over `HISTORY` windows) as a floor."""
+    values = {m.name: float(m.value or 0.0) for m in group}
+    past = state.spreads.setdefault(name, deque(maxlen=HISTORY))
+    typical = statistics.median(past) if len(past) >= 3 else 0.0
+    past.append(relative_spread(values))
+    return robust_scores(values, typical)
 
 
 def _score(members: list[Member], policy: FaultPolicySpec, state: FaultState) -> dict[str, float]:
@@ -118,9 +156,9 @@ def _score(members: list[Member], policy: FaultPolicySpec, state: FaultState) ->
     for m in members:
         if m.value is not None and not m.unavailable:
             groups.setdefault(m.group, []).append(m)
-    for group in groups.values():
+    for name, group in groups.items():
         if len(group) >= policy.detection.min_peers:
-            scores.update(robust_scores({m.name: float(m.value or 0.0) for m in group}))
+            scores.update(_group_scores(name, group, state))
             continue
         for m in group:  # too few peers: against its own history
             past = state.history.get(m.name)
@@ -169,12 +207,12 @@ def _localise(members: list[Member], suspects: dict[str, dict]) -> list[Incident
     return incidents
 
 
-def localise_links(transfers: list[Transfer], threshold: float) -> list[Incident]:
+def localise_links(transfers: list[Transfer], threshold: float, typical: float = 0.0) -> list[Incident]:
     """Slow KV transfers: a whole row (sender) or column (receiver) of at least two pairs, else
-    single pairs (links)."""
+    single pairs (links). Scored on a log scale, the spread at least `typical` (`log_scores`)."""
     if len(transfers) < 3:
         return []
-    scores = robust_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers})
+    scores, _ = log_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers}, typical)
     slow = {k for k, s in scores.items() if s > threshold}
     incidents = []
     for end, position in (("sender", 0), ("receiver", 1)):
@@ -193,9 +231,31 @@ def detect(members: list[Member], transfers: list[Transfer], policy: FaultPolicy
            now: float) -> FaultDecision:
     scores = _score(members, policy, state)
     incidents = _localise(members, _suspects(members, scores, policy, state))
-    incidents += localise_links(transfers, policy.detection.deviation_threshold)
+    past = state.spreads.setdefault(LINKS, deque(maxlen=HISTORY))
+    typical = statistics.median(past) if len(past) >= 3 else 0.0
+    links = localise_links(transfers, policy.detection.deviation_threshold, typical)
+    if len(transfers) >= 3:
+        past.append(log_scores({f"{t.sender}->{t.receiver}": t.seconds_per_byte for t in transfers})[1])
+    incidents += _persistent(links, policy, state)
     actions, held, flapping = _remediate(incidents, members, policy, state, now)
     return FaultDecision(incidents, actions, held, flapping, scores)
+
+
+def _persistent(incidents: list[Incident], policy: FaultPolicySpec, state: FaultState) -> list[Incident]:
+    """Single links out `consecutiveWindows` windows in a row; rows and columns as they are."""
+    out, slow = [], set()
+    for inc in incidents:
+        if inc.kind != "link":
+            out.append(inc)
+            continue
+        key = f"link {inc.target}"
+        slow.add(key)
+        state.streak[key] = state.streak.get(key, 0) + 1
+        if state.streak[key] >= policy.detection.consecutive_windows:
+            out.append(Incident(inc.kind, inc.target, inc.group, {**inc.evidence, "windows_out": state.streak[key]}))
+    for key in [k for k in state.streak if k.startswith("link ") and k not in slow]:
+        del state.streak[key]
+    return out
 
 
 def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPolicySpec, state: FaultState,

@@ -151,3 +151,19 @@ def bench_goodput(
     run_goodput_bench = _bench("fleetwise.bench.goodput.run", "run_goodput_bench")
     run_goodput_bench(out=out, preset=preset, workers=workers, loads=load_list, seconds=seconds, repeats=repeats,
                       ttft_s=ttft, tpot_s=tpot, policies=policy, trace=trace, skip_vllm_router=skip_vllm_router)
+
+
+@bench_app.command("faults")
+def bench_faults(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    quick: bool = typer.Option(False, "--quick",
+                               help="One XID on four mixed workers (quarantine, no restart), under a minute."),
+    workers: int = typer.Option(4, "--workers", min=3, max=8, help="Workers in each pool (at least minPeers, 3)."),
+    healthy: float = typer.Option(None, "--healthy-seconds", min=10,
+                                  help="The healthy stretch before the faults (default 120; quick 10)."),
+    rate: float = typer.Option(None, "--rate", min=0.1, max=20, help="Mean requests/s of the bursty load."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Fault detection on a real local fleet: time to incident and action per fault, false positives per hour."""
+    run = _bench("fleetwise.bench.faults.run", "run_faults_bench")
+    run(out=out, quick=quick, per_pool=workers, healthy_s=healthy, rate=rate, seed=seed)

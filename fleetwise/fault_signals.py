@@ -64,6 +64,7 @@ def read_signals(prom: PrometheusClient, workers: list[Worker], window: float, u
 
     steps = per(f"sum by (instance) (increase({c.STEP_SECONDS}_sum[{w}]))")
     tokens = per(f"sum by (instance) (increase({c.BATCH_TOKENS}_sum[{w}]))")
+    counts = per(f"sum by (instance) (increase({c.STEP_SECONDS}_count[{w}]))")
     itl_sum = per(f"sum by (instance) (increase({c.INTER_TOKEN_LATENCY}_sum[{w}]))")
     itl_n = per(f"sum by (instance) (increase({c.INTER_TOKEN_LATENCY}_count[{w}]))")
     heartbeat = per(f"max by (instance) ({c.ENGINE_HEARTBEAT_AGE})")
@@ -83,7 +84,8 @@ def read_signals(prom: PrometheusClient, workers: list[Worker], window: float, u
             hard = f"XID error {xid[inst]:g}"
         elif heartbeat.get(inst, 0.0) > stall_seconds:
             hard = f"engine loop stalled for {heartbeat[inst]:.0f} s"
-        readings = {"step_seconds_per_token": value, "tokens": tokens.get(inst),
+        readings = {"step_seconds_per_token": value, "tokens": tokens.get(inst), "steps": counts.get(inst),
+                    "step_seconds": steps.get(inst),
                     "itl_seconds": itl_sum[inst] / itl_n[inst] if itl_n.get(inst) else None,
                     "router_5xx": errors.get(wk.internal_url), "router_timeouts": timeouts.get(wk.internal_url)}
         out.evidence[wk.name] = {k: v for k, v in readings.items() if v is not None}

@@ -8,6 +8,7 @@ window's scores, missing workers, incidents and actions go to `faults.json` in t
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -59,15 +60,20 @@ def local_prometheus(procs: list[Member], workdir: Path, scrape_interval: float 
 
 
 def start_local_faults(fleet: LocalFleet, procs: list[Member], workdir: Path, policy: FaultPolicySpec,
-                       scrape_interval: float = 1.0, prometheus: PrometheusServer | None = None) -> LocalFaults:
+                       scrape_interval: float = 1.0, prometheus: PrometheusServer | None = None,
+                       observe: Callable[[FaultLoop], None] | None = None) -> LocalFaults:
     """Starts the loop's thread over `prometheus` (started, kept by the caller) or over a
-    Prometheus of its own (PrometheusUnavailable without its binary)."""
+    Prometheus of its own (PrometheusUnavailable without its binary). `observe` sees each
+    window's loop after `faults.json` is written (the benchmark's record)."""
     prom = prometheus or local_prometheus(procs, workdir, scrape_interval).start()
     loop = FaultLoop(PrometheusClient(prom.url), fleet, policy, lambda: fleet_workers(fleet))
     stopping = threading.Event()
     out = workdir / "faults.json"
-    thread = threading.Thread(target=loop.run, args=(stopping, lambda done: _write(out, done)), name="fault-loop",
-                              daemon=True)
+    def after(done: FaultLoop) -> None:
+        _write(out, done)
+        if observe is not None:
+            observe(done)
+    thread = threading.Thread(target=loop.run, args=(stopping, after), name="fault-loop", daemon=True)
     thread.start()
     return LocalFaults(prom, loop, thread, stopping, owns_prometheus=prometheus is None)
 

@@ -1,0 +1,1 @@
+"""`fleetwise bench faults`: fault detection on a real local fleet (see run.py)."""
