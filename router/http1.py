@@ -67,8 +67,9 @@ class Incoming:
     def headers(self) -> Headers:
         return Headers(self.raw_headers)
 
-    async def stream(self):  # what limits.read_body reads
-        yield self.body
+    @property
+    def whole_body(self) -> bytes:  # what limits.read_body reads
+        return self.body
 
 
 class Site(Protocol):
@@ -100,7 +101,7 @@ class Connection(asyncio.Protocol):
         self._begin()
 
     def _begin(self) -> None:
-        self.url, self.size, self.head = b"", 0, 0
+        self.url, self.size, self.head, self.declared = b"", 0, 0, b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.parts: list[bytes] = []
         self.kind: str | None = None
@@ -198,7 +199,10 @@ class Connection(asyncio.Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self.declared = value
+        self.raw_headers.append((name, value))
         self._count(len(name) + len(value))
         if len(self.raw_headers) > MAX_HEADERS:
             self._refuse(RouterError(431, f"at most {MAX_HEADERS} request headers"))
@@ -214,7 +218,7 @@ class Connection(asyncio.Protocol):
         self._wait(BODY, self.site.limits.body_timeout_s)
         if self.parser.get_method() == b"POST":
             self.kind = self.site.hot.get(self.url.split(b"?", 1)[0])
-        declared = Headers(self.raw_headers).get("content-length", "") or ""
+        declared = self.declared
         if declared.isdigit() and int(declared) > self._limit():
             self._refuse(_too_large(self._limit()))
 

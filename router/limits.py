@@ -39,6 +39,11 @@ class ConnectionLimits:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass `limit` bytes: from its
     Content-Length before reading, else while it arrives."""
+    whole = getattr(request, "whole_body", None)
+    if whole is not None:  # the front door's request, read (and bounded) as it arrived
+        if len(whole) > limit:
+            raise _too_large(limit)
+        return whole
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
