@@ -159,9 +159,11 @@ def _expire(waiter: "asyncio.Future[None]") -> None:
         waiter.set_exception(TimeoutError())
 
 
-def _done(waiter: "asyncio.Future[None]", _: "asyncio.Future[None]") -> None:
+def _done(waiter: "asyncio.Future[None]", head: "asyncio.Future[None]") -> None:
     if not waiter.done():
         waiter.set_result(None)
+    elif not head.cancelled():
+        head.exception()  # the wait was given up (cancelled): its error is nobody's, as with asyncio.shield
 
 
 class Response:
