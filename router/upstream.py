@@ -199,6 +199,14 @@ class Response:
             yield item
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if conn is not None and conn.complete and conn.chunks and conn.chunks[-1] is None:
+            chunks = conn.chunks  # all of it arrived (an answer, a refusal): no iterator needed
+            chunks.pop()
+            self._done = True
+            body = b"".join(chunks)  # type: ignore[arg-type]  # bytes only before the end
+            chunks.clear()
+            return body
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     def abort(self) -> None:
