@@ -236,6 +236,15 @@ def router(
                                         help="Token ids kept per request; beyond them it cannot move."),
     drain_grace: float = typer.Option(30.0, "--drain-grace", min=0,
                                       help="Seconds a drained replica keeps its streams before they move."),
+    max_connections: int = typer.Option(4096, "--max-connections", min=1,
+                                        help="Client connections open at once; one more gets 503 and is closed."),
+    head_timeout: float = typer.Option(30.0, "--head-timeout", min=0.01,
+                                       help="Seconds for a request's head to arrive whole (the first's from the "
+                                            "connect): a connection that sent nothing is closed, a partial head 408."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.01,
+                                       help="Seconds for a request's body to arrive whole after its head (408)."),
+    keep_alive_timeout: float = typer.Option(75.0, "--keep-alive-timeout", min=0.01,
+                                             help="Seconds an idle keep-alive client connection stays open."),
 ):
     """Run the router: the OpenAI-compatible front door over the workers' internal ports."""
     import logging
@@ -243,6 +252,7 @@ def router(
     from fleetwise.logs import configure as configure_logs
     from fleetwise.router.app import serve
     from fleetwise.router.endpoints import ConfigError, EndpointSource, StaticEndpoints
+    from fleetwise.router.limits import ConnectionLimits
     from fleetwise.router.policies import POLICIES
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
@@ -265,7 +275,8 @@ def router(
         except ConfigError as e:
             raise typer.BadParameter(str(e), param_hint="--config")
     serve(source, host, port, token, policy, max_inflight, probe_interval,
-          max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace)
+          max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace,
+          connections=ConnectionLimits(max_connections, head_timeout, body_timeout, keep_alive_timeout))
 
 
 @app.command()

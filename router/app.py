@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fleetwise.openai_schema import openapi, router_routes
 
 from .endpoints import EndpointSource
+from .limits import ConnectionLimits
 from .proxy import Router
 from .retries import RouterError
 
@@ -102,16 +103,17 @@ async def answer(router: Router, request: Any, kind: str) -> Response:
 
 def serve(source: EndpointSource, host: str, port: int, token: str | None, policy: str = "prefix_load",
           max_inflight: int = 2048, probe_interval: float = 1.0, max_migrations: int = 3,
-          max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0) -> None:
+          max_tokens_kept: int = 1 << 17, drain_grace: float = 30.0,
+          connections: ConnectionLimits = ConnectionLimits()) -> None:
     """`token`: the shared token of the workers' internal listeners, which the router calls."""
     from .front import run_door
 
     router = Router(source, policy, max_inflight=max_inflight, probe_interval=probe_interval, token=token,
                     max_migrations=max_migrations, max_tokens_kept=max_tokens_kept, drain_grace=drain_grace)
-    app = build_app(router)
+    door = run_door(router, build_app(router), partial(answer, router), host, port, limits=connections)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run_door(router, app, partial(answer, router), host, port))
+        asyncio.run(door)
         return
-    uvloop.run(run_door(router, app, partial(answer, router), host, port))
+    uvloop.run(door)

@@ -19,32 +19,80 @@ def as_stream(body: dict) -> dict:
 
 async def assemble(up: Upstream, kind: str) -> Upstream:
     """The whole answer from a stream's events (`up` is released)."""
-    choices: dict[int, dict[str, Any]] = {}
-    head: dict[str, Any] = {}
-    usage = None
-    buf = b""
+    answer = _Answer(kind)
     try:
-        async for chunk in _chunks(up):
-            buf += chunk
-            *events, buf = buf.split(b"\n\n")
-            payloads = [e[6:] for e in events if e.startswith(b"data: {")]
-            for payload, data in zip(payloads, _parse(payloads)):
-                if "error" in data:
-                    status = 503 if data["error"].get("code") == "engine_unavailable" else 500
-                    return Upstream(status, "application/json", payload)
-                head = head or data
-                usage = data.get("usage") or usage
-                for ch in data.get("choices") or ():
-                    _add(choices.setdefault(ch["index"], {}), ch, kind)
+        failed = answer.take(up.body)
+        if failed is None and up.rest is not None:
+            async for chunk in up.rest:
+                if (failed := answer.take(chunk)) is not None:
+                    break
     except UpstreamError as e:
         raise RouterError(502, f"the replica failed after it accepted the request and no other could take it "
                           f"over ({e})", code="upstream_failed", type_="server_error")
     finally:
         up.release()
-    obj = "text_completion" if kind == "completion" else "chat.completion"
-    whole = {"id": head.get("id"), "object": obj, "created": head.get("created"), "model": head.get("model"),
-             "choices": [_choice(i, c, kind) for i, c in sorted(choices.items())], "usage": usage}
-    return Upstream(200, "application/json", orjson.dumps(whole))
+    return failed or Upstream(200, "application/json", answer.whole())
+
+
+class _Choice:
+    __slots__ = ("finish_reason", "logprobs", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, list] | None = None
+
+
+class _Answer:
+    """The events read so far: the first one's id, time and model, each choice, the usage."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.buf = b""
+        self.head: dict[str, Any] | None = None
+        self.usage = None
+        self.choices: dict[int, _Choice] = {}
+
+    def take(self, chunk: bytes) -> Upstream | None:
+        """A chunk's complete events added; an error event's answer, which ends it."""
+        buf = self.buf + chunk if self.buf else chunk
+        *events, self.buf = buf.split(b"\n\n")
+        payloads = [e[6:] for e in events if e.startswith(b"data: {")]
+        chat = self.kind != "completion"
+        for payload, data in zip(payloads, _parse(payloads)):
+            if "error" in data:
+                status = 503 if data["error"].get("code") == "engine_unavailable" else 500
+                return Upstream(status, "application/json", payload)
+            if not self.head:
+                self.head = data
+            usage = data.get("usage")
+            if usage:
+                self.usage = usage
+            for ch in data.get("choices") or ():
+                c = self.choices.get(ch["index"])
+                if c is None:
+                    c = self.choices[ch["index"]] = _Choice()
+                text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                if text:
+                    c.texts.append(text)
+                if ch.get("finish_reason"):
+                    c.finish_reason = ch["finish_reason"]
+                lp = ch.get("logprobs")
+                if lp:
+                    have = c.logprobs if c.logprobs is not None else {}
+                    c.logprobs = have
+                    for key, values in lp.items():
+                        have.setdefault(key, []).extend(values)
+        return None
+
+    def whole(self) -> bytes:
+        head = self.head or {}
+        kind = self.kind
+        obj = "text_completion" if kind == "completion" else "chat.completion"
+        return orjson.dumps({"id": head.get("id"), "object": obj, "created": head.get("created"),
+                             "model": head.get("model"),
+                             "choices": [_choice(i, c, kind) for i, c in sorted(self.choices.items())],
+                             "usage": self.usage})
 
 
 def _parse(payloads: list[bytes]) -> Iterable[Any]:
@@ -60,20 +108,8 @@ def _parse(payloads: list[bytes]) -> Iterable[Any]:
     return (orjson.loads(p) for p in payloads)
 
 
-def _add(c: dict[str, Any], ch: dict[str, Any], kind: str) -> None:
-    text = ch.get("text") if kind == "completion" else (ch.get("delta") or {}).get("content")
-    c["text"] = c.get("text", "") + (text or "")
-    if ch.get("finish_reason"):
-        c["finish_reason"] = ch["finish_reason"]
-    lp = ch.get("logprobs")
-    if lp:
-        have = c.setdefault("logprobs", {})
-        for key, values in lp.items():
-            have.setdefault(key, []).extend(values)
-
-
-def _choice(i: int, c: dict[str, Any], kind: str) -> dict[str, Any]:
-    lp = c.get("logprobs")
+def _choice(i: int, c: _Choice, kind: str) -> dict[str, Any]:
+    lp, text = c.logprobs, "".join(c.texts)
     if kind == "completion":
         if lp and "tokens" in lp:  # offsets of the tokens' own texts, as a whole answer counts them
             offsets, at = [], 0
@@ -81,9 +117,9 @@ def _choice(i: int, c: dict[str, Any], kind: str) -> dict[str, Any]:
                 offsets.append(at)
                 at += len(token)
             lp["text_offset"] = offsets
-        return {"index": i, "text": c.get("text", ""), "finish_reason": c.get("finish_reason"), "logprobs": lp}
-    return {"index": i, "message": {"role": "assistant", "content": c.get("text", "")},
-            "finish_reason": c.get("finish_reason"), "logprobs": lp}
+        return {"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lp}
+    return {"index": i, "message": {"role": "assistant", "content": text},
+            "finish_reason": c.finish_reason, "logprobs": lp}
 
 
 async def whole(up: Upstream) -> Upstream:

@@ -1,6 +1,8 @@
 """Bounds on the work one request brings into the router: its body's size (413 before any
 of it is parsed), its number of choices `n` and of prompts (400 naming the field), and the
-sequences it fans out to, which count against the router's in-flight bound."""
+sequences it fans out to, which count against the router's in-flight bound. And bounds on
+the front door's client connections: how many at once, how long a head, a body and an idle
+keep-alive connection may take (`ConnectionLimits`)."""
 
 from dataclasses import dataclass
 
@@ -17,9 +19,31 @@ class Limits:
     max_prompts: int = 1024         # prompts in one completion request (a batch)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on the front door's client connections (router/http1.py, router/front.py)."""
+    max_connections: int = 4096  # open at once; one more is answered 503 and closed
+    head_timeout_s: float = 30.0  # a request's head, whole, from its first byte (the first's from the connect)
+    body_timeout_s: float = 60.0  # a request's body, whole, from the end of its head (408 after)
+    keep_alive_s: float = 75.0  # an idle keep-alive connection closes after it: longer than clients keep
+    # idle connections (aiohttp 15 s, httpx 5 s), as a server that closes first races the client's reuse
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections: at least 1")
+        for name in ("head_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to pass `limit` bytes: from its
     Content-Length before reading, else while it arrives."""
+    whole = getattr(request, "whole_body", None)
+    if whole is not None:  # the front door's request, read (and bounded) as it arrived
+        if len(whole) > limit:
+            raise _too_large(limit)
+        return whole
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)

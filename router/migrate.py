@@ -149,13 +149,16 @@ class Tracker:
             elif i != 0 and i not in self.prompts:
                 self.prompts[i] = d["prompt_token_ids"]
                 self._count(len(self.prompts[i]))
-        choice = self.choices.get(d.get("index", 0))
+        index = d.get("index", 0)
+        choice = self.choices.get(index)
         if choice is None:
-            choice = self.choices[d.get("index", 0)] = Choice()
+            choice = self.choices[index] = Choice()
         ids = d.get("token_ids") or []
         if self.why_not is None:
             choice.token_ids += ids
-        self._count(len(ids))
+        self.kept += len(ids)  # _count's, inline: this runs for every event
+        if self.kept > self.max_kept:
+            self._count(0)
         if d.get("finish_reason") is not None:
             choice.finished = True
 

@@ -14,7 +14,9 @@ carries the shared token (`Authorization: Bearer`, fleetwise/protocol.py).
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import aiohttp
 import orjson
@@ -73,6 +75,8 @@ class Router:
         self.request_timeout, self.probe_interval = request_timeout, probe_interval
         self.inflight = 0
         self.metrics = RouterMetrics()
+        self.metrics.inflight.set_function(lambda: self.inflight)
+        self._gauged: weakref.WeakSet[Replica] = weakref.WeakSet()  # replicas whose outstanding gauge reads them
         self.session: aiohttp.ClientSession | None = None  # probes and lease releases
         self.pool = Pool(read_timeout=request_timeout)  # requests
         self.auth = {AUTH_HEADER: bearer(token)} if token else {}
@@ -144,15 +148,16 @@ class Router:
 
     def _acquire(self, replica: Replica) -> Callable[[], None]:
         replica.outstanding += 1
-        gauge = self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url)
-        gauge.set(replica.outstanding)
+        if replica not in self._gauged:  # the gauge reads the count when scraped, not set per request
+            self._gauged.add(replica)
+            self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url).set_function(
+                lambda: replica.outstanding)
         done: list[int] = []
 
         def release() -> None:
             if not done:
                 done.append(1)
                 replica.outstanding -= 1
-                gauge.set(replica.outstanding)
         return release
 
     async def call(self, model: str, role: str, replicas: list[Replica], path: str, payload: bytes,
@@ -200,10 +205,7 @@ class Router:
             if stream and status == 200:
                 chunks = resp.iter_chunks()
                 first = await first_chunk(chunks)
-
-                def close(resp: UpstreamResponse = resp, release: Callable[[], None] = release) -> None:
-                    resp.release()
-                    release()
+                close = partial(_close, resp, release)
                 abort = resp.abort
                 resp = None  # the stream's now: released by close()
                 self._alive(replica)
@@ -238,7 +240,7 @@ class Router:
         rid = incoming_request_id(request.headers.get(REQUEST_ID_HEADER))
         request_id.set(rid)
         response = await self._handle(request, kind)
-        response.headers[REQUEST_ID_HEADER] = rid
+        response.raw_headers.append((_RID, rid.encode()))  # as headers[...] = would, without its scan
         return response
 
     async def _handle(self, request: Request, kind: str) -> Response:
@@ -288,7 +290,8 @@ class Router:
         fails; a non-streamed one is assembled whole (assemble.py)."""
         if not stream:
             body, raw = as_stream(body), b""
-            subs = [(as_stream(sub), offset) for sub, offset in subs]
+            if route.mode != "colocated":
+                subs = [(as_stream(sub), offset) for sub, offset in subs]
         if route.mode == "colocated":
             mixed = route.replicas["mixed"]
             up = await self.call(route.name, "mixed", mixed, PATHS[kind], raw or orjson.dumps(body), True, keys,
@@ -305,7 +308,6 @@ class Router:
 
     def _enter(self, weight: int) -> None:
         self.inflight += weight
-        self.metrics.inflight.set(self.inflight)
 
     def _respond(self, up: Upstream, model: str, t0: float, weight: int) -> Response:
         if up.rest is None:
@@ -367,6 +369,13 @@ class Router:
         if isinstance(e, UpstreamTimeout):
             self.metrics.child(self.metrics.timeouts, replica.model, replica.role, replica.url).inc()
 
+
+def _close(resp: UpstreamResponse, release: Callable[[], None]) -> None:
+    resp.release()
+    release()
+
+
+_RID = REQUEST_ID_HEADER.encode()
 
 # a stream has given the client nothing before its first chunk: a broken connection until
 # then is redone on another replica (ARCHITECTURE.md, "The path of one request")

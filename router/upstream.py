@@ -16,6 +16,7 @@ import asyncio
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
 
 import httptools
@@ -103,9 +104,9 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        assert self.chunks is not None  # a response comes only after send() set the queue
-        self.chunks.append(body)
-        self._wake()
+        self.chunks.append(body)  # type: ignore[union-attr]  # a response comes only after send() set the queue
+        if self.waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         assert self.chunks is not None
@@ -158,6 +159,13 @@ def _expire(waiter: "asyncio.Future[None]") -> None:
         waiter.set_exception(TimeoutError())
 
 
+def _done(waiter: "asyncio.Future[None]", head: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+    elif not head.cancelled():
+        head.exception()  # the wait was given up (cancelled): its error is nobody's, as with asyncio.shield
+
+
 class Response:
     def __init__(self, conn: _Connection, pool: "Pool"):
         self._conn: _Connection | None = conn
@@ -191,6 +199,14 @@ class Response:
             yield item
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if conn is not None and conn.complete and conn.chunks and conn.chunks[-1] is None:
+            chunks = conn.chunks  # all of it arrived (an answer, a refusal): no iterator needed
+            chunks.pop()
+            self._done = True
+            body = b"".join(chunks)  # type: ignore[arg-type]  # bytes only before the end
+            chunks.clear()
+            return body
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     def abort(self) -> None:
@@ -263,15 +279,7 @@ class Pool:
             head = conn.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n%s"
                       b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, headers, len(body), body))
             try:
-                if late is None:  # the common case: a timer on the head itself, lighter than asyncio.timeout
-                    timer = asyncio.get_running_loop().call_later(self.read_timeout, _expire, head)
-                    try:
-                        await head
-                    finally:
-                        timer.cancel()
-                else:
-                    async with asyncio.timeout(self.read_timeout):
-                        await asyncio.shield(head)
+                await self._head(head, late is not None)
             except TimeoutError:
                 if late is None:
                     conn.transport.close()
@@ -285,6 +293,22 @@ class Pool:
                 raise
             return Response(conn, self)
         raise UpstreamError("unreachable")
+
+    async def _head(self, head: "asyncio.Future[None]", keep: bool) -> None:
+        """The response head, or TimeoutError after the read timeout: a timer, lighter than
+        asyncio.timeout. `keep`: the head's own future is left alone by the timeout (a late
+        answer is still awaited), as with asyncio.shield."""
+        loop = asyncio.get_running_loop()
+        waiter = head
+        if keep:
+            waiter = loop.create_future()
+            head.add_done_callback(partial(_done, waiter))
+        timer = loop.call_later(self.read_timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+        head.result()
 
     def _wait_late(self, url: str, conn: _Connection, head: "asyncio.Future[None]", late: Late) -> None:
         async def wait() -> None:

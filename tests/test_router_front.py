@@ -18,24 +18,42 @@ from .workers import LOGS, start_router, start_worker, token_file, write_router_
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_model_dir, tmp_path_factory):
+def config(tiny_model_dir, tmp_path_factory):
+    """A router config over one real worker."""
     from fleetwise.worker.engine.config import EngineConfig
     worker = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8,
                                        num_blocks=256))
     path = tmp_path_factory.mktemp("front") / "r.yaml"
     write_router_config(path, "tiny", mixed=[worker.internal_url])
-    asgi = start_router(path)
+    try:
+        yield path
+    finally:
+        worker.stop()
+
+
+def start_door(config, *flags: str) -> Process:
+    """`fleetwise router` as it runs, with its front door."""
     port = free_port()
-    door = Process("router", fleetwise_argv("router", "--config", str(path), "--port", str(port),
-                                            "--internal-token-file", str(token_file())),
+    door = Process("router", fleetwise_argv("router", "--config", str(config), "--port", str(port),
+                                            "--internal-token-file", str(token_file()), *flags),
                    LOGS / f"router-{port}.log", f"http://127.0.0.1:{port}", die_with_parent=True).start()
     try:
         wait_processes([door], 60, interval=0.05)
+    except BaseException:
+        door.stop(grace=5)
+        raise
+    return door
+
+
+@pytest.fixture(scope="module")
+def fleet(config):
+    asgi = start_router(config)
+    door = start_door(config)
+    try:
         yield door.url, asgi.url
     finally:
         door.stop(grace=5)
         asgi.stop()
-        worker.stop()
 
 
 def both(fleet, method: str, path: str, **kw) -> tuple[httpx.Response, httpx.Response]:
