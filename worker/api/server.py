@@ -91,7 +91,7 @@ def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
                limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
                on_engine_failure: Callable[[str], None] | None = None,
                internal_token: str | None = None) -> WorkerApps:
-    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
+    """`faults`: test-only switches (kv_stream.CORRUPT_KV); empty unless a test asks.
     `on_engine_failure` is called, with the reason, each time the engine turns dead or failing.
     `internal_token`: the shared token the internal listener asks every caller for (and the
     pulls from prefill workers carry); None: no internal listener."""

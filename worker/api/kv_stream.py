@@ -1,0 +1,85 @@
+"""`GET /internal/kv/{handle}`: a held prompt's KV stream (kv/transfer.py), sent layer by
+layer as each is gathered.
+
+Each layer is gathered out of the paged cache into one new buffer that holds its frame head
+and payload, with its checksum, in a thread (`_gathers`), while the layer before it is
+written to the socket; the buffer goes to the transport as it is, without a copy. The
+response is a plain ASGI one with a Content-Length (`KVStreamResponse`): one message per
+layer, no chunked framing, no task per response.
+"""
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterator
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..kv.connector import KVConnector
+from ..kv.transfer import VERSIONS as KV_VERSIONS
+from ..kv.transfer import encode, stream_size
+from ..metrics import WorkerMetrics
+from .openai import APIError
+
+CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
+
+_gathers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-gather")
+
+
+def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    for i, frame in enumerate(frames):
+        if i == 1:  # the first layer's frame: flip its last byte, after the checksum was taken
+            frame = memoryview(bytearray(frame))
+            frame[-1] ^= 0xFF
+        yield frame
+
+
+class KVStreamResponse(Response):
+    """The frames of a stream, the next one made in a thread while this one is sent;
+    `done(sent)` runs once no thread reads the lease's blocks any more."""
+
+    def __init__(self, frames: Iterator[bytes | memoryview], length: int, done: Callable[[int], None]):
+        super().__init__(status_code=200, media_type="application/octet-stream",
+                         headers={"content-length": str(length)})
+        self.frames, self.done = frames, done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        frames = self.frames
+        upcoming = loop.run_in_executor(_gathers, next, frames, None)
+        sent = 0
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while (frame := await upcoming) is not None:
+                upcoming = loop.run_in_executor(_gathers, next, frames, None)
+                sent += len(frame)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # no await here: a cancelled response would be cancelled again at every await
+            def finished(_: object, sent: int = sent) -> None:
+                self.done(sent)
+            upcoming.add_done_callback(finished)
+
+
+def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozenset[str], handle: str,
+                start: int, kv_version: int) -> KVStreamResponse:
+    """The held prompt's keys and values from token `start`, in stream version `kv_version`."""
+    if kv_version not in KV_VERSIONS:
+        raise APIError(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
+                       code="unsupported_protocol_version")
+    try:
+        header, layers = connector.open_kv(handle, start)
+    except KeyError:
+        raise APIError(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
+    except ValueError as e:
+        raise APIError(400, str(e), param="start")
+    pinned = layers.blocks.device.type == "cuda"
+    frames = encode(header, layers, kv_version, pinned=pinned)
+    if CORRUPT_KV in faults:
+        frames = _corrupted(frames)
+
+    def done(sent: int) -> None:
+        connector.close_kv(handle)
+        metrics.on_kv_transfer("sent", sent)
+    return KVStreamResponse(frames, stream_size(header), done)
