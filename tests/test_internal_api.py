@@ -21,7 +21,7 @@ from fleetwise.worker.engine.sequence import SamplingParams
 from fleetwise.worker.kv import transfer
 from fleetwise.worker.kv.connector import KVConnector
 from fleetwise.worker.kv.pull import KVClient, StagingSink, pull, receive
-from fleetwise.worker.kv.slots import KVLayers
+from fleetwise.worker.kv.slots import CacheSink, KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError
 
 from .workers import internal, start_worker
@@ -328,3 +328,26 @@ def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, tiny_model_dir
     finally:
         client.close()
         internal("DELETE", p, f"/internal/kv/{first['handle']}")
+
+
+@pytest.mark.parametrize("lo", [0, 3])
+def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo):
+    """What KVLayers gathers out of scattered blocks is the cache's slots token by token,
+    and CacheSink's views are exactly those slots, keys then values."""
+    import torch
+    bs, blocks, n = 4, [7, 2, 3, 9], 13  # blocks 2 and 3 are consecutive: one view
+    caches = [torch.randn(2, 12 * bs, 2, 3) for _ in range(2)]
+    slots = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
+    layers = KVLayers(caches, bs, blocks, lo, n)
+    for i, (k, v) in enumerate(layers):
+        assert torch.equal(k, caches[i][0, slots[lo:]]) and torch.equal(v, caches[i][1, slots[lo:]])
+    sink = CacheSink(caches, bs, blocks, n)
+    views = sink.views(1)
+    assert len(views) == 2 * 3 and sum(map(len, views)) == 2 * n * 2 * 3 * 4
+    payload = torch.randn(2, n, 2, 3)
+    raw = payload.view(-1).view(torch.uint8).numpy().tobytes()
+    at = 0
+    for view in views:
+        view[:] = raw[at:at + len(view)]
+        at += len(view)
+    assert torch.equal(caches[1][0, slots], payload[0]) and torch.equal(caches[1][1, slots], payload[1])

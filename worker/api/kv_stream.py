@@ -23,12 +23,26 @@ from .openai import APIError
 
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
 
+HOP_BYTES = 2 << 20  # after the first layer, layers are gathered in batches of at least this many bytes per thread hop
 _gathers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-gather")
+
+
+def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | memoryview]:
+    """The next frames, until they hold `at_least` bytes or the stream ends (an empty list:
+    it has ended)."""
+    out: list[bytes | memoryview] = []
+    size = 0
+    for frame in frames:
+        out.append(frame)
+        size += len(frame)
+        if size >= at_least:
+            break
+    return out
 
 
 def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
     for i, frame in enumerate(frames):
-        if i == 1:  # the first layer's frame: flip its last byte, after the checksum was taken
+        if i == 1:  # the first layer's frame: flip its last byte, after its checksum was taken
             frame = memoryview(bytearray(frame))
             frame[-1] ^= 0xFF
         yield frame
@@ -46,14 +60,18 @@ class KVStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         frames = self.frames
-        upcoming = loop.run_in_executor(_gathers, next, frames, None)
+        preamble = next(frames)  # the header alone: nothing to gather
+        upcoming = loop.run_in_executor(_gathers, _take, frames, 1)  # the first layer alone, to start early
         sent = 0
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            while (frame := await upcoming) is not None:
-                upcoming = loop.run_in_executor(_gathers, next, frames, None)
-                sent += len(frame)
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": preamble, "more_body": True})
+            sent += len(preamble)
+            while batch := await upcoming:
+                upcoming = loop.run_in_executor(_gathers, _take, frames, HOP_BYTES)
+                for frame in batch:
+                    sent += len(frame)
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             # no await here: a cancelled response would be cancelled again at every await

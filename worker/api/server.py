@@ -357,7 +357,11 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
         if app is not None:
             servers.append(Server(uvicorn.Config(app, host=host, port=p, log_level="warning",
                                                  timeout_graceful_shutdown=50)))
-    asyncio.run(serve_together(servers))
+    try:  # uvloop's transports write a buffer without copying it and cost less per call
+        import uvloop
+        uvloop.run(serve_together(servers))
+    except ImportError:
+        asyncio.run(serve_together(servers))
     if failed:
         log.error("exiting: the engine failed (%s)", failed[0])
         return 1
