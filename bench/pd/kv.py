@@ -148,13 +148,28 @@ class StreamReader:
 
     def __init__(self, url: str, headers: dict[str, str]):
         parts = urllib.parse.urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.address = (parts.hostname, parts.port)
+        self.sock = self._connect()
         self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.netloc = parts.netloc
         self.buf = memoryview(bytearray(4 << 20))
 
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def read(self, handle: str) -> tuple[int, float]:
+        """(bytes of the body, seconds); on a new connection when the worker closed the
+        kept one meanwhile (its keep-alive timeout), as the decode side's client does."""
+        try:
+            return self._read(handle)
+        except ConnectionError:
+            self.sock.close()
+            self.sock = self._connect()
+            return self._read(handle)
+
+    def _read(self, handle: str) -> tuple[int, float]:
         from fleetwise.worker.kv.transfer import VERSIONS
         t0 = time.perf_counter()
         self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={max(VERSIONS)} HTTP/1.1\r\n"
@@ -163,7 +178,7 @@ class StreamReader:
         while (end := data.find(b"\r\n\r\n")) < 0:
             part = self.sock.recv(65536)
             if not part:
-                raise RuntimeError("the prefill worker closed the connection")
+                raise ConnectionResetError("the prefill worker closed the connection")
             data += part
         head = data[:end].decode("latin-1").lower()
         if not head.startswith("http/1.1 200"):

@@ -230,6 +230,8 @@ class _Pull:
                 pass
 
     def run(self) -> None:
+        if self.cancelled:
+            raise KVTransferError("the pull was cancelled", "unreachable")
         for attempt in range(2):  # a kept connection the worker has closed meanwhile: once more on a new one
             sock, reused = self.client.connect(*self.key, fresh=attempt > 0)
             self.sock = sock
@@ -287,7 +289,8 @@ async def pull(client: KVClient, prefill_url: str, handle: str, expect: KVHeader
         await asyncio.wrap_future(running)
     except asyncio.CancelledError:
         job.cancel()
-        concurrent.futures.wait([running])  # blocks the loop until the socket's failure ends it
+        if not running.cancel():  # it has started: the socket's failure ends it soon
+            concurrent.futures.wait([running])  # blocks the loop until then
         raise
     return stream_size(expect)
 

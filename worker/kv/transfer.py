@@ -57,7 +57,7 @@ class KVTransferError(Exception):
 
     def __init__(self, message: str, reason: str = "corrupt"):
         super().__init__(message)
-        self.reason = reason  # corrupt | mismatch | refused
+        self.reason = reason  # corrupt | mismatch | refused | unreachable
 
 
 
