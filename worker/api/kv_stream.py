@@ -1,11 +1,15 @@
-"""`GET /internal/kv/{handle}`: a held prompt's KV stream (kv/transfer.py), sent layer by
-layer as each is gathered.
+"""`GET /internal/kv/{handle}`: a held prompt's KV stream (kv/transfer.py), sent while it is
+gathered.
 
 Each layer is gathered out of the paged cache into one new buffer that holds its frame head
-and payload, with its checksum, in a thread (`_gathers`), while the layer before it is
-written to the socket; the buffer goes to the transport as it is, without a copy. The
-response is a plain ASGI one with a Content-Length (`KVStreamResponse`): one message per
-layer, no chunked framing, no task per response.
+and payload, with its checksum, in a thread (`_gathers`), while the layers before it are
+written to the socket; the buffer goes to the transport as it is, without a copy (the
+worker serves on uvloop, whose transports keep a reference instead of copying). The header
+goes out at once and the first layer alone, so that the stream starts early; later layers
+are gathered at least `HOP_BYTES` per thread hop. Layers of at most `INLINE_LAYER_BYTES`
+(a short prompt's) are gathered in the event loop between sends, a fraction of a
+millisecond each: on a busy machine every thread hop waits for a core. The response is a plain ASGI one with a
+Content-Length (`KVStreamResponse`): no chunked framing, no task per response.
 """
 
 import asyncio
@@ -23,8 +27,15 @@ from .openai import APIError
 
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
 
-HOP_BYTES = 2 << 20  # after the first layer, layers are gathered in batches of at least this many bytes per thread hop
+HOP_BYTES = 2 << 20  # after the first layer, at least this many bytes are gathered per thread hop
+INLINE_LAYER_BYTES = 1 << 20  # layers of at most this many bytes are gathered in the event loop, no hop
 _gathers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-gather")
+
+
+def _done(result: list) -> "asyncio.Future[list]":
+    future: asyncio.Future[list] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | memoryview]:
@@ -52,21 +63,27 @@ class KVStreamResponse(Response):
     """The frames of a stream, the next one made in a thread while this one is sent;
     `done(sent)` runs once no thread reads the lease's blocks any more."""
 
-    def __init__(self, frames: Iterator[bytes | memoryview], length: int, done: Callable[[int], None]):
+    def __init__(self, frames: Iterator[bytes | memoryview], length: int, layer_bytes: int,
+                 done: Callable[[int], None]):
         super().__init__(status_code=200, media_type="application/octet-stream",
                          headers={"content-length": str(length)})
         self.frames, self.done = frames, done
+        self.inline = layer_bytes <= INLINE_LAYER_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         frames = self.frames
         preamble = next(frames)  # the header alone: nothing to gather
-        upcoming = loop.run_in_executor(_gathers, _take, frames, 1)  # the first layer alone, to start early
+        # small layers are gathered here, between sends: a thread hop would cost more
+        upcoming = _done([]) if self.inline else loop.run_in_executor(_gathers, _take, frames, 1)
         sent = 0
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": preamble, "more_body": True})
             sent += len(preamble)
+            for frame in frames if self.inline else ():
+                sent += len(frame)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
             while batch := await upcoming:
                 upcoming = loop.run_in_executor(_gathers, _take, frames, HOP_BYTES)
                 for frame in batch:
@@ -100,4 +117,4 @@ def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozense
     def done(sent: int) -> None:
         connector.close_kv(handle)
         metrics.on_kv_transfer("sent", sent)
-    return KVStreamResponse(frames, stream_size(header), done)
+    return KVStreamResponse(frames, stream_size(header), header.payload_bytes, done)
