@@ -33,7 +33,7 @@ def test_the_kv_rows_time_a_real_pull_a_plain_read_and_a_socket_copy(tiny_model_
     expect = side.connector.header(0, 200)
     assert row["bytes"] == expect.payload_bytes * expect.num_layers + _framing(expect)
     assert len(row["kv_trials_s"]) == len(row["http_read_trials_s"]) == len(row["socket_trials_s"]) == 3
-    assert 0 < row["ratio"] and 0 < row["http_read_ratio"]
+    assert row["ratio"] > 0 and row["http_read_ratio"] > 0
     assert row["cpu_ms_per_pull"]["receiver"] > 0 and row["cpu_ms_per_pull"]["sender"] >= 0
     assert not [n for n in notes if "bytes on the wire" in n]
     assert not side.engine.requests  # every trial's blocks freed
