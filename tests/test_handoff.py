@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from fleetwise.worker.api.handoff import CORRUPT_KV
+from fleetwise.worker.api.kv_stream import CORRUPT_KV
 from fleetwise.worker.engine.config import EngineConfig
 from fleetwise.worker.model.files import write_model
 

@@ -5,6 +5,7 @@ addresses that are not a worker's base address), bounded KV streams, capped leas
 import asyncio
 import http.server
 import json
+import socket
 import struct
 import threading
 
@@ -15,7 +16,12 @@ from typer.testing import CliRunner
 from fleetwise.cli import app as cli
 from fleetwise.protocol import KVHeader
 from fleetwise.worker.engine.config import EngineConfig
+from fleetwise.worker.engine.engine import LLMEngine
+from fleetwise.worker.engine.sequence import SamplingParams
 from fleetwise.worker.kv import transfer
+from fleetwise.worker.kv.connector import KVConnector
+from fleetwise.worker.kv.pull import KVClient, StagingSink, pull, receive
+from fleetwise.worker.kv.slots import CacheSink, KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError
 
 from .workers import internal, start_worker
@@ -179,26 +185,22 @@ def test_decode_fields_outside_the_model_or_the_protocol_are_400s(fleet, field, 
     assert not d.core.requests
 
 
-class _Chunks:
-    """An async iterator over byte chunks that fails the test if read past them."""
-
-    def __init__(self, *chunks: bytes):
-        self.chunks = list(chunks)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> bytes:
-        if not self.chunks:
-            raise AssertionError("read past what the check needed")
-        return self.chunks.pop(0)
-
-
-def _decode(source, expect: KVHeader) -> None:
-    async def run():
-        async for _ in transfer.decode(source, expect):
-            pass
-    asyncio.run(run())
+def _decode(expect: KVHeader, *chunks: bytes) -> list:
+    """The stream of `chunks` read by the decode side's receiver off a socket; the keys and
+    values of its layers. The sending end stays open: a receiver that read past what its
+    checks needed would wait and time out instead of refusing."""
+    got: list = []
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    try:
+        for chunk in chunks:
+            b.sendall(chunk)
+        sink = StagingSink(expect, lambda i, k, v: got.append((k.clone(), v.clone())))
+        receive(a, sum(map(len, chunks)), expect, sink)
+    finally:
+        a.close()
+        b.close()
+    return got
 
 
 EXPECT = KVHeader("m", "float32", 2, 2, 4, 0, 3)
@@ -207,7 +209,7 @@ EXPECT = KVHeader("m", "float32", 2, 2, 4, 0, 3)
 def test_a_kv_stream_with_an_oversized_header_is_refused_unread():
     preamble = struct.pack("<4sHI", b"FWKV", transfer.VERSION, 1 << 30)
     with pytest.raises(KVTransferError, match="header of"):
-        _decode(_Chunks(preamble), EXPECT)
+        _decode(EXPECT, preamble)
 
 
 def test_a_kv_frame_larger_than_the_models_shape_allows_is_refused_unread():
@@ -215,7 +217,7 @@ def test_a_kv_frame_larger_than_the_models_shape_allows_is_refused_unread():
     preamble = struct.pack("<4sHI", b"FWKV", transfer.VERSION, len(head)) + head
     frame = struct.pack("<4sIQI", b"LAYR", 0, 1 << 40, 0)
     with pytest.raises(KVTransferError, match=f"expected {EXPECT.payload_bytes}"):
-        _decode(_Chunks(preamble, frame), EXPECT)
+        _decode(EXPECT, preamble, frame)
 
 
 def test_leases_beyond_the_cap_get_429_before_any_work(tiny_model_dir):
@@ -259,45 +261,93 @@ def test_a_worker_without_a_token_refuses_to_start_and_says_how_to_run_public_on
     assert result.exit_code == 2 and "only a mixed worker" in result.output
 
 
+class _Layers:
+    """Given tensors as a stream's layers (kv/transfer.py's LayerSource)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def __len__(self):
+        return len(self.layers)
+
+    def gather(self, layer, out):
+        out[0].copy_(self.layers[layer][0])
+        out[1].copy_(self.layers[layer][1])
+        return out
+
+
 def test_kv_streams_of_both_versions_carry_the_same_tensors_and_a_flipped_byte_is_caught():
     import torch
     layers = [(torch.randn(3, 2, 4), torch.randn(3, 2, 4)) for _ in range(2)]
     for version in (1, 2):
-        stream = b"".join(bytes(f) for f in transfer.encode(EXPECT, iter(layers), version))
-        assert struct.unpack("<H", stream[4:6])[0] == version
-
-        async def read(data: bytes) -> list:
-            async def chunks():
-                yield data
-            return [(k.clone(), v.clone()) async for _, k, v in transfer.decode(chunks(), EXPECT)]
-        got = asyncio.run(read(stream))
-        assert all(torch.equal(a, b) for pair, want in zip(got, layers) for a, b in zip(pair, want))
+        stream = b"".join(bytes(f) for f in transfer.encode(EXPECT, _Layers(layers), version))
+        assert struct.unpack("<H", stream[4:6])[0] == version and len(stream) == transfer.stream_size(EXPECT)
+        got = _decode(EXPECT, stream)
+        assert len(got) == 2 and all(torch.equal(a, b) for pair, want in zip(got, layers) for a, b in zip(pair, want))
         bad = bytearray(stream)
         bad[-20] ^= 1  # inside the last layer's values
         with pytest.raises(KVTransferError, match="checksum"):
-            asyncio.run(read(bytes(bad)))
+            _decode(EXPECT, bytes(bad))
+        with pytest.raises(KVTransferError, match="bytes after the end"):
+            _decode(EXPECT, stream + b"x")
+        with pytest.raises(KVTransferError, match="ends early"):
+            _decode(EXPECT, stream[:-30])
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, version):
+def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, tiny_model_dir, version):
     """A decode worker asks for the newest version; a sender of the previous release ignores
-    the parameter and answers version 1, which still reads."""
-    import aiohttp
+    the parameter and answers version 1, which still reads. Pulled into a decode worker's
+    reserved blocks (straight into its paged cache), the keys and values are the prefill
+    worker's, byte for byte, and a second pull reuses the connection."""
     import torch
     p = fleet["prefill"]
-    first = internal("POST", p, "/internal/prefill", json={"kind": "completion", "request": REQUEST}).json()
+    engine = LLMEngine(config(tiny_model_dir))  # a decode side with no engine thread of its own
+    decode = KVConnector(engine)
+    prompt = {**REQUEST, "prompt": list(range(1, 30))}  # three blocks of 8 and a partial one
+    first = internal("POST", p, "/internal/prefill", json={"kind": "completion", "request": prompt}).json()
     connector = p.core.kv_connector
     expect = connector.header(0, len(first["prompt_token_ids"]))
-    want = [(k.clone(), v.clone()) for k, v in connector.open_kv(first["handle"])[1]]
+    want = list(connector.open_kv(first["handle"])[1])
     connector.close_kv(first["handle"])
-    got: list = []
+    client = KVClient({"Authorization": f"Bearer {p.token}"})
+    try:
+        for _ in range(2):
+            res = decode.reserve_kv(f"pull-{version}-{_}", first["prompt_token_ids"], first["first_token"],
+                                    SamplingParams(max_tokens=2))
+            assert res is not None and res.start == 0
+            try:
+                n = asyncio.run(pull(client, p.internal_url, first["handle"], expect, decode.kv_sink(res),
+                                     version=version))
+                assert n == transfer.stream_size(expect)
+                got = list(KVLayers(engine.runner.kv_caches, 8, res.blocks.tolist(), 0, res.num_tokens))
+                assert all(torch.equal(a, b) for pair, w in zip(got, want) for a, b in zip(pair, w))
+            finally:
+                engine.abort_request(res.request_id)
+        assert sum(map(len, client.idle.values())) == 1  # kept alive and used again
+    finally:
+        client.close()
+        internal("DELETE", p, f"/internal/kv/{first['handle']}")
 
-    async def run() -> int:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {p.token}"}) as session:
-            return await transfer.pull(session, p.internal_url, first["handle"], expect,
-                                       lambda layer, k, v: got.append((k.clone(), v.clone())), version=version)
-    assert asyncio.run(run()) == transfer.stream_size(expect)
-    assert len(got) == len(want) and all(torch.equal(a, b) for pair, w in zip(got, want) for a, b in zip(pair, w))
-    r = internal("GET", p, f"/internal/kv/{first['handle']}", params={"kv_version": 9})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_version"
-    assert internal("DELETE", p, f"/internal/kv/{first['handle']}").status_code == 204
+
+@pytest.mark.parametrize("lo", [0, 3])
+def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo):
+    """What KVLayers gathers out of scattered blocks is the cache's slots token by token,
+    and CacheSink's views are exactly those slots, keys then values."""
+    import torch
+    bs, blocks, n = 4, [7, 2, 3, 9], 13  # blocks 2 and 3 are consecutive: one view
+    caches = [torch.randn(2, 12 * bs, 2, 3) for _ in range(2)]
+    slots = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
+    layers = KVLayers(caches, bs, blocks, lo, n)
+    for i, (k, v) in enumerate(layers):
+        assert torch.equal(k, caches[i][0, slots[lo:]]) and torch.equal(v, caches[i][1, slots[lo:]])
+    sink = CacheSink(caches, bs, blocks, n)
+    views = sink.views(1)
+    assert len(views) == 2 * 3 and sum(map(len, views)) == 2 * n * 2 * 3 * 4
+    payload = torch.randn(2, n, 2, 3)
+    raw = payload.view(-1).view(torch.uint8).numpy().tobytes()
+    at = 0
+    for view in views:
+        view[:] = raw[at:at + len(view)]
+        at += len(view)
+    assert torch.equal(caches[1][0, slots], payload[0]) and torch.equal(caches[1][1, slots], payload[1])

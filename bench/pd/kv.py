@@ -12,13 +12,16 @@ worker's own classes and settings: `DecodeSide`), so the pull is timed without a
 of its own and the blocks it fills are freed after each trial."""
 
 import json
+import os
 import socket
 import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,37 +141,93 @@ async def pull_kv(side: "DecodeSide", url: str, handle: str, prompt: list[int],
     return await side.pull(url, handle, prompt, first_token)
 
 
-async def read_kv(session: Any, url: str, handle: str) -> tuple[int, float]:
-    """The stream read off the wire with the same client and dropped: no checks, no copies."""
-    from fleetwise.worker.kv.transfer import VERSIONS
-    received = 0
-    t0 = time.perf_counter()
-    async with session.get(f"{url}/internal/kv/{handle}", params={"kv_version": str(max(VERSIONS))}) as r:
-        if r.status != 200:
-            raise RuntimeError(f"the prefill worker answered {r.status}")
-        async for chunk in r.content.iter_any():
-            received += len(chunk)
-    return received, time.perf_counter() - t0
+class StreamReader:
+    """The stream read off the wire and dropped, over one kept-alive connection with a
+    plain socket (recv_into one scratch buffer): what the prefill side and HTTP cost,
+    without the receiver's checks and copies."""
+
+    def __init__(self, url: str, headers: dict[str, str]):
+        parts = urllib.parse.urlsplit(url)
+        self.address = (parts.hostname, parts.port)
+        self.sock = self._connect()
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.netloc = parts.netloc
+        self.buf = memoryview(bytearray(4 << 20))
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def read(self, handle: str) -> tuple[int, float]:
+        """(bytes of the body, seconds); on a new connection when the worker closed the
+        kept one meanwhile (its keep-alive timeout), as the decode side's client does."""
+        try:
+            return self._read(handle)
+        except ConnectionError:
+            self.sock.close()
+            self.sock = self._connect()
+            return self._read(handle)
+
+    def _read(self, handle: str) -> tuple[int, float]:
+        from fleetwise.worker.kv.transfer import VERSIONS
+        t0 = time.perf_counter()
+        self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={max(VERSIONS)} HTTP/1.1\r\n"
+                          f"Host: {self.netloc}\r\n{self.head}\r\n".encode())
+        data = b""
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            part = self.sock.recv(65536)
+            if not part:
+                raise ConnectionResetError("the prefill worker closed the connection")
+            data += part
+        head = data[:end].decode("latin-1").lower()
+        if not head.startswith("http/1.1 200"):
+            raise RuntimeError(f"the prefill worker answered {head.splitlines()[0]}")
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        left = length - (len(data) - end - 4)
+        while left > 0:
+            k = self.sock.recv_into(self.buf, min(left, len(self.buf)))
+            if k == 0:
+                raise RuntimeError("the prefill worker closed the connection")
+            left -= k
+        return length, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system, all threads) a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class DecodeSide:
     """A decode worker's engine, paged cache and KV connector in this process, with the
-    client a decode worker pulls with (kv_transfer.client_session)."""
+    client a decode worker pulls with (kv/pull.py's KVClient)."""
 
     def __init__(self, model_dir: str, kv_cache_mib: int, max_num_batched_tokens: int, headers: dict[str, str]):
         from fleetwise.worker.engine.config import EngineConfig
         from fleetwise.worker.engine.engine import LLMEngine
         from fleetwise.worker.kv.connector import KVConnector
-        from fleetwise.worker.kv.transfer import client_session
+        from fleetwise.worker.kv.pull import KVClient
         self.engine = LLMEngine(EngineConfig(model=model_dir, kv_cache_bytes=kv_cache_mib << 20,
                                              max_num_batched_tokens=max_num_batched_tokens))
         self.engine.kv_connector = self.connector = KVConnector(self.engine)
-        self.session = client_session(headers)
+        self.client = KVClient(headers)
+        self.headers = headers
+        self.readers: dict[str, StreamReader] = {}
         self.count = 0
+
+    def read(self, url: str, handle: str) -> tuple[int, float]:
+        """The stream only read off the wire (StreamReader)."""
+        if url not in self.readers:
+            self.readers[url] = StreamReader(url, self.headers)
+        return self.readers[url].read(handle)
 
     async def pull(self, url: str, handle: str, prompt: list[int], first_token: int) -> tuple[int, float]:
         from fleetwise.worker.engine.sequence import SamplingParams
-        from fleetwise.worker.kv.transfer import pull
+        from fleetwise.worker.kv.pull import pull
         self.count += 1
         rid = f"bench-{self.count}"
         connector = self.connector
@@ -178,14 +237,15 @@ class DecodeSide:
                 raise RuntimeError(f"the decode side reserved {res}: no blocks, or a prefix it had cached")
             expect = connector.header(res.start, res.num_tokens)
             t0 = time.perf_counter()
-            received = await pull(self.session, url, handle, expect,
-                                  lambda layer, k, v: connector.write_kv(res, layer, k, v))
+            received = await pull(self.client, url, handle, expect, connector.kv_sink(res))
             return received, time.perf_counter() - t0
         finally:
             self.engine.abort_request(rid)  # frees the blocks: nothing was activated, nothing cached
 
     async def close(self) -> None:
-        await self.session.close()
+        self.client.close()
+        for reader in self.readers.values():
+            reader.close()
 
 
 def _framing(h: Any) -> int:
@@ -199,9 +259,13 @@ def _framing(h: Any) -> int:
 
 
 async def _trials(side: DecodeSide, url: str, handle: str, prompt: list[int], first_token: int, trials: int,
-                  sock: SocketCopy, progress: Progress, task: TaskID) -> tuple[int, dict[str, list[float]]]:
-    """Bytes of the stream, and the seconds of every trial of each kind."""
+                  sock: SocketCopy, progress: Progress, task: TaskID,
+                  sender_pid: int | None) -> tuple[int, dict[str, list[float]], dict[str, float]]:
+    """Bytes of the stream, the seconds of every trial of each kind, and the CPU seconds of
+    the KV pulls summed on each side (the receiver: this process; the sender: the prefill
+    worker's process, all its threads)."""
     times: dict[str, list[float]] = {k: [] for k in KV_TRIAL_KINDS}
+    cpu = {"receiver": 0.0, "sender": 0.0}
     nbytes, _ = await pull_kv(side, url, handle, prompt, first_token)  # warm
     L = len(prompt)
     for i in range(trials):
@@ -212,20 +276,25 @@ async def _trials(side: DecodeSide, url: str, handle: str, prompt: list[int], fi
                 times[kind].append(sock.copy(nbytes))
             else:
                 if kind == "kv":
+                    c0, s0 = time.process_time(), process_cpu_s(sender_pid) if sender_pid else 0.0
                     n, t = await pull_kv(side, url, handle, prompt, first_token)
+                    cpu["receiver"] += time.process_time() - c0
+                    cpu["sender"] += process_cpu_s(sender_pid) - s0 if sender_pid else 0.0
                 else:
-                    n, t = await read_kv(side.session, url, handle)
+                    n, t = side.read(url, handle)
                 if n != nbytes:
                     raise RuntimeError(f"KV stream sizes differ between pulls: {nbytes} vs {n}")
                 times[kind].append(t)
             progress.advance(task)
-    return nbytes, times
+    return nbytes, times, cpu
 
 
 async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: str, mid: str, prompt: list[int],
-                         trials: int, sock: SocketCopy, progress: Progress, task: TaskID, notes: list[str]) -> dict:
+                         trials: int, sock: SocketCopy, progress: Progress, task: TaskID, notes: list[str],
+                         sender_pid: int | None = None) -> dict:
     """One prompt's KV, prefilled once and pulled `trials` times of each kind: the row of its
-    length in the result. `mid`: the model id of the files the workers serve."""
+    length in the result. `mid`: the model id of the files the workers serve; `sender_pid`:
+    the prefill worker's process, whose CPU time the pulls take is measured."""
     L = len(prompt)
     progress.update(task, description=f"KV transfer: prefill {L}")
     first = await prefill(http, prefill_url, name, prompt)
@@ -234,8 +303,8 @@ async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: st
     progress.advance(task)
     expect = side.connector.header(0, L)
     try:
-        nbytes, times = await _trials(side, prefill_url, first["handle"], prompt, first["first_token"], trials,
-                                      sock, progress, task)
+        nbytes, times, cpu = await _trials(side, prefill_url, first["handle"], prompt, first["first_token"],
+                                           trials, sock, progress, task, sender_pid)
     finally:
         await http.delete(f"{prefill_url}/internal/kv/{first['handle']}")
     if nbytes != expect.payload_bytes * expect.num_layers + _framing(expect):
@@ -252,6 +321,7 @@ async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: st
         "kv_bps_best": nbytes / min(times["kv"]), "socket_bps_best": nbytes / min(times["socket"]),
         "ratio": med["socket"] / med["kv"], "ratio_best": min(times["socket"]) / min(times["kv"]),
         "http_read_ratio": med["socket"] / med["http_read"],
+        "cpu_ms_per_pull": {side: 1e3 * seconds / trials for side, seconds in cpu.items()},
     }
 
 

@@ -52,24 +52,29 @@ def _mbs(bps: float | None) -> str:
     return "-" if bps is None else f"{bps / 1e6:,.0f}"
 
 
+def _cpu(cpu: dict | None) -> str:
+    return "-" if not cpu else f"{cpu['receiver']:.1f} / {cpu['sender']:.1f}"
+
+
 def print_summary(console: Console, report: dict) -> None:
     kv = report["kv_transfer"]["by_length"]
     kv_target = TARGETS["kv_over_socket"]
     t = Table(title="KV transfer (median of trials, MB/s): full pull (HTTP + check + copy into a cache), the same "
                     "stream only read, and a raw loopback socket copy of the same bytes")
     for col in ("prompt tokens", "stream MiB", "KV pull ms", "KV MB/s", "HTTP read MB/s", "socket ms",
-                "socket MB/s", "KV / socket", "best / best", ">= 50%", "decode worker MB/s"):
+                "socket MB/s", "KV / socket", "best / best", ">= 50%", "CPU ms/pull recv / send",
+                "decode worker MB/s"):
         t.add_column(col, justify="right")
     for L, row in kv.items():
         dw = report["e2e"]["by_length"].get(L, {}).get("disaggregated", {}).get("decode_worker_kv_bps")
         t.add_row(L, f"{row['bytes'] / 2**20:.1f}", f"{row['kv_s']['median'] * 1e3:.1f}", _mbs(row["kv_bps"]),
                   _mbs(row["http_read_bps"]), f"{row['socket_s']['median'] * 1e3:.1f}", _mbs(row["socket_bps"]),
                   f"{row['ratio'] * 100:.1f}%", f"{row['ratio_best'] * 100:.1f}%",
-                  mark(kv_target.met(row["ratio"])), _mbs(dw))
+                  mark(kv_target.met(row["ratio"])), _cpu(row.get("cpu_ms_per_pull")), _mbs(dw))
     agg = report["kv_transfer"]["overall"]
     t.add_row("all", f"{agg['bytes'] / 2**20:.1f}", f"{agg['kv_s'] * 1e3:.1f}", _mbs(agg["kv_bps"]),
               _mbs(agg["http_read_bps"]), f"{agg['socket_s'] * 1e3:.1f}", _mbs(agg["socket_bps"]),
-              f"{agg['ratio'] * 100:.1f}%", "", mark(kv_target.met(agg["ratio"])), "",
+              f"{agg['ratio'] * 100:.1f}%", "", mark(kv_target.met(agg["ratio"])), "", "",
               style="bold")
     console.print(t)
 

@@ -146,7 +146,7 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                     bar.advance(task)
             kv_rows = {str(L): await measure_length(http, side, fleet.internal["prefill"], fleet.name,
                                                     model_id(model_dir), prompts.new(L), trials, sock,
-                                                    bar, task, notes) for L in lengths}
+                                                    bar, task, notes, fleet.prefill.pid) for L in lengths}
             before = await kv_counters(http, fleet.decode.url)
             runs = await measure_e2e(http, routers, fleet.decode.url, fleet.name, prompts, lengths, repeats,
                                      MAX_TOKENS, bar, task, notes)

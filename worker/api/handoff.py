@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
@@ -33,16 +33,16 @@ from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
-from ..kv.transfer import SEND_BATCH_BYTES, KVTransferError, client_session, encode, pull, stream_size, take_frames
-from ..kv.transfer import VERSIONS as KV_VERSIONS
+from ..kv.pull import KVClient, pull
+from ..kv.transfer import KVTransferError, client_session
 from .export import add_export_route
+from .kv_stream import KVStreamResponse, kv_response
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
 from .resume import resume
 from .service import WorkerAPI, engine_request_id
 
 log = logging.getLogger(__name__)
 
-CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
 LEASES_FULL_RETRY_SECONDS = 1  # leases go as decode workers pull them: soon
 
 
@@ -84,13 +84,6 @@ def _check_tokens(body: DecodeRequest, vocab: int) -> None:
         raise _error(400, f"first_logprob: a token id is outside the vocabulary (0..{vocab - 1})", "first_logprob")
 
 
-def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-    for i, frame in enumerate(frames):
-        if i == 2:  # the first layer's keys: flip their last byte
-            frame = bytes(frame[:-1]) + bytes([frame[-1] ^ 0xFF])
-        yield frame
-
-
 def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, faults: frozenset[str] = frozenset(),
                        token: str | None = None) -> Callable[[], Awaitable[None]]:
     """Adds the endpoints; returns a coroutine function that closes their HTTP client.
@@ -123,6 +116,7 @@ class Handoff:
         self.connector = connector
         self.faults = faults
         self.sessions: list[aiohttp.ClientSession] = []
+        self.kv_client = KVClient(self.headers)
         self.background: set[asyncio.Task] = set()
 
     def http(self) -> aiohttp.ClientSession:
@@ -134,6 +128,7 @@ class Handoff:
     async def close(self) -> None:
         for session in self.sessions:
             await session.close()
+        self.kv_client.close()
 
     def require(self, *roles: str) -> None:
         if self.api.role not in roles:
@@ -177,46 +172,12 @@ class Handoff:
                              finish_reason=out.finish_reason, num_cached_tokens=out.num_cached_tokens,
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
-    async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> StreamingResponse:
+    async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> KVStreamResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer in
         stream version `kv_version` (kv/transfer.py); on a decode worker: a drained stream's
         context (engine/migration.py)."""
         self.require("prefill", "mixed", "decode")
-        if kv_version not in KV_VERSIONS:
-            raise _error(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
-                         code="unsupported_protocol_version")
-        connector, metrics = self.connector, self.metrics
-        try:
-            header, layers = connector.open_kv(handle, start)
-        except KeyError:
-            raise _error(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
-        except ValueError as e:
-            raise _error(400, str(e), param="start")
-        frames = encode(header, layers, kv_version)
-        if CORRUPT_KV in self.faults:
-            frames = _corrupted(frames)
-
-        async def body() -> AsyncIterator[bytes | memoryview]:
-            sent = 0
-            # the next frames (layers' gathers and checksums, at least SEND_BATCH_BYTES of
-            # them) are made in a thread while the current ones are sent: one thread hop
-            # per batch, not per frame, which is most of a short prompt's pull
-            upcoming = asyncio.ensure_future(asyncio.to_thread(take_frames, frames, SEND_BATCH_BYTES))
-            try:
-                while chunks := await upcoming:
-                    upcoming = asyncio.ensure_future(asyncio.to_thread(take_frames, frames, SEND_BATCH_BYTES))
-                    for chunk in chunks:
-                        sent += len(chunk)
-                        yield chunk
-            finally:
-                # the lease is let go only once no thread reads its blocks any more; no await
-                # here: a cancelled response would be cancelled again at every await
-                def done(_: object, sent: int = sent) -> None:
-                    connector.close_kv(handle)
-                    metrics.on_kv_transfer("sent", sent)
-                upcoming.add_done_callback(done)
-        return StreamingResponse(body(), media_type="application/octet-stream",
-                                 headers={"content-length": str(stream_size(header))})
+        return kv_response(self.connector, self.metrics, self.faults, handle, start, kv_version)
 
     async def release(self, handle: str) -> Response:
         self.require("prefill", "mixed", "decode")
@@ -272,8 +233,7 @@ class Handoff:
                 switches = self.api.core.switches
                 if switches is not None and (delay := switches.kv_delay(url)):
                     await asyncio.sleep(delay)  # a drill: a slow link to this peer
-                received = await pull(self.http(), url, handle, expect,
-                                      lambda layer, k, v: self.connector.write_kv(res, layer, k, v))
+                received = await pull(self.kv_client, url, handle, expect, self.connector.kv_sink(res))
             except (TimeoutError, KVTransferError, aiohttp.ClientError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             handle, url, e)

@@ -91,7 +91,7 @@ def build_apps(engine: AsyncEngine, connector: KVConnector, role: str = "mixed",
                limits: RequestLimits = RequestLimits(), health_failed_steps: int = defaults.HEALTH_FAILED_STEPS,
                on_engine_failure: Callable[[str], None] | None = None,
                internal_token: str | None = None) -> WorkerApps:
-    """`faults`: test-only switches (handoff.CORRUPT_KV); empty unless a test asks.
+    """`faults`: test-only switches (kv_stream.CORRUPT_KV); empty unless a test asks.
     `on_engine_failure` is called, with the reason, each time the engine turns dead or failing.
     `internal_token`: the shared token the internal listener asks every caller for (and the
     pulls from prefill workers carry); None: no internal listener."""
@@ -357,7 +357,11 @@ def serve(config: EngineConfig, host: str, port: int, role: str = "mixed",
         if app is not None:
             servers.append(Server(uvicorn.Config(app, host=host, port=p, log_level="warning",
                                                  timeout_graceful_shutdown=50)))
-    asyncio.run(serve_together(servers))
+    try:  # uvloop's transports write a buffer without copying it and cost less per call
+        import uvloop
+        uvloop.run(serve_together(servers))
+    except ImportError:
+        asyncio.run(serve_together(servers))
     if failed:
         log.error("exiting: the engine failed (%s)", failed[0])
         return 1

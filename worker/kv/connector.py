@@ -22,7 +22,6 @@ the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engin
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,8 @@ from ..engine.engine import LLMEngine, RequestOutput
 from ..engine.sequence import SamplingParams, Sequence
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
+from .pull import KVSink
+from .slots import CacheSink, KVLayers, StagingSink
 from .transfer import DTYPE_NAMES, KVHeader
 
 
@@ -132,7 +133,7 @@ class KVConnector:
             self.pending_leases -= 1
             self.pending_blocks -= num_blocks
 
-    def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    def open_kv(self, handle: str, start: int = 0) -> tuple[KVHeader, KVLayers]:
         """Keys and values of a held prompt from token `start` on, layer by layer. Safe to
         call from another thread: the lease cannot expire while it is being read."""
         with self._lease_lock:
@@ -146,18 +147,11 @@ class KVConnector:
                 raise ValueError(f"start must be within the prompt (0..{seq.num_prompt_tokens})")
             lease.readers += 1
         header = self.header(start, seq.num_prompt_tokens - start)
-        runner = self.engine.runner
         bs = self.engine.block_manager.block_size
         first = start // bs
-        blocks = torch.tensor(seq.block_table[first:-(-seq.num_prompt_tokens // bs)], device=runner.device)
-        lo, hi = start - first * bs, seq.num_prompt_tokens - first * bs
-
-        def layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for cache in runner.kv_caches:  # whole blocks at a time: one gather per layer and kind
-                k = cache[0].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
-                v = cache[1].view(-1, bs, *cache.shape[2:]).index_select(0, blocks)
-                yield k.flatten(0, 1)[lo:hi], v.flatten(0, 1)[lo:hi]
-        return header, layers()
+        blocks = seq.block_table[first:-(-seq.num_prompt_tokens // bs)]
+        return header, KVLayers(self.engine.runner.kv_caches, bs, blocks, start - first * bs,
+                                seq.num_prompt_tokens - first * bs)
 
     def close_kv(self, handle: str) -> None:
         """Pairs with open_kv, whether the reader finished or not."""
@@ -207,6 +201,18 @@ class KVConnector:
             if tail:
                 slots = res.blocks[full] * bs + torch.arange(tail, device=cache.device)
                 cache[i].index_copy_(0, slots, src[full * bs:])
+
+    def kv_sink(self, res: KVReservation) -> "KVSink":
+        """Where a pull puts the reservation's keys and values: on a CPU worker straight
+        into the reserved blocks (their slots are contiguous within a block, and runs of
+        consecutive blocks are taken as one piece), elsewhere through a staging buffer and
+        write_kv."""
+        cache = self.engine.runner.kv_caches[0]
+        if cache.device.type != "cpu":
+            return StagingSink(self.header(res.start, res.num_tokens),
+                               lambda layer, k, v: self.write_kv(res, layer, k, v))
+        return CacheSink(self.engine.runner.kv_caches, self.engine.block_manager.block_size, res.blocks.tolist(),
+                         res.num_tokens)
 
     def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
         """The reserved request joins the running batch (`received`) or queues to be recomputed."""

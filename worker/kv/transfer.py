@@ -2,7 +2,7 @@
 
 A stream carries the keys and values of a prompt's tokens, one frame per layer, so that
 the sender never builds the whole payload in memory and the receiver checks every layer
-before it writes a byte of it into its cache. Layout (integers little-endian):
+before it uses it (kv/pull.py). Layout (integers little-endian):
 
     b"FWKV" | version: u16 | header length: u32 | header: UTF-8 JSON
     per layer:  b"LAYR" | layer: u32 | payload length: u64 | checksum(payload): u32 | payload
@@ -25,17 +25,16 @@ against `MAX_KV_HEADER_BYTES`, each layer's against what this worker's shape mak
 token range it asked for.
 """
 
-import asyncio
-import concurrent.futures
 import json
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
+from typing import Protocol
 
 import torch
 
-from fleetwise.protocol import KV_STREAM_VERSION, KV_STREAM_VERSIONS, MAX_KV_HEADER_BYTES, KVHeader
+from fleetwise.protocol import KV_STREAM_VERSION, KV_STREAM_VERSIONS, KVHeader
 
 from ..model.llama import DTYPES
 
@@ -51,7 +50,6 @@ _PREAMBLE = struct.Struct("<4sHI")
 _LAYER = struct.Struct("<4sIQI")
 _DONE = struct.Struct("<4sI")
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-SEND_BATCH_BYTES = 4 << 20  # a sender makes frames in batches of about this many bytes
 
 
 class KVTransferError(Exception):
@@ -59,7 +57,7 @@ class KVTransferError(Exception):
 
     def __init__(self, message: str, reason: str = "corrupt"):
         super().__init__(message)
-        self.reason = reason  # corrupt | mismatch | refused
+        self.reason = reason  # corrupt | mismatch | refused | unreachable
 
 
 
@@ -77,171 +75,44 @@ def checksum(version: int, data: bytes | memoryview, crc: int = 0) -> int:
     return crc32c.crc32c(data, crc)
 
 
-def encode(header: KVHeader, layers: Iterator[tuple[torch.Tensor, torch.Tensor]],
-           version: int = 1) -> Iterator[bytes | memoryview]:
-    """Frames of a stream in `version`; `layers` yields each layer's (keys, values) for the
-    token range. Payloads go out as views of the tensors' memory, not copies."""
+def payload_view(buf: torch.Tensor, header: KVHeader) -> torch.Tensor:
+    """A byte buffer of one layer's payload seen as `[2, tokens, num_kv_heads, head_dim]`."""
+    return buf.view(DTYPES[header.dtype]).view(2, header.num_tokens, header.num_kv_heads, header.head_dim)
+
+
+class LayerSource(Protocol):
+    """A stream's layers, each gathered on demand into a buffer the encoder gives."""
+
+    def __len__(self) -> int: ...
+
+    def gather(self, layer: int, out: torch.Tensor) -> torch.Tensor: ...
+
+
+def encode(header: KVHeader, layers: LayerSource, version: int = 1,
+           pinned: bool = False) -> Iterator[bytes | memoryview]:
+    """Frames of a stream in `version`: the preamble and header, then one buffer per layer
+    holding its frame head and payload (gathered straight into it, `pinned` host memory
+    when the cache is on a GPU), then the trailer. A layer's buffer is new and not written
+    after it is yielded, so it may be sent without a copy."""
     if version not in VERSIONS:
         raise ValueError(f"KV stream version {version}: this worker speaks {list(VERSIONS)}")
     head = json.dumps(asdict(header)).encode()
     yield _PREAMBLE.pack(MAGIC, version, len(head)) + head
-    count = 0
-    for i, (k, v) in enumerate(layers):
-        kb, vb = _tensor_bytes(k), _tensor_bytes(v)
-        yield _LAYER.pack(LAYER, i, len(kb) + len(vb), checksum(version, vb, checksum(version, kb)))
-        yield kb
-        yield vb
-        count += 1
-    yield _DONE.pack(DONE, count)
-
-
-def take_frames(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | memoryview]:
-    """The next frames of a stream, until they hold `at_least` bytes or the stream ends
-    (an empty list: it has ended)."""
-    out: list[bytes | memoryview] = []
-    size = 0
-    for frame in frames:
-        out.append(frame)
-        size += len(frame)
-        if size >= at_least:
-            break
-    return out
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    return t.view(torch.uint8).numpy().data.cast("B")
-
-
-class _Reader:
-    """Exact reads over a body's chunks as they come (aiohttp's `readany`, or an async
-    iterator of chunks): each byte is copied once, from the chunk into the caller's buffer,
-    with no joins or slices in between."""
-
-    def __init__(self, source):
-        self.source = source
-        self.chunk: bytes = b""
-        self.offset = 0
-
-    async def _more(self) -> bool:
-        if hasattr(self.source, "readany"):
-            chunk = await self.source.readany()
-        else:
-            try:
-                chunk = await self.source.__anext__()
-            except StopAsyncIteration:
-                chunk = b""
-        self.chunk, self.offset = chunk, 0
-        return bool(chunk)
-
-    async def readinto(self, view: memoryview) -> None:
-        got, n = 0, len(view)
-        while got < n:
-            if self.offset >= len(self.chunk) and not await self._more():
-                raise KVTransferError(f"the stream ended early ({got} of {n} bytes of a frame)")
-            k = min(n - got, len(self.chunk) - self.offset)
-            view[got:got + k] = memoryview(self.chunk)[self.offset:self.offset + k]
-            got += k
-            self.offset += k
-
-    async def readexactly(self, n: int) -> bytes:
-        if len(self.chunk) - self.offset >= n:  # the usual case for the small frames
-            out = self.chunk[self.offset:self.offset + n]
-            self.offset += n
-            return out
-        buf = bytearray(n)
-        await self.readinto(memoryview(buf))
-        return bytes(buf)
-
-    async def at_eof(self) -> bool:
-        return self.offset >= len(self.chunk) and not await self._more()
-
-
-async def decode(source, expect: KVHeader, staging: list[torch.Tensor] | None = None) -> AsyncIterator[
-        tuple[int, torch.Tensor, torch.Tensor]]:
-    """Checks a stream against what the receiver expects and yields (layer, keys, values)
-    only for layers whose length and checksum are right. Raises KVTransferError otherwise.
-    `source`: an async iterator of byte chunks, or an aiohttp body (`readany`).
-    `staging`: byte buffers of one layer's payload each, used in turn, so that layer i's
-    tensors are overwritten by layer i + len(staging): for a caller done with each layer by
-    then (pull); without it every layer gets its own memory."""
-    r = _Reader(source)
-    magic, version, n = _PREAMBLE.unpack(await r.readexactly(_PREAMBLE.size))
-    if magic != MAGIC or version not in VERSIONS:
-        raise KVTransferError(f"not a KV stream of version {' or '.join(map(str, VERSIONS))} "
-                              f"(magic {magic!r}, version {version})")
-    if n > MAX_KV_HEADER_BYTES:
-        raise KVTransferError(f"a header of {n} bytes; at most {MAX_KV_HEADER_BYTES} are read")
-    try:
-        header = KVHeader(**json.loads(await r.readexactly(n)))
-    except (ValueError, TypeError) as e:
-        raise KVTransferError(f"unreadable header: {e}")
-    for name in ("model_id", "dtype", "num_layers", "num_kv_heads", "head_dim", "start", "num_tokens"):
-        if getattr(header, name) != getattr(expect, name):
-            raise KVTransferError(f"{name} mismatch: the stream has {getattr(header, name)!r}, "
-                                  f"this worker expects {getattr(expect, name)!r}", "mismatch")
-    dtype = DTYPES[header.dtype]
-    shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
-    for i in range(header.num_layers):
-        tag, layer, size, crc = _LAYER.unpack(await r.readexactly(_LAYER.size))
-        if tag != LAYER or layer != i:
-            raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
-        if size != header.payload_bytes:
-            raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
-        buf = staging[i % len(staging)] if staging else torch.empty(size, dtype=torch.uint8)
-        view = buf.numpy().data.cast("B")
-        await r.readinto(view)
-        if checksum(version, view) != crc:
-            raise KVTransferError(f"layer {i}: checksum mismatch")
-        kv = buf.view(dtype).view(2, *shape)
-        yield i, kv[0], kv[1]
-    tag, n_layers = _DONE.unpack(await r.readexactly(_DONE.size))
-    if tag != DONE or n_layers != header.num_layers:
-        raise KVTransferError("the stream does not end where its header says")
-    if not await r.at_eof():
-        raise KVTransferError("bytes after the end of the stream")
+    for i in range(len(layers)):
+        buf = torch.empty(_LAYER.size + header.payload_bytes, dtype=torch.uint8, pin_memory=pinned)
+        layers.gather(i, payload_view(buf[_LAYER.size:], header))
+        frame = buf.numpy().data.cast("B")
+        _LAYER.pack_into(frame, 0, LAYER, i, header.payload_bytes, checksum(version, frame[_LAYER.size:]))
+        yield frame
+    yield _DONE.pack(DONE, len(layers))
 
 
 def client_session(headers: dict[str, str]):
-    """The pooled aiohttp client a decode worker pulls with (one per worker, made in its
-    event loop): connections are kept alive and reused from pull to pull."""
+    """The pooled aiohttp client a worker releases KV leases with (one per worker, made in
+    its event loop); pulls go through kv/pull.py's own client."""
     import aiohttp
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
         connector=aiohttp.TCPConnector(limit=256), read_bufsize=1 << 20, headers=headers)
 
 
-async def pull(session, prefill_url: str, handle: str, expect: KVHeader, write, version: int | None = None) -> int:
-    """Pulls a held prompt's KV from a prefill worker with an aiohttp session (which carries
-    the shared token), checks it and hands each good layer to `write(layer, keys, values)`.
-    Returns the bytes received; raises KVTransferError (or the client's error) when the
-    stream must not be used. Redirects are not followed: the stream comes from the address
-    the caller named or not at all. `version`: the stream version to ask for (default:
-    the newest this worker reads); the sender may answer in version 1."""
-    version = max(VERSIONS) if version is None else version
-    async with session.get(f"{prefill_url}/internal/kv/{handle}", allow_redirects=False,
-                           params={"start": str(expect.start), "kv_version": str(version)}) as r:
-        if r.status != 200:
-            raise KVTransferError(f"the prefill worker answered {r.status}", "refused")
-        length = r.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > stream_size(expect):
-            raise KVTransferError(f"the stream announces {length} bytes; this token range takes "
-                                  f"{stream_size(expect)}", "refused")
-        writing = None  # a layer is written in a thread while the next one arrives
-        staging = [torch.empty(expect.payload_bytes, dtype=torch.uint8) for _ in range(2)]
-        try:
-            async for layer, k, v in decode(r.content, expect, staging):
-                if writing is not None:
-                    await asyncio.wrap_future(writing)
-                writing = _writer.submit(write, layer, k, v)
-            if writing is not None:
-                await asyncio.wrap_future(writing)
-        finally:
-            if writing is not None:
-                # blocks the loop for at most one layer's copy: the caller may free or reuse
-                # the blocks as soon as this returns, even when cancelled
-                concurrent.futures.wait([writing])
-    return stream_size(expect)
-
-
-_writer = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-write")

@@ -1,0 +1,120 @@
+"""`GET /internal/kv/{handle}`: a held prompt's KV stream (kv/transfer.py), sent while it is
+gathered.
+
+Each layer is gathered out of the paged cache into one new buffer that holds its frame head
+and payload, with its checksum, in a thread (`_gathers`), while the layers before it are
+written to the socket; the buffer goes to the transport as it is, without a copy (the
+worker serves on uvloop, whose transports keep a reference instead of copying). The header
+goes out at once and the first layer alone, so that the stream starts early; later layers
+are gathered at least `HOP_BYTES` per thread hop. Layers of at most `INLINE_LAYER_BYTES`
+(a short prompt's) are gathered in the event loop between sends, a fraction of a
+millisecond each: on a busy machine every thread hop waits for a core. The response is a plain ASGI one with a
+Content-Length (`KVStreamResponse`): no chunked framing, no task per response.
+"""
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Iterator
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..kv.connector import KVConnector
+from ..kv.transfer import VERSIONS as KV_VERSIONS
+from ..kv.transfer import encode, stream_size
+from ..metrics import WorkerMetrics
+from .openai import APIError
+
+CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
+
+HOP_BYTES = 2 << 20  # after the first layer, at least this many bytes are gathered per thread hop
+INLINE_LAYER_BYTES = 1 << 20  # layers of at most this many bytes are gathered in the event loop, no hop
+_gathers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-gather")
+
+
+def _done(result: list) -> "asyncio.Future[list]":
+    future: asyncio.Future[list] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
+
+
+def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | memoryview]:
+    """The next frames, until they hold `at_least` bytes or the stream ends (an empty list:
+    it has ended)."""
+    out: list[bytes | memoryview] = []
+    size = 0
+    for frame in frames:
+        out.append(frame)
+        size += len(frame)
+        if size >= at_least:
+            break
+    return out
+
+
+def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    for i, frame in enumerate(frames):
+        if i == 1:  # the first layer's frame: flip its last byte, after its checksum was taken
+            frame = memoryview(bytearray(frame))
+            frame[-1] ^= 0xFF
+        yield frame
+
+
+class KVStreamResponse(Response):
+    """The frames of a stream, the next one made in a thread while this one is sent;
+    `done(sent)` runs once no thread reads the lease's blocks any more."""
+
+    def __init__(self, frames: Iterator[bytes | memoryview], length: int, layer_bytes: int,
+                 done: Callable[[int], None]):
+        super().__init__(status_code=200, media_type="application/octet-stream",
+                         headers={"content-length": str(length)})
+        self.frames, self.done = frames, done
+        self.inline = layer_bytes <= INLINE_LAYER_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        frames = self.frames
+        preamble = next(frames)  # the header alone: nothing to gather
+        # small layers are gathered here, between sends: a thread hop would cost more
+        upcoming = _done([]) if self.inline else loop.run_in_executor(_gathers, _take, frames, 1)
+        sent = 0
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": preamble, "more_body": True})
+            sent += len(preamble)
+            for frame in frames if self.inline else ():
+                sent += len(frame)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            while batch := await upcoming:
+                upcoming = loop.run_in_executor(_gathers, _take, frames, HOP_BYTES)
+                for frame in batch:
+                    sent += len(frame)
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            # no await here: a cancelled response would be cancelled again at every await
+            def finished(_: object, sent: int = sent) -> None:
+                self.done(sent)
+            upcoming.add_done_callback(finished)
+
+
+def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozenset[str], handle: str,
+                start: int, kv_version: int) -> KVStreamResponse:
+    """The held prompt's keys and values from token `start`, in stream version `kv_version`."""
+    if kv_version not in KV_VERSIONS:
+        raise APIError(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
+                       code="unsupported_protocol_version")
+    try:
+        header, layers = connector.open_kv(handle, start)
+    except KeyError:
+        raise APIError(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
+    except ValueError as e:
+        raise APIError(400, str(e), param="start")
+    pinned = layers.blocks.device.type == "cuda"
+    frames = encode(header, layers, kv_version, pinned=pinned)
+    if CORRUPT_KV in faults:
+        frames = _corrupted(frames)
+
+    def done(sent: int) -> None:
+        connector.close_kv(handle)
+        metrics.on_kv_transfer("sent", sent)
+    return KVStreamResponse(frames, stream_size(header), header.payload_bytes, done)

@@ -1,0 +1,298 @@
+"""The decode side of a KV stream: `GET /internal/kv/{handle}` on a small HTTP/1.1 client of
+its own, read in a thread straight into where the keys and values go.
+
+A pull is one request on a kept-alive connection to the prefill worker (`KVClient`, one
+pool per worker, the shared token in every request). The response's body is the stream of
+kv/transfer.py; its small parts (preamble, header, frame heads, trailer) are read exactly,
+and each layer's payload lands with `recv_into` (scatter reads, `recvmsg_into`, over many
+pieces) in the memory a `KVSink` names: on a CPU worker the reserved blocks of the paged
+cache themselves (KVConnector.kv_sink), elsewhere a staging buffer copied in once checked.
+So a byte is copied once, from the socket into the cache, as in a plain socket copy, and
+then read once more for its checksum. A layer whose checksum is wrong ends the pull before
+the next layer is read: its blocks hold bytes that are not the prompt's, but they belong to
+the reserved request alone, which is not activated on them (it recomputes its prompt, which
+overwrites them); they are not in the prefix cache until then.
+
+Every limit of the stream format holds: nothing is read on a length the sender claims before
+it is checked (the response head against `MAX_RESPONSE_HEAD_BYTES`, its Content-Length
+against what the token range takes, the header against `MAX_KV_HEADER_BYTES`, each frame
+against this worker's shape); a response without a Content-Length, with any status but 200
+(redirects are not followed), or with bytes past the stream is refused. Connect and read
+time out (`CONNECT_TIMEOUT_S`, `READ_TIMEOUT_S`).
+"""
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Protocol
+
+import torch
+
+from fleetwise.protocol import MAX_KV_HEADER_BYTES, KVHeader
+
+from .slots import StagingSink
+from .transfer import _DONE, _LAYER, _PREAMBLE, DONE, LAYER, MAGIC, VERSIONS, KVTransferError, checksum, stream_size
+
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 30.0          # the longest wait for the next bytes of a response
+MAX_RESPONSE_HEAD_BYTES = 16 << 10
+MAX_IDLE_CONNECTIONS = 16      # kept alive per prefill worker
+SCATTER_PIECES = 64            # buffers per recvmsg_into call (IOV_MAX is 1024)
+
+
+class KVSink(Protocol):
+    """Where a pulled stream's layers go."""
+
+    def views(self, layer: int) -> list[memoryview]:
+        """Writable byte views that the layer's payload (keys then values) fills, in order."""
+        ...
+
+    def done(self, layer: int) -> None:
+        """The layer's payload is in those views and its checksum is right."""
+        ...
+
+
+class KVClient:
+    """Kept-alive connections to prefill workers, with the headers every pull carries."""
+
+    def __init__(self, headers: dict[str, str]):
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.idle: dict[tuple[str, str, int], list[socket.socket]] = {}
+        self.lock = threading.Lock()
+        self.tls: ssl.SSLContext | None = None
+
+    def connect(self, scheme: str, host: str, port: int, fresh: bool = False) -> tuple[socket.socket, bool]:
+        """A connection to the worker (a new one when `fresh`): (socket, whether it was kept
+        from an earlier pull)."""
+        with self.lock:
+            idle = self.idle.get((scheme, host, port))
+            if idle and not fresh:
+                return idle.pop(), True
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme == "https":
+            if self.tls is None:
+                self.tls = ssl.create_default_context()
+            sock = self.tls.wrap_socket(sock, server_hostname=host)
+        sock.settimeout(READ_TIMEOUT_S)
+        return sock, False
+
+    def keep(self, key: tuple[str, str, int], sock: socket.socket) -> None:
+        with self.lock:
+            idle = self.idle.setdefault(key, [])
+            if len(idle) < MAX_IDLE_CONNECTIONS:
+                idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self.lock:
+            socks = [s for idle in self.idle.values() for s in idle]
+            self.idle.clear()
+        for s in socks:
+            s.close()
+
+
+class _Conn:
+    """One response read off one socket: exact reads, the head's leftover bytes first."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.pending = b""
+        self.left = 0  # bytes of the body not read yet
+        self.scatter = not isinstance(sock, ssl.SSLSocket)
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        data = b""
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            if len(data) > MAX_RESPONSE_HEAD_BYTES:
+                raise KVTransferError(f"a response head of more than {MAX_RESPONSE_HEAD_BYTES} bytes", "refused")
+            part = self.sock.recv(65536)
+            if not part:
+                raise ConnectionResetError("the connection closed before a response")
+            data += part
+        self.pending = data[end + 4:]
+        status_line, *lines = data[:end].decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise KVTransferError(f"not an HTTP/1.1 response: {status_line[:80]!r}", "refused")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
+
+    def readinto(self, views: list[memoryview]) -> None:
+        """Fills the views, in order, from the body."""
+        n = sum(len(v) for v in views)
+        if n > self.left:
+            raise KVTransferError(f"the stream ends early ({self.left} bytes left, {n} expected)")
+        self.left -= n
+        i, off = 0, 0
+        while i < len(views) and self.pending:  # what the head's read took of the body
+            k = min(len(views[i]) - off, len(self.pending))
+            views[i][off:off + k] = self.pending[:k]
+            self.pending = self.pending[k:]
+            off += k
+            if off == len(views[i]):
+                i, off = i + 1, 0
+        while i < len(views):
+            if self.scatter and len(views) - i > 1:
+                got = self.sock.recvmsg_into([views[i][off:], *views[i + 1:i + SCATTER_PIECES]])[0]
+            else:
+                got = self.sock.recv_into(views[i][off:])
+            if got == 0:
+                raise KVTransferError("the connection closed inside the stream")
+            while got:
+                k = min(got, len(views[i]) - off)
+                got, off = got - k, off + k
+                if off == len(views[i]):
+                    i, off = i + 1, 0
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto([memoryview(buf)])
+        return bytes(buf)
+
+
+def receive(sock: socket.socket, length: int, expect: KVHeader, sink: KVSink) -> None:
+    """A stream of `length` bytes read off `sock` (a response's body), checked against what
+    this worker expects, each good layer into the sink; raises KVTransferError at the first
+    thing wrong."""
+    conn = _Conn(sock)
+    conn.left = length
+    _receive(conn, expect, sink)
+
+
+def _receive(conn: _Conn, expect: KVHeader, sink: KVSink) -> None:
+    magic, version, n = _PREAMBLE.unpack(conn.read(_PREAMBLE.size))
+    if magic != MAGIC or version not in VERSIONS:
+        raise KVTransferError(f"not a KV stream of version {' or '.join(map(str, VERSIONS))} "
+                              f"(magic {magic!r}, version {version})")
+    if n > MAX_KV_HEADER_BYTES:
+        raise KVTransferError(f"a header of {n} bytes; at most {MAX_KV_HEADER_BYTES} are read")
+    try:
+        header = KVHeader(**json.loads(conn.read(n)))
+    except (ValueError, TypeError) as e:
+        raise KVTransferError(f"unreadable header: {e}")
+    for name in asdict(expect):
+        if getattr(header, name) != getattr(expect, name):
+            raise KVTransferError(f"{name} mismatch: the stream has {getattr(header, name)!r}, "
+                                  f"this worker expects {getattr(expect, name)!r}", "mismatch")
+    for i in range(header.num_layers):
+        tag, layer, size, crc = _LAYER.unpack(conn.read(_LAYER.size))
+        if tag != LAYER or layer != i:
+            raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
+        if size != header.payload_bytes:
+            raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
+        views = sink.views(i)
+        conn.readinto(views)
+        got = 0
+        for view in views:
+            got = checksum(version, view, got)
+        if got != crc:
+            raise KVTransferError(f"layer {i}: checksum mismatch")
+        sink.done(i)
+    tag, n_layers = _DONE.unpack(conn.read(_DONE.size))
+    if tag != DONE or n_layers != header.num_layers:
+        raise KVTransferError("the stream does not end where its header says")
+    if conn.left or conn.pending:
+        raise KVTransferError("bytes after the end of the stream")
+
+
+class _Pull:
+    """One pull in a thread; `cancel` makes its socket fail so that it ends soon."""
+
+    def __init__(self, client: KVClient, url: str, handle: str, expect: KVHeader, sink: KVSink, version: int):
+        parts = urllib.parse.urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None  # a base address (protocol.py)
+        self.key = (parts.scheme, parts.hostname, parts.port)
+        self.client, self.expect, self.sink = client, expect, sink
+        target = (f"/internal/kv/{urllib.parse.quote(handle, safe='')}?"
+                  f"{urllib.parse.urlencode({'start': expect.start, 'kv_version': version})}")
+        self.request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{client.headers}\r\n").encode("latin-1")
+        self.sock: socket.socket | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def run(self) -> None:
+        if self.cancelled:
+            raise KVTransferError("the pull was cancelled", "unreachable")
+        for attempt in range(2):  # a kept connection the worker has closed meanwhile: once more on a new one
+            sock, reused = self.client.connect(*self.key, fresh=attempt > 0)
+            self.sock = sock
+            if self.cancelled:
+                sock.close()
+                raise KVTransferError("the pull was cancelled", "unreachable")
+            conn = _Conn(sock)
+            try:
+                sock.sendall(self.request)
+                status, headers = conn.head()
+            except (ConnectionError, TimeoutError, OSError) as e:
+                sock.close()
+                if reused and not self.cancelled and not isinstance(e, TimeoutError):
+                    continue
+                raise
+            try:
+                self._body(conn, status, headers)
+            except BaseException:
+                sock.close()
+                raise
+            if headers.get("connection", "").lower() == "close":
+                sock.close()
+            else:
+                self.client.keep(self.key, sock)
+            return
+
+    def _body(self, conn: _Conn, status: int, headers: dict[str, str]) -> None:
+        if status != 200:
+            raise KVTransferError(f"the prefill worker answered {status}", "refused")
+        length = headers.get("content-length", "")
+        if not length.isdigit() or "transfer-encoding" in headers:
+            raise KVTransferError("the stream comes without a Content-Length", "refused")
+        if int(length) > stream_size(self.expect):
+            raise KVTransferError(f"the stream announces {length} bytes; this token range takes "
+                                  f"{stream_size(self.expect)}", "refused")
+        conn.left = int(length)
+        if len(conn.pending) > conn.left:
+            raise KVTransferError("bytes after the end of the stream")
+        _receive(conn, self.expect, self.sink)
+
+
+async def pull(client: KVClient, prefill_url: str, handle: str, expect: KVHeader,
+               sink: KVSink | Callable[[int, torch.Tensor, torch.Tensor], None], version: int | None = None) -> int:
+    """Pulls a held prompt's KV from a prefill worker, checks it and puts each good layer
+    into `sink` (a KVSink, or `write(layer, keys, values)`). Returns the bytes received;
+    raises KVTransferError (or OSError) when the stream must not be used. `version`: the
+    stream version to ask for (default: the newest this worker reads); the sender may
+    answer in version 1. When cancelled, it returns only once nothing writes into the
+    sink any more, so that the caller may free the blocks at once."""
+    version = max(VERSIONS) if version is None else version
+    into = StagingSink(expect, sink) if callable(sink) else sink
+    job = _Pull(client, prefill_url, handle, expect, into, version)
+    running = _pulls.submit(job.run)
+    try:
+        await asyncio.wrap_future(running)
+    except asyncio.CancelledError:
+        job.cancel()
+        if not running.cancel():  # it has started: the socket's failure ends it soon
+            concurrent.futures.wait([running])  # blocks the loop until then
+        raise
+    return stream_size(expect)
+
+
+_pulls = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-pull")

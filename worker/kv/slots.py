@@ -1,0 +1,107 @@
+"""A prompt's keys and values where they sit in the paged cache: gathered out of a held
+prompt's blocks for its stream (`KVLayers`, prefill side), and the reserved blocks' memory a
+pulled stream is read into (`CacheSink`, decode side).
+
+A layer's cache is `[2, slots, num_kv_heads, head_dim]` (keys, values), block b holding
+slots b * block_size .. (b + 1) * block_size - 1: the tokens of one block are contiguous in
+memory, and so are those of consecutive blocks.
+"""
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .transfer import KVHeader, payload_view
+
+
+class KVLayers:
+    """A held prompt's keys and values for the tokens `lo` .. `hi` - 1 of its blocks
+    `block_ids`, one layer at a time."""
+
+    def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int):
+        self.caches, self.bs, self.lo, self.hi = caches, block_size, lo, hi
+        self.block_ids = block_ids
+        self.blocks = torch.tensor(block_ids, dtype=torch.long, device=caches[0].device)
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    def gather(self, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's keys and values, `[2, tokens, num_kv_heads, head_dim]`, into `out`
+        (a contiguous tensor of that shape, on any device) with one gather per kind: whole
+        blocks by index_select, the last partial block by a slice."""
+        cache = self.caches[layer]
+        shape, bs, n = cache.shape[2:], self.bs, self.hi - self.lo
+        if out is None:
+            out = torch.empty(2, n, *shape, dtype=cache.dtype, device=cache.device)
+        if self.lo:  # a range that does not start on a block: gather whole blocks, then cut
+            whole = cache.view(2, -1, bs, *shape).index_select(1, self.blocks).flatten(1, 2)
+            out.copy_(whole[:, self.lo:self.hi])
+            return out
+        full = n // bs
+        for kind in (0, 1):
+            dst = out[kind]
+            if full:
+                src = cache[kind].view(-1, bs, *shape)
+                into = dst[:full * bs].view(full, bs, *shape)
+                if into.device == src.device:
+                    torch.index_select(src, 0, self.blocks[:full], out=into)
+                else:
+                    into.copy_(src.index_select(0, self.blocks[:full]))
+            if n > full * bs:
+                first = self.block_ids[full] * bs
+                dst[full * bs:].copy_(cache[kind, first:first + n - full * bs])
+        return out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) of each layer, as new tensors."""
+        for layer in range(len(self)):
+            kv = self.gather(layer)
+            yield kv[0], kv[1]
+
+
+class StagingSink:
+    """A layer at a time into one staging buffer, handed to `write(layer, keys, values)`
+    once checked; the tensors are overwritten by the next layer."""
+
+    def __init__(self, expect: KVHeader, write: Callable[[int, torch.Tensor, torch.Tensor], None]):
+        self.write = write
+        self.buf = torch.empty(expect.payload_bytes, dtype=torch.uint8)
+        self.kv = payload_view(self.buf, expect)
+
+    def views(self, layer: int) -> list[memoryview]:
+        return [self.buf.numpy().data.cast("B")]
+
+    def done(self, layer: int) -> None:
+        self.write(layer, self.kv[0], self.kv[1])
+
+
+class CacheSink:
+    """A pulled stream read straight into a CPU cache's reserved blocks: each layer's
+    payload (keys then values for `num_tokens` tokens from the first reserved block on) as
+    byte views of the blocks' slots, consecutive blocks as one view."""
+
+    def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], num_tokens: int):
+        self.caches = caches
+        self.runs: list[tuple[int, int]] = []  # (first slot, slots)
+        for j, block in enumerate(block_ids):
+            n = min(block_size, num_tokens - j * block_size)
+            if n <= 0:
+                break
+            slot = block * block_size
+            if self.runs and sum(self.runs[-1]) == slot:
+                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + n)
+            else:
+                self.runs.append((slot, n))
+
+    def views(self, layer: int) -> list[memoryview]:
+        cache = self.caches[layer]
+        slots = cache.shape[1]
+        slot_bytes = cache[0, 0].numel() * cache.element_size()
+        mem = cache.view(-1).view(torch.uint8).numpy().data.cast("B")
+        return [mem[(base + s) * slot_bytes:(base + s + n) * slot_bytes]
+                for base in (0, slots) for s, n in self.runs]
+
+    def done(self, layer: int) -> None:
+        pass  # the bytes are where they belong
+
