@@ -80,6 +80,7 @@ class Worker:
     queue: deque[Flight] = field(default_factory=deque)     # prompts waiting
     prefilling: list[Flight] = field(default_factory=list)  # prompts the running pass completes
     in_pass: bool = False     # a prompt pass holds the worker
+    pass_due: bool = False    # a prompt pass begins when the running decode step ends
     waiting: deque[Flight] = field(default_factory=deque)   # decodes waiting for a batch slot
     batch: list[tuple[float, int, Flight]] = field(default_factory=list)  # heap by finish_at
     g: float = 0.0
