@@ -107,7 +107,7 @@ def pace_summary(p: pace.Pace) -> dict[str, Any]:
             "max": float(f.max()), "factors": [round(x, 3) for x in p.factors]}
 
 
-def compare(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, float]]],
+def compare(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
             profile: calibration.StepProfile, out: Path, engine: tuple[float, float]) -> tuple[dict[str, Any], Any]:
     """The real side, each variant's simulated side and errors, the paces; and the paced run's
     flights (for the plot)."""

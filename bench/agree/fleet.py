@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -147,7 +148,7 @@ def engine_steps(workdir: Path) -> tuple[float, float]:
     return seconds, steps
 
 
-def worker_steps(workdir: Path, pids: dict[str, int], t0: float) -> dict[str, list[dict[str, float]]]:
+def worker_steps(workdir: Path, pids: dict[str, int], t0: float) -> dict[str, list[dict[str, Any]]]:
     """Each worker's engine steps from `t0` on (perf_counter seconds), their times made relative to it."""
     out = {}
     for name, pid in sorted(pids.items()):
@@ -165,7 +166,7 @@ class FleetRun:
     engine_s: float                              # step seconds the workers' metrics reported, summed
     steps: float                                 # steps they reported
     cores: dict[str, int]                        # each worker's core
-    worker_steps: dict[str, list[dict[str, float]]]   # each worker's steps in the run (step_trace)
+    worker_steps: dict[str, list[dict[str, Any]]]   # each worker's steps in the run (step_trace)
 
 
 def run_fleet(model_dir: Path, workdir: Path, workers: int, requests: list[tuple[float, list[int], int]]) -> FleetRun:

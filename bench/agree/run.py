@@ -80,7 +80,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
              for name, part in (("before", before), ("after", after))}
     console.print(f"profile: {profile}")
     compared, flights = compare(requests, measured, fleet.worker_steps, profile, out, (engine_s, steps))
-    report = header("sim-agree") | {
+    report: dict[str, Any] = header("sim-agree") | {
         "command": (f"fleetwise sim agree --preset {preset} --workers {workers} --start {start:g} "
                     f"--rate-scale {rate_scale:g} --seconds {seconds:g} --length-scale {length_scale:g} "
                     f"--calibration-steps {calibration_steps}"),

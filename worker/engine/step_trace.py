@@ -48,8 +48,8 @@ class StepTrace:
     def record(self, start: float, seconds: float, cpu: float, made: tuple[int, int, int], left: int,
                first: list[tuple[str, float]]) -> None:
         p, d, c = made
-        line = {"t": round(start, 6), "s": round(seconds, 6), "cpu": round(cpu, 6), "p": p, "d": d, "c": c,
-                "left": left}
+        line: dict[str, Any] = {"t": round(start, 6), "s": round(seconds, 6), "cpu": round(cpu, 6),
+                                "p": p, "d": d, "c": c, "left": left}
         if first:
             line["first"] = [[rid, round(t, 6)] for rid, t in first]
         self._file.write(json.dumps(line) + "\n")
@@ -63,6 +63,6 @@ def from_env() -> StepTrace | None:
     return StepTrace(Path(folder) / f"steps-{os.getpid()}.jsonl")
 
 
-def read(path: Path) -> list[dict[str, float]]:
+def read(path: Path) -> list[dict[str, Any]]:
     """A trace file's steps, in order."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
