@@ -2,19 +2,23 @@
 what the client saw of each, the workers' traced steps and the step profile. Kept apart from
 the run so that a saved run (`agree-raw-*.json`) can be compared again.
 
-The profile is the engine thread's CPU time per step; on a shared machine the wall clock runs
-slower than that by however much of the core others take. The simulator's variants differ only
-in how that slow-down is given:
+A step profile is the engine thread's CPU time per step; on a shared machine the wall clock
+runs slower than that by however much of the core others take. The variants:
 
-- `paced` (the result): each worker's own pace, window by window, from its traced steps
-  (`fleetwise.sim.pace`): the steps' wall seconds over their CPU seconds;
-- `per_worker`: each worker's own factor over the whole run;
-- `one_factor`: one factor for the fleet, the workers' summed step seconds (their metrics)
-  over what the profile gives the work;
-- `unscaled`: the CPU profile as it is.
+- `own` (the result): each worker timed by a profile fitted from its own steps in the run, at
+  its own pace window by window (`fleetwise.sim.pace`: the steps' wall over CPU seconds), and
+  each request's way outside the engine (client, router, the worker's HTTP side) at that pace
+  (`HttpPath`, measured from the step trace's first tokens);
+- `own_engine_only`: the same without the way outside the engine;
+- `paced`: the calibration's profile (measured before and after the run) at each worker's pace;
+- `per_worker`: the calibration's profile at each worker's pace over the whole run;
+- `one_factor`: the calibration's profile times one factor for the fleet, the workers' summed
+  step seconds (their metrics) over what the profile gives the work;
+- `unscaled`: the calibration's profile as it is.
 """
 
-from dataclasses import asdict, replace
+import bisect
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from fleetwise.sim.run import PoolConfig, SimConfig, build
 STATS = ("p50", "p90", "p99", "mean", "n")
 AGREED = ("ttft_s", "tbt_s")   # the issue's measure: these at p50 and p90
 PACE_WINDOW_S = 2.0            # a few to a few dozen steps of a worker: contention changes over seconds
-VARIANTS = ("own", "paced", "per_worker", "one_factor", "unscaled")
+VARIANTS = ("own", "own_engine_only", "paced", "per_worker", "one_factor", "unscaled")
 
 
 def side(ttft: list[float], tbts: list[float], gaps: list[float], out_tokens: int, span: float) -> dict[str, Any]:
@@ -56,9 +60,55 @@ def real_side(measured: list[Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class HttpPath:
+    """A request's way outside the engine, in CPU-equivalent seconds (each delay measured in the
+    run over its worker's pace then): in, from the client's send to the engine taking it in
+    (the client, the router, the worker's HTTP side; the wait for the engine's running step
+    left out, as the simulator has it), and out, from the step that made the first token to the
+    client."""
+    in_s: float
+    out_s: float
+    requests: int      # measured
+
+    def pace_at(self, paces: list[pace.Pace] | None, t: float) -> float:
+        return sum(p.at(t) for p in paces) / len(paces) if paces else 1.0
+
+
+def http_path(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
+              paces: dict[str, pace.Pace]) -> HttpPath | None:
+    """From the steps' first tokens (`first`: request id agree-I, when the engine took it in).
+    The way in is a lower bound: from the send to the start of the step that was running when
+    the engine took the request in (all of it when the engine was idle). None without data."""
+    ins, outs = [], []
+    for name, steps in worker_steps.items():
+        ends = [s["t"] + s["s"] for s in steps]
+        for s in steps:
+            for rid, came in s.get("first", []):
+                parts = rid.split("-")
+                if len(parts) < 2 or parts[0] != "agree" or not parts[1].isdigit():
+                    continue
+                i = int(parts[1])
+                if i >= len(measured) or not measured[i].token_times:
+                    continue
+                arrival, speed = requests[i].arrival, paces[name].at(requests[i].arrival)
+                j = bisect.bisect_right(ends, came + 0.002) - 1    # the step that ended as it came in
+                ran = steps[j]["t"] if j >= 0 and came - ends[j] < 0.05 else came
+                ins.append(max(0.0, ran - arrival) / speed)
+                outs.append(max(0.0, measured[i].token_times[0] - (s["t"] + s["s"])) / speed)
+    if not ins:
+        return None
+    return HttpPath(float(np.mean(ins)), float(np.mean(outs)), len(ins))
+
+
 def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
-             paces: list[pace.Pace] | None = None) -> tuple[dict[str, Any], Any]:
-    """The simulated side: `workers` mixed workers timed by one profile, or each by its own."""
+             paces: list[pace.Pace] | None = None, http: HttpPath | None = None) -> tuple[dict[str, Any], Any]:
+    """The simulated side: `workers` mixed workers timed by one profile, or each by its own;
+    with `http`, each request reaches the fleet that much later and its first token the client
+    after it, at the workers' mean pace then."""
+    sent = {r.id: r.arrival for r in requests}
+    if http is not None:
+        requests = [replace(r, arrival=r.arrival + http.in_s * http.pace_at(paces, r.arrival)) for r in requests]
     pools = ([PoolConfig("mixed", workers, profile=str(profiles[0]))] if len(profiles) == 1 else
              [PoolConfig("mixed", 1, name=f"mixed-{i}", profile=str(p)) for i, p in enumerate(profiles)])
     config = SimConfig(pools=pools, mode="colocated",
@@ -72,8 +122,9 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
     for w in sim.workers[1:]:
         gaps.merge(w.gaps)
     span = max(f.done for f in flights) - min(f.req.arrival for f in flights)
-    out = side([f.first_token - f.req.arrival for f in flights], [t for f in flights if (t := tbt(f)) is not None],
-               [], sum(f.req.output_tokens for f in flights), span)
+    out_s = (lambda t: http.out_s * http.pace_at(paces, t)) if http is not None else (lambda t: 0.0)
+    out = side([f.first_token + out_s(f.first_token) - sent[f.req.id] for f in flights],
+               [t for f in flights if (t := tbt(f)) is not None], [], sum(f.req.output_tokens for f in flights), span)
     out["tbt_token_s"] = {"p50": gaps.quantile(0.5), "p90": gaps.quantile(0.9), "p99": gaps.quantile(0.99),
                           "mean": gaps.mean(), "n": round(gaps.total)}
     return out, flights
@@ -123,6 +174,7 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     own_paths = [p.save(out / f"agree-profile-{profile.model}-{name}.json")
                  for p, name in zip(own, sorted(worker_steps))]
     paced = [pace.windows(s, PACE_WINDOW_S) for s in ordered]
+    http = http_path(requests, measured, worker_steps, dict(zip(sorted(worker_steps), paced)))
     whole = [pace.windows(s, 1e9) for s in ordered]
     real = real_side(measured)
     report: dict[str, Any] = {"real": real, "one_factor": {"load_factor": load, "engine_step_seconds": engine_s,
@@ -130,10 +182,12 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
                               "paces": {name: pace_summary(p) for name, p in zip(sorted(worker_steps), paced)}}
     flights = None
     report["own_profiles"] = {name: asdict(p) for name, p in zip(sorted(worker_steps), own)}
-    for variant, paths, paces in (("own", own_paths, paced), ("paced", [profile_path], paced),
-                                  ("per_worker", [profile_path], whole), ("one_factor", [scaled_path], None),
-                                  ("unscaled", [profile_path], None)):
-        sim, f = sim_side(requests, paths, workers, paces)
+    report["http_path"] = asdict(http) if http is not None else None
+    runs = (("own", own_paths, paced, http), ("own_engine_only", own_paths, paced, None),
+            ("paced", [profile_path], paced, None), ("per_worker", [profile_path], whole, None),
+            ("one_factor", [scaled_path], None, None), ("unscaled", [profile_path], None, None))
+    for variant, paths, paces, way in runs:
+        sim, f = sim_side(requests, paths, workers, paces, way)
         report[f"sim_{variant}"] = sim
         report[f"relative_error_{variant}"] = errors(real, sim)
         flights = flights or f
