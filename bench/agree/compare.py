@@ -89,7 +89,8 @@ def http_path(requests: list[trace.Request], measured: list[Any], worker_steps: 
                 if len(parts) < 2 or parts[0] != "agree" or not parts[1].isdigit():
                     continue
                 i = int(parts[1])
-                if i >= len(measured) or not measured[i].token_times:
+                # taken in before the step that made its first token, on the run's clock
+                if i >= len(measured) or not measured[i].token_times or not -1.0 <= came <= s["t"] + 1e-3:
                     continue
                 arrival, speed = requests[i].arrival, paces[name].at(requests[i].arrival)
                 j = bisect.bisect_right(ends, came + 0.002) - 1    # the step that ended as it came in
