@@ -15,6 +15,8 @@ from fleetwise.power_loop import DomainWorker, PowerLoop
 from fleetwise.telemetry.prometheus import PrometheusClient
 from fleetwise.telemetry.prometheus_server import PrometheusServer
 
+from .test_prometheus import wait_for as until
+
 POWER = "DCGM_FI_DEV_POWER_USAGE"
 PERIOD_S = 5.0
 
@@ -49,15 +51,6 @@ def loop(exporters, tmp_path_factory):
 def domain(hosts: list[str]) -> list[DomainWorker]:
     return [DomainWorker(WorkerRef(f"w{i}"), "High", "mixed", "H100", series=(("instance", h),))
             for i, h in enumerate(hosts)]
-
-
-def until(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def scraped(client: PrometheusClient, host: str, watts: float) -> float | None:
