@@ -155,9 +155,9 @@ class Simulation:
                 return
         # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
         budget = max(1, self.settings.prompt_budget - len(w.batch))
-        tokens = w.take_prompts(budget, self.settings.chunked_prefill)
+        tokens, attended = w.take_prompts(budget, self.settings.chunked_prefill)
         w.prompt_tokens += tokens
-        seconds, watts = w.prompt_step(tokens, len(w.batch))
+        seconds, watts = w.prompt_step(tokens, len(w.batch), attended)
         w.pass_watts = watts
         w.prompt_s += seconds
         w.prompt_j += seconds * watts

@@ -19,6 +19,7 @@ def test_each_step_is_traced_with_its_makeup_times_and_first_tokens(tiny_model_d
     (path,) = (tmp_path / "steps").iterdir()
     steps = step_trace.read(path)
     assert [(s["p"], s["d"], s["c"], s["left"]) for s in steps] == [(16, 0, 0, 2), (0, 2, 11 + 7, 2), (0, 2, 12 + 8, 0)]
+    assert [s["a"] for s in steps] == [10 * 10 + 6 * 6, 0, 0]
     assert [rid for rid, _ in steps[0]["first"]] == ["a", "b"] and "first" not in steps[1]
     came = steps[0]["first"][0][1]
     assert came <= steps[0]["t"] <= steps[1]["t"] <= steps[2]["t"]

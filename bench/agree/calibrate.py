@@ -47,7 +47,8 @@ def measure_steps(model_dir: Path, lengths: list[tuple[int, int]], steps: int, s
         engine.step()
         cpu = time.thread_time() - t0
         if i >= warmup and seen:
-            samples.append(StepSample(*makeup(seen[0]), cpu))
+            p, d, c, a = makeup(seen[0])
+            samples.append(StepSample(p, d, c, cpu, a))
     kv_tokens = engine.runner.num_blocks * engine.config.block_size
     cfg = engine.model_config
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4

@@ -170,7 +170,9 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     scaled = replace(profile, **{k: getattr(profile, k) * load for k in calibration.TERMS})
     scaled_path = scaled.save(out / f"agree-profile-{profile.model}-load-scaled.json")
     ordered = [worker_steps[name] for name in sorted(worker_steps)]
-    own = [calibration.fit([calibration.StepSample(int(x["p"]), int(x["d"]), int(x["c"]), x["cpu"]) for x in s],
+    # a trace without the prompt's attention (`a`) is read as one whole prompt per step
+    own = [calibration.fit([calibration.StepSample(int(x["p"]), int(x["d"]), int(x["c"]), x["cpu"],
+                                                   x.get("a", x["p"] ** 2)) for x in s],
                            profile.model, profile.kv_capacity_tokens, profile.kv_bytes_per_token) for s in ordered]
     own_paths = [p.save(out / f"agree-profile-{profile.model}-{name}.json")
                  for p, name in zip(own, sorted(worker_steps))]

@@ -259,7 +259,7 @@ class LLMEngine:
         bm = self.block_manager
         q0, h0 = bm.prefix_queries, bm.prefix_hits
         batch = self.scheduler.schedule()
-        made, first = (makeup(batch), firsts(batch)) if self.step_trace is not None else ((0, 0, 0), [])
+        made, first = (makeup(batch), firsts(batch)) if self.step_trace is not None else ((0, 0, 0, 0), [])
         outputs: list[RequestOutput] = []
         forward = 0.0
         if batch:

@@ -5,11 +5,13 @@ Off unless the environment variable FLEETWISE_STEP_TRACE names a folder; each wo
 then writes `steps-PID.jsonl` there. A line holds the step's start (`t`, `time.perf_counter`,
 the monotonic clock every process on the machine shares), its wall seconds (`s`), the engine
 thread's CPU seconds (`cpu`), the prompt tokens computed (`p`), the decodes (`d`), the cached
-tokens those decodes read (`c`), the sequences left running or waiting after it (`left`:
-when more than 0 the loop steps again at once, so the time to the next step's start is the
-loop's own overhead, not idleness), and for each sequence whose first token the step makes,
-its request id and when the engine took it in (`first`: the time from a client's request to
-its first token splits into the way in, the engine's part, and the way out).
+tokens those decodes read (`c`), the prompt's attention (`a`: each prompt chunk's tokens times
+the position its last token reaches; it grows with a prompt's square), the sequences left
+running or waiting after it (`left`: when more than 0 the loop steps again at once, so the time
+to the next step's start is the loop's own overhead, not idleness), and for each sequence
+whose first token the step makes, its request id and when the engine took it in (`first`: the
+time from a client's request to its first token splits into the way in, the engine's part,
+and the way out).
 """
 
 import json
@@ -27,17 +29,19 @@ def firsts(batch: Any) -> list[tuple[str, float]]:
             if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n]
 
 
-def makeup(batch: Any) -> tuple[int, int, int]:
-    """(prompt tokens, decodes, cached tokens the decodes read) of a scheduled batch, read
+def makeup(batch: Any) -> tuple[int, int, int, int]:
+    """(prompt tokens, decodes, cached tokens the decodes read, prompt attention: each prompt
+    chunk's tokens times the position its last token reaches) of a scheduled batch, read
     before the step computes it."""
-    prompt = decodes = context = 0
+    prompt = decodes = context = attended = 0
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
             decodes += 1
             context += seq.num_computed_tokens + 1
         else:
             prompt += n
-    return prompt, decodes, context
+            attended += n * (seq.num_computed_tokens + n)
+    return prompt, decodes, context, attended
 
 
 class StepTrace:
@@ -45,11 +49,11 @@ class StepTrace:
         # open for the worker's life; line-buffered: a killed worker loses no step
         self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115
 
-    def record(self, start: float, seconds: float, cpu: float, made: tuple[int, int, int], left: int,
+    def record(self, start: float, seconds: float, cpu: float, made: tuple[int, int, int, int], left: int,
                first: list[tuple[str, float]]) -> None:
-        p, d, c = made
+        p, d, c, a = made
         line: dict[str, Any] = {"t": round(start, 6), "s": round(seconds, 6), "cpu": round(cpu, 6),
-                                "p": p, "d": d, "c": c, "left": left}
+                                "p": p, "d": d, "c": c, "a": a, "left": left}
         if first:
             line["first"] = [[rid, round(t, 6)] for rid, t in first]
         self._file.write(json.dumps(line) + "\n")
