@@ -13,7 +13,7 @@ can run here is simulated with a profile of its own worker, one step at a time:
 fitted by least squares with every coefficient kept non-negative (a negative one is dropped and
 the rest fitted again), then once more without the steps far off the first fit (a step another
 process held off the CPU). `StepProfile.perf_model()` turns it into a `PerfModel`: a prompt
-pass of n tokens is `overhead + per_prompt_token x n`, a token step of b sequences is
+pass of n tokens is `overhead + per_prompt_token x n` plus its attention, a token step of b sequences is
 `overhead + per_decode x b` plus the cache read, and a prompt pass that carries decodes (a
 hybrid step) pays for them too (`PerfModel.hybrid`).
 """
