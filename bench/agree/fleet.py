@@ -19,6 +19,7 @@ import httpx
 import orjson
 
 from fleetwise.net import free_port
+from fleetwise.procs import answers_200
 from fleetwise.telemetry import catalog as c
 from fleetwise.worker.engine import step_trace
 
@@ -43,16 +44,20 @@ def start_fleet(model_dir: Path, workdir: Path, workers: int) -> tuple[subproces
     return up, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(up: subprocess.Popen, url: str, model: str, timeout: float = 180.0) -> None:
+def wait_ready(up: subprocess.Popen, url: str, model: str, workdir: Path, workers: int,
+               timeout: float = 180.0) -> None:
+    """The router serves and every worker's own listener answers /health (a router on a port
+    another fleet took meanwhile would answer the first alone)."""
     deadline = time.monotonic() + timeout
     body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2}
     while time.monotonic() < deadline:
         if up.poll() is not None:
             raise RuntimeError(f"fleetwise up exited ({up.returncode}); see its log")
         try:
-            if httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 200:
+            if (httpx.post(url + "/v1/completions", json=body, timeout=10).status_code == 200
+                    and len(urls := public_urls(workdir)) == workers and all(answers_200(u + "/health") for u in urls)):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError, ValueError):   # OSError, ValueError: pids.json not written yet
             pass
         time.sleep(1.0)
     raise RuntimeError(f"the fleet was not serving within {timeout:.0f} s")
@@ -174,7 +179,7 @@ def run_fleet(model_dir: Path, workdir: Path, workers: int, requests: list[tuple
     workdir.mkdir(parents=True, exist_ok=True)
     up, url = start_fleet(model_dir, workdir, workers)
     try:
-        wait_ready(up, url, model_dir.name)
+        wait_ready(up, url, model_dir.name, workdir, workers)
         cores = pin(workdir)
         pids = worker_pids(workdir)
         s0, n0 = engine_steps(workdir)
