@@ -85,7 +85,8 @@ class LocalPower:
 
     def _write(self, p: Period) -> None:
         status = {"at": p.at, "prometheus": self.prometheus.url, "limit_watts": self.options.limit_watts,
-                  "measured_watts": p.reading.watts, "telemetry_age_seconds": p.reading.age_seconds,
+                  "measured_watts": p.reading.watts, "peak_watts": p.reading.peak_watts,
+                  "telemetry_age_seconds": p.reading.age_seconds,
                   "situation": p.decision.situation, "summary": p.decision.summary,
                   "caps": {k.split("/", 1)[-1]: v for k, v in p.caps.items()},
                   "changed": [{"worker": ch.worker.split("/", 1)[-1], "watts": ch.cap_watts, "reason": ch.reason}

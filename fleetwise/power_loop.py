@@ -10,6 +10,12 @@ its series; `instance` under `fleetwise up`). When Prometheus cannot answer, or 
 the domain has no series, the reading is missing, never a partial sum or a zero: the
 controller then holds its caps, and past its deadline caps low-priority work.
 
+The reading also carries the period's peak (`Reading.peak_watts`): the highest value of the
+domain's summed power at 1 s steps over the last control period, one PromQL subquery
+(`max_over_time(sum(...)[PERIOD:1s])`), so that a burst of prompt passes over the budget that
+the period's reading hides is shed. When Prometheus cannot answer it, or has no point for it,
+the peak is missing (None), never zero: the controller then judges the reading alone.
+
 A person's override (`FleetActions.power_override`) wins: that worker is left out of the
 controller's decision (its draw still counts in the domain's power) and its cap is the
 override's until it lapses. Each cap goes out with a lease of `ttl_periods` control periods
@@ -63,6 +69,21 @@ class Period:
     telemetry_error: str | None = None
 
 
+PEAK_STEP_SECONDS = 1.0   # the peak's resolution: one summed point a second
+
+
+def _quoted(value: str) -> str:
+    """A PromQL string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def peak_query(workers: list[DomainWorker], window_seconds: float) -> str:
+    """The highest 1 s point of the workers' summed power over the window (a subquery)."""
+    picks = " or ".join(c.DCGM_POWER_USAGE + "{" + ",".join(f"{k}={_quoted(v)}" for k, v in w.series) + "}"
+                        for w in workers)
+    return f"max_over_time(sum({picks})[{max(1, round(window_seconds))}s:{PEAK_STEP_SECONDS:g}s])"
+
+
 class PowerLoop:
     def __init__(self, prometheus: PrometheusClient, fleet: FleetActions, settings: Settings = Settings(),
                  period_seconds: float = 5.0, ttl_periods: float = 4.0, min_ttl: float = MIN_TTL_SECONDS) -> None:
@@ -92,7 +113,22 @@ class PowerLoop:
             drawn[w.key] = sum(s.value for s in mine) / max(1, w.gpus)
             oldest = min(oldest, *(s.timestamp for s in mine))
         total = sum(drawn[w.key] * w.gpus for w in workers)
-        return Reading(total, max(0.0, latest.at - oldest)), drawn, None
+        peak = self.peak(workers, latest.at)
+        # the newest samples lie inside the window, even when no 1 s step of the subquery has them yet
+        return Reading(total, max(0.0, latest.at - oldest), None if peak is None else max(peak, total)), drawn, None
+
+    def peak(self, workers: list[DomainWorker], at: float) -> float | None:
+        """The domain's peak over the last period at `at`; None when Prometheus has none or fails."""
+        if not workers:
+            return None
+        try:
+            samples = self.prometheus.instant(peak_query(workers, self.period_seconds), at)
+        except PrometheusError as e:
+            log.warning("the power peak is missing: %s", e)
+            return None
+        if not samples or samples[0].value != samples[0].value:   # no point, or NaN: missing
+            return None
+        return samples[0].value
 
     def _seed(self, workers: list[DomainWorker]) -> None:
         """Caps already in force (a restarted controller) from the enforced-limit series."""

@@ -8,11 +8,12 @@ can run here is simulated with a profile of its own worker, one step at a time:
 
     step seconds = overhead + per_prompt_token x prompt tokens + per_decode x decodes
                    + per_context_token x cached tokens the decodes read
+                   + per_attended x each prompt chunk's tokens times the position it reaches
 
 fitted by least squares with every coefficient kept non-negative (a negative one is dropped and
 the rest fitted again), then once more without the steps far off the first fit (a step another
 process held off the CPU). `StepProfile.perf_model()` turns it into a `PerfModel`: a prompt
-pass of n tokens is `overhead + per_prompt_token x n`, a token step of b sequences is
+pass of n tokens is `overhead + per_prompt_token x n` plus its attention, a token step of b sequences is
 `overhead + per_decode x b` plus the cache read, and a prompt pass that carries decodes (a
 hybrid step) pays for them too (`PerfModel.hybrid`).
 """
@@ -26,7 +27,10 @@ import numpy as np
 
 from .perf import PerfModel
 
-TERMS = ("overhead_ms", "ms_per_prompt_token", "ms_per_decode", "ms_per_context_token")
+REQUIRED = ("overhead_ms", "ms_per_prompt_token", "ms_per_decode", "ms_per_context_token")
+# the prompt's attention, which grows with its square (a long prompt costs more per token); a
+# profile saved without it has none
+TERMS = (*REQUIRED, "ms_per_attended")
 MAX_BATCH_POINT = 4096   # the token-step line's far point (the line extends past it anyway)
 
 
@@ -36,6 +40,7 @@ class StepSample:
     decodes: int            # sequences making one token
     context: int            # cached tokens the decodes read
     seconds: float
+    attended: float = 0.0   # each prompt chunk's tokens times the position its last token reaches
 
 
 @dataclass(frozen=True)
@@ -48,18 +53,20 @@ class StepProfile:
     kv_capacity_tokens: int      # the worker's KV cache, in tokens
     kv_bytes_per_token: int
     samples: int = 0
+    ms_per_attended: float = 0.0
     r2: float = math.nan         # of the fit over its samples
     median_abs_error_ms: float = math.nan
 
-    def step_ms(self, prompt_tokens: float, decodes: float, context: float) -> float:
+    def step_ms(self, prompt_tokens: float, decodes: float, context: float, attended: float = 0.0) -> float:
         return (self.overhead_ms + self.ms_per_prompt_token * prompt_tokens + self.ms_per_decode * decodes
-                + self.ms_per_context_token * context)
+                + self.ms_per_context_token * context + self.ms_per_attended * attended)
 
     def perf_model(self, gpu: str = "CPU") -> PerfModel:
         o, p, d = self.overhead_ms, self.ms_per_prompt_token, self.ms_per_decode
         return PerfModel(gpu, self.model, 1, ((1, o + p), (2, o + 2 * p)),
                          ((0, o), (MAX_BATCH_POINT, o + d * MAX_BATCH_POINT)), self.ms_per_context_token,
-                         kv_capacity=self.kv_capacity_tokens, kv_bytes=self.kv_bytes_per_token, hybrid=True)
+                         kv_capacity=self.kv_capacity_tokens, kv_bytes=self.kv_bytes_per_token, hybrid=True,
+                         ms_per_attended=self.ms_per_attended)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -73,10 +80,10 @@ def load(path: str | Path) -> StepProfile:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a step profile is a JSON object")
-    for key in ("model", *TERMS, "kv_capacity_tokens", "kv_bytes_per_token"):
+    for key in ("model", *REQUIRED, "kv_capacity_tokens", "kv_bytes_per_token"):
         if key not in data:
             raise ValueError(f"{path}: the step profile lacks {key!r}")
-    for key in TERMS:
+    for key in (k for k in TERMS if k in data):
         if not isinstance(data[key], (int, float)) or data[key] < 0:
             raise ValueError(f"{path}: {key} must be a non-negative number, not {data[key]!r}")
     if not isinstance(data["kv_capacity_tokens"], int) or data["kv_capacity_tokens"] < 1:
@@ -107,7 +114,7 @@ def fit(samples: list[StepSample], model: str, kv_capacity_tokens: int, kv_bytes
     off the CPU) are left out of the second fit."""
     if len(samples) < len(TERMS):
         raise ValueError(f"a fit needs at least {len(TERMS)} steps, got {len(samples)}")
-    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context) for s in samples])
+    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context, s.attended) for s in samples])
     y = np.array([s.seconds * 1e3 for s in samples])
     coef = _lstsq(x, y)
     residual = y - x @ coef

@@ -10,6 +10,7 @@ decode replica when the prompt pass ends, as the router hands a prompt over.
 """
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from .power import PowerLoop
 from .trace import Request
 from .workers import Flight, Link, Pool, Worker
 
-PREFILL_DONE, DECODE, LINK, JOIN, TICK = range(5)
+PREFILL_DONE, DECODE, LINK, JOIN, TICK, PASS_START = range(6)
 GOLDEN = 0.6180339887498949   # spreads low-priority requests evenly over the ids
 
 
@@ -87,7 +88,7 @@ class Simulation:
         requests = sorted(requests, key=lambda r: r.arrival)
         i, n, events = 0, len(requests), self.events
         handlers = {PREFILL_DONE: self.prefill_done, DECODE: self.decode_due, LINK: self.link_due,
-                    JOIN: self.decode_arrives, TICK: self.tick}
+                    JOIN: self.decode_arrives, TICK: self.tick, PASS_START: self.pass_starts}
         self.arrivals_left = n
         for k in range(len(self.tickers)):
             self.push(0.0, TICK, k)
@@ -143,14 +144,20 @@ class Simulation:
         self.start_prompt(w)
 
     def start_prompt(self, w: Worker) -> None:
-        if w.in_pass or not w.queue:
+        if w.in_pass or w.pass_due or not w.queue:
             return
         w.advance(self.now)
+        if w.batch:   # the engine takes new prompts between two steps: the running step ends first
+            wait = w.time_for(math.ceil(w.g - 1e-6) - w.g)
+            if wait > 1e-9:
+                w.pass_due = True
+                self.push(self.now + wait, PASS_START, w, w.passes)
+                return
         # decodes first, then prompt tokens, in one token budget (as the worker's scheduler)
         budget = max(1, self.settings.prompt_budget - len(w.batch))
-        tokens = w.take_prompts(budget, self.settings.chunked_prefill)
+        tokens, attended = w.take_prompts(budget, self.settings.chunked_prefill)
         w.prompt_tokens += tokens
-        seconds, watts = w.prompt_step(tokens, len(w.batch))
+        seconds, watts = w.prompt_step(tokens, len(w.batch), attended)
         w.pass_watts = watts
         w.prompt_s += seconds
         w.prompt_j += seconds * watts
@@ -161,6 +168,20 @@ class Simulation:
         w.version += 1   # a colocated batch waits for the pass
         w.passes += 1
         self.push(self.now + seconds, PREFILL_DONE, w, w.passes)
+        self.settle(w)
+
+    def pass_starts(self, w: Worker, version: int) -> None:
+        """The decode step running when a prompt came has ended: its finished sequences leave,
+        and the prompt pass begins."""
+        if version != w.passes or not w.pass_due:   # the worker died meanwhile
+            return
+        w.pass_due = False
+        w.advance(self.now)
+        for f in w.reap():
+            self.finish(f)
+        self.admit_waiting(w)
+        self.start_prompt(w)
+        self.schedule_decode(w)   # nothing when the pass began: the batch waits for it
         self.settle(w)
 
     def prefill_done(self, w: Worker, version: int) -> None:

@@ -163,7 +163,7 @@ class FaultLoop:
         w.prefilling.clear()
         w.waiting.clear()
         w.batch.clear()
-        w.ctx_sum, w.reserved, w.in_pass, w.dead = 0.0, 0, False, True
+        w.ctx_sum, w.reserved, w.in_pass, w.pass_due, w.dead = 0.0, 0, False, False, True
         w.version += 1
         w.passes += 1   # its prompt pass never ends
         w.replica.healthy = False

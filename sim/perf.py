@@ -73,6 +73,7 @@ class PerfModel:
     kv_capacity: int | None = None            # tokens of KV cache per worker
     kv_bytes: int | None = None               # per token
     hybrid: bool = False                      # a prompt pass also pays for the decodes it carries
+    ms_per_attended: float = 0.0              # a measured profile's prompt attention: ms per (token x position)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -92,6 +93,12 @@ class PerfModel:
     def prompt_ms(self, tokens: int) -> float:
         """One prompt pass over `tokens` batched prompt tokens."""
         return _interp(self.prompt_points, tokens)
+
+    def attention_ms(self, attended: float) -> float:
+        """What a prompt pass's attention adds for `attended` (each chunk's tokens times the
+        positions they reach): the cost that grows with a prompt's square (a measured profile's;
+        the Splitwise fit has it in its points)."""
+        return self.ms_per_attended * attended
 
     def token_base_ms(self, batch: int) -> float:
         """A token step of `batch` sequences, before reading the KV cache."""

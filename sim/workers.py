@@ -80,6 +80,7 @@ class Worker:
     queue: deque[Flight] = field(default_factory=deque)     # prompts waiting
     prefilling: list[Flight] = field(default_factory=list)  # prompts the running pass completes
     in_pass: bool = False     # a prompt pass holds the worker
+    pass_due: bool = False    # a prompt pass begins when the running decode step ends
     waiting: deque[Flight] = field(default_factory=deque)   # decodes waiting for a batch slot
     batch: list[tuple[float, int, Flight]] = field(default_factory=list)  # heap by finish_at
     g: float = 0.0
@@ -120,9 +121,11 @@ class Worker:
         self.step_s = self.pool._token_steps[key]
         self.kv_s = perf.kv_ms_per_token * self.token_slow / 1e3
 
-    def prompt_step(self, tokens: int, decodes: int) -> tuple[float, float]:
+    def prompt_step(self, tokens: int, decodes: int, attended: float = 0.0) -> tuple[float, float]:
         seconds, watts = self.pool.prompt_step(tokens, decodes, self.cap_watts)
-        extra = self.pool.perf.hybrid_ms(decodes, self.ctx_sum + len(self.batch) * self.g) * self.token_slow / 1e3
+        perf = self.pool.perf
+        extra = (perf.hybrid_ms(decodes, self.ctx_sum + len(self.batch) * self.g) * self.token_slow
+                 + perf.attention_ms(attended) * self.slow) / 1e3
         return seconds * self.slow + extra, watts
 
     @property
@@ -198,27 +201,31 @@ class Worker:
             return None
         return self.g_time + self.time_for(max(0.0, self.batch[0][0] - self.g))
 
-    def take_prompts(self, budget: int, chunked: bool) -> int:
+    def take_prompts(self, budget: int, chunked: bool) -> tuple[int, float]:
         """Fills the next prompt pass from the queue, first come first served, up to `budget`
         tokens; returns its batched tokens. A prompt that would overflow the budget gives the
         pass a chunk and stays at the head of the queue (chunked), or waits for the next pass
         (a pass always holds at least one whole prompt when not chunked). Only prompts whose
-        last token is in the pass move to `prefilling`."""
-        tokens = 0
+        last token is in the pass move to `prefilling`. Also returns the pass's attention work:
+        each chunk's tokens times the position its last token reaches."""
+        tokens, attended = 0, 0.0
         while self.queue:
             f = self.queue[0]
             left = f.req.prompt_tokens - f.prefilled
             if tokens + left <= budget or (not chunked and tokens == 0):
                 self.queue.popleft()
                 self.prefilling.append(f)
+                attended += left * (f.prefilled + left)
                 f.prefilled += left
                 tokens += left
             else:
                 if chunked and budget > tokens:
-                    f.prefilled += budget - tokens
+                    n = budget - tokens
+                    attended += n * (f.prefilled + n)
+                    f.prefilled += n
                     tokens = budget
                 break
-        return tokens
+        return tokens, attended
 
 
 @dataclass(eq=False)

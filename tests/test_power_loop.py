@@ -21,12 +21,21 @@ class FakePrometheus:
         self.limits: dict[str, float] = {}
         self.age = 1.0
         self.down = False
+        self.peak: float | None = None       # the peak query's answer; None: no point
+        self.peak_down = False
+        self.queries: list[str] = []
 
     def latest(self, selector: str, at: float | None = None) -> Latest:
         if self.down:
             raise PrometheusError("http://prometheus: ConnectError: connection refused")
         values = self.power if selector == "DCGM_FI_DEV_POWER_USAGE" else self.limits
         return Latest([Sample({"instance": i, "gpu": "0"}, v, NOW - self.age) for i, v in values.items()], NOW)
+
+    def instant(self, query: str, at: float | None = None) -> list[Sample]:
+        self.queries.append(query)
+        if self.down or self.peak_down:
+            raise PrometheusError("http://prometheus: ReadTimeout")
+        return [] if self.peak is None else [Sample({}, self.peak, NOW)]
 
 
 class FakeFleet:
@@ -69,6 +78,37 @@ def test_a_worker_without_a_series_makes_the_reading_missing_not_partial(loop):
     del prom.power["high-decode"]
     reading, _, error = power_loop.measure(workers())
     assert reading.watts is None and "local/high-decode" in error
+
+
+def test_the_peak_is_the_domains_summed_power_at_1_s_steps_over_the_period(loop):
+    power_loop, prom, _ = loop
+    prom.peak = 2400.0
+    reading, _, _ = power_loop.measure(workers())
+    assert reading.watts == 1900 and reading.peak_watts == 2400.0
+    query = prom.queries[-1]
+    assert query.startswith("max_over_time(sum(") and query.endswith(")[5s:1s])")
+    assert 'DCGM_FI_DEV_POWER_USAGE{instance="low-decode"} or' in query and "elsewhere" not in query
+
+
+def test_a_missing_or_failed_peak_reads_as_missing_not_zero_and_the_reading_stays(loop):
+    power_loop, prom, _ = loop
+    prom.peak = None
+    reading, _, error = power_loop.measure(workers())
+    assert reading.watts == 1900 and reading.peak_watts is None and error is None
+    prom.peak, prom.peak_down = 2400.0, True
+    reading, _, error = power_loop.measure(workers())
+    assert reading.watts == 1900 and reading.peak_watts is None and error is None
+
+
+def test_a_burst_over_the_budget_seen_only_in_the_peak_is_shed(loop):
+    power_loop, prom, _ = loop
+    prom.power = {"low-decode": 500.0, "low-prefill": 500.0, "high-decode": 500.0}   # 1500 W: under the band
+    period = power_loop.run_period(BUDGET, workers(), now=NOW)
+    assert not period.changed
+    prom.peak = 2100.0   # over limitWatts for a second inside the period
+    period = power_loop.run_period(BUDGET, workers(), now=NOW + 5)
+    assert period.reading.peak_watts == 2100.0 and period.changed
+    assert {ch.worker for ch in period.changed} <= {"local/low-decode", "local/low-prefill"}
 
 
 def test_above_the_threshold_low_priority_is_capped_with_a_lease_and_a_conservative_fallback(loop):

@@ -46,7 +46,7 @@ def test_a_term_the_steps_do_not_pay_for_is_zero_not_negative():
 
 
 def test_too_few_steps_are_refused():
-    with pytest.raises(ValueError, match="at least 4"):
+    with pytest.raises(ValueError, match="at least 5"):
         calibration.fit(synthetic(3, 0.0), "m", 1000, 64)
 
 
@@ -121,3 +121,21 @@ def test_steps_held_off_the_cpu_do_not_drag_the_fit():
     got = calibration.fit(held, "m", 1000, 64)
     assert got.overhead_ms == pytest.approx(TRUE["overhead_ms"], rel=0.1)
     assert 250 <= got.samples <= 270   # the 30 held-off steps are out, few others
+
+
+def test_a_long_prompts_attention_is_fitted_and_simulated():
+    rng = random.Random(3)
+    samples = []
+    for _ in range(300):
+        p = rng.choice([0, rng.randint(1, 1500)])
+        d = rng.randint(0 if p else 1, 16)
+        ctx = d * rng.randint(10, 800)
+        attended = p * p
+        ms = 6.0 + 0.05 * p + 0.3 * d + 0.002 * ctx + 1e-4 * attended + rng.gauss(0, 0.2)
+        samples.append(StepSample(p, d, ctx, ms / 1e3, attended))
+    got = calibration.fit(samples, "m", 10_000, 64)
+    assert got.ms_per_attended == pytest.approx(1e-4, rel=0.1)
+    assert got.ms_per_prompt_token == pytest.approx(0.05, rel=0.2)
+    pool = Pool("m", "mixed", gpus.product("H100"), got.perf_model())
+    (f,) = Simulation([(pool, 1)], Settings(prompt_budget=4096, max_batch=8)).run([Request(0, 0.0, 1200, 2)])
+    assert f.first_token == pytest.approx(got.step_ms(1200, 0, 0, 1200 * 1200) / 1e3)

@@ -65,6 +65,9 @@ def test_up_caps_power_under_the_limit_and_releases_it(tmp_path, tiny_model_dir)
         wait_healthy(url, 120, up)
         idle = wait_for(lambda s: s.get("measured_watts") is not None, tmp_path, 60)
         assert idle["measured_watts"] < 0.8 * LIMIT and idle["caps"] == {}
+        # the period's peak comes with the reading, from the same Prometheus
+        peaked = wait_for(lambda s: s.get("peak_watts") is not None, tmp_path, 30)
+        assert peaked["peak_watts"] >= peaked["measured_watts"]
         threads = [threading.Thread(target=load, args=(url, stop, k), daemon=True) for k in range(12)]
         for t in threads:
             t.start()

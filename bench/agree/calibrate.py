@@ -12,17 +12,7 @@ import time
 from pathlib import Path
 
 from fleetwise.sim.calibration import StepSample
-
-
-def _makeup(batch) -> tuple[int, int, int]:
-    prompt = decodes = context = 0
-    for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-            decodes += 1
-            context += seq.num_computed_tokens + 1
-        else:
-            prompt += n
-    return prompt, decodes, context
+from fleetwise.worker.engine.step_trace import makeup
 
 
 def measure_steps(model_dir: Path, lengths: list[tuple[int, int]], steps: int, seed: int = 0,
@@ -57,7 +47,8 @@ def measure_steps(model_dir: Path, lengths: list[tuple[int, int]], steps: int, s
         engine.step()
         cpu = time.thread_time() - t0
         if i >= warmup and seen:
-            samples.append(StepSample(*_makeup(seen[0]), cpu))
+            p, d, c, a = makeup(seen[0])
+            samples.append(StepSample(p, d, c, cpu, a))
     kv_tokens = engine.runner.num_blocks * engine.config.block_size
     cfg = engine.model_config
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4

@@ -23,6 +23,8 @@ from .kv_hooks import KVHooks
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence, SequenceStatus
+from .step_trace import firsts, makeup
+from .step_trace import from_env as step_trace_from_env
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class LLMEngine:
         self.failed_steps = 0  # in a row: steps in which every sequence failed
         self.last_step_error: str | None = None
         self.kv_connector: KVHooks | None = None  # attached by whoever builds a worker
+        self.step_trace = step_trace_from_env()  # every step to a file (FLEETWISE_STEP_TRACE); None: off
 
     # -- requests ---------------------------------------------------------------------
 
@@ -252,9 +255,11 @@ class LLMEngine:
         if self.switches is not None:
             self.switches.hold_stall()
         t0 = time.perf_counter()
+        cpu0 = time.thread_time() if self.step_trace is not None else 0.0
         bm = self.block_manager
         q0, h0 = bm.prefix_queries, bm.prefix_hits
         batch = self.scheduler.schedule()
+        made, first = (makeup(batch), firsts(batch)) if self.step_trace is not None else ((0, 0, 0, 0), [])
         outputs: list[RequestOutput] = []
         forward = 0.0
         if batch:
@@ -284,6 +289,9 @@ class LLMEngine:
         self.metrics.on_step(self.last_step_seconds, forward, batch.num_tokens, len(batch.seqs),
                              self.num_running, self.num_waiting, used, bm.num_free_blocks,
                              len(batch.preempted))
+        if self.step_trace is not None and batch:
+            self.step_trace.record(t0, self.last_step_seconds, time.thread_time() - cpu0, made,
+                                   self.num_running + self.num_waiting, first)
         return outputs
 
     def _run_isolated(self, batch: ScheduledBatch) -> tuple[list[RequestOutput], str | None]:

@@ -1,0 +1,78 @@
+"""A worker's measured pace over time: how many times longer than its own CPU time its steps
+took on the wall clock, window by window.
+
+A worker that shares its core with other processes gets a changing share of it: on the two
+shared cores where `fleetwise sim agree` runs, the same worker's steps took 2x their CPU time
+in one 20 s stretch and 6x in the next. A step profile fitted on CPU time gives the shape of a
+step's cost; the pace gives how long the wall clock made it. One factor over a whole run
+spreads a burst of contention over every step, so the steps inside the burst, where the queue
+forms and the slow percentiles come from, are modelled too fast and the rest too slow.
+
+`windows` makes the pace from a worker's traced steps (`worker/engine/step_trace.py`): in each
+window, the steps' wall seconds plus the engine loop's time between two steps while work was
+left, over their CPU seconds. `Pacer` plays it in the simulation as a changing slow-down of
+that worker (the fault injector's `slow`), one event per window and worker: the batch model
+stays analytic between them.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MIN_CPU_S = 0.02      # a window whose steps used less CPU than this takes the worker's whole-run pace
+
+
+@dataclass(frozen=True)
+class Pace:
+    window_s: float
+    factors: tuple[float, ...]     # window k covers [k * window_s, (k + 1) * window_s)
+    overall: float                 # over the whole run: before the first window's steps, after the last
+
+    def at(self, t: float) -> float:
+        k = int(t // self.window_s) if t >= 0 else -1
+        return self.factors[k] if 0 <= k < len(self.factors) else self.overall
+
+
+def windows(steps: Sequence[dict[str, Any]], window_s: float) -> Pace:
+    """A worker's pace from its traced steps (each with `t`, `s`, `cpu`, `left`; `t` in seconds
+    from the run's start). A window with too little CPU to measure takes the whole run's pace."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, not {window_s}")
+    if not steps:
+        return Pace(window_s, (), 1.0)
+    wall: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    for i, s in enumerate(steps):
+        k = int(s["t"] // window_s)
+        took = s["s"]
+        if s["left"] > 0 and i + 1 < len(steps):   # the loop went straight on: its time between steps counts
+            took += max(0.0, steps[i + 1]["t"] - (s["t"] + s["s"]))
+        wall[k] = wall.get(k, 0.0) + took
+        cpu[k] = cpu.get(k, 0.0) + s["cpu"]
+    total_cpu = sum(cpu.values())
+    overall = sum(wall.values()) / total_cpu if total_cpu > 0 else 1.0
+    last = max(wall)
+    factors = tuple(max(1.0, wall[k] / cpu[k]) if cpu.get(k, 0.0) >= MIN_CPU_S else max(1.0, overall)
+                    for k in range(last + 1))
+    return Pace(window_s, factors, max(1.0, overall))
+
+
+class Pacer:
+    """Each worker's pace in the simulation: at every window's start its `slow` is set to the
+    window's factor (a ticker of `Simulation`); the batch running then changes pace there."""
+
+    def __init__(self, sim: Any, paces: Sequence[Pace]):
+        if len(paces) != len(sim.workers):
+            raise ValueError(f"{len(paces)} paces for {len(sim.workers)} workers")
+        if len({p.window_s for p in paces}) > 1:
+            raise ValueError("every worker's pace needs the same window")
+        self.sim, self.paces = sim, list(paces)
+
+    def tick(self, now: float) -> float | None:
+        for w, pace in zip(self.sim.workers, self.paces):
+            factor = pace.at(now + 1e-9)
+            if factor != w.slow:
+                w.slow = factor
+                self.sim.set_cap(w, w.cap_watts)   # the steps from now on at this pace
+        window = self.paces[0].window_s
+        return (int(now // window) + 1) * window
