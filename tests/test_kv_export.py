@@ -130,7 +130,7 @@ def test_a_moved_request_with_two_choices_pulls_their_common_prompt_once(tiny_mo
     """n=2, seeded: the new worker pulls the prompt's full blocks with the first choice only
     and shares them with the second (their bytes on the wire say so), and both choices go on
     exactly as in an undisturbed run."""
-    from fleetwise.router.migrate import Tracker
+    from fleetwise.router.tracker import Tracker
     from fleetwise.worker.kv.transfer import stream_size
 
     from .test_migration import kv_moves

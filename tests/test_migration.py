@@ -409,7 +409,7 @@ def test_a_drained_workers_streams_move_when_the_grace_period_ends(tiny_model_di
 
 
 def test_the_tracker_keeps_ids_strips_their_lines_and_knows_its_bounds():
-    from fleetwise.router.migrate import Tracker
+    from fleetwise.router.tracker import Tracker
 
     def event(fw: dict, text: str) -> bytes:
         return b"fw: " + json.dumps(fw).encode() + b"\ndata: " + json.dumps({"choices": [{"text": text}]}).encode() \
@@ -590,7 +590,7 @@ def test_a_drain_exports_streams_with_their_kv_and_breaks_off_only_those_it_cann
 
 
 def test_the_tracker_keeps_every_prompt_and_names_the_kv_in_a_resume():
-    from fleetwise.router.migrate import Tracker
+    from fleetwise.router.tracker import Tracker
     lines = [{"index": 0, "token_ids": [5], "prompt": 0, "prompt_token_ids": [1, 2], "request_id": "a", "id": "c-1",
               "created": 3},
              {"index": 1, "token_ids": [6], "prompt": 1, "prompt_token_ids": [3, 4], "request_id": "b"},

@@ -177,7 +177,7 @@ def evaluate(systems: dict) -> dict:
 def tracker_cost(tokens: int = 64, repeat: int = 300) -> dict:
     """CPU µs per relayed event: migration's Tracker.feed over a worker's stream (with its
     `fw:` lines) against the bytes passed through as they are; one event per chunk."""
-    from fleetwise.router.migrate import Tracker
+    from fleetwise.router.tracker import Tracker
     events = [p % 0.0 for p in stream_events(tokens, True, True)]
     plain = [p % 0.0 for p in stream_events(tokens, False, True)]
 
