@@ -31,14 +31,17 @@ def matrix(slow: tuple[str, str] | None = ("p1", "d2")) -> list[Transfer]:
 
 def test_a_slow_link_is_routed_around_until_its_avoidance_lapses_then_judged_again():
     state = FaultState()
-    d = detect([], matrix(), POLICY, state, now=0.0)
-    assert [(a.verb, a.target, a.until) for a in d.actions] == [("RouteAround", "p1->d2", avoidance_seconds(POLICY))]
+    d = detect([], matrix(), POLICY, state, now=0.0)  # one pair alone must stay out two windows
+    assert d.actions == [] and [i.target for i in d.incidents] == []
+    d = detect([], matrix(), POLICY, state, now=10.0)
+    assert [(a.verb, a.target, a.until) for a in d.actions] == [
+        ("RouteAround", "p1->d2", 10.0 + avoidance_seconds(POLICY))]
     assert d.held == [] and d.flapping == []
     # the pair's last transfers may still be in the next window: no second action, nothing held
-    d = detect([], matrix(), POLICY, state, now=10.0)
+    d = detect([], matrix(), POLICY, state, now=20.0)
     assert d.actions == [] and d.held == [] and [i.target for i in d.incidents] == ["p1->d2"]
-    # still slow once the avoidance lapsed (60 s): routed around again, never taken for flapping
-    for t in (60.0, 120.0, 180.0, 240.0):
+    # still slow once the avoidance lapsed (70 s): routed around again, never taken for flapping
+    for t in (70.0, 130.0, 190.0, 250.0):
         d = detect([], matrix(), POLICY, state, now=t)
         assert [a.verb for a in d.actions] == ["RouteAround"] and d.flapping == [], t
 
@@ -46,16 +49,21 @@ def test_a_slow_link_is_routed_around_until_its_avoidance_lapses_then_judged_aga
 def test_routing_around_takes_none_of_the_limits_a_sick_worker_needs():
     state = FaultState()
     detect([], matrix(), POLICY, state, now=0.0)
-    detect([], matrix(("p0", "d1")), POLICY, state, now=10.0)  # a second link, in the hourly bound of one
+    routed = detect([], matrix(), POLICY, state, now=10.0).actions
+    detect([], matrix(("p0", "d1")), POLICY, state, now=20.0)  # a second link, in the hourly bound of one
+    routed += detect([], matrix(("p0", "d1")), POLICY, state, now=30.0).actions
+    assert [(a.verb, a.target) for a in routed] == [("RouteAround", "p1->d2"), ("RouteAround", "p0->d1")]
     members = [Member(f"w{i}", "g", f"n{i}", 0.010) for i in range(7)] + [Member("w7", "g", "n7", 0.030)]
-    for t in (20.0, 30.0):
+    for t in (40.0, 50.0):
         d = detect(members, [], POLICY, state, now=t)
     assert [(a.verb, a.target) for a in d.actions] == [("Quarantine", "w7"), ("RestartPod", "w7")]
 
 
 def test_a_detection_only_policy_does_not_route_around_and_says_so():
     quiet = POLICY.model_copy(update={"remediation": POLICY.remediation.model_copy(update={"actions": []})})
-    d = detect([], matrix(), quiet, FaultState(), now=0.0)
+    state = FaultState()
+    detect([], matrix(), quiet, state, now=0.0)
+    d = detect([], matrix(), quiet, state, now=10.0)
     assert d.actions == [] and d.held == [("p1->d2", "the FaultPolicy allows no actions (detection only)")]
 
 
