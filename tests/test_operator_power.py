@@ -61,6 +61,9 @@ class FakePrometheus:
         return Latest([Sample({"pod": p, "namespace": "models", "gpu": "0"}, w, NOW - 2)
                        for p, w in self.watts.items()], NOW)
 
+    def instant(self, query: str, at: float | None = None) -> list[Sample]:
+        return []  # no peak over the window: the loop judges the latest reading alone
+
 
 class FakeFleet:
     def __init__(self) -> None:
