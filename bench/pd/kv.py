@@ -12,7 +12,6 @@ worker's own classes and settings: `DecodeSide`), so the pull is timed without a
 of its own and the blocks it fills are freed after each trial."""
 
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -21,13 +20,12 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.progress import Progress, TaskID
 
-from fleetwise.bench.harness import summary
+from fleetwise.bench.harness import process_cpu_seconds, summary
 
 MIN_KV_TRIALS = 5         # KV pulls (and socket copies) per prompt length, at least
 # per KV trial: the full pull as the decode worker does it, the same stream only read off the
@@ -196,12 +194,6 @@ class StreamReader:
         self.sock.close()
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user and system, all threads) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class DecodeSide:
     """A decode worker's engine, paged cache and KV connector in this process, with the
     client a decode worker pulls with (kv/pull.py's KVClient)."""
@@ -276,10 +268,10 @@ async def _trials(side: DecodeSide, url: str, handle: str, prompt: list[int], fi
                 times[kind].append(sock.copy(nbytes))
             else:
                 if kind == "kv":
-                    c0, s0 = time.process_time(), process_cpu_s(sender_pid) if sender_pid else 0.0
+                    c0, s0 = time.process_time(), process_cpu_seconds(sender_pid) or 0.0
                     n, t = await pull_kv(side, url, handle, prompt, first_token)
                     cpu["receiver"] += time.process_time() - c0
-                    cpu["sender"] += process_cpu_s(sender_pid) - s0 if sender_pid else 0.0
+                    cpu["sender"] += (process_cpu_seconds(sender_pid) or 0.0) - s0
                 else:
                     n, t = side.read(url, handle)
                 if n != nbytes:

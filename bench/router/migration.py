@@ -16,7 +16,6 @@ and the undisturbed text. The router's CPU (its process's user + system time ove
 relayed token is compared with the undisturbed phase's.
 """
 
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ import httpx
 import yaml
 from rich.console import Console
 
-from fleetwise.bench.harness import figure, finish, label_bars, percentile, progress_bar
+from fleetwise.bench.harness import figure, finish, label_bars, percentile, process_cpu_seconds, progress_bar
 from fleetwise.bench.migrate import read_stream, slow_steps, start_workers
 from fleetwise.bench.models import preset_model
 from fleetwise.bench.targets import AT_MOST, Target
@@ -62,8 +61,7 @@ class Fleet:
 
     def cpu_s(self) -> float:
         """The router process's user + system CPU seconds so far."""
-        fields = Path(f"/proc/{self.router.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.router.pid) or 0.0
 
     def moves(self) -> dict[str, float]:
         page = httpx.get(self.router.url + "/metrics", timeout=10).text

@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from fleetwise.bench.harness import process_cpu_seconds
 from fleetwise.bench.router.load import QuietGC, Run, closed_loop, open_loop, percentiles_ms, poisson_schedule, session
 from fleetwise.procs import Process
 
@@ -25,15 +26,6 @@ WARMUP_S = 1.0                # open-loop load per system before the rounds, not
 TURN_WARMUP_S = 0.25          # and before each of its open-loop turns
 CLOSED_LOOP_CLIENTS = 32      # concurrent clients in the max-rate run
 CLOSED_LOOP_WARMUP_S = 0.25   # per closed-loop turn, not recorded
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all its threads (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def machine_cpu() -> tuple[float, float] | None:
@@ -52,7 +44,7 @@ def ours_cpu(procs: list[Process]) -> float:
     t = os.times()
     total = t.user + t.system
     for p in procs:
-        total += (_proc_cpu_s(p.pid) if p.pid else None) or 0.0
+        total += process_cpu_seconds(p.pid) or 0.0
     return total
 
 
@@ -78,7 +70,7 @@ class System:
 
     def cpu(self) -> float | None:
         """CPU seconds of its server process so far."""
-        return _proc_cpu_s(self.pid) if self.pid else None
+        return process_cpu_seconds(self.pid)
 
     def rounds_json(self) -> dict:
         return {"open_loop": [{"p50_ms": (percentiles_ms(r.latencies_s) or {}).get("p50"),
