@@ -58,9 +58,10 @@ class DeviceClock:
         """Busies the device for about `seconds` more; returns the device seconds it took."""
         if seconds <= 0:
             return 0.0
+        cycles = max(1, int(seconds * self.cycles_per_second())) if self.cuda else 0
         self.start()
         if self.cuda:
-            torch.cuda._sleep(max(1, int(seconds * self.cycles_per_second())))
+            torch.cuda._sleep(cycles)
         else:
             assert self._a is not None
             end, now, last = self._t0 + seconds, self._t0, 0.0
