@@ -13,9 +13,11 @@ runs bigger batches, spends less per token without being faster. Each group of a
 is fitted, per window, to seconds per step = a + b x tokens per step (`fit_step_cost`: Theil-Sen,
 robust to one odd member), and a member's value is its seconds against the fit's cost of its own
 steps, as seconds per token at the group's median batch; with too few members, or no step counts,
-the value is seconds per token. A member slow only while its load differs from all its peers'
-can be taken for load in one window. Inter-token latency, the router's 5xx and timeouts against
-the replica, and failed KV pulls go along as evidence. Hard signals (on wall time and the
+the value is seconds per token. The limit: a single member whose batches differ from all its
+peers' sets the fit's slope, so its slowness is taken for load for as long as its load alone
+differs (in tests/test_fault_device_e2e.py the busier worker sits on the fit). Inter-token
+latency, the router's 5xx and timeouts against the replica, and failed KV pulls go along as
+evidence. Hard signals (on wall time and the
 heartbeat, not the device): a non-zero DCGM XID, an engine heartbeat older than `stall_seconds`.
 
 Missing data is never healthy and never zero: a worker with no series, or fewer than
