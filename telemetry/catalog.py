@@ -21,6 +21,7 @@ REQUEST_SUCCESS = "vllm:request_success"      # counter, label finished_reason
 # fleetwise worker metrics, labelled with model_name and role
 STEP_SECONDS = "fleetwise_step_seconds"
 STEP_FORWARD_SECONDS = "fleetwise_step_forward_seconds"
+STEP_DEVICE_SECONDS = "fleetwise_step_device_seconds"  # histogram: the forward's device time (GPU or engine thread CPU)
 BATCH_TOKENS = "fleetwise_batch_tokens"
 BATCH_SEQS = "fleetwise_batch_seqs"
 KV_BLOCKS_USED = "fleetwise_kv_blocks_used"

@@ -2,17 +2,21 @@
 tests: worker processes with their fault switches on, the router, a real Prometheus and the
 loop's thread; stopped in order when the test ends."""
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
+from fleetwise.fleet import Routability
 from fleetwise.local_faults import LocalFaults, local_policy, start_local_faults
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port
 from fleetwise.procs import wait_healthy
 from fleetwise.up import _ready, plan, stop_fleet, write_token
 
-from .workers import token_file
+from .workers import AUTH, token_file
 
 
 @contextmanager
@@ -35,3 +39,15 @@ def detecting_fleet(workdir: Path, model: Path, mode: str, counts: tuple[int, in
             faults.stop()
     finally:
         stop_fleet(procs)
+
+
+def assert_restarted(faults: LocalFaults, fleet: LocalFleet, name: str, timeout: float = 120) -> None:
+    """The quarantined worker `name` is restarted within `timeout`: its replacement is serving,
+    its fault switches off."""
+    loop, t0 = faults.loop, time.monotonic()
+    while len(loop.done) < 2 and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+    assert [(d.action.verb, d.outcome) for d in loop.done] == [("Quarantine", "done"), ("RestartPod", "done")]
+    assert fleet.states[name].state is Routability.SERVING
+    view = httpx.get(fleet.workers[name].internal_url + "/internal/faults", headers=AUTH, timeout=10).json()
+    assert view["slow_factor"] == 1.0

@@ -11,9 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from fleetwise.fleet import Routability
-
-from .detecting_fleet import detecting_fleet
+from .detecting_fleet import assert_restarted, detecting_fleet
 from .workers import AUTH
 
 WINDOW = 10          # seconds: the FaultPolicy's least
@@ -80,13 +78,7 @@ def test_a_slow_worker_is_quarantined_within_three_windows_and_a_healthy_run_bri
         print(f"healthy scores {healthy_scores}; slowed x{SLOW_FACTOR} quarantined after {detected:.1f} s")
         assert detected <= 3 * WINDOW + 5
         assert "quarantine mixed-1" in (procs[0].log.parent.parent / "actions.log").read_text()
-        t1 = time.monotonic()  # the restart replaces the process: serving again, its switches off
-        while len(loop.done) < 2 and time.monotonic() - t1 < 120:
-            time.sleep(0.5)
-        assert [(d.action.verb, d.outcome) for d in loop.done] == [("Quarantine", "done"), ("RestartPod", "done")]
-        assert fleet.states["mixed-1"].state is Routability.SERVING
-        view = httpx.get(slow.internal_url + "/internal/faults", headers=AUTH, timeout=10).json()
-        assert view["slow_factor"] == 1.0
+        assert_restarted(faults, fleet, "mixed-1")  # the restart replaces the process: serving, its switches off
     finally:
         stop.set()
         driver.join(timeout=60)

@@ -1,5 +1,5 @@
 """The drills' fault switches on a real worker process: behind the token, bounded, off by
-default; a slow factor shows in step time against the work, a stall in /health, an XID in the
+default; a slow factor shows in step and device time against the work, a stall in /health, an XID in the
 modelled GPU's DCGM series, a slow KV link in the per-peer transfer metrics."""
 
 import re
@@ -36,8 +36,8 @@ def metric(worker, name: str) -> float:
     return sum(values)
 
 
-def seconds_per_token(worker) -> tuple[float, float]:
-    return metric(worker, "fleetwise_step_seconds_sum"), metric(worker, "fleetwise_batch_tokens_sum")
+def seconds_per_token(worker, series: str = "fleetwise_step_seconds_sum") -> tuple[float, float]:
+    return metric(worker, series), metric(worker, "fleetwise_batch_tokens_sum")
 
 
 def test_switches_need_the_token_are_bounded_and_start_off(worker):
@@ -53,12 +53,13 @@ def test_switches_need_the_token_are_bounded_and_start_off(worker):
     assert r.status_code == 400 and "kv_slow_peer" in r.json()["error"]["message"]
 
 
-def test_a_slow_factor_shows_in_step_time_per_token_and_goes_away(worker):
+@pytest.mark.parametrize("series", ["fleetwise_step_seconds_sum", "fleetwise_step_device_seconds_sum"])
+def test_a_slow_factor_shows_in_step_and_device_time_per_token_and_goes_away(worker, series):
     def per_token(requests: int = 3) -> float:
-        s0, t0 = seconds_per_token(worker)
+        s0, t0 = seconds_per_token(worker, series)
         for _ in range(requests):
             assert httpx.post(worker.url + "/v1/completions", json=BODY, timeout=60).status_code == 200
-        s1, t1 = seconds_per_token(worker)
+        s1, t1 = seconds_per_token(worker, series)
         return (s1 - s0) / (t1 - t0)
     before = per_token()
     assert post_faults(worker, slow_factor=4.0).json()["slow_factor"] == 4.0

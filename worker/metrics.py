@@ -10,6 +10,7 @@ disable_created_metrics()  # the *_created series double the page and no dashboa
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
+DEVICE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -38,6 +39,9 @@ class WorkerMetrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.forward_seconds = Histogram(c.STEP_FORWARD_SECONDS, "Model forward and sampling time per step.", mr,
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.device_seconds = Histogram(c.STEP_DEVICE_SECONDS, "Device busy time of the forward pass per step: GPU "
+                                        "time on CUDA, the engine thread's CPU time on the CPU.", mr,
+                                        buckets=DEVICE_BUCKETS, registry=r)
         self.batch_tokens = Histogram(c.BATCH_TOKENS, "Tokens computed per step.", mr, buckets=TOKEN_BUCKETS,
                                       registry=r)
         self.batch_seqs = Histogram(c.BATCH_SEQS, "Sequences per step.", mr, buckets=TOKEN_BUCKETS, registry=r)
@@ -77,15 +81,16 @@ class WorkerMetrics:
                        self.prompt_tokens, self.generation_tokens, self.preemptions,
                        self.prefix_queries, self.prefix_hits):
             metric.labels(**self._m)
-        for metric in (self.step_seconds, self.forward_seconds, self.batch_tokens, self.batch_seqs,
+        for metric in (self.step_seconds, self.forward_seconds, self.device_seconds, self.batch_tokens, self.batch_seqs,
                        self.blocks_used, self.blocks_free, self.errors, self.heartbeat_age,
                        self.kv_seconds, self.kv_leases, self.kv_leases_expired):
             metric.labels(**self._mr)
 
-    def on_step(self, seconds: float, forward_seconds: float, num_tokens: int, num_seqs: int,
-                running: int, waiting: int, blocks_used: int, blocks_free: int, preempted: int) -> None:
+    def on_step(self, seconds: float, forward_seconds: float, device_seconds: float, num_tokens: int,
+                num_seqs: int, running: int, waiting: int, blocks_used: int, blocks_free: int, preempted: int) -> None:
         self.step_seconds.labels(**self._mr).observe(seconds)
         self.forward_seconds.labels(**self._mr).observe(forward_seconds)
+        self.device_seconds.labels(**self._mr).observe(device_seconds)
         self.batch_tokens.labels(**self._mr).observe(num_tokens)
         self.batch_seqs.labels(**self._mr).observe(num_seqs)
         self.running.labels(**self._m).set(running)

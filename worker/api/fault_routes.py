@@ -24,7 +24,7 @@ from .openai import APIError
 class FaultsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slow_factor: float = Field(1.0, ge=1.0, le=MAX_SLOW_FACTOR,
-                               description="each forward pass takes this many times longer")
+                               description="each forward pass keeps the device busy this many times longer")
     step_delay_seconds: float = Field(0.0, ge=0.0, le=MAX_STEP_DELAY_SECONDS,
                                       description="each step with work takes this much longer")
     stall_seconds: float = Field(0.0, ge=0.0, le=MAX_STALL_SECONDS,

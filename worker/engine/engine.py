@@ -18,6 +18,7 @@ from ..model.sampler import TokenLogprob
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .device_clock import DeviceClock
 from .faults import FaultSwitches
 from .kv_hooks import KVHooks
 from .runner import ModelRunner
@@ -75,11 +76,10 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self._text: dict[int, _TextState] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
-        # test-only fault switch: called with each batch before the forward pass
-        self.fault_hook: Callable[[ScheduledBatch], None] | None = None
+        self.fault_hook: Callable[[ScheduledBatch], None] | None = None  # tests': before each forward
         self.switches: FaultSwitches | None = None  # drills' switches (faults.py); None: off
-        self.last_step_forward_seconds = 0.0
-        self.last_step_seconds = 0.0
+        self.clock = DeviceClock(self.runner.device)  # the forward's device seconds (device_clock.py)
+        self.last_step_seconds = self.last_step_forward_seconds = 0.0
         self.failed_steps = 0  # in a row: steps in which every sequence failed
         self.last_step_error: str | None = None
         self.kv_connector: KVHooks | None = None  # attached by whoever builds a worker
@@ -261,16 +261,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         made, first = (makeup(batch), firsts(batch)) if self.step_trace is not None else ((0, 0, 0, 0), [])
         outputs: list[RequestOutput] = []
-        forward = 0.0
+        forward = device = 0.0
         if batch:
-            t1 = time.perf_counter()
-            error = None
+            t1, error = time.perf_counter(), None
             try:
                 if self.fault_hook:
                     self.fault_hook(batch)
+                self.clock.start()
                 rows, sampled = self.runner.run(batch)
+                device = self.clock.stop()
                 if self.switches is not None:  # a slow GPU: the forward pass itself takes longer
-                    self.switches.after_forward(time.perf_counter() - t1)
+                    device += self.switches.after_forward(device, self.clock)
                 forward = time.perf_counter() - t1
                 if self.gpu is not None:
                     self._as_the_modelled_gpu(batch, forward)
@@ -283,10 +284,9 @@ class LLMEngine:
             self.last_step_error = error or self.last_step_error
         if bm.prefix_queries != q0:
             self.metrics.on_admit(bm.prefix_queries - q0, bm.prefix_hits - h0)
-        self.last_step_seconds = time.perf_counter() - t0
-        self.last_step_forward_seconds = forward
+        self.last_step_seconds, self.last_step_forward_seconds = time.perf_counter() - t0, forward
         used = bm.num_blocks - bm.num_free_blocks
-        self.metrics.on_step(self.last_step_seconds, forward, batch.num_tokens, len(batch.seqs),
+        self.metrics.on_step(self.last_step_seconds, forward, device, batch.num_tokens, len(batch.seqs),
                              self.num_running, self.num_waiting, used, bm.num_free_blocks,
                              len(batch.preempted))
         if self.step_trace is not None and batch:

@@ -2,15 +2,20 @@
 worker, turned on and off at run time (`POST /internal/faults`, only on a worker started with
 `--fault switches`). Off by default; every switch has an explicit bound.
 
-A slow step sleeps `slow_factor - 1` times the forward pass after it, so step time grows
-against the work in the step, as on a GPU with a low clock, and `step_delay_seconds` more,
-whatever the work (a slow host; tests use it so that a stream outlasts their reaction); a stall holds the engine loop
+A slow device (`slow_factor`) keeps the device busy for `slow_factor - 1` times the forward
+pass's device time after it (`DeviceClock.burn`: GPU time on CUDA, the engine thread's CPU time
+on the CPU), so device time grows against the work in the step, as on a GPU with a low clock,
+and the detector sees it where it looks; `step_delay_seconds` sleeps that much more after each
+step, whatever the work (a slow host, which no device clock sees; tests use it so that a stream
+outlasts their reaction); a stall holds the engine loop
 (the heartbeat stops, so /health turns 503); a slow KV link delays every pull from one
 prefill worker; an XID error sets the modelled GPU's DCGM XID series."""
 
 import threading
 import time
 from dataclasses import asdict, dataclass
+
+from .device_clock import DeviceClock
 
 MAX_SLOW_FACTOR = 20.0
 MAX_STEP_DELAY_SECONDS = 1.0
@@ -50,11 +55,15 @@ class FaultSwitches:
         while (left := self.stall_until - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
 
-    def after_forward(self, forward_seconds: float) -> None:
+    def after_forward(self, device_seconds: float, clock: DeviceClock) -> float:
+        """Called by the engine after a forward pass of `device_seconds`: burns the slow
+        device's extra time on `clock`, then sleeps a step delay; returns the device seconds
+        burnt."""
         s = self.settings
-        delay = forward_seconds * (s.slow_factor - 1.0) + s.step_delay_seconds
-        if delay > 0:
-            time.sleep(delay)
+        burnt = clock.burn(device_seconds * (s.slow_factor - 1.0)) if s.slow_factor > 1.0 else 0.0
+        if s.step_delay_seconds > 0:
+            time.sleep(s.step_delay_seconds)
+        return burnt
 
     def kv_delay(self, peer: str) -> float:
         s = self.settings
