@@ -11,8 +11,9 @@ pod, and a LIST of the policy's pods only after a window that acted, so that its
 what the actions changed. Peers are the pods of one deployment, role and GPU product (the
 node's label). A pod is scraped at its public address (Prometheus' `instance`), its peers and
 the router call its internal one. Events: on the pod or node, each action's (`KubeFleet`); on
-the policy, each new incident, each action and its outcome, and each change of the Degraded or
-AdminReachable condition. Each new incident also goes to the admin API with its evidence,
+the policy, each new incident, each action and its outcome (when it ends: an action that
+outlasts its window is listed on its incident as running meanwhile), and each change of the
+Degraded or AdminReachable condition. Each new incident also goes to the admin API with its evidence,
 through the sink's queue.
 """
 
@@ -119,6 +120,7 @@ class PolicyState:
     loop: FaultLoop
     book: fs.IncidentBook = field(default_factory=fs.IncidentBook)
     status: dict[str, Any] = field(default_factory=dict)
+    seen: int = 0   # the last action's `seq` whose outcome was reported
 
 
 @dataclass
@@ -161,12 +163,17 @@ class FaultControl:
         workers = policy_workers(pods, nodes, load_address_map())
         state.loop.workers = lambda: workers
         decision = state.loop.tick(now)
-        done = [d for d in state.loop.done if d.at == now]
+        done = state.loop.finished_after(state.seen)  # this window's, and those that ended since the last
+        state.seen = max((d.seq for d in done), default=state.seen)
+        outcomes = [(d.action.verb, d.action.target, d.outcome) for d in done]
+        outcomes += [(r.action.verb, r.action.target, fs.RUNNING) for r in list(state.loop.running)]
+        opened: list[fs.Record] = []
         if decision is not None:
-            opened = state.book.window(decision.incidents, [(d.action.verb, d.action.target, d.outcome) for d in done],
-                                       decision.held, now, spec.detection.window_seconds)
-            self._report(body, opened, done)
+            opened = state.book.window(decision.incidents, outcomes, decision.held, now, spec.detection.window_seconds)
             self._count(key, state.book)
+        else:  # a skipped window still tells how the actions running since the last one ended
+            state.book.outcomes(outcomes)
+        self._report(body, opened, done)
         if done:  # what the actions changed shows in this window's status
             pods, nodes = self.kube.pods(key[0], selector(spec)), self.kube.nodes()
         refused = [f"{d.action.verb} {d.action.target}: {d.outcome}" for d in done if d.outcome.startswith("refused")]
@@ -195,9 +202,10 @@ class FaultControl:
                                     fs.flat_evidence(rec.evidence))
         for d in done:
             refused = d.outcome.startswith("refused")
+            took = f" (after {d.seconds:.0f} s)" if d.seconds >= 1.0 else ""
             self.kube.event(involved, "Warning" if refused else "Normal",
                             "FaultActionRefused" if refused else "FaultAction",
-                            f"{d.action.verb} {d.action.target}: {d.outcome}")
+                            f"{d.action.verb} {d.action.target}: {d.outcome}{took}")
 
     @staticmethod
     def _kept(state: PolicyState, kind: str) -> Condition:
