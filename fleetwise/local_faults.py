@@ -24,11 +24,11 @@ from fleetwise.telemetry.prometheus_server import PrometheusServer
 
 def local_policy(window_seconds: int) -> FaultPolicySpec:
     """Quarantine and restart, at most half of a role's workers out at once (rounded down: one of
-    two or three); two windows out in a row."""
+    two or three), and route around a slow KV link; two windows out in a row."""
     return FaultPolicySpec.model_validate({
         "detection": {"windowSeconds": window_seconds, "minPeers": 3, "deviationThreshold": 4,
                       "consecutiveWindows": 2},
-        "remediation": {"actions": ["Quarantine", "RestartPod"], "maxUnavailableFraction": 0.5,
+        "remediation": {"actions": ["Quarantine", "RestartPod", "RouteAround"], "maxUnavailableFraction": 0.5,
                         "maxActionsPerHour": 10, "cooldownSeconds": 300}})
 
 

@@ -2,8 +2,9 @@
 pods (its namespace, its selector), runs `fleetwise/fault_loop.py` over them (the signals from
 Prometheus, `controllers/faults.py`'s decision, the actions through `KubeFleet`, wrapped in
 `ReportingFleet` when there is an admin API), and writes the policy's status: its incidents
-(`controllers/fault_status.py`), the pods quarantined and the nodes cordoned, the last window's
-time, and the conditions Ready, Degraded and AdminReachable.
+(`controllers/fault_status.py`), the pods quarantined, the nodes cordoned and the KV links
+routed around (from the decode pods' avoid-prefill annotations), the last window's time, and the
+conditions Ready, Degraded and AdminReachable.
 
 The pods come from the operator's watch cache (`PodCache`) when it has one, and each worker's
 routability from the same pods (`KubeFleet.state` reads the cache): a window makes no GET per
@@ -33,7 +34,7 @@ from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
 from fleetwise.controllers.status import Condition, with_times
 from fleetwise.fault_loop import Done, FaultLoop
 from fleetwise.fault_signals import Worker
-from fleetwise.fleet import FleetActions, Routability
+from fleetwise.fleet import ANNOTATION_AVOID_PREFILL, FleetActions, Routability, read_avoidance_annotation
 from fleetwise.spec import API_VERSION, FaultPolicySpec
 from fleetwise.telemetry.prometheus import PrometheusClient
 
@@ -104,6 +105,21 @@ def cordoned(nodes: list[dict]) -> list[dict[str, str]]:
         if (n.get("spec") or {}).get("unschedulable") and reason:
             out.append({"node": n["metadata"]["name"], "reason": reason[:1024]})
     return sorted(out, key=lambda n: n["node"])[:MAX_LISTED]
+
+
+def avoided_links(pods: list[dict], now: float) -> list[dict[str, str]]:
+    """The KV links routed around now: each decode pod's `fleetwise.dev/avoid-prefill` entries
+    in force, soonest to lapse first (a malformed annotation is left out: the router ignores it too)."""
+    out = []
+    for pod in pods:
+        meta = pod["metadata"]
+        try:
+            avoided = read_avoidance_annotation((meta.get("annotations") or {}).get(ANNOTATION_AVOID_PREFILL), now)
+        except ValueError:
+            continue
+        out += [{"prefill": peer, "decode": meta["name"], "until": _iso(a.until), "reason": a.reason[:1024]}
+                for peer, a in avoided.items()]
+    return sorted(out, key=lambda x: (x["until"], x["decode"], x["prefill"]))[:MAX_LISTED]
 
 
 def admin_kind(rec: fs.Record) -> str:
@@ -184,6 +200,7 @@ class FaultControl:
         status = {"lastWindowTime": _iso(now), "workers": len(workers), "openCount": state.book.open_count(),
                   "incidents": [fs.record_view(r, _iso) for r in state.book.records],
                   "quarantined": out_of_routing(pods), "cordoned": cordoned(nodes),
+                  "avoided": avoided_links(pods, time.time()),
                   # a list: a merge patch replaces it, where it would merge an object's keys with the last window's
                   "scores": [{"worker": k, "score": round(v, 2)} for k, v in scores if math.isfinite(v)]}
         self._write(body, status, conditions)
