@@ -6,7 +6,8 @@ the operator, on the incident, in an Event and in the FaultPolicy's status."""
 import threading
 import time
 
-from fleetwise.controllers.faults import Action
+from fleetwise.controllers import fault_status as fs
+from fleetwise.controllers.faults import Action, Incident
 from fleetwise.fault_loop import FaultLoop
 from fleetwise.fleet import Routability, WorkerRef, WorkerState
 from fleetwise.operator.faults import FaultControl, PolicyState
@@ -128,3 +129,23 @@ def test_the_operator_shows_a_running_restart_and_records_its_outcome_when_it_en
     assert len(actions) == 1 and actions[0][3].startswith("RestartPod w3: done")
     control.window(body(spec), now=1030.0)  # reported once
     assert len([e for e in kube.events if e[2] == "FaultAction"]) == 1
+
+
+def test_an_outcome_that_ends_windows_later_lands_on_the_incident_that_decided_it():
+    def inc(score: float) -> Incident:
+        return Incident("worker", "w3", "g", {"score": score})
+    book = fs.IncidentBook()
+    book.window([inc(9.0)], [("Quarantine", "w3", "done"), ("RestartPod", "w3", fs.RUNNING)], [], 0.0, 10.0)
+    book.window([], [("RestartPod", "w3", fs.RUNNING)], [], 10.0, 10.0)  # listed once
+    book.window([], [], [], 20.0, 10.0)
+    book.window([inc(8.0)], [], [("w3", "cooldown")], 60.0, 10.0)  # back after a gap: a new incident
+    book.window([inc(8.0)], [("RestartPod", "w3", "refused: did not come back")], [], 70.0, 10.0)
+    old, new = sorted(book.records, key=lambda r: r.opened)
+    assert old.actions == ["Quarantine: done", "RestartPod: refused: did not come back"] and old.state == "Remediated"
+    assert new.actions == [] and new.state == "Open"
+    only = fs.IncidentBook()
+    only.window([inc(9.0)], [("RestartPod", "w3", fs.RUNNING)], [], 0.0, 10.0)
+    only.window([], [], [], 10.0, 10.0)  # out of routing while it restarts: not gone by itself
+    assert only.records[0].state == "Open"
+    only.outcomes([("RestartPod", "w3", "done")])
+    assert (only.records[0].state, only.records[0].actions) == ("Remediated", ["RestartPod: done"])
