@@ -6,7 +6,9 @@ incident per episode. An incident seen again within 1.5 windows of its last sigh
 same one (the detector's own rule for a new episode), so its windows count up and its actions
 add up; otherwise it opens anew. Each one is `Open` while it is seen and nothing was done,
 `Remediated` once an action on it was done (it stays so: the target is out), `Cleared` when a
-window passes without it and nothing was done (it went away by itself). The status keeps the
+window passes without it and nothing was done (it went away by itself). An action may end
+windows after the one that decided it (a restart): it is listed as `Verb: running` until then,
+the incident meanwhile stays `Open`, and its outcome lands on the incident when it ends. The status keeps the
 `MAX_INCIDENTS` newest, open ones first; the admin store keeps them all.
 
 Conditions: `Ready` (the last window read its signals), `Degraded` (the detector stopped acting
@@ -27,6 +29,8 @@ MAX_INCIDENTS = 20    # incidents in the status
 MAX_ACTIONS = 10      # actions listed on one incident
 MAX_EVIDENCE = 2000   # characters of one incident's evidence as the status shows it
 SAME_EPISODE = 1.5    # windows: seen again within this, an incident is the same one
+RUNNING = "running"   # an action's outcome while it runs (a restart may outlast its window)
+RUNNING_SUFFIX = f": {RUNNING}"
 
 
 @dataclass
@@ -71,22 +75,40 @@ class IncidentBook:
                 rec.state = "Open" if rec.state == "Cleared" else rec.state
             rec.held = ""
             seen[inc.target] = rec
-        for verb, target, outcome in outcomes:
-            rec = seen.get(target)
-            if rec is not None:
-                rec.actions = [*rec.actions, f"{verb}: {outcome}"][-MAX_ACTIONS:]
-                if outcome.startswith("done"):
-                    rec.state = "Remediated"
+        self.outcomes(outcomes, seen)
         for target, why in held:
             if target in seen:
                 seen[target].held = why[:MAX_MESSAGE]
         live = {id(r) for r in seen.values()}
-        for rec in self.records:
-            if id(rec) not in live and rec.state == "Open":
+        for rec in self.records:  # one whose action still runs is not gone by itself
+            if id(rec) not in live and rec.state == "Open" and not any(a.endswith(RUNNING_SUFFIX) for a in rec.actions):
                 rec.state, rec.held = "Cleared", ""
         self.records.sort(key=lambda r: (r.state != "Open", -r.opened))
         del self.records[MAX_INCIDENTS:]
         return opened
+
+    def outcomes(self, outcomes: list[tuple[str, str, str]], seen: dict[str, "Record"] | None = None) -> None:
+        """Each (verb, target, outcome) on its incident: the one that lists the action as running
+        (it ended windows after it was decided), else the one seen this window, else the newest
+        on that target. `RUNNING` is listed
+        once and replaced by how the action ended; a done one remediates the incident."""
+        for verb, target, outcome in outcomes:
+            pending = f"{verb}{RUNNING_SUFFIX}"
+            rec = next((r for r in self.records if r.target == target and pending in r.actions), None) \
+                or (seen or {}).get(target) or next((r for r in self.records if r.target == target), None)
+            if rec is None:
+                continue
+            if outcome == RUNNING:
+                if pending not in rec.actions:
+                    rec.actions = [*rec.actions, pending][-MAX_ACTIONS:]
+                continue
+            entry = f"{verb}: {outcome}"
+            if pending in rec.actions:
+                rec.actions = [entry if a == pending else a for a in rec.actions]
+            else:
+                rec.actions = [*rec.actions, entry][-MAX_ACTIONS:]
+            if outcome.startswith("done"):
+                rec.state = "Remediated"
 
     def open_count(self) -> int:
         return sum(r.state == "Open" for r in self.records)

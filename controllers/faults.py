@@ -32,8 +32,8 @@ with others until the action's `until`, `cooldownSeconds` (at least two windows)
 link carries traffic again and is judged afresh. RouteAround evicts nobody, so it takes no share
 of `maxUnavailableFraction` and no place in `maxActionsPerHour` (a burst of slow links must not
 use up what a sick worker needs), is never held as flapping (a link still slow when its avoidance
-lapses is found again, not flapping), and is not taken again while it is in force; a policy that
-allows no actions at all (detection only) does not take it either. Limits, in this order: the
+lapses is found again, not flapping), and is not taken again while it is in force; like every
+verb it is taken only when the policy's `actions` list it (the default list does). Limits, in this order: the
 policy's allowed actions; `cooldownSeconds` per target; `maxActionsPerHour`; and never more
 than `maxUnavailableFraction` of a group out at once, rounded down (4 peers at 0.25: one; 3
 peers at 0.25: none). A target that comes back as an incident `FLAP_LIMIT` times within an hour
@@ -301,9 +301,13 @@ def _remediate(incidents: list[Incident], members: list[Member], policy: FaultPo
 
 def _route_around(inc: Incident, allowed: set[str], policy: FaultPolicySpec, state: FaultState, now: float,
                   held: list[tuple[str, str]]) -> list[Action]:
-    """RouteAround for a slow link, unless one is in force or the policy only detects."""
+    """RouteAround for a slow link, unless one is in force or the policy does not list it."""
     if not allowed:
         held.append((inc.target, "the FaultPolicy allows no actions (detection only)"))
+        return []
+    if "RouteAround" not in allowed:
+        listed = ", ".join(sorted(allowed))
+        held.append((inc.target, f"the FaultPolicy does not allow RouteAround (its actions: {listed})"))
         return []
     last = state.acted.get(inc.target)
     if last is not None and now - last < avoidance_seconds(policy):

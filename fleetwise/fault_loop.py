@@ -8,6 +8,16 @@ workers still serving (their deployments replace them away from the node); Route
 link's two workers (`avoid_link`: the router pairs them with others until the action's `until`;
 both stay serving). An action the fleet refuses is recorded as refused; a Prometheus that does not answer skips the
 window (no data is not a healthy window, and not a sick one either).
+
+Actions run in threads of their own, one per target (a worker, a node or a link), its verbs in
+order (Quarantine, then RestartPod): a window waits `action_wait` seconds for those it started
+(a quarantine, a cordon, a route-around or a pod deletion ends within it) and then returns, so that
+a slow one (restarting a local worker process takes 20-40 s) does not hold up the windows after
+it. While a target's actions run, `running` lists them and the worker counts as unavailable to the
+detector (not scored, and one of its group's `maxUnavailableFraction`); a target still busy gets no
+second job (its new actions are recorded as refused). Each action goes to `done` when it ends,
+with a sequence number (`seq`), so that a caller (the operator's status and Events) takes the
+outcomes that arrived since it last looked (`finished_after`).
 """
 
 import logging
@@ -23,15 +33,27 @@ from fleetwise.spec import FaultPolicySpec
 from fleetwise.telemetry.prometheus import PrometheusClient, PrometheusError
 
 log = logging.getLogger(__name__)
-MAX_DONE = 200   # actions kept in `done`, the newest
+MAX_DONE = 200      # actions kept in `done`, the newest
+ACTION_WAIT = 2.0   # seconds a window waits for the actions it started before it returns
+STOP_WAIT = 60.0    # seconds `wait` gives running actions when the loop stops
 
 
 @dataclass
 class Done:
-    """One action and how it ended, at `at` (seconds since the epoch)."""
+    """One action and how it ended; `at`: the window that decided it (seconds since the epoch)."""
     action: Action
-    outcome: str   # done | refused: why
+    outcome: str         # done | refused: why
     at: float
+    seconds: float = 0.0  # how long it ran
+    seq: int = 0          # 1, 2, ... in the order actions ended
+
+
+@dataclass(frozen=True)
+class Running:
+    """An action started and not ended yet; `at`: the window that decided it."""
+    action: Action
+    at: float
+    since: float          # time.time() when it started
 
 
 @dataclass
@@ -46,13 +68,30 @@ class FaultLoop:
     last: FaultDecision | None = None
     last_signals: Signals | None = None
     error: str | None = None   # why the last window was skipped
+    action_wait: float = ACTION_WAIT
+    running: list[Running] = field(default_factory=list)
+    _jobs: dict[str, threading.Thread] = field(default_factory=dict)
+    _seq: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def busy(self) -> set[str]:
+        """Targets (workers, nodes, links) whose actions still run."""
+        with self._lock:
+            return {t for t, job in self._jobs.items() if job.is_alive()}
+
+    def finished_after(self, seq: int) -> list[Done]:
+        """The actions that ended after the one numbered `seq`, in the order they ended."""
+        with self._lock:
+            return [d for d in self.done if d.seq > seq]
 
     def tick(self, now: float | None = None) -> FaultDecision | None:
         now = time.time() if now is None else now
-        del self.done[:-MAX_DONE]
+        with self._lock:
+            del self.done[:-MAX_DONE]
         workers = self.workers()
         refs = {w.name: WorkerRef(w.name, w.namespace, node=w.node, url=w.url) for w in workers}
-        out = {n for n, ref in refs.items() if self.fleet.state(ref).state is not Routability.SERVING}
+        busy = self.busy()
+        out = {n for n, ref in refs.items() if n in busy or self.fleet.state(ref).state is not Routability.SERVING}
         try:
             signals = read_signals(self.prometheus, workers, self.policy.detection.window_seconds, out)
         except PrometheusError as e:
@@ -67,10 +106,58 @@ class FaultLoop:
             log.warning("fault incident: %s %s: %s", inc.kind, inc.target, inc.evidence)
             if self.on_incident is not None:
                 self.on_incident(inc)
-        for action in decision.actions:
-            self.done.append(Done(action, self._apply(action, refs, out), now))
+        self._start(decision.actions, refs, out, now)
         self.last = decision
         return decision
+
+    def _start(self, actions: list[Action], refs: dict[str, WorkerRef], out: set[str], now: float) -> None:
+        """Each target's actions in a thread of its own; waits `action_wait` for them all."""
+        by_target: dict[str, list[Action]] = {}
+        for action in actions:
+            by_target.setdefault(action.target, []).append(action)
+        started = []
+        for target, todo in by_target.items():
+            with self._lock:
+                job = self._jobs.get(target)
+                if job is not None and job.is_alive():
+                    for action in todo:
+                        self._end(action, now, "refused: an earlier action on it is still running", 0.0)
+                    continue
+                job = threading.Thread(target=self._job, args=(todo, refs, out, now), daemon=True,
+                                       name=f"fault-action-{target}"[:64])
+                self._jobs = {t: j for t, j in self._jobs.items() if j.is_alive()} | {target: job}
+                self.running += [Running(a, now, time.time()) for a in todo]
+            job.start()
+            started.append(job)
+        deadline = time.monotonic() + self.action_wait
+        for job in started:
+            job.join(max(0.0, deadline - time.monotonic()))
+
+    def _job(self, actions: list[Action], refs: dict[str, WorkerRef], out: set[str], at: float) -> None:
+        for action in actions:
+            t0 = time.monotonic()
+            try:
+                outcome = self._apply(action, refs, out)
+            except Exception as e:  # a bug in a verb is an action that failed, not a lost thread
+                log.exception("%s %s failed", action.verb, action.target)
+                outcome = f"refused: {type(e).__name__}: {e}"
+            with self._lock:
+                self._end(action, at, outcome, time.monotonic() - t0)
+
+    def _end(self, action: Action, at: float, outcome: str, seconds: float) -> None:
+        """Under the lock: the action leaves `running` for `done`."""
+        self._seq += 1
+        self.running = [r for r in self.running if not (r.action is action and r.at == at)]
+        self.done.append(Done(action, outcome, at, seconds, self._seq))
+
+    def wait(self, timeout: float = STOP_WAIT) -> bool:
+        """Until every running action has ended (True), or `timeout` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.join(max(0.0, deadline - time.monotonic()))
+        return not self.busy()
 
     def _apply(self, action: Action, refs: dict[str, WorkerRef], out: set[str]) -> str:
         try:

@@ -1,8 +1,9 @@
 """`fleetwise up --detect-faults`: the fault loop (`fault_loop.py`) over the local fleet, in a
 thread, against a real Prometheus that scrapes the workers and the router (started and stopped
 here). Workers of one role are one group; there are no nodes on one machine. Quarantine goes
-through the router's endpoints file, a restart restarts the process (`LocalFleet`). Each
-window's scores, missing workers, incidents and actions go to `faults.json` in the workdir.
+through the router's endpoints file, a restart restarts the process (`LocalFleet`), in the
+background: windows go on being decided while it runs. Each window's scores, missing workers,
+incidents, actions done and actions still running go to `faults.json` in the workdir.
 """
 
 import json
@@ -23,11 +24,11 @@ from fleetwise.telemetry.prometheus_server import PrometheusServer
 
 def local_policy(window_seconds: int) -> FaultPolicySpec:
     """Quarantine and restart, at most half of a role's workers out at once (rounded down: one of
-    two or three); two windows out in a row."""
+    two or three), and route around a slow KV link; two windows out in a row."""
     return FaultPolicySpec.model_validate({
         "detection": {"windowSeconds": window_seconds, "minPeers": 3, "deviationThreshold": 4,
                       "consecutiveWindows": 2},
-        "remediation": {"actions": ["Quarantine", "RestartPod"], "maxUnavailableFraction": 0.5,
+        "remediation": {"actions": ["Quarantine", "RestartPod", "RouteAround"], "maxUnavailableFraction": 0.5,
                         "maxActionsPerHour": 10, "cooldownSeconds": 300}})
 
 
@@ -45,8 +46,11 @@ class LocalFaults:
     owns_prometheus: bool = True
 
     def stop(self) -> None:
+        """The loop's thread, then its running actions (a restart half done would start a
+        process after the fleet stopped), then Prometheus if it is the loop's own."""
         self.stopping.set()
         self.thread.join(timeout=30)
+        self.loop.wait()
         self.loop.prometheus.close()
         if self.owns_prometheus:
             self.prometheus.stop()
@@ -84,8 +88,10 @@ def _write(path: Path, loop: FaultLoop) -> None:
              "scores": d.scores if d else {}, "missing": loop.last_signals.missing if loop.last_signals else [],
              "incidents": [asdict(i) for i in d.incidents] if d else [],
              "held": d.held if d else [],
-             "actions": [{"verb": x.action.verb, "target": x.action.target, "outcome": x.outcome, "at": x.at}
-                         for x in loop.done]}
+             "actions": [{"verb": x.action.verb, "target": x.action.target, "outcome": x.outcome, "at": x.at,
+                          "seconds": round(x.seconds, 3)} for x in loop.done],
+             "running": [{"verb": r.action.verb, "target": r.action.target, "at": r.at, "since": r.since}
+                         for r in loop.running]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, default=str, indent=1))
     tmp.replace(path)

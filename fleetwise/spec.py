@@ -139,11 +139,11 @@ class Detection(_Spec):
     xid_errors: bool = True
 
 
-RemediationAction = Literal["Quarantine", "RestartPod", "CordonNode"]
+RemediationAction = Literal["Quarantine", "RestartPod", "CordonNode", "RouteAround"]
 
 
 def _default_actions() -> list[RemediationAction]:
-    return ["Quarantine", "RestartPod"]
+    return ["Quarantine", "RestartPod", "RouteAround"]
 
 
 class Remediation(_Spec):

@@ -2,8 +2,9 @@
 pods (its namespace, its selector), runs `fleetwise/fault_loop.py` over them (the signals from
 Prometheus, `controllers/faults.py`'s decision, the actions through `KubeFleet`, wrapped in
 `ReportingFleet` when there is an admin API), and writes the policy's status: its incidents
-(`controllers/fault_status.py`), the pods quarantined and the nodes cordoned, the last window's
-time, and the conditions Ready, Degraded and AdminReachable.
+(`controllers/fault_status.py`), the pods quarantined, the nodes cordoned and the KV links
+routed around (from the decode pods' avoid-prefill annotations), the last window's time, and the
+conditions Ready, Degraded and AdminReachable.
 
 The pods come from the operator's watch cache (`PodCache`) when it has one, and each worker's
 routability from the same pods (`KubeFleet.state` reads the cache): a window makes no GET per
@@ -11,8 +12,9 @@ pod, and a LIST of the policy's pods only after a window that acted, so that its
 what the actions changed. Peers are the pods of one deployment, role and GPU product (the
 node's label). A pod is scraped at its public address (Prometheus' `instance`), its peers and
 the router call its internal one. Events: on the pod or node, each action's (`KubeFleet`); on
-the policy, each new incident, each action and its outcome, and each change of the Degraded or
-AdminReachable condition. Each new incident also goes to the admin API with its evidence,
+the policy, each new incident, each action and its outcome (when it ends: an action that
+outlasts its window is listed on its incident as running meanwhile), and each change of the
+Degraded or AdminReachable condition. Each new incident also goes to the admin API with its evidence,
 through the sink's queue.
 """
 
@@ -32,7 +34,7 @@ from fleetwise.controllers.placement import GPU_PRODUCT_LABEL
 from fleetwise.controllers.status import Condition, with_times
 from fleetwise.fault_loop import Done, FaultLoop
 from fleetwise.fault_signals import Worker
-from fleetwise.fleet import FleetActions, Routability
+from fleetwise.fleet import ANNOTATION_AVOID_PREFILL, FleetActions, Routability, read_avoidance_annotation
 from fleetwise.spec import API_VERSION, FaultPolicySpec
 from fleetwise.telemetry.prometheus import PrometheusClient
 
@@ -105,6 +107,21 @@ def cordoned(nodes: list[dict]) -> list[dict[str, str]]:
     return sorted(out, key=lambda n: n["node"])[:MAX_LISTED]
 
 
+def avoided_links(pods: list[dict], now: float) -> list[dict[str, str]]:
+    """The KV links routed around now: each decode pod's `fleetwise.dev/avoid-prefill` entries
+    in force, soonest to lapse first (a malformed annotation is left out: the router ignores it too)."""
+    out = []
+    for pod in pods:
+        meta = pod["metadata"]
+        try:
+            avoided = read_avoidance_annotation((meta.get("annotations") or {}).get(ANNOTATION_AVOID_PREFILL), now)
+        except ValueError:
+            continue
+        out += [{"prefill": peer, "decode": meta["name"], "until": _iso(a.until), "reason": a.reason[:1024]}
+                for peer, a in avoided.items()]
+    return sorted(out, key=lambda x: (x["until"], x["decode"], x["prefill"]))[:MAX_LISTED]
+
+
 def admin_kind(rec: fs.Record) -> str:
     if rec.kind == "worker":
         if rec.evidence.get("hard"):
@@ -119,6 +136,7 @@ class PolicyState:
     loop: FaultLoop
     book: fs.IncidentBook = field(default_factory=fs.IncidentBook)
     status: dict[str, Any] = field(default_factory=dict)
+    seen: int = 0   # the last action's `seq` whose outcome was reported
 
 
 @dataclass
@@ -161,12 +179,17 @@ class FaultControl:
         workers = policy_workers(pods, nodes, load_address_map())
         state.loop.workers = lambda: workers
         decision = state.loop.tick(now)
-        done = [d for d in state.loop.done if d.at == now]
+        done = state.loop.finished_after(state.seen)  # this window's, and those that ended since the last
+        state.seen = max((d.seq for d in done), default=state.seen)
+        outcomes = [(d.action.verb, d.action.target, d.outcome) for d in done]
+        outcomes += [(r.action.verb, r.action.target, fs.RUNNING) for r in list(state.loop.running)]
+        opened: list[fs.Record] = []
         if decision is not None:
-            opened = state.book.window(decision.incidents, [(d.action.verb, d.action.target, d.outcome) for d in done],
-                                       decision.held, now, spec.detection.window_seconds)
-            self._report(body, opened, done)
+            opened = state.book.window(decision.incidents, outcomes, decision.held, now, spec.detection.window_seconds)
             self._count(key, state.book)
+        else:  # a skipped window still tells how the actions running since the last one ended
+            state.book.outcomes(outcomes)
+        self._report(body, opened, done)
         if done:  # what the actions changed shows in this window's status
             pods, nodes = self.kube.pods(key[0], selector(spec)), self.kube.nodes()
         refused = [f"{d.action.verb} {d.action.target}: {d.outcome}" for d in done if d.outcome.startswith("refused")]
@@ -177,6 +200,7 @@ class FaultControl:
         status = {"lastWindowTime": _iso(now), "workers": len(workers), "openCount": state.book.open_count(),
                   "incidents": [fs.record_view(r, _iso) for r in state.book.records],
                   "quarantined": out_of_routing(pods), "cordoned": cordoned(nodes),
+                  "avoided": avoided_links(pods, time.time()),
                   # a list: a merge patch replaces it, where it would merge an object's keys with the last window's
                   "scores": [{"worker": k, "score": round(v, 2)} for k, v in scores if math.isfinite(v)]}
         self._write(body, status, conditions)
@@ -195,9 +219,10 @@ class FaultControl:
                                     fs.flat_evidence(rec.evidence))
         for d in done:
             refused = d.outcome.startswith("refused")
+            took = f" (after {d.seconds:.0f} s)" if d.seconds >= 1.0 else ""
             self.kube.event(involved, "Warning" if refused else "Normal",
                             "FaultActionRefused" if refused else "FaultAction",
-                            f"{d.action.verb} {d.action.target}: {d.outcome}")
+                            f"{d.action.verb} {d.action.target}: {d.outcome}{took}")
 
     @staticmethod
     def _kept(state: PolicyState, kind: str) -> Condition:

@@ -20,12 +20,12 @@ from .workers import AUTH, token_file
 
 
 @contextmanager
-def detecting_fleet(workdir: Path, model: Path, mode: str, counts: tuple[int, int, int],
-                    window: int) -> Iterator[tuple[LocalFleet, list[Member], LocalFaults]]:
-    """`counts`: prefill, decode and mixed workers."""
+def detecting_fleet(workdir: Path, model: Path, mode: str, counts: tuple[int, int, int], window: int,
+                    worker_args: tuple[str, ...] = ()) -> Iterator[tuple[LocalFleet, list[Member], LocalFaults]]:
+    """`counts`: prefill, decode and mixed workers; `worker_args`: more arguments for each worker."""
     token = write_token(workdir)
     token.write_text(token_file().read_text())  # the tests' token, so AUTH reaches the workers
-    args = ["--fault", "switches", "--kv-cache-mib", "16", "--device", "cpu"]
+    args = ["--fault", "switches", "--kv-cache-mib", "16", "--device", "cpu", *worker_args]
     procs = plan(model, "tiny", mode, free_port(), *counts, workdir, args, token)
     fleet = LocalFleet("tiny", procs, workdir / "router.yaml", workdir / "actions.log", ready_timeout=120)
     try:

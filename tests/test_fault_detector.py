@@ -10,7 +10,7 @@ from fleetwise.spec import FaultPolicySpec
 
 POLICY = FaultPolicySpec.model_validate({
     "detection": {"windowSeconds": 10, "minPeers": 3, "deviationThreshold": 4, "consecutiveWindows": 2},
-    "remediation": {"actions": ["Quarantine", "RestartPod", "CordonNode"], "maxActionsPerHour": 10,
+    "remediation": {"actions": ["Quarantine", "RestartPod", "CordonNode", "RouteAround"], "maxActionsPerHour": 10,
                     "maxUnavailableFraction": 0.25, "cooldownSeconds": 60}})
 
 

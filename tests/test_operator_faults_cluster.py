@@ -218,3 +218,30 @@ def test_a_restart_remediation_replaces_the_pod_away_from_its_node(setup):
                   and s, 20, what="the incident in the status")
     inc = st["incidents"][0]
     assert (inc["target"], inc["state"], inc["actions"]) == (odd, "Remediated", ["RestartPod: done"]), inc
+
+
+def test_the_crd_takes_route_around_by_default_and_keeps_the_avoided_links_in_the_status(setup):
+    c = setup[0]
+    nobody = {"matchLabels": {"fleetwise.dev/team": "nobody"}}  # its loop watches no pod
+    refused = apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "FaultPolicy",
+                        "metadata": {"name": "bad", "namespace": NS},
+                        "spec": {"selector": nobody, "remediation": {"actions": ["Reroute"]}}}, check=False)
+    assert refused.returncode != 0 and "RouteAround" in refused.stderr, refused.stderr  # the supported values
+    apply(c, {"apiVersion": "fleetwise.dev/v1alpha1", "kind": "FaultPolicy",
+              "metadata": {"name": "links", "namespace": NS},
+              "spec": {"selector": nobody, "detection": {"windowSeconds": 3600}}})
+    try:
+        fp = wait_for(lambda: (p := get(c, "faultpolicy", "links", "-n", NS)).get("status", {}).get("lastWindowTime")
+                      and p, 30, what="the policy's first window")
+        assert fp["spec"]["remediation"]["actions"] == ["Quarantine", "RestartPod", "RouteAround"]
+        assert fp["status"]["avoided"] == [] and fp["status"]["workers"] == 0
+        link = {"prefill": "chat-prefill-0", "decode": "chat-decode-1", "until": "2030-01-01T00:00:00Z",
+                "reason": "link chat-prefill-0->chat-decode-1 out of its peers"}
+        c.kubectl("patch", "faultpolicy", "links", "-n", NS, "--subresource=status", "--type=merge",
+                  "-p", json.dumps({"status": {"avoided": [link]}}))
+        assert get(c, "faultpolicy", "links", "-n", NS)["status"]["avoided"] == [link]  # the schema keeps it
+        bad = c.kubectl("patch", "faultpolicy", "links", "-n", NS, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"avoided": [{**link, "until": "tomorrow"}]}}), check=False)
+        assert bad.returncode != 0 and "until" in bad.stderr, bad.stderr
+    finally:
+        c.kubectl("delete", "faultpolicy", "links", "-n", NS, "--ignore-not-found")

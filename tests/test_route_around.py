@@ -19,7 +19,7 @@ from fleetwise.spec import FaultPolicySpec
 
 POLICY = FaultPolicySpec.model_validate({
     "detection": {"windowSeconds": 10, "minPeers": 3, "deviationThreshold": 4, "consecutiveWindows": 2},
-    "remediation": {"actions": ["Quarantine", "RestartPod"], "maxActionsPerHour": 1,
+    "remediation": {"actions": ["Quarantine", "RestartPod", "RouteAround"], "maxActionsPerHour": 1,
                     "maxUnavailableFraction": 0.25, "cooldownSeconds": 60}})
 P0, P1, D0, D1 = "http://10.0.0.1:9000", "http://10.0.0.2:9000", "http://10.0.0.3:9000", "http://10.0.0.4:9000"
 
@@ -65,6 +65,17 @@ def test_a_detection_only_policy_does_not_route_around_and_says_so():
     detect([], matrix(), quiet, state, now=0.0)
     d = detect([], matrix(), quiet, state, now=10.0)
     assert d.actions == [] and d.held == [("p1->d2", "the FaultPolicy allows no actions (detection only)")]
+
+
+def test_a_policy_that_does_not_list_route_around_holds_a_slow_link_and_says_so():
+    evict_only = POLICY.model_copy(update={"remediation": POLICY.remediation.model_copy(
+        update={"actions": ["Quarantine", "RestartPod"]})})
+    state = FaultState()
+    detect([], matrix(), evict_only, state, now=0.0)
+    d = detect([], matrix(), evict_only, state, now=10.0)
+    assert d.actions == [] and [i.target for i in d.incidents] == ["p1->d2"]
+    assert d.held == [("p1->d2", "the FaultPolicy does not allow RouteAround (its actions: Quarantine, RestartPod)")]
+    assert FaultPolicySpec().remediation.actions == ["Quarantine", "RestartPod", "RouteAround"]  # by default it does
 
 
 def test_the_avoidance_lasts_at_least_two_windows():
@@ -177,3 +188,20 @@ def test_the_kubernetes_fleet_records_avoidances_on_the_decode_pod_and_drops_lap
                                   ("p0", "d0", "other", "different namespaces")):
         with pytest.raises(ActionRefused, match=problem):
             fleet.avoid_link(WorkerRef(pre, ns), WorkerRef(dec, "llm"), "x", until=4e9)
+
+
+def test_the_fault_policy_status_lists_the_links_routed_around_now():
+    import time
+
+    from fleetwise.operator.faults import avoided_links
+    now = time.time()
+
+    def decode(name: str, annotation: str | None) -> dict:
+        return {"metadata": {"name": name, "annotations": {ANNOTATION_AVOID_PREFILL: annotation} if annotation else {}}}
+    pods = [decode("d0", json.dumps({"p1": {"until": now + 60, "reason": "slow KV"},
+                                     "p0": {"until": now - 1, "reason": "lapsed"}})),
+            decode("d1", json.dumps({"p2": {"until": now + 30, "reason": "slower"}})),
+            decode("d2", "{not json"), decode("d3", json.dumps({"p0": {"until": "soon"}})), decode("p1", None)]
+    got = avoided_links(pods, now)
+    assert [(a["prefill"], a["decode"], a["reason"]) for a in got] == [("p2", "d1", "slower"), ("p1", "d0", "slow KV")]
+    assert all(a["until"].endswith("Z") for a in got)
