@@ -90,6 +90,8 @@ def run_arm(f: BenchFleet, name: str, case: C.Case, requests: list[Request], pre
             max_windows: int) -> Arm:
     """One arm: the load from the start, the case from `pre_s` on for `span_s` (and until its
     detection and action, as `cases.run_case` waits for them), then everything back."""
+    if case.kind != "healthy":
+        _back(f, case.worker)
     f.set_acting(name != "without")
     load = LoadThread(f.router, "tiny", requests).start()
     while not load.started:
@@ -101,22 +103,38 @@ def run_arm(f: BenchFleet, name: str, case: C.Case, requests: list[Request], pre
                         arm=name if case.kind != "healthy" else "")
     time.sleep(max(0.0, load.started + pre_s + span_s - time.time()))
     load.stop(grace=60.0)
-    f.set_acting(True)
     if case.kind != "healthy":
         _back(f, case.worker)
+    if name == "without":
+        _quiet(f, case, time.time())   # acting now would act on what the detection-only arm left behind
     return Arm(name, case, load.started, pre_s, span_s, list(load.sent), result)
 
 
 def _back(f: BenchFleet, worker: str, timeout: float = 120.0) -> None:
-    """The worker routable again: restored if it was left quarantined; then serving."""
+    """The worker routable again: restored if it was left quarantined, started again if a
+    restart of the loop's failed; then serving."""
     ref = WorkerRef(worker)
-    if f.fleet.state(ref).state is Routability.QUARANTINED:
-        try:
+    try:
+        if not f.fleet.workers[worker].running:
+            f.fleet.restart(ref, "the benchmark's next arm: it is not running")
+        elif f.fleet.state(ref).state is Routability.QUARANTINED:
             f.fleet.restore(ref, "the benchmark's next arm")
-        except ActionRefused:
-            pass
+    except ActionRefused:
+        pass
     t0 = time.time()
     while time.time() - t0 < timeout and not f.serving(worker):
+        time.sleep(0.5)
+
+
+def _quiet(f: BenchFleet, case: C.Case, cleared: float, windows: int = 4) -> None:
+    """Until a window decided after `cleared` names nothing of the case, at most `windows`
+    windows: the detector's run of windows out on it has ended, and the next window looks back
+    only at what came after the fault."""
+    deadline = cleared + windows * f.window
+    while time.time() < deadline:
+        after = f.record.since(cleared)
+        if after and not any(C.names(case, kind, target) for kind, target in after[-1].incidents):
+            return
         time.sleep(0.5)
 
 

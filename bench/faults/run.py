@@ -6,7 +6,7 @@ load, without the detector and with it, between healthy arms (`goodput.py`). For
 seconds from injection to incident, to action and to the target serving again; for each
 compared fault the SLO goodput lost with and without the detector; false positives per hour
 over the whole run; the simulator's figures for the same faults (`sim_figures.py`). The
-default run takes about twenty-five minutes; `--quick` (one XID on four mixed workers, with
+default run takes about twenty-five minutes; `--quick` (one XID on three mixed workers, with
 and without quarantine, no restart) about one.
 """
 
@@ -28,7 +28,8 @@ WINDOW = 10                 # the FaultPolicy's least windowSeconds
 CONSECUTIVE = 2             # windows out in a row (local_policy's)
 MAX_WINDOWS = 5             # a fault not found within this many windows is reported as missed
 PRE_S, SPAN_S = 10.0, 45.0  # a goodput arm: load before the injection (a window), seconds counted after it
-QUICK_PRE_S, QUICK_SPAN_S = 4.0, 10.0
+QUICK_PRE_S, QUICK_SPAN_S = 3.0, 8.0
+QUICK_WORKERS = 3           # minPeers: the quick run's XID needs no more, and three start sooner
 
 
 def plan(quick: bool, healthy_s: float) -> list[C.Case]:
@@ -62,12 +63,13 @@ def _touched(results: list[C.CaseResult], window: int):
     return touched
 
 
-def run_faults_bench(out: Path = Path("bench/results"), quick: bool = False, per_pool: int = 4,
+def run_faults_bench(out: Path = Path("bench/results"), quick: bool = False, per_pool: int | None = None,
                      healthy_s: float | None = None, rate: float | None = None, seed: int = 0,
                      span_s: float | None = None) -> dict:
     console = harness.make_console(110)
     out.mkdir(parents=True, exist_ok=True)
     mode = "colocated" if quick else "disaggregated"
+    per_pool = per_pool if per_pool is not None else (QUICK_WORKERS if quick else 4)
     healthy_s = healthy_s if healthy_s is not None else 120.0
     span_s = span_s if span_s is not None else (QUICK_SPAN_S if quick else SPAN_S)
     pre_s = QUICK_PRE_S if quick else PRE_S
