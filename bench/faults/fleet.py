@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from fleetwise.controllers.faults import Incident
+from fleetwise.controllers.faults import FaultState, Incident
 from fleetwise.fault_loop import FaultLoop
 from fleetwise.local_faults import LocalFaults, local_policy, start_local_faults
 from fleetwise.local_fleet import LocalFleet, Member
@@ -95,6 +95,10 @@ class BenchFleet:
 
     def acting(self) -> bool:
         return bool(self.faults.loop.policy.remediation.actions)
+
+    def fresh_detector(self) -> None:
+        """The loop's detector from scratch: no windows out, episodes, cooldowns or actions counted."""
+        self.faults.loop.state = FaultState()
 
     def set_acting(self, on: bool) -> None:
         """The loop acts within its policy (`on`) or only detects (the policy allows no actions:

@@ -15,8 +15,11 @@ no new requests, a restarted one comes back with its switches off. What the rout
 own (its /health probes take a worker whose engine stalls past `HEALTH_STALL_SECONDS` out, it
 sends a request that never reached a replica elsewhere) works in both arms alike.
 
-Between arms, the fault is cleared, the load's last answers awaited, a worker left quarantined
-restored, and its target serving again.
+Each fault's arms start from a fresh detector (no windows out, episodes or cooldowns carried
+from the arm before: the same fault twice on one worker within minutes would otherwise be
+flapping) and go to the busiest worker of the role at that time (one the router sends work;
+prefix affinity leaves some nearly idle). Between arms, the fault is cleared, the load's last
+answers awaited, a worker left quarantined restored, and its target serving again.
 """
 
 import math
@@ -92,6 +95,7 @@ def run_arm(f: BenchFleet, name: str, case: C.Case, requests: list[Request], pre
     detection and action, as `cases.run_case` waits for them), then everything back."""
     if case.kind != "healthy":
         _back(f, case.worker)
+        f.fresh_detector()
     f.set_acting(name != "without")
     load = LoadThread(f.router, "tiny", requests).start()
     while not load.started:
@@ -138,6 +142,11 @@ def _quiet(f: BenchFleet, case: C.Case, cleared: float, windows: int = 4) -> Non
         time.sleep(0.5)
 
 
+def label_of(case: C.Case) -> str:
+    """"slow 6x decode": the fault and the role of its worker (a link names both)."""
+    return case.name if case.kind == "link" else f"{case.name} {case.worker.rsplit('-', 1)[0]}"
+
+
 def lost(healthy: float | None, faulted: float) -> float | None:
     """Goodput lost, the share of the healthy goodput; None without a healthy goodput."""
     return (healthy - faulted) / healthy if healthy else None
@@ -151,7 +160,8 @@ def compare(baselines: list[Arm], arms: list[Arm], slo: SLO = SLO_FAULTS) -> dic
     faults: dict[str, dict[str, Any]] = {}
     for a in arms:
         m = a.measures(slo)
-        entry = faults.setdefault(a.case.name, {"fault": a.case.name, "kind": a.case.kind, "target": a.case.target})
+        label = label_of(a.case)
+        entry = faults.setdefault(label, {"fault": label, "kind": a.case.kind, "target": a.case.target})
         entry[a.name] = m
         entry[f"lost_{a.name}"] = lost(healthy, m["goodput_rps"])
     for entry in faults.values():
