@@ -34,6 +34,7 @@ from fleetwise.bench.faults.fleet import BenchFleet
 from fleetwise.bench.faults.load import LoadThread, Sent
 from fleetwise.bench.faults.workload import Request, Shape, bursty_requests
 from fleetwise.bench.goodput.load import SLO
+from fleetwise.bench.harness import summary
 from fleetwise.bench.targets import SLO_TPOT_S, SLO_TTFT_S
 from fleetwise.fleet import ActionRefused, Routability, WorkerRef
 
@@ -74,6 +75,8 @@ class Arm:
         return {"arm": self.name, "fault": self.case.name, "target": self.case.target,
                 "requests": len(counted), "met_slo": met, "failed": failed,
                 "goodput_rps": met / self.span_s, "error_rate": failed / len(counted) if counted else None,
+                "ttft_ms": summary([s.outcome.ttft_s for s in counted], "p50", "p90", "max", scale=1e3),
+                "tpot_ms": summary([s.outcome.tpot_s for s in counted], "p50", "p90", "max", scale=1e3),
                 "injected_s": self.injected,
                 "detected_s": r.detected_s if r else None, "acted_s": r.acted_s if r else None,
                 "actions": r.actions if r else [], "timeline": self.timeline(slo)}

@@ -77,7 +77,6 @@ def plot_goodput(path: Path, comparison: dict[str, Any], title: str) -> None:
     a.set_xticks(x, [f["fault"] for f in faults], rotation=30, ha="right", fontsize=8)
     a.set_ylabel("goodput lost (% of healthy)")
     a.legend(fontsize=8)
-    healthy = comparison["healthy_goodput_rps"]
     for ax, f in zip(flat[1:], faults):
         for arm in ("without", "with"):
             m = f.get(arm)
@@ -85,8 +84,10 @@ def plot_goodput(path: Path, comparison: dict[str, Any], title: str) -> None:
                 t = m["timeline"]
                 ax.step([*t["start_s"], t["start_s"][-1] + t["width_s"]], [*t["goodput_rps"], t["goodput_rps"][-1]],
                         where="post", label=f"{arm} the detector")
-        if healthy:
-            ax.axhline(healthy, color="grey", ls="--", lw=0.8, label="healthy (mean)")
+        if comparison["baselines"]:   # the same requests with no fault: the load's own bursts
+            t = comparison["baselines"][0]["timeline"]
+            ax.step([*t["start_s"], t["start_s"][-1] + t["width_s"]], [*t["goodput_rps"], t["goodput_rps"][-1]],
+                    where="post", color="grey", ls="--", lw=0.8, label="healthy")
         ax.axvline(0, color="red", lw=0.8, label="injection")
         w = f.get("with") or {}
         if w.get("detected_s") is not None:

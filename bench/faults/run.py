@@ -43,11 +43,12 @@ def plan(quick: bool, healthy_s: float) -> list[C.Case]:
 def compared(quick: bool, span_s: float) -> list[C.Case]:
     """The faults run twice on the same load, without the detector and with it (`goodput.py`):
     one of each kind the detector acts on, at a size a real fault has (an XID, an engine stalled
-    past the span, a GPU six times slower in each role, a slow KV link); the quick run's XID
-    only checks that the comparison runs."""
+    past the span in each role, a GPU six times slower in each role, a slow KV link); the quick
+    run's XID only checks that the comparison runs."""
     if quick:
         return [C.xid("mixed")]
-    return [C.xid("prefill"), C.stall("prefill", max(60.0, span_s + 15)), C.slow("decode", 6.0),
+    stall_s = max(60.0, span_s + 15)
+    return [C.xid("prefill"), C.stall("prefill", stall_s), C.stall("decode", stall_s), C.slow("decode", 6.0),
             C.slow("prefill", 6.0), C.slow_link()]
 
 
