@@ -6,8 +6,8 @@ load, without the detector and with it, between healthy arms (`goodput.py`). For
 seconds from injection to incident, to action and to the target serving again; for each
 compared fault the SLO goodput lost with and without the detector; false positives per hour
 over the whole run; the simulator's figures for the same faults (`sim_figures.py`). The
-default run takes about twenty-five minutes; `--quick` (one XID on three mixed workers, with
-and without quarantine, no restart) about one.
+default run takes about twenty minutes (18-25 on a busy two-core machine); `--quick` (one XID
+on three mixed workers, with and without quarantine, no restart) about one.
 """
 
 import os
