@@ -114,3 +114,10 @@ def checks_table(checks: dict[str, Check], fmt: dict[str, str] | None = None) ->
             label = f"{name.split('.', 1)[0]}: {label}"
         rows.append((label, shown, c.target.shown, c.met))
     return targets_table(rows)
+
+
+# The SLO a request's goodput is counted against (`bench/goodput/load.py`'s `SLO`): time to the
+# first token from the request's scheduled send, and the mean gap between output tokens after it.
+# `fleetwise bench goodput` defaults to it; `fleetwise bench faults` counts its goodput with it.
+SLO_TTFT_S = 1.5
+SLO_TPOT_S = 0.25

@@ -157,8 +157,9 @@ def bench_goodput(
 def bench_faults(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     quick: bool = typer.Option(False, "--quick",
-                               help="One XID on four mixed workers (quarantine, no restart), under a minute."),
-    workers: int = typer.Option(4, "--workers", min=3, max=8, help="Workers in each pool (at least minPeers, 3)."),
+                               help="One XID on three mixed workers, with and without quarantine (no restart)."),
+    workers: int = typer.Option(None, "--workers", min=3, max=8,
+                                help="Workers in each pool (at least minPeers, 3; default 4, quick 3)."),
     healthy: float = typer.Option(None, "--healthy-seconds", min=10,
                                   help="The healthy stretch before the faults (default 120; quick 10)."),
     rate: float = typer.Option(None, "--rate", min=0.1, max=20, help="Mean requests/s of the bursty load."),

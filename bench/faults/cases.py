@@ -45,13 +45,15 @@ class CaseResult:
     windows: int = 0
     scores: list[float | None] = field(default_factory=list)   # the target's score, window by window
     false_positives: list[tuple[float, str, str]] = field(default_factory=list)   # (at, kind, target)
+    arm: str = ""                # a goodput arm's ("with": the loop acting, "without": detection only)
 
     def to_json(self) -> dict:
         c = self.case
         return {"name": c.name, "kind": c.kind, "target": c.target, "settings": c.settings, "factor": c.factor,
                 "injected": self.injected, "detected_s": self.detected_s, "acted_s": self.acted_s,
                 "serving_s": self.serving_s, "actions": self.actions, "windows": self.windows,
-                "target_scores": self.scores, "false_positives": self.false_positives}
+                "target_scores": self.scores, "false_positives": self.false_positives,
+                **({"arm": self.arm} if self.arm else {})}
 
 
 def slow(worker: str, factor: float) -> Case:
@@ -107,13 +109,16 @@ def names(case: Case, kind: str, target: str) -> bool:
 
 
 def run_case(f: BenchFleet, case: Case, max_windows: int, tick: Callable[[], None] = lambda: None,
-             wait_serving: bool = True) -> CaseResult:
+             wait_serving: bool = True, hold_s: float = 0.0, arm: str = "") -> CaseResult:
     """One case from injection to the target serving again (`wait_serving`); `tick` after each
-    window seen."""
+    window seen. The fault stays on at least `hold_s` (a goodput arm's span), and while the
+    fault loop acts on nothing (detection only) the case waits for no action."""
     if case.kind != "healthy":
         f.set_faults(case.worker, case.settings)
-    r = CaseResult(case, time.time())
-    limit = r.injected + (case.seconds if case.kind == "healthy" else max_windows * f.window + 5)
+    r = CaseResult(case, time.time(), arm=arm)
+    acting = f.acting()
+    hold = r.injected + hold_s
+    limit = max(hold, r.injected + (case.seconds if case.kind == "healthy" else max_windows * f.window + 5))
     seen = 0
     while time.time() < limit:
         time.sleep(0.5)
@@ -129,7 +134,8 @@ def run_case(f: BenchFleet, case: Case, max_windows: int, tick: Callable[[], Non
         if named and (r.detected_s is None or named[0] - r.injected < r.detected_s):
             r.detected_s = named[0] - r.injected
             limit = max(limit, named[0] + ACTION_WAIT_S)   # its actions (a restart) end the window
-        if r.detected_s is not None and (r.acted_s is not None or case.kind == "link"):
+        if time.time() >= hold and r.detected_s is not None and (
+                r.acted_s is not None or case.kind == "link" or not acting):
             break
     if case.kind != "healthy":
         _clear(f, case)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import httpx
 
-from fleetwise.controllers.faults import Incident
+from fleetwise.controllers.faults import FaultState, Incident
 from fleetwise.fault_loop import FaultLoop
 from fleetwise.local_faults import LocalFaults, local_policy, start_local_faults
 from fleetwise.local_fleet import LocalFleet, Member
 from fleetwise.net import free_port
 from fleetwise.procs import wait_healthy
 from fleetwise.protocol import AUTH_HEADER, bearer
+from fleetwise.spec import RemediationAction
 from fleetwise.up import _ready, plan, stop_fleet, write_token
 
 WORKER_ARGS = ["--fault", "switches", "--kv-cache-mib", "32", "--device", "cpu", "--dtype", "float32",
@@ -90,6 +91,19 @@ class BenchFleet:
     router: str
     token: str
     window: int
+    actions: list[RemediationAction] = field(default_factory=list)   # what the policy lets the loop do when it acts
+
+    def acting(self) -> bool:
+        return bool(self.faults.loop.policy.remediation.actions)
+
+    def fresh_detector(self) -> None:
+        """The loop's detector from scratch: no windows out, episodes, cooldowns or actions counted."""
+        self.faults.loop.state = FaultState()
+
+    def set_acting(self, on: bool) -> None:
+        """The loop acts within its policy (`on`) or only detects (the policy allows no actions:
+        incidents are still decided and recorded, each held as "detection only")."""
+        self.faults.loop.policy.remediation.actions = list(self.actions) if on else []
 
     def set_faults(self, worker: str, settings: dict) -> None:
         """The worker's fault switches, all at once (`{}`: all off)."""
@@ -130,7 +144,8 @@ def bench_fleet(workdir: Path, model: Path, mode: str, per_pool: int, window: in
         faults = start_local_faults(fleet, procs, workdir, policy, scrape_interval=1.0, observe=record.observe)
         faults.loop.on_incident = record.on_incident
         try:
-            yield BenchFleet(fleet, procs, faults, record, procs[-1].url, token, window)
+            yield BenchFleet(fleet, procs, faults, record, procs[-1].url, token, window,
+                             list(policy.remediation.actions))
         finally:
             faults.stop()
     finally:

@@ -27,6 +27,7 @@ class LoadThread:
     model: str
     requests: list[Request]
     sent: list[Sent] = field(default_factory=list)
+    started: float = 0.0     # time.time() when the first request's clock started (`Request.at` counts from it)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -44,6 +45,7 @@ class LoadThread:
         url = self.url.rstrip("/") + "/v1/completions"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             t0, tasks = time.perf_counter(), set()
+            self.started = time.time()
             for req in self.requests:
                 while (delay := t0 + req.at - time.perf_counter()) > 0 and not self._stop.is_set():
                     await asyncio.sleep(min(delay, 0.2))
@@ -62,9 +64,13 @@ class LoadThread:
 
     def counts(self, since: float = 0.0, until: float = float("inf")) -> dict:
         """Requests sent in [since, until): how many, how many answered, the failures' kinds."""
-        chosen = [s.outcome for s in self.sent if since <= s.at < until]
-        errors: dict[str, int] = {}
-        for o in chosen:
-            if not o.ok and o.error:
-                errors[o.error] = errors.get(o.error, 0) + 1
-        return {"sent": len(chosen), "ok": sum(o.ok for o in chosen), "errors": errors}
+        return counts([s for s in self.sent if since <= s.at < until])
+
+
+def counts(sent: list[Sent]) -> dict:
+    """How many requests were sent, how many answered, the failures' kinds."""
+    errors: dict[str, int] = {}
+    for s in sent:
+        if not s.outcome.ok and s.outcome.error:
+            errors[s.outcome.error] = errors.get(s.outcome.error, 0) + 1
+    return {"sent": len(sent), "ok": sum(s.outcome.ok for s in sent), "errors": errors}

@@ -11,6 +11,7 @@ from rich.table import Table
 from fleetwise.bench import harness
 from fleetwise.bench.faults.cases import CaseResult
 from fleetwise.bench.faults.fleet import Window
+from fleetwise.bench.faults.goodput_report import goodput_checks, plot_goodput, print_goodput
 from fleetwise.bench.targets import AT_MOST, Target, all_met, checks_json, checks_table
 
 HOUR = 3600.0
@@ -33,7 +34,7 @@ def _worst(results: list[CaseResult], kinds: tuple[str, ...], missed: float) -> 
 
 
 def report(out: Path, name: str, run: dict, results: list[CaseResult], fp: list[dict], windows: list[Window],
-           sim: dict, console: Console) -> dict:
+           sim: dict, comparison: dict, console: Console) -> dict:
     window, max_windows = run["window_s"], run["max_windows"]
     hours = run["detector_seconds"] / HOUR
     fp_per_hour = len(fp) / hours if hours else None
@@ -41,7 +42,8 @@ def report(out: Path, name: str, run: dict, results: list[CaseResult], fp: list[
     missed = float(max_windows * window + 5)
     checks = {"hard_detection_s": t["hard_detection_s"].check(_worst(results, ("xid", "stall"), missed)),
               "slow_detection_s": t["slow_detection_s"].check(_worst(results, ("slow",), missed)),
-              "false_positives_per_hour": t["false_positives_per_hour"].check(fp_per_hour)}
+              "false_positives_per_hour": t["false_positives_per_hour"].check(fp_per_hour),
+              **goodput_checks(comparison)}
     table = Table(title=f"faults: {run['mode']}, {run['workers_per_pool']} workers a pool, {window} s windows")
     for col in ("fault", "target", "incident s", "action s", "actions", "serving again s", "sim incident s",
                 "sim action"):
@@ -50,22 +52,33 @@ def report(out: Path, name: str, run: dict, results: list[CaseResult], fp: list[
         if r.case.kind == "healthy":
             continue
         s = sim.get(r.case.name, {})
-        table.add_row(r.case.name, r.case.target, _s(r.detected_s), _s(r.acted_s),
+        table.add_row(_named(r), r.case.target, _s(r.detected_s), _s(r.acted_s),
                       ", ".join(f"{v} ({o.split(':')[0]})" for v, _, o in r.actions) or "-", _s(r.serving_s),
                       _s(s.get("detected_s")) if s else "-", str(s.get("action") or "-"))
     console.print(table)
     console.print(f"{run['windows']} windows over {run['detector_seconds']:.0f} s; {len(fp)} false positive "
                   f"episodes ({fp_per_hour if fp_per_hour is not None else float('nan'):.1f} per hour); load "
                   f"{run['load']}")
-    console.print(checks_table(checks, {k: "{:.1f}" for k in checks}))
+    print_goodput(console, comparison, run["arm_span_s"])
+    console.print(checks_table(checks, {k: "{:.1f}" for k in t}))
     result: dict[str, Any] = {**harness.header(name), "run": run, "cases": [r.to_json() for r in results],
                               "false_positives": fp, "false_positives_per_hour": fp_per_hour, "simulator": sim,
+                              "goodput": comparison,
                               "windows": [w.to_json() for w in windows], "targets": checks_json(checks),
                               "all_met": all_met(checks)}
     json_path = harness.write_json(out / f"{name}.json", result)
     png = harness.save_plot(lambda p: _plot(p, results, windows, sim, run), out / f"{name}.png", console)
     harness.wrote(console, json_path, png)
+    png = harness.save_plot(lambda p: plot_goodput(p, comparison, f"fleetwise bench faults: goodput lost with the "
+                                                   f"detector and without it ({run['mode']})"),
+                            out / f"{name}-goodput.png", console)
+    if png:
+        console.print(f"wrote {png}")
     return result
+
+
+def _named(r: CaseResult) -> str:
+    return f"{r.case.name} ({r.arm})" if r.arm else r.case.name
 
 
 def _s(x: float | None) -> str:
@@ -82,7 +95,7 @@ def _plot(path: Path, results: list[CaseResult], windows: list[Window], sim: dic
     bars = a.bar([i - 0.2 for i in x], ours, 0.4, label="local fleet")
     a.bar([i + 0.2 for i in x], [v if v is not None else 0 for v in theirs], 0.4, label="simulator")
     harness.label_bars(a, bars, ["missed" if r.detected_s is None else f"{r.detected_s:.0f}" for r in faults])
-    a.set_xticks(list(x), [r.case.name for r in faults], rotation=30, ha="right", fontsize=8)
+    a.set_xticks(list(x), [_named(r) for r in faults], rotation=30, ha="right", fontsize=8)
     a.set_ylabel("injection to incident (s)")
     a.legend(fontsize=8)
     if windows:
