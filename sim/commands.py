@@ -50,7 +50,8 @@ def plan(
 @sim_app.command("power")
 def sim_power(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
-    ratios: str = typer.Option("1.1,1.2,1.3,1.4,1.5,1.6", help="Fleet sizes to try, as multiples of the budget's."),
+    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.6",
+                               help="Fleet sizes to try, as multiples of the budget's."),
     controllers: str = typer.Option("fleetwise,polca,none",
                                     help="Power controllers to compare: fleetwise, fleetwise-mean, polca, none."),
     out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),

@@ -3,7 +3,9 @@ own time for a request alone, and the search's answer is a rate that meets them 
 rate tried above it failing."""
 
 import pytest
+from typer.testing import CliRunner
 
+from fleetwise.cli import app
 from fleetwise.sim.iso import IsoConfig, _Search, fleet, iso_power, slowdowns
 from fleetwise.sim.run import build
 from fleetwise.sim.trace import Request
@@ -29,3 +31,12 @@ def test_the_search_answers_a_rate_that_meets_the_objectives_below_one_that_fail
         assert all(not t.meets for t in mine if t.rate > rate)
     assert result.ratio == pytest.approx(result.split_rate / result.baseline_rate)
     assert _Search(config, None).trial(0, 100.0) is False   # far past what six machines carry
+
+
+def test_the_sim_commands_refuse_a_bad_controller_and_run_iso_on_a_small_fleet(tmp_path):
+    bad = CliRunner().invoke(app, ["sim", "power", "sim/examples/power-row.yaml", "--controllers", "magic"])
+    assert bad.exit_code == 2 and "--controllers" in bad.output
+    ok = CliRunner().invoke(app, ["sim", "iso", "--machines", "4", "--trial-s", "20", "--out", str(tmp_path / "i.json"),
+                                  "--plot", str(tmp_path / "i.png")])
+    assert ok.exit_code == 0, ok.output
+    assert "Baseline-A100" in ok.output and (tmp_path / "i.json").exists() and (tmp_path / "i.png").exists()
