@@ -76,10 +76,12 @@ def sim_iso(
     trial_s: float = typer.Option(120.0, "--trial-s", min=10, max=3600, help="Simulated seconds of arrivals a trial."),
     out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
     plot: Path = typer.Option(None, "--plot", help="Draw the highest rate per split into this PNG."),
+    context_free: bool = typer.Option(False, "--context-free",
+                                      help="Token steps by batch alone, as SplitwiseSim (no KV-read term)."),
 ):
     """Phase splitting at iso-power: Splitwise-AA against Baseline-A100, BLOOM-176B, the conversation trace."""
     from fleetwise.sim.iso import IsoConfig, main
-    config = IsoConfig(machines=machines, trial_s=trial_s,
+    config = IsoConfig(machines=machines, trial_s=trial_s, context_free=context_free,
                        splits=[p for p in (round(machines * f) for f in (0.36, 0.5, 0.64)) if 0 < p < machines])
     raise typer.Exit(main(config, out, plot))
 

@@ -16,12 +16,12 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import trace
-from .engine import Settings
-from .perf import perf_model
+from .engine import Settings, Simulation
+from .perf import PROFILE_CONTEXT, PerfModel, perf_model
 from .results import percentiles
 from .run import DEFAULT_TRACE, PoolConfig, SimConfig, build
 from .workers import Flight
@@ -43,6 +43,7 @@ class IsoConfig:
     splits: list[int] = field(default_factory=lambda: [25, 35, 45])   # prompt machines tried first, then +-5
     link_gbps_per_gpu: float = 200.0  # DGX-A100: eight 200 Gb/s InfiniBand ports
     prompt_budget: int = 2048         # batched prompt tokens a pass: the profile's most tokens per second
+    context_free: bool = False        # token steps by batch alone (SplitwiseSim's), without the KV-read term
     seed: int = 0
 
 
@@ -68,8 +69,32 @@ class IsoResult:
     wall_s: float
 
 
-def slowdowns(flights: list[Flight], config: IsoConfig) -> dict[str, list[float]]:
+def context_free(perf: PerfModel) -> PerfModel:
+    """The profile's token time by batch alone, as SplitwiseSim has it: its rows' own cache read
+    (PROFILE_CONTEXT a sequence) folded back into the batch curve, nothing for a longer context."""
+    points = tuple((b, ms + perf.kv_ms_per_token * b * PROFILE_CONTEXT) for b, ms in perf.token_points)
+    return replace(perf, token_points=points, kv_ms_per_token=0.0)
+
+
+def reference(config: IsoConfig) -> PerfModel:
     perf = perf_model(config.gpu, config.model, config.gpus_per_machine)
+    return context_free(perf) if config.context_free else perf
+
+
+def simulation(config: IsoConfig, prompt_machines: int) -> Simulation:
+    sim = build(fleet(config, prompt_machines))
+    if config.context_free:
+        for pool in {id(w.pool): w.pool for w in sim.workers}.values():
+            pool.perf = context_free(pool.perf)
+            pool._steps.clear()
+            pool._token_steps.clear()
+        for w in sim.workers:
+            w.set_cap(w.cap_watts)   # its step times from the new model
+    return sim
+
+
+def slowdowns(flights: list[Flight], config: IsoConfig) -> dict[str, list[float]]:
+    perf = reference(config)
     out: dict[str, list[float]] = {"ttft": [], "tbt": [], "e2e": []}
     for f in flights:
         r = f.req
@@ -107,7 +132,7 @@ class _Search:
         if self.progress is not None:
             self.progress(f"{name} at {rate:.1f}/s")
         requests = trace.poisson(self.rows, rate, c.trial_s, c.seed)
-        flights = build(fleet(c, prompt_machines)).run(requests)
+        flights = simulation(c, prompt_machines).run(requests)
         s = slowdowns(flights, c)
         meets = all(q <= bound for k, bounds in SLO.items() for q, bound in zip(s[k], bounds))
         self.trials.append(Trial(name, prompt_machines, rate, len(flights), s, meets))
@@ -150,8 +175,9 @@ def main(config: IsoConfig, out: Path | None, plot: Path | None) -> int:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("iso-power", total=trials * (len(config.splits) + 3))   # at most
         result = iso_power(config, lambda what: bar.update(task, advance=1, description=what))
+    steps = ", context-free token steps" if config.context_free else ""
     console.print(f"{config.machines} DGX-{config.gpu} machines, {config.model}, conversation lengths, Poisson "
-                  f"arrivals, {config.trial_s:.0f} s trials")
+                  f"arrivals, {config.trial_s:.0f} s trials{steps}")
     for p, rate in result.by_split.items():
         console.print(f"  Splitwise-AA {p}P/{config.machines - p}T: {rate:.1f} requests/s")
     console.print(f"Baseline-A100 {result.baseline_rate:.1f} requests/s; Splitwise-AA {result.split_rate:.1f} at "

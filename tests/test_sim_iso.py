@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fleetwise.cli import app
-from fleetwise.sim.iso import IsoConfig, _Search, fleet, iso_power, slowdowns
+from fleetwise.sim.iso import IsoConfig, _Search, context_free, fleet, iso_power, simulation, slowdowns
+from fleetwise.sim.perf import PROFILE_CONTEXT, perf_model
 from fleetwise.sim.run import build
 from fleetwise.sim.trace import Request
 
@@ -19,6 +20,19 @@ def test_a_request_alone_is_its_own_reference(prompt_machines):
     assert s["ttft"][0] == pytest.approx(1.0, rel=1e-6)
     # one token step at the mean context, against the simulator's growing context (and, split, the KV handoff)
     assert s["tbt"][0] == pytest.approx(1.0, abs=0.05) and s["e2e"][0] == pytest.approx(1.0, abs=0.05)
+
+
+def test_context_free_token_steps_are_the_profiles_by_batch_alone():
+    perf = perf_model("A100", "bloom-176b", 8)
+    flat = context_free(perf)
+    for batch in (1, 8, 32):
+        assert flat.token_ms(batch, 0) == pytest.approx(perf.token_ms(batch, batch * PROFILE_CONTEXT))
+        assert flat.token_ms(batch, 10**6) == flat.token_ms(batch, 0) < perf.token_ms(batch, 10**6)
+    config = IsoConfig(machines=4, context_free=True)
+    sim = simulation(config, 2)
+    assert all(w.kv_s == 0 for w in sim.workers)
+    s = slowdowns(sim.run([Request(0, 0.0, 1000, 50)]), config)
+    assert s["tbt"][0] == pytest.approx(1.0, abs=0.05)
 
 
 def test_the_search_answers_a_rate_that_meets_the_objectives_below_one_that_fails():
