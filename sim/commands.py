@@ -50,27 +50,53 @@ def plan(
 @sim_app.command("power")
 def sim_power(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
-    ratios: str = typer.Option("1.2,1.4,1.6,1.8,2.0", help="Fleet sizes to try, as multiples of the budget's."),
+    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.6",
+                               help="Fleet sizes to try, as multiples of the budget's."),
+    controllers: str = typer.Option("fleetwise,polca,none",
+                                    help="Power controllers to compare: fleetwise, fleetwise-mean, polca, none."),
     out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),
     plot: Path = typer.Option(None, "--plot", help="Draw p99 loss and time over budget by ratio into this PNG."),
 ):
     """How many servers a row's power budget carries under each power controller (the operator's, POLCA's, none)."""
+    from fleetwise.sim.power import CONTROLLERS
     from fleetwise.sim.study import main
     try:
         grid = [float(r) for r in ratios.split(",")]
     except ValueError:
         raise typer.BadParameter(f"--ratios must be numbers separated by commas, not {ratios!r}")
-    raise typer.Exit(main(config, grid, out, plot))
+    chosen = tuple(c.strip() for c in controllers.split(","))
+    if not chosen or any(c not in CONTROLLERS for c in chosen):
+        raise typer.BadParameter(f"--controllers takes {', '.join(CONTROLLERS)}, not {controllers!r}")
+    raise typer.Exit(main(config, grid, out, plot, chosen))
+
+
+@sim_app.command("iso")
+def sim_iso(
+    machines: int = typer.Option(70, "--machines", min=2, max=1000, help="DGX machines (8 GPUs each) in the fleet."),
+    trial_s: float = typer.Option(120.0, "--trial-s", min=10, max=3600, help="Simulated seconds of arrivals a trial."),
+    out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Draw the highest rate per split into this PNG."),
+    context_free: bool = typer.Option(False, "--context-free",
+                                      help="Token steps by batch alone, as SplitwiseSim (no KV-read term)."),
+):
+    """Phase splitting at iso-power: Splitwise-AA against Baseline-A100, BLOOM-176B, the conversation trace."""
+    from fleetwise.sim.iso import IsoConfig, main
+    config = IsoConfig(machines=machines, trial_s=trial_s, context_free=context_free,
+                       splits=[p for p in (round(machines * f) for f in (0.36, 0.5, 0.64)) if 0 < p < machines])
+    raise typer.Exit(main(config, out, plot))
 
 
 @sim_app.command("faults")
 def sim_faults(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `faults` section included."),
     out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Draw goodput and detection times into this PNG."),
+    healthy: float = typer.Option(None, "--healthy-s", min=60, max=86400,
+                                  help="Seconds of the healthy run with the detector on (default: the file's)."),
 ):
     """Injected faults with the operator's fault detector and without it: detection, false positives, goodput."""
-    from fleetwise.sim.study import faults_main
-    raise typer.Exit(faults_main(config, out))
+    from fleetwise.sim.fault_study import faults_main
+    raise typer.Exit(faults_main(config, out, plot, healthy))
 
 
 @sim_app.command("scale")

@@ -92,3 +92,38 @@ def scaling_plot(points: list[Any], path: Path) -> str:
             ax.set_xlabel("GPUs (same load per GPU)")
         axes[0].legend()
     return _draw(path, 2, draw, "simulator run time by fleet size")
+
+
+def iso_plot(result: Any, path: Path) -> str:
+    """An iso-power comparison (IsoResult): the highest rate per split and each trial's p99 TTFT slowdown."""
+    def draw(axes: Any) -> None:
+        splits = list(result.by_split)
+        axes[0].plot(splits, list(result.by_split.values()), marker="o", label="Splitwise-AA")
+        axes[0].axhline(result.baseline_rate, color="grey", ls="--", label="Baseline-A100 (colocated)")
+        axes[0].set_xlabel(f"prompt machines of {result.machines}")
+        axes[0].set_ylabel("highest rate meeting the objectives, req/s")
+        axes[0].legend()
+        for name, marker in (("Baseline", "s"), ("Splitwise", "o")):
+            mine = [t for t in result.trials if t.fleet.startswith(name)]
+            axes[1].scatter([t.rate for t in mine], [t.slowdown["ttft"][2] for t in mine], marker=marker,
+                            c=["tab:green" if t.meets else "tab:red" for t in mine], label=name)
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("requests/s")
+        axes[1].set_ylabel("p99 TTFT slowdown (green: every objective met)")
+        axes[1].legend()
+    return _draw(path, 2, draw, f"phase splitting at iso-power: {result.ratio:.2f}x")
+
+
+def faults_plot(c: Any, path: Path) -> str:
+    """A fault comparison (FaultComparison): goodput with, without, healthy; detection time per fault."""
+    def draw(axes: Any) -> None:
+        axes[0].bar(["healthy", "faults,\ndetector on", "faults,\ndetector off"],
+                    [c.goodput_healthy, c.goodput_with, c.goodput_without], color=["grey", "tab:green", "tab:red"])
+        axes[0].set_ylabel("goodput, requests/s meeting both objectives")
+        faults = c.with_detector.faults.faults
+        axes[1].barh([f"{f.kind} {f.target}" for f in faults],
+                     [f.detection_s if f.detection_s is not None else 0 for f in faults])
+        axes[1].set_xlabel("seconds from injection to the incident (0: not detected)")
+    return _draw(path, 2, draw, f"faults: {c.lost_with:.1%} of goodput lost with the detector, "
+                                f"{c.lost_without:.1%} without; {c.healthy_incidents} false positives in "
+                                f"{c.healthy_s:.0f} s healthy")

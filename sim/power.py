@@ -74,6 +74,7 @@ class Domain:
     situations: dict[str, int] = field(default_factory=dict)
     marks: dict[str, float] = field(default_factory=dict)   # energy at the start of each window
     peak: float = 0.0             # the highest sample since the last control period
+    capped_gpu_s: dict[str, float] = field(default_factory=dict)   # by priority: GPU-seconds under a cap
 
 
 @dataclass
@@ -89,6 +90,7 @@ class DomainReport:
     cap_changes: int
     situations: dict[str, int]
     series: list[tuple[float, float]]
+    capped_share: dict[str, float] = field(default_factory=dict)   # by priority: of its GPU-time, under a cap
 
 
 class PowerLoop:
@@ -127,6 +129,9 @@ class PowerLoop:
             watts = self._mean(d.meter, d.marks, "sample", now, step)
             d.samples.append((now, watts))
             d.peak = max(d.peak, watts)
+            for w in d.workers:
+                if w.cap_watts is not None:
+                    d.capped_gpu_s[w.pool.priority] = d.capped_gpu_s.get(w.pool.priority, 0.0) + w.gpus * step
             if watts > d.budget.limit_watts:
                 d.over_s += step
                 d.run_s += step
@@ -197,8 +202,13 @@ class PowerLoop:
             energy = d.meter.energy(now)
             stride = max(1, len(d.samples) // self.config.series_points)
             nameplate = sum(w.gpus * w.pool.gpu.rated_watts for w in d.workers)
+            gpus_by: dict[str, int] = {}
+            for w in d.workers:
+                gpus_by[w.pool.priority] = gpus_by.get(w.pool.priority, 0) + w.gpus
+            span = len(d.samples) * self.config.sample_s
+            capped = {p: d.capped_gpu_s.get(p, 0.0) / (n * span) if span > 0 else 0.0 for p, n in gpus_by.items()}
             out.append(DomainReport(d.name, d.budget.limit_watts, nameplate, len(d.workers),
                                     energy / now if now > 0 else 0.0, max((s[1] for s in d.samples), default=0.0),
                                     d.over_s, d.longest_over_s, d.cap_changes, d.situations,
-                                    [(round(t, 3), round(w, 1)) for t, w in d.samples[::stride]]))
+                                    [(round(t, 3), round(w, 1)) for t, w in d.samples[::stride]], capped))
         return out

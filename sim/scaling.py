@@ -7,6 +7,7 @@ events per second, and simulated seconds per wall second. A progress bar follows
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +31,7 @@ class ScalePoint:
     events: int
     events_per_s: float
     sim_s_per_wall_s: float
+    load_avg_1m: float            # the machine's one-minute load average at the end of the run
 
 
 def scaled(base: SimConfig, factor: float) -> SimConfig:
@@ -52,7 +54,8 @@ def scaling(base: SimConfig, sizes: list[int], progress: Callable[..., None] | N
         out.append(ScalePoint(sum(p.count * p.tp for p in config.pools), result.requests, result.duration_s,
                               result.wall_s, time.process_time() - cpu, total - result.wall_s, result.events,
                               result.events_per_s,
-                              result.duration_s / result.wall_s if result.wall_s > 0 else 0.0))
+                              result.duration_s / result.wall_s if result.wall_s > 0 else 0.0,
+                              os.getloadavg()[0]))
     return out
 
 
@@ -72,12 +75,13 @@ def main(config_path: Path | None, sizes: list[int], duration_s: float | None, o
         tasks = {s: bar.add_task(f"{s:,} GPUs", total=base.duration_s) for s in sizes}
         points = scaling(base, sizes, lambda s, t, horizon: bar.update(tasks[s], completed=min(t, horizon)))
     table = Table(title=f"{base.duration_s:.0f} simulated seconds, the same load per GPU")
-    for column in ("GPUs", "requests", "event loop s", "CPU s", "setup s", "events", "events/s", "sim s per wall s"):
+    for column in ("GPUs", "requests", "event loop s", "CPU s", "setup s", "events", "events/s", "sim s per wall s",
+                   "load avg"):
         table.add_column(column, justify="right")
     for p in points:
         table.add_row(f"{p.gpus:,}", f"{p.requests:,}", f"{p.wall_s:.1f}", f"{p.cpu_s:.1f}", f"{p.setup_s:.1f}",
                       f"{p.events:,}",
-                      f"{p.events_per_s:,.0f}", f"{p.sim_s_per_wall_s:.0f}")
+                      f"{p.events_per_s:,.0f}", f"{p.sim_s_per_wall_s:.0f}", f"{p.load_avg_1m:.1f}")
     console.print(table)
     if out is not None:
         out.write_text(json.dumps([asdict(p) for p in points], indent=2) + "\n")

@@ -65,7 +65,22 @@ def test_the_emergency_threshold_caps_everyone_deeper():
     d = decide(BUDGET, Reading(9_900), fleet(), PowerState(), now=0)
     assert d.situation == "emergency"
     assert set(caps(d)) == {"low-prefill", "low-decode", "high-prefill", "high-decode"}
-    assert caps(d)["high-prefill"] <= 680 - 2 * STEP_FRACTION * H100.rated_watts
+    working = gpus.step_demand_watts(H100, 2048, 1)   # a prefill worker's pass draw
+    assert caps(d)["high-prefill"] <= working - 2 * STEP_FRACTION * H100.rated_watts
+    assert caps(d)["high-decode"] <= 424 - 2 * STEP_FRACTION * H100.rated_watts
+
+
+def test_an_emergency_steps_a_bursty_prefill_worker_from_its_pass_not_from_its_mostly_idle_mean():
+    """A prefill worker busy a third of the window measures about 280 W; two steps below that
+    would hold its passes near the floor (1.6x longer), where two steps below the pass's draw
+    stretch them by about 9%."""
+    workers = [PowerWorker("bursty", "High", "prefill", "H100", gpus=4, drawn_watts=280.0),
+               PowerWorker("decode", "High", "decode", "H100", gpus=4, drawn_watts=424.0)]
+    d = decide(BUDGET.model_copy(update={"limit_watts": 2_000}), Reading(1_990), workers, PowerState(), now=0)
+    assert d.situation == "emergency"
+    working = gpus.step_demand_watts(H100, 2048, 1)
+    assert caps(d)["bursty"] == pytest.approx(working - 2 * STEP_FRACTION * H100.rated_watts)
+    assert gpus.stretch("prompt", working, caps(d)["bursty"]) < 1.1
 
 
 def test_caps_never_go_below_the_budgets_minimum_or_the_products_lowest_limit():

@@ -89,3 +89,15 @@ def test_bad_faults_are_refused_by_name():
         Fault("melted", "decode/0", 0)
     with pytest.raises(ValueError, match="target"):
         build(fleet([Fault("slow", "decode/99", 10)]))
+
+
+def test_the_fault_study_loses_less_goodput_with_the_detector_and_none_healthy(tmp_path):
+    from fleetwise.sim.fault_study import fault_comparison
+    from fleetwise.sim.plots import faults_plot
+
+    c = fault_comparison(fleet([Fault("slow", "decode/5", 30, 4.0), Fault("slow", "prefill/2", 30, 4.0)],
+                               duration=240))
+    assert c.goodput_healthy > 0 and c.lost_without > 0
+    assert c.lost_with < c.lost_without
+    assert c.healthy_windows >= 7 and c.healthy_incidents == 0 and c.healthy_actions == []
+    assert faults_plot(c, tmp_path / "f.png") == f"wrote {tmp_path / 'f.png'}"

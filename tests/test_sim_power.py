@@ -40,9 +40,11 @@ def test_the_domain_meters_add_up_to_the_workers_energy():
 
 
 def test_oversubscription_breaches_the_budget_without_a_controller_and_not_with_one():
-    none, ours, polca = (run_simulation(fleet(2.0, c)) for c in ("none", "fleetwise", "polca"))
+    none, ours, polca = (run_simulation(fleet(2.4, c)) for c in ("none", "fleetwise", "polca"))
     assert none.power and ours.power and polca.power
-    assert len(ours.power) == 4 and all(d.budget_watts == pytest.approx(5 * 8 * 700 / 2.0) for d in ours.power)
+    # the row's two domains keep the budgets sized for their first five nodes each
+    assert len(ours.power) == 2 and all(d.budget_watts == pytest.approx(5 * 8 * 700) for d in ours.power)
+    assert all(d.nameplate_watts == pytest.approx(2.4 * d.budget_watts) for d in ours.power)
     assert max(d.longest_over_budget_s for d in none.power) > 5.0
     assert sum(d.over_budget_s for d in none.power) > 5 * sum(d.over_budget_s for d in ours.power)
     assert max(d.longest_over_budget_s for d in ours.power) <= 5.0      # one control period
@@ -50,6 +52,14 @@ def test_oversubscription_breaches_the_budget_without_a_controller_and_not_with_
     assert none.requests == ours.requests == polca.requests
     # caps stretch steps: the run under caps is no faster than the one without
     assert ours.ttft_s.mean >= none.ttft_s.mean
+    assert all(d.capped_share == {"High": 0.0, "Low": 0.0} for d in none.power)
+    assert all(d.capped_share["High"] > 0.5 for d in ours.power)   # this far over, everyone is capped
+
+
+def test_a_row_moderately_over_is_held_by_capping_low_priority_alone():
+    result = run_simulation(fleet(1.8))
+    assert result.power and max(d.longest_over_budget_s for d in result.power) <= 5.0
+    assert all(d.capped_share["High"] == 0 < d.capped_share["Low"] for d in result.power)
 
 
 def test_the_controller_takes_low_priority_first(monkeypatch):
@@ -89,9 +99,13 @@ def test_the_oversubscription_study_grows_the_fleet_inside_one_budget():
     base = fleet(1.0, duration=60)
     bigger = grown(base, 1.5)
     assert [p.count for p in bigger.pools] == [9, 3, 14, 4] and bigger.poisson_rate == pytest.approx(0.18 * 120)
-    assert bigger.layout.oversubscription == pytest.approx(1.5)
+    # the same two domains and budgets, with the nodes of 120 GPUs spread over them
+    assert bigger.layout.domain_watts == pytest.approx(5 * 8 * 700) and bigger.layout.nodes_per_domain == 8
     out = study(base, [1.5, 2.5], controllers=("fleetwise", "none"))
+    assert out.domains == 2 and out.budget_watts == pytest.approx(5 * 8 * 700)
     rows = {(r.ratio, r.controller): r for r in out.rows}
+    # the loss is against the same grown row with no controller: none loses nothing by definition
+    assert rows[(2.5, "none")].ttft_p99_loss == 0 and rows[(2.5, "none")].tbt_p99_loss == 0
     assert rows[(2.5, "none")].longest_over_budget_s > out.period_s and not rows[(2.5, "none")].holds
     assert rows[(1.5, "none")].holds and out.added_servers["none"] == pytest.approx(0.5)
     assert rows[(2.5, "none")].peak_of_budget > 1.0 > rows[(1.5, "none")].mean_of_budget > 0.3
