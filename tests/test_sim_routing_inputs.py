@@ -67,9 +67,9 @@ def test_the_real_routes_come_from_the_step_trace_and_replay_exactly(tmp_path):
     requests = [Request(i, 0.1 * i, 5, 50, TEXTS[i]) for i in range(3)]   # each runs 0.5 s
     profile = PROFILE.save(tmp_path / "p.json")
     urls = dict(zip(("mixed-0", "mixed-1"), URLS))
-    sim, flights = sim_side(requests, [profile], 2, routing=Routing(urls, routes, replay=True))
+    sim, flights, _ = sim_side(requests, [profile], 2, routing=Routing(urls, routes, replay=True))
     assert served_by(flights) == {i: urls[routes[i]] for i in range(3)}
     assert sim["routed_as_real"] == {"same_worker": 3, "of": 3}
     # the policy itself: the second to the idle worker, so the first two cannot share one
-    sim, flights = sim_side(requests, [profile], 2, routing=Routing(urls, routes))
+    sim, _, _ = sim_side(requests, [profile], 2, routing=Routing(urls, routes))
     assert sim["routed_as_real"]["same_worker"] < 3

@@ -74,11 +74,12 @@ def real_side(measured: list[Any]) -> dict[str, Any]:
 
 def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
              paces: list[pace.Pace] | None = None, http: HttpPath | None = None,
-             routing: Routing | None = None) -> tuple[dict[str, Any], Any]:
+             routing: Routing | None = None) -> tuple[dict[str, Any], Any, dict[str, list[float]]]:
     """The simulated side: `workers` mixed workers timed by one profile, or each by its own,
     routed by the router's policy (given the real workers' URLs in `routing`); with `http`, each
     request reaches the fleet that much later and its first token the client after it, at the
-    workers' mean pace then."""
+    workers' mean pace then. Returns the summary, the flights, and the TTFT and per-request TBT
+    samples the summary was made of."""
     sent = {r.id: r.arrival for r in requests}
     index = {r.id: i for i, r in enumerate(requests)}
     order = sorted(routing.urls) if routing is not None else [f"mixed-{i}" for i in range(workers)]
@@ -103,8 +104,9 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
         gaps.merge(w.gaps)
     span = max(f.done for f in flights) - min(f.req.arrival for f in flights)
     seen = (lambda t: http.held(t) + http.out_s * http.pace_at(paces, t)) if http is not None else (lambda t: t)
-    out = side([seen(f.first_token) - sent[f.req.id] for f in flights],
-               [t for f in flights if (t := tbt(f)) is not None], [], sum(f.req.output_tokens for f in flights), span)
+    cdfs = {"ttft": [seen(f.first_token) - sent[f.req.id] for f in flights],
+            "tbt": [t for f in flights if (t := tbt(f)) is not None]}
+    out = side(cdfs["ttft"], cdfs["tbt"], [], sum(f.req.output_tokens for f in flights), span)
     out["tbt_token_s"] = {"p50": gaps.quantile(0.5), "p90": gaps.quantile(0.9), "p99": gaps.quantile(0.99),
                           "mean": gaps.mean(), "n": round(gaps.total)}
     if routing is not None and routing.real:
@@ -112,7 +114,7 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
         same = sum(name_of.get(f.prefill.replica.url) == routing.real.get(index[f.req.id])
                    for f in flights if f.prefill is not None)
         out["routed_as_real"] = {"same_worker": same, "of": len(routing.real)}
-    return out, flights
+    return out, flights, cdfs
 
 
 def predicted_engine_s(profile: calibration.StepProfile, requests: list[trace.Request], steps: float) -> float:
@@ -147,7 +149,7 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
             profile: calibration.StepProfile, out: Path, engine: tuple[float, float],
             urls: dict[str, str] | None = None) -> tuple[dict[str, Any], Any]:
     """The real side, each variant's simulated side and errors, the paces; and the paced run's
-    flights (for the plot). `urls`: each worker's URL as the router knew it (without them the
+    TTFT and TBT samples (for the plot). `urls`: each worker's URL as the router knew it (without them the
     simulated router breaks its ties otherwise)."""
     workers = len(worker_steps)
     routing = Routing(urls or {name: f"sim://{name}" for name in worker_steps}, real_routes(worker_steps))
@@ -170,7 +172,7 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     report: dict[str, Any] = {"real": real, "one_factor": {"load_factor": load, "engine_step_seconds": engine_s,
                                                            "engine_steps": steps, "profile": scaled.__dict__},
                               "paces": {name: pace_summary(p) for name, p in zip(sorted(worker_steps), paced)}}
-    flights = None
+    samples = None
     report["own_profiles"] = {name: asdict(p) for name, p in zip(sorted(worker_steps), own)}
     report["http_path"] = asdict(http) if http is not None else None
     replay = replace(routing, replay=True)
@@ -181,12 +183,12 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
             ("one_factor", [scaled_path], None, None, routing), ("unscaled", [profile_path], None, None, routing),
             ("own_recorded_routes", own_paths, paced, http, replay))
     for variant, paths, paces, way, routes in runs:
-        sim, f = sim_side(requests, paths, workers, paces, way, routes)
+        sim, _, cdfs = sim_side(requests, paths, workers, paces, way, routes)
         report[f"sim_{variant}"] = sim
         report[f"relative_error_{variant}"] = errors(real, sim)
-        flights = flights or f
+        samples = samples or cdfs
     report["sim"], report["relative_error"] = report["sim_own"], report["relative_error_own"]
-    return report, flights
+    return report, samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("raw", type=Path, help="the run's agree-raw-*.json")
     parser.add_argument("profile", type=Path, help="the run's calibration profile (agree-profile-MODEL.json)")
     parser.add_argument("--out", type=Path, required=True, help="where the result JSON and profiles go")
+    parser.add_argument("--plot", type=Path, help="draw the distributions and errors into this PNG")
     args = parser.parse_args(argv)
     raw = json.loads(args.raw.read_text())
     requests = [trace.Request(**r) for r in raw["requests"]]
@@ -204,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     steps = raw["worker_steps"]
     engine = raw.get("engine") or (sum(x["s"] for s in steps.values() for x in s), sum(len(s) for s in steps.values()))
     args.out.mkdir(parents=True, exist_ok=True)
-    report, _ = compare(requests, measured, steps, calibration.load(args.profile), args.out, tuple(engine),
-                        raw.get("router_urls"))
+    profile = calibration.load(args.profile)
+    report, samples = compare(requests, measured, steps, profile, args.out, tuple(engine), raw.get("router_urls"))
+    report |= {"requests": len(requests), "workers": len(steps), "profile": asdict(profile)}
     (args.out / "compared.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        from .plot import draw
+        draw(report, real_cdfs(measured), samples, args.plot)
     for variant in VARIANTS:
         err, routed = report[f"relative_error_{variant}"], report[f"sim_{variant}"].get("routed_as_real", {})
         print(f"{variant:20s} TTFT p50 {err['ttft_s']['p50']:+.0%} p90 {err['ttft_s']['p90']:+.0%}  "

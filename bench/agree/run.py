@@ -83,7 +83,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     drift = {name: asdict(calibration.fit(part, model_dir.name, kv_tokens, kv_bytes))
              for name, part in (("before", before), ("after", after))}
     console.print(f"profile: {profile}")
-    compared, flights = compare(requests, measured, fleet.worker_steps, profile, out, (engine_s, steps),
+    compared, samples = compare(requests, measured, fleet.worker_steps, profile, out, (engine_s, steps),
                                 fleet.router_urls)
     report: dict[str, Any] = header("sim-agree") | {
         "command": (f"fleetwise sim agree --preset {preset} --workers {workers} --start {start:g} "
@@ -94,7 +94,7 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
         "profile": asdict(profile), "profiles_before_and_after": drift} | compared
     name = f"sim-agree-{preset}-{workers}w"
     json_path = write_json(out / f"{name}.json", report)
-    png = save_plot(lambda p: draw(report, real_cdfs(measured), flights, p), out / f"{name}.png", console)
+    png = save_plot(lambda p: draw(report, real_cdfs(measured), samples, p), out / f"{name}.png", console)
     wrote(console, json_path, png)
     for variant in VARIANTS:
         err = report[f"relative_error_{variant}"]
