@@ -8,11 +8,13 @@ whatever else runs there, and now and then none of them runs for most of a secon
 the two requests sent in that time reached their worker at its end, and a first token made in it
 reached the client then. Three of a run's 73 requests are a third of the slowest tenth, so a
 stop like this moves TTFT p90 by a fifth. The usual delays (the mean of the rest) are a few
-milliseconds; `stops` finds the stretches, and the simulated side holds a request sent, or a
-first token made, within one until it ends.
+milliseconds; `stops` finds the stretches (from either side: tokens made and not received, a
+request sent and not taken in), and the simulated side holds a request sent, or a first token
+made, within one until it ends.
 """
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +51,33 @@ class HttpPath:
         return HttpPath(self.in_s, self.out_s, self.requests)
 
 
-def stops(measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
+def taken_in(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]]
+             ) -> Iterator[tuple[int, str, float, float]]:
+    """(request index, worker, `ran`, `made`) for each request the step trace saw taken in: `ran`
+    the start of the step running when the engine took it in (then, when the engine was idle),
+    `made` the end of the step that made its first token; on the run's clock."""
+    for name, steps in worker_steps.items():
+        ends = [s["t"] + s["s"] for s in steps]
+        for s in steps:
+            for rid, came in s.get("first", []):
+                i = request_index(rid)
+                # taken in before the step that made its first token, on the run's clock
+                if i is None or i >= len(measured) or not measured[i].token_times or not -1.0 <= came <= s["t"] + 1e-3:
+                    continue
+                j = bisect.bisect_right(ends, came + 0.002) - 1    # the step that ended as it came in
+                ran = steps[j]["t"] if j >= 0 and came - ends[j] < 0.05 else came
+                yield i, name, ran, s["t"] + s["s"]
+
+
+def stops(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
           min_s: float = STOP_S) -> tuple[tuple[float, float], ...]:
-    """The stretches when the way out stopped: a step made tokens (decodes, or first tokens)
-    and the client received no token at all for over `min_s` after it ended; from that end to
-    the next token received, overlapping stretches merged."""
+    """The stretches when the way outside the engine stopped, overlapping ones merged: out, a
+    step made tokens (decodes, or first tokens) and the client received no token at all for
+    over `min_s` after it ended (from that end to the next token received); in, a request
+    reached the engine over `min_s` after it was sent (from the send to the engine's step)."""
     got = sorted(t for m in measured for t in m.token_times)
-    spans = []
+    spans = [(requests[i].arrival, ran) for i, _, ran, _ in taken_in(requests, measured, worker_steps)
+             if ran - requests[i].arrival > min_s]
     for steps in worker_steps.values():
         for s in steps:
             if s["d"] > 0 or s.get("first"):
@@ -79,25 +101,16 @@ def http_path(requests: list[trace.Request], measured: list[Any], worker_steps: 
     the engine took the request in (all of it when the engine was idle). A request sent, or whose
     first token was made, within a stop counts in neither mean (the stop has it). None without
     data."""
-    found = stops(measured, worker_steps)
+    found = stops(requests, measured, worker_steps)
     path = HttpPath(0.0, 0.0, 0, found)
     ins, outs = [], []
-    for name, steps in worker_steps.items():
-        ends = [s["t"] + s["s"] for s in steps]
-        for s in steps:
-            for rid, came in s.get("first", []):
-                i = request_index(rid)
-                # taken in before the step that made its first token, on the run's clock
-                if i is None or i >= len(measured) or not measured[i].token_times or not -1.0 <= came <= s["t"] + 1e-3:
-                    continue
-                arrival, speed = requests[i].arrival, paces[name].at(requests[i].arrival)
-                j = bisect.bisect_right(ends, came + 0.002) - 1    # the step that ended as it came in
-                ran = steps[j]["t"] if j >= 0 and came - ends[j] < 0.05 else came
-                made = s["t"] + s["s"]
-                if path.held(arrival) != arrival or path.held(made) != made:
-                    continue
-                ins.append(max(0.0, ran - arrival) / speed)
-                outs.append(max(0.0, measured[i].token_times[0] - made) / speed)
+    for i, name, ran, made in taken_in(requests, measured, worker_steps):
+        arrival = requests[i].arrival
+        if path.held(arrival) != arrival or path.held(made) != made:
+            continue
+        speed = paces[name].at(arrival)
+        ins.append(max(0.0, ran - arrival) / speed)
+        outs.append(max(0.0, measured[i].token_times[0] - made) / speed)
     if not ins:
         return None
     return HttpPath(float(np.mean(ins)), float(np.mean(outs)), len(ins), found)
