@@ -6,7 +6,7 @@ routes a real run took."""
 import pytest
 
 from fleetwise import gpus
-from fleetwise.bench.agree.routes import Routing, real_routes
+from fleetwise.bench.agree.routes import Routing, policy_at_real_loads, real_routes
 from fleetwise.router.policies import PREFIX_KEYS, make_policy
 from fleetwise.router.replica import Replica
 from fleetwise.sim.calibration import StepProfile
@@ -73,3 +73,16 @@ def test_the_real_routes_come_from_the_step_trace_and_replay_exactly(tmp_path):
     # the policy itself: the second to the idle worker, so the first two cannot share one
     sim, _, _ = sim_side(requests, [profile], 2, routing=Routing(urls, routes))
     assert sim["routed_as_real"]["same_worker"] < 3
+
+
+def test_the_routers_policy_at_the_real_loads_explains_routes_it_made_and_not_others():
+    from fleetwise.bench.agree.fleet import Measured
+    urls = dict(zip(("mixed-0", "mixed-1"), URLS))
+    # each request done before the next is sent: the tie-break alone chooses
+    requests = [Request(i, float(i), 5, 2, text) for i, text in enumerate(TEXTS)]
+    measured = [Measured(float(i), 5, 2, [i + 0.1, i + 0.2]) for i in range(len(TEXTS))]
+    name = {u: n for n, u in urls.items()}
+    routes = {i: name[u] for i, u in served_by(simulation(URLS).run(requests)).items()}
+    assert policy_at_real_loads(requests, measured, routes, urls) == len(TEXTS)
+    swapped = {i: "mixed-1" if w == "mixed-0" else "mixed-0" for i, w in routes.items()}
+    assert policy_at_real_loads(requests, measured, swapped, urls) == 0

@@ -42,7 +42,7 @@ from fleetwise.sim.results import tbt
 from fleetwise.sim.run import PoolConfig, SimConfig, build
 
 from .outside import HttpPath, http_path
-from .routes import ROUTER_POLICY, RecordedRoutes, Routing, real_routes
+from .routes import ROUTER_POLICY, RecordedRoutes, Routing, policy_at_real_loads, real_routes
 
 STATS = ("p50", "p90", "p99", "mean", "n")
 AGREED = ("ttft_s", "tbt_s")   # the measure: these at p50 and p90
@@ -175,6 +175,8 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     samples = None
     report["own_profiles"] = {name: asdict(p) for name, p in zip(sorted(worker_steps), own)}
     report["http_path"] = asdict(http) if http is not None else None
+    report["routing"] = {"policy": ROUTER_POLICY, "urls": routing.urls, "real_routes": len(routing.real),
+                         "policy_at_real_loads": policy_at_real_loads(requests, measured, routing.real, routing.urls)}
     replay = replace(routing, replay=True)
     runs = (("own", own_paths, paced, http, routing),
             ("own_no_stops", own_paths, paced, http.without_stops() if http is not None else None, routing),
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         from .plot import draw
         draw(report, real_cdfs(measured), samples, args.plot)
+    print(f"the router's policy at the real loads chooses the real worker for "
+          f"{report['routing']['policy_at_real_loads']} of {report['routing']['real_routes']} requests")
     for variant in VARIANTS:
         err, routed = report[f"relative_error_{variant}"], report[f"sim_{variant}"].get("routed_as_real", {})
         print(f"{variant:20s} TTFT p50 {err['ttft_s']['p50']:+.0%} p90 {err['ttft_s']['p90']:+.0%}  "

@@ -5,7 +5,7 @@ or, as a diagnostic, the real routes replayed."""
 from dataclasses import dataclass
 from typing import Any
 
-from fleetwise.router.policies import PREFIX_KEYS
+from fleetwise.router.policies import PREFIX_KEYS, make_policy
 from fleetwise.router.prefix import PrefixLoad
 from fleetwise.router.replica import Replica
 from fleetwise.sim import trace
@@ -52,3 +52,24 @@ class Routing:
     urls: dict[str, str]
     real: dict[int, str]
     replay: bool = False
+
+
+def policy_at_real_loads(requests: list[trace.Request], measured: list[Any], routes: dict[int, str],
+                         urls: dict[str, str]) -> int:
+    """For how many requests the router's policy, given each prompt's text, the workers' URLs and
+    the loads the client saw when it sent the request (the requests each worker served that were
+    sent before and not yet done), chooses the worker the real router chose: the check that the
+    simulated router is given everything the real one decides by."""
+    policy = make_policy(ROUTER_POLICY)
+    replicas = {name: Replica(url, "agree", "mixed") for name, url in sorted(urls.items())}
+    url_name = {url: name for name, url in urls.items()}
+    alike = 0
+    for i, r in enumerate(requests):
+        if i not in routes:
+            continue
+        for name, replica in replicas.items():
+            replica.outstanding = sum(1 for j, w in routes.items() if w == name and requests[j].arrival < r.arrival
+                                      and measured[j].token_times and measured[j].token_times[-1] > r.arrival)
+        chosen = policy.choose(list(replicas.values()), PREFIX_KEYS[ROUTER_POLICY](r.text) if r.text else [])
+        alike += chosen is not None and url_name[chosen.url] == routes[i]
+    return alike

@@ -96,6 +96,9 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     json_path = write_json(out / f"{name}.json", report)
     png = save_plot(lambda p: draw(report, real_cdfs(measured), samples, p), out / f"{name}.png", console)
     wrote(console, json_path, png)
+    routing = report["routing"]
+    console.print(f"the router's policy at the real loads chooses the real worker for "
+                  f"{routing['policy_at_real_loads']} of {routing['real_routes']} requests")
     for variant in VARIANTS:
         err = report[f"relative_error_{variant}"]
         console.print(f"{variant}: sim vs real: TTFT p50 {err['ttft_s']['p50']:+.1%} p90 {err['ttft_s']['p90']:+.1%}; "
