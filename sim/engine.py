@@ -7,6 +7,11 @@ holds the worker (its running decodes make one token in that step, as in a hybri
 the decodes resume after it, which is what costs colocated serving its time between tokens.
 Disaggregated mode sends prompts to prefill workers and decodes to decode workers, choosing the
 decode replica when the prompt pass ends, as the router hands a prompt over.
+
+Routing takes what the router's does: the policy's prefix keys of a request's text (none for
+the trace's requests, which have none) and the replicas' URLs (the prefix policies break ties
+by a hash of the URL), so a fleet given the real replicas' URLs and requests with their text is
+routed as the real router routes it at the same loads.
 """
 
 import heapq
@@ -15,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleetwise.router.policies import RoutingPolicy, make_policy
+from fleetwise.router.policies import PREFIX_KEYS, RoutingPolicy, make_policy
 from fleetwise.router.replica import Replica
 
 from .power import PowerLoop
@@ -45,8 +50,10 @@ class Simulation:
         self.by_url: dict[str, Worker] = {}
         self.links: dict[Worker, Link] = {}
         for pool, count in pools:
+            if pool.urls and len(pool.urls) != count:
+                raise ValueError(f"pool {pool.name}: {len(pool.urls)} urls for {count} workers")
             for i in range(count):
-                replica = Replica(f"sim://{pool.name}/{i}", pool.perf.model, pool.role)
+                replica = Replica(pool.urls[i] if pool.urls else f"sim://{pool.name}/{i}", pool.perf.model, pool.role)
                 w = Worker(pool, replica, settings.max_batch)
                 self.workers.append(w)
                 self.replicas.setdefault((pool.role, pool.priority), []).append(replica)
@@ -61,6 +68,7 @@ class Simulation:
         self.colocated = roles == {"mixed"}
         # one policy instance per role, as the router keeps one per model and role
         self.policies: dict[tuple[str, str], RoutingPolicy] = {key: make_policy(policy) for key in self.replicas}
+        self.keyer = PREFIX_KEYS.get(policy)     # a request's prefix keys, for the policies that read them
         # a priority without pools of its own goes to the role's other pools
         self.route_key = {(role, p): (role, p) if (role, p) in self.replicas else
                           next(k for k in sorted(self.replicas) if k[0] == role)
@@ -125,9 +133,10 @@ class Simulation:
         if self.on_draw is not None:
             self.on_draw(w)
 
-    def route(self, role: str, priority: str = "High") -> Worker:
+    def route(self, role: str, priority: str = "High", req: Request | None = None) -> Worker:
         key = self.route_key[(role, priority)]
-        replica = self.policies[key].choose(self.replicas[key])
+        keys = self.keyer(req.text) if req is not None and req.text and self.keyer is not None else None
+        replica = self.policies[key].choose(self.replicas[key], keys)
         if replica is None:
             raise RuntimeError(f"no {role} replica is available")
         replica.outstanding += 1
@@ -138,7 +147,7 @@ class Simulation:
         self.dispatch(Flight(req, dispatched=self.now, priority="Low" if low else "High"))
 
     def dispatch(self, f: Flight) -> None:
-        w = self.route("mixed" if self.colocated else "prefill", f.priority)
+        w = self.route("mixed" if self.colocated else "prefill", f.priority, f.req)
         f.prefill = w
         w.queue.append(f)
         self.start_prompt(w)
@@ -202,7 +211,7 @@ class Simulation:
                 self.admit(w, f)
             else:
                 w.replica.outstanding -= 1
-                f.decode = self.route("decode", f.priority)
+                f.decode = self.route("decode", f.priority, f.req)
                 self.send_kv(f)
         self.admit_waiting(w)
         self.start_prompt(w)
@@ -241,7 +250,7 @@ class Simulation:
         assert f.decode is not None
         if f.decode.dead:   # the decode worker died while the cache was on its way: another pulls it
             f.decode.replica.outstanding -= 1
-            f.decode = self.route("decode", f.priority)
+            f.decode = self.route("decode", f.priority, f.req)
         self.admit(f.decode, f)
         if not f.decode.in_pass:
             self.schedule_decode(f.decode)

@@ -40,6 +40,7 @@ class PoolConfig:
     name: str = ""
     priority: str = "High"            # High | Low: Low pools serve settings.low_priority_share of requests
     profile: str | None = None        # a measured worker's step profile (calibration.py's JSON) instead of the GPU's
+    urls: list[str] | None = None     # the workers' replica URLs (a real fleet's, to route as its router did)
 
 
 @dataclass
@@ -80,7 +81,8 @@ def build(config: SimConfig) -> Simulation:
         if p.priority not in ("High", "Low"):
             raise ValueError(f"pools[{i}].priority must be High or Low, not {p.priority!r}")
         perf = calibration.load(p.profile).perf_model() if p.profile else perf_model(p.gpu, p.model, p.tp)
-        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf, p.cap_watts, p.priority), p.count))
+        pools.append((Pool(name, p.role, gpus.product(p.gpu), perf, p.cap_watts, p.priority,
+                                tuple(p.urls or ())), p.count))
     sim = Simulation(pools, config.settings, config.policy)
     where, nodes, domains = place_workers(pools, config.layout)
     for worker, node in zip(sim.workers, where):

@@ -2,7 +2,11 @@
 `TIMESTAMP,ContextTokens,GeneratedTokens` rows): arrival times relative to the first row, the
 rate scaled by a factor (the trace repeated when the run is longer than the scaled trace), or
 arrivals re-sampled as a Poisson process at a target rate with the trace's prompt and output
-lengths."""
+lengths.
+
+A request may carry its prompt as the router reads it (`text`, `router.policies.prompt_text`):
+the prefix policies route by it, so a simulated run of requests with their text routes as the
+real router did. The trace has no text; its requests route by load alone."""
 
 import csv
 import random
@@ -17,6 +21,7 @@ class Request:
     arrival: float          # seconds from the start of the run
     prompt_tokens: int
     output_tokens: int      # tokens to generate, the first (from the prompt pass) included
+    text: str = ""          # the prompt as the router reads it; "" when unknown (the trace's)
 
 
 def _seconds(stamp: str) -> float:

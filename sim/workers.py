@@ -51,6 +51,8 @@ class Pool:
     perf: PerfModel
     cap_watts: float | None = None    # per GPU; None: uncapped
     priority: str = "High"            # High | Low (the ModelDeployment's, for the power controller)
+    urls: tuple[str, ...] = ()        # the replicas' URLs, one per worker (the router's tie-break ranks
+                                      # them); () for sim://NAME/I
     _steps: dict[tuple[int, bool, float | None], tuple[float, float]] = field(default_factory=dict, repr=False)
     _token_steps: dict[tuple[float, int], list[float]] = field(default_factory=dict, repr=False)
 

@@ -8,17 +8,27 @@ runs slower than that by however much of the core others take. The variants:
 - `own` (the result): each worker timed by a profile fitted from its own steps in the run, at
   its own pace window by window (`fleetwise.sim.pace`: the steps' wall over CPU seconds), and
   each request's way outside the engine (client, router, the worker's HTTP side) at that pace
-  (`HttpPath`, measured from the step trace's first tokens);
+  (`HttpPath`, measured from the step trace's first tokens), and the stretches when that way
+  stopped altogether (`outside.stops`: the client and router share the cores unpinned);
+- `own_no_stops`: `own` without those stretches;
 - `own_engine_only`: the same without the way outside the engine;
 - `paced`: the calibration's profile (measured before and after the run) at each worker's pace;
 - `per_worker`: the calibration's profile at each worker's pace over the whole run;
 - `one_factor`: the calibration's profile times one factor for the fleet, the workers' summed
   step seconds (their metrics) over what the profile gives the work;
-- `unscaled`: the calibration's profile as it is.
+- `unscaled`: the calibration's profile as it is;
+- `own_recorded_routes` (a diagnostic): `own` with each request sent to the worker the real
+  router sent it to, as the step trace recorded it.
+
+Every other variant routes with the real router's policy (`prefix_load`, the default `fleetwise
+up` runs), fed what the real one read: each request's prompt text and the workers' URLs as the
+router knows them (it breaks ties between equally loaded workers by a hash of the prompt and the
+URL). `routed_as_real` says for how many requests the simulator chose the real worker.
 """
 
-import bisect
-from dataclasses import asdict, dataclass, replace
+import argparse
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +41,14 @@ from fleetwise.sim.engine import Settings
 from fleetwise.sim.results import tbt
 from fleetwise.sim.run import PoolConfig, SimConfig, build
 
+from .outside import HttpPath, http_path
+from .routes import ROUTER_POLICY, RecordedRoutes, Routing, policy_at_real_loads, real_routes
+
 STATS = ("p50", "p90", "p99", "mean", "n")
 AGREED = ("ttft_s", "tbt_s")   # the issue's measure: these at p50 and p90
 PACE_WINDOW_S = 2.0            # a few to a few dozen steps of a worker: contention changes over seconds
-VARIANTS = ("own", "own_engine_only", "paced", "per_worker", "one_factor", "unscaled")
-
-
+VARIANTS = ("own", "own_no_stops", "own_engine_only", "paced", "per_worker", "one_factor", "unscaled",
+            "own_recorded_routes")
 def side(ttft: list[float], tbts: list[float], gaps: list[float], out_tokens: int, span: float) -> dict[str, Any]:
     return {"ttft_s": summary(ttft, *STATS), "tbt_s": summary(tbts, *STATS), "tbt_token_s": summary(gaps, *STATS),
             "output_tokens_per_s": out_tokens / span if span > 0 else 0.0, "span_s": span}
@@ -60,62 +72,30 @@ def real_side(measured: list[Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class HttpPath:
-    """A request's way outside the engine, in CPU-equivalent seconds (each delay measured in the
-    run over its worker's pace then): in, from the client's send to the engine taking it in
-    (the client, the router, the worker's HTTP side; the wait for the engine's running step
-    left out, as the simulator has it), and out, from the step that made the first token to the
-    client."""
-    in_s: float
-    out_s: float
-    requests: int      # measured
-
-    def pace_at(self, paces: list[pace.Pace] | None, t: float) -> float:
-        return sum(p.at(t) for p in paces) / len(paces) if paces else 1.0
-
-
-def http_path(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
-              paces: dict[str, pace.Pace]) -> HttpPath | None:
-    """From the steps' first tokens (`first`: request id agree-I, when the engine took it in).
-    The way in is a lower bound: from the send to the start of the step that was running when
-    the engine took the request in (all of it when the engine was idle). None without data."""
-    ins, outs = [], []
-    for name, steps in worker_steps.items():
-        ends = [s["t"] + s["s"] for s in steps]
-        for s in steps:
-            for rid, came in s.get("first", []):
-                parts = rid.split("-")
-                if len(parts) < 2 or parts[0] != "agree" or not parts[1].isdigit():
-                    continue
-                i = int(parts[1])
-                # taken in before the step that made its first token, on the run's clock
-                if i >= len(measured) or not measured[i].token_times or not -1.0 <= came <= s["t"] + 1e-3:
-                    continue
-                arrival, speed = requests[i].arrival, paces[name].at(requests[i].arrival)
-                j = bisect.bisect_right(ends, came + 0.002) - 1    # the step that ended as it came in
-                ran = steps[j]["t"] if j >= 0 and came - ends[j] < 0.05 else came
-                ins.append(max(0.0, ran - arrival) / speed)
-                outs.append(max(0.0, measured[i].token_times[0] - (s["t"] + s["s"])) / speed)
-    if not ins:
-        return None
-    return HttpPath(float(np.mean(ins)), float(np.mean(outs)), len(ins))
-
-
 def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
-             paces: list[pace.Pace] | None = None, http: HttpPath | None = None) -> tuple[dict[str, Any], Any]:
-    """The simulated side: `workers` mixed workers timed by one profile, or each by its own;
-    with `http`, each request reaches the fleet that much later and its first token the client
-    after it, at the workers' mean pace then."""
+             paces: list[pace.Pace] | None = None, http: HttpPath | None = None,
+             routing: Routing | None = None) -> tuple[dict[str, Any], Any, dict[str, list[float]]]:
+    """The simulated side: `workers` mixed workers timed by one profile, or each by its own,
+    routed by the router's policy (given the real workers' URLs in `routing`); with `http`, each
+    request reaches the fleet that much later and its first token the client after it, at the
+    workers' mean pace then. Returns the summary, the flights, and the TTFT and per-request TBT
+    samples the summary was made of."""
     sent = {r.id: r.arrival for r in requests}
+    index = {r.id: i for i, r in enumerate(requests)}
+    order = sorted(routing.urls) if routing is not None else [f"mixed-{i}" for i in range(workers)]
+    urls = [routing.urls[n] for n in order] if routing is not None else None
     if http is not None:
-        requests = [replace(r, arrival=r.arrival + http.in_s * http.pace_at(paces, r.arrival)) for r in requests]
-    pools = ([PoolConfig("mixed", workers, profile=str(profiles[0]))] if len(profiles) == 1 else
-             [PoolConfig("mixed", 1, name=f"mixed-{i}", profile=str(p)) for i, p in enumerate(profiles)])
-    config = SimConfig(pools=pools, mode="colocated",
+        requests = [replace(r, arrival=http.held(r.arrival) + http.in_s * http.pace_at(paces, r.arrival))
+                    for r in requests]
+    pools = ([PoolConfig("mixed", workers, profile=str(profiles[0]), urls=urls)] if len(profiles) == 1 else
+             [PoolConfig("mixed", 1, name=name, profile=str(p), urls=[urls[i]] if urls else None)
+              for i, (name, p) in enumerate(zip(order, profiles))])
+    config = SimConfig(pools=pools, mode="colocated", policy=ROUTER_POLICY,
                        settings=Settings(prompt_budget=defaults.MAX_NUM_BATCHED_TOKENS,
                                          max_batch=defaults.MAX_NUM_SEQS))
     sim = build(config)
+    if routing is not None and routing.replay:
+        sim.policies[("mixed", "High")] = RecordedRoutes(requests, routing.real, routing.urls)
     if paces is not None:
         sim.tickers.append(pace.Pacer(sim, paces).tick)
     flights = sim.run(requests)
@@ -123,12 +103,18 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
     for w in sim.workers[1:]:
         gaps.merge(w.gaps)
     span = max(f.done for f in flights) - min(f.req.arrival for f in flights)
-    out_s = (lambda t: http.out_s * http.pace_at(paces, t)) if http is not None else (lambda t: 0.0)
-    out = side([f.first_token + out_s(f.first_token) - sent[f.req.id] for f in flights],
-               [t for f in flights if (t := tbt(f)) is not None], [], sum(f.req.output_tokens for f in flights), span)
+    seen = (lambda t: http.held(t) + http.out_s * http.pace_at(paces, t)) if http is not None else (lambda t: t)
+    cdfs = {"ttft": [seen(f.first_token) - sent[f.req.id] for f in flights],
+            "tbt": [t for f in flights if (t := tbt(f)) is not None]}
+    out = side(cdfs["ttft"], cdfs["tbt"], [], sum(f.req.output_tokens for f in flights), span)
     out["tbt_token_s"] = {"p50": gaps.quantile(0.5), "p90": gaps.quantile(0.9), "p99": gaps.quantile(0.99),
                           "mean": gaps.mean(), "n": round(gaps.total)}
-    return out, flights
+    if routing is not None and routing.real:
+        name_of = {u: n for n, u in routing.urls.items()}
+        same = sum(name_of.get(f.prefill.replica.url) == routing.real.get(index[f.req.id])
+                   for f in flights if f.prefill is not None)
+        out["routed_as_real"] = {"same_worker": same, "of": len(routing.real)}
+    return out, flights, cdfs
 
 
 def predicted_engine_s(profile: calibration.StepProfile, requests: list[trace.Request], steps: float) -> float:
@@ -160,10 +146,13 @@ def pace_summary(p: pace.Pace) -> dict[str, Any]:
 
 
 def compare(requests: list[trace.Request], measured: list[Any], worker_steps: dict[str, list[dict[str, Any]]],
-            profile: calibration.StepProfile, out: Path, engine: tuple[float, float]) -> tuple[dict[str, Any], Any]:
+            profile: calibration.StepProfile, out: Path, engine: tuple[float, float],
+            urls: dict[str, str] | None = None) -> tuple[dict[str, Any], Any]:
     """The real side, each variant's simulated side and errors, the paces; and the paced run's
-    flights (for the plot)."""
+    TTFT and TBT samples (for the plot). `urls`: each worker's URL as the router knew it (without them the
+    simulated router breaks its ties otherwise)."""
     workers = len(worker_steps)
+    routing = Routing(urls or {name: f"sim://{name}" for name in worker_steps}, real_routes(worker_steps))
     profile_path = profile.save(out / f"agree-profile-{profile.model}.json")
     engine_s, steps = engine
     load = engine_s / predicted_engine_s(profile, requests, steps) if steps else 1.0
@@ -183,16 +172,60 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     report: dict[str, Any] = {"real": real, "one_factor": {"load_factor": load, "engine_step_seconds": engine_s,
                                                            "engine_steps": steps, "profile": scaled.__dict__},
                               "paces": {name: pace_summary(p) for name, p in zip(sorted(worker_steps), paced)}}
-    flights = None
+    samples = None
     report["own_profiles"] = {name: asdict(p) for name, p in zip(sorted(worker_steps), own)}
     report["http_path"] = asdict(http) if http is not None else None
-    runs = (("own", own_paths, paced, http), ("own_engine_only", own_paths, paced, None),
-            ("paced", [profile_path], paced, None), ("per_worker", [profile_path], whole, None),
-            ("one_factor", [scaled_path], None, None), ("unscaled", [profile_path], None, None))
-    for variant, paths, paces, way in runs:
-        sim, f = sim_side(requests, paths, workers, paces, way)
+    report["routing"] = {"policy": ROUTER_POLICY, "urls": routing.urls, "real_routes": len(routing.real),
+                         "policy_at_real_loads": policy_at_real_loads(requests, measured, routing.real, routing.urls)}
+    replay = replace(routing, replay=True)
+    runs = (("own", own_paths, paced, http, routing),
+            ("own_no_stops", own_paths, paced, http.without_stops() if http is not None else None, routing),
+            ("own_engine_only", own_paths, paced, None, routing),
+            ("paced", [profile_path], paced, None, routing), ("per_worker", [profile_path], whole, None, routing),
+            ("one_factor", [scaled_path], None, None, routing), ("unscaled", [profile_path], None, None, routing),
+            ("own_recorded_routes", own_paths, paced, http, replay))
+    for variant, paths, paces, way, routes in runs:
+        sim, _, cdfs = sim_side(requests, paths, workers, paces, way, routes)
         report[f"sim_{variant}"] = sim
         report[f"relative_error_{variant}"] = errors(real, sim)
-        flights = flights or f
+        samples = samples or cdfs
     report["sim"], report["relative_error"] = report["sim_own"], report["relative_error_own"]
-    return report, flights
+    return report, samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compares a saved run (`agree-raw-*.json`) again with the simulator as it is now."""
+    from fleetwise.bench.agree.fleet import Measured
+
+    parser = argparse.ArgumentParser(prog="python -m fleetwise.bench.agree.compare", description=main.__doc__)
+    parser.add_argument("raw", type=Path, help="the run's agree-raw-*.json")
+    parser.add_argument("profile", type=Path, help="the run's calibration profile (agree-profile-MODEL.json)")
+    parser.add_argument("--out", type=Path, required=True, help="where the result JSON and profiles go")
+    parser.add_argument("--plot", type=Path, help="draw the distributions and errors into this PNG")
+    args = parser.parse_args(argv)
+    raw = json.loads(args.raw.read_text())
+    requests = [trace.Request(**r) for r in raw["requests"]]
+    measured = [Measured(**m) for m in raw["measured"]]
+    steps = raw["worker_steps"]
+    engine = raw.get("engine") or (sum(x["s"] for s in steps.values() for x in s), sum(len(s) for s in steps.values()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    profile = calibration.load(args.profile)
+    report, samples = compare(requests, measured, steps, profile, args.out, tuple(engine), raw.get("router_urls"))
+    report |= {"requests": len(requests), "workers": len(steps), "profile": asdict(profile)}
+    (args.out / "compared.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        from .plot import draw
+        draw(report, real_cdfs(measured), samples, args.plot)
+    print(f"the router's policy at the real loads chooses the real worker for "
+          f"{report['routing']['policy_at_real_loads']} of {report['routing']['real_routes']} requests")
+    for variant in VARIANTS:
+        err, routed = report[f"relative_error_{variant}"], report[f"sim_{variant}"].get("routed_as_real", {})
+        print(f"{variant:20s} TTFT p50 {err['ttft_s']['p50']:+.0%} p90 {err['ttft_s']['p90']:+.0%}  "
+              f"TBT p50 {err['tbt_s']['p50']:+.0%} p90 {err['tbt_s']['p90']:+.0%}  "
+              f"largest {err['max_abs_ttft_tbt_p50_p90']:.0%}  routed as real "
+              f"{routed.get('same_worker', '-')}/{routed.get('of', '-')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

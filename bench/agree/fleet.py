@@ -131,13 +131,18 @@ def pin(workdir: Path) -> dict[str, int]:
     return placed
 
 
-def public_urls(workdir: Path) -> list[str]:
-    """The workers' public listeners (where /metrics is), from their command lines."""
-    urls = []
-    for pid in worker_pids(workdir).values():
+def worker_urls(workdir: Path, flag: str = "--port") -> dict[str, str]:
+    """Each worker's listener by name, from its command line: the public one (`--port`, where
+    /metrics is) or the one the router calls (`--internal-port`, the URL its policy ranks)."""
+    urls = {}
+    for name, pid in worker_pids(workdir).items():
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        urls.append(f"http://127.0.0.1:{argv[argv.index(b'--port') + 1].decode()}")
+        urls[name] = f"http://127.0.0.1:{argv[argv.index(flag.encode()) + 1].decode()}"
     return urls
+
+
+def public_urls(workdir: Path) -> list[str]:
+    return list(worker_urls(workdir).values())
 
 
 def engine_steps(workdir: Path) -> tuple[float, float]:
@@ -172,6 +177,7 @@ class FleetRun:
     steps: float                                 # steps they reported
     cores: dict[str, int]                        # each worker's core
     worker_steps: dict[str, list[dict[str, Any]]]   # each worker's steps in the run (step_trace)
+    router_urls: dict[str, str]                  # each worker's URL as the router knows it
 
 
 def run_fleet(model_dir: Path, workdir: Path, workers: int, requests: list[tuple[float, list[int], int]]) -> FleetRun:
@@ -182,10 +188,11 @@ def run_fleet(model_dir: Path, workdir: Path, workers: int, requests: list[tuple
         wait_ready(up, url, model_dir.name, workdir, workers)
         cores = pin(workdir)
         pids = worker_pids(workdir)
+        router_urls = worker_urls(workdir, "--internal-port")
         s0, n0 = engine_steps(workdir)
         t0 = time.perf_counter() + 0.5   # the client's loop starts in well under that
         measured, wall = asyncio.run(drive(url, model_dir.name, requests, t0))
         s1, n1 = engine_steps(workdir)
-        return FleetRun(measured, wall, s1 - s0, n1 - n0, cores, worker_steps(workdir, pids, t0))
+        return FleetRun(measured, wall, s1 - s0, n1 - n0, cores, worker_steps(workdir, pids, t0), router_urls)
     finally:
         stop_fleet(up)

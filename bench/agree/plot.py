@@ -4,19 +4,22 @@ per-token gap distributions as CDFs, and the relative errors of their percentile
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import FormatStrFormatter, LogLocator
+
 from fleetwise.bench.harness import cdf, figure, finish
-from fleetwise.sim.results import tbt
 
 
-def draw(report: dict[str, Any], real: dict[str, list[float]], flights: list[Any], path: Path) -> None:
+def draw(report: dict[str, Any], real: dict[str, list[float]], sim: dict[str, list[float]], path: Path) -> None:
+    """`real`, `sim`: TTFT and per-request TBT samples (`sim`: the result's, from the client's send)."""
     fig, axes = figure(4, (17, 4))
-    sim = {"ttft": [f.first_token - f.req.arrival for f in flights],
-           "tbt": [t for f in flights if (t := tbt(f)) is not None]}
     panels = ((axes[0], "ttft", "time to first token"), (axes[1], "tbt", "time between tokens, per request"))
     for ax, key, title in panels:
         cdf(ax, real[key], label="fleetwise up", color="C0")
         cdf(ax, sim[key], label="simulator", color="C1", ls="--")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))   # 1, 2, 5 times powers of ten, plainly:
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))   # the default minor labels overlap
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("seconds")
         ax.set_title(title)
         ax.legend()

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from fleetwise.bench.harness import header, save_plot, write_json, wrote
 from fleetwise.bench.models import preset_model, prompt_token_ids
+from fleetwise.router.policies import prompt_text
 from fleetwise.sim import calibration, trace
 
 from .calibrate import measure_steps
@@ -67,19 +68,23 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
     allowed = prompt_token_ids(model_dir).tolist()
     rng = random.Random(seed)
     sent = [(r.arrival, [rng.choice(allowed) for _ in range(r.prompt_tokens)], r.output_tokens) for r in requests]
+    # each simulated request carries its prompt as the router reads it: the router's policy routes by it
+    requests = [replace(r, text=prompt_text({"prompt": ids}, "completion")) for r, (_, ids, _) in zip(requests, sent)]
     console.print(f"the real fleet: fleetwise up, {workers} mixed worker(s), one torch thread each")
     fleet = run_fleet(model_dir, out / "agree-fleet", workers, sent)
     measured, wall, engine_s, steps = fleet.measured, fleet.wall, fleet.engine_s, fleet.steps
     write_json(out / f"agree-raw-{preset}-{workers}w.json",
                {"requests": [asdict(r) for r in requests], "measured": [asdict(m) for m in measured],
-                "cores": fleet.cores, "worker_steps": fleet.worker_steps})
+                "cores": fleet.cores, "worker_steps": fleet.worker_steps, "router_urls": fleet.router_urls,
+                "engine": [engine_s, steps]})
     after, _, _ = measure_steps(model_dir, lengths, calibration_steps, seed + 1)
     # measured on both sides of the run: how far apart the two fits are says how well the shape is known
     profile = calibration.fit(before + after, model_dir.name, kv_tokens, kv_bytes)
     drift = {name: asdict(calibration.fit(part, model_dir.name, kv_tokens, kv_bytes))
              for name, part in (("before", before), ("after", after))}
     console.print(f"profile: {profile}")
-    compared, flights = compare(requests, measured, fleet.worker_steps, profile, out, (engine_s, steps))
+    compared, samples = compare(requests, measured, fleet.worker_steps, profile, out, (engine_s, steps),
+                                fleet.router_urls)
     report: dict[str, Any] = header("sim-agree") | {
         "command": (f"fleetwise sim agree --preset {preset} --workers {workers} --start {start:g} "
                     f"--rate-scale {rate_scale:g} --seconds {seconds:g} --length-scale {length_scale:g} "
@@ -89,8 +94,11 @@ def run_agree(out: Path, preset: str, workers: int, trace_path: Path, start: flo
         "profile": asdict(profile), "profiles_before_and_after": drift} | compared
     name = f"sim-agree-{preset}-{workers}w"
     json_path = write_json(out / f"{name}.json", report)
-    png = save_plot(lambda p: draw(report, real_cdfs(measured), flights, p), out / f"{name}.png", console)
+    png = save_plot(lambda p: draw(report, real_cdfs(measured), samples, p), out / f"{name}.png", console)
     wrote(console, json_path, png)
+    routing = report["routing"]
+    console.print(f"the router's policy at the real loads chooses the real worker for "
+                  f"{routing['policy_at_real_loads']} of {routing['real_routes']} requests")
     for variant in VARIANTS:
         err = report[f"relative_error_{variant}"]
         console.print(f"{variant}: sim vs real: TTFT p50 {err['ttft_s']['p50']:+.1%} p90 {err['ttft_s']['p90']:+.1%}; "
