@@ -12,6 +12,12 @@ from .retries import RouterError
 from .upstream import Upstream, UpstreamError
 
 
+_DATA = b"data: {"
+_NEXT_DATA = b"\n\ndata: {"
+_ERROR = b'data: {"error"'
+_DONE = b"data: [DONE]"
+
+
 def as_stream(body: dict) -> dict:
     """The body that asks for the same answer as a stream, with its usage."""
     return {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -56,22 +62,46 @@ class _Answer:
     def take(self, chunk: bytes) -> Upstream | None:
         """A chunk's complete events added; an error event's answer, which ends it."""
         buf = self.buf + chunk if self.buf else chunk
-        *events, self.buf = buf.split(b"\n\n")
-        payloads = [e[6:] for e in events if e.startswith(b"data: {")]
-        chat = self.kind != "completion"
+        if buf[:1] == b"\n":
+            buf = buf.lstrip(b"\n")  # blank lines before an event (a run of them cut by a chunk's end)
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = buf
+            return None
+        head, self.buf = buf[:cut], buf[cut + 2:]
+        if head.endswith(_DONE) and (len(head) == len(_DONE) or head[-len(_DONE) - 2:-len(_DONE)] == b"\n\n"):
+            head = head[:-len(_DONE) - 2]
+        if not head:
+            return None
+        if _ERROR not in head and head.startswith(_DATA):
+            # no error: the events as one JSON array, no split (valid JSON only when every event is
+            # one `data:` line with an object; anything else fails the parse and goes event by event)
+            try:
+                self._add(orjson.loads(b"[" + head[6:].replace(_NEXT_DATA, b",{") + b"]"))
+                return None
+            except orjson.JSONDecodeError:
+                pass
+        payloads = [e[6:] for e in head.split(b"\n\n") if e.startswith(_DATA)]
         for payload, data in zip(payloads, _parse(payloads)):
             if "error" in data:
                 status = 503 if data["error"].get("code") == "engine_unavailable" else 500
                 return Upstream(status, "application/json", payload)
+            self._add((data,))
+        return None
+
+    def _add(self, events: Iterable[dict]) -> None:
+        chat = self.kind != "completion"
+        choices = self.choices
+        for data in events:
             if not self.head:
                 self.head = data
             usage = data.get("usage")
             if usage:
                 self.usage = usage
             for ch in data.get("choices") or ():
-                c = self.choices.get(ch["index"])
+                c = choices.get(ch["index"])
                 if c is None:
-                    c = self.choices[ch["index"]] = _Choice()
+                    c = choices[ch["index"]] = _Choice()
                 text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                 if text:
                     c.texts.append(text)
@@ -83,7 +113,6 @@ class _Answer:
                     c.logprobs = have
                     for key, values in lp.items():
                         have.setdefault(key, []).extend(values)
-        return None
 
     def whole(self) -> bytes:
         head = self.head or {}

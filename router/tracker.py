@@ -26,6 +26,7 @@ _ERROR = b'data: {"error"'
 _DONE_EVENT = DONE[:-2]
 _LEFT_TO_EVENTS = (_ERROR, _DONE_EVENT)  # what `feed` leaves to `_events` even in a one-event chunk
 _SKIP = len(TRACE_PREFIX)
+_TRACE_LEADS = b"\n\n" + TRACE_PREFIX  # an event that begins with its ids, after the one before
 
 
 @dataclass
@@ -127,7 +128,32 @@ class Tracker:
                         self.settle()
                 # an output whose text is held back (no line after its ids): no event for the client
                 return buf[line + 1:cut + 2] if line < cut else b""
-        return self._events(buf[:cut].split(b"\n\n"))
+        head = buf[:cut]
+        if _ERROR in head:
+            return self._events(head.split(b"\n\n"))
+        return self._many(head)
+
+    def _many(self, head: bytes) -> bytes:
+        """`feed` for several events and no error: split where an `fw:` line begins an event."""
+        pieces = head.split(_TRACE_LEADS)
+        out, traces = [], []
+        first = pieces[0]
+        if first.startswith(TRACE_PREFIX):
+            pieces[0] = first[_SKIP:]
+        else:
+            out.append(first)  # events with no ids (the usage, [DONE]) before the first that has some
+            del pieces[0]
+        for piece in pieces:  # an event's ids, then (past a newline) the event and any without ids after it
+            trace, _, rest = piece.partition(b"\n")
+            traces.append(trace)
+            if rest:
+                out.append(rest if rest[0] != 10 else rest[1:])  # 10, a newline: an event with ids alone
+                # (its text held back) and events without ids after it
+        self._keep(traces)
+        body = b"\n\n".join(out) + b"\n\n" if out else b""
+        if DONE in body and (body.startswith(DONE) or b"\n\n" + DONE in body):
+            self.done = True
+        return body
 
     def _events(self, events: list[bytes]) -> bytes:
         out = []
