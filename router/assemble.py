@@ -11,7 +11,6 @@ import orjson
 from .retries import RouterError
 from .upstream import Upstream, UpstreamError
 
-
 _DATA = b"data: {"
 _NEXT_DATA = b"\n\ndata: {"
 _ERROR = b'data: {"error"'
@@ -92,27 +91,29 @@ class _Answer:
     def _add(self, events: Iterable[dict]) -> None:
         chat = self.kind != "completion"
         choices = self.choices
+        head, usage = self.head, self.usage
         for data in events:
-            if not self.head:
-                self.head = data
-            usage = data.get("usage")
-            if usage:
-                self.usage = usage
+            if not head:
+                head = data
+            usage = data.get("usage") or usage
             for ch in data.get("choices") or ():
-                c = choices.get(ch["index"])
+                index = ch["index"]
+                c = choices.get(index)
                 if c is None:
-                    c = choices[ch["index"]] = _Choice()
+                    c = choices[index] = _Choice()
                 text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                 if text:
                     c.texts.append(text)
-                if ch.get("finish_reason"):
-                    c.finish_reason = ch["finish_reason"]
+                finish = ch.get("finish_reason")
+                if finish:
+                    c.finish_reason = finish
                 lp = ch.get("logprobs")
                 if lp:
                     have = c.logprobs if c.logprobs is not None else {}
                     c.logprobs = have
                     for key, values in lp.items():
                         have.setdefault(key, []).extend(values)
+        self.head, self.usage = head, usage
 
     def whole(self) -> bytes:
         head = self.head or {}

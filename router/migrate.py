@@ -170,7 +170,8 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                                              moves < mover.max_migrations),
                                  partial(_request_ids, tracker, where))
             try:
-                chunk, rest = up.body, up.rest  # the first chunk, then the rest: no generator in between
+                chunk: bytes | None = up.body  # the first chunk, then the rest: no generator in between
+                rest = up.rest
                 while chunk is not None:
                     errors = tracker.errors
                     out = tracker.feed(chunk)

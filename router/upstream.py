@@ -65,7 +65,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[None] | None = None
         self.parts: list[bytes] = []  # the body that arrived and was not read yet
-        self.end: Exception | None | bool = False  # after the parts: None (the end), the error, False (more)
+        self.end: Exception | bool | None = False  # after the parts: None (the end), the error, False (more)
         self.waiter: asyncio.Future[None] | None = None  # a reader waiting for the next chunk
         self.timer: asyncio.TimerHandle | None = None  # the read timeout, one per answer (`next_chunk`)
         self.deadline = 0.0
