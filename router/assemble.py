@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from .retries import RouterError
 from .upstream import Upstream, UpstreamError
@@ -169,3 +170,18 @@ async def _chunks(up: Upstream) -> AsyncIterator[bytes]:
     if up.rest is not None:
         async for chunk in up.rest:
             yield chunk
+
+
+class _Whole(Response):
+    """A whole answer with the headers Starlette's Response would give it, without its
+    render and header scan (on every non-streamed request)."""
+
+    def __init__(self, body: bytes, status: int, content_type: bytes):
+        self.status_code, self.body, self.background = status, body, None
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", content_type)]
+
+
+def whole_response(body: bytes, status: int, media_type: str) -> Response:
+    if status < 200 or status in (204, 304) or media_type.startswith("text/"):
+        return Response(body, status_code=status, media_type=media_type)  # Starlette's own rules
+    return _Whole(body, status, media_type.encode("latin-1"))

@@ -33,7 +33,7 @@ from fleetwise.protocol import (
     bearer,
 )
 
-from .assemble import as_stream, assemble, whole
+from .assemble import as_stream, assemble, whole, whole_response
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out
 from .handoff import Handoffs
@@ -368,21 +368,6 @@ class Router:
         self._mark(replica, False)
         if isinstance(e, UpstreamTimeout):
             self.metrics.child(self.metrics.timeouts, replica.model, replica.role, replica.url).inc()
-
-
-class _Whole(Response):
-    """A whole answer with the headers Starlette's Response would give it, without its
-    render and header scan (on every non-streamed request)."""
-
-    def __init__(self, body: bytes, status: int, content_type: bytes):
-        self.status_code, self.body, self.background = status, body, None
-        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", content_type)]
-
-
-def whole_response(body: bytes, status: int, media_type: str) -> Response:
-    if status < 200 or status in (204, 304) or media_type.startswith("text/"):
-        return Response(body, status_code=status, media_type=media_type)  # Starlette's own rules
-    return _Whole(body, status, media_type.encode("latin-1"))
 
 
 def _close(resp: UpstreamResponse, release: Callable[[], None]) -> None:
