@@ -51,7 +51,8 @@ def test_the_read_timeout_counts_from_the_last_chunk_not_from_the_first_wait():
 
 
 def _event(fw: dict, text: str) -> bytes:
-    return b"fw: " + json.dumps(fw).encode() + b"\ndata: " + json.dumps({"choices": [{"text": text}]}).encode() + b"\n\n"
+    data = json.dumps({"choices": [{"text": text}]}).encode()
+    return b"fw: " + json.dumps(fw).encode() + b"\ndata: " + data + b"\n\n"
 
 
 def test_the_tracker_parses_ids_only_when_asked_and_bounds_what_it_keeps_unparsed():
