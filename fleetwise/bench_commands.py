@@ -90,6 +90,9 @@ def bench_router(
     tokens: int = typer.Option(64, "--tokens", help="Events per streamed answer."),
     itl_ms: float = typer.Option(1.0, "--itl-ms", help="Milliseconds between a stream's events at the backend."),
     fail_every: int = typer.Option(10, "--fail-every", help="Retry case: every k-th request at a backend gets 429."),
+    baseline_python: str = typer.Option("", "--baseline-python",
+                                        help="The Python of another fleetwise install (say, the main branch's) whose "
+                                             "router runs too, as `fleetwise-baseline`, in the same rounds."),
 ):
     """Latency the router adds and the rate it sustains, against direct calls and vllm-router."""
     run_router_bench = _bench("fleetwise.bench.router.run", "run_router_bench")
@@ -99,7 +102,8 @@ def bench_router(
     if bad:
         raise typer.BadParameter(f"{', '.join(bad)}: the cases are {', '.join(CASES)}", param_hint="--cases")
     run_router_bench(out=out, rate=rate, seconds=seconds, skip_vllm_router=skip_vllm_router,
-                     extra=Cases(names, rate, stream_rate, case_seconds, tokens, itl_ms, fail_every))
+                     extra=Cases(names, rate, stream_rate, case_seconds, tokens, itl_ms, fail_every),
+                     baseline_python=baseline_python or None)
 
 
 @bench_app.command("operator")

@@ -6,9 +6,10 @@ that one id finds a request's lines in the router's and both workers' logs; answ
 back in the same header.
 """
 
+import itertools
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar
 
 from fleetwise.protocol import MAX_REQUEST_ID_LENGTH
@@ -23,7 +24,17 @@ def incoming_request_id(value: str | bytes | None) -> str:
     at most MAX_REQUEST_ID_LENGTH characters), else a new one."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    return value if value and _USABLE.fullmatch(value) else uuid.uuid4().hex
+    return value if value and _USABLE.fullmatch(value) else new_request_id()
+
+
+_BASE = os.urandom(8).hex()  # this process's: ids stay unique across processes
+_SERIAL = itertools.count()
+
+
+def new_request_id() -> str:
+    """A new id, 32 hex digits like a UUID's, unique to this process and its run; cheaper than
+    uuid4 (no system call, no UUID object), as every request without an id of its own gets one."""
+    return f"{_BASE}{next(_SERIAL):016x}"
 
 
 class _RequestIdFilter(logging.Filter):

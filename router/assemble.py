@@ -7,9 +7,15 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from .retries import RouterError
 from .upstream import Upstream, UpstreamError
+
+_DATA = b"data: {"
+_NEXT_DATA = b"\n\ndata: {"
+_ERROR = b'data: {"error"'
+_DONE = b"data: [DONE]"
 
 
 def as_stream(body: dict) -> dict:
@@ -56,34 +62,59 @@ class _Answer:
     def take(self, chunk: bytes) -> Upstream | None:
         """A chunk's complete events added; an error event's answer, which ends it."""
         buf = self.buf + chunk if self.buf else chunk
-        *events, self.buf = buf.split(b"\n\n")
-        payloads = [e[6:] for e in events if e.startswith(b"data: {")]
-        chat = self.kind != "completion"
+        if buf[:1] == b"\n":
+            buf = buf.lstrip(b"\n")  # blank lines before an event (a run of them cut by a chunk's end)
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = buf
+            return None
+        head, self.buf = buf[:cut], buf[cut + 2:]
+        if head.endswith(_DONE) and (len(head) == len(_DONE) or head[-len(_DONE) - 2:-len(_DONE)] == b"\n\n"):
+            head = head[:-len(_DONE) - 2]
+        if not head:
+            return None
+        if _ERROR not in head and head.startswith(_DATA):
+            # no error: the events as one JSON array, no split (valid JSON only when every event is
+            # one `data:` line with an object; anything else fails the parse and goes event by event)
+            try:
+                self._add(orjson.loads(b"[" + head[6:].replace(_NEXT_DATA, b",{") + b"]"))
+                return None
+            except orjson.JSONDecodeError:
+                pass
+        payloads = [e[6:] for e in head.split(b"\n\n") if e.startswith(_DATA)]
         for payload, data in zip(payloads, _parse(payloads)):
             if "error" in data:
                 status = 503 if data["error"].get("code") == "engine_unavailable" else 500
                 return Upstream(status, "application/json", payload)
-            if not self.head:
-                self.head = data
-            usage = data.get("usage")
-            if usage:
-                self.usage = usage
+            self._add((data,))
+        return None
+
+    def _add(self, events: Iterable[dict]) -> None:
+        chat = self.kind != "completion"
+        choices = self.choices
+        head, usage = self.head, self.usage
+        for data in events:
+            if not head:
+                head = data
+            usage = data.get("usage") or usage
             for ch in data.get("choices") or ():
-                c = self.choices.get(ch["index"])
+                index = ch["index"]
+                c = choices.get(index)
                 if c is None:
-                    c = self.choices[ch["index"]] = _Choice()
+                    c = choices[index] = _Choice()
                 text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                 if text:
                     c.texts.append(text)
-                if ch.get("finish_reason"):
-                    c.finish_reason = ch["finish_reason"]
+                finish = ch.get("finish_reason")
+                if finish:
+                    c.finish_reason = finish
                 lp = ch.get("logprobs")
                 if lp:
                     have = c.logprobs if c.logprobs is not None else {}
                     c.logprobs = have
                     for key, values in lp.items():
                         have.setdefault(key, []).extend(values)
-        return None
+        self.head, self.usage = head, usage
 
     def whole(self) -> bytes:
         head = self.head or {}
@@ -139,3 +170,18 @@ async def _chunks(up: Upstream) -> AsyncIterator[bytes]:
     if up.rest is not None:
         async for chunk in up.rest:
             yield chunk
+
+
+class _Whole(Response):
+    """A whole answer with the headers Starlette's Response would give it, without its
+    render and header scan (on every non-streamed request)."""
+
+    def __init__(self, body: bytes, status: int, content_type: bytes):
+        self.status_code, self.body, self.background = status, body, None
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", content_type)]
+
+
+def whole_response(body: bytes, status: int, media_type: str) -> Response:
+    if status < 200 or status in (204, 304) or media_type.startswith("text/"):
+        return Response(body, status_code=status, media_type=media_type)  # Starlette's own rules
+    return _Whole(body, status, media_type.encode("latin-1"))

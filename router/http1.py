@@ -203,7 +203,9 @@ class Connection(asyncio.Protocol):
         if name == b"content-length":
             self.declared = value
         self.raw_headers.append((name, value))
-        self._count(len(name) + len(value))
+        self.head += len(name) + len(value)
+        if self.head > MAX_HEAD_BYTES:
+            self._count(0)
         if len(self.raw_headers) > MAX_HEADERS:
             self._refuse(RouterError(431, f"at most {MAX_HEADERS} request headers"))
 

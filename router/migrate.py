@@ -170,7 +170,9 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                                              moves < mover.max_migrations),
                                  partial(_request_ids, tracker, where))
             try:
-                async for chunk in _chunks(up):
+                chunk: bytes | None = up.body  # the first chunk, then the rest: no generator in between
+                rest = up.rest
+                while chunk is not None:
                     errors = tracker.errors
                     out = tracker.feed(chunk)
                     if tracker.errors > errors and up.replica is not None:
@@ -184,6 +186,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                         last = now
                     if tracker.engine_gone or tracker.exported:
                         break
+                    chunk = await anext(rest, None) if rest is not None else None
                 if not (tracker.engine_gone or tracker.exported):
                     return
                 failure = Exported("handed over") if tracker.exported else EngineGone("the replica's engine is gone")
@@ -244,9 +247,3 @@ def _request_ids(tracker: Tracker, where: Where) -> list[str] | None:
         return None
     return [tracker.request_ids[i] for i in range(count)]
 
-
-async def _chunks(up: Upstream) -> AsyncIterator[bytes]:
-    yield up.body
-    if up.rest is not None:
-        async for chunk in up.rest:
-            yield chunk

@@ -33,7 +33,7 @@ from fleetwise.protocol import (
     bearer,
 )
 
-from .assemble import as_stream, assemble, whole
+from .assemble import as_stream, assemble, whole, whole_response
 from .endpoints import EndpointSource, ModelRoute
 from .fanout import fan_out
 from .handoff import Handoffs
@@ -313,7 +313,7 @@ class Router:
         if up.rest is None:
             self._enter(-weight)
             self.metrics.child(self.metrics.latency, model).observe(time.perf_counter() - t0)
-            return Response(up.body, status_code=up.status, media_type=up.content_type)
+            return whole_response(up.body, up.status, up.content_type)
         self.metrics.child(self.metrics.ttft, model).observe(time.perf_counter() - t0)
         return StreamingResponse(self._relay(up, model, t0, weight), status_code=up.status,
                                  media_type="text/event-stream")

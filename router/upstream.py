@@ -13,7 +13,7 @@ plain text.
 """
 
 import asyncio
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,8 +64,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport  # set by connection_made, before create_connection returns
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[None] | None = None
-        self.chunks: deque[bytes | Exception | None] | None = None
+        self.parts: list[bytes] = []  # the body that arrived and was not read yet
+        self.end: Exception | bool | None = False  # after the parts: None (the end), the error, False (more)
         self.waiter: asyncio.Future[None] | None = None  # a reader waiting for the next chunk
+        self.timer: asyncio.TimerHandle | None = None  # the read timeout, one per answer (`next_chunk`)
+        self.deadline = 0.0
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.complete = False
@@ -104,22 +107,22 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)  # type: ignore[union-attr]  # a response comes only after send() set the queue
+        self.parts.append(body)
         if self.waiter is not None:
             self._wake()
 
     def on_message_complete(self) -> None:
-        assert self.chunks is not None
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
-        self.chunks.append(None)
+        if self.end is False:
+            self.end = None
         self._wake()
 
     def _fail(self, exc: Exception) -> None:
         if self.head is not None and not self.head.done():
             self.head.set_exception(exc)
-        if self.chunks is not None:
-            self.chunks.append(exc)
+        if self.head is not None and self.end is False:
+            self.end = exc
             self._wake()
 
     def _wake(self) -> None:
@@ -127,34 +130,57 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(None)
 
     async def next_chunk(self, timeout: float) -> bytes | Exception | None:
-        """The next body chunk, None at the end, or the exception that broke the answer off.
-        A future and a timer, not a Queue and asyncio.timeout: this runs for every chunk."""
-        chunks = self.chunks
-        assert chunks is not None
-        if not chunks:
+        """The body that arrived since the last call (all of it, as one), else None at the
+        end or the exception that broke the answer off. A future and one timer per answer,
+        moved on lazily (not a Queue, asyncio.timeout or a timer per chunk): this runs for
+        every chunk."""
+        if not self.parts and self.end is False:
             loop = asyncio.get_running_loop()
             self.waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
+            self.deadline = loop.time() + timeout
+            if self.timer is None:
+                self.timer = loop.call_at(self.deadline, self._expire)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self.waiter = None
-        return chunks.popleft()
+        parts = self.parts
+        if parts:
+            self.parts = []
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        return self.end  # type: ignore[return-value]  # None or the error: False only while parts wait
+
+    def _expire(self) -> None:
+        """The read timeout: a reader still waiting past its deadline gets TimeoutError; one
+        whose deadline moved on (it read since) is looked at again then."""
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self.timer = loop.call_at(self.deadline, self._expire)
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     # -- one exchange -------------------------------------------------------------------------
 
     def send(self, request: bytes) -> "asyncio.Future[None]":
         """Writes the request; the future is done when the response head has arrived."""
         loop = asyncio.get_running_loop()
-        self.head, self.chunks = loop.create_future(), deque()
+        self.head, self.parts, self.end = loop.create_future(), [], False
         self.status, self.headers, self.complete, self.keep_alive = 0, {}, False, False
         self.sent_at = loop.time()
         self.transport.write(request)
         return self.head
 
 
-def _expire(waiter: "asyncio.Future[None]") -> None:
+def _expire(waiter: "asyncio.Future[None]") -> None:  # Pool._head's timer
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
@@ -174,40 +200,20 @@ class Response:
         self.content_type = conn.headers.get(b"content-type", b"application/json").decode("latin-1")
         self._done = False
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; raises UpstreamError if the replica breaks off. The
-        chunks that arrived together go on as one: a reader that fell behind (a busy CPU)
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; raises UpstreamError if the replica breaks off. What
+        arrived together goes on as one chunk: a reader that fell behind (a busy CPU)
         catches up in one step rather than one per event."""
-        while True:
-            conn = self._conn
-            assert conn is not None and conn.chunks is not None, "read after release()"
-            try:
-                item = await conn.next_chunk(self._pool.read_timeout)
-            except TimeoutError:
-                raise UpstreamTimeout(f"the replica sent nothing for {self._pool.read_timeout:g} s")
-            if item is None:
-                self._done = True
-                return
-            if isinstance(item, Exception):
-                raise item
-            queued = conn.chunks
-            if queued and isinstance(queued[0], bytes):
-                parts = [item]
-                while queued and isinstance(queued[0], bytes):
-                    parts.append(queued.popleft())  # type: ignore[arg-type]  # bytes, checked above
-                item = b"".join(parts)
-            yield item
+        return _Chunks(self)
 
     async def read(self) -> bytes:
         conn = self._conn
-        if conn is not None and conn.complete and conn.chunks and conn.chunks[-1] is None:
-            chunks = conn.chunks  # all of it arrived (an answer, a refusal): no iterator needed
-            chunks.pop()
+        if conn is not None and conn.complete and conn.end is None:
+            body = b"".join(conn.parts)  # all of it arrived (an answer, a refusal): no iterator needed
+            conn.parts = []
             self._done = True
-            body = b"".join(chunks)  # type: ignore[arg-type]  # bytes only before the end
-            chunks.clear()
             return body
-        return b"".join([chunk async for chunk in self.iter_chunks()])
+        return b"".join([chunk async for chunk in _Chunks(self)])
 
     def abort(self) -> None:
         """Breaks the exchange off: its reader gets an UpstreamError, the connection closes."""
@@ -221,12 +227,42 @@ class Response:
         if conn is None:
             return
         self._conn = None
+        conn.stop_timer()
         idle = self._pool._idle[conn.key]
         if (self._done and conn.complete and not conn.closed and conn.keep_alive
                 and len(idle) < self._pool.max_idle):
             idle.append(conn)
         else:
             conn.transport.close()
+
+
+class _Chunks:
+    """`Response.iter_chunks`: an iterator object rather than an async generator, which the
+    event loop would register (and finalize with a task of its own when left unfinished)."""
+    __slots__ = ("resp",)
+
+    def __init__(self, resp: Response):
+        self.resp = resp
+
+    def __aiter__(self) -> "_Chunks":
+        return self
+
+    async def __anext__(self) -> bytes:
+        resp = self.resp
+        if resp._done:
+            raise StopAsyncIteration
+        conn = resp._conn
+        assert conn is not None, "read after release()"
+        try:
+            item = await conn.next_chunk(resp._pool.read_timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"the replica sent nothing for {resp._pool.read_timeout:g} s")
+        if item is None:
+            resp._done = True
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 Late = Callable[[str, Response], Awaitable[None]]  # (the replica's URL, its late answer)

@@ -82,8 +82,9 @@ def case_bodies(case: Case, bodies: list[bytes]) -> list[bytes]:
 
 
 def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: list[str] | None,
-               console: Console) -> list[System]:
-    """The case's backends and systems, up and answering. `servers`: run.Servers."""
+               console: Console, baseline_python: str | None = None) -> list[System]:
+    """The case's backends and systems, up and answering. `servers`: run.Servers;
+    `baseline_python`: another install's Python whose router runs too (`fleetwise-baseline`)."""
     urls = []
     for k, (role, extra) in enumerate(case.backends):
         port = free_port()
@@ -105,6 +106,8 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
                                                             else " (client round-robin)"), direct)]
     plan = [("fleetwise", fleetwise_argv("router", "--config", str(cfg), "--host", "127.0.0.1", "--port", "{port}",
                                          "--internal-token-file", str(token)))]
+    if baseline_python:
+        plan.append(("fleetwise-baseline", [baseline_python, *plan[0][1][1:]]))  # the same command, its Python
     if vllm_cmd:
         workers = (["--vllm-pd-disaggregation", "--prefill", urls[0], "--decode", urls[1]]
                    if case.name == "handoff" else ["--worker-urls", *urls])

@@ -34,6 +34,7 @@ NUM_BACKENDS = 2
 POLICIES = ("prefix_load", "round_robin", "least_outstanding")  # the first is the router's default
 DEFAULT_POLICY = POLICIES[0]
 VLLM_ROUTER_POLICY = "round_robin"
+BASELINE = "fleetwise-baseline"  # `--baseline-python`: another install's router, its default policy
 
 # per fleetwise policy; "vs vllm-router": at most 2x its overhead (at most 0 where its is 0 or
 # less); "sustains": completed/s at least 95% of the offered rate, and no errors
@@ -183,7 +184,8 @@ def print_notes(console: Console, report: dict) -> None:
 
 
 COLORS = {"direct": "#555555", "fleetwise/prefix_load": "#dd8452",
-          "fleetwise/round_robin": "#c44e52", "fleetwise/least_outstanding": "#8172b3", "vllm-router": "#4c72b0"}
+          "fleetwise/round_robin": "#c44e52", "fleetwise/least_outstanding": "#8172b3", "vllm-router": "#4c72b0",
+          BASELINE: "#937860"}
 
 
 def plot(report: dict, runs: dict[str, System], path: Path) -> None:
@@ -247,7 +249,7 @@ def build_report(runs: dict[str, System], skipped: dict[str, System], rate: int,
                  bodies: list[bytes], env: dict,
                  machine: dict) -> dict:
     systems: dict[str, dict] = {}
-    order = ["direct", *(f"fleetwise/{p}" for p in POLICIES), "vllm-router"]
+    order = ["direct", *(f"fleetwise/{p}" for p in POLICIES), BASELINE, "vllm-router"]
     for key in order:
         if key in skipped:
             systems[key] = {"label": skipped[key].label, "skipped": skipped[key].skipped}
@@ -268,7 +270,7 @@ def build_report(runs: dict[str, System], skipped: dict[str, System], rate: int,
     vllm_rps = systems.get("vllm-router", {}).get("closed_loop", {}).get("achieved_rps")
     if vllm_rps is not None:
         for key, s in systems.items():
-            if key.startswith("fleetwise/") and "closed_loop" in s:
+            if key.startswith("fleetwise") and "closed_loop" in s:
                 s["max_rps_vs_vllm_router"] = _ratio(s["closed_loop"]["achieved_rps"], vllm_rps)
     return {
         **header("router"),

@@ -45,6 +45,7 @@ from fleetwise.bench.router.cases import (
 )
 from fleetwise.bench.router.load import make_bodies, poisson_schedule, split_schedule
 from fleetwise.bench.router.report import (
+    BASELINE,
     DEFAULT_POLICY,
     NUM_BACKENDS,
     POLICIES,
@@ -105,8 +106,8 @@ def _router_config(path: Path, backends: list[str]) -> None:
                     + "".join(f"      - {u}\n" for u in backends))
 
 
-def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None,
-          vllm_version: str | None) -> list[tuple[str, str, list[str] | None]]:
+def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None, vllm_version: str | None,
+          baseline_python: str | None = None) -> list[tuple[str, str, list[str] | None]]:
     """(key, label, command with {port} and {port2} to fill in) of every system; None: direct.
     fleetwise's router calls workers' internal listeners with the shared token: it gets one
     (the stand-in backends do not check it)."""
@@ -119,6 +120,10 @@ def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None,
                      + (" (its default)" if policy == DEFAULT_POLICY else ""),
                      fleetwise_argv("router", "--config", str(cfg), "--host", "127.0.0.1",
                                     "--port", "{port}", "--policy", policy, "--internal-token-file", str(token))))
+    if baseline_python:
+        plan.append((BASELINE, f"fleetwise router of {baseline_python}, its default policy",
+                     [baseline_python, "-m", "fleetwise", "router", "--config", str(cfg), "--host", "127.0.0.1",
+                      "--port", "{port}", "--internal-token-file", str(token)]))
     if vllm_cmd:
         plan.append(("vllm-router", f"vllm-router {vllm_version}, {VLLM_ROUTER_POLICY}",
                      [*vllm_cmd, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", *backends,
@@ -129,7 +134,7 @@ def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None,
 
 
 def _start_systems(servers: Servers, bodies: list[bytes], vllm_cmd: list[str] | None, vllm_version: str | None,
-                   skipped: dict[str, System], console: Console) -> list[System]:
+                   skipped: dict[str, System], console: Console, baseline_python: str | None = None) -> list[System]:
     """The backends, then every system up and answering, before any measurement."""
     backends = []
     for k in range(NUM_BACKENDS):
@@ -142,7 +147,7 @@ def _start_systems(servers: Servers, bodies: list[bytes], vllm_cmd: list[str] | 
     cfg = servers.logdir / "router.yaml"
     _router_config(cfg, backends)
     systems: list[System] = []
-    for key, label, argv in _plan(cfg, backends, vllm_cmd, vllm_version):
+    for key, label, argv in _plan(cfg, backends, vllm_cmd, vllm_version, baseline_python):
         if argv is None:
             systems.append(System(key, label, [b + "/v1/completions" for b in backends]))
             continue
@@ -187,7 +192,8 @@ def _measure(servers: Servers, systems: list[System], bodies: list[bytes], parts
     return machine
 
 
-def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, console: Console) -> dict:
+def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, console: Console,
+               baseline_python: str | None = None) -> dict:
     """Each further case over its own backends, its servers stopped before the next starts."""
     from fleetwise.up import write_token
     cases = make_cases(extra.rate, extra.stream_rate, extra.tokens, extra.itl_ms, extra.fail_every)
@@ -202,7 +208,7 @@ def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, co
         rounds = max(1, round(extra.seconds / ROUND_S))
         closed_rounds = max(1, round(min(CLOSED_LOOP_MAX_S, max(1.0, extra.seconds / 2)) / CLOSED_ROUND_S))
         try:
-            systems = start_case(case, servers, cbodies, token, vllm_cmd, console)
+            systems = start_case(case, servers, cbodies, token, vllm_cmd, console, baseline_python)
             console.print(f"case {name}: {len(systems)} systems up, {case.rate:g} req/s")
             out[name] = run_case(case, systems, cbodies, extra.seconds, rounds, closed_rounds, CLOSED_ROUND_S,
                                  console)
@@ -214,7 +220,8 @@ def _run_cases(extra: Cases, bodies: list[bytes], vllm_cmd: list[str] | None, co
 
 
 def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds: float = 10.0,
-                     skip_vllm_router: bool = False, extra: Cases | None = None) -> dict:
+                     skip_vllm_router: bool = False, extra: Cases | None = None,
+                     baseline_python: str | None = None) -> dict:
     """Direct, fleetwise router (each policy) and vllm-router over the same stand-in backends;
     then the further cases (`extra`: streams, the handoff, retries); writes OUT/router.json,
     OUT/router.png and OUT/router_cases.png and returns the report."""
@@ -246,7 +253,7 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
     servers = Servers(Path(tempfile.mkdtemp(prefix="fleetwise-bench-router-")))
     old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
     try:
-        systems = _start_systems(servers, bodies, vllm_cmd, vllm_version, skipped, console)
+        systems = _start_systems(servers, bodies, vllm_cmd, vllm_version, skipped, console, baseline_python)
         console.print(f"{NUM_BACKENDS} stand-in backends, {len(systems)} systems up; "
                       f"{_n(open_rounds, 'open-loop round')} of {seconds / open_rounds:.1f} s and "
                       f"{_n(closed_rounds, 'closed-loop round')} of "
@@ -264,7 +271,7 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
     print_notes(console, report)
     if extra is not None and extra.names:
         console.rule("further cases")
-        report["cases"] = _run_cases(extra, bodies, vllm_cmd, console)
+        report["cases"] = _run_cases(extra, bodies, vllm_cmd, console, baseline_python)
         report["migration_per_token"] = tracker_cost()
         t = report["migration_per_token"]
         console.print(f"migration's per-token work (Tracker.feed, in process): {t['tracker_us_per_event']:.2f} µs "
