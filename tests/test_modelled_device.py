@@ -73,3 +73,36 @@ def test_num_blocks_overrides_the_modelled_kv_capacity_and_the_gpu_is_required(t
     assert _engine(tiny_model_dir, num_blocks=64).block_manager.num_blocks == 64
     with pytest.raises(ValueError, match="needs modelled_gpu"):
         LLMEngine(EngineConfig(model=str(tiny_model_dir), modelled_forward="llama2-70b:tp2"))
+
+
+def test_the_worker_flag_is_checked_before_anything_starts(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from fleetwise.cli import app
+    base = ["worker", "--model", str(tiny_model_dir), "--public-only"]
+    r = CliRunner().invoke(app, [*base, "--modelled-forward", "llama2-70b:tp2"])
+    assert r.exit_code == 2 and "--modelled-gpu" in r.output
+    r = CliRunner().invoke(app, [*base, "--modelled-gpu", "A100", "--modelled-forward", "llama2-70b"])
+    assert r.exit_code == 2 and "MODEL:tpN" in r.output
+
+
+def test_a_modelled_worker_serves_the_api_and_reports_its_cache_in_metrics(tiny_model_dir):
+    import httpx
+
+    from .workers import start_worker_process
+    w = start_worker_process(tiny_model_dir, "mixed", "--modelled-gpu", "A100", "--modelled-forward", "llama2-70b:tp2")
+    try:
+        prompt = "alpha beta gamma delta " * 30
+        cached = []
+        for i in range(2):
+            r = httpx.post(w.url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": prompt + f"question {i}", "max_tokens": 3, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert cached[0] == 0 and cached[1] > 100
+        metrics = httpx.get(w.url + "/metrics", timeout=10).text
+        hits = next(line for line in metrics.splitlines() if line.startswith("vllm:prefix_cache_hits_total"))
+        assert float(hits.split()[-1]) == cached[1]
+        assert 'modelName="NVIDIA A100-SXM4-80GB"' in metrics   # the modelled GPU's DCGM series
+    finally:
+        w.stop()

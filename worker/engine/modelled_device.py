@@ -26,10 +26,9 @@ output on any worker. Asked logprobs are 0 for it (certain), with no alternative
 """
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
-
-from fleetwise.sim.perf import MODELS, PerfModel, perf_model
 
 from ..model.llama import ModelConfig
 from ..model.sampler import SamplerOutput, TokenLogprob
@@ -38,9 +37,13 @@ from .runner import ModelRunner
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
+if TYPE_CHECKING:  # the simulator's model is loaded only by a worker that runs on it
+    from fleetwise.sim.perf import PerfModel
+
 
 def parse_forward(spec: str) -> tuple[str, int]:
     """'llama2-70b:tp2' -> ('llama2-70b', 2); a clear error naming what is wrong."""
+    from fleetwise.sim.perf import MODELS
     model, sep, tp = spec.partition(":")
     if model not in MODELS:
         raise ValueError(f"modelled_forward: the model must be one of {', '.join(MODELS)}; got {model!r}")
@@ -49,7 +52,7 @@ def parse_forward(spec: str) -> tuple[str, int]:
     return model, int(tp[2:])
 
 
-def step_seconds(perf: PerfModel, batch: ScheduledBatch) -> float:
+def step_seconds(perf: "PerfModel", batch: ScheduledBatch) -> float:
     """How long the batch's step takes on the modelled GPU."""
     prompt_tokens = decodes = 0
     context = attended = 0.0
@@ -81,6 +84,7 @@ class ModelledRunner(ModelRunner):
     def __init__(self, config: EngineConfig, model_config: ModelConfig):  # no super(): nothing to load
         if config.modelled_gpu is None or config.modelled_forward is None:
             raise ValueError("modelled_forward needs modelled_gpu (the product whose steps are modelled)")
+        from fleetwise.sim.perf import perf_model
         model, tp = parse_forward(config.modelled_forward)
         self.perf = perf_model(config.modelled_gpu, model, tp)
         self.config, self.model_config = config, model_config
