@@ -112,16 +112,7 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
-    if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
-        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
-    if modelled_forward is not None and (modelled_gpu is None or role != "mixed"):
-        raise typer.BadParameter("goes with --modelled-gpu, on a mixed worker", param_hint="--modelled-forward")
-    if modelled_forward is not None:
-        from fleetwise.worker.engine.modelled_device import parse_forward
-        try:
-            parse_forward(modelled_forward)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--modelled-forward")
+    _check_modelled(modelled_gpu, modelled_forward, role)
     token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
@@ -140,6 +131,20 @@ def worker(
                    internal_port=internal_port, internal_token=token)
     if status:
         raise typer.Exit(status)
+
+
+def _check_modelled(modelled_gpu: str | None, modelled_forward: str | None, role: str) -> None:
+    if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
+        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
+    if modelled_forward is None:
+        return
+    if modelled_gpu is None or role != "mixed":
+        raise typer.BadParameter("goes with --modelled-gpu, on a mixed worker", param_hint="--modelled-forward")
+    from fleetwise.worker.engine.modelled_device import parse_forward
+    try:
+        parse_forward(modelled_forward)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--modelled-forward")
 
 
 def _internal_token(role: str, path: Path | None, public_only: bool) -> str | None:
