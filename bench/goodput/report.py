@@ -134,5 +134,8 @@ def plot(report: dict, path: Any) -> None:
     ax2.set_ylabel("TTFT p90 (s)")
     ax2.legend(fontsize=7)
     slo = report["slo"]
-    finish(fig, path, f"SLO goodput, {report['fleet']['workers']} {report['fleet']['preset']} workers: "
+    fleet = report["fleet"]
+    args = fleet.get("worker_args", [])
+    what = f"modelled {args[1]} ({args[3]})" if fleet.get("kind") == "modelled" else fleet["preset"]
+    finish(fig, path, f"SLO goodput, {fleet['workers']} {what} workers, median of {report['repeats']} (min-max): "
                       f"TTFT <= {slo['ttft_s']['value']} s, TPOT <= {slo['tpot_s']['value'] * 1e3:.0f} ms")
