@@ -141,20 +141,28 @@ def bench_goodput(
     loads: str = typer.Option("0.5,0.75,1.0,1.2", "--loads", help="Offered loads, times the fleet's capacity."),
     seconds: float = typer.Option(30.0, "--seconds", min=1, help="Each system's turn at each load."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Turns per system and load."),
-    ttft: float = typer.Option(1.5, "--ttft", help="The SLO's time-to-first-token target, seconds."),
-    tpot: float = typer.Option(0.25, "--tpot", help="The SLO's time-per-output-token target, seconds."),
+    ttft: float = typer.Option(None, "--ttft", help="The SLO's time-to-first-token target, seconds "
+                                                    "(default: 1.0 modelled, 1.5 cpu)."),
+    tpot: float = typer.Option(None, "--tpot", help="The SLO's time-per-output-token target, seconds "
+                                                    "(default: 0.15 modelled, 0.25 cpu)."),
     policy: list[str] = typer.Option(["prefix_load"], "--policy", help="fleetwise router policies to run."),
     trace: Path = typer.Option(None, "--trace", help="Azure LLM trace CSV (default: the code trace)."),
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
+    fleet: str = typer.Option("modelled", "--fleet", help="modelled: workers on modelled A100s (a 70B model's step "
+                                                          "times, no forward pass); cpu: the small model's real "
+                                                          "forward pass on the CPU."),
 ):
     """SLO goodput of the router against vllm-router's policies, real workers, prefix-skewed load."""
+    if fleet not in ("modelled", "cpu"):
+        raise typer.BadParameter("modelled or cpu", param_hint="--fleet")
     try:
         load_list = [float(x) for x in loads.split(",")]
     except ValueError:
         raise typer.BadParameter("comma-separated numbers, e.g. 0.5,1.0", param_hint="--loads")
     run_goodput_bench = _bench("fleetwise.bench.goodput.run", "run_goodput_bench")
     run_goodput_bench(out=out, preset=preset, workers=workers, loads=load_list, seconds=seconds, repeats=repeats,
-                      ttft_s=ttft, tpot_s=tpot, policies=policy, trace=trace, skip_vllm_router=skip_vllm_router)
+                      ttft_s=ttft, tpot_s=tpot, policies=policy, trace=trace, skip_vllm_router=skip_vllm_router,
+                      fleet_kind=fleet)
 
 
 @bench_app.command("faults")

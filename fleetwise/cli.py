@@ -102,6 +102,9 @@ def worker(
     modelled_gpu: str = typer.Option(None, "--modelled-gpu",
                                      help="Without a GPU: run as a modelled one of this product (H100, A100, "
                                           "...), its power, caps and DCGM series."),
+    modelled_forward: str = typer.Option(None, "--modelled-forward",
+                                         help="With --modelled-gpu, mixed role: no forward pass; each step waits "
+                                              "out MODEL:tpN's time on that GPU (sim/perf.py, e.g. llama2-70b:tp2)."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
                                     help="Test-only fault switches (corrupt-kv, fail-steps, "
                                          "switches: POST /internal/faults)."),
@@ -109,8 +112,7 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
-    if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
-        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
+    _check_modelled(modelled_gpu, modelled_forward, role)
     token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
@@ -121,13 +123,28 @@ def worker(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
         max_waiting=max_waiting, kv_lease_seconds=kv_lease_seconds, max_logprobs=max_logprobs,
-        max_kv_leases=max_kv_leases, max_kv_lease_fraction=max_kv_lease_fraction, modelled_gpu=modelled_gpu)
+        max_kv_leases=max_kv_leases, max_kv_lease_fraction=max_kv_lease_fraction, modelled_gpu=modelled_gpu,
+        modelled_forward=modelled_forward)
     status = serve(config, host=host, port=port, role=role, health_stall_seconds=health_stall_seconds,
                    faults=frozenset(fault), limits=RequestLimits(max_n=max_n, max_body_bytes=max_body_mib << 20),
                    health_failed_steps=health_failed_steps, exit_on_engine_failure=exit_on_engine_failure,
                    internal_port=internal_port, internal_token=token)
     if status:
         raise typer.Exit(status)
+
+
+def _check_modelled(modelled_gpu: str | None, modelled_forward: str | None, role: str) -> None:
+    if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
+        raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
+    if modelled_forward is None:
+        return
+    if modelled_gpu is None or role != "mixed":
+        raise typer.BadParameter("goes with --modelled-gpu, on a mixed worker", param_hint="--modelled-forward")
+    from fleetwise.worker.engine.modelled_device import parse_forward
+    try:
+        parse_forward(modelled_forward)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--modelled-forward")
 
 
 def _internal_token(role: str, path: Path | None, public_only: bool) -> str | None:

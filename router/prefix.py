@@ -1,7 +1,7 @@
 """Prefix-aware routing with bounded loads: a request goes to the replica whose prefix cache
-holds the longest part of its prompt, unless that replica already holds more than its share
-of the outstanding requests; then the best one within the bound takes it, and from then on
-holds that prefix too.
+saves it the most work for the requests that replica already holds, unless that replica holds
+more than its share of the outstanding requests; then the best one within the bound takes it,
+and from then on holds that prefix too.
 
 Why both: routing by prefix alone (vllm-router's `cache_aware` within its default balance
 thresholds) sends every request of a popular system prompt to one replica, which queues while
@@ -46,19 +46,31 @@ def _rank(first: int, url: str) -> int:
 
 
 class PrefixLoad:
-    """Longest cached prefix among the replicas within the load bound; the least loaded one
-    when none within it holds any of the prompt.
+    """Among the replicas within the load bound, the one whose cached prefix saves the most
+    work for its load: the most prefix blocks held less `request_chunks` blocks per request
+    it already holds; ties to the less loaded. A prompt no replica holds goes to the least
+    loaded one.
+
+    Why a cost and not the longest prefix first: with continuous batching a request in flight
+    costs a newcomer little (its decodes share the newcomer's steps; only what is left of its
+    prompt delays it), while a prefix not cached costs a whole prompt pass, which also stalls
+    every decode on that replica for its length. `request_chunks` prices a request in flight
+    in prefix blocks (8 blocks: about 1 KiB of prompt, 170 tokens, one step's prompt work on
+    a 70B model): a replica holding a system prompt of 64 blocks keeps it until it holds
+    8 requests more than an idle one, and a match of a few blocks does not outweigh one
+    request. Measured by `bench goodput` (bench/README.md).
 
     Bound: a replica may take the request when its outstanding requests, this one included,
-    are at most `load_factor` times the mean (this one counted) plus `slack`. The slack keeps
-    a replica that batches a few requests (continuous batching: a few more cost little) from
-    being passed over for one that must compute the whole prefix again."""
+    are at most `load_factor` times the mean (this one counted) plus `slack`; past it a hot
+    prefix spreads to another replica, which then holds it too."""
     name = "prefix_load"
 
-    def __init__(self, load_factor: float = 1.25, slack: float = 2.0, replica_keys: int = 1 << 16) -> None:
-        if load_factor < 1 or slack < 0 or replica_keys < 1:
-            raise ValueError("load_factor >= 1, slack >= 0 and replica_keys >= 1")
+    def __init__(self, load_factor: float = 1.25, slack: float = 8.0, replica_keys: int = 1 << 16,
+                 request_chunks: float = 8.0) -> None:
+        if load_factor < 1 or slack < 0 or replica_keys < 1 or request_chunks < 0:
+            raise ValueError("load_factor >= 1, slack >= 0, replica_keys >= 1 and request_chunks >= 0")
         self.load_factor, self.slack, self.replica_keys = load_factor, slack, replica_keys
+        self.request_chunks = request_chunks
         self.holders: dict[int, dict[str, None]] = {}        # prefix block -> replicas holding it
         self.held: dict[str, OrderedDict[int, None]] = {}    # replica -> its blocks, oldest first
         self.hits = 0            # requests sent where some of their prefix was held
@@ -89,11 +101,11 @@ class PrefixLoad:
         match = self.matches(keys) if keys else {}
         first = keys[0] if keys else 0
         best: Replica | None = None
-        best_score: tuple[int, int, int] | None = None
+        best_score: tuple[float, int, int] | None = None
         for r in live:
             if r.outstanding + 1 > bound:
                 continue
-            score = (match.get(r.url, 0), -r.outstanding, _rank(first, r.url))
+            score = (match.get(r.url, 0) - self.request_chunks * r.outstanding, -r.outstanding, _rank(first, r.url))
             if best_score is None or score > best_score:
                 best, best_score = r, score
         if best is None:  # every replica past the bound (only with slack 0): the least loaded

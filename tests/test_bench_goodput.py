@@ -52,3 +52,29 @@ def test_the_ratio_is_against_the_best_baseline_and_says_whether_it_beats_the_sp
     assert row["vs"] == "vllm-router/round_robin"        # its median 0.7 beats cache_aware's 0.6
     assert abs(row["ratio"] - 0.9 / 0.7) < 1e-9 and row["met"] and row["beyond_spread"]
     assert r["systems"]["fleetwise/prefix_load"][0]["slo_attainment"] == 0.9
+
+
+def test_the_modelled_workload_fits_the_context_and_outgrows_one_workers_cache():
+    from fleetwise.bench.goodput.run import FLEETS, MODELLED_FORWARD, MODELLED_GPU, run_goodput_bench
+    from fleetwise.sim.perf import perf_model
+    from fleetwise.worker.engine.modelled_device import parse_forward
+    kind = FLEETS["modelled"]
+    reqs = turn_requests(kind.shape, read_code_lengths(), 20.0, 60.0, 0, turn=1, words=0)
+    assert kind.context is not None
+    assert max(r.prompt_words + r.max_tokens for r in reqs) + 16 < kind.context
+    systems = {r.prompt.split("\nuser: ")[0] for r in reqs}
+    kv = perf_model(MODELLED_GPU, *parse_forward(MODELLED_FORWARD)).kv_capacity_tokens
+    assert kv < sum(len(s.split()) for s in systems) < 4 * kv   # routing decides what the caches hold
+    import pytest
+    with pytest.raises(ValueError, match="fleet must be one of"):
+        run_goodput_bench(fleet_kind="gpu")
+
+
+def test_the_report_says_which_target_each_missed_request_missed():
+    s = System("fleetwise/prefix_load", "", None)  # type: ignore[arg-type]
+    s.init(1)
+    s.add(0, [Outcome(0, ok=True, ttft_s=2.0, tpot_s=0.05, tokens=3), Outcome(0, ok=True, ttft_s=0.2, tpot_s=0.5,
+                                                                             tokens=3),
+              Outcome(0, ok=True, ttft_s=0.2, tpot_s=0.05, tokens=3)], 1.0, SLO(1.0, 0.1), 1.0)
+    at = s.at(0)
+    assert (at["missed_ttft"], at["missed_tpot_only"], at["goodput_rps"]["median"]) == (1, 1, 1.0)

@@ -20,7 +20,7 @@ def replicas(n=4):
     return [Replica(f"http://w{i}", "m", "mixed") for i in range(n)]
 
 
-SYSTEM = "you are a careful assistant who answers in full sentences. " * 12
+SYSTEM = "you are a careful assistant who answers in full sentences. " * 40   # 19 prefix blocks
 
 
 def test_prefix_blocks_share_exactly_the_common_prefix():
@@ -46,6 +46,22 @@ def test_a_prefix_stays_on_one_replica_while_within_the_bound():
         assert r is home
         r.outstanding = i % 2   # busy, but within 1.25 x mean + 2
     assert p.hits == 29 and p.overflows == 0
+
+
+def test_a_long_cached_prefix_outweighs_a_few_requests_in_flight_and_a_short_one_does_not():
+    rs, p = replicas(2), PrefixLoad(request_chunks=8, slack=100)
+    keys = prefix_blocks(SYSTEM + "q")                  # 19 blocks: worth two requests in flight, not three
+    home = p.choose(rs, keys)
+    other = next(r for r in rs if r is not home)
+    home.outstanding = 2
+    assert p.choose(rs, prefix_blocks(SYSTEM + "q2")) is home
+    home.outstanding = 3
+    assert p.choose(rs, prefix_blocks(SYSTEM + "q3")) is other
+    short = prefix_blocks("a short shared start. " * 7 + "x")   # its first block shared
+    p.choose([home], short)
+    home.outstanding, other.outstanding = 1, 0
+    assert p.matches(prefix_blocks("a short shared start. " * 7 + "y")) == {home.url: 1}
+    assert p.choose(rs, prefix_blocks("a short shared start. " * 7 + "y")) is other
 
 
 def test_new_prefixes_spread_over_the_replicas():

@@ -32,6 +32,8 @@ class System:
     attainment: list[list[float]] = field(default_factory=list)
     outcomes: list[list[Outcome]] = field(default_factory=list)    # per load, all repeats
     spans: list[list[float]] = field(default_factory=list)
+    slo_ttft_s: float = 0.0       # the SLO the turns were judged by (add sets it)
+    slo_tpot_s: float = 0.0
 
     def init(self, loads: int) -> None:
         self.goodput = [[] for _ in range(loads)]
@@ -41,6 +43,7 @@ class System:
 
     def add(self, load: int, counted: list[Outcome], window_s: float, slo: SLO, span: float) -> None:
         met = sum(slo.met(o) for o in counted)
+        self.slo_ttft_s, self.slo_tpot_s = slo.ttft_s, slo.tpot_s
         self.goodput[load].append(met / window_s)
         self.attainment[load].append(met / len(counted) if counted else 0.0)
         self.outcomes[load].extend(counted)
@@ -54,6 +57,9 @@ class System:
         return {"goodput_rps": {"median": float(np.median(g)), "min": min(g), "max": max(g), "repeats": g},
                 "slo_attainment": float(np.median(self.attainment[load])),
                 "requests": len(o), "errors": len(o) - len(ok),
+                "missed_ttft": sum(1 for x in ok if x.ttft_s is not None and x.ttft_s > self.slo_ttft_s),
+                "missed_tpot_only": sum(1 for x in ok if x.ttft_s is not None and x.ttft_s <= self.slo_ttft_s
+                                        and (x.tpot_s or 0.0) > self.slo_tpot_s),
                 "ttft_ms": summary([x.ttft_s for x in ok], "p50", "p90", "p99", scale=1e3),
                 "tpot_ms": summary([x.tpot_s for x in ok], "p50", "p90", "p99", scale=1e3),
                 "cached_prompt_tokens_mean": float(np.mean(cached)) if cached else None,
@@ -79,8 +85,9 @@ def build_report(systems: list[System], loads: list[float], capacities: list[flo
                             "beyond_spread": g["min"] > b["max"]}
         rows.append(row)
     return {**header("goodput"), "fleet": fleet, "capacity_rps": capacity, "capacity_per_repeat_rps": capacities,
-            "capacity_how": "each repeat, a closed loop straight to the workers, client round-robin, 3 clients "
-                            "per worker; offered_rps is the median's",
+            "capacity_how": "each repeat, a closed loop straight to the workers, client round-robin, "
+                            f"{fleet.get('capacity_clients_per_worker', 3)} clients per worker; offered_rps is the "
+                            "median's",
             "loads": loads, "seconds_per_turn": seconds, "counted_after_s": warmup_share * seconds,
             "repeats": repeats, "slo": slo.to_json(), "workload": shape.to_json(),
             "targets": {"goodput_ratio": TARGET.to_json()}, "ratios": rows, "systems": per, "environment": env}
@@ -127,5 +134,8 @@ def plot(report: dict, path: Any) -> None:
     ax2.set_ylabel("TTFT p90 (s)")
     ax2.legend(fontsize=7)
     slo = report["slo"]
-    finish(fig, path, f"SLO goodput, {report['fleet']['workers']} {report['fleet']['preset']} workers: "
+    fleet = report["fleet"]
+    args = fleet.get("worker_args", [])
+    what = f"modelled {args[1]} ({args[3]})" if fleet.get("kind") == "modelled" else fleet["preset"]
+    finish(fig, path, f"SLO goodput, {fleet['workers']} {what} workers, median of {report['repeats']} (min-max): "
                       f"TTFT <= {slo['ttft_s']['value']} s, TPOT <= {slo['tpot_s']['value'] * 1e3:.0f} ms")

@@ -6,6 +6,11 @@ Azure LLM inference trace 2023, code file (its contexts are long and its outputs
 a coding assistant's are), scaled to the CPU model's context. Prompts are words the small
 preset's tokenizer reads as about one token each, so lengths in words are lengths in tokens.
 
+Two shapes: `Shape()` for the fleet of CPU workers (the small model's real forward pass), and
+`MODELLED` for the fleet of modelled GPUs (modelled_device.py), whose steps take what a 70B
+model's take on A100s, so the prompts can be as long as a coding assistant's: system prompts of
+1-2k tokens, suffixes a quarter of the trace's context.
+
 Each (load, repeat) turn gets system prompts of its own (the same lengths and popularity,
 other words), so no system finds the workers' caches warmed by the one before it; every
 system sees the same turn's prompts, in the same order, at the same times.
@@ -39,6 +44,10 @@ class Shape:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+MODELLED = Shape(system_prompts=16, system_words=(1024, 2048), suffix_scale=0.25, suffix_words=(32, 1024),
+                 output_tokens=(4, 64))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ class EngineConfig:
     max_kv_lease_fraction: float = defaults.MAX_KV_LEASE_FRACTION  # of the KV blocks, held by leases at most
     # no GPU: model one of this product (H100, A100, ...): its power, a cap's cost, DCGM's series
     modelled_gpu: str | None = None
+    # with modelled_gpu: no forward pass, each step waits out this model's time on that product
+    # (MODEL:tpN of sim/perf.py, e.g. llama2-70b:tp2; modelled_device.py)
+    modelled_forward: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):

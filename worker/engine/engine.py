@@ -21,7 +21,7 @@ from .config import EngineConfig
 from .device_clock import DeviceClock
 from .faults import FaultSwitches
 from .kv_hooks import KVHooks
-from .runner import ModelRunner
+from .modelled_device import make_runner
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence, SequenceStatus
 from .step_trace import firsts, makeup
@@ -67,7 +67,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.runner = ModelRunner(config, self.model_config)
+        self.runner = make_runner(config, self.model_config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
