@@ -57,7 +57,7 @@ class FaultConfig:
             "detection": {"windowSeconds": self.window_s, "minPeers": self.min_peers,
                           "deviationThreshold": self.deviation_threshold,
                           "consecutiveWindows": self.consecutive_windows},
-            "remediation": {"actions": ["Quarantine", "RestartPod", "CordonNode"],
+            "remediation": {"actions": ["Quarantine", "RestartPod", "CordonNode", "RouteAround"],
                             "cooldownSeconds": self.cooldown_s, "maxActionsPerHour": self.max_actions_per_hour,
                             "maxUnavailableFraction": self.max_unavailable_fraction}})
 

@@ -106,3 +106,15 @@ def test_a_modelled_worker_serves_the_api_and_reports_its_cache_in_metrics(tiny_
         assert 'modelName="NVIDIA A100-SXM4-80GB"' in metrics   # the modelled GPU's DCGM series
     finally:
         w.stop()
+
+
+def test_the_fault_detectors_device_time_is_the_modelled_steps_and_a_slow_switch_adds_to_it(tiny_model_dir):
+    engine = _engine(tiny_model_dir)
+    engine.add_request("a", list(range(3, 300)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # the prompt pass
+    modelled = engine.runner.last_seconds
+    assert modelled == pytest.approx(PERF.prompt_ms(297) / 1e3)
+    assert engine.clock.stop() == modelled  # not the host's CPU time, which a sleep barely moves
+    t0 = time.perf_counter()
+    assert engine.clock.burn(0.05) == 0.05
+    assert time.perf_counter() - t0 >= 0.05

@@ -73,7 +73,7 @@ class Record:
             self.windows.append(w)
 
     def on_incident(self, inc: Incident) -> None:
-        """Called by the loop as it decides, before its actions (a restart holds the window up)."""
+        """Called by the loop as it decides, before its actions (which run on in their own thread)."""
         with self._lock:
             self.incidents.append((time.time(), inc.kind, inc.target))
 

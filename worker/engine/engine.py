@@ -18,7 +18,6 @@ from ..model.sampler import TokenLogprob
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .device_clock import DeviceClock
 from .faults import FaultSwitches
 from .kv_hooks import KVHooks
 from .modelled_device import make_runner
@@ -78,7 +77,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.fault_hook: Callable[[ScheduledBatch], None] | None = None  # tests': before each forward
         self.switches: FaultSwitches | None = None  # drills' switches (faults.py); None: off
-        self.clock = DeviceClock(self.runner.device)  # the forward's device seconds (device_clock.py)
+        self.clock = self.runner.device_clock()  # the forward's device seconds (device_clock.py)
         self.last_step_seconds = self.last_step_forward_seconds = 0.0
         self.failed_steps = 0  # in a row: steps in which every sequence failed
         self.last_step_error: str | None = None

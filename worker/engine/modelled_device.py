@@ -33,6 +33,7 @@ import torch
 from ..model.llama import ModelConfig
 from ..model.sampler import SamplerOutput, TokenLogprob
 from .config import EngineConfig
+from .device_clock import DeviceClock
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -94,10 +95,15 @@ class ModelledRunner(ModelRunner):
         self.num_blocks = config.num_blocks or self.perf.kv_capacity_tokens // config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.clock = None  # phases.attach may set it; a modelled step has no phases to time
+        self.last_seconds = 0.0
+
+    def device_clock(self) -> DeviceClock:
+        return ModelledClock(self)
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
         t0 = time.perf_counter()
-        due = t0 + step_seconds(self.perf, batch)
+        self.last_seconds = step_seconds(self.perf, batch)
+        due = t0 + self.last_seconds
         rows = [i for i, s in enumerate(batch.seqs)
                 if s.num_computed_tokens + batch.num_new_tokens[i] >= s.num_tokens]
         tokens = [modelled_token(batch.seqs[i]) for i in rows]
@@ -106,6 +112,27 @@ class ModelledRunner(ModelRunner):
         if (left := due - time.perf_counter()) > 0:
             time.sleep(left)
         return rows, SamplerOutput(tokens, logprobs) if rows else None
+
+
+class ModelledClock(DeviceClock):
+    """The modelled device's busy time: the modelled step's seconds, not the host's CPU time;
+    `burn` (a slow switch) waits out the extra device time as the step itself does."""
+
+    def __init__(self, runner: "ModelledRunner"):
+        super().__init__(runner.device)
+        self.runner = runner
+
+    def start(self) -> None:
+        self.runner.last_seconds = 0.0
+
+    def stop(self) -> float:
+        return self.runner.last_seconds
+
+    def burn(self, seconds: float) -> float:
+        if seconds <= 0:
+            return 0.0
+        time.sleep(seconds)
+        return seconds
 
 
 def make_runner(config: EngineConfig, model_config: ModelConfig) -> ModelRunner:

@@ -6,6 +6,7 @@ from ..model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from ..model.llama import DTYPES, ModelConfig, load_model
 from ..model.sampler import SamplerOutput, SamplingMetadata, sample
 from .config import EngineConfig
+from .device_clock import DeviceClock
 from .phases import PhaseClock
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -41,6 +42,10 @@ class ModelRunner:
                                       dtype=self.dtype, device=self.device)
                           for _ in range(mc.num_hidden_layers)]
         self.clock: PhaseClock | None = None  # phases.attach: time preparation, forward, sampling
+
+    def device_clock(self) -> DeviceClock:
+        """What times this runner's forward passes on its device (device_clock.py)."""
+        return DeviceClock(self.device)
 
     @property
     def bytes_per_block(self) -> int:
