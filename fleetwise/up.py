@@ -95,9 +95,13 @@ def _ready(proc: Member) -> bool:
     return proc.health.get("status") == "ok"
 
 
-def _table(procs: list[Member], fleet: LocalFleet, power: LocalPower | None = None) -> Table:
-    t = Table(title=f"fleetwise: {fleet.model}", expand=False, caption=_power_line(power))
-    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing", "cap W"):
+def _table(procs: list[Member], fleet: LocalFleet, power: LocalPower | None = None,
+           faults: "LocalFaults | None" = None) -> Table:
+    caption = "\n".join(line for line in (_power_line(power), _faults_line(faults)) if line) or None
+    t = Table(title=f"fleetwise: {fleet.model}", expand=False, caption=caption)
+    decision = faults.loop.last if faults is not None else None
+    for col in ("process", "role", "url", "pid", "status", "running", "waiting", "routing", "cap W") + \
+            (("fault score",) if faults is not None else ()):
         t.add_column(col)
     for p in procs:
         h = p.health
@@ -108,10 +112,28 @@ def _table(procs: list[Member], fleet: LocalFleet, power: LocalPower | None = No
         if routing is not None and routing.state is not Routability.SERVING:
             shown = f"[yellow]{shown}: {escape(routing.reason)}[/]"
         cap = fleet.caps.get(p.name)
+        score = None if decision is None else decision.scores.get(p.name)
         t.add_row(p.name, p.role, p.url, str(p.pid or "-"), f"[{style}]{status}[/]",
                   str(h.get("running", "")), str(h.get("waiting", h.get("inflight", ""))), shown,
-                  "" if cap is None else f"{cap:.0f}")
+                  "" if cap is None else f"{cap:.0f}",
+                  *(() if faults is None else ("" if score is None else f"{score:.1f}",)))
     return t
+
+
+def _faults_line(faults: "LocalFaults | None") -> str | None:
+    """The fault loop's last window: its incidents, actions running, or why it has none."""
+    if faults is None:
+        return None
+    loop = faults.loop
+    if loop.error:
+        return f"faults: {escape(str(loop.error))}"
+    if loop.last is None:
+        return "faults: waiting for the first window"
+    found = "; ".join(f"{i.kind} {i.target}" for i in loop.last.incidents) or "no incident"
+    running = ", ".join(f"{r.action.verb} {r.action.target}" for r in loop.running)
+    done = loop.done[-1] if loop.done else None
+    last = f"; last action {done.action.verb} {done.action.target}: {done.outcome}" if done else ""
+    return escape(f"faults: {found}" + (f"; running {running}" if running else "") + last)
 
 
 def _power_line(power: LocalPower | None) -> str | None:
@@ -185,11 +207,11 @@ def _model_dir(model: Path | None, workdir: Path) -> Path | None:
 
 
 def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: list[int],
-               local_power: LocalPower | None) -> None:
+               local_power: LocalPower | None, faults: "LocalFaults | None" = None) -> None:
     """The live table until a signal; a worker that died starts again (the router takes it back
     once its probe passes); one drained or being restarted by the fleet stays as the fleet left it."""
     restarts = Restarts()
-    with Live(_table(procs, fleet, local_power), console=console, refresh_per_second=2) as live:
+    with Live(_table(procs, fleet, local_power, faults), console=console, refresh_per_second=2) as live:
         while not stopping:
             for again in restarts.tick(procs, time.monotonic(), fleet.stopped_on_purpose):
                 live.console.print(f"[yellow]{again.name} exited; started again "
@@ -197,7 +219,7 @@ def _supervise(procs: list[Member], fleet: LocalFleet, workdir: Path, stopping: 
                 (workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in procs}))
             for p in procs:
                 _poll(p)
-            live.update(_table(procs, fleet, local_power))
+            live.update(_table(procs, fleet, local_power, faults))
             time.sleep(1.0)
 
 
@@ -265,7 +287,7 @@ def run(model: Path | None, mode: str, port: int, prefill: int, decode: int, mix
         if admin is not None:
             _print_admin(admin)
         console.print("  Ctrl-C stops everything.")
-        _supervise(procs, fleet, workdir, stopping, local_power)
+        _supervise(procs, fleet, workdir, stopping, local_power, faults)
         return 0
     finally:
         with console.status("stopping the fleet"):
