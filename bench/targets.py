@@ -118,6 +118,7 @@ def checks_table(checks: dict[str, Check], fmt: dict[str, str] | None = None) ->
 
 # The SLO a request's goodput is counted against (`bench/goodput/load.py`'s `SLO`): time to the
 # first token from the request's scheduled send, and the mean gap between output tokens after it.
-# `fleetwise bench goodput` defaults to it; `fleetwise bench faults` counts its goodput with it.
+# `fleetwise bench goodput --fleet cpu` defaults to it (the modelled fleet has its own, in
+# `bench/goodput/run.py`'s FLEETS); `fleetwise bench faults` counts its goodput with it.
 SLO_TTFT_S = 1.5
 SLO_TPOT_S = 0.25

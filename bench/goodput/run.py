@@ -34,6 +34,7 @@ from fleetwise.bench.harness import make_console, progress, save_plot, write_jso
 from fleetwise.bench.models import preset_model
 from fleetwise.bench.router.backend import run_loop
 from fleetwise.bench.router.systems import ensure_vllm_router, environment
+from fleetwise.bench.targets import SLO_TPOT_S, SLO_TTFT_S
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
 
@@ -62,7 +63,7 @@ class FleetKind:
 FLEETS = {
     "modelled": FleetKind("modelled", ("--modelled-gpu", MODELLED_GPU, "--modelled-forward", MODELLED_FORWARD),
                           MODELLED, 1.0, 0.15, MODELLED_CONTEXT, 8),
-    "cpu": FleetKind("cpu", ("--device", "cpu", "--dtype", "float32"), Shape(), 1.5, 0.25),
+    "cpu": FleetKind("cpu", ("--device", "cpu", "--dtype", "float32"), Shape(), SLO_TTFT_S, SLO_TPOT_S),
 }
 
 
