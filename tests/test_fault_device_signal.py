@@ -27,8 +27,9 @@ def _spin(stop) -> None:
         pass
 
 
-def _work(clock: DeviceClock, a: torch.Tensor, n: int = 300) -> tuple[float, float]:
-    """(device seconds, wall seconds) of a fixed amount of matrix work."""
+def _work(clock: DeviceClock, a: torch.Tensor, n: int = 2000) -> tuple[float, float]:
+    """(device seconds, wall seconds) of a fixed amount of matrix work, long enough (~0.1 s) that
+    the scheduler must share the core with the hogs while it runs."""
     t0 = time.perf_counter()
     clock.start()
     for _ in range(n):
@@ -48,12 +49,13 @@ def test_the_cpu_clock_counts_the_engine_threads_work_not_sleep_nor_a_busy_host(
     _work(clock, a)  # warm
     quiet = min(_work(clock, a) for _ in range(3))
     stop = multiprocessing.Event()
-    hogs = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(4)]
+    hogs = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(6)]
     for h in hogs:
         h.start()
     try:
         time.sleep(0.3)
-        busy = min(_work(clock, a) for _ in range(3))
+        runs = [_work(clock, a) for _ in range(3)]
+        busy = (min(d for d, _ in runs), sorted(w for _, w in runs)[1])  # a run may catch a lucky slice
     finally:
         stop.set()
         for h in hogs:
@@ -86,14 +88,20 @@ def test_a_slow_device_moves_device_time_by_its_factor_and_a_slow_host_does_not(
     engine = LLMEngine(EngineConfig(model=str(small_model_dir), device="cpu", dtype="float32", num_blocks=256))
     engine.switches = FaultSwitches()
     _device_per_token(engine)  # warm
-    base = min(_device_per_token(engine) for _ in range(2))
+    base = min(_device_per_token(engine) for _ in range(3))
     engine.switches.set(FaultSettings(slow_factor=2.0))
-    slow = min(_device_per_token(engine) for _ in range(2))
+    slow = min(_device_per_token(engine) for _ in range(3))
     engine.switches.set(FaultSettings(step_delay_seconds=0.04))
-    host = min(_device_per_token(engine) for _ in range(2))
+    host = min(_device_per_token(engine) for _ in range(3))
     print(f"device, wall us per token: base {base}, slow device x2 {slow}, slow host {host}")
     assert 1.7 < slow[0] / base[0] < 2.5, (base, slow)
-    assert host[0] < 1.3 * base[0] and host[1] > 1.5 * base[1], (base, host)
+    # The CPU is both host and device: a step after a 40 ms sleep starts with caches that other
+    # processes filled meanwhile, which costs CPU time (1.04-1.09x here when quiet, 1.14-1.24x
+    # beside two memory-streaming processes, 1.38x seen on a CI machine). What must hold is that
+    # the slow host moves device time far less than its wall time and than a 2x slow device.
+    host_rise, wall_rise = host[0] / base[0], host[1] / base[1]
+    assert wall_rise > 2.5 and host_rise < 0.4 * wall_rise, (base, host)
+    assert host_rise - 1 < 0.5 * (slow[0] / base[0] - 1), (base, slow, host)
 
 
 def test_the_step_cost_is_fitted_so_twice_the_load_is_not_slowness():

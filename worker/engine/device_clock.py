@@ -13,6 +13,10 @@ CPU as much as it computes. The clock reads the device's own time instead.
   its spinning at the pool's barriers, which grows when the other pool threads wait for a
   core: still proportional to the work, but no longer free of contention. The process's CPU
   time is not used: it also counts the HTTP threads, which serve whatever load arrives.
+  The CPU is host and device at once, so the separation is not complete: a step after the
+  thread slept starts with caches other processes filled meanwhile (a slow host's 40 ms pause
+  per step costs 1.04-1.09x CPU time per token on a quiet machine, 1.14-1.24x beside two
+  memory-streaming processes, 1.38x seen once), while its wall time rises 4x.
 
 `burn(seconds)` keeps the device busy for that much more device time, as a slower device
 would take: on CUDA a spin kernel on the stream (`torch.cuda._sleep`, its cycles per second
