@@ -98,10 +98,10 @@ def test_a_slow_device_moves_device_time_by_its_factor_and_a_slow_host_does_not(
     # The CPU is both host and device: a step after a 40 ms sleep starts with caches that other
     # processes filled meanwhile, which costs CPU time (1.04-1.09x here when quiet, 1.14-1.24x
     # beside two memory-streaming processes, 1.38x seen on a CI machine). What must hold is that
-    # the slow host moves device time far less than its wall time and than a 2x slow device.
-    host_rise, wall_rise = host[0] / base[0], host[1] / base[1]
-    assert wall_rise > 2.5 and host_rise < 0.4 * wall_rise, (base, host)
-    assert host_rise - 1 < 0.5 * (slow[0] / base[0] - 1), (base, slow, host)
+    # the slow host moves device time far less than a 2x slow device does. Wall time is not
+    # compared: on a loaded machine the base run's wall time already holds more waiting than the
+    # 40 ms sleeps add (32 against 38 ms a token at load average 20).
+    assert host[0] / base[0] - 1 < 0.5 * (slow[0] / base[0] - 1), (base, slow, host)
 
 
 def test_the_step_cost_is_fitted_so_twice_the_load_is_not_slowness():
