@@ -37,6 +37,7 @@ LEASE_BACKOFF = 0.05  # seconds before the first prefill sent again; doubles eac
 LEASE_RETRIES = 5     # prefills sent again on kv_leases_full (1.55 s in all) before the client gets the 429
 
 Caller = Callable[..., Awaitable[Upstream]]  # Router.call
+_PREFILL_RETRY = frozenset({RESET, TIMEOUT})
 
 
 class Handoffs:
@@ -75,7 +76,7 @@ class Handoffs:
             # a prefill is bounded work (one token): after a broken connection or a timeout it is
             # redone on another replica, and a late answer from the first has its lease released
             pre = await self.call(route.name, "prefill", route.replicas["prefill"], "/internal/prefill", payload,
-                                  False, keys, retry_on=frozenset({RESET, TIMEOUT}), late=self._late_prefill)
+                                  False, keys, retry_on=_PREFILL_RETRY, late=self._late_prefill)
             if pre.status != 429 or error_code(pre.body) != LEASES_FULL or attempt == LEASE_RETRIES:
                 return pre
             self.metrics.child(self.metrics.handoff_retries, route.name).inc()

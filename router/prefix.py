@@ -97,6 +97,8 @@ class PrefixLoad:
         if not live:
             return None
         keys = keys or []
+        if len(live) == 1:
+            return self._only(live[0], keys)
         bound = self.bound(live)
         match = self.matches(keys) if keys else {}
         first = keys[0] if keys else 0
@@ -115,6 +117,21 @@ class PrefixLoad:
             self.hits += 1
         if most and match.get(best.url, 0) < most:
             self.overflows += 1
+        self._record(best.url, keys)
+        return best
+
+    def _only(self, best: Replica, keys: list[int]) -> Replica:
+        """`choose` with one replica available: it takes the request whatever its load (the bound
+        is at least its load with this request); what it holds is recorded, and counted as
+        `choose` counts it, without scoring (a role with one replica, say one prefill worker)."""
+        holders = self.holders.get(keys[0]) if keys else None
+        if holders:  # it holds some of the prefix exactly when it holds the first block
+            if best.url in holders:
+                self.hits += 1
+            if len(holders) > 1 or best.url not in holders:  # another replica holds some of it
+                match = self.matches(keys)
+                if match.get(best.url, 0) < max(match.values()):
+                    self.overflows += 1
         self._record(best.url, keys)
         return best
 

@@ -61,6 +61,7 @@ def unsupported(url: str) -> str | None:
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: "Pool", key: tuple[str, int]):
         self.pool, self.key = pool, key
+        self.loop = asyncio.get_running_loop()  # kept: asking for it on every request costs a system call
         self.transport: asyncio.Transport  # set by connection_made, before create_connection returns
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[None] | None = None
@@ -91,7 +92,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.lost_at = asyncio.get_running_loop().time()
+        self.lost_at = self.loop.time()
         if not self.complete:
             reason = f"connection closed: {exc or 'by the replica'}"
             self._fail(NoAnswer(reason) if self.status == 0 else UpstreamError(reason))
@@ -135,7 +136,7 @@ class _Connection(asyncio.Protocol):
         moved on lazily (not a Queue, asyncio.timeout or a timer per chunk): this runs for
         every chunk."""
         if not self.parts and self.end is False:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             self.waiter = waiter = loop.create_future()
             self.deadline = loop.time() + timeout
             if self.timer is None:
@@ -157,7 +158,7 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() >= self.deadline:
             waiter.set_exception(TimeoutError())
         else:
@@ -172,7 +173,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, request: bytes) -> "asyncio.Future[None]":
         """Writes the request; the future is done when the response head has arrived."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.head, self.parts, self.end = loop.create_future(), [], False
         self.status, self.headers, self.complete, self.keep_alive = 0, {}, False, False
         self.sent_at = loop.time()
@@ -334,7 +335,7 @@ class Pool:
         """The response head, or TimeoutError after the read timeout: a timer, lighter than
         asyncio.timeout. `keep`: the head's own future is left alone by the timeout (a late
         answer is still awaited), as with asyncio.shield."""
-        loop = asyncio.get_running_loop()
+        loop = head.get_loop()
         waiter = head
         if keep:
             waiter = loop.create_future()

@@ -64,6 +64,22 @@ def test_a_long_cached_prefix_outweighs_a_few_requests_in_flight_and_a_short_one
     assert p.choose(rs, prefix_blocks("a short shared start. " * 7 + "y")) is other
 
 
+def test_one_available_replica_takes_every_request_and_is_counted_as_with_several():
+    """A role with one replica left (say one prefill worker, its peer down) skips the scoring:
+    the choice, the blocks recorded and the hit and overflow counts are what scoring gives."""
+    rs, p = replicas(2), PrefixLoad(slack=0)
+    keys = prefix_blocks(SYSTEM + "q")
+    home = p.choose(rs, keys)
+    other = next(r for r in rs if r is not home)
+    home.healthy, other.outstanding = False, 50   # busy, but alone: it takes it
+    assert p.choose(rs, prefix_blocks(SYSTEM + "q2")) is other
+    assert (p.hits, p.overflows) == (0, 1)        # the prefix was held, by the replica that is down
+    assert set(p.matches(keys)) == {home.url, other.url}
+    assert p.choose(rs, prefix_blocks(SYSTEM + "q3")) is other
+    assert (p.hits, p.overflows) == (1, 1)        # `other` holds it now, as long a prefix as `home`
+    assert p.choose([other], []) is other and (p.hits, p.overflows) == (1, 1)
+
+
 def test_new_prefixes_spread_over_the_replicas():
     rs, p, rng = replicas(), PrefixLoad(), random.Random(0)
     picks = [p.choose(rs, prefix_blocks(f"{rng.random()} a prompt of its own " * 5)).url for _ in range(400)]
