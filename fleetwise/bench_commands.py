@@ -74,6 +74,9 @@ def bench_pd_load(
                               help="modelled: the real engine and KV handoff with Llama-2-70B's step times on "
                                    "A100s (pd_load.*); cpu: the small model's forward pass, a core per worker "
                                    "(pd_load-cpu.*)."),
+    modelled_gpu: str = typer.Option("A100", "--modelled-gpu", help="The modelled fleet's GPU product."),
+    modelled_forward: str = typer.Option("llama2-70b:tp2", "--modelled-forward",
+                                         help="The modelled fleet's MODEL:tpN (others write pd_load-GPU-MODEL-tpN.*)."),
 ):
     """1 prefill + 1 decode worker vs 2 mixed workers under bursty trace arrivals: TBT and TTFT."""
     if fleet not in ("modelled", "cpu"):
@@ -85,7 +88,10 @@ def bench_pd_load(
     if multipliers is not None and (not multipliers or min(multipliers) <= 0):
         raise typer.BadParameter("positive numbers", param_hint="--loads")
     run = _bench("fleetwise.bench.pd.load_run", "run_pd_load_bench")
-    run(out=out, preset=preset, requests=requests, multipliers=multipliers, trace_start=trace_start, fleet=fleet)
+    from fleetwise.cli import check_modelled
+    check_modelled(modelled_gpu, modelled_forward)
+    run(out=out, preset=preset, requests=requests, multipliers=multipliers, trace_start=trace_start, fleet=fleet,
+        modelled_gpu=modelled_gpu, modelled_forward=modelled_forward)
 
 
 @bench_app.command("router")

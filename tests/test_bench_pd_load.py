@@ -89,3 +89,14 @@ def test_the_modelled_fleet_hands_prompts_over_with_real_kv_and_decodes_at_the_m
     later = np.diff(out.token_times[1:])
     assert np.median(later) >= step * 0.95   # the decode worker waits out each modelled step
     assert np.median(later) < step * 3       # and does little else
+
+
+def test_another_modelled_gpu_or_model_writes_files_of_its_own_and_its_link_time_scales_with_the_kv():
+    from fleetwise.bench.pd.load import FLEETS, kv_link_seconds, modelled_fleet
+    assert modelled_fleet("A100", "llama2-70b:tp2") is FLEETS["modelled"]
+    other = modelled_fleet("H100", "llama2-70b:tp4")
+    assert other.stem == "pd_load-H100-llama2-70b-tp4" and other.stem != FLEETS["cpu"].stem
+    assert other.worker_args[:4] == ("--modelled-gpu", "H100", "--modelled-forward", "llama2-70b:tp4")
+    # 320 KiB a token of Llama-2-70B over 2 x 400 Gbit/s, plus the link's latency
+    assert kv_link_seconds(1000, "A100", "llama2-70b:tp2") == pytest.approx(50e-6 + 1000 * 327680 * 8 / 800e9)
+    assert kv_link_seconds(1000, "A100", "llama2-70b:tp4") < kv_link_seconds(1000, "A100", "llama2-70b:tp2")

@@ -17,7 +17,7 @@ at half the lengths and 32 output tokens at most."""
 import asyncio
 import csv
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,22 @@ FLEETS = {
 }
 
 
-def kv_link_seconds(tokens: int) -> float:
+def modelled_fleet(gpu: str, forward: str) -> PdFleet:
+    """The modelled fleet with another GPU or model (MODEL:tpN); its own result files."""
+    kind = FLEETS["modelled"]
+    args = ("--modelled-gpu", gpu, "--modelled-forward", forward, *COMMON_ARGS)
+    if (gpu, forward) == (MODELLED_GPU, MODELLED_FORWARD):
+        return kind
+    return replace(kind, worker_args=args, stem=f"{kind.stem}-{gpu}-{forward.replace(':', '-')}")
+
+
+def kv_link_seconds(tokens: int, gpu: str, forward: str) -> float:
     """A prompt's KV of the modelled model over a prefill worker's link, alone on it: the
     simulator's link (sim/engine.py's `Settings`: per GPU of the worker, and its latency)."""
     from fleetwise.sim.engine import Settings
     from fleetwise.sim.perf import perf_model
     from fleetwise.worker.engine.modelled_device import parse_forward
-    perf, link = perf_model(MODELLED_GPU, *parse_forward(MODELLED_FORWARD)), Settings()
+    perf, link = perf_model(gpu, *parse_forward(forward)), Settings()
     return link.link_latency_s + tokens * perf.kv_bytes_per_token * 8 / (link.link_gbps_per_gpu * 1e9 * perf.tp)
 
 

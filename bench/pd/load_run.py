@@ -37,6 +37,7 @@ from fleetwise.bench.pd.load import (
     PdFleet,
     at_rate,
     kv_link_seconds,
+    modelled_fleet,
     run_load,
     summarize,
     trace_requests,
@@ -44,6 +45,7 @@ from fleetwise.bench.pd.load import (
 from fleetwise.bench.pd.report import SYSTEMS, load_targets, load_verdict, plot_load, print_load
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
+from fleetwise.telemetry.catalog import NUM_PREEMPTIONS
 
 
 def _fleet(kind: PdFleet, model_dir: Path, out: Path) -> tuple[dict[str, Process], dict[str, Process]]:
@@ -95,22 +97,33 @@ def _pulls(before: dict[str, float], after: dict[str, float]) -> dict:
             "bytes": after["bytes"] - before["bytes"], "recomputes": after["recomputes"] - before["recomputes"]}
 
 
-async def _sweep(routers: dict[str, str], decode: str, model: str, workload: Callable[[int], list],
+async def _preemptions(http: Any, urls: list[str]) -> float:
+    """Sequences the workers preempted (to recompute later) so far, all together."""
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for url in urls:
+        r = await http.get(url + "/metrics")
+        total += sum(s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples
+                     if s.name == NUM_PREEMPTIONS + "_total")
+    return total
+
+
+async def _sweep(routers: dict[str, str], workers: dict[str, str], model: str, workload: Callable[[int], list],
                  multipliers: list[float], idle_n: int, console: Any) -> dict:
     """`workload(k)`: the trace's requests with prompts of their own (k: 0 idle, 1..n the loads,
     n + 1 the warm-up), so that no turn finds its prompts in a worker's prefix cache."""
     import httpx
+    decode = workers["decode"]
+    of = {"disaggregated": [workers["prefill"], decode], "colocated": [workers["mixed-a"], workers["mixed-b"]]}
     http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0),
                              limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
     try:
         idle_reqs = workload(0)[:idle_n]
         for s in SYSTEMS:  # warm both
             await _idle(http, routers[s], model, workload(len(multipliers) + 1)[:1])
-        idle, pulls = {}, {}
-        for s in SYSTEMS:
-            before = await kv_counters(http, decode)
-            idle[s] = await _idle(http, routers[s], model, idle_reqs)
-            pulls.setdefault("idle", _pulls(before, await kv_counters(http, decode)))
+        before = await kv_counters(http, decode)
+        idle = {s: await _idle(http, routers[s], model, idle_reqs) for s in SYSTEMS}
+        idle_pulls = _pulls(before, await kv_counters(http, decode))  # the mixed pair pulls nothing
         unbatched = 2.0 / idle["colocated"]["mean_e2e_s"]
         console.print(f"idle: mean end to end {idle['colocated']['mean_e2e_s']:.2f} s (colocated); "
                       f"two workers' unbatched rate {unbatched:.2f} req/s")
@@ -121,10 +134,11 @@ async def _sweep(routers: dict[str, str], decode: str, model: str, workload: Cal
                 rate, requests = m * unbatched, workload(i + 1)
                 send_at = at_rate(requests, rate)
                 for s in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
-                    before = await kv_counters(http, decode)
+                    before, preempted = await kv_counters(http, decode), await _preemptions(http, of[s])
                     outcomes, wall = await run_load(http, routers[s], model, requests, send_at)
                     row = summarize(outcomes, wall, rate)
                     row["load_multiple"] = m
+                    row["preemptions"] = await _preemptions(http, of[s]) - preempted
                     if s == "disaggregated":
                         row["kv_pulls"] = _pulls(before, await kv_counters(http, decode))
                     points[s].append(row)
@@ -134,14 +148,14 @@ async def _sweep(routers: dict[str, str], decode: str, model: str, workload: Cal
                                   f"{_ms(row['ttft_p99_s'])}  done {row['completed']}/{row['requests']}")
     finally:
         await http.aclose()
-    return {"idle": idle, "idle_kv_pulls": pulls["idle"], "unbatched_rate": unbatched, "points": points}
+    return {"idle": idle, "idle_kv_pulls": idle_pulls, "unbatched_rate": unbatched, "points": points}
 
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:7.0f} ms"
 
 
-def _notes(kind: PdFleet, result: dict, workload: list) -> list[str]:
+def _notes(kind: PdFleet, result: dict, workload: list, forward: tuple[str, str]) -> list[str]:
     """What the handoff cost here, against what the modelled model's KV would take on a link."""
     pulls = [p["kv_pulls"] for p in result["points"]["disaggregated"]]
     n = sum(p["pulls"] for p in pulls)
@@ -152,9 +166,16 @@ def _notes(kind: PdFleet, result: dict, workload: list) -> list[str]:
                      f"({sum(p['bytes'] for p in pulls) / n / 2**20:.1f} MiB: the tokenizer model's KV, real tensors)")
         if kind.name == "modelled":
             tokens = float(np.mean([len(r.prompt) for r in workload]))
-            notes.append(f"the modelled model's KV of the mean prompt ({tokens:.0f} tokens) takes "
-                         f"{kv_link_seconds(round(tokens)) * 1e3:.1f} ms on the simulator's link alone, "
-                         "less than the real pull here: the handoff measured is, if anything, slower than a GPU's")
+            link = kv_link_seconds(round(tokens), *forward)
+            notes.append(f"the modelled model's KV of the mean prompt ({tokens:.0f} tokens) would take "
+                         f"{link * 1e3:.1f} ms on the simulator's link alone, "
+                         + ("less than the real pull here: the handoff measured is, if anything, slower than a GPU's"
+                            if link < mean else "more than the real pull here: the handoff measured is faster"))
+    for s, who in (("disaggregated", "the 1P+1D pair"), ("colocated", "the mixed pair")):
+        by_load = [(p["load_multiple"], p["preemptions"]) for p in result["points"][s] if p["preemptions"]]
+        if by_load:
+            notes.append(f"{who} preempted sequences (to recompute them later, a prompt pass among the decodes) "
+                         f"at {', '.join(f'x{m:g}: {n:.0f}' for m, n in by_load)}")
     recomputes = sum(p["recomputes"] for p in pulls)
     if recomputes:
         notes.append(f"{recomputes:.0f} prompts were recomputed on the decode worker instead of pulled "
@@ -164,11 +185,12 @@ def _notes(kind: PdFleet, result: dict, workload: list) -> list[str]:
 
 def run_pd_load_bench(out: Path = Path("bench/results"), preset: str = "small", requests: int = 24,
                       multipliers: list[float] | None = None, trace_start: int = 0, trace: Path = TRACE,
-                      fleet: str = "modelled") -> dict:
+                      fleet: str = "modelled", modelled_gpu: str = MODELLED_GPU,
+                      modelled_forward: str = MODELLED_FORWARD) -> dict:
     """Start both systems' workers, measure idle and the loads, stop them; write OUT/STEM.json and .png."""
     if fleet not in FLEETS:
         raise SystemExit(f"error: --fleet must be one of {', '.join(FLEETS)}; got {fleet!r}")
-    kind = FLEETS[fleet]
+    kind = modelled_fleet(modelled_gpu, modelled_forward) if fleet == "modelled" else FLEETS[fleet]
     console = make_console(150)
     multipliers = multipliers or ([1.0, 2.0, 4.0, 8.0] if fleet == "modelled" else [0.5, 1.0, 2.0, 4.0])
     out = Path(out)
@@ -190,20 +212,20 @@ def run_pd_load_bench(out: Path = Path("bench/results"), preset: str = "small", 
         for p in procs:
             p.start()
         wait_healthy(procs, 300.0, interval=0.3)
-        result = asyncio.run(_sweep({s: r.url for s, r in routers.items()}, workers["decode"].url, model_dir.name,
-                                    workload_for, multipliers, kind.idle_requests, console))
+        result = asyncio.run(_sweep({s: r.url for s, r in routers.items()}, {n: w.url for n, w in workers.items()},
+                                    model_dir.name, workload_for, multipliers, kind.idle_requests, console))
     except ProcessError as e:
         raise SystemExit(f"error: {e}")
     finally:
         stop_all([list(routers.values()), list(workers.values())])
     report = {**header("pd_load"), **result, "verdict": load_verdict(result), "targets": load_targets(),
-              "notes": _notes(kind, result, workload),
+              "notes": _notes(kind, result, workload, (modelled_gpu, modelled_forward)),
               "config": {"fleet": fleet, "preset": preset, "model_dir": str(model_dir), "requests": requests,
                          "multipliers": multipliers, "trace": str(trace), "trace_start": trace_start,
                          "length_scale": kind.length_scale, "max_prompt": kind.max_prompt,
                          "max_output": kind.max_output, "worker_args": list(kind.worker_args),
                          "idle_requests": kind.idle_requests, "torch_threads_per_worker": 1,
-                         **({"modelled_gpu": MODELLED_GPU, "modelled_forward": MODELLED_FORWARD} if fleet == "modelled"
+                         **({"modelled_gpu": modelled_gpu, "modelled_forward": modelled_forward} if fleet == "modelled"
                             else {}),
                          "pinning": ("prefill and mixed-a on core 0, decode and mixed-b on core 1 (taskset)"
                                      if kind.pinned else "none (a modelled step sleeps)")

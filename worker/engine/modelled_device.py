@@ -106,7 +106,7 @@ class ModelledRunner(ModelRunner):
         self.clock = None  # phases.attach may set it; a modelled step has no phases to time
         self.last_seconds = 0.0
 
-    @property  # type: ignore[override]
+    @property
     def kv_caches(self) -> list[torch.Tensor]:
         """The loaded model's KV cache layout over the modelled cache's slots, made on first
         use: only a handoff (prefill, decode, migration) touches it, a mixed worker's steps never."""
