@@ -88,8 +88,6 @@ def bench_pd_load(
     if multipliers is not None and (not multipliers or min(multipliers) <= 0):
         raise typer.BadParameter("positive numbers", param_hint="--loads")
     run = _bench("fleetwise.bench.pd.load_run", "run_pd_load_bench")
-    from fleetwise.cli import check_modelled
-    check_modelled(modelled_gpu, modelled_forward)
     run(out=out, preset=preset, requests=requests, multipliers=multipliers, trace_start=trace_start, fleet=fleet,
         modelled_gpu=modelled_gpu, modelled_forward=modelled_forward)
 

@@ -112,7 +112,7 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
-    check_modelled(modelled_gpu, modelled_forward)
+    _check_modelled(modelled_gpu, modelled_forward)
     token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
@@ -133,7 +133,7 @@ def worker(
         raise typer.Exit(status)
 
 
-def check_modelled(modelled_gpu: str | None, modelled_forward: str | None) -> None:
+def _check_modelled(modelled_gpu: str | None, modelled_forward: str | None) -> None:
     if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
         raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
     if modelled_forward is None:

@@ -190,6 +190,14 @@ def run_pd_load_bench(out: Path = Path("bench/results"), preset: str = "small", 
     """Start both systems' workers, measure idle and the loads, stop them; write OUT/STEM.json and .png."""
     if fleet not in FLEETS:
         raise SystemExit(f"error: --fleet must be one of {', '.join(FLEETS)}; got {fleet!r}")
+    from fleetwise.gpus import PRODUCTS
+    from fleetwise.worker.engine.modelled_device import parse_forward
+    if modelled_gpu not in PRODUCTS:
+        raise SystemExit(f"error: --modelled-gpu must be one of {', '.join(PRODUCTS)}; got {modelled_gpu!r}")
+    try:
+        parse_forward(modelled_forward)
+    except ValueError as e:
+        raise SystemExit(f"error: --modelled-forward: {e}")
     kind = modelled_fleet(modelled_gpu, modelled_forward) if fleet == "modelled" else FLEETS[fleet]
     console = make_console(150)
     multipliers = multipliers or ([1.0, 2.0, 4.0, 8.0] if fleet == "modelled" else [0.5, 1.0, 2.0, 4.0])
