@@ -25,7 +25,9 @@ runner makes the tensors the loaded model's shape asks for (float16), as many sl
 modelled cache, so a prefill and a decode worker hand prompts over through the real lease,
 stream and pull. What crosses the loopback is that model's KV (8 KiB a token for the small
 preset), not the modelled model's (320 KiB a token for Llama-2-70B): `bench pd-load` sets the
-time of the one against what the other would take on the simulator's link.
+time of the one against what the other would take on the simulator's link. Host memory: the
+modelled cache's tokens times that model's KV a token (150 MB for llama2-70b:tp2 on A100s with
+the small preset's shape, 3.7 GB for tp4's 457k tokens: `num_blocks` bounds it).
 
 The token a sequence gets is one of its prompt's tokens (so it is text the tokenizer reads),
 picked by a hash of the sequence's length and last token: the same prompt gives the same
