@@ -66,14 +66,30 @@ def bench_pd_load(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
     preset: str = typer.Option("small", "--preset", help="Model preset."),
     requests: int = typer.Option(24, "--requests", min=2, help="Trace requests per load."),
-    loads: str = typer.Option("0.5,1,2,4", "--loads",
-                              help="Comma-separated loads, as multiples of two workers' unbatched rate."),
+    loads: str = typer.Option(None, "--loads",
+                              help="Comma-separated loads, as multiples of two workers' unbatched rate "
+                                   "(default: 1,2,4,8 on the modelled fleet, 0.5,1,2,4 on the cpu one)."),
     trace_start: int = typer.Option(0, "--trace-start", min=0, help="The trace row to start from."),
+    fleet: str = typer.Option("modelled", "--fleet",
+                              help="modelled: the real engine and KV handoff with Llama-2-70B's step times on "
+                                   "A100s (pd_load.*); cpu: the small model's forward pass, a core per worker "
+                                   "(pd_load-cpu.*)."),
+    modelled_gpu: str = typer.Option("A100", "--modelled-gpu", help="The modelled fleet's GPU product."),
+    modelled_forward: str = typer.Option("llama2-70b:tp2", "--modelled-forward",
+                                         help="The modelled fleet's MODEL:tpN (others write pd_load-GPU-MODEL-tpN.*)."),
 ):
     """1 prefill + 1 decode worker vs 2 mixed workers under bursty trace arrivals: TBT and TTFT."""
+    if fleet not in ("modelled", "cpu"):
+        raise typer.BadParameter("modelled or cpu", param_hint="--fleet")
+    try:
+        multipliers = [float(x) for x in loads.split(",")] if loads else None
+    except ValueError:
+        raise typer.BadParameter("comma-separated numbers", param_hint="--loads")
+    if multipliers is not None and (not multipliers or min(multipliers) <= 0):
+        raise typer.BadParameter("positive numbers", param_hint="--loads")
     run = _bench("fleetwise.bench.pd.load_run", "run_pd_load_bench")
-    run(out=out, preset=preset, requests=requests, multipliers=[float(x) for x in loads.split(",")],
-        trace_start=trace_start)
+    run(out=out, preset=preset, requests=requests, multipliers=multipliers, trace_start=trace_start, fleet=fleet,
+        modelled_gpu=modelled_gpu, modelled_forward=modelled_forward)
 
 
 @bench_app.command("router")

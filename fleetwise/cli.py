@@ -103,8 +103,8 @@ def worker(
                                      help="Without a GPU: run as a modelled one of this product (H100, A100, "
                                           "...), its power, caps and DCGM series."),
     modelled_forward: str = typer.Option(None, "--modelled-forward",
-                                         help="With --modelled-gpu, mixed role: no forward pass; each step waits "
-                                              "out MODEL:tpN's time on that GPU (sim/perf.py, e.g. llama2-70b:tp2)."),
+                                         help="With --modelled-gpu: no forward pass; each step waits out "
+                                              "MODEL:tpN's time on that GPU (sim/perf.py, e.g. llama2-70b:tp2)."),
     fault: list[str] = typer.Option([], "--fault", hidden=True,
                                     help="Test-only fault switches (corrupt-kv, fail-steps, "
                                          "switches: POST /internal/faults)."),
@@ -112,7 +112,7 @@ def worker(
     """Run one worker: the batched inference core behind an OpenAI-compatible HTTP API."""
     if role not in ("prefill", "decode", "mixed"):
         raise typer.BadParameter("must be prefill, decode or mixed", param_hint="--role")
-    _check_modelled(modelled_gpu, modelled_forward, role)
+    _check_modelled(modelled_gpu, modelled_forward)
     token = _internal_token(role, internal_token_file, public_only)
     from fleetwise.worker.api.openai import RequestLimits
     from fleetwise.worker.api.server import serve
@@ -133,13 +133,13 @@ def worker(
         raise typer.Exit(status)
 
 
-def _check_modelled(modelled_gpu: str | None, modelled_forward: str | None, role: str) -> None:
+def _check_modelled(modelled_gpu: str | None, modelled_forward: str | None) -> None:
     if modelled_gpu is not None and modelled_gpu not in gpus.PRODUCTS:
         raise typer.BadParameter(f"choose one of {', '.join(gpus.PRODUCTS)}", param_hint="--modelled-gpu")
     if modelled_forward is None:
         return
-    if modelled_gpu is None or role != "mixed":
-        raise typer.BadParameter("goes with --modelled-gpu, on a mixed worker", param_hint="--modelled-forward")
+    if modelled_gpu is None:
+        raise typer.BadParameter("goes with --modelled-gpu", param_hint="--modelled-forward")
     from fleetwise.worker.engine.modelled_device import parse_forward
     try:
         parse_forward(modelled_forward)

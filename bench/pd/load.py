@@ -5,13 +5,19 @@ token's arrival time kept. TBT is each gap between two tokens of one request (po
 all requests, not a per-request mean); TTFT is from the request's send to its first token.
 
 The trace's arrival times are kept in order and scaled together, so its bursts stay bursts
-at every rate; its lengths are scaled down by one factor and capped so that the small model
-on one core can serve them (the same requests, in the same order, for both systems)."""
+at every rate; its lengths are scaled by the fleet's factor and capped (the same requests, in
+the same order, for both systems).
+
+Two fleets (`FLEETS`): `modelled`, workers whose engine, HTTP API, KV leases, stream and pull
+are the real ones but whose device is a modelled A100 pair running Llama-2-70B
+(worker/engine/modelled_device.py: each step waits out the simulator's time for it), at the
+trace's own lengths; and `cpu`, the small model's forward pass on one pinned core per worker,
+at half the lengths and 32 output tokens at most."""
 
 import asyncio
 import csv
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,49 @@ import numpy as np
 from fleetwise.bench.harness import percentile
 
 TRACE = Path(__file__).resolve().parents[2] / "data" / "azure-llm-trace-2023" / "AzureLLMInferenceTrace_conv.csv"
+
+
+@dataclass(frozen=True)
+class PdFleet:
+    """What the workers are and what they are given."""
+    name: str
+    worker_args: tuple[str, ...]
+    length_scale: float
+    max_prompt: int
+    max_output: int
+    pinned: bool              # each worker on a core of its own (taskset), one torch thread
+    context: int | None       # the tokenizer model's context (None: the preset's)
+    idle_requests: int        # served one at a time first
+    stem: str                 # OUT/STEM.json, OUT/STEM.png
+
+
+MODELLED_GPU, MODELLED_FORWARD = "A100", "llama2-70b:tp2"
+COMMON_ARGS = ("--max-num-batched-tokens", "2048", "--kv-lease-seconds", "60")
+FLEETS = {
+    "modelled": PdFleet("modelled", ("--modelled-gpu", MODELLED_GPU, "--modelled-forward", MODELLED_FORWARD,
+                                     *COMMON_ARGS), 1.0, 4096, 256, False, 8192, 8, "pd_load"),
+    "cpu": PdFleet("cpu", ("--kv-cache-mib", "256", "--max-num-batched-tokens", "256", "--kv-lease-seconds", "60"),
+                   0.5, 1024, 32, True, None, 4, "pd_load-cpu"),
+}
+
+
+def modelled_fleet(gpu: str, forward: str) -> PdFleet:
+    """The modelled fleet with another GPU or model (MODEL:tpN); its own result files."""
+    kind = FLEETS["modelled"]
+    args = ("--modelled-gpu", gpu, "--modelled-forward", forward, *COMMON_ARGS)
+    if (gpu, forward) == (MODELLED_GPU, MODELLED_FORWARD):
+        return kind
+    return replace(kind, worker_args=args, stem=f"{kind.stem}-{gpu}-{forward.replace(':', '-')}")
+
+
+def kv_link_seconds(tokens: int, gpu: str, forward: str) -> float:
+    """A prompt's KV of the modelled model over a prefill worker's link, alone on it: the
+    simulator's link (sim/engine.py's `Settings`: per GPU of the worker, and its latency)."""
+    from fleetwise.sim.engine import Settings
+    from fleetwise.sim.perf import perf_model
+    from fleetwise.worker.engine.modelled_device import parse_forward
+    perf, link = perf_model(gpu, *parse_forward(forward)), Settings()
+    return link.link_latency_s + tokens * perf.kv_bytes_per_token * 8 / (link.link_gbps_per_gpu * 1e9 * perf.tp)
 
 
 @dataclass
@@ -119,6 +168,8 @@ def summarize(outcomes: list[Outcome], wall_s: float, offered_rate: float) -> di
     """TBT (every gap between two tokens of a request, pooled) and TTFT percentiles."""
     done = [o for o in outcomes if o.error is None and o.ttft_s is not None]
     gaps = [b - a for o in done for a, b in zip(o.token_times, o.token_times[1:])]
+    # after the second token: in 1P+1D the first gap is the handoff (the router's decode call, the pull)
+    later = [b - a for o in done for a, b in zip(o.token_times[1:], o.token_times[2:])]
     ttfts = [o.ttft_s for o in done if o.ttft_s is not None]
     events = sum(len(o.token_times) for o in done)
 
@@ -130,5 +181,6 @@ def summarize(outcomes: list[Outcome], wall_s: float, offered_rate: float) -> di
         "achieved_rate": len(done) / wall_s if wall_s > 0 else None,
         "tokens": sum(o.tokens for o in done), "token_events": events, "tbt_gaps": len(gaps),
         "tbt_p50_s": pct(gaps, 50), "tbt_p99_s": pct(gaps, 99), "tbt_max_s": max(gaps, default=None),
+        "tbt_after_first_p99_s": pct(later, 99),
         "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
     }

@@ -155,3 +155,89 @@ def plot(report: dict, path: Path) -> None:
     cfg = report["config"]
     finish(fig, path, f"fleetwise bench pd: {cfg['model_name']} ({cfg['device']}, {cfg['cpu_count']} CPUs), "
                       f"{cfg['repeats']} request(s) per length and mode")
+
+
+# -- pd-load (load_run.py) ------------------------------------------------------------------------
+
+SYSTEMS = ("disaggregated", "colocated")
+COLOC_TBT_BLOWUP = 2.0    # the target applies where the mixed pair's TBT p99 passes this times its idle p99
+LOAD_TARGET = Target(AT_MOST, 1.3, "1P+1D TBT p99 / its idle TBT p99, where 2 mixed workers' passes 2x theirs",
+                     "<= 1.3")
+
+
+def load_verdict(result: dict) -> dict:
+    """Each load: both systems' TBT p99 over their idle p99; whether the target applies and holds."""
+    idle = {s: result["idle"][s]["tbt_p99_s"] for s in SYSTEMS}
+    rows = []
+    for d, c in zip(result["points"]["disaggregated"], result["points"]["colocated"]):
+        dr = d["tbt_p99_s"] / idle["disaggregated"] if d["tbt_p99_s"] and idle["disaggregated"] else None
+        cr = c["tbt_p99_s"] / idle["colocated"] if c["tbt_p99_s"] and idle["colocated"] else None
+        applies = cr is not None and cr > COLOC_TBT_BLOWUP
+        rows.append({"load_multiple": d["load_multiple"], "offered_rate": d["offered_rate"],
+                     "disaggregated_tbt_p99_over_idle": dr, "colocated_tbt_p99_over_idle": cr,
+                     "target_applies": applies, "met": LOAD_TARGET.met(dr) if applies else None})
+    applied = [r["met"] for r in rows if r["target_applies"]]
+    return {"by_load": rows, "met": all(applied) if applied and None not in applied else None}
+
+
+def load_targets() -> dict:
+    return {"colocated_tbt_p99_over_idle_where_target_applies": {"op": ">", "value": COLOC_TBT_BLOWUP},
+            "disaggregated_tbt_p99_over_idle": LOAD_TARGET.to_json()}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:7.0f} ms"
+
+
+def print_load(console: Console, report: dict) -> None:
+    t = Table(title="TBT and TTFT under the same load; x idle: TBT p99 over the system's idle TBT p99; "
+                    "TBT p99 2nd+: the gaps after the second token (the handoff's gap left out)")
+    for col in ("load", "req/s", "system", "TBT p50", "TBT p99", "x idle", "TBT p99 2nd+", "TTFT p50",
+                "TTFT p99", "done", "target"):
+        t.add_column(col, justify="right")
+    for s in SYSTEMS:
+        p = report["idle"][s]
+        t.add_row("idle", "-", s, _ms(p["tbt_p50_s"]), _ms(p["tbt_p99_s"]), "1", _ms(p["tbt_after_first_p99_s"]),
+                  _ms(p["ttft_p50_s"]), _ms(p["ttft_p99_s"]), f"{p['completed']}/{p['requests']}", "")
+    for i, v in enumerate(report["verdict"]["by_load"]):
+        for s in SYSTEMS:
+            p = report["points"][s][i]
+            ratio = v[f"{s}_tbt_p99_over_idle"]
+            t.add_row(f"x{v['load_multiple']}", f"{v['offered_rate']:.2f}", s, _ms(p["tbt_p50_s"]),
+                      _ms(p["tbt_p99_s"]), "-" if ratio is None else f"{ratio:.2f}",
+                      _ms(p["tbt_after_first_p99_s"]), _ms(p["ttft_p50_s"]), _ms(p["ttft_p99_s"]),
+                      f"{p['completed']}/{p['requests']}",
+                      mark(v["met"]) if s == "disaggregated" and v["target_applies"] else "")
+    console.print(t)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def plot_load(report: dict, path: Path) -> None:
+    fig, axes = figure(2, (13, 4.8))
+    colors = {"disaggregated": "#dd8452", "colocated": "#4c72b0"}
+    names = {"disaggregated": "1P+1D", "colocated": "2 mixed"}
+    for ax, key, title in ((axes[0], "tbt", "TBT (every gap between two tokens)"), (axes[1], "ttft", "TTFT")):
+        for s in SYSTEMS:
+            pts = report["points"][s]
+            x = [p["offered_rate"] for p in pts]
+            for q, ls in (("p50", "--"), ("p99", "-")):
+                y = [(p[f"{key}_{q}_s"] or np.nan) * 1e3 for p in pts]
+                ax.plot(x, y, ls=ls, marker="o", color=colors[s], label=f"{names[s]} {q}")
+            ax.axhline((report["idle"][s][f"{key}_p99_s"] or np.nan) * 1e3, color=colors[s], ls=":", lw=1,
+                       label=f"{names[s]} idle p99")
+        if key == "tbt":
+            idle = report["idle"]["disaggregated"]["tbt_p99_s"] or np.nan
+            ax.axhline(idle * LOAD_TARGET.value * 1e3, color="#dd8452", ls="-.", lw=1,
+                       label=f"target: 1P+1D idle p99 x {LOAD_TARGET.value}")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, Azure conversation arrivals scaled)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    cfg = report["config"]
+    what = (f"modelled {cfg['modelled_forward']} on {cfg['modelled_gpu']}s per worker" if cfg["fleet"] == "modelled"
+            else "each worker pinned to one core")
+    finish(fig, path, f"fleetwise bench pd-load ({cfg['fleet']} fleet): 1 prefill + 1 decode vs 2 mixed workers, "
+                      f"{what}; {cfg['requests']} requests per load, {cfg['cpu_count']} CPUs")

@@ -17,14 +17,24 @@ carries add, when the model says so); a step of decodes alone is a token step re
 decode's context. The product is the worker's `--modelled-gpu`, so its power, a cap's stretch
 and the DCGM series follow the same steps (engine.py's `_as_the_modelled_gpu`). The KV cache
 holds what that model's KV cache holds on that product (`PerfModel.kv_capacity_tokens`), unless
-`num_blocks` says otherwise; there are no tensors, so a modelled worker is mixed-role only
-(there is nothing to hand off or pull).
+`num_blocks` says otherwise.
+
+The KV a handoff moves is real: the first time anything reads or writes the cache (a prefill
+worker's stream, a decode worker's pull, a migration; never a mixed worker's own steps) the
+runner makes the tensors the loaded model's shape asks for (float16), as many slots as the
+modelled cache, so a prefill and a decode worker hand prompts over through the real lease,
+stream and pull. What crosses the loopback is that model's KV (8 KiB a token for the small
+preset), not the modelled model's (320 KiB a token for Llama-2-70B): `bench pd-load` sets the
+time of the one against what the other would take on the simulator's link. Host memory: the
+modelled cache's tokens times that model's KV a token (150 MB for llama2-70b:tp2 on A100s with
+the small preset's shape, 3.7 GB for tp4's 457k tokens: `num_blocks` bounds it).
 
 The token a sequence gets is one of its prompt's tokens (so it is text the tokenizer reads),
 picked by a hash of the sequence's length and last token: the same prompt gives the same
 output on any worker. Asked logprobs are 0 for it (certain), with no alternatives.
 """
 
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -93,9 +103,26 @@ class ModelledRunner(ModelRunner):
         self.dtype = torch.float16
         self.block_size = config.block_size
         self.num_blocks = config.num_blocks or self.perf.kv_capacity_tokens // config.block_size
-        self.kv_caches: list[torch.Tensor] = []
+        self._kv: list[torch.Tensor] | None = None
+        self._kv_lock = threading.Lock()  # the first reader may be the HTTP side or the engine thread
         self.clock = None  # phases.attach may set it; a modelled step has no phases to time
         self.last_seconds = 0.0
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """The loaded model's KV cache layout over the modelled cache's slots, made on first
+        use: only a handoff (prefill, decode, migration) touches it, a mixed worker's steps never."""
+        with self._kv_lock:
+            if self._kv is None:
+                mc, slots = self.model_config, self.num_blocks * self.block_size
+                self._kv = [torch.zeros(2, slots, mc.num_key_value_heads, mc.head_dim, dtype=self.dtype)
+                            for _ in range(mc.num_hidden_layers)]
+            return self._kv
+
+    @kv_caches.setter
+    def kv_caches(self, caches: list[torch.Tensor]) -> None:
+        with self._kv_lock:
+            self._kv = caches
 
     def device_clock(self) -> DeviceClock:
         return ModelledClock(self)
