@@ -100,7 +100,7 @@ def sim_iso(
         config = IsoConfig(machines=machines, trial_s=trial_s or (600.0 if splitwise_sim else 120.0),
                            context_free=context_free, objectives=objectives, step_times=step_times,
                            batching=batching, routing=routing,
-                           splits=[p for p in (round(machines * f) for f in fractions) if 0 < p < machines])
+                           splits=sorted({p for p in (round(machines * f) for f in fractions) if 0 < p < machines}))
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint=f"--{str(e).split()[0].replace('_', '-')}")
     raise typer.Exit(main(config, out, plot))

@@ -38,16 +38,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fleetwise import gpus
-from fleetwise.router.replica import Replica
 
 from . import trace
 from .engine import Settings, Simulation
 from .perf import PROFILE_CONTEXT, PerfModel, perf_model, splitwise_sim_kv_capacity, splitwise_sim_model
 from .results import percentiles
 from .run import DEFAULT_TRACE, PoolConfig, SimConfig
-from .workers import Flight, Pool
+from .trace import Request
+from .workers import Flight, Pool, Worker
 
 SLO = {"ttft": (2.0, 3.0, 6.0), "tbt": (1.25, 1.5, 5.0), "e2e": (1.25, 1.5, 5.0)}   # p50, p90, p99 slowdown
 OURS, SPLITWISE_SIM, CONTEXT_FREE = "fleetwise", "splitwise-sim", "context-free"
@@ -139,38 +140,42 @@ class _MixedPassPool(Pool):
         return (seconds * MIXED_PASS if decodes else seconds), watts
 
 
-class _PendingTokens:
+class _PendingTokensSimulation(Simulation):
     """SplitwiseSim's choice of the machine for a prompt (scheduler.py: `TokenJSQScheduler` for
     Baseline-A100, `MixedPoolScheduler`'s prompt instance for Splitwise-AA): the fewest pending
-    tokens, each unfinished prompt's tokens plus one for each request it still serves."""
-    name = "pending_tokens"
+    tokens, each unfinished prompt's tokens plus one for each request it still serves (ties to the
+    first). Decodes keep the router's policy."""
 
-    def __init__(self, sim: Simulation) -> None:
-        self.sim = sim
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[Worker, int] = {w: 0 for w in self.workers}
 
-    def pending(self, replica: Replica) -> int:
-        w = self.sim.by_url[replica.url]
-        queued = sum(f.req.prompt_tokens for f in w.queue) + sum(f.req.prompt_tokens for f in w.prefilling)
-        return queued + replica.outstanding
+    def route(self, role: str, priority: str = "High", req: Request | None = None) -> Worker:
+        if role == "decode" or req is None:
+            return super().route(role, priority, req)
+        replicas = self.replicas[self.route_key[(role, priority)]]
+        best = min((r for r in replicas if r.available),
+                   key=lambda r: self.pending[self.by_url[r.url]] + r.outstanding, default=None)
+        if best is None:
+            raise RuntimeError(f"no {role} replica is available")
+        best.outstanding += 1
+        w = self.by_url[best.url]
+        self.pending[w] += req.prompt_tokens
+        return w
 
-    def choose(self, replicas: list[Replica], keys: list[int] | None = None) -> Replica | None:
-        return min((r for r in replicas if r.available), key=self.pending, default=None)
-
-    def forget(self, url: str) -> None:
-        pass
+    def prefill_done(self, w: Worker, version: int) -> None:
+        if version == w.passes:
+            self.pending[w] -= sum(f.req.prompt_tokens for f in w.prefilling)
+        super().prefill_done(w, version)
 
 
 def simulation(config: IsoConfig, prompt_machines: int) -> Simulation:
     c = fleet(config, prompt_machines)
     kind = _MixedPassPool if config.batching == SPLITWISE_SIM else Pool
     perf = reference(config)
-    sim = Simulation([(kind(p.name or p.role, p.role, gpus.product(p.gpu), perf), p.count) for p in c.pools],
-                     c.settings, c.policy)
-    if config.routing == SPLITWISE_SIM:   # its prompt routing; decodes stay with the fewest outstanding
-        for role, priority in sim.policies:
-            if role in ("mixed", "prefill"):
-                sim.policies[(role, priority)] = _PendingTokens(sim)
-    return sim
+    sim = _PendingTokensSimulation if config.routing == SPLITWISE_SIM else Simulation
+    return sim([(kind(p.name or p.role, p.role, gpus.product(p.gpu), perf), p.count) for p in c.pools],
+               c.settings, c.policy)
 
 
 def _quantiles(values: list[float]) -> list[float]:
