@@ -102,3 +102,5 @@ def test_splitwise_sim_batching_times_a_pass_with_decodes_over_both_and_routes_b
 def test_sim_iso_names_a_bad_definition():
     bad = CliRunner().invoke(app, ["sim", "iso", "--machines", "4", "--step-times", "magic"])
     assert bad.exit_code == 2 and "--step-times" in bad.output
+    bad = CliRunner().invoke(app, ["sim", "iso", "--machines", "4", "--splits", "2,9"])
+    assert bad.exit_code == 2 and "--splits" in bad.output
