@@ -73,16 +73,46 @@ def sim_power(
 @sim_app.command("iso")
 def sim_iso(
     machines: int = typer.Option(70, "--machines", min=2, max=1000, help="DGX machines (8 GPUs each) in the fleet."),
-    trial_s: float = typer.Option(120.0, "--trial-s", min=10, max=3600, help="Simulated seconds of arrivals a trial."),
+    trial_s: float = typer.Option(None, "--trial-s", min=10, max=3600,
+                                  help="Simulated seconds of arrivals a trial (120; 600 with --splitwise-sim)."),
     out: Path = typer.Option(None, "--out", help="Write the comparison as JSON here."),
     plot: Path = typer.Option(None, "--plot", help="Draw the highest rate per split into this PNG."),
     context_free: bool = typer.Option(False, "--context-free",
-                                      help="Token steps by batch alone, as SplitwiseSim (no KV-read term)."),
+                                      help="Token steps without the KV-read term (--step-times context-free)."),
+    objectives: str = typer.Option("fleetwise", "--objectives",
+                                   help="fleetwise, or splitwise-sim: SplitwiseSim's reference, TBT and quantiles."),
+    step_times: str = typer.Option("fleetwise", "--step-times",
+                              help="Step times: fleetwise, context-free, or splitwise-sim (its performance model)."),
+    batching: str = typer.Option("fleetwise", "--batching",
+                                 help="fleetwise, or splitwise-sim: its iteration limits, memory, mixed passes, link."),
+    routing: str = typer.Option("fleetwise", "--routing",
+                                help="fleetwise, or splitwise-sim: prompts to the fewest pending tokens."),
+    splitwise_sim: bool = typer.Option(False, "--splitwise-sim",
+                                       help="All of SplitwiseSim's definitions and its 600 s traces."),
+    splits: str = typer.Option(None, "--splits", help="Prompt machines to try first, comma-separated (then +-5)."),
+    max_rate: float = typer.Option(250.0, "--max-rate", min=10, max=10000, help="The highest rate tried, requests/s."),
 ):
     """Phase splitting at iso-power: Splitwise-AA against Baseline-A100, BLOOM-176B, the conversation trace."""
-    from fleetwise.sim.iso import IsoConfig, main
-    config = IsoConfig(machines=machines, trial_s=trial_s, context_free=context_free,
-                       splits=[p for p in (round(machines * f) for f in (0.36, 0.5, 0.64)) if 0 < p < machines])
+    from fleetwise.sim.iso import SPLITWISE_SIM, IsoConfig, main
+    if splitwise_sim:
+        objectives = step_times = batching = routing = SPLITWISE_SIM
+    theirs = SPLITWISE_SIM in (objectives, step_times, batching, routing)
+    fractions = (0.36, 0.5, 0.64, 0.79) if theirs else (0.36, 0.5, 0.64)   # their best split has more prompt machines
+    tried = sorted({p for p in (round(machines * f) for f in fractions) if 0 < p < machines})
+    if splits:
+        try:
+            tried = sorted({int(p) for p in splits.split(",")})
+        except ValueError:
+            raise typer.BadParameter(f"must be integers separated by commas, not {splits!r}", param_hint="--splits")
+        if not all(0 < p < machines for p in tried):
+            raise typer.BadParameter(f"each must be between 1 and {machines - 1}", param_hint="--splits")
+    try:
+        config = IsoConfig(machines=machines, trial_s=trial_s or (600.0 if splitwise_sim else 120.0),
+                           context_free=context_free, objectives=objectives, step_times=step_times,
+                           batching=batching, routing=routing,
+                           splits=tried, rate_hi=max_rate)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"--{str(e).split()[0].replace('_', '-')}")
     raise typer.Exit(main(config, out, plot))
 
 

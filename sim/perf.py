@@ -168,3 +168,46 @@ def perf_model(gpu: str, model: str = "llama2-70b", tp: int = 4) -> PerfModel:
     speed = gpus.product(family).rated_watts / gpus.PRODUCTS[base.gpu].rated_watts
     return PerfModel(family, model, tp, tuple((x, ms / speed) for x, ms in base.prompt_points),
                      tuple((x, ms / speed) for x, ms in base.token_points), base.kv_ms_per_token / speed)
+
+
+# SplitwiseSim's own reading of the same profile (its performance_model.py, DatabasePerformanceModel),
+# for comparisons run under its definitions (sim/iso.py): both curves keyed by batch x prompt size.
+SPLITWISE_SIM_GPU_BYTES = 80 * 2**30          # its hardware_repo/processors/a100-80gb.yaml (and h100-80gb)
+SPLITWISE_SIM_WEIGHTS = {"bloom-176b": 329_000_000_000, "llama2-70b": 135_000_000_000}   # model_repo/sizes/*
+
+
+def _extended(points: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    """The points with one more at x = 1 on the first segment's line, so that `_interp` (flat
+    below its first point) extrapolates linearly below it as scipy's interp1d does."""
+    (x0, y0), (x1, y1) = points[0], points[1]
+    if x0 <= 1:
+        return points
+    return ((1, y0 - (y1 - y0) * (x0 - 1) / (x1 - x0)),) + points
+
+
+@functools.cache
+def splitwise_sim_model(gpu: str, model: str, tp: int) -> PerfModel:
+    """The times SplitwiseSim gives: a prompt pass is the median `prompt_time` of the profile rows
+    with the same batch x prompt size (as ours), and a token step of b sequences is the median
+    `token_time` of the rows whose batch x prompt size is b (its token predictor is fitted on
+    batched prompt tokens and called with the iteration's token count), so a step of up to 512
+    sequences costs what a lone one does within a few per cent; no term for the context read;
+    both curves extrapolated linearly at either end."""
+    family = gpus.gpu_family(gpu)
+    rows = [r for r in profile_rows() if r["hardware"] == PROFILED[family] and r["model"] == model
+            and int(r["tensor_parallel"]) == tp]
+    if not rows or model not in SPLITWISE_SIM_WEIGHTS:
+        raise ValueError(f"no SplitwiseSim times for {model} on {family} at tensor parallelism {tp}")
+    prompt: dict[int, list[float]] = defaultdict(list)
+    token: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        key = int(r["batch_size"]) * int(r["prompt_size"])
+        prompt[key].append(float(r["prompt_time"]))
+        token[key].append(float(r["token_time"]))
+    return PerfModel(family, model, tp, _extended(_medians(prompt)), _extended(_medians(token)), 0.0)
+
+
+def splitwise_sim_kv_capacity(model: str, tp: int) -> int:
+    """Tokens of KV cache a SplitwiseSim instance holds: its GPUs' whole memory less its model
+    size (instance.py, model.py), in our KV bytes per token (the same as its request.py's)."""
+    return int((tp * SPLITWISE_SIM_GPU_BYTES - SPLITWISE_SIM_WEIGHTS[model]) / MODELS[model].kv_bytes_per_token)
