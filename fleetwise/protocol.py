@@ -35,7 +35,9 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
 the same way by the receiver. The receiver names the version it wants in the pull's query
 (`kv_version`); a sender that does not know the parameter sends version 1, which receivers
-still read (`KV_STREAM_VERSIONS`).
+still read (`KV_STREAM_VERSIONS`), and one asked for a version newer than it sends answers in
+its newest (a sender of the release before, which answers 400 instead, is asked again for
+version 2).
 
 Every internal call is authenticated by a shared secret, `Authorization: Bearer <token>`,
 read from a file (`--internal-token-file` or `FLEETWISE_INTERNAL_TOKEN_FILE`): the router
@@ -69,8 +71,8 @@ AUTH_HEADER = "authorization"
 TOKEN_FILE_ENV = "FLEETWISE_INTERNAL_TOKEN_FILE"
 MIN_TOKEN_CHARS = 16
 
-KV_STREAM_VERSION = 2  # what a receiver asks for; 2: CRC-32C frame checksums (worker/kv/transfer.py)
-KV_STREAM_VERSIONS = (1, 2)  # read and sent on request; 1 until the release after next
+KV_STREAM_VERSION = 3  # what a receiver asks for; 2: CRC-32C, 3: CRC-32 by zlib-ng (worker/kv/transfer.py)
+KV_STREAM_VERSIONS = (1, 2, 3)  # read and sent on request; 1 until the release after next
 MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

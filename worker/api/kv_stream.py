@@ -1,10 +1,13 @@
 """`GET /internal/kv/{handle}`: a held prompt's KV stream (kv/transfer.py), sent while it is
 gathered.
 
-Each layer is gathered out of the paged cache into one new buffer that holds its frame head
-and payload, with its checksum, in a thread (`_gathers`), while the layers before it are
-written to the socket; the buffer goes to the transport as it is, without a copy (the
-worker serves on uvloop, whose transports keep a reference instead of copying). The header
+On a CPU worker each layer goes out of the paged cache's own slots: its frame head, then
+views of the blocks (kv/slots.py), read here only for the checksum; elsewhere each layer is
+gathered into one new buffer that holds its frame head and payload. Either way the next
+layer is made ready (checksummed, or gathered) in a thread (`_gathers`) while the layers
+before it are written to the socket, and the buffers go to the transport as they are,
+without a copy (the worker serves on uvloop, whose transports keep a reference instead of
+copying); the lease keeps the blocks unchanged until the response is done. The header
 goes out at once and the first layer alone, so that the stream starts early; later layers
 are gathered at least `HOP_BYTES` per thread hop. Layers of at most `INLINE_LAYER_BYTES`
 (a short prompt's) are gathered in the event loop between sends, a fraction of a
@@ -21,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..kv.connector import KVConnector
 from ..kv.transfer import VERSIONS as KV_VERSIONS
-from ..kv.transfer import encode, stream_size
+from ..kv.transfer import answer_version, encode, stream_size
 from ..metrics import WorkerMetrics
 from .openai import APIError
 
@@ -53,7 +56,7 @@ def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | m
 
 def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
     for i, frame in enumerate(frames):
-        if i == 1:  # the first layer's frame: flip its last byte, after its checksum was taken
+        if i == 1:  # the first layer's frame, or its head when sent in place: the checksum no longer holds
             frame = memoryview(bytearray(frame))
             frame[-1] ^= 0xFF
         yield frame
@@ -99,8 +102,10 @@ class KVStreamResponse(Response):
 
 def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozenset[str], handle: str,
                 start: int, kv_version: int) -> KVStreamResponse:
-    """The held prompt's keys and values from token `start`, in stream version `kv_version`."""
-    if kv_version not in KV_VERSIONS:
+    """The held prompt's keys and values from token `start`, in stream version `kv_version`
+    (or this worker's newest, when `kv_version` is newer)."""
+    version = answer_version(kv_version)
+    if version is None:
         raise APIError(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
                        code="unsupported_protocol_version")
     try:
@@ -110,7 +115,7 @@ def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozense
     except ValueError as e:
         raise APIError(400, str(e), param="start")
     pinned = layers.blocks.device.type == "cuda"
-    frames = encode(header, layers, kv_version, pinned=pinned)
+    frames = encode(header, layers, version, pinned=pinned)
     if CORRUPT_KV in faults:
         frames = _corrupted(frames)
 

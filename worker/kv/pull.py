@@ -42,6 +42,7 @@ from .transfer import _DONE, _LAYER, _PREAMBLE, DONE, LAYER, MAGIC, VERSIONS, KV
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 30.0          # the longest wait for the next bytes of a response
 MAX_RESPONSE_HEAD_BYTES = 16 << 10
+MAX_ERROR_BODY_BYTES = 16 << 10  # a refusal's body read to see whether it names the stream version
 MAX_IDLE_CONNECTIONS = 16      # kept alive per prefill worker
 SCATTER_PIECES = 64            # buffers per recvmsg_into call (IOV_MAX is 1024)
 
@@ -185,25 +186,35 @@ def _receive(conn: _Conn, expect: KVHeader, sink: KVSink) -> None:
         if getattr(header, name) != getattr(expect, name):
             raise KVTransferError(f"{name} mismatch: the stream has {getattr(header, name)!r}, "
                                   f"this worker expects {getattr(expect, name)!r}", "mismatch")
+    head = bytearray(max(_LAYER.size, _DONE.size))
+    after = memoryview(head)[:_LAYER.size if header.num_layers else _DONE.size]
+    conn.readinto([after])
     for i in range(header.num_layers):
-        tag, layer, size, crc = _LAYER.unpack(conn.read(_LAYER.size))
+        tag, layer, size, crc = _LAYER.unpack(head[:_LAYER.size])
         if tag != LAYER or layer != i:
             raise KVTransferError(f"expected layer {i}, found tag {tag!r} layer {layer}")
         if size != header.payload_bytes:
             raise KVTransferError(f"layer {i}: {size} bytes, expected {header.payload_bytes}")
         views = sink.views(i)
-        conn.readinto(views)
+        # the payload and what follows it (the next frame head, or the trailer) in one read
+        after = memoryview(head)[:_LAYER.size if i + 1 < header.num_layers else _DONE.size]
+        conn.readinto([*views, after])
         got = 0
         for view in views:
             got = checksum(version, view, got)
         if got != crc:
             raise KVTransferError(f"layer {i}: checksum mismatch")
         sink.done(i)
-    tag, n_layers = _DONE.unpack(conn.read(_DONE.size))
+    tag, n_layers = _DONE.unpack(head[:_DONE.size])
     if tag != DONE or n_layers != header.num_layers:
         raise KVTransferError("the stream does not end where its header says")
     if conn.left or conn.pending:
         raise KVTransferError("bytes after the end of the stream")
+
+
+class _OlderSender(KVTransferError):
+    """A sender of the release before refused the stream version asked for (it answers
+    400 where a newer one answers in its own newest)."""
 
 
 class _Pull:
@@ -216,6 +227,7 @@ class _Pull:
         self.client, self.expect, self.sink = client, expect, sink
         target = (f"/internal/kv/{urllib.parse.quote(handle, safe='')}?"
                   f"{urllib.parse.urlencode({'start': expect.start, 'kv_version': version})}")
+        self.version = version
         self.request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{client.headers}\r\n").encode("latin-1")
         self.sock: socket.socket | None = None
         self.cancelled = False
@@ -259,9 +271,14 @@ class _Pull:
             return
 
     def _body(self, conn: _Conn, status: int, headers: dict[str, str]) -> None:
-        if status != 200:
-            raise KVTransferError(f"the prefill worker answered {status}", "refused")
         length = headers.get("content-length", "")
+        if status != 200:
+            if status == 400 and self.version > 2 and length.isdigit() and int(length) <= MAX_ERROR_BODY_BYTES:
+                conn.left = int(length)
+                body = conn.read(conn.left)
+                if b"unsupported_protocol_version" in body and b"kv_version" in body:
+                    raise _OlderSender(f"the prefill worker does not send version {self.version}", "refused")
+            raise KVTransferError(f"the prefill worker answered {status}", "refused")
         if not length.isdigit() or "transfer-encoding" in headers:
             raise KVTransferError("the stream comes without a Content-Length", "refused")
         if int(length) > stream_size(self.expect):
@@ -283,7 +300,14 @@ async def pull(client: KVClient, prefill_url: str, handle: str, expect: KVHeader
     sink any more, so that the caller may free the blocks at once."""
     version = max(VERSIONS) if version is None else version
     into = StagingSink(expect, sink) if callable(sink) else sink
-    job = _Pull(client, prefill_url, handle, expect, into, version)
+    try:
+        await _run(_Pull(client, prefill_url, handle, expect, into, version))
+    except _OlderSender:  # during a rolling upgrade: once more, in the version before
+        await _run(_Pull(client, prefill_url, handle, expect, into, 2))
+    return stream_size(expect)
+
+
+async def _run(job: _Pull) -> None:
     running = _pulls.submit(job.run)
     try:
         await asyncio.wrap_future(running)
@@ -292,7 +316,6 @@ async def pull(client: KVClient, prefill_url: str, handle: str, expect: KVHeader
         if not running.cancel():  # it has started: the socket's failure ends it soon
             concurrent.futures.wait([running])  # blocks the loop until then
         raise
-    return stream_size(expect)
 
 
 _pulls = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-pull")
