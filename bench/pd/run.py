@@ -41,7 +41,15 @@ from rich.console import Console
 from fleetwise.bench.harness import header, make_console, progress, save_plot, target_values, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
 from fleetwise.bench.pd.e2e import MODES, Prompts, complete, e2e_row, kv_counters, measure_e2e
-from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, DecodeSide, SocketCopy, measure_length, overall
+from fleetwise.bench.pd.kv import (
+    KV_TRIAL_KINDS,
+    MIN_KV_TRIALS,
+    DecodeSide,
+    SocketCopy,
+    kv_trials,
+    measure_length,
+    overall,
+)
 from fleetwise.bench.pd.report import TARGET_LENGTH, TARGETS, e2e_notes, kv_notes, plot, print_summary
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
@@ -134,7 +142,9 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                              limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
     side = DecodeSide(str(model_dir), KV_CACHE_MIB, max(MIN_BATCHED_TOKENS, lengths[-1]), auth)
     routers = {m: fleet.routers[m].url for m in MODES}
-    steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
+    per_token = kv_bytes_per_token(cfg)
+    steps = (2 * len(lengths) + sum(1 + len(KV_TRIAL_KINDS) * kv_trials(L * per_token, trials) for L in lengths)
+             + 2 * len(lengths) * repeats)
     try:
         with progress(console) as bar:
             task = bar.add_task("warm-up", total=steps)
@@ -248,7 +258,8 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
         "worker_args": worker_args, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "kv_trials_per_length": max(MIN_KV_TRIALS, repeats),
+        "kv_trials_per_length": {str(r): measures["kv_transfer"]["by_length"][str(r)]["trials"]
+                                 for r in prompt_lengths},
         "request": "streamed /v1/completions through the router, temperature 0, ignore_eos, "
                    "random token-id prompts distinct per request",
         "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull with the decode worker's client, into "
