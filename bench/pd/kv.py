@@ -177,9 +177,9 @@ class StreamReader:
             return self._read(handle)
 
     def _read(self, handle: str) -> tuple[int, float]:
-        from fleetwise.worker.kv.transfer import VERSIONS
+        from fleetwise.worker.kv.transfer import NEWEST
         t0 = time.perf_counter()
-        self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={max(VERSIONS)} HTTP/1.1\r\n"
+        self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={NEWEST} HTTP/1.1\r\n"
                           f"Host: {self.netloc}\r\n{self.head}\r\n".encode())
         data = b""
         while (end := data.find(b"\r\n\r\n")) < 0:

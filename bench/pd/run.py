@@ -53,7 +53,7 @@ from fleetwise.bench.pd.kv import (
 from fleetwise.bench.pd.report import TARGET_LENGTH, TARGETS, e2e_notes, kv_notes, plot, print_summary
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
-from fleetwise.worker.kv.transfer import VERSIONS as KV_VERSIONS
+from fleetwise.worker.kv.transfer import NEWEST as KV_NEWEST
 
 MAX_TOKENS = 32           # completion tokens per end-to-end request
 WARMUP_MAX_TOKENS = 4
@@ -267,7 +267,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
                       "connector in the benchmark's process), written by KVConnector.write_kv; http_read: the same "
                       "stream only read; baseline: loopback TCP, another process sendall()s the same number of "
                       "bytes, recv_into 4 MiB at a time; trials rotate the order of the three",
-        "kv_stream_version": max(KV_VERSIONS),
+        "kv_stream_version": KV_NEWEST,
     }
     if ctx["note"]:
         measures["notes"].insert(0, ctx["note"])

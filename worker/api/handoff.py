@@ -172,12 +172,13 @@ class Handoff:
                              finish_reason=out.finish_reason, num_cached_tokens=out.num_cached_tokens,
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
-    async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> KVStreamResponse:
+    async def kv(self, handle: str, start: int = 0, kv_version: int = 1, segment_tokens: int = 0) -> KVStreamResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer in
-        stream version `kv_version` (kv/transfer.py); on a decode worker: a drained stream's
-        context (engine/migration.py)."""
+        stream version `kv_version` (kv/transfer.py), or (version 4) an early prefill's in
+        segments of `segment_tokens` as they are computed; on a decode worker: a drained
+        stream's context (engine/migration.py)."""
         self.require("prefill", "mixed", "decode")
-        return kv_response(self.connector, self.metrics, self.faults, handle, start, kv_version)
+        return kv_response(self.connector, self.metrics, self.faults, handle, start, kv_version, segment_tokens)
 
     async def release(self, handle: str) -> Response:
         self.require("prefill", "mixed", "decode")

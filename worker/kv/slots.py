@@ -14,19 +14,21 @@ import torch
 from .transfer import KVHeader, payload_view
 
 
-def slot_runs(block_ids: list[int], block_size: int, num_tokens: int) -> list[tuple[int, int]]:
-    """The slots of `num_tokens` tokens from the first of `block_ids` on, as runs
-    (first slot, slots): consecutive blocks are one run."""
+def slot_runs(block_ids: list[int], block_size: int, num_tokens: int, lo: int = 0) -> list[tuple[int, int]]:
+    """The slots of the tokens `lo` .. `num_tokens` - 1 of `block_ids` (token t in block
+    t // block_size), as runs (first slot, slots): consecutive blocks are one run."""
     runs: list[tuple[int, int]] = []
     for j, block in enumerate(block_ids):
-        n = min(block_size, num_tokens - j * block_size)
-        if n <= 0:
-            break
-        slot = block * block_size
+        a, b = max(lo, j * block_size), min(num_tokens, (j + 1) * block_size)
+        if b <= a:
+            if b >= num_tokens:
+                break
+            continue
+        slot = block * block_size + a - j * block_size
         if runs and sum(runs[-1]) == slot:
-            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
         else:
-            runs.append((slot, n))
+            runs.append((slot, b - a))
     return runs
 
 
@@ -54,13 +56,12 @@ class KVLayers:
 
     def views(self, layer: int) -> list[memoryview] | None:
         """The layer's payload (keys then values) as byte views of the cache's own slots, so
-        that it is sent without a copy; None where it must be gathered (a cache off the CPU,
-        a range that starts inside a block)."""
+        that it is sent without a copy; None where it must be gathered (a cache off the CPU)."""
         cache = self.caches[layer]
-        if cache.device.type != "cpu" or self.lo:
+        if cache.device.type != "cpu":
             return None
         if self.runs is None:
-            self.runs = slot_runs(self.block_ids, self.bs, self.hi)
+            self.runs = slot_runs(self.block_ids, self.bs, self.hi, self.lo)
         return slot_views(cache, self.runs)
 
     def gather(self, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,11 +120,15 @@ class CacheSink:
     byte views of the blocks' slots, consecutive blocks as one view."""
 
     def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], num_tokens: int):
-        self.caches = caches
+        self.caches, self.block_ids, self.bs = caches, block_ids, block_size
         self.runs = slot_runs(block_ids, block_size, num_tokens)
 
     def views(self, layer: int) -> list[memoryview]:
         return slot_views(self.caches[layer], self.runs)
+
+    def range_views(self, layer: int, lo: int, hi: int) -> list[memoryview]:
+        """The views of the tokens `lo` .. `hi` - 1 alone (a segment of a version 4 stream)."""
+        return slot_views(self.caches[layer], slot_runs(self.block_ids, self.bs, hi, lo))
 
     def done(self, layer: int) -> None:
         pass  # the bytes are where they belong
