@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -91,14 +91,20 @@ class PrefillRequest(_Message):
     """Router -> prefill worker: compute this client request's prompt and first token."""
     kind: Kind
     request: dict  # the client's body, read by the worker as its public endpoint would
+    # answer at admission: the KV streams (segmented) while the prompt is computed, and the
+    # first token comes at the stream's end; an older prefill worker ignores it and answers late
+    kv_early: bool = False
 
 
 class PrefillAnswer(_Message):
     """Prefill worker -> router. `handle` is None when nothing is held: the first token
-    already ended the request (`finish_reason` says why)."""
+    already ended the request (`finish_reason` says why). `kv_early`: answered at admission,
+    before the prompt is computed (no first token yet): the decode worker pulls the handle
+    as a segmented stream, which ends with the first token."""
     handle: str | None
     prompt_token_ids: list[int]
-    first_token: int
+    first_token: int | None
+    kv_early: bool = False
     first_logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
@@ -112,11 +118,21 @@ class DecodeRequest(_Message):
     kind: Kind
     request: dict
     prompt_token_ids: list[int] = Field(min_length=1)
-    first_token: int = Field(ge=0)
+    first_token: int | None = Field(default=None, ge=0)  # None only with kv_early
     first_logprob: TokenLogprob | None = None
     handle: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,256}$")
+    # the handle names an early prefill (PrefillAnswer.kv_early): the first token comes with its KV
+    kv_early: bool = False
     # after `handle`, whose value its check reads; checked when left out too
     prefill_url: str | None = Field(default=None, validate_default=True)
+
+    @model_validator(mode="after")
+    def _first_token_or_early(self) -> "DecodeRequest":
+        if self.kv_early and not self.handle:
+            raise ValueError("kv_early: needs a handle, the early prefill whose stream brings the first token")
+        if not self.kv_early and self.first_token is None:
+            raise ValueError("first_token: required unless kv_early")
+        return self
 
     @field_validator("prompt_token_ids")
     @classmethod
@@ -142,6 +158,7 @@ class DecodeRequest(_Message):
     def _url_with_handle(cls, url: str | None, info: ValidationInfo) -> str | None:
         if url is None and info.data.get("handle"):
             raise ValueError("required with a handle: the prefill worker that holds the keys and values")
+
         if url is not None:
             problem = base_url_problem(url)
             if problem:

@@ -62,7 +62,7 @@ def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | m
 
 def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
     for i, frame in enumerate(frames):
-        if i == 1:  # the first layer's frame, or its head when sent in place: the checksum no longer holds
+        if i == 1:  # the first layer's frame, its head when sent in place, or a segment's head: it no longer reads
             frame = memoryview(bytearray(frame))
             frame[-1] ^= 0xFF
         yield frame
@@ -116,7 +116,7 @@ def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozense
         raise APIError(400, f"kv_version {kv_version}: this worker sends {list(KV_VERSIONS)}", param="kv_version",
                        code="unsupported_protocol_version")
     if version == SEGMENTED:
-        return _segmented_response(connector, metrics, handle, start, segment_tokens)
+        return _segmented_response(connector, metrics, faults, handle, start, segment_tokens)
     try:
         header, layers = connector.open_kv(handle, start)
     except KeyError:
@@ -134,8 +134,8 @@ def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozense
     return KVStreamResponse(frames, stream_size(header), header.payload_bytes, done)
 
 
-def _segmented_response(connector: KVConnector, metrics: WorkerMetrics, handle: str, start: int,
-                        segment_tokens: int) -> KVStreamResponse:
+def _segmented_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozenset[str], handle: str,
+                        start: int, segment_tokens: int) -> KVStreamResponse:
     if segment_tokens < 1:
         raise APIError(400, "segment_tokens: a segmented stream (kv_version 4) takes segments of at least 1 token",
                        param="segment_tokens")
@@ -154,5 +154,7 @@ def _segmented_response(connector: KVConnector, metrics: WorkerMetrics, handle: 
     def done(sent: int) -> None:
         connector.close_early(handle)
         metrics.on_kv_transfer("sent", sent)
-    return KVStreamResponse(encode_segments(header, segments, first, pinned=cuda),
-                            stream_size(header, segment_tokens), header.payload_bytes, done, _segmented)
+    frames = encode_segments(header, segments, first, pinned=cuda)
+    if CORRUPT_KV in faults:
+        frames = _corrupted(frames)
+    return KVStreamResponse(frames, stream_size(header, segment_tokens), header.payload_bytes, done, _segmented)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.engine import LLMEngine, RequestOutput
-from ..engine.sequence import SamplingParams, Sequence
+from ..engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
 from .early import EarlyPrefill, first_token, segments
@@ -189,6 +189,11 @@ class KVConnector:
         with self._lease_lock:
             self.early[handle] = EarlyPrefill(handle, num_prompt_tokens, float("inf"))
 
+    def drop_early(self, handle: str) -> None:
+        """An early prefill that was never submitted (nothing of it is pinned)."""
+        with self._lease_lock:
+            self.early.pop(handle, None)
+
     def _round_early(self) -> None:
         """The engine thread, each round: every early prefill's progress published, its blocks
         pinned; those done, unread and released (or past their time) let go."""
@@ -299,6 +304,23 @@ class KVConnector:
                                lambda layer, k, v: self.write_kv(res, layer, k, v))
         return CacheSink(self.engine.runner.kv_caches, self.engine.block_manager.block_size, res.blocks.tolist(),
                          res.num_tokens)
+
+    def activate_early(self, request_id: str, first: dict | None) -> list[RequestOutput]:
+        """A request reserved with a stand-in first token (an early prefill's, which came at
+        the end of its stream): with `first` it runs on from the pulled KV and that token;
+        without (the pull failed), it computes its prompt and first token here."""
+        seqs = self.engine.requests.get(request_id)
+        if not seqs or seqs[0].status != SequenceStatus.RESERVED:
+            return []  # aborted meanwhile
+        seq = seqs[0]
+        if first is not None:
+            seq.token_ids[-1] = first["first_token"]
+            seq.output_logprobs = [first["first_logprob"]] if first.get("first_logprob") is not None else []
+            return self.engine.activate_prefilled(request_id, True)
+        seq.token_ids.pop()  # the stand-in: the first token is sampled here
+        seq.output_logprobs, seq.skip_draws = [], 0
+        self.engine.scheduler.activate(seq, None)
+        return []
 
     def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
         """The reserved request joins the running batch (`received`) or queues to be recomputed."""
