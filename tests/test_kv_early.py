@@ -4,6 +4,7 @@ the keys and values, and the first token, that the finished prefill holds; a pre
 aborted half-way breaks the stream, and the blocks it was reading stay out of anyone else's
 hands until the stream is over."""
 
+import json
 import socket
 import threading
 import time
@@ -147,3 +148,51 @@ def test_a_segmented_stream_is_refused_where_it_cannot_be_sent(tiny_model_dir, s
     with pytest.raises(APIError) as e:
         kv_response(connector, core.metrics, frozenset(), "nobody", 0, 4, segment_tokens)
     assert e.value.status == (400 if segment_tokens == 0 else 404)
+
+
+def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_while_computing(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Through a router with FLEETWISE_KV_EARLY=1 over chunked-prefill workers: the same
+    streamed tokens as a mixed worker, the KV pulled (never recomputed) as an early prefill's
+    segmented stream, and the prefill answered before its prompt was computed."""
+    import httpx
+
+    from fleetwise.router.handoff import KV_EARLY_ENV
+
+    from .workers import start_router, start_worker, write_router_config
+    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=BS, num_blocks=512,
+                       max_num_batched_tokens=32)
+    workers = {role: start_worker(cfg, role) for role in ("mixed", "prefill", "decode")}
+    write_router_config(tmp_path / "d.yaml", "tiny", prefill=[workers["prefill"].internal_url],
+                        decode=[workers["decode"].internal_url])
+    monkeypatch.setenv(KV_EARLY_ENV, "1")
+    router = start_router(tmp_path / "d.yaml")
+    prefill = workers["prefill"].core
+    answered_at: list[int] = []
+    connector = prefill.kv_connector
+    expect_early = connector.expect_early
+
+    def noted(handle, n):  # how far the engine had got when the answer was made: nothing yet
+        expect_early(handle, n)
+        answered_at.append(connector.early[handle].progress.computed)
+    connector.expect_early = noted
+    try:
+        for prompt in [list(range(5, 205)), list(range(7, 40))]:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
+            want = httpx.post(workers["mixed"].url + "/v1/completions", json=body, timeout=60).text
+            got = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+            assert got.status_code == 200
+
+            def texts(sse: str) -> list[str]:
+                events = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+                return [e["choices"][0]["text"] for e in events if e["choices"]]
+            assert texts(got.text) == texts(want) and "".join(texts(want))
+        metrics = workers["decode"].core.metrics
+        assert sum(metrics.kv_recomputes.labels(model_name="tiny", role="decode", reason=r)._value.get()
+                   for r in ("corrupt", "mismatch", "refused", "unreachable", "no_blocks")) == 0
+        assert answered_at == [0, 0]
+        workers["prefill"].wait_idle()
+    finally:
+        router.stop()
+        for w in workers.values():
+            w.stop()
