@@ -95,12 +95,18 @@ def received(model_dir, header, stream: bytes) -> tuple[list[tuple[torch.Tensor,
     return list(KVLayers(core.runner.kv_caches, BS, res.blocks.tolist(), 0, res.num_tokens)), first
 
 
-def test_a_stream_read_while_chunks_compute_carries_the_kv_and_first_token_of_the_finished_prefill(tiny_model_dir):
-    core, connector = engine(tiny_model_dir)
+def early_prefill(model_dir) -> tuple[LLMEngine, KVConnector, Reader]:
+    """An early prefill of PROMPT, its segmented stream being read in a thread."""
+    core, connector = engine(model_dir)
     connector.expect_early("p", len(PROMPT))
     core.add_request("p", PROMPT, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
     reader = Reader(connector, "p")
     reader.start()
+    return core, connector, reader
+
+
+def test_a_stream_read_while_chunks_compute_carries_the_kv_and_first_token_of_the_finished_prefill(tiny_model_dir):
+    core, connector, reader = early_prefill(tiny_model_dir)
     step_until_done(core, connector, reader)
     assert reader.error is None
     assert len(reader.stream) == stream_size(reader.header, SEGMENT)
@@ -125,11 +131,7 @@ def test_a_stream_read_while_chunks_compute_carries_the_kv_and_first_token_of_th
 
 
 def test_an_aborted_prefill_breaks_its_stream_and_its_read_blocks_stay_pinned_until_released(tiny_model_dir):
-    core, connector = engine(tiny_model_dir)
-    connector.expect_early("p", len(PROMPT))
-    core.add_request("p", PROMPT, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    reader = Reader(connector, "p")
-    reader.start()
+    core, connector, reader = early_prefill(tiny_model_dir)
     step_until_done(core, connector, reader, stop_after=2 * CHUNK)
     assert isinstance(reader.error, KVTransferError) and "ended (abort)" in str(reader.error)
     pinned = connector.early["p"].pin.block_table
