@@ -22,9 +22,9 @@ import torch
 
 from ..engine.sequence import Sequence
 from .slots import KVLayers
-from .transfer import KVTransferError
+from .transfer import SEGMENT_WAIT_S, KVTransferError
 
-WAIT_SECONDS = 30.0  # the longest a stream waits for the next segment to be computed
+WAIT_SECONDS = SEGMENT_WAIT_S  # the longest a stream waits for the next segment to be computed
 
 
 @dataclass

@@ -18,7 +18,7 @@ it is checked (the response head against `MAX_RESPONSE_HEAD_BYTES`, its Content-
 against what the token range takes, the header against `MAX_KV_HEADER_BYTES`, each frame
 against this worker's shape); a response without a Content-Length, with any status but 200
 (redirects are not followed), or with bytes past the stream is refused. Connect and read
-time out (`CONNECT_TIMEOUT_S`, `READ_TIMEOUT_S`).
+time out (`CONNECT_TIMEOUT_S`, `READ_TIMEOUT_S`; a segmented stream's read waits `SEGMENT_WAIT_S` more).
 """
 
 import asyncio
@@ -278,6 +278,7 @@ class _Pull:
         target = f"/internal/kv/{urllib.parse.quote(handle, safe='')}?{urllib.parse.urlencode(query)}"
         self.size = stream_size(expect, segment_tokens)
         self.first: dict | None = None
+        self.segmented = bool(segment_tokens)
         self.version = version
         self.request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n{client.headers}\r\n").encode("latin-1")
         self.sock: socket.socket | None = None
@@ -302,6 +303,8 @@ class _Pull:
                 sock.close()
                 raise KVTransferError("the pull was cancelled", "unreachable")
             conn = _Conn(sock)
+            if self.segmented:  # the prefill worker sends each segment once it has computed it
+                sock.settimeout(kt.SEGMENT_WAIT_S + READ_TIMEOUT_S)
             try:
                 sock.sendall(self.request)
                 status, headers = conn.head()
@@ -318,6 +321,7 @@ class _Pull:
             if headers.get("connection", "").lower() == "close":
                 sock.close()
             else:
+                sock.settimeout(READ_TIMEOUT_S)
                 self.client.keep(self.key, sock)
             return
 

@@ -78,6 +78,7 @@ NEWEST = max(v for v in VERSIONS if v != SEGMENTED)  # what a receiver asks for 
 FIRST_BYTES = 4096  # the first-token frame's JSON, padded: the stream's length is known up front
 MAX_SEGMENTS = 4096  # a segmented stream in more segments than this is refused
 FLUSH = b""  # yielded after each segment by encode_segments: not sent
+SEGMENT_WAIT_S = 300.0  # the longest a segmented stream pauses between two segments (a prefill in progress)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
