@@ -212,7 +212,8 @@ class KVConnector:
             if seqs:
                 early.seen = True
                 self._publish(early, seqs[0], None)
-            elif early.seen:  # gone without request_finished: it never ran
+            elif early.seen or now - early.created > self.lease_seconds:  # gone, or never came: it never ran
+                early.deadline = 0.0
                 early.publish(early.progress.computed, early.progress.block_ids, broken="ended")
 
     def _publish(self, early: EarlyPrefill, seq: Sequence, reason: str | None) -> None:

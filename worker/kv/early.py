@@ -42,6 +42,7 @@ class EarlyPrefill:
     def __init__(self, handle: str, num_prompt_tokens: int, deadline: float):
         self.handle, self.num_prompt_tokens = handle, num_prompt_tokens
         self.deadline = deadline       # until which it waits for a reader once finished
+        self.created = time.monotonic()
         self.cond = threading.Condition()
         self.progress = Progress()
         self.pin: Sequence | None = None   # holds the pinned blocks (engine thread only)
