@@ -55,10 +55,15 @@ def bench_pd(
     prompt_lengths: str = typer.Option("256,512,1024,2048,4096,8192", "--prompt-lengths",
                                        help="Comma-separated prompt lengths."),
     repeats: int = typer.Option(3, "--repeats", help="Requests per prompt length and mode."),
+    kv_early: bool = typer.Option(False, "--kv-early", help="Early handoffs: the KV streams while the prompt is "
+                                                            "computed (the router's FLEETWISE_KV_EARLY=1)."),
+    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Every worker's token budget per step (chunked "
+                                                                  "prefill); default: the longest prompt in one."),
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
     run_pd_bench = _bench("fleetwise.bench.pd.run", "run_pd_bench")
-    run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats)
+    run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats,
+                 kv_early=kv_early, chunk_tokens=chunk_tokens)
 
 
 @bench_app.command("pd-load")

@@ -35,7 +35,9 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
 The KV stream carries its own format version (`KV_STREAM_VERSION`, in its preamble), checked
 the same way by the receiver. The receiver names the version it wants in the pull's query
 (`kv_version`); a sender that does not know the parameter sends version 1, which receivers
-still read (`KV_STREAM_VERSIONS`).
+still read (`KV_STREAM_VERSIONS`), and one asked for a version newer than it sends answers in
+its newest (a sender of the release before, which answers 400 instead, is asked again for
+version 2).
 
 Every internal call is authenticated by a shared secret, `Authorization: Bearer <token>`,
 read from a file (`--internal-token-file` or `FLEETWISE_INTERNAL_TOKEN_FILE`): the router
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -69,8 +71,10 @@ AUTH_HEADER = "authorization"
 TOKEN_FILE_ENV = "FLEETWISE_INTERNAL_TOKEN_FILE"
 MIN_TOKEN_CHARS = 16
 
-KV_STREAM_VERSION = 2  # what a receiver asks for; 2: CRC-32C frame checksums (worker/kv/transfer.py)
-KV_STREAM_VERSIONS = (1, 2)  # read and sent on request; 1 until the release after next
+KV_STREAM_VERSION = 3  # what a receiver asks for; 2: CRC-32C, 3: CRC-32 by zlib-ng (worker/kv/transfer.py)
+KV_STREAM_VERSIONS = (1, 2, 3, 4)  # read and sent on request; 1 until the release after next
+# 4: a segmented stream (the prompt in segments of tokens, every layer of each, then the first
+# token), sent while the prefill is still computing; only when asked for by number
 MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -87,14 +91,20 @@ class PrefillRequest(_Message):
     """Router -> prefill worker: compute this client request's prompt and first token."""
     kind: Kind
     request: dict  # the client's body, read by the worker as its public endpoint would
+    # answer at admission: the KV streams (segmented) while the prompt is computed, and the
+    # first token comes at the stream's end; an older prefill worker ignores it and answers late
+    kv_early: bool = False
 
 
 class PrefillAnswer(_Message):
     """Prefill worker -> router. `handle` is None when nothing is held: the first token
-    already ended the request (`finish_reason` says why)."""
+    already ended the request (`finish_reason` says why). `kv_early`: answered at admission,
+    before the prompt is computed (no first token yet): the decode worker pulls the handle
+    as a segmented stream, which ends with the first token."""
     handle: str | None
     prompt_token_ids: list[int]
-    first_token: int
+    first_token: int | None
+    kv_early: bool = False
     first_logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
@@ -108,11 +118,21 @@ class DecodeRequest(_Message):
     kind: Kind
     request: dict
     prompt_token_ids: list[int] = Field(min_length=1)
-    first_token: int = Field(ge=0)
+    first_token: int | None = Field(default=None, ge=0)  # None only with kv_early
     first_logprob: TokenLogprob | None = None
     handle: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,256}$")
+    # the handle names an early prefill (PrefillAnswer.kv_early): the first token comes with its KV
+    kv_early: bool = False
     # after `handle`, whose value its check reads; checked when left out too
     prefill_url: str | None = Field(default=None, validate_default=True)
+
+    @model_validator(mode="after")
+    def _first_token_or_early(self) -> "DecodeRequest":
+        if self.kv_early and not self.handle:
+            raise ValueError("kv_early: needs a handle, the early prefill whose stream brings the first token")
+        if not self.kv_early and self.first_token is None:
+            raise ValueError("first_token: required unless kv_early")
+        return self
 
     @field_validator("prompt_token_ids")
     @classmethod
@@ -138,6 +158,7 @@ class DecodeRequest(_Message):
     def _url_with_handle(cls, url: str | None, info: ValidationInfo) -> str | None:
         if url is None and info.data.get("handle"):
             raise ValueError("required with a handle: the prefill worker that holds the keys and values")
+
         if url is not None:
             problem = base_url_problem(url)
             if problem:

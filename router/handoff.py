@@ -11,9 +11,15 @@ released at once. A decode replica that routes around a slow KV link from the pr
 replica that answered (its `avoid`, set by the fault loop's `avoid_link`) is not chosen for
 that handoff, unless every available decode replica avoids it: then any is (a slow link is
 slower, not broken, and the avoidance must never turn into refusals).
+
+With `FLEETWISE_KV_EARLY=1` in its environment (once every decode worker takes early
+handoffs) the router asks for early prefills: the prefill replica answers at admission, and
+the decode request goes at once, its worker pulling the KV while the prompt is computed
+(worker/kv/early.py); a prefill replica of an older release answers late, as before.
 """
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,6 +41,7 @@ from .upstream import Upstream
 LEASES_FULL = "kv_leases_full"
 LEASE_BACKOFF = 0.05  # seconds before the first prefill sent again; doubles each time
 LEASE_RETRIES = 5     # prefills sent again on kv_leases_full (1.55 s in all) before the client gets the 429
+KV_EARLY_ENV = "FLEETWISE_KV_EARLY"  # "1": early handoffs (the KV streams while the prompt is computed)
 
 Caller = Callable[..., Awaitable[Upstream]]  # Router.call
 _PREFILL_RETRY = frozenset({RESET, TIMEOUT})
@@ -45,6 +52,7 @@ class Handoffs:
                  session: Callable[[], aiohttp.ClientSession | None], stream_retry: frozenset[str]):
         self.call, self.migrating, self.metrics, self.session = call, migrating, metrics, session
         self.stream_retry = stream_retry
+        self.kv_early = os.environ.get(KV_EARLY_ENV) == "1"
         self.background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
 
     async def disaggregated(self, route: ModelRoute, kind: str, body: dict, subs: list[tuple[dict, int]],
@@ -70,7 +78,8 @@ class Handoffs:
         return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
 
     async def prefill(self, route: ModelRoute, kind: str, body: dict, keys: list[int]) -> Upstream:
-        payload = orjson.dumps({"kind": kind, "request": body})  # a PrefillRequest: orjson costs a tenth of pydantic
+        payload = orjson.dumps({"kind": kind, "request": body,  # a PrefillRequest: orjson costs a tenth of pydantic
+                                **({"kv_early": True} if self.kv_early else {})})
         delay = LEASE_BACKOFF
         for attempt in range(LEASE_RETRIES + 1):
             # a prefill is bounded work (one token): after a broken connection or a timeout it is
@@ -99,7 +108,7 @@ class Handoffs:
         # a DecodeRequest, from a validated PrefillAnswer
         dbody = orjson.dumps({"kind": kind, "request": body, "prompt_token_ids": first.prompt_token_ids,
                               "first_token": first.first_token, "first_logprob": first.first_logprob,
-                              "handle": first.handle, "prefill_url": prefill_url})
+                              "handle": first.handle, "prefill_url": prefill_url, "kv_early": first.kv_early})
         taken = False
         try:
             decodes = paired(route.replicas["decode"], prefill_url, time.time())

@@ -31,13 +31,17 @@ def prefill_call(worker, request: dict) -> httpx.Response:
     return internal("POST", worker, "/internal/prefill", json={"kind": "completion", "request": request})
 
 
-def handoff(prefill, decode, kind: str, request: dict) -> httpx.Response:
-    p = internal("POST", prefill, "/internal/prefill", json={"kind": kind, "request": request}, timeout=30)
+def handoff(prefill, decode, kind: str, request: dict, early: bool = False) -> httpx.Response:
+    """As the router hands a request over; `early`: the prefill answers at admission and the
+    decode worker's pull runs while the prompt is computed, the first token at its end."""
+    p = internal("POST", prefill, "/internal/prefill", json={"kind": kind, "request": request, "kv_early": early},
+                 timeout=30)
     assert p.status_code == 200, p.text
     first = p.json()
+    assert (first["first_token"] is None and first["handle"]) if early else first["first_token"] is not None
     body = {"kind": kind, "request": request, "prompt_token_ids": first["prompt_token_ids"],
             "first_token": first["first_token"], "first_logprob": first["first_logprob"],
-            "prefill_url": prefill.internal_url, "handle": first["handle"]}
+            "prefill_url": prefill.internal_url, "handle": first["handle"], "kv_early": early}
     return internal("POST", decode, "/internal/decode", json=body, timeout=30)
 
 
@@ -49,11 +53,13 @@ def recomputes(worker, reason: str) -> float:
 PROMPTS = ["the router hands prompts to", "a decode worker generates " * 9, "x", "café 🙂 " * 20]
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_handoff_gives_the_mixed_workers_tokens(fleet, prompt):
+def test_handoff_gives_the_mixed_workers_tokens(fleet, prompt, early):
     request = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
     want = httpx.post(fleet["mixed"].url + "/v1/completions", json=request, timeout=30).json()
-    got = handoff(fleet["prefill"], fleet["decode"], "completion", request)
+    recomputed = sum(recomputes(fleet["decode"], r) for r in ("corrupt", "mismatch", "refused", "unreachable"))
+    got = handoff(fleet["prefill"], fleet["decode"], "completion", request, early)
     assert got.status_code == 200, got.text
     got = got.json()
     assert got["choices"][0]["text"] == want["choices"][0]["text"]
@@ -61,15 +67,18 @@ def test_handoff_gives_the_mixed_workers_tokens(fleet, prompt):
     assert got["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
         want["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4)
     assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    assert sum(recomputes(fleet["decode"], r) for r in ("corrupt", "mismatch", "refused", "unreachable")) == recomputed
     fleet["prefill"].wait_idle()  # the decode worker released the lease
     fleet["decode"].wait_idle()
+    assert not fleet["prefill"].core.kv_connector.early or early  # an early one goes in the next round
 
 
-def test_streamed_chat_handoff_and_seeded_sampling(fleet):
+@pytest.mark.parametrize("early", [False, True])
+def test_streamed_chat_handoff_and_seeded_sampling(fleet, early):
     request = {"model": "tiny", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 20,
                "temperature": 0.9, "seed": 42, "stream": True}
     want = httpx.post(fleet["mixed"].url + "/v1/chat/completions", json=request, timeout=30).text
-    got = handoff(fleet["prefill"], fleet["decode"], "chat", request)
+    got = handoff(fleet["prefill"], fleet["decode"], "chat", request, early)
 
     def content(sse: str) -> str:
         import json
@@ -103,6 +112,11 @@ def test_handoff_recomputes_the_prompt_when_transfer_fails(tiny_model_dir, tmp_p
             assert r.json()["choices"][0]["text"] == want
             assert recomputes(decode, reason) == before + 1
             prefill.wait_idle()
+        # an early prefill whose stream is corrupt: its prompt and first token are computed here
+        before = recomputes(decode, "corrupt")
+        r = handoff(corrupt, decode, "completion", request, early=True)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert recomputes(decode, "corrupt") == before + 1
         # a handle nobody holds: refused, recomputed
         before = recomputes(decode, "refused")
         body["handle"], body["prefill_url"] = "no-such-handle", corrupt.internal_url

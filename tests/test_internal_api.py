@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from fleetwise.cli import app as cli
 from fleetwise.protocol import KVHeader
+from fleetwise.worker.api import kv_stream
 from fleetwise.worker.engine.config import EngineConfig
 from fleetwise.worker.engine.engine import LLMEngine
 from fleetwise.worker.engine.sequence import SamplingParams
@@ -276,10 +277,10 @@ class _Layers:
         return out
 
 
-def test_kv_streams_of_both_versions_carry_the_same_tensors_and_a_flipped_byte_is_caught():
+def test_kv_streams_of_every_version_carry_the_same_tensors_and_a_flipped_byte_is_caught():
     import torch
     layers = [(torch.randn(3, 2, 4), torch.randn(3, 2, 4)) for _ in range(2)]
-    for version in (1, 2):
+    for version in (v for v in transfer.VERSIONS if v != transfer.SEGMENTED):  # 4: test_kv_early.py
         stream = b"".join(bytes(f) for f in transfer.encode(EXPECT, _Layers(layers), version))
         assert struct.unpack("<H", stream[4:6])[0] == version and len(stream) == transfer.stream_size(EXPECT)
         got = _decode(EXPECT, stream)
@@ -294,10 +295,11 @@ def test_kv_streams_of_both_versions_carry_the_same_tensors_and_a_flipped_byte_i
             _decode(EXPECT, stream[:-30])
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, tiny_model_dir, version):
-    """A decode worker asks for the newest version; a sender of the previous release ignores
-    the parameter and answers version 1, which still reads. Pulled into a decode worker's
+@pytest.mark.parametrize("version", [1, 2, 3, "older"])
+def test_a_pull_in_every_stream_version_fills_the_same_kv(fleet, tiny_model_dir, version, monkeypatch):
+    """A decode worker asks for the newest version; a sender of an older release ignores
+    the parameter and answers version 1, which still reads, or ("older") refuses version 3
+    and is asked again for version 2. Pulled into a decode worker's
     reserved blocks (straight into its paged cache), the keys and values are the prefill
     worker's, byte for byte, and a second pull reuses the connection."""
     import torch
@@ -311,6 +313,9 @@ def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, tiny_model_dir
     want = list(connector.open_kv(first["handle"])[1])
     connector.close_kv(first["handle"])
     client = KVClient({"Authorization": f"Bearer {p.token}"})
+    asked: list[int] = []
+    if version == "older":  # the release before: versions 1 and 2, a 400 for any other
+        monkeypatch.setattr(kv_stream, "answer_version", lambda v: asked.append(v) or (v if v in (1, 2) else None))
     try:
         for _ in range(2):
             res = decode.reserve_kv(f"pull-{version}-{_}", first["prompt_token_ids"], first["first_token"],
@@ -318,13 +323,14 @@ def test_a_pull_in_either_stream_version_fills_the_same_kv(fleet, tiny_model_dir
             assert res is not None and res.start == 0
             try:
                 n = asyncio.run(pull(client, p.internal_url, first["handle"], expect, decode.kv_sink(res),
-                                     version=version))
+                                     version=None if version == "older" else version))
                 assert n == transfer.stream_size(expect)
                 got = list(KVLayers(engine.runner.kv_caches, 8, res.blocks.tolist(), 0, res.num_tokens))
                 assert all(torch.equal(a, b) for pair, w in zip(got, want) for a, b in zip(pair, w))
             finally:
                 engine.abort_request(res.request_id)
         assert sum(map(len, client.idle.values())) == 1  # kept alive and used again
+        assert asked == ([3, 2] * 2 if version == "older" else [])
     finally:
         client.close()
         internal("DELETE", p, f"/internal/kv/{first['handle']}")
@@ -341,6 +347,18 @@ def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo):
     layers = KVLayers(caches, bs, blocks, lo, n)
     for i, (k, v) in enumerate(layers):
         assert torch.equal(k, caches[i][0, slots[lo:]]) and torch.equal(v, caches[i][1, slots[lo:]])
+    # seen in place, the layers make the stream a gather makes, byte for byte
+    class Gathered:
+        def __len__(self):
+            return len(layers)
+
+        def gather(self, layer, out):
+            return layers.gather(layer, out)
+    header = KVHeader("m", "float32", 2, 2, 3, lo, n - lo)
+    in_place = list(transfer.encode(header, layers, transfer.VERSION))
+    assert len(in_place) > 2 + 2 + 1 and all(isinstance(f, memoryview) for f in in_place[2:4])
+    assert b"".join(map(bytes, in_place)) == b"".join(map(bytes, transfer.encode(header, Gathered(),
+                                                                                 transfer.VERSION)))
     sink = CacheSink(caches, bs, blocks, n)
     views = sink.views(1)
     assert len(views) == 2 * 3 and sum(map(len, views)) == 2 * n * 2 * 3 * 4

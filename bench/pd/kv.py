@@ -28,10 +28,19 @@ from rich.progress import Progress, TaskID
 from fleetwise.bench.harness import process_cpu_seconds, summary
 
 MIN_KV_TRIALS = 5         # KV pulls (and socket copies) per prompt length, at least
+# short streams get more trials, so that each kind moves at least this many bytes per length:
+# a short pull's time is a few scheduler waits on a busy machine, and its median needs more of them
+KV_TRIAL_BYTES = 128 << 20
+MAX_KV_TRIALS = 41
 # per KV trial: the full pull as the decode worker does it, the same stream only read off the
 # wire (what the prefill side and HTTP cost without the receiver's checks and copies), and the
 # raw socket copy of the same number of bytes
 KV_TRIAL_KINDS = ("kv", "http_read", "socket")
+
+
+def kv_trials(stream_bytes: int, at_least: int = MIN_KV_TRIALS) -> int:
+    """Trials of each kind for a stream of `stream_bytes`: `at_least`, more for short streams."""
+    return max(at_least, min(MAX_KV_TRIALS, -(-KV_TRIAL_BYTES // max(1, stream_bytes))))
 
 
 def stats(values: Sequence[float | None]) -> dict | None:
@@ -168,9 +177,9 @@ class StreamReader:
             return self._read(handle)
 
     def _read(self, handle: str) -> tuple[int, float]:
-        from fleetwise.worker.kv.transfer import VERSIONS
+        from fleetwise.worker.kv.transfer import NEWEST
         t0 = time.perf_counter()
-        self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={max(VERSIONS)} HTTP/1.1\r\n"
+        self.sock.sendall(f"GET /internal/kv/{handle}?kv_version={NEWEST} HTTP/1.1\r\n"
                           f"Host: {self.netloc}\r\n{self.head}\r\n".encode())
         data = b""
         while (end := data.find(b"\r\n\r\n")) < 0:
@@ -284,8 +293,8 @@ async def _trials(side: DecodeSide, url: str, handle: str, prompt: list[int], fi
 async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: str, mid: str, prompt: list[int],
                          trials: int, sock: SocketCopy, progress: Progress, task: TaskID, notes: list[str],
                          sender_pid: int | None = None) -> dict:
-    """One prompt's KV, prefilled once and pulled `trials` times of each kind: the row of its
-    length in the result. `mid`: the model id of the files the workers serve; `sender_pid`:
+    """One prompt's KV, prefilled once and pulled `kv_trials(its stream, trials)` times of
+    each kind: the row of its length in the result. `mid`: the model id of the files the workers serve; `sender_pid`:
     the prefill worker's process, whose CPU time the pulls take is measured."""
     L = len(prompt)
     progress.update(task, description=f"KV transfer: prefill {L}")
@@ -294,6 +303,7 @@ async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: st
         notes.append(f"the prefill worker's model id {first['model_id']} differs from the files' {mid}")
     progress.advance(task)
     expect = side.connector.header(0, L)
+    trials = kv_trials(expect.payload_bytes * expect.num_layers, trials)
     try:
         nbytes, times, cpu = await _trials(side, prefill_url, first["handle"], prompt, first["first_token"],
                                            trials, sock, progress, task, sender_pid)
@@ -313,6 +323,7 @@ async def measure_length(http: Any, side: DecodeSide, prefill_url: str, name: st
         "kv_bps_best": nbytes / min(times["kv"]), "socket_bps_best": nbytes / min(times["socket"]),
         "ratio": med["socket"] / med["kv"], "ratio_best": min(times["socket"]) / min(times["kv"]),
         "http_read_ratio": med["socket"] / med["http_read"],
+        "trials": trials,
         "cpu_ms_per_pull": {side: 1e3 * seconds / trials for side, seconds in cpu.items()},
     }
 

@@ -41,11 +41,20 @@ from rich.console import Console
 from fleetwise.bench.harness import header, make_console, progress, save_plot, target_values, write_json, wrote
 from fleetwise.bench.models import kv_bytes_per_token, preset_model
 from fleetwise.bench.pd.e2e import MODES, Prompts, complete, e2e_row, kv_counters, measure_e2e
-from fleetwise.bench.pd.kv import KV_TRIAL_KINDS, MIN_KV_TRIALS, DecodeSide, SocketCopy, measure_length, overall
+from fleetwise.bench.pd.kv import (
+    KV_TRIAL_KINDS,
+    MIN_KV_TRIALS,
+    DecodeSide,
+    SocketCopy,
+    kv_trials,
+    measure_length,
+    overall,
+)
 from fleetwise.bench.pd.report import TARGET_LENGTH, TARGETS, e2e_notes, kv_notes, plot, print_summary
 from fleetwise.net import free_port
 from fleetwise.procs import Process, ProcessError, fleetwise_argv, stop_all, wait_healthy
-from fleetwise.worker.kv.transfer import VERSIONS as KV_VERSIONS
+from fleetwise.router.handoff import KV_EARLY_ENV
+from fleetwise.worker.kv.transfer import NEWEST as KV_NEWEST
 
 MAX_TOKENS = 32           # completion tokens per end-to-end request
 WARMUP_MAX_TOKENS = 4
@@ -71,12 +80,13 @@ class Fleet:
         return [self.prefill, self.decode, self.mixed]
 
 
-def _server(name: str, args: list[str], logs: Path) -> Process:
+def _server(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None) -> Process:
     port = free_port()
-    return Process(name, fleetwise_argv(*args, "--port", str(port)), logs / f"{name}.log", f"http://127.0.0.1:{port}")
+    return Process(name, fleetwise_argv(*args, "--port", str(port)), logs / f"{name}.log", f"http://127.0.0.1:{port}",
+                   env=env or {})
 
 
-def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
+def plan_fleet(model_dir: Path, worker_args: list[str], out: Path, kv_early: bool = False) -> Fleet:
     """The processes, not yet started; the routers' configs written under OUT. Workers and
     routers share a fresh internal token, as under `fleetwise up`."""
     import yaml
@@ -97,7 +107,8 @@ def plan_fleet(model_dir: Path, worker_args: list[str], out: Path) -> Fleet:
     for mode, cfg in configs.items():
         path = out / f"router-{mode}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path), *token], logs)
+        early = {KV_EARLY_ENV: "1"} if kv_early and mode == "disaggregated" else None  # early handoffs
+        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path), *token], logs, early)
     return fleet
 
 
@@ -134,7 +145,9 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
                              limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
     side = DecodeSide(str(model_dir), KV_CACHE_MIB, max(MIN_BATCHED_TOKENS, lengths[-1]), auth)
     routers = {m: fleet.routers[m].url for m in MODES}
-    steps = 2 * len(lengths) + len(lengths) * (1 + len(KV_TRIAL_KINDS) * trials) + 2 * len(lengths) * repeats
+    per_token = kv_bytes_per_token(cfg)
+    steps = (2 * len(lengths) + sum(1 + len(KV_TRIAL_KINDS) * kv_trials(L * per_token, trials) for L in lengths)
+             + 2 * len(lengths) * repeats)
     try:
         with progress(console) as bar:
             task = bar.add_task("warm-up", total=steps)
@@ -215,8 +228,12 @@ def _print_setup(console: Console, model_dir: Path, cfg: dict, ctx: dict, length
 
 
 def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
-                 prompt_lengths: list[int] | None = None, repeats: int = 3) -> dict:
-    """Start the fleet, measure, stop it; write OUT/pd.json and OUT/pd.png. Returns the report."""
+                 prompt_lengths: list[int] | None = None, repeats: int = 3, kv_early: bool = False,
+                 chunk_tokens: int | None = None) -> dict:
+    """Start the fleet, measure, stop it; write OUT/pd.json and OUT/pd.png. Returns the report.
+    `kv_early`: the disaggregated router hands over early (the KV streams while the prompt is
+    computed); `chunk_tokens`: every worker's token budget per step (chunked prefill), by
+    default one step holds the longest prompt."""
     console = make_console(150)
     prompt_lengths = sorted(set(prompt_lengths or [256, 512, 1024, 2048, 4096, 8192]))
     if prompt_lengths[0] < 1:
@@ -229,9 +246,11 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
     model_dir, ctx = _model_dir(out, preset, need, console)
     name = model_dir.name
     batched = max(MIN_BATCHED_TOKENS, need)
-    worker_args = ["--kv-cache-mib", str(KV_CACHE_MIB), "--max-num-batched-tokens", str(batched),
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise SystemExit("error: --chunk-tokens must be at least 1")
+    worker_args = ["--kv-cache-mib", str(KV_CACHE_MIB), "--max-num-batched-tokens", str(chunk_tokens or batched),
                    "--kv-lease-seconds", str(KV_LEASE_SECONDS), "--served-model-name", name]
-    fleet = plan_fleet(model_dir, worker_args, out)
+    fleet = plan_fleet(model_dir, worker_args, out, kv_early)
 
     load_before = os.getloadavg()
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -245,10 +264,11 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
         "model_dir": str(model_dir), "model_name": name, "preset": preset, **ctx,
         "prompt_lengths": prompt_lengths, "repeats": repeats, "max_tokens": MAX_TOKENS,
         "kv_cache_mib": KV_CACHE_MIB, "max_num_batched_tokens": batched, "kv_lease_seconds": KV_LEASE_SECONDS,
-        "worker_args": worker_args, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "kv_early": kv_early, "worker_args": worker_args, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "kv_trials_per_length": max(MIN_KV_TRIALS, repeats),
+        "kv_trials_per_length": {str(r): measures["kv_transfer"]["by_length"][str(r)]["trials"]
+                                 for r in prompt_lengths},
         "request": "streamed /v1/completions through the router, temperature 0, ignore_eos, "
                    "random token-id prompts distinct per request",
         "kv_measure": "GET /internal/kv/{handle} through kv_transfer.pull with the decode worker's client, into "
@@ -256,7 +276,7 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
                       "connector in the benchmark's process), written by KVConnector.write_kv; http_read: the same "
                       "stream only read; baseline: loopback TCP, another process sendall()s the same number of "
                       "bytes, recv_into 4 MiB at a time; trials rotate the order of the three",
-        "kv_stream_version": max(KV_VERSIONS),
+        "kv_stream_version": KV_NEWEST,
     }
     if ctx["note"]:
         measures["notes"].insert(0, ctx["note"])

@@ -33,8 +33,8 @@ from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
-from ..kv.pull import KVClient, pull
-from ..kv.transfer import KVTransferError, client_session
+from ..kv.pull import KVClient, pull, pull_segments
+from ..kv.transfer import KVTransferError, client_session, stream_size
 from .export import add_export_route
 from .kv_stream import KVStreamResponse, kv_response
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
@@ -44,6 +44,7 @@ from .service import WorkerAPI, engine_request_id
 log = logging.getLogger(__name__)
 
 LEASES_FULL_RETRY_SECONDS = 1  # leases go as decode workers pull them: soon
+KV_SEGMENT_TOKENS = 256  # an early prefill's stream: tokens per segment (a segment goes once computed)
 
 
 async def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
@@ -77,11 +78,27 @@ def _check_tokens(body: DecodeRequest, vocab: int) -> None:
     if bad is not None:
         raise _error(400, f"prompt_token_ids: token id {bad} is outside the vocabulary (0..{vocab - 1})",
                      "prompt_token_ids")
-    if body.first_token >= vocab:
+    if body.first_token is not None and body.first_token >= vocab:
         raise _error(400, f"first_token: token id {body.first_token} is outside the vocabulary (0..{vocab - 1})",
                      "first_token")
     if body.first_logprob is not None and any(t >= vocab for t, _ in body.first_logprob[1]):
         raise _error(400, f"first_logprob: a token id is outside the vocabulary (0..{vocab - 1})", "first_logprob")
+
+
+def _first_token(first: dict | None, vocab: int) -> dict | None:
+    """A segmented stream's first token, when it is this model's (else the prompt is recomputed)."""
+    if first is None:
+        return None
+    token, logprob = first.get("first_token"), first.get("first_logprob")
+    if not isinstance(token, int) or not 0 <= token < vocab:
+        log.warning("an early prefill's first token %r is not this model's; recomputing the prompt", token)
+        return None
+    try:
+        if logprob is not None and not all(isinstance(t, int) and 0 <= t < vocab for t, _ in logprob[1]):
+            return None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return first
 
 
 def add_handoff_routes(app: FastAPI, api: WorkerAPI, connector: KVConnector, faults: frozenset[str] = frozenset(),
@@ -158,6 +175,8 @@ class Handoff:
         blocks = api.core.block_manager.blocks_needed(len(prompt) + 1) if hold else 0
         if hold:
             self._leases_full(self.connector.admit_lease(blocks))
+        if hold and body.kv_early:
+            return self._early(prompt, params, blocks)
         try:
             rid = api.submit(prompt, dataclasses.replace(params, max_tokens=1), hold_kv=hold)
             [(_, out)] = await api.collect(tagged(0, self.engine.stream(rid, 1)), request)
@@ -172,12 +191,42 @@ class Handoff:
                              finish_reason=out.finish_reason, num_cached_tokens=out.num_cached_tokens,
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
-    async def kv(self, handle: str, start: int = 0, kv_version: int = 1) -> KVStreamResponse:
+    def _early(self, prompt: list[int], params: SamplingParams, blocks: int) -> PrefillAnswer:
+        """An early prefill: submitted and answered at once; its KV streams while it is
+        computed (kv/early.py), and its outputs are drained here until it ends."""
+        rid = engine_request_id()
+        self.connector.expect_early(rid, len(prompt))
+        try:
+            self.api.submit(prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True, request_id=rid)
+        except BaseException:
+            self.connector.drop_early(rid)
+            self.connector.end_admission(blocks)
+            raise
+
+        async def drain() -> None:
+            try:
+                async for _ in self.engine.stream(rid, 1):
+                    pass
+            except Exception as e:  # the engine failed it: the stream breaks, the decode side recomputes
+                log.warning("early prefill %s failed: %s", rid, e)
+            finally:
+                self.connector.end_admission(blocks)
+        self._background(drain())
+        return PrefillAnswer(handle=rid, prompt_token_ids=prompt, first_token=None, kv_early=True,
+                             model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self.background.discard)
+
+    async def kv(self, handle: str, start: int = 0, kv_version: int = 1, segment_tokens: int = 0) -> KVStreamResponse:
         """The held prompt's keys and values from token `start`, streamed layer by layer in
-        stream version `kv_version` (kv/transfer.py); on a decode worker: a drained stream's
-        context (engine/migration.py)."""
+        stream version `kv_version` (kv/transfer.py), or (version 4) an early prefill's in
+        segments of `segment_tokens` as they are computed; on a decode worker: a drained
+        stream's context (engine/migration.py)."""
         self.require("prefill", "mixed", "decode")
-        return kv_response(self.connector, self.metrics, self.faults, handle, start, kv_version)
+        return kv_response(self.connector, self.metrics, self.faults, handle, start, kv_version, segment_tokens)
 
     async def release(self, handle: str) -> Response:
         self.require("prefill", "mixed", "decode")
@@ -200,16 +249,21 @@ class Handoff:
         engine.open_stream(rid)
         activated = False
         try:
-            try:
-                res = await engine.call(connector.reserve_kv, rid, prompt, body.first_token, params,
+            try:  # an early prefill's first token comes with its KV: a stand-in until then
+                res = await engine.call(connector.reserve_kv, rid, prompt, body.first_token or 0, params,
                                         body.first_logprob)
             except RequestError as e:
                 raise _error(400, str(e), e.param)
-            received = False
-            if body.handle:
-                assert body.prefill_url is not None  # DecodeRequest refuses a handle without one
-                received = await self._pull(res, body.prefill_url, body.handle)
-            await engine.call(connector.activate_kv, rid, received)
+            if body.kv_early:
+                assert body.handle is not None and body.prefill_url is not None  # DecodeRequest's checks
+                first = await self._transfer(res, body.prefill_url, body.handle, KV_SEGMENT_TOKENS)
+                await engine.call(connector.activate_early, rid, _first_token(first, api.core.model_config.vocab_size))
+            else:
+                received = False
+                if body.handle:
+                    assert body.prefill_url is not None  # DecodeRequest refuses a handle without one
+                    received = await self._pull(res, body.prefill_url, body.handle)
+                await engine.call(connector.activate_kv, rid, received)
             activated = True
         finally:
             if not activated:
@@ -220,34 +274,44 @@ class Handoff:
         return await api.respond_chat(req, prompt, stream, request)
 
     async def _pull(self, res: KVReservation | None, url: str, handle: str) -> bool:
+        return await self._transfer(res, url, handle) is not None
+
+    async def _transfer(self, res: KVReservation | None, url: str, handle: str,
+                        segment_tokens: int = 0) -> dict | None:
+        """The reservation's KV pulled (segmented, an early prefill's, when `segment_tokens`):
+        {} or the segmented stream's first token; None when it failed. The lease goes after."""
         metrics = self.metrics
         try:
             if res is None:
                 metrics.on_kv_recompute("no_blocks")
-                return False
-            if res.num_tokens == 0:  # the whole prompt is in this worker's prefix cache
-                return True
+                return None
+            if res.num_tokens == 0 and not segment_tokens:  # the whole prompt is in this worker's prefix cache
+                return {}
             expect = self.connector.header(res.start, res.num_tokens)
             t0, received = time.perf_counter(), 0
             try:
                 switches = self.api.core.switches
                 if switches is not None and (delay := switches.kv_delay(url)):
                     await asyncio.sleep(delay)  # a drill: a slow link to this peer
-                received = await pull(self.kv_client, url, handle, expect, self.connector.kv_sink(res))
+                first: dict = {}
+                if segment_tokens:
+                    first = await pull_segments(self.kv_client, url, handle, expect, self.connector.kv_sink(res),
+                                                segment_tokens)
+                    received = stream_size(expect, segment_tokens)
+                else:
+                    received = await pull(self.kv_client, url, handle, expect, self.connector.kv_sink(res))
             except (TimeoutError, KVTransferError, aiohttp.ClientError, OSError) as e:
                 log.warning("KV pull of %s from %s failed, recomputing the prompt: %s",
                             handle, url, e)
                 metrics.on_kv_recompute(e.reason if isinstance(e, KVTransferError) else "unreachable")
                 metrics.on_kv_transfer("received", received)
                 metrics.on_kv_peer(url, received, time.perf_counter() - t0, failed=True)
-                return False
+                return None
             metrics.on_kv_transfer("received", received, time.perf_counter() - t0)
             metrics.on_kv_peer(url, received, time.perf_counter() - t0, failed=False)
-            return True
+            return first
         finally:
-            task = asyncio.create_task(self._release(url, handle))
-            self.background.add(task)  # held until done: the loop keeps only weak references
-            task.add_done_callback(self.background.discard)
+            self._background(self._release(url, handle))
 
     async def _release(self, url: str, handle: str) -> None:
         try:

@@ -22,17 +22,19 @@ the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engin
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..engine.engine import LLMEngine, RequestOutput
-from ..engine.sequence import SamplingParams, Sequence
+from ..engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
+from .early import EarlyPrefill, first_token, segments
 from .pull import KVSink
 from .slots import CacheSink, KVLayers, StagingSink
-from .transfer import DTYPE_NAMES, KVHeader
+from .transfer import DTYPE_NAMES, KVHeader, LayerSource
 
 
 @dataclass
@@ -65,6 +67,7 @@ class KVConnector:
         self.max_leases = config.max_kv_leases
         self.max_lease_blocks = max(1, int(engine.block_manager.num_blocks * config.max_kv_lease_fraction))
         self.pending_leases = self.pending_blocks = 0  # admitted prefills whose answer is not out yet
+        self.early: dict[str, EarlyPrefill] = {}  # prefills whose KV may stream while they compute (early.py)
 
     def header(self, start: int, num_tokens: int) -> KVHeader:
         """The stream header of this worker's model and cache layout for a token range."""
@@ -76,6 +79,9 @@ class KVConnector:
 
     def request_finished(self, seq: Sequence, reason: str) -> bool:
         """A prefill that ended on its one token (not on a stop) goes under a lease."""
+        early = self.early.get(seq.request_id)
+        if early is not None and not early.done:
+            self._publish(early, seq, reason)
         if not (seq.hold_kv and reason == "length"):
             return False
         with self._lease_lock:
@@ -88,6 +94,8 @@ class KVConnector:
         return request_id in self.leases
 
     def expire(self) -> None:
+        if self.early:
+            self._round_early()
         if not self.leases:
             return
         now = time.monotonic()
@@ -163,13 +171,97 @@ class KVConnector:
     def release_kv(self, handle: str) -> bool:
         """The decode worker has the blocks (or gave up): free them now, or once the last reader is done."""
         with self._lease_lock:
+            early = self.early.get(handle)
+            if early is not None:  # let go once done and unread
+                early.deadline = 0.0
             lease = self.leases.get(handle)
             if lease is None:
-                return False
+                return early is not None
             lease.deadline = 0.0
             lease.released = True
         self.expire()
         return True
+
+    # -- prefill side: a prompt's KV streamed while it is computed (early.py) ---------------------
+
+    def expect_early(self, handle: str, num_prompt_tokens: int) -> None:
+        """Before the prefill `handle` is submitted: its KV may be streamed while it computes."""
+        with self._lease_lock:
+            self.early[handle] = EarlyPrefill(handle, num_prompt_tokens, float("inf"))
+
+    def drop_early(self, handle: str) -> None:
+        """An early prefill that was never submitted (nothing of it is pinned)."""
+        with self._lease_lock:
+            self.early.pop(handle, None)
+
+    def _round_early(self) -> None:
+        """The engine thread, each round: every early prefill's progress published, its blocks
+        pinned; those done, unread and released (or past their time) let go."""
+        now = time.monotonic()
+        with self._lease_lock:
+            items = list(self.early.items())
+        for handle, early in items:
+            if early.done:
+                if early.readers == 0 and early.deadline <= now:
+                    with self._lease_lock:
+                        self.early.pop(handle, None)
+                    if early.pin is not None:
+                        self.engine.block_manager.free(early.pin)
+                continue
+            seqs = self.engine.requests.get(handle)
+            if seqs:
+                early.seen = True
+                self._publish(early, seqs[0], None)
+            elif early.seen or now - early.created > self.lease_seconds:  # gone, or never came: it never ran
+                early.deadline = 0.0
+                early.publish(early.progress.computed, early.progress.block_ids, broken="ended")
+
+    def _publish(self, early: EarlyPrefill, seq: Sequence, reason: str | None) -> None:
+        """`seq`'s progress into `early`, its new blocks pinned; `reason`: it has just finished."""
+        computed = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+        first, broken = None, None
+        if reason is None:  # still running
+            if computed < early.progress.computed:  # preempted: its blocks went back (the pins keep them)
+                early.deadline = 0.0
+                early.publish(early.progress.computed, early.progress.block_ids, broken="was preempted")
+                return
+            if computed == early.progress.computed:
+                return
+        else:
+            early.deadline = min(early.deadline, time.monotonic() + self.lease_seconds)
+            if computed == seq.num_prompt_tokens and seq.num_output_tokens:
+                first = {"first_token": seq.output_token_ids[0], "finish_reason": reason,
+                         "first_logprob": seq.output_logprobs[0] if seq.output_logprobs else None}
+            else:
+                broken = f"ended ({reason}) before its prompt was computed"
+        blocks = seq.block_table[:-(-computed // self.engine.block_manager.block_size)]
+        if early.pin is None:
+            early.pin = Sequence([0], SamplingParams(max_tokens=1), f"{early.handle}#pin")
+        for block in blocks[len(early.pin.block_table):]:  # a reference more: no one else gets them
+            self.engine.block_manager.blocks[block].ref_count += 1
+            early.pin.block_table.append(block)
+        early.publish(computed, blocks, first, broken)
+
+    def open_segments(self, handle: str, start: int, segment_tokens: int
+                      ) -> tuple[KVHeader, Iterator[tuple[int, int, LayerSource]], Callable[[], dict]]:
+        """An early prefill's keys and values from token `start` on, in segments as they are
+        computed, and its first token (kv/transfer.py's encode_segments). Pairs with close_early."""
+        with self._lease_lock:
+            early = self.early.get(handle)
+            if early is None:
+                raise KeyError(handle)
+            if not 0 <= start <= early.num_prompt_tokens:
+                raise ValueError(f"start must be within the prompt (0..{early.num_prompt_tokens})")
+            early.readers += 1
+        header = self.header(start, early.num_prompt_tokens - start)
+        runner, bs = self.engine.runner, self.engine.block_manager.block_size
+        return header, segments(early, runner.kv_caches, bs, start, segment_tokens), lambda: first_token(early)
+
+    def close_early(self, handle: str) -> None:
+        with self._lease_lock:
+            early = self.early.get(handle)
+            if early is not None:
+                early.readers -= 1
 
     # -- decode side: a prompt computed elsewhere -------------------------------------------------
 
@@ -213,6 +305,23 @@ class KVConnector:
                                lambda layer, k, v: self.write_kv(res, layer, k, v))
         return CacheSink(self.engine.runner.kv_caches, self.engine.block_manager.block_size, res.blocks.tolist(),
                          res.num_tokens)
+
+    def activate_early(self, request_id: str, first: dict | None) -> list[RequestOutput]:
+        """A request reserved with a stand-in first token (an early prefill's, which came at
+        the end of its stream): with `first` it runs on from the pulled KV and that token;
+        without (the pull failed), it computes its prompt and first token here."""
+        seqs = self.engine.requests.get(request_id)
+        if not seqs or seqs[0].status != SequenceStatus.RESERVED:
+            return []  # aborted meanwhile
+        seq = seqs[0]
+        if first is not None:
+            seq.token_ids[-1] = first["first_token"]
+            seq.output_logprobs = [first["first_logprob"]] if first.get("first_logprob") is not None else []
+            return self.engine.activate_prefilled(request_id, True)
+        seq.token_ids.pop()  # the stand-in: the first token is sampled here
+        seq.output_logprobs, seq.skip_draws = [], 0
+        self.engine.scheduler.activate(seq, None)
+        return []
 
     def activate_kv(self, request_id: str, received: bool) -> list[RequestOutput]:
         """The reserved request joins the running batch (`received`) or queues to be recomputed."""

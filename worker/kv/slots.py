@@ -14,17 +14,55 @@ import torch
 from .transfer import KVHeader, payload_view
 
 
+def slot_runs(block_ids: list[int], block_size: int, num_tokens: int, lo: int = 0) -> list[tuple[int, int]]:
+    """The slots of the tokens `lo` .. `num_tokens` - 1 of `block_ids` (token t in block
+    t // block_size), as runs (first slot, slots): consecutive blocks are one run."""
+    runs: list[tuple[int, int]] = []
+    for j, block in enumerate(block_ids):
+        a, b = max(lo, j * block_size), min(num_tokens, (j + 1) * block_size)
+        if b <= a:
+            if b >= num_tokens:
+                break
+            continue
+        slot = block * block_size + a - j * block_size
+        if runs and sum(runs[-1]) == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
+        else:
+            runs.append((slot, b - a))
+    return runs
+
+
+def slot_views(cache: torch.Tensor, runs: list[tuple[int, int]]) -> list[memoryview]:
+    """Byte views of a CPU layer cache's slots in `runs`: keys, then values."""
+    slots = cache.shape[1]
+    slot_bytes = cache[0, 0].numel() * cache.element_size()
+    mem = cache.view(-1).view(torch.uint8).numpy().data.cast("B")
+    return [mem[(base + s) * slot_bytes:(base + s + n) * slot_bytes] for base in (0, slots) for s, n in runs]
+
+
 class KVLayers:
     """A held prompt's keys and values for the tokens `lo` .. `hi` - 1 of its blocks
-    `block_ids`, one layer at a time."""
+    `block_ids`, one layer at a time: gathered into a buffer, or (a CPU cache, a range
+    that starts on a block) seen in place (`views`)."""
 
     def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int):
         self.caches, self.bs, self.lo, self.hi = caches, block_size, lo, hi
         self.block_ids = block_ids
         self.blocks = torch.tensor(block_ids, dtype=torch.long, device=caches[0].device)
+        self.runs: list[tuple[int, int]] | None = None  # views' slots, found once
 
     def __len__(self) -> int:
         return len(self.caches)
+
+    def views(self, layer: int) -> list[memoryview] | None:
+        """The layer's payload (keys then values) as byte views of the cache's own slots, so
+        that it is sent without a copy; None where it must be gathered (a cache off the CPU)."""
+        cache = self.caches[layer]
+        if cache.device.type != "cpu":
+            return None
+        if self.runs is None:
+            self.runs = slot_runs(self.block_ids, self.bs, self.hi, self.lo)
+        return slot_views(cache, self.runs)
 
     def gather(self, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's keys and values, `[2, tokens, num_kv_heads, head_dim]`, into `out`
@@ -82,26 +120,15 @@ class CacheSink:
     byte views of the blocks' slots, consecutive blocks as one view."""
 
     def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], num_tokens: int):
-        self.caches = caches
-        self.runs: list[tuple[int, int]] = []  # (first slot, slots)
-        for j, block in enumerate(block_ids):
-            n = min(block_size, num_tokens - j * block_size)
-            if n <= 0:
-                break
-            slot = block * block_size
-            if self.runs and sum(self.runs[-1]) == slot:
-                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + n)
-            else:
-                self.runs.append((slot, n))
+        self.caches, self.block_ids, self.bs = caches, block_ids, block_size
+        self.runs = slot_runs(block_ids, block_size, num_tokens)
 
     def views(self, layer: int) -> list[memoryview]:
-        cache = self.caches[layer]
-        slots = cache.shape[1]
-        slot_bytes = cache[0, 0].numel() * cache.element_size()
-        mem = cache.view(-1).view(torch.uint8).numpy().data.cast("B")
-        return [mem[(base + s) * slot_bytes:(base + s + n) * slot_bytes]
-                for base in (0, slots) for s, n in self.runs]
+        return slot_views(self.caches[layer], self.runs)
+
+    def range_views(self, layer: int, lo: int, hi: int) -> list[memoryview]:
+        """The views of the tokens `lo` .. `hi` - 1 alone (a segment of a version 4 stream)."""
+        return slot_views(self.caches[layer], slot_runs(self.block_ids, self.bs, hi, lo))
 
     def done(self, layer: int) -> None:
         pass  # the bytes are where they belong
-
