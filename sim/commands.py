@@ -50,7 +50,7 @@ def plan(
 @sim_app.command("power")
 def sim_power(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
-    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.6",
+    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.55,1.6,1.65,1.7",
                                help="Fleet sizes to try, as multiples of the budget's."),
     controllers: str = typer.Option("fleetwise,polca,none",
                                     help="Power controllers to compare: fleetwise, fleetwise-mean, polca, none."),
