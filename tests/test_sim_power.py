@@ -114,6 +114,12 @@ def test_the_oversubscription_study_grows_the_fleet_inside_one_budget():
     assert rows[(2.5, "none")].peak_of_budget > 1.0 > rows[(1.5, "none")].mean_of_budget > 0.3
 
 
+def test_the_study_gives_the_same_rows_with_its_runs_in_parallel_processes():
+    base = fleet(1.0, duration=30)
+    one, two = (study(base, [2.0], controllers=("fleetwise", "none"), jobs=j) for j in (1, 2))
+    assert one == two and one.rows[0].cap_changes > 0
+
+
 def test_a_bad_power_setting_is_refused_by_name():
     with pytest.raises(ValueError, match=r"power\.controller"):
         PowerConfig(controller="magic")
