@@ -5,15 +5,22 @@ latency, low-priority work first, and give power back in steps once it stays low
 One control period, `decide`, given the domain's measured power, its budget and its workers:
 - **Stale or missing telemetry**: never lift a cap. Hold; once the telemetry has been stale for
   `stale_deadline_seconds`, cap low-priority work to a conservative level.
-- **Above `emergencyThreshold x limitWatts`**: every worker, high priority too, comes down by a
-  double step, then more where needed, with no bound on the number of changes. A prefill
-  worker's double step is taken from what its passes draw, not from its window mean: a worker
-  busy a third of the window measures about 280 W on an H100, and two steps below that held its
-  passes near the floor, 1.6x longer, for as long as the caps stayed (in the simulator's row at
-  1.5x its budget's servers, +37% high-priority p99 TTFT; from the pass's draw, +9%).
-- **Above `capThreshold x limitWatts`**: take steps until the projected power is back at the
-  middle of the hysteresis band, at most `max_changes` workers a period. Low-priority workers
-  first; among workers of one priority, the step with the least latency cost per watt saved,
+- **Above `emergencyThreshold x limitWatts`, or a peak over `limitWatts` itself** (below): every
+  low-priority worker goes to its floor at once; then high-priority workers come down step by
+  step, cheapest watt first and with no bound on the number of changes, but only while the
+  projected power is still at the emergency threshold or above. High priority is capped only to
+  keep the domain under the emergency threshold, never to reach the hysteresis band: the band is
+  margin against oscillation, cheap to buy with low-priority watts and dear with high-priority
+  latency (the CRD's contract: low priority is capped from `capThreshold`, high priority too
+  from `emergencyThreshold`, as far as it takes to get back under it). A prefill worker's step is taken from what
+  its passes draw, not from its window mean: a worker busy a third of the window measures about
+  280 W on an H100, and a step below that would hold its passes near the floor, 1.6x longer.
+  (Every worker a double step at the emergency threshold, as before, held high-priority caps on
+  the simulator's row at 1.5x its budget's servers for 81% of its GPU-time: +9% p99 TTFT, +4.5%
+  p99 TBT. Low priority's floor carries that row's bursts on its own up to 1.6x.)
+- **Above `capThreshold x limitWatts`**: low-priority workers take steps until the projected
+  power is back at the middle of the hysteresis band, at most `max_changes` workers a period;
+  high priority is not touched. Among workers of one priority, the step with the least latency cost per watt saved,
   judged by the modelled GPU (fleetwise/gpus.py). With the profile's numbers, token (decode)
   work goes first on every product: a token step draws 0.61 of rated power and a cap below that
   stretches it by (demand / cap) ** 0.10, about 2% for a watt of rated power in ten, while a
@@ -23,25 +30,29 @@ One control period, `decide`, given the domain's measured power, its budget and 
 - **A burst**: a reading may carry, besides the long window's mean, the highest short-window
   mean inside it (`Reading.peak_watts`; the simulator's 1 s samples in its 5 s window). Prompt
   passes come in bursts that a 5 s mean averages away, so the mean can sit in the band while the
-  row is over its budget for a second or two. A peak over `limitWatts` itself is shed as a
-  crossing of the cap threshold, from the peak. The thresholds are otherwise judged on the mean,
-  and caps are lifted on the mean only: two windows, as POLCA's two thresholds with hysteresis
-  between them. (Judging every threshold on the peak was tried in the simulator, 400 H100s grown
-  to twice the budget's servers: three times the caps and +43% high-priority p99 TTFT, against
-  +18% on the mean. Stepping a bursty prefill worker down from its pass's draw rather than its
-  mean, so that it is never capped far below a full pass, was tried too: it saves little per
-  step, so more high-priority work was capped, and p99 TTFT rose from +1% to +15%.)
+  row is over its budget for a second or two. A peak over `limitWatts` itself is a breach in
+  progress: it is shed as above the emergency threshold, from the higher of the mean and the
+  peak (in a rising burst the mean lags: shedding from the mean left the row's bursts at 1.65x
+  over the budget for 6-8 s). The thresholds are otherwise judged on the mean, and caps are
+  lifted on the mean only: two windows, as POLCA's two thresholds with hysteresis between them.
+  (Judging every threshold on the peak was tried in the simulator, 400 H100s grown to twice the
+  budget's servers: three times the caps and +43% high-priority p99 TTFT, against +18% on the
+  mean.)
 - **Between `releaseThreshold` and `capThreshold`**: hold (the hysteresis band).
-- **Below `releaseThreshold x limitWatts` for `release_periods` periods in a row**: raise caps one
-  step, high-priority and then the costliest caps first, while the power projected stays under
-  the release threshold (a worker held at its cap may draw up to the new one; a worker drawing
-  well below its cap is not held by it and draws what it does); then wait again. A cap raised to
-  the rating is lifted.
+- **Below `releaseThreshold x limitWatts`**: raise caps one step, the costliest caps first, while
+  the power projected stays under the release threshold (a worker held at its cap may draw up to
+  the new one; a worker drawing well below its cap is not held by it and draws what it does).
+  High-priority caps every period, all of them the projection allows; low-priority ones after
+  `release_periods` periods in a row below the threshold, at most `max_changes`, then wait again.
+  A cap raised to what the worker's phase draws uncapped (the rating for prompt work, 0.61 of it
+  for token work) is lifted: above that it holds nothing back. (Releasing 4 caps every 3
+  periods, and a decode worker's caps only at the rating, 4 steps of nothing after the one that
+  mattered, kept high-priority caps from one burst to the next.)
 A cap is per GPU, never below `minGpuCapWatts` nor the product's lowest power limit.
 
 Reaction time, worst case: power crosses the threshold just after a scrape, so the controller
 sees it one scrape interval plus one control period later (5 s + 5 s at the defaults), and a
-GPU takes a new limit within a second; above the emergency threshold every worker is capped in
+GPU takes a new limit within a second; above the emergency threshold every cap it needs is set in
 that one period. Above the cap threshold and below the emergency one, a bound of `max_changes`
 workers a period may take several periods. For scale: a UL 489 circuit breaker's calibration
 lets it carry 135% of its rating for up to an hour and 200% for up to two minutes before it
@@ -56,6 +67,7 @@ from fleetwise.spec import PowerBudgetSpec
 
 STEP_FRACTION = 0.10          # of a GPU's rated power, per step
 PROMPT_TOKENS_TYPICAL = 2048  # a busy prefill worker's step: the rating's plateau
+FLOOR_STEPS = 1 / STEP_FRACTION  # steps enough to reach any floor
 PINNED_FRACTION = 0.95        # a worker drawing this share of its cap is held by it
 
 
@@ -162,25 +174,26 @@ def decide(budget: PowerBudgetSpec, reading: Reading, workers: list[PowerWorker]
         return _stale(budget, reading, plans, state, now, settings)
     state = replace(state, stale_since=None)
     watts = reading.watts
-    if watts >= budget.emergency_threshold * limit:
-        return _shed(budget, watts, plans, replace(state, periods_below_release=0), emergency=True,
-                     max_changes=len(plans))
+    over = reading.peak_watts if reading.peak_watts is not None and reading.peak_watts >= limit else None
+    if watts >= budget.emergency_threshold * limit or over is not None:
+        # at the emergency threshold, or over the budget itself in a burst the mean hides: from the higher
+        return _shed(budget, max(watts, over or 0.0), plans, replace(state, periods_below_release=0),
+                     emergency=True, max_changes=len(plans), burst=watts < budget.emergency_threshold * limit)
     if watts >= budget.cap_threshold * limit:
         return _shed(budget, watts, plans, replace(state, periods_below_release=0), emergency=False,
                      max_changes=settings.max_changes)
-    if reading.peak_watts is not None and reading.peak_watts >= limit:
-        # a burst over the budget itself that the mean hides: shed from the peak, as above the cap threshold
-        return _shed(budget, reading.peak_watts, plans, replace(state, periods_below_release=0), emergency=False,
-                     max_changes=settings.max_changes, burst=True)
     if watts >= budget.release_threshold * limit:
         return PowerDecision([], replace(state, periods_below_release=0), "band",
                              f"{watts:.0f} W is inside the hysteresis band: caps hold", watts)
     below = state.periods_below_release + 1
-    if below < settings.release_periods or not any(p.cap is not None for p in plans):
+    low_due = below >= settings.release_periods and any(p.cap is not None for p in plans)
+    high_capped = any(p.cap is not None and p.worker.priority != "Low" for p in plans)
+    if not (low_due or high_capped):
         situation = "releasing" if any(p.cap is not None for p in plans) else "normal"
         return PowerDecision([], replace(state, periods_below_release=below), situation,
                              f"{watts:.0f} W, below the release threshold for {below} period(s)", watts)
-    return _release(budget, watts, plans, replace(state, periods_below_release=0), settings)
+    return _release(budget, watts, plans, replace(state, periods_below_release=0 if low_due else below),
+                    settings, low_due)
 
 
 def _target(budget: PowerBudgetSpec) -> float:
@@ -191,29 +204,38 @@ def _target(budget: PowerBudgetSpec) -> float:
 def _shed(budget: PowerBudgetSpec, watts: float, plans: list[_Plan], state: PowerState, emergency: bool,
           max_changes: int, burst: bool = False) -> PowerDecision:
     projected = watts
-    threshold = "emergency threshold" if emergency else "budget in a burst" if burst else "cap threshold"
-    if emergency:  # everyone comes down a double step first
+    threshold = "budget in a burst" if burst else "emergency threshold" if emergency else "cap threshold"
+    why = f"power {watts:.0f} W above the {threshold}"
+    if emergency:  # low priority to its floor at once
         for p in plans:
-            projected -= _lower(p, budget, 2.0, f"power {watts:.0f} W above the {threshold}", working=True)
-    target = _target(budget)
+            if p.worker.priority == "Low":
+                projected -= _lower(p, budget, FLOOR_STEPS, why, working=True)
+    # high priority gives power only while the projection is at the emergency threshold or above
+    target, high_above = _target(budget), budget.emergency_threshold * budget.limit_watts
+    spent: set[str] = set()   # stepped from its passes' draw with nothing off its mean: one step a period
     while projected > target:
         changed = sum(p.changed for p in plans)
         candidates = []
         for p in plans:
-            if not p.changed and changed >= max_changes:
+            high = p.worker.priority != "Low"
+            if (not p.changed and changed >= max_changes) or (high and projected < high_above) \
+                    or p.worker.name in spent:
                 continue
-            step = p.step_down(budget)
+            step = p.step_down(budget, working=high and emergency)
             if step is not None:
-                candidates.append((p.worker.priority != "Low", step[1], p.worker.name, p))
+                candidates.append((high, step[1], p.worker.name, p))
         if not candidates:
             break
         _, cost, _, best = min(candidates, key=lambda c: c[:3])
-        projected -= _lower(best, budget, 1.0, f"power {watts:.0f} W above the {threshold}; "
-                                               f"{cost * 100:.3f}% latency per watt")
+        saved = _lower(best, budget, 1.0, f"{why}; {cost * 100:.3f}% latency per watt",
+                       working=best.worker.priority != "Low" and emergency)
+        if saved <= 0:
+            spent.add(best.worker.name)
+        projected -= saved
     changes = [CapChange(p.worker.name, p.cap, p.notes[-1]) for p in plans if p.changed]
-    short = projected > target
-    summary = (f"{watts:.0f} W above the {threshold}: {len(changes)} cap(s) lowered, "
-               f"projected {projected:.0f} W" + (" (still above: more next period)" if short else ""))
+    left = (" (still above the emergency threshold: more next period)" if projected >= high_above
+            else " (above the band's middle: only low priority gives more)" if projected > target else "")
+    summary = f"{watts:.0f} W above the {threshold}: {len(changes)} cap(s) lowered, projected {projected:.0f} W{left}"
     return PowerDecision(changes, state, "emergency" if emergency else "capping", summary, projected)
 
 
@@ -229,27 +251,30 @@ def _lower(p: _Plan, budget: PowerBudgetSpec, steps: float, why: str, working: b
 
 
 def _release(budget: PowerBudgetSpec, watts: float, plans: list[_Plan], state: PowerState,
-             settings: Settings) -> PowerDecision:
-    capped = [p for p in plans if p.cap is not None]
-    # high priority first, then the caps that cost the most latency
-    capped.sort(key=lambda p: (p.worker.priority == "Low",
-                               -gpus.stretch(p.phase, p.demand, p.cap), p.worker.name))
+             settings: Settings, low_due: bool) -> PowerDecision:
+    high = [p for p in plans if p.cap is not None and p.worker.priority != "Low"]
+    low = [p for p in plans if p.cap is not None and p.worker.priority == "Low"] if low_due else []
+    # high priority first (every period, all of it), then low priority's (after the wait, a few);
+    # in each, the caps that cost the most latency first
+    for group in (high, low):
+        group.sort(key=lambda p: (-gpus.stretch(p.phase, p.demand, p.cap), p.worker.name))
     projected, changes = watts, []
     ceiling = budget.release_threshold * budget.limit_watts
-    for p in capped[:settings.max_changes]:
+    for p in high + low[:settings.max_changes]:
         assert p.cap is not None
         raised = p.cap + STEP_FRACTION * p.product.rated_watts
-        new = None if raised >= p.product.rated_watts else raised
+        # a cap raised to what the phase draws uncapped holds nothing back: lifted
+        new = None if raised >= min(p.product.rated_watts, p.demand) else raised
         # a worker held at its cap may draw up to the new one; one below its cap draws what it does
         pinned = p.drawn >= PINNED_FRACTION * p.cap
         rise = (min(new if new is not None else p.demand, p.demand) - p.drawn) * p.worker.gpus if pinned else 0.0
         if projected + max(0.0, rise) >= ceiling:
             break
         projected += max(0.0, rise)
-        reason = (f"power {watts:.0f} W below the release threshold for {settings.release_periods} periods; "
+        reason = (f"power {watts:.0f} W below the release threshold; "
                   + ("cap lifted" if new is None else f"cap raised to {new:.0f} W per GPU"))
         changes.append(CapChange(p.worker.name, new, reason))
-    summary = f"{watts:.0f} W, low for {settings.release_periods} periods: {len(changes)} cap(s) raised"
+    summary = f"{watts:.0f} W, below the release threshold: {len(changes)} cap(s) raised"
     return PowerDecision(changes, state, "releasing", summary, projected)
 
 

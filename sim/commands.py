@@ -50,12 +50,13 @@ def plan(
 @sim_app.command("power")
 def sim_power(
     config: Path = typer.Argument(..., help="A YAML file with the simulation's settings, a `power` section included."),
-    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.6",
+    ratios: str = typer.Option("1.1,1.2,1.3,1.35,1.4,1.45,1.5,1.55,1.6,1.65,1.7",
                                help="Fleet sizes to try, as multiples of the budget's."),
     controllers: str = typer.Option("fleetwise,polca,none",
                                     help="Power controllers to compare: fleetwise, fleetwise-mean, polca, none."),
     out: Path = typer.Option(None, "--out", help="Write the study as JSON here."),
     plot: Path = typer.Option(None, "--plot", help="Draw p99 loss and time over budget by ratio into this PNG."),
+    jobs: int = typer.Option(1, "--jobs", min=1, max=64, help="Simulations run at once, each in its own process."),
 ):
     """How many servers a row's power budget carries under each power controller (the operator's, POLCA's, none)."""
     from fleetwise.sim.power import CONTROLLERS
@@ -67,7 +68,7 @@ def sim_power(
     chosen = tuple(c.strip() for c in controllers.split(","))
     if not chosen or any(c not in CONTROLLERS for c in chosen):
         raise typer.BadParameter(f"--controllers takes {', '.join(CONTROLLERS)}, not {controllers!r}")
-    raise typer.Exit(main(config, grid, out, plot, chosen))
+    raise typer.Exit(main(config, grid, out, plot, chosen, jobs))
 
 
 @sim_app.command("iso")

@@ -14,6 +14,7 @@ largest ratio up to which every ratio holds, as added servers (ratio - 1).
 import json
 import math
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -116,18 +117,29 @@ def _row(ratio: float, controller: str, config: SimConfig, result: SimResult, re
 
 
 def study(base: SimConfig, ratios: list[float], controllers: tuple[str, ...] = CONTROLLERS,
-          max_loss: float = 0.01, progress: Callable[[str], None] | None = None) -> Study:
+          max_loss: float = 0.01, progress: Callable[[str], None] | None = None, jobs: int = 1) -> Study:
+    """Every (ratio, controller) run, `jobs` at a time in processes of their own (each run is
+    deterministic and independent of the others: the same rows whatever `jobs`)."""
     power = base.power or PowerConfig()
-    rows = []
-    for ratio in sorted(ratios):
-        runs: dict[str, tuple[SimConfig, SimResult]] = {}
-        for controller in ("none", *[c for c in controllers if c != "none"]):   # the reference first
+    order = ("none", *[c for c in controllers if c != "none"])   # the reference first
+    configs = {(ratio, c): grown(replace(base, power=replace(power, controller=c)), ratio)
+               for ratio in sorted(ratios) for c in order}
+    results: dict[tuple[float, str], SimResult] = {}
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = {pool.submit(run_simulation, config): key for key, config in configs.items()}
+            for done in as_completed(futures):
+                ratio, controller = key = futures[done]
+                results[key] = done.result()
+                if progress is not None:
+                    progress(f"ratio {ratio:.2f}, {controller} done")
+    else:
+        for (ratio, controller), config in configs.items():
             if progress is not None:
                 progress(f"ratio {ratio:.2f}, {controller}")
-            config = grown(replace(base, power=replace(power, controller=controller)), ratio)
-            runs[controller] = config, run_simulation(config)
-        for controller in controllers:
-            rows.append(_row(ratio, controller, *runs[controller], runs["none"][1], power, max_loss))
+            results[ratio, controller] = run_simulation(config)
+    rows = [_row(ratio, c, configs[ratio, c], results[ratio, c], results[ratio, "none"], power, max_loss)
+            for ratio in sorted(ratios) for c in controllers]
     added = {}
     for controller in controllers:   # the ratios up to the first that fails
         best = 1.0
@@ -141,7 +153,7 @@ def study(base: SimConfig, ratios: list[float], controllers: tuple[str, ...] = C
 
 
 def main(config_path: Path, ratios: list[float], out: Path | None, plot: Path | None = None,
-         controllers: tuple[str, ...] = CONTROLLERS) -> int:
+         controllers: tuple[str, ...] = CONTROLLERS, jobs: int = 1) -> int:
     """`fleetwise sim power CONFIG`: the study with a progress bar, a table, and JSON."""
     from rich.console import Console
     from rich.progress import Progress
@@ -152,7 +164,7 @@ def main(config_path: Path, ratios: list[float], out: Path | None, plot: Path | 
     with Progress(transient=True) as bar:
         task = bar.add_task("oversubscription study", total=runs)
         result = study(base, ratios, controllers,
-                       progress=lambda what: bar.update(task, advance=1, description=what))
+                       progress=lambda what: bar.update(task, advance=1, description=what), jobs=jobs)
     table = Table(title=f"High priority p50/p99 and p99 loss (TTFT/TBT), low priority's p99 loss, against the same "
                         f"row with no controller; power's mean and peak of the budget; time over budget (all "
                         f"domains, longest run); share of GPU-time capped (high/low). A ratio holds with at most "

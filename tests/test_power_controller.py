@@ -61,26 +61,42 @@ def test_at_most_max_changes_workers_per_period_unless_in_an_emergency():
     assert e.situation == "emergency" and len(e.changes) == 20
 
 
-def test_the_emergency_threshold_caps_everyone_deeper():
+def test_the_emergency_threshold_takes_low_priority_to_its_floor_and_spares_high_priority_when_that_is_enough():
     d = decide(BUDGET, Reading(9_900), fleet(), PowerState(), now=0)
     assert d.situation == "emergency"
-    assert set(caps(d)) == {"low-prefill", "low-decode", "high-prefill", "high-decode"}
-    working = gpus.step_demand_watts(H100, 2048, 1)   # a prefill worker's pass draw
-    assert caps(d)["high-prefill"] <= working - 2 * STEP_FRACTION * H100.rated_watts
-    assert caps(d)["high-decode"] <= 424 - 2 * STEP_FRACTION * H100.rated_watts
+    floor = BUDGET.min_gpu_cap_watts
+    assert caps(d) == {"low-prefill": floor, "low-decode": floor}   # all at once, not a step
+    assert d.projected_watts < BUDGET.emergency_threshold * BUDGET.limit_watts
+
+
+def test_above_the_emergency_threshold_high_priority_gives_the_cheapest_watts_and_only_back_to_the_threshold():
+    """Low priority at its floor leaves 10,184 W: high priority's token work goes first (the
+    cheapest watt) and stops as soon as the projection is under 9,800 W, not at the band."""
+    d = decide(BUDGET, Reading(13_000), fleet(), PowerState(), now=0)
+    assert d.situation == "emergency"
+    step = STEP_FRACTION * H100.rated_watts
+    assert caps(d)["high-decode"] == pytest.approx(424 - 2 * step)
+    assert "high-prefill" not in caps(d)
+    emergency = BUDGET.emergency_threshold * BUDGET.limit_watts
+    assert emergency - 4 * step <= d.projected_watts < emergency
+
+
+def test_between_the_cap_and_emergency_thresholds_high_priority_is_never_capped():
+    """Low priority already at its floor: nothing more to take below the emergency threshold."""
+    d = decide(BUDGET, Reading(9_700), fleet(low_prefill=200, low_decode=200), PowerState(), now=0)
+    assert d.situation == "capping" and d.changes == []
 
 
 def test_an_emergency_steps_a_bursty_prefill_worker_from_its_pass_not_from_its_mostly_idle_mean():
-    """A prefill worker busy a third of the window measures about 280 W; two steps below that
-    would hold its passes near the floor (1.6x longer), where two steps below the pass's draw
-    stretch them by about 9%."""
-    workers = [PowerWorker("bursty", "High", "prefill", "H100", gpus=4, drawn_watts=280.0),
-               PowerWorker("decode", "High", "decode", "H100", gpus=4, drawn_watts=424.0)]
-    d = decide(BUDGET.model_copy(update={"limit_watts": 2_000}), Reading(1_990), workers, PowerState(), now=0)
+    """A prefill worker busy a third of the window measures about 280 W; a step below that
+    would hold its passes near the floor (1.6x longer), where a step below the pass's draw
+    stretches them by 4%. Its mean does not fall, so it takes one step a period, not more."""
+    workers = [PowerWorker("bursty", "High", "prefill", "H100", gpus=4, drawn_watts=280.0)]
+    d = decide(BUDGET.model_copy(update={"limit_watts": 1_200}), Reading(1_190), workers, PowerState(), now=0)
     assert d.situation == "emergency"
     working = gpus.step_demand_watts(H100, 2048, 1)
-    assert caps(d)["bursty"] == pytest.approx(working - 2 * STEP_FRACTION * H100.rated_watts)
-    assert gpus.stretch("prompt", working, caps(d)["bursty"]) < 1.1
+    assert caps(d)["bursty"] == pytest.approx(working - STEP_FRACTION * H100.rated_watts)
+    assert gpus.stretch("prompt", working, caps(d)["bursty"]) < 1.05
 
 
 def test_caps_never_go_below_the_budgets_minimum_or_the_products_lowest_limit():
@@ -99,18 +115,32 @@ def test_caps_never_go_below_the_budgets_minimum_or_the_products_lowest_limit():
     assert caps(d)["a"] >= gpus.PRODUCTS["A100"].min_limit_watts
 
 
-def test_release_waits_for_several_low_periods_then_steps_up_high_priority_first():
+def applied(workers: list[PowerWorker], decision) -> list[PowerWorker]:
+    """The decision's caps in force, each worker held at its cap (drawing it)."""
+    new = caps(decision)
+    out = []
+    for w in workers:
+        cap = new.get(w.name, w.cap_watts)
+        out.append(PowerWorker(w.name, w.priority, w.role, w.gpu, w.gpus, cap, cap))
+    return out
+
+
+def test_release_steps_high_priority_up_every_period_and_low_priority_after_the_wait():
     workers = fleet(low_decode=300, high_decode=300, low_prefill=500, high_prefill=500)
     workers = [PowerWorker(w.name, w.priority, w.role, w.gpu, w.gpus, w.cap_watts, w.cap_watts) for w in workers]
-    state = PowerState()
-    for _ in range(2):
-        d = decide(BUDGET, Reading(5_000), workers, state, now=0, settings=Settings(max_changes=2))
-        assert d.changes == [] and d.situation == "releasing"
-        state = d.state
-    d = decide(BUDGET, Reading(5_000), workers, state, now=0, settings=Settings(max_changes=2))
-    assert [c.worker for c in d.changes] == ["high-prefill", "high-decode"]
-    assert caps(d) == {"high-prefill": 570.0, "high-decode": 370.0}  # one step each, not all the way
-    assert d.state.periods_below_release == 0  # the next step waits again
+    settings = Settings(max_changes=1, release_periods=3)
+    d = decide(BUDGET, Reading(5_000), workers, PowerState(), now=0, settings=settings)
+    # both high-priority caps, past max_changes, one step each, not all the way
+    assert d.situation == "releasing" and caps(d) == {"high-prefill": 570.0, "high-decode": 370.0}
+    workers = applied(workers, d)
+    d = decide(BUDGET, Reading(5_000), workers, d.state, now=5, settings=settings)
+    # 440 W is above what a token step draws uncapped (424 W): the cap is lifted, not kept at 440
+    assert caps(d) == {"high-prefill": 640.0, "high-decode": None}
+    workers = applied(workers, d)
+    d = decide(BUDGET, Reading(5_000), workers, d.state, now=10, settings=settings)
+    # the third period below: low priority's turn too, at most max_changes, the costliest cap first
+    assert caps(d) == {"high-prefill": None, "low-prefill": 570.0}
+    assert d.state.periods_below_release == 0  # low priority's next step waits again
 
 
 def test_a_cap_raised_to_the_rating_is_lifted_and_release_stops_short_of_the_threshold():
@@ -142,7 +172,7 @@ def test_stale_or_missing_telemetry_never_lifts_a_cap_and_caps_low_priority_afte
 def test_no_oscillation_under_a_noisy_load_swinging_across_the_thresholds(seed):
     """A closed loop: each worker draws min(its demand x load, its cap) with 3% noise, beside
     2 kW the controller does not own; the load swings between 1.3 and 0.7 every 60 periods.
-    Power is back under the cap threshold within a few periods of each rise, caps move down
+    Power is back under the emergency threshold within a few periods of each rise, caps move down
     while it is high and up while it is low, never back and forth from one period to the next."""
     rng = random.Random(seed)
     workers = {f"w{i}": PowerWorker(f"w{i}", "Low" if i % 2 else "High", "decode" if i % 3 else "prefill",
@@ -169,7 +199,9 @@ def test_no_oscillation_under_a_noisy_load_swinging_across_the_thresholds(seed):
                                             2, c.cap_watts, drawn[c.worker])
     for rise in (0, 120, 240):
         settled = totals[rise + 3:rise + 60]
-        assert max(settled) < BUDGET.cap_threshold * BUDGET.limit_watts, (rise, max(settled))
+        # under the emergency threshold: between it and the cap threshold only low priority is
+        # capped, and here low priority at its floor does not reach the cap threshold
+        assert max(settled) < BUDGET.emergency_threshold * BUDGET.limit_watts, (rise, max(settled))
     assert lifted_by_end_of_low == [True, True]  # and given back, step by step, while it was low
     flips = [(a, b) for (a, da), (b, db) in itertools.pairwise(directions) if da != db and b - a == 1]
     assert not flips, f"cap direction flipped in consecutive periods: {flips}"
@@ -181,7 +213,9 @@ def test_a_burst_over_the_budget_that_the_mean_hides_is_shed_and_the_release_wai
     calm = decide(BUDGET, Reading(8_500, peak_watts=9_800), workers, PowerState(), now=0)
     assert calm.situation == "band" and calm.changes == []          # the peak is under the budget
     burst = decide(BUDGET, Reading(8_500, peak_watts=10_400), workers, PowerState(), now=0)
-    assert burst.situation == "capping" and burst.changes and "burst" in burst.summary
+    # a breach in progress: shed as an emergency, from the peak
+    assert burst.situation == "emergency" and "burst" in burst.summary
+    assert caps(burst) == {f"d{i}": BUDGET.min_gpu_cap_watts for i in range(4)}
     capped = [PowerWorker(f"d{i}", "Low", "decode", "H100", cap_watts=300.0, drawn_watts=300.0) for i in range(4)]
     state = PowerState(periods_below_release=5)
     # a high peak under the budget does not hold a release the mean allows

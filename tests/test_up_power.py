@@ -1,6 +1,7 @@
 """`fleetwise up --power-limit-watts`: a real Prometheus scraping modelled A100 workers, the
-power loop over them; load drives the machine past its cap threshold, caps come on and bring
-power back under it, and go once the load stops."""
+power loop over them; load drives the machine past its emergency threshold, caps come on and bring
+power back under it (the workers are high priority, which the cap threshold leaves alone), and go
+once the load stops."""
 
 import json
 import shutil
@@ -79,8 +80,8 @@ def test_up_caps_power_under_the_limit_and_releases_it(tmp_path, tiny_model_dir)
         held = [httpx.get(internal + POWER_PATH, headers={"authorization": f"Bearer {token}"}, timeout=30).json()
                 for internal in pools["prefill"] + pools["decode"]]
         assert any(h["watts"] is not None and h["watts"] < 400 and h["seconds_left"] > 0 for h in held), held
-        # power back under the cap threshold while the load goes on
-        under = wait_for(lambda s: s["measured_watts"] is not None and s["measured_watts"] < 0.9 * LIMIT
+        # power back under the emergency threshold while the load goes on
+        under = wait_for(lambda s: s["measured_watts"] is not None and s["measured_watts"] < 0.98 * LIMIT
                          and s["caps"], tmp_path, 60)
         assert under["situation"] != "stale"
         stop.set()
