@@ -9,6 +9,7 @@ can run here is simulated with a profile of its own worker, one step at a time:
     step seconds = overhead + per_prompt_token x prompt tokens + per_decode x decodes
                    + per_context_token x cached tokens the decodes read
                    + per_attended x each prompt chunk's tokens times the position it reaches
+                   + decode_batch if two or more sequences decode in the step
 
 fitted by least squares with every coefficient kept non-negative (a negative one is dropped and
 the rest fitted again), then once more without the steps far off the first fit (a step another
@@ -28,9 +29,11 @@ import numpy as np
 from .perf import PerfModel
 
 REQUIRED = ("overhead_ms", "ms_per_prompt_token", "ms_per_decode", "ms_per_context_token")
-# the prompt's attention, which grows with its square (a long prompt costs more per token); a
-# profile saved without it has none
-TERMS = (*REQUIRED, "ms_per_attended")
+# the prompt's attention, which grows with its square (a long prompt costs more per token), and
+# what a step with a batch of decodes (two or more) pays once over a lone one (the small model on
+# a CPU: 9 ms for one decode, 14.5 for two, then 1-2 ms more each); a profile saved without them
+# has neither
+TERMS = (*REQUIRED, "ms_per_attended", "ms_decode_batch")
 MAX_BATCH_POINT = 4096   # the token-step line's far point (the line extends past it anyway)
 
 
@@ -54,17 +57,20 @@ class StepProfile:
     kv_bytes_per_token: int
     samples: int = 0
     ms_per_attended: float = 0.0
+    ms_decode_batch: float = 0.0
     r2: float = math.nan         # of the fit over its samples
     median_abs_error_ms: float = math.nan
 
     def step_ms(self, prompt_tokens: float, decodes: float, context: float, attended: float = 0.0) -> float:
         return (self.overhead_ms + self.ms_per_prompt_token * prompt_tokens + self.ms_per_decode * decodes
-                + self.ms_per_context_token * context + self.ms_per_attended * attended)
+                + self.ms_per_context_token * context + self.ms_per_attended * attended
+                + (self.ms_decode_batch if decodes >= 2 else 0.0))
 
     def perf_model(self, gpu: str = "CPU") -> PerfModel:
         o, p, d = self.overhead_ms, self.ms_per_prompt_token, self.ms_per_decode
+        b, far = self.ms_decode_batch, MAX_BATCH_POINT
         return PerfModel(gpu, self.model, 1, ((1, o + p), (2, o + 2 * p)),
-                         ((0, o), (MAX_BATCH_POINT, o + d * MAX_BATCH_POINT)), self.ms_per_context_token,
+                         ((0, o), (1, o + d), (2, o + b + 2 * d), (far, o + b + d * far)), self.ms_per_context_token,
                          kv_capacity=self.kv_capacity_tokens, kv_bytes=self.kv_bytes_per_token, hybrid=True,
                          ms_per_attended=self.ms_per_attended)
 
@@ -114,7 +120,7 @@ def fit(samples: list[StepSample], model: str, kv_capacity_tokens: int, kv_bytes
     off the CPU) are left out of the second fit."""
     if len(samples) < len(TERMS):
         raise ValueError(f"a fit needs at least {len(TERMS)} steps, got {len(samples)}")
-    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context, s.attended) for s in samples])
+    x = np.array([(1.0, s.prompt_tokens, s.decodes, s.context, s.attended, float(s.decodes >= 2)) for s in samples])
     y = np.array([s.seconds * 1e3 for s in samples])
     coef = _lstsq(x, y)
     residual = y - x @ coef

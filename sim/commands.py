@@ -155,10 +155,11 @@ def sim_agree(
     trace: Path = typer.Option(None, "--trace", help="An Azure LLM trace CSV (default: conversation)."),
     start: float = typer.Option(40.0, "--start", min=0, help="Seconds into the trace where the slice begins."),
     rate_scale: float = typer.Option(0.1, "--rate-scale", min=0.001, help="The trace's arrival rate times this."),
-    seconds: float = typer.Option(120.0, "--seconds", min=1, max=3600, help="Seconds of the slowed trace to serve."),
+    seconds: float = typer.Option(300.0, "--seconds", min=1, max=3600,
+                                  help="Seconds of the slowed trace to serve (300: 153 requests)."),
     length_scale: float = typer.Option(0.2, "--length-scale", min=0.001, max=1.0,
                                        help="Prompt and output lengths times this."),
-    calibration_steps: int = typer.Option(400, "--calibration-steps", min=20, max=100_000,
+    calibration_steps: int = typer.Option(200, "--calibration-steps", min=20, max=100_000,
                                           help="Engine steps measured for the step profile."),
     seed: int = typer.Option(0, "--seed"),
 ):

@@ -27,7 +27,7 @@ from .power import PowerLoop
 from .trace import Request
 from .workers import Flight, Link, Pool, Worker
 
-PREFILL_DONE, DECODE, LINK, JOIN, TICK, PASS_START = range(6)
+PREFILL_DONE, DECODE, LINK, JOIN, TICK, PASS_START, RELEASE = range(7)
 GOLDEN = 0.6180339887498949   # spreads low-priority requests evenly over the ids
 
 
@@ -78,6 +78,9 @@ class Simulation:
         self.arrivals_left = 0
         self.ticks_queued = 0
         self.on_transfer: Callable[[Flight, float], None] | None = None   # told each KV transfer's seconds
+        # when the router learns that a request made its last token at `t` (its stream's end has come
+        # back to it); None: at once
+        self.router_sees: Callable[[float], float] | None = None
         self.power: PowerLoop | None = None      # set by run.build when the power controller is in the loop
         # faults.FaultLoop, set by run.build when faults or the detector are in the loop (it imports this module)
         self.faults: Any = None
@@ -96,7 +99,8 @@ class Simulation:
         requests = sorted(requests, key=lambda r: r.arrival)
         i, n, events = 0, len(requests), self.events
         handlers = {PREFILL_DONE: self.prefill_done, DECODE: self.decode_due, LINK: self.link_due,
-                    JOIN: self.decode_arrives, TICK: self.tick, PASS_START: self.pass_starts}
+                    JOIN: self.decode_arrives, TICK: self.tick, PASS_START: self.pass_starts,
+                    RELEASE: self.release}
         self.arrivals_left = n
         for k in range(len(self.tickers)):
             self.push(0.0, TICK, k)
@@ -167,6 +171,8 @@ class Simulation:
         tokens, attended = w.take_prompts(budget, self.settings.chunked_prefill)
         w.prompt_tokens += tokens
         seconds, watts = w.prompt_step(tokens, len(w.batch), attended)
+        if w.pass_wall is not None:   # the pace may change while the pass runs
+            seconds = w.pass_wall(self.now, seconds / w.slow)
         w.pass_watts = watts
         w.prompt_s += seconds
         w.prompt_j += seconds * watts
@@ -294,5 +300,11 @@ class Simulation:
         f.done = self.now
         owner = f.decode or f.prefill
         assert owner is not None
-        owner.replica.outstanding -= 1
         self.finished.append(f)
+        if self.router_sees is None:
+            owner.replica.outstanding -= 1
+        else:
+            self.push(max(self.now, self.router_sees(self.now)), RELEASE, owner)
+
+    def release(self, w: Worker, _version: int) -> None:
+        w.replica.outstanding -= 1

@@ -12,6 +12,7 @@ evaluates it. Events are only arrivals, phase changes and completions.
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetwise import gpus
@@ -104,6 +105,8 @@ class Worker:
         self.idle_watts = self.pool.gpu.idle_watts * self.pool.perf.tp
         self.pass_watts = 0.0     # the running prompt pass's draw
         self.slow = 1.0           # fault injection: every step takes this many times as long
+        # a changing pace (sim/pace.py): (start, seconds of work at pace 1) -> a prompt pass's wall seconds
+        self.pass_wall: Callable[[float, float], float] | None = None
         self.gaps = GapHistogram()   # every token gap its decodes saw
         self.set_cap(self.pool.cap_watts)
 

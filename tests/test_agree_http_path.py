@@ -53,3 +53,15 @@ def test_a_stretch_when_no_token_reached_the_client_is_a_stop_and_holds_what_fal
     p = pace.Pace(100.0, (1.0,), 1.0)
     way = http_path(requests, both, {"mixed-0": steps}, {"mixed-0": p})
     assert way is not None and way.requests == 1 and way.in_s == pytest.approx(0.02)
+
+
+def test_first_token_times_saved_on_the_monotonic_clock_are_moved_onto_the_runs():
+    from fleetwise.bench.agree.compare import on_run_clock
+    t0 = 54600.0
+    steps = {"mixed-0": [{"t": 1.0, "s": 0.1, "first": [["agree-0-a", t0 + 1.0]]},      # taken in by an idle engine
+                         {"t": 2.0, "s": 0.1, "first": [["agree-1-b", t0 + 1.95]]}],     # came during a step
+             "mixed-1": [{"t": 1.5, "s": 0.1}]}
+    moved = on_run_clock(steps)
+    assert [c for s in moved["mixed-0"] for _, c in s["first"]] == pytest.approx([1.0, 1.95])
+    assert moved["mixed-1"] == steps["mixed-1"]
+    assert on_run_clock(moved) == moved    # a run on its own clock stays as it is

@@ -46,7 +46,7 @@ def test_a_term_the_steps_do_not_pay_for_is_zero_not_negative():
 
 
 def test_too_few_steps_are_refused():
-    with pytest.raises(ValueError, match="at least 5"):
+    with pytest.raises(ValueError, match="at least 6"):
         calibration.fit(synthetic(3, 0.0), "m", 1000, 64)
 
 
@@ -139,3 +139,19 @@ def test_a_long_prompts_attention_is_fitted_and_simulated():
     pool = Pool("m", "mixed", gpus.product("H100"), got.perf_model())
     (f,) = Simulation([(pool, 1)], Settings(prompt_budget=4096, max_batch=8)).run([Request(0, 0.0, 1200, 2)])
     assert f.first_token == pytest.approx(got.step_ms(1200, 0, 0, 1200 * 1200) / 1e3)
+
+
+def test_a_batch_of_decodes_pays_its_own_step_cost_once_in_the_fit_and_the_simulation():
+    samples = synthetic(400, noise_ms=0.3, seed=4)
+    # steps with two or more decodes cost 4 ms more (the batched decode's own path)
+    samples = [StepSample(s.prompt_tokens, s.decodes, s.context, s.seconds + (4e-3 if s.decodes >= 2 else 0.0))
+               for s in samples] + [
+        StepSample(0, 1, ctx, (6.0 + 0.3 + 0.002 * ctx) / 1e3) for ctx in range(10, 800, 20)]
+    got = calibration.fit(samples, "m", 10_000, 64)
+    assert got.ms_decode_batch == pytest.approx(4.0, rel=0.1)
+    assert got.ms_per_decode == pytest.approx(0.3, rel=0.15)
+    perf = got.perf_model()
+    for batch in (1, 2, 5):
+        assert perf.token_ms(batch, 100 * batch) == pytest.approx(got.step_ms(0, batch, 100 * batch), rel=1e-9)
+    # a prompt pass carrying decodes pays for them as a token step would
+    assert perf.prompt_ms(50) + perf.hybrid_ms(3, 300) == pytest.approx(got.step_ms(50, 3, 300), rel=1e-9)

@@ -57,3 +57,27 @@ def test_a_prompt_reaching_a_busy_worker_waits_for_the_running_step():
     flights = sim.run([Request(0, 0.0, 1, 50), Request(1, 0.054, 1, 2)])
     late = next(f for f in flights if f.req.id == 1)
     assert late.first_token == pytest.approx(0.06 + 0.01)
+
+
+def test_a_step_pace_is_each_steps_own_wall_over_cpu_and_the_windows_between():
+    steps = [step(0.0, 0.1, 0.05), step(0.15, 0.2, 0.05, left=0),   # busy to the next step: 0.15 / 0.05
+             step(3.0, 0.4, 0.1)]
+    p = pace.per_step(steps, 1.0)
+    windows = pace.windows(steps, 1.0)
+    assert p.at(0.05) == pytest.approx(3.0)
+    assert p.at(0.2) == pytest.approx(4.0)          # its own wall: idle after it
+    assert p.at(0.5) == windows.at(0.5)             # the engine idle: the window's pace
+    assert p.at(3.2) == pytest.approx(4.0)
+    assert p.next_change(0.05) == pytest.approx(0.15)
+    assert p.next_change(0.5) == pytest.approx(1.0)  # the window's end comes before the next step
+    # 0.1 s of work from 0.1: 0.05 s at 3, 0.2 s at 4, the rest at the window's pace
+    rest = 0.1 - 0.05 / 3.0 - 0.2 / 4.0
+    assert p.wall_for(0.1, 0.1) == pytest.approx(0.05 + 0.2 + rest * windows.at(0.5))
+
+
+def test_a_prompt_pass_takes_the_pace_of_every_moment_it_spans():
+    sim = simulation()
+    # a lone 10 ms prompt pass from 0.995: 5 ms of work at pace 1, the other 5 ms at pace 3
+    sim.tickers.append(pace.Pacer(sim, [pace.Pace(1.0, (1.0, 3.0), 3.0)]).tick)
+    (f,) = sim.run([Request(0, 0.995, 1, 1)])
+    assert f.first_token == pytest.approx(1.0 + 0.005 * 3.0)

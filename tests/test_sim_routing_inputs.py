@@ -86,3 +86,18 @@ def test_the_routers_policy_at_the_real_loads_explains_routes_it_made_and_not_ot
     assert policy_at_real_loads(requests, measured, routes, urls) == len(TEXTS)
     swapped = {i: "mixed-1" if w == "mixed-0" else "mixed-0" for i, w in routes.items()}
     assert policy_at_real_loads(requests, measured, swapped, urls) == 0
+
+
+def test_the_router_counts_a_request_finished_when_its_end_comes_back_to_it():
+    policy, idle = make_policy("prefix_load"), [Replica(u, "tiny", "mixed") for u in URLS]
+    tie = [policy.choose(idle, PREFIX_KEYS["prefix_load"](t)).url for t in TEXTS]
+    k = next(k for k in range(1, len(TEXTS)) if tie[k] == tie[0])   # both idle: it goes where the first went
+    # the first decodes 0.5 s; the second comes 0.01 s after the first made its last token
+    requests = [Request(0, 0.0, 5, 50, TEXTS[0]), Request(1, 0.52, 5, 2, TEXTS[k])]
+    at_once = served_by(simulation(URLS).run(requests))
+    assert at_once[1] == at_once[0] == tie[0]
+    sim = simulation(URLS)
+    sim.router_sees = lambda t: t + 0.05   # its stream's end reaches the router 50 ms after the token
+    later = served_by(sim.run(requests))
+    assert later[1] != later[0]            # still outstanding when the second is routed
+    assert all(r.outstanding == 0 for rs in sim.replicas.values() for r in rs)

@@ -6,13 +6,17 @@ A step profile is the engine thread's CPU time per step; on a shared machine the
 runs slower than that by however much of the core others take. The variants:
 
 - `own` (the result): each worker timed by a profile fitted from its own steps in the run, at
-  its own pace window by window (`fleetwise.sim.pace`: the steps' wall over CPU seconds), and
-  each request's way outside the engine (client, router, the worker's HTTP side) at that pace
-  (`HttpPath`, measured from the step trace's first tokens), and the stretches when that way
-  stopped altogether (`outside.stops`: the client and router share the cores unpinned);
+  its own pace step by step (`fleetwise.sim.pace.per_step`: each traced step's wall over its
+  CPU seconds, the 2 s windows' pace while the engine was idle), and each request's way outside
+  the engine (client, router, the worker's HTTP side) at the windows' pace (`HttpPath`,
+  measured from the step trace's first tokens), and the stretches when that way stopped
+  altogether (`outside.stops`: the client and router share the cores unpinned); the simulated
+  router counts a request finished when its last token has come back to it (that way out);
+- `own_window_pace`: `own` at the pace of 2 s windows (`fleetwise.sim.pace.windows`);
 - `own_no_stops`: `own` without those stretches;
 - `own_engine_only`: the same without the way outside the engine;
-- `paced`: the calibration's profile (measured before and after the run) at each worker's pace;
+- `paced`: the calibration's profile (measured before and after the run) at each worker's pace
+  step by step;
 - `per_worker`: the calibration's profile at each worker's pace over the whole run;
 - `one_factor`: the calibration's profile times one factor for the fleet, the workers' summed
   step seconds (their metrics) over what the profile gives the work;
@@ -48,7 +52,7 @@ STATS = ("p50", "p90", "p99", "mean", "n")
 AGREED = ("ttft_s", "tbt_s")   # the issue's measure: these at p50 and p90
 PACE_WINDOW_S = 2.0            # a few to a few dozen steps of a worker: contention changes over seconds
 VARIANTS = ("own", "own_no_stops", "own_engine_only", "paced", "per_worker", "one_factor", "unscaled",
-            "own_recorded_routes")
+            "own_recorded_routes", "own_window_pace")
 def side(ttft: list[float], tbts: list[float], gaps: list[float], out_tokens: int, span: float) -> dict[str, Any]:
     return {"ttft_s": summary(ttft, *STATS), "tbt_s": summary(tbts, *STATS), "tbt_token_s": summary(gaps, *STATS),
             "output_tokens_per_s": out_tokens / span if span > 0 else 0.0, "span_s": span}
@@ -73,7 +77,7 @@ def real_side(measured: list[Any]) -> dict[str, Any]:
 
 
 def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
-             paces: list[pace.Pace] | None = None, http: HttpPath | None = None,
+             paces: list[pace.Pace] | list[pace.StepPace] | None = None, http: HttpPath | None = None,
              routing: Routing | None = None) -> tuple[dict[str, Any], Any, dict[str, list[float]]]:
     """The simulated side: `workers` mixed workers timed by one profile, or each by its own,
     routed by the router's policy (given the real workers' URLs in `routing`); with `http`, each
@@ -84,8 +88,9 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
     index = {r.id: i for i, r in enumerate(requests)}
     order = sorted(routing.urls) if routing is not None else [f"mixed-{i}" for i in range(workers)]
     urls = [routing.urls[n] for n in order] if routing is not None else None
+    windowed = [p.between if isinstance(p, pace.StepPace) else p for p in paces] if paces is not None else None
     if http is not None:
-        requests = [replace(r, arrival=http.held(r.arrival) + http.in_s * http.pace_at(paces, r.arrival))
+        requests = [replace(r, arrival=http.held(r.arrival) + http.in_s * http.pace_at(windowed, r.arrival))
                     for r in requests]
     pools = ([PoolConfig("mixed", workers, profile=str(profiles[0]), urls=urls)] if len(profiles) == 1 else
              [PoolConfig("mixed", 1, name=name, profile=str(p), urls=[urls[i]] if urls else None)
@@ -98,12 +103,14 @@ def sim_side(requests: list[trace.Request], profiles: list[Path], workers: int,
         sim.policies[("mixed", "High")] = RecordedRoutes(requests, routing.real, routing.urls)
     if paces is not None:
         sim.tickers.append(pace.Pacer(sim, paces).tick)
+    if http is not None:
+        sim.router_sees = lambda t: http.held(t) + http.out_s * http.pace_at(windowed, t)
     flights = sim.run(requests)
     gaps = sim.workers[0].gaps
     for w in sim.workers[1:]:
         gaps.merge(w.gaps)
     span = max(f.done for f in flights) - min(f.req.arrival for f in flights)
-    seen = (lambda t: http.held(t) + http.out_s * http.pace_at(paces, t)) if http is not None else (lambda t: t)
+    seen = (lambda t: http.held(t) + http.out_s * http.pace_at(windowed, t)) if http is not None else (lambda t: t)
     cdfs = {"ttft": [seen(f.first_token) - sent[f.req.id] for f in flights],
             "tbt": [t for f in flights if (t := tbt(f)) is not None]}
     out = side(cdfs["ttft"], cdfs["tbt"], [], sum(f.req.output_tokens for f in flights), span)
@@ -168,6 +175,7 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     paced = [pace.windows(s, PACE_WINDOW_S) for s in ordered]
     http = http_path(requests, measured, worker_steps, dict(zip(sorted(worker_steps), paced)))
     whole = [pace.windows(s, 1e9) for s in ordered]
+    stepped = [pace.per_step(s, PACE_WINDOW_S) for s in ordered]
     real = real_side(measured)
     report: dict[str, Any] = {"real": real, "one_factor": {"load_factor": load, "engine_step_seconds": engine_s,
                                                            "engine_steps": steps, "profile": scaled.__dict__},
@@ -178,12 +186,13 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
     report["routing"] = {"policy": ROUTER_POLICY, "urls": routing.urls, "real_routes": len(routing.real),
                          "policy_at_real_loads": policy_at_real_loads(requests, measured, routing.real, routing.urls)}
     replay = replace(routing, replay=True)
-    runs = (("own", own_paths, paced, http, routing),
-            ("own_no_stops", own_paths, paced, http.without_stops() if http is not None else None, routing),
-            ("own_engine_only", own_paths, paced, None, routing),
-            ("paced", [profile_path], paced, None, routing), ("per_worker", [profile_path], whole, None, routing),
+    runs = (("own", own_paths, stepped, http, routing),
+            ("own_window_pace", own_paths, paced, http, routing),
+            ("own_no_stops", own_paths, stepped, http.without_stops() if http is not None else None, routing),
+            ("own_engine_only", own_paths, stepped, None, routing),
+            ("paced", [profile_path], stepped, None, routing), ("per_worker", [profile_path], whole, None, routing),
             ("one_factor", [scaled_path], None, None, routing), ("unscaled", [profile_path], None, None, routing),
-            ("own_recorded_routes", own_paths, paced, http, replay))
+            ("own_recorded_routes", own_paths, stepped, http, replay))
     for variant, paths, paces, way, routes in runs:
         sim, _, cdfs = sim_side(requests, paths, workers, paces, way, routes)
         report[f"sim_{variant}"] = sim
@@ -191,6 +200,20 @@ def compare(requests: list[trace.Request], measured: list[Any], worker_steps: di
         samples = samples or cdfs
     report["sim"], report["relative_error"] = report["sim_own"], report["relative_error_own"]
     return report, samples
+
+
+def on_run_clock(worker_steps: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """A run saved before its steps' first-token times (`first`: when the engine took each
+    request in) were moved onto the run's clock has them on the monotonic clock: moved back by
+    the run's start, which is where an idle engine takes a request in at once (the step starts
+    as the request comes: the latest `came - t` of all)."""
+    firsts = [(came, s["t"]) for steps in worker_steps.values() for s in steps for _, came in s.get("first", [])]
+    end = max((s["t"] + s["s"] for steps in worker_steps.values() for s in steps), default=0.0)
+    if not firsts or max(came for came, _ in firsts) < end + 60.0:
+        return worker_steps
+    t0 = max(came - t for came, t in firsts)
+    return {name: [s | {"first": [[rid, came - t0] for rid, came in s["first"]]} if "first" in s else s
+                   for s in steps] for name, steps in worker_steps.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = json.loads(args.raw.read_text())
     requests = [trace.Request(**r) for r in raw["requests"]]
     measured = [Measured(**m) for m in raw["measured"]]
-    steps = raw["worker_steps"]
+    steps = on_run_clock(raw["worker_steps"])
     engine = raw.get("engine") or (sum(x["s"] for s in steps.values() for x in s), sum(len(s) for s in steps.values()))
     args.out.mkdir(parents=True, exist_ok=True)
     profile = calibration.load(args.profile)
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['routing']['policy_at_real_loads']} of {report['routing']['real_routes']} requests")
     for variant in VARIANTS:
         err, routed = report[f"relative_error_{variant}"], report[f"sim_{variant}"].get("routed_as_real", {})
-        print(f"{variant:20s} TTFT p50 {err['ttft_s']['p50']:+.0%} p90 {err['ttft_s']['p90']:+.0%}  "
+        print(f"{variant:30s} TTFT p50 {err['ttft_s']['p50']:+.0%} p90 {err['ttft_s']['p90']:+.0%}  "
               f"TBT p50 {err['tbt_s']['p50']:+.0%} p90 {err['tbt_s']['p90']:+.0%}  "
               f"largest {err['max_abs_ttft_tbt_p50_p90']:.0%}  routed as real "
               f"{routed.get('same_worker', '-')}/{routed.get('of', '-')}")
