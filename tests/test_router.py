@@ -187,7 +187,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         lengths = [64 + (i * 7) % 160 for i in range(200)]
 
         async def reference_texts():
-            async with httpx.AsyncClient(timeout=120) as c:
+            # 200 at once through a pool of 100 connections: the wait for one is no timeout of the worker's
+            async with httpx.AsyncClient(timeout=httpx.Timeout(120, pool=None)) as c:
                 rs = await asyncio.gather(*(c.post(reference.url + "/v1/completions", json={
                     "model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
                     for p, n in zip(prompts, lengths)))
@@ -205,10 +206,16 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
 
         async def busy(url: str) -> None:
             """Until the worker holds requests (killed then, it takes some down with it). Its own
-            client: the load's holds every connection its pool allows."""
+            client: the load's holds every connection its pool allows. This loop also runs the
+            load's 200 clients: on a busy machine one poll may take seconds, so a poll that times
+            out is tried again until the deadline."""
+            deadline = time.monotonic() + 120
             async with httpx.AsyncClient(timeout=10) as client:
-                for _ in range(600):
-                    health = (await client.get(url + "/health")).json()
+                while time.monotonic() < deadline:
+                    try:
+                        health = (await client.get(url + "/health")).json()
+                    except httpx.TimeoutException:
+                        continue
                     if health.get("running", 0) + health.get("waiting", 0) > 0:
                         return
                     await asyncio.sleep(0.05)
@@ -216,7 +223,7 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
 
         async def run():
             # the killed decode worker's requests finish on the other one: the load's tail is longer
-            async with httpx.AsyncClient(timeout=httpx.Timeout(300)) as client:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(300, pool=None)) as client:
                 tasks = [asyncio.create_task(one(client, i)) for i in range(200)]
                 await busy(procs["prefill"][0].url)  # prompts are being prefilled there
                 procs["prefill"][0].kill()
