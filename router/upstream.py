@@ -13,8 +13,6 @@ plain text.
 """
 
 import asyncio
-import ipaddress
-import socket
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .connect import connected_socket
 from .replica import Replica
 
 # A pooled connection that closes this soon after a request was written on it had been
@@ -270,38 +269,6 @@ class _Chunks:
 Late = Callable[[str, Response], Awaitable[None]]  # (the replica's URL, its late answer)
 
 
-async def _connected_socket(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> socket.socket:
-    """A socket connected to the replica, or TimeoutError or OSError. When the timeout passes,
-    the kernel is asked whether the connection was made: a loop that was busy (a CPU-starved
-    router) sees the replica's answer only after its timer, and that delay is not the replica's."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        address: tuple = (host, port)
-    except ValueError:  # a name: resolved as create_connection would
-        family, _, _, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
-        except TimeoutError:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or not _has_peer(sock):
-                raise
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _has_peer(sock: socket.socket) -> bool:
-    try:
-        sock.getpeername()
-        return True
-    except OSError:
-        return False
-
-
 class Pool:
     def __init__(self, connect_timeout: float = 2.0, read_timeout: float = 600.0, max_idle_per_host: int = 64):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
@@ -331,7 +298,7 @@ class Pool:
                 return conn
         loop = asyncio.get_running_loop()
         try:
-            sock = await _connected_socket(loop, host, port, self.connect_timeout)
+            sock = await connected_socket(loop, host, port, self.connect_timeout)
         except (TimeoutError, OSError) as e:
             raise NotSent(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
         _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), sock=sock)
