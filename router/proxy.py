@@ -41,7 +41,7 @@ from .limits import Limits, check_counts, check_weight, parse_body, read_body, w
 from .metrics import RouterMetrics
 from .migrate import Mover, Where, migrating
 from .policies import PREFIX_KEYS, RoutingPolicy, make_policy, prompt_text
-from .replica import Replica
+from .replica import Replica, last_resort
 from .retries import RESET, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
 from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
 from .upstream import Response as UpstreamResponse
@@ -172,7 +172,8 @@ class Router:
         policy = self.policy(model, role)
         headers = self._auth_line + _HEADERS % request_id.get().encode()
         for _ in range(self.max_attempts):
-            replica = policy.choose([r for r in replicas if id(r) not in tried], keys)
+            untried = [r for r in replicas if id(r) not in tried]
+            replica = policy.choose(untried, keys) or last_resort(untried)
             if replica is None:
                 break
             tried.add(id(replica))

@@ -54,3 +54,12 @@ class Replica:
             self.failures += 1
             self.healthy = False
         return was != self.healthy or self.failures <= 1
+
+
+def last_resort(replicas: list[Replica]) -> Replica | None:
+    """When no replica is available: the routable one marked down with the fewest failures in a
+    row (then the fewest requests), or None. A burst of failures (a killed peer, a stall) may mark
+    every replica down until the next probe; trying one costs a connection, refusing costs the
+    request (Envoy's panic threshold: below it, every host is balanced over, healthy or not)."""
+    down = [r for r in replicas if r.routable and not r.healthy]
+    return min(down, key=lambda r: (r.failures, r.outstanding), default=None)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .connect import connected_socket
 from .replica import Replica
 
 # A pooled connection that closes this soon after a request was written on it had been
@@ -298,10 +299,10 @@ class Pool:
                 return conn
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, (host, port)), host, port), self.connect_timeout)
+            sock = await connected_socket(loop, host, port, self.connect_timeout)
         except (TimeoutError, OSError) as e:
             raise NotSent(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
+        _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), sock=sock)
         return conn
 
     async def post(self, url: str, path: str, body: bytes, headers: bytes = b"",

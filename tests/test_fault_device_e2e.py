@@ -24,7 +24,10 @@ HEALTHY_WINDOWS = int(os.environ.get("FLEETWISE_FAULT_DEVICE_HEALTHY_WINDOWS", "
 WORKERS = 4
 SLOW_FACTOR = float(os.environ.get("FLEETWISE_FAULT_DEVICE_SLOW_FACTOR", "1.3"))
 ROUTED_CLIENTS = 8   # through the router: about two for each worker
-EXTRA_CLIENTS = 4    # straight to mixed-0: its load about doubles (it batches them with the routed ones)
+# straight to mixed-0, which batches them with the routed ones. Four gave it 1.3-2.5x its peers'
+# tokens window by window (median 1.75: under the 1.7 bar in one run of six); the router sends a
+# slower replica less, so six are needed for twice the load with room to spare
+EXTRA_CLIENTS = 6
 
 
 @pytest.fixture
@@ -69,7 +72,7 @@ def test_a_1_3x_slow_device_is_quarantined_within_three_windows_and_twice_the_lo
         tokens = [s.evidence["mixed-0"]["tokens"] / statistics.median(
             s.evidence[f"mixed-{i}"]["tokens"] for i in range(1, WORKERS)) for _, s in healthy[1:]]
         print(f"mixed-0's tokens against its peers' median, each healthy window: {[round(t, 2) for t in tokens]}")
-        assert statistics.median(tokens) >= 1.7, tokens  # about twice the load, as the check asks
+        assert statistics.median(tokens) >= 1.7, tokens  # about twice the load (or more), as the check asks
 
         slow = fleet.workers["mixed-1"]
         r = httpx.post(slow.internal_url + "/internal/faults", json={"slow_factor": SLOW_FACTOR}, headers=AUTH)

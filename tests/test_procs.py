@@ -117,3 +117,31 @@ def test_restarts_back_off_like_kubernetes_and_spare_what_was_stopped_on_purpose
         t += 0.5
     assert starts == [1.0, 3.5, 8.0, 12.5, 17.0]  # waits 1, 2, 4, then the cap (polled every 0.5 s)
     assert r.count == {"crash": 5} and kept.popen.returncode == 0 and never.popen is None
+
+
+def test_free_port_never_hands_out_a_port_twice_in_a_row(monkeypatch):
+    """The OS may give the same port to two asks in a row (the first socket closed, nothing bound
+    it yet): two workers started with them would race for it."""
+    import collections
+
+    import fleetwise.net as net
+    picks = iter([41001, 41001, 41002])
+
+    class Socket:
+        def __init__(self, *args):
+            self.port = next(picks)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+    monkeypatch.setattr(net.socket, "socket", Socket)
+    monkeypatch.setattr(net, "_RECENT", collections.deque(maxlen=16), raising=False)
+    assert [net.free_port(), net.free_port()] == [41001, 41002]

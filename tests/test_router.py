@@ -187,7 +187,8 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
         lengths = [64 + (i * 7) % 160 for i in range(200)]
 
         async def reference_texts():
-            async with httpx.AsyncClient(timeout=120) as c:
+            # 200 at once through a pool of 100 connections: the wait for one is no timeout of the worker's
+            async with httpx.AsyncClient(timeout=httpx.Timeout(120, pool=None)) as c:
                 rs = await asyncio.gather(*(c.post(reference.url + "/v1/completions", json={
                     "model": "tiny", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True})
                     for p, n in zip(prompts, lengths)))
@@ -203,24 +204,33 @@ def test_killing_workers_under_load_loses_no_request(tiny_model_dir, tmp_path):
             events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
             return ("sse", r.status_code, events)
 
-        async def busy(url: str) -> None:
-            """Until the worker holds requests (killed then, it takes some down with it). Its own
-            client: the load's holds every connection its pool allows."""
-            async with httpx.AsyncClient(timeout=10) as client:
-                for _ in range(600):
-                    health = (await client.get(url + "/health")).json()
-                    if health.get("running", 0) + health.get("waiting", 0) > 0:
-                        return
-                    await asyncio.sleep(0.05)
+        mover, route = router.router.mover, router.router.source.models()["tiny"]
+
+        def prefilling(url: str) -> bool:
+            return any(r.url == url and r.outstanding > 0 for r in route.replicas["prefill"])
+
+        def streaming(url: str) -> bool:
+            """A stream from it is past its first chunk: the router relays it (a kill moves it)."""
+            return any(r.url == url and ms for r, ms in list(mover.streams.items()))
+
+        async def until(holds, url: str) -> None:
+            """Until the router holds requests on the worker (killed then, it takes some down with
+            it); read from the router itself, as an HTTP poll would wait behind the load's 200
+            clients in this same loop."""
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if holds(url):
+                    return
+                await asyncio.sleep(0.02)
             raise AssertionError(f"{url} never got a request")
 
         async def run():
             # the killed decode worker's requests finish on the other one: the load's tail is longer
-            async with httpx.AsyncClient(timeout=httpx.Timeout(300)) as client:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(300, pool=None)) as client:
                 tasks = [asyncio.create_task(one(client, i)) for i in range(200)]
-                await busy(procs["prefill"][0].url)  # prompts are being prefilled there
+                await until(prefilling, procs["prefill"][0].internal_url)  # prompts are being prefilled there
                 procs["prefill"][0].kill()
-                await busy(procs["decode"][0].url)  # tokens are streaming from there
+                await until(streaming, procs["decode"][0].internal_url)  # tokens are streaming from there
                 procs["decode"][0].kill()
                 assert sum(not t.done() for t in tasks) > 50, "the load ended before the faults"
                 return await asyncio.wait_for(asyncio.gather(*tasks), timeout=400)
