@@ -63,9 +63,8 @@ def test_records_queue_through_an_outage_and_arrive_in_order_when_the_api_is_bac
     sink.power("w1", "ml", 250.0, None, "domain over budget")
     assert max(took) < 0.01  # a control loop only appends
     until(lambda: value(metrics, "fleetwise_operator_admin_api_up") == 0)
-    time.sleep(0.3)
-    assert value(metrics, "fleetwise_operator_admin_records_queued") == 5
-    assert value(metrics, "fleetwise_operator_admin_outage_seconds_total") > 0
+    until(lambda: value(metrics, "fleetwise_operator_admin_records_queued") == 5)  # none dropped
+    until(lambda: value(metrics, "fleetwise_operator_admin_outage_seconds_total") > 0)
 
     _, app = admin_fleet(tmp_path / "api")
     server = Server(app, "127.0.0.1", port).start()

@@ -58,23 +58,26 @@ def test_a_bad_cap_is_a_400_naming_the_field(a100, body, field):
 
 
 def test_a_cap_holds_the_modelled_gpu_is_exported_and_lapses_to_its_fallback(a100):
-    r = cap(a100, watts=250, ttl_seconds=1.5, fallback_watts=240, reason="test: above the cap threshold")
+    ttl = 3.0  # long enough that a loaded machine's scrape fits inside the renewed lease
+    t0 = time.monotonic()
+    r = cap(a100, watts=250, ttl_seconds=ttl, fallback_watts=240, reason="test: above the cap threshold")
     assert r.status_code == 200, r.text
     state = r.json()
     assert state["watts"] == 250 and state["source"] == "modelled"
     assert (state["min_watts"], state["max_watts"]) == (100, 400)
-    assert 0 < state["seconds_left"] <= 1.5
+    assert 0 < state["seconds_left"] <= ttl
     assert series(a100.url, "DCGM_FI_DEV_POWER_MGMT_LIMIT") == [250.0]
     assert series(a100.url, "fleetwise_power_cap_watts") == [250.0]
     [expiry] = series(a100.url, "fleetwise_power_cap_expiry_timestamp_seconds")
-    assert time.time() < expiry <= time.time() + 1.6
-    # renewed: the lease starts again
-    time.sleep(1.0)
-    assert cap(a100, watts=250, ttl_seconds=1.5, fallback_watts=240).status_code == 200
-    time.sleep(0.8)
+    assert time.time() < expiry <= time.time() + ttl + 0.1
+    # renewed: the lease starts again, and holds past the first lease's end
+    time.sleep(max(0.0, t0 + 2.0 - time.monotonic()))
+    assert cap(a100, watts=250, ttl_seconds=ttl, fallback_watts=240).status_code == 200
+    renewed = time.monotonic()
+    time.sleep(max(0.0, t0 + ttl + 0.3 - time.monotonic()))
     assert series(a100.url, "fleetwise_power_cap_watts") == [250.0]
     # not renewed: the fallback, with no expiry
-    time.sleep(1.2)
+    time.sleep(max(0.0, renewed + ttl + 0.3 - time.monotonic()))
     state = httpx.get(a100.internal_url + POWER_PATH, headers=AUTH, timeout=10).json()
     assert state["watts"] == 240 and state["seconds_left"] is None and "lapsed" in state["reason"]
     assert series(a100.url, "DCGM_FI_DEV_POWER_MGMT_LIMIT") == [240.0]
