@@ -337,12 +337,14 @@ def test_a_pull_in_every_stream_version_fills_the_same_kv(fleet, tiny_model_dir,
 
 
 @pytest.mark.parametrize("lo", [0, 3])
-def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # numpy has no bfloat16: views go through bytes
+def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo, dtype):
     """What KVLayers gathers out of scattered blocks is the cache's slots token by token,
     and CacheSink's views are exactly those slots, keys then values."""
     import torch
     bs, blocks, n = 4, [7, 2, 3, 9], 13  # blocks 2 and 3 are consecutive: one view
-    caches = [torch.randn(2, 12 * bs, 2, 3) for _ in range(2)]
+    dt = getattr(torch, dtype)
+    caches = [torch.randn(2, 12 * bs, 2, 3).to(dt) for _ in range(2)]
     slots = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
     layers = KVLayers(caches, bs, blocks, lo, n)
     for i, (k, v) in enumerate(layers):
@@ -354,15 +356,15 @@ def test_layers_are_gathered_and_received_in_the_caches_own_slots(lo):
 
         def gather(self, layer, out):
             return layers.gather(layer, out)
-    header = KVHeader("m", "float32", 2, 2, 3, lo, n - lo)
+    header = KVHeader("m", dtype, 2, 2, 3, lo, n - lo)
     in_place = list(transfer.encode(header, layers, transfer.VERSION))
     assert len(in_place) > 2 + 2 + 1 and all(isinstance(f, memoryview) for f in in_place[2:4])
     assert b"".join(map(bytes, in_place)) == b"".join(map(bytes, transfer.encode(header, Gathered(),
                                                                                  transfer.VERSION)))
     sink = CacheSink(caches, bs, blocks, n)
     views = sink.views(1)
-    assert len(views) == 2 * 3 and sum(map(len, views)) == 2 * n * 2 * 3 * 4
-    payload = torch.randn(2, n, 2, 3)
+    assert len(views) == 2 * 3 and sum(map(len, views)) == 2 * n * 2 * 3 * caches[0].element_size()
+    payload = torch.randn(2, n, 2, 3).to(dt)
     raw = payload.view(-1).view(torch.uint8).numpy().tobytes()
     at = 0
     for view in views:

@@ -10,7 +10,7 @@ without a copy (the worker serves on uvloop, whose transports keep a reference i
 copying); the lease keeps the blocks unchanged until the response is done. The header
 goes out at once and the first layer alone, so that the stream starts early; later layers
 are gathered at least `HOP_BYTES` per thread hop. Layers of at most `INLINE_LAYER_BYTES`
-(a short prompt's) are gathered in the event loop between sends, a fraction of a
+(up to a few thousand tokens') are gathered in the event loop between sends, about a
 millisecond each: on a busy machine every thread hop waits for a core. The response is a plain ASGI one with a
 Content-Length (`KVStreamResponse`): no chunked framing, no task per response.
 """
@@ -31,7 +31,9 @@ from .openai import APIError
 CORRUPT_KV = "corrupt-kv"  # test-only fault switch: flips a byte of every KV stream sent
 
 HOP_BYTES = 2 << 20  # after the first layer, at least this many bytes are gathered per thread hop
-INLINE_LAYER_BYTES = 1 << 20  # layers of at most this many bytes are gathered in the event loop, no hop
+# layers of at most this many bytes are gathered (or only checksummed, from the cache's slots) in the
+# event loop, no hop: a hop per layer cost a 2-4 MiB layer more than the loop's millisecond of CRC
+INLINE_LAYER_BYTES = 4 << 20
 _gathers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-gather")
 MAX_SEGMENTED_STREAMS = 16  # early prefills' streams at once, each a thread that waits for the engine
 _segmented = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_SEGMENTED_STREAMS, thread_name_prefix="kv-early")
@@ -123,7 +125,7 @@ def kv_response(connector: KVConnector, metrics: WorkerMetrics, faults: frozense
         raise APIError(404, f"no KV lease {handle!r}: unknown, released or expired", code="kv_not_found")
     except ValueError as e:
         raise APIError(400, str(e), param="start")
-    pinned = layers.blocks.device.type == "cuda"
+    pinned = layers.caches[0].device.type == "cuda"
     frames = encode(header, layers, version, pinned=pinned)
     if CORRUPT_KV in faults:
         frames = _corrupted(frames)

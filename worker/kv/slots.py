@@ -34,9 +34,11 @@ def slot_runs(block_ids: list[int], block_size: int, num_tokens: int, lo: int = 
 
 def slot_views(cache: torch.Tensor, runs: list[tuple[int, int]]) -> list[memoryview]:
     """Byte views of a CPU layer cache's slots in `runs`: keys, then values."""
-    slots = cache.shape[1]
-    slot_bytes = cache[0, 0].numel() * cache.element_size()
-    mem = cache.view(-1).view(torch.uint8).numpy().data.cast("B")
+    # from the shape and one buffer export: indexing the tensor or viewing it again costs
+    # more than the slices, once per layer of every stream
+    _, slots, heads, dim = cache.shape
+    slot_bytes = heads * dim * cache.element_size()
+    mem = cache.view(torch.uint8).numpy().data.cast("B")  # as bytes: numpy has no bfloat16
     return [mem[(base + s) * slot_bytes:(base + s + n) * slot_bytes] for base in (0, slots) for s, n in runs]
 
 
@@ -48,8 +50,14 @@ class KVLayers:
     def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int):
         self.caches, self.bs, self.lo, self.hi = caches, block_size, lo, hi
         self.block_ids = block_ids
-        self.blocks = torch.tensor(block_ids, dtype=torch.long, device=caches[0].device)
+        self._blocks: torch.Tensor | None = None  # for gathers only: a CPU stream is sent from views
         self.runs: list[tuple[int, int]] | None = None  # views' slots, found once
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        if self._blocks is None:
+            self._blocks = torch.tensor(self.block_ids, dtype=torch.long, device=self.caches[0].device)
+        return self._blocks
 
     def __len__(self) -> int:
         return len(self.caches)
