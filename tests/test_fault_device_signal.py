@@ -44,7 +44,8 @@ def test_the_cpu_clock_counts_the_engine_threads_work_not_sleep_nor_a_busy_host(
     time.sleep(0.2)
     assert clock.stop() < 0.02  # sleeping is no device time
     burnt = clock.burn(0.05)
-    assert 0.05 <= burnt < 0.08
+    # it stops where one more product would overshoot by more than it falls short: about 0.05 s
+    assert 0.045 <= burnt < 0.08
     a = torch.rand(128, 128)
     _work(clock, a)  # warm
     quiet = min(_work(clock, a) for _ in range(3))
