@@ -8,6 +8,7 @@ memory, and so are those of consecutive blocks.
 """
 
 from collections.abc import Callable, Iterator
+from functools import cached_property
 
 import torch
 
@@ -50,14 +51,12 @@ class KVLayers:
     def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int):
         self.caches, self.bs, self.lo, self.hi = caches, block_size, lo, hi
         self.block_ids = block_ids
-        self._blocks: torch.Tensor | None = None  # for gathers only: a CPU stream is sent from views
         self.runs: list[tuple[int, int]] | None = None  # views' slots, found once
 
-    @property
+    @cached_property
     def blocks(self) -> torch.Tensor:
-        if self._blocks is None:
-            self._blocks = torch.tensor(self.block_ids, dtype=torch.long, device=self.caches[0].device)
-        return self._blocks
+        """The block ids as a tensor, for gathers only: a CPU stream is sent from views."""
+        return torch.tensor(self.block_ids, dtype=torch.long, device=self.caches[0].device)
 
     def __len__(self) -> int:
         return len(self.caches)
