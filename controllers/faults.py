@@ -14,7 +14,10 @@ percent in the next; a member is judged against how far apart its group usually 
 against one lucky window. Only slowness counts (a positive score). A
 group smaller than `minPeers` cannot outvote one member: each member is compared with its
 own last `HISTORY` windows instead. A member is suspect after `consecutiveWindows` windows
-out in a row; a hard signal (an XID error, a double-bit ECC error, a stalled engine) makes it
+out in a row: each of them at least half the threshold out, and on average the threshold (a
+1.3x slow device in a group of four scores about the threshold, so one window that a noisy
+peer pulls under it must not reset the count; a transient needs more than one window); a hard
+signal (an XID error, a double-bit ECC error, a stalled engine) makes it
 suspect at once.
 
 Localisation: suspects on one node that are at least half of that node's members -> the node;
@@ -98,6 +101,7 @@ def avoidance_seconds(policy: FaultPolicySpec) -> float:
 @dataclass
 class FaultState:
     streak: dict[str, int] = field(default_factory=dict)
+    recent: dict[str, deque] = field(default_factory=dict)           # member -> its scores in its current streak
     history: dict[str, deque] = field(default_factory=dict)
     acted: dict[str, float] = field(default_factory=dict)            # target -> last action time
     actions: deque = field(default_factory=deque)                     # times of actions, for the hourly bound
@@ -173,16 +177,22 @@ def _score(members: list[Member], policy: FaultPolicySpec, state: FaultState) ->
 
 def _suspects(members: list[Member], scores: dict[str, float], policy: FaultPolicySpec,
               state: FaultState) -> dict[str, dict]:
-    """Members out long enough, or with a hard signal, with their evidence."""
+    """Members out long enough (`consecutiveWindows` windows, each at least half the threshold
+    out, on average the threshold), or with a hard signal, with their evidence."""
+    windows, threshold = policy.detection.consecutive_windows, policy.detection.deviation_threshold
     out: dict[str, dict] = {}
     for m in members:
         score = scores.get(m.name)
-        if score is not None and score > policy.detection.deviation_threshold:
+        if score is not None and score > threshold / 2:
             state.streak[m.name] = state.streak.get(m.name, 0) + 1
+            state.recent.setdefault(m.name, deque(maxlen=windows)).append(score)
         else:
             state.streak.pop(m.name, None)
+            state.recent.pop(m.name, None)
+        recent = state.recent.get(m.name, ())
+        persistent = len(recent) == windows and statistics.fmean(recent) > threshold
         hard = m.hard if (m.hard and policy.detection.xid_errors) else None
-        if hard or state.streak.get(m.name, 0) >= policy.detection.consecutive_windows:
+        if hard or persistent:
             out[m.name] = {"score": score, "value": m.value, "windows_out": state.streak.get(m.name, 0),
                            "hard": hard}
     return out
