@@ -260,6 +260,7 @@ class WorkerHealth(BaseModel):
     waiting: int
     kv_leases: int = 0  # KV held for another worker to pull (a prefill's, a drained stream's): a drain waits for it
     kv_exported: int = 0  # running sequences handed to other workers with their KV (drains), since it started
+    kv_stream_versions: list[int] = []  # the KV stream versions it reads and sends (4: it takes early handoffs)
 
 
 class WorkerUnwell(BaseModel):

@@ -74,7 +74,10 @@ MIN_TOKEN_CHARS = 16
 KV_STREAM_VERSION = 3  # what a receiver asks for; 2: CRC-32C, 3: CRC-32 by zlib-ng (worker/kv/transfer.py)
 KV_STREAM_VERSIONS = (1, 2, 3, 4)  # read and sent on request; 1 until the release after next
 # 4: a segmented stream (the prompt in segments of tokens, every layer of each, then the first
-# token), sent while the prefill is still computing; only when asked for by number
+# token), sent while the prefill is still computing; only when asked for by number. A worker
+# names the versions it reads in its /health answer (`kv_stream_versions`): the router asks
+# for early prefills only while every decode replica it may choose reads version 4
+KV_STREAM_SEGMENTED = 4
 MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

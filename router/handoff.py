@@ -12,10 +12,12 @@ replica that answered (its `avoid`, set by the fault loop's `avoid_link`) is not
 that handoff, unless every available decode replica avoids it: then any is (a slow link is
 slower, not broken, and the avoidance must never turn into refusals).
 
-With `FLEETWISE_KV_EARLY=1` in its environment (once every decode worker takes early
-handoffs) the router asks for early prefills: the prefill replica answers at admission, and
-the decode request goes at once, its worker pulling the KV while the prompt is computed
-(worker/kv/early.py); a prefill replica of an older release answers late, as before.
+With `FLEETWISE_KV_EARLY=1` in its environment the router asks for early prefills while every
+available decode replica reads segmented KV streams (the versions its /health names): the
+prefill replica answers at admission, and the decode request goes at once, to a replica that
+reads them, its worker pulling the KV while the prompt is computed (worker/kv/early.py). During
+a rolling upgrade, while a decode replica of an older release is up, handoffs are late, as
+before; a prefill replica of an older release answers late too.
 """
 
 import asyncio
@@ -27,7 +29,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from fleetwise.protocol import PROTOCOL_VERSION, PrefillAnswer
+from fleetwise.protocol import KV_STREAM_SEGMENTED, PROTOCOL_VERSION, PrefillAnswer
 
 from .endpoints import ModelRoute
 from .fanout import merge_bodies, merge_streams
@@ -78,8 +80,9 @@ class Handoffs:
         return merge_streams(ups, offsets, counted, bool((body.get("stream_options") or {}).get("include_usage")))
 
     async def prefill(self, route: ModelRoute, kind: str, body: dict, keys: list[int]) -> Upstream:
+        early = self.kv_early and takes_early(route.replicas["decode"])
         payload = orjson.dumps({"kind": kind, "request": body,  # a PrefillRequest: orjson costs a tenth of pydantic
-                                **({"kv_early": True} if self.kv_early else {})})
+                                **({"kv_early": True} if early else {})})
         delay = LEASE_BACKOFF
         for attempt in range(LEASE_RETRIES + 1):
             # a prefill is bounded work (one token): after a broken connection or a timeout it is
@@ -112,6 +115,8 @@ class Handoffs:
         taken = False
         try:
             decodes = paired(route.replicas["decode"], prefill_url, time.time())
+            if first.kv_early:  # one that came up meanwhile may be of an older release
+                decodes = [d for d in decodes if d.reads_kv(KV_STREAM_SEGMENTED)] or decodes
             up = await self.call(model, "decode", decodes, "/internal/decode", dbody, stream, keys,
                                  retry_on=self.stream_retry if stream else frozenset())
             # a decode worker answers 200 only after it pulled the KV (and let the lease go)
@@ -158,3 +163,9 @@ def paired(decodes: list[Replica], prefill_url: str, now: float) -> list[Replica
         return decodes
     kept = [d for d in decodes if not d.avoids(prefill_url, now)]
     return kept if any(d.available for d in kept) else decodes
+
+
+def takes_early(decodes: list[Replica]) -> bool:
+    """Every available decode replica reads segmented KV streams (an early prefill's), and one is."""
+    available = [d for d in decodes if d.available]
+    return bool(available) and all(d.reads_kv(KV_STREAM_SEGMENTED) for d in available)

@@ -41,7 +41,7 @@ from .limits import Limits, check_counts, check_weight, parse_body, read_body, w
 from .metrics import RouterMetrics
 from .migrate import Mover, Where, migrating
 from .policies import PREFIX_KEYS, RoutingPolicy, make_policy, prompt_text
-from .replica import Replica, last_resort
+from .replica import MAX_HEALTH_BYTES, Replica, kv_versions, last_resort
 from .retries import RESET, Elsewhere, RouterError, error_event, first_chunk, on_failure, refused
 from .upstream import Late, Pool, Upstream, UpstreamError, UpstreamTimeout, unsupported
 from .upstream import Response as UpstreamResponse
@@ -124,6 +124,8 @@ class Router:
             return
         try:
             async with self.session.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                if r.status == 200:
+                    replica.kv_versions = kv_versions(await r.content.read(MAX_HEALTH_BYTES))
                 self._mark(replica, r.status == 200)
         except (TimeoutError, aiohttp.ClientError, OSError):
             self._mark(replica, False)

@@ -6,7 +6,10 @@ large fleet) may watch a replica: it is told each time the routing state changes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
+
 ROUTING_STATE = frozenset({"healthy", "routable", "outstanding"})
+MAX_HEALTH_BYTES = 64 << 10  # of a worker's /health answer read by a probe
 
 
 @dataclass(eq=False)
@@ -19,6 +22,7 @@ class Replica:
     outstanding: int = 0      # requests sent and not yet finished
     failures: int = 0         # consecutive failed requests or probes
     avoid: dict[str, float] = field(default_factory=dict)  # a decode replica's prefill peers (URL) -> until when
+    kv_versions: tuple[int, ...] = ()  # the KV stream versions its last good probe named (none: an older worker)
 
     def avoids(self, prefill_url: str, now: float) -> bool:
         """A slow KV link from that prefill replica is being routed around."""
@@ -43,6 +47,9 @@ class Replica:
     def available(self) -> bool:
         return self.healthy and self.routable
 
+    def reads_kv(self, version: int) -> bool:
+        return version in self.kv_versions
+
     def record(self, ok: bool) -> bool:
         """Counts a request or probe that succeeded or failed; True when the health it
         reports may have changed (a flip, or the first failure in a row)."""
@@ -63,3 +70,15 @@ def last_resort(replicas: list[Replica]) -> Replica | None:
     request (Envoy's panic threshold: below it, every host is balanced over, healthy or not)."""
     down = [r for r in replicas if r.routable and not r.healthy]
     return min(down, key=lambda r: (r.failures, r.outstanding), default=None)
+
+
+def kv_versions(health: bytes) -> tuple[int, ...]:
+    """The KV stream versions a worker's /health answer names (`kv_stream_versions`); none
+    from a worker of a release before them, or from an answer that does not read."""
+    try:
+        named = orjson.loads(health).get("kv_stream_versions")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ()
+    if not isinstance(named, list) or len(named) > 64:
+        return ()
+    return tuple(v for v in named if isinstance(v, int) and not isinstance(v, bool))

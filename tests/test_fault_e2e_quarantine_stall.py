@@ -112,6 +112,14 @@ def test_streams_on_a_quarantined_worker_finish_and_new_requests_avoid_it(fleet)
     assert fleet.state(WorkerRef(name)).state is Routability.SERVING
 
 
+def _into_the_stall(url: str) -> None:
+    try:
+        httpx.post(url + "/v1/completions", timeout=120, json={"model": "tiny", "prompt": "into the stall",
+                                                               "max_tokens": 4})
+    except httpx.HTTPError:
+        pass
+
+
 def test_a_stalled_engine_fails_its_health_check_and_the_loop_quarantines_and_restarts_it(fleet):
     fleet, procs, faults = fleet
     loop, router, sick = faults.loop, procs[-1].url, fleet.workers["mixed-1"]
@@ -125,9 +133,9 @@ def test_a_stalled_engine_fails_its_health_check_and_the_loop_quarantines_and_re
         r = httpx.post(sick.internal_url + "/internal/faults", json={"stall_seconds": 300}, headers=AUTH, timeout=10)
         assert r.status_code == 200, r.text
         t0 = time.monotonic()
-        # the stall holds the engine at its next step: a request in flight gives it one
-        threading.Thread(target=lambda: httpx.post(sick.url + "/v1/completions", timeout=120, json={
-            "model": "tiny", "prompt": "into the stall", "max_tokens": 4}), daemon=True).start()
+        # the stall holds the engine at its next step: a request in flight gives it one (the
+        # restart then drops that request's connection, as a restart does)
+        threading.Thread(target=_into_the_stall, args=(sick.url,), daemon=True).start()
         unhealthy, windows_while_restarting, seen = None, 0, loop.last
         while time.monotonic() - t0 < 150:
             if unhealthy is None and health(sick.url)[0] == 503:

@@ -198,3 +198,50 @@ def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_w
         router.stop()
         for w in workers.values():
             w.stop()
+
+
+def test_early_handoffs_wait_until_every_decode_replica_reads_segmented_streams(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A decode worker whose /health names no stream version 4 (one of an older release,
+    during a rolling upgrade) would refuse an early prefill's decode request: while it is up
+    the router's handoffs are late, and once it names 4 they are early."""
+    import httpx
+
+    from fleetwise.router.handoff import KV_EARLY_ENV
+    from fleetwise.worker.api import server
+
+    from .workers import start_router, start_worker, write_router_config
+    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=BS, num_blocks=512,
+                       max_num_batched_tokens=32)
+    workers = {role: start_worker(cfg, role) for role in ("prefill", "decode")}
+    write_router_config(tmp_path / "d.yaml", "tiny", prefill=[workers["prefill"].internal_url],
+                        decode=[workers["decode"].internal_url])
+    monkeypatch.setenv(KV_EARLY_ENV, "1")
+    monkeypatch.setattr(server, "KV_VERSIONS", (1, 2, 3))  # what the in-process workers' /health names
+    router = start_router(tmp_path / "d.yaml")
+    connector = workers["prefill"].core.kv_connector
+    early: list[str] = []
+    expect_early = connector.expect_early
+    connector.expect_early = lambda handle, n: (early.append(handle), expect_early(handle, n))[1]
+    decode = router.router.source.models()["tiny"].replicas["decode"][0]
+    body = {"model": "tiny", "prompt": list(range(5, 105)), "max_tokens": 6, "temperature": 0, "stream": True}
+    try:
+        assert decode.kv_versions == (1, 2, 3)
+        late = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert late.status_code == 200 and early == []
+        monkeypatch.setattr(server, "KV_VERSIONS", (1, 2, 3, 4))
+        deadline = time.monotonic() + 10
+        while 4 not in decode.kv_versions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and len(early) == 1
+
+        def texts(sse: str) -> list[str]:
+            events = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+            return [e["choices"][0]["text"] for e in events if e["choices"]]
+        assert texts(answer.text) == texts(late.text) and "".join(texts(late.text))
+        workers["prefill"].wait_idle()
+    finally:
+        router.stop()
+        for w in workers.values():
+            w.stop()

@@ -282,3 +282,19 @@ def test_workers_of_another_protocol_version_are_skipped_not_blamed_on_the_clien
                    json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60)
     assert r.status_code == 503, r.text
     assert "does not speak protocol version 1" in r.json()["error"]["message"]
+
+
+def test_a_probe_reads_the_kv_stream_versions_a_worker_names_and_nothing_from_an_answer_that_does_not_read():
+    from fleetwise.router.handoff import takes_early
+    from fleetwise.router.replica import Replica, kv_versions
+    assert kv_versions(b'{"status": "ok", "kv_stream_versions": [1, 2, 3, 4]}') == (1, 2, 3, 4)
+    for body in (b'{"status": "ok"}', b"not json", b"[1, 2]", b'{"kv_stream_versions": "4"}',
+                 b'{"kv_stream_versions": [' + b"4, " * 100 + b"4]}"):
+        assert kv_versions(body) == (), body
+    assert kv_versions(b'{"kv_stream_versions": [3, true, "4", 4.0]}') == (3,)
+    new, old = (Replica(f"http://d{i}:1", "m", "decode", kv_versions=v) for i, v in enumerate([(3, 4), (3,)]))
+    assert takes_early([new]) and not takes_early([new, old]) and not takes_early([])
+    old.healthy = False  # a replica that is down is not chosen: it holds nothing back
+    assert takes_early([new, old])
+    new.routable = False
+    assert not takes_early([new, old])

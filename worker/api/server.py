@@ -32,6 +32,7 @@ from ..engine.config import EngineConfig
 from ..engine.engine import LLMEngine
 from ..engine.faults import FaultSwitches
 from ..kv.connector import KVConnector
+from ..kv.transfer import VERSIONS as KV_VERSIONS
 from ..metrics import WorkerMetrics
 from .fault_routes import add_fault_routes
 from .handoff import add_handoff_routes
@@ -153,7 +154,7 @@ def _build(engine: AsyncEngine, connector: KVConnector, role: str, health_stall_
             return JSONResponse({"status": "stalled", "stalled_seconds": round(stalled, 3)}, status_code=503)
         return {"status": "ok", "role": role, "model": api.model_name,
                 "running": api.core.num_running, "waiting": engine.num_waiting(), "kv_leases": len(connector.leases),
-                "kv_exported": api.metrics.kv_exported_total}
+                "kv_exported": api.metrics.kv_exported_total, "kv_stream_versions": list(KV_VERSIONS)}
 
     @app.get("/metrics", **ROUTES["/metrics"])
     async def metrics():

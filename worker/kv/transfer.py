@@ -49,7 +49,7 @@ from typing import Protocol
 
 import torch
 
-from fleetwise.protocol import KV_STREAM_VERSION, KV_STREAM_VERSIONS, KVHeader
+from fleetwise.protocol import KV_STREAM_SEGMENTED, KV_STREAM_VERSION, KV_STREAM_VERSIONS, KVHeader
 
 from ..model.llama import DTYPES
 
@@ -73,7 +73,7 @@ _DONE = struct.Struct("<4sI")
 _SEGMENT = struct.Struct("<4sII")  # version 4: tag, first token, tokens
 _FIRST = struct.Struct("<4sI")     # version 4: tag, length of the JSON that follows (padded)
 SEGMENT, FIRST = b"SEGM", b"FRST"
-SEGMENTED = 4  # the version of a segmented stream, sent only when asked for by number
+SEGMENTED = KV_STREAM_SEGMENTED  # the version of a segmented stream, sent only when asked for by number
 NEWEST = max(v for v in VERSIONS if v != SEGMENTED)  # what a receiver asks for (4 only by name)
 FIRST_BYTES = 4096  # the first-token frame's JSON, padded: the stream's length is known up front
 MAX_SEGMENTS = 4096  # a segmented stream in more segments than this is refused
