@@ -152,6 +152,12 @@ def test_a_segmented_stream_is_refused_where_it_cannot_be_sent(tiny_model_dir, s
     assert e.value.status == (400 if segment_tokens == 0 else 404)
 
 
+def _texts(sse: str) -> list[str]:
+    """The texts of a streamed completion's events, in order."""
+    events = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+    return [e["choices"][0]["text"] for e in events if e["choices"]]
+
+
 def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_while_computing(
         tiny_model_dir, tmp_path, monkeypatch):
     """Through a router with FLEETWISE_KV_EARLY=1 over chunked-prefill workers: the same
@@ -185,10 +191,7 @@ def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_w
             got = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
             assert got.status_code == 200
 
-            def texts(sse: str) -> list[str]:
-                events = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
-                return [e["choices"][0]["text"] for e in events if e["choices"]]
-            assert texts(got.text) == texts(want) and "".join(texts(want))
+            assert _texts(got.text) == _texts(want) and "".join(_texts(want))
         metrics = workers["decode"].core.metrics
         assert sum(metrics.kv_recomputes.labels(model_name="tiny", role="decode", reason=r)._value.get()
                    for r in ("corrupt", "mismatch", "refused", "unreachable", "no_blocks")) == 0
@@ -236,10 +239,7 @@ def test_early_handoffs_wait_until_every_decode_replica_reads_segmented_streams(
         answer = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
         assert answer.status_code == 200 and len(early) == 1
 
-        def texts(sse: str) -> list[str]:
-            events = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
-            return [e["choices"][0]["text"] for e in events if e["choices"]]
-        assert texts(answer.text) == texts(late.text) and "".join(texts(late.text))
+        assert _texts(answer.text) == _texts(late.text) and "".join(_texts(late.text))
         workers["prefill"].wait_idle()
     finally:
         router.stop()
