@@ -21,7 +21,8 @@ from fleetwise.worker.engine.engine import LLMEngine
 from fleetwise.worker.engine.sequence import SamplingParams
 from fleetwise.worker.kv import transfer
 from fleetwise.worker.kv.connector import KVConnector
-from fleetwise.worker.kv.pull import KVClient, StagingSink, pull, receive
+from fleetwise.worker.kv.pull import KVClient, StagingSink, pull
+from fleetwise.worker.kv.receive import receive
 from fleetwise.worker.kv.slots import CacheSink, KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError
 

@@ -16,7 +16,7 @@ from fleetwise.worker.engine.config import EngineConfig
 from fleetwise.worker.engine.engine import LLMEngine
 from fleetwise.worker.engine.sequence import SamplingParams
 from fleetwise.worker.kv.connector import KVConnector
-from fleetwise.worker.kv.pull import receive
+from fleetwise.worker.kv.receive import receive
 from fleetwise.worker.kv.slots import KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError, encode, encode_segments, stream_size
 

@@ -2,7 +2,8 @@
 gathered.
 
 On a CPU worker each layer goes out of the paged cache's own slots: its frame head, then
-views of the blocks (kv/slots.py), read here only for the checksum; elsewhere each layer is
+views of the blocks (kv/slots.py), read here only for the checksum, and not at all where
+the lease's checksums were taken beforehand (kv/connector.py); elsewhere each layer is
 gathered into one new buffer that holds its frame head and payload. Either way the next
 layer is made ready (checksummed, or gathered) in a thread (`_gathers`) while the layers
 before it are written to the socket, and the buffers go to the transport as they are,

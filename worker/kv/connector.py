@@ -15,11 +15,16 @@ yet answered (pending) for its own. Pending prefills do not count against the nu
 leases: most are pulled as soon as they are answered, and counting them would bound the
 prefill queue instead of the leases.
 
+A lease on a CPU cache has its checksums taken in a thread as soon as it is made
+(slots.py's HeldChecksums), while its answer travels to the decode worker: a stream of it
+from a block boundary then sends them instead of reading every byte on the pull's path.
+
 Threads: the lease methods called by the engine (request_finished, expire, release_kv)
 run on the engine thread, the readers of a lease (open_kv, close_kv and the gathers) on
 the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engine thread.
 """
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +37,12 @@ from ..engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
 from .early import EarlyPrefill, first_token, segments
-from .pull import KVSink
-from .slots import CacheSink, KVLayers, StagingSink
-from .transfer import DTYPE_NAMES, KVHeader, LayerSource
+from .receive import KVSink
+from .slots import CacheSink, HeldChecksums, KVLayers, StagingSink
+from .transfer import DTYPE_NAMES, KVHeader, LayerSource, crc32_combine
+
+# a held prompt's checksums are taken here, off the engine and the event loop (the CRC releases the GIL)
+_checksums = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-crc")
 
 
 @dataclass
@@ -44,6 +52,7 @@ class KVLease:
     deadline: float
     readers: int = 0
     released: bool = False  # by the decode worker (else it expired)
+    checksums: "concurrent.futures.Future[HeldChecksums] | None" = None  # taken while the answer travels
 
 
 @dataclass
@@ -84,8 +93,13 @@ class KVConnector:
             self._publish(early, seq, reason)
         if not (seq.hold_kv and reason == "length"):
             return False
+        lease = KVLease(seq, time.monotonic() + self.lease_seconds)
+        caches = self.engine.runner.kv_caches
+        if crc32_combine is not None and caches[0].device.type == "cpu":  # a GPU worker gathers its layers instead
+            bs, n = self.engine.block_manager.block_size, seq.num_prompt_tokens
+            lease.checksums = _checksums.submit(HeldChecksums, caches, bs, seq.block_table[:-(-n // bs)], n)
         with self._lease_lock:
-            self.leases[seq.request_id] = KVLease(seq, time.monotonic() + self.lease_seconds)
+            self.leases[seq.request_id] = lease
             held = len(self.leases)
         self.engine.metrics.on_leases(held, 0)
         return True
@@ -104,6 +118,8 @@ class KVConnector:
             gone = [self.leases.pop(h) for h in expired]
             held = len(self.leases)
         for lease in gone:
+            if lease.checksums is not None:
+                lease.checksums.cancel()  # not taken yet: no longer wanted
             self.engine.block_manager.free(lease.seq)
         if gone:
             self.engine.metrics.on_leases(held, sum(not lease.released for lease in gone))
@@ -159,7 +175,20 @@ class KVConnector:
         first = start // bs
         blocks = seq.block_table[first:-(-seq.num_prompt_tokens // bs)]
         return header, KVLayers(self.engine.runner.kv_caches, bs, blocks, start - first * bs,
-                                seq.num_prompt_tokens - first * bs)
+                                seq.num_prompt_tokens - first * bs, self._crcs(lease, start))
+
+    def _crcs(self, lease: KVLease, start: int) -> list[int] | None:
+        """The layers' CRC-32 of a stream of `lease` from `start` on, when its checksums are
+        taken and the range starts on a block; None: the stream computes them as it goes."""
+        taken = lease.checksums
+        if taken is None or start % self.engine.block_manager.block_size:
+            return None
+        if not taken.done():
+            taken.cancel()  # a pull faster than the thread: this one checksums as it sends
+            return None
+        if taken.cancelled() or taken.exception() is not None:
+            return None
+        return taken.result().layers(start // self.engine.block_manager.block_size)
 
     def close_kv(self, handle: str) -> None:
         """Pairs with open_kv, whether the reader finished or not."""

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from .transfer import KVHeader, payload_view
+from .transfer import KVHeader, checksum, crc32_combine, payload_view
 
 
 def slot_runs(block_ids: list[int], block_size: int, num_tokens: int, lo: int = 0) -> list[tuple[int, int]]:
@@ -43,15 +43,50 @@ def slot_views(cache: torch.Tensor, runs: list[tuple[int, int]]) -> list[memoryv
     return [mem[(base + s) * slot_bytes:(base + s + n) * slot_bytes] for base in (0, slots) for s, n in runs]
 
 
+class HeldChecksums:
+    """The CRC-32 of a held prompt's keys and of its values in each block and layer, taken
+    once when its blocks go under a lease (kv/connector.py, in a thread, while its answer
+    travels to the decode worker), so that a stream of it from any block on combines them
+    instead of reading every byte again on the pull's path. Needs `crc32_combine` (zlib-ng)."""
+
+    def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], num_tokens: int):
+        runs = [(block * block_size, min(block_size, num_tokens - j * block_size)) for j, block in enumerate(block_ids)]
+        _, _, heads, dim = caches[0].shape
+        slot_bytes = heads * dim * caches[0].element_size()
+        self.sizes = [n * slot_bytes for _, n in runs]
+        # per layer: every block's keys, then every block's values, as slot_views orders them
+        self.blocks = [[checksum(1, view) for view in slot_views(cache, runs)] for cache in caches]
+        self.whole = self._combined(0)
+
+    def layers(self, first: int) -> list[int]:
+        """Each layer's CRC-32 of the payload of a stream from block `first` on (the tokens
+        of `first` and the blocks after it)."""
+        return self.whole if first == 0 else self._combined(first)
+
+    def _combined(self, first: int) -> list[int]:
+        assert crc32_combine is not None  # made only where zlib-ng is installed
+        n = len(self.sizes)
+        out = []
+        for row in self.blocks:
+            crc = 0
+            for kind in (0, n):
+                for j in range(first, n):
+                    crc = crc32_combine(crc, row[kind + j], self.sizes[j])
+            out.append(crc)
+        return out
+
+
 class KVLayers:
     """A held prompt's keys and values for the tokens `lo` .. `hi` - 1 of its blocks
     `block_ids`, one layer at a time: gathered into a buffer, or (a CPU cache, a range
-    that starts on a block) seen in place (`views`)."""
+    that starts on a block) seen in place (`views`); `crcs`: each layer's CRC-32, when known."""
 
-    def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int):
+    def __init__(self, caches: list[torch.Tensor], block_size: int, block_ids: list[int], lo: int, hi: int,
+                 crcs: list[int] | None = None):
         self.caches, self.bs, self.lo, self.hi = caches, block_size, lo, hi
         self.block_ids = block_ids
         self.runs: list[tuple[int, int]] | None = None  # views' slots, found once
+        self.crcs = crcs
 
     @cached_property
     def blocks(self) -> torch.Tensor:
@@ -60,6 +95,10 @@ class KVLayers:
 
     def __len__(self) -> int:
         return len(self.caches)
+
+    def crc32(self, layer: int) -> int | None:
+        """The layer's payload's CRC-32 when it was taken beforehand (HeldChecksums), else None."""
+        return self.crcs[layer] if self.crcs is not None else None
 
     def views(self, layer: int) -> list[memoryview] | None:
         """The layer's payload (keys then values) as byte views of the cache's own slots, so

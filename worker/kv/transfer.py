@@ -44,7 +44,7 @@ import json
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -67,6 +67,8 @@ VERSION = KV_STREAM_VERSION
 VERSIONS = tuple(v for v in KV_STREAM_VERSIONS  # what this worker reads and sends
                  if (v != 2 or crc32c is not None) and (v != 3 or zlib_ng is not None))
 _crc32 = zlib_ng.crc32 if zlib_ng is not None else zlib.crc32  # the same values
+# CRC-32 of a + b from those of a and b and b's length (zlib-ng; the standard library has none)
+crc32_combine: Callable[[int, int, int], int] | None = zlib_ng.crc32_combine if zlib_ng is not None else None
 _PREAMBLE = struct.Struct("<4sHI")
 _LAYER = struct.Struct("<4sIQI")
 _DONE = struct.Struct("<4sI")
@@ -94,8 +96,8 @@ class KVTransferError(Exception):
 def stream_size(header: KVHeader, segment_tokens: int = 0) -> int:
     """Bytes of the whole stream (segmented in `segment_tokens`, version 4, when not 0):
     sent as Content-Length, so nothing is chunk-framed."""
-    head = len(json.dumps(asdict(header)).encode())
-    size = _PREAMBLE.size + head + header.num_layers * (_LAYER.size + header.payload_bytes) + _DONE.size
+    layers = header.num_layers * (_LAYER.size + header.payload_bytes)
+    size = _PREAMBLE.size + len(header_json(header)) + layers + _DONE.size
     if not segment_tokens:
         return size
     segments = -(-header.num_tokens // segment_tokens)
@@ -129,7 +131,8 @@ def payload_view(buf: torch.Tensor, header: KVHeader) -> torch.Tensor:
 class LayerSource(Protocol):
     """A stream's layers, each gathered on demand into a buffer the encoder gives. A source
     may also see a layer in place (`views(layer)`: byte views of its payload, or None),
-    which the encoder then sends without gathering it (kv/slots.py's KVLayers)."""
+    which the encoder then sends without gathering it (kv/slots.py's KVLayers), and know a
+    layer's CRC-32 already (`crc32(layer)`, or None), which the encoder then does not compute."""
 
     def __len__(self) -> int: ...
 
@@ -169,20 +172,28 @@ def encode_segments(header: KVHeader, segments: Iterator[tuple[int, int, LayerSo
     yield _DONE.pack(DONE, header.num_layers)
 
 
+def header_json(header: KVHeader) -> bytes:
+    """The header as the stream carries it (its fields are plain values: no deep copy as asdict's)."""
+    return json.dumps(vars(header)).encode()
+
+
 def _preamble(header: KVHeader, version: int) -> bytes:
-    head = json.dumps(asdict(header)).encode()
+    head = header_json(header)
     return _PREAMBLE.pack(MAGIC, version, len(head)) + head
 
 
 def _layer_frames(header: KVHeader, layers: LayerSource, version: int,
                   pinned: bool) -> Iterator[bytes | memoryview]:
     in_place = getattr(layers, "views", None)
+    known = getattr(layers, "crc32", None) if version != 2 else None  # every other version's is CRC-32
     for i in range(len(layers)):
         views = in_place(i) if in_place is not None else None
         if views is not None:
-            crc = 0
-            for view in views:
-                crc = checksum(version, view, crc)
+            crc = known(i) if known is not None else None
+            if crc is None:
+                crc = 0
+                for view in views:
+                    crc = checksum(version, view, crc)
             yield _LAYER.pack(LAYER, i, header.payload_bytes, crc)
             yield from views
             continue
