@@ -88,6 +88,17 @@ class _NodeState:
     free_gpus: int
     domains: list[str]
     pools: Counter = field(default_factory=Counter)
+    watts: float = 0.0                # per GPU (node.watts_per_gpu, read once)
+    blocking: tuple[str, ...] = ()    # NoSchedule / NoExecute taints a worker may still tolerate
+    prefer_not: tuple[str, ...] = ()  # PreferNoSchedule taints
+
+
+def _node_state(n: Node, domains: Sequence[PowerDomain]) -> _NodeState:
+    """What placement asks of a node for every pod, worked out once."""
+    return _NodeState(n, n.gpus_allocatable, [d.name for d in domains if d.contains(n)], watts=n.watts_per_gpu,
+                      blocking=tuple(k for k, effect in n.taints
+                                     if effect in ("NoSchedule", "NoExecute") and k not in TOLERATED_TAINTS),
+                      prefer_not=tuple(k for k, effect in n.taints if effect == "PreferNoSchedule"))
 
 
 class Placement:
@@ -96,9 +107,8 @@ class Placement:
 
     def __init__(self, nodes: list[Node], placed: list[Pod], domains: Sequence[PowerDomain] = ()):
         self.domains = {d.name: d for d in domains}
-        self.nodes: dict[str, _NodeState] = {}
-        for n in nodes:
-            self.nodes[n.name] = _NodeState(n, n.gpus_allocatable, [d.name for d in domains if d.contains(n)])
+        self.admit = {d.name: d.admit_watts for d in domains}
+        self.nodes: dict[str, _NodeState] = {n.name: _node_state(n, domains) for n in nodes}
         self.domain_watts: dict[str, float] = defaultdict(float)
         self.domain_pools: dict[str, Counter] = defaultdict(Counter)
         for p in placed:
@@ -113,33 +123,35 @@ class Placement:
         st.free_gpus -= pod.gpus
         st.pools[pod.pool] += 1
         for d in st.domains:
-            self.domain_watts[d] += pod.gpus * st.node.watts_per_gpu
+            self.domain_watts[d] += pod.gpus * st.watts
             self.domain_pools[d][pod.pool] += 1
 
+    # _why_not and _key run for every candidate node of every pool: hence the work done once in _node_state
     def _why_not(self, st: _NodeState, pod: Pod) -> str | None:
         n = st.node
         if not n.ready:
             return "node not ready"
         if n.unschedulable:
             return "node cordoned"
-        if any(effect in ("NoSchedule", "NoExecute") and key not in TOLERATED_TAINTS and key not in pod.tolerations
-               for key, effect in n.taints):
+        if st.blocking and any(key not in pod.tolerations for key in st.blocking):
             return "untolerated taint"
         if pod.gpu_type and not gpu_matches(n.gpu_product, pod.gpu_type):
             return f"GPU type is not {pod.gpu_type}"
         if st.free_gpus < pod.gpus:
             return "not enough free GPUs"
-        watts = pod.gpus * n.watts_per_gpu
+        watts = pod.gpus * st.watts
         for d in st.domains:
-            dom = self.domains[d]
-            if self.domain_watts[d] + watts > dom.admit_watts:
+            if self.domain_watts[d] + watts > self.admit[d]:
                 return f"power budget {d} full"
         return None
 
     def _key(self, st: _NodeState, pod: Pod) -> tuple:
-        domain_load = max((self.domain_pools[d][pod.pool] for d in st.domains), default=0)
-        avoid = any(effect == "PreferNoSchedule" and key not in pod.tolerations for key, effect in st.node.taints)
-        return (avoid, st.pools[pod.pool], domain_load, -st.free_gpus, st.node.name)
+        pool = pod.pool
+        domain_load = 0
+        for d in st.domains:
+            domain_load = max(domain_load, self.domain_pools[d][pool])
+        avoid = bool(st.prefer_not) and any(key not in pod.tolerations for key in st.prefer_not)
+        return (avoid, st.pools[pool], domain_load, -st.free_gpus, st.node.name)
 
     def place(self, pod: Pod) -> Decision:
         return self.place_many([pod])[0]

@@ -26,6 +26,7 @@ other products (Splitwise describes H100 prompt and token power with the same sh
 """
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +64,7 @@ PROMPT_CAP_EXPONENT = 0.38
 TOKEN_CAP_EXPONENT = 0.10
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet names a handful of products; placement asks per node and pod
 def gpu_family(product: str) -> str:
     """'NVIDIA-H100-80GB-HBM3' (the node label) -> 'H100'; an unknown product stays as it is."""
     upper = product.upper()
@@ -72,6 +74,7 @@ def gpu_family(product: str) -> str:
     return product
 
 
+@functools.lru_cache(maxsize=1024)
 def product(name: str) -> GPUProduct:
     """A product by family or node-label name; an unknown one gets the default rating and
     fractions of it."""
