@@ -14,7 +14,7 @@ from rich.console import Console
 
 from fleetwise.bench.core.baselines import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from fleetwise.bench.core.result import SystemResult, latencies, percentiles, usage_since, usage_snapshot
-from fleetwise.bench.core.workload import Request
+from fleetwise.bench.core.workload import Request, Workload
 from fleetwise.bench.harness import progress_bar
 from fleetwise.worker.engine.phases import PHASES, attach
 
@@ -132,3 +132,15 @@ def run_core(model_dir: Path, reqs: list[Request], device: str, console: Console
     res.notes.append("KV waste: 1 - (computed tokens held) / (block slots held) by the running "
                      "sequences, summed over all steps (token-weighted)")
     return res, eng
+
+
+def kv_at_lengths(model_dir: Path, wl: Workload, device: str, console: Console) -> dict:
+    """One core run of `wl` for its KV use alone: what the paged cache wastes at the
+    workload's lengths (the systems' comparison runs shorter requests, where a sequence's
+    last, partly filled block is a larger share of what it holds)."""
+    res, _ = run_core(model_dir, wl.requests, device, console, f"core x{wl.length_scale:g}".ljust(14))
+    ws = wl.summary()
+    return {"length_scale": wl.length_scale, "prompt_tokens_mean": ws["prompt_tokens"]["mean"],
+            "output_tokens_mean": ws["output_tokens"]["mean"],
+            **{k: res.extra[k] for k in ("kv_waste", "kv_slots_allocated", "kv_slots_used",
+                                         "kv_slots_allocated_peak", "preemptions", "steps")}}

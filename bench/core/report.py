@@ -115,6 +115,12 @@ def print_notes(console: Console, report: dict) -> None:
                   f"bench loop outside step() {c['outside_step_share'] * 100:.1f}% of wall; KV waste "
                   f"{c['kv_waste'] * 100:.2f}% (peak {c['kv_slots_allocated_peak']} of "
                   f"{c['kv_num_blocks'] * c['block_size']} slots), {c['preemptions']} preemptions")
+    full = report.get("core_kv_at_trace_lengths")
+    if full:
+        console.print(f"core KV waste at the trace's fitted lengths (x{full['length_scale']:g}: prompt mean "
+                      f"{full['prompt_tokens_mean']:.0f}, output mean {full['output_tokens_mean']:.0f} tokens; one "
+                      f"run, not a target's measure): {full['kv_waste'] * 100:.2f}% (peak "
+                      f"{full['kv_slots_allocated_peak']} slots), {full['preemptions']} preemptions")
     best = report["static_best"]
     if best:
         s = systems[best]

@@ -36,7 +36,7 @@ from fleetwise.bench.core.baselines import (
     run_continuous,
     run_static,
 )
-from fleetwise.bench.core.engine import BLOCK_SIZE, KV_CACHE_MIB, run_core
+from fleetwise.bench.core.engine import BLOCK_SIZE, KV_CACHE_MIB, kv_at_lengths, run_core
 from fleetwise.bench.core.report import TARGETS, agreement, evaluate, plot, print_notes, print_summary, ratios
 from fleetwise.bench.core.result import SYSTEM_LABELS, SystemResult
 from fleetwise.bench.core.rounds import (
@@ -208,6 +208,10 @@ def run_core_bench(requests: int = 200, preset: str = "small", model: Path | Non
                     f"{MAX_NUM_BATCHED_TOKENS}, KV {KV_CACHE_MIB} MiB, block {BLOCK_SIZE}")
     systems = _Systems(model_dir, cfg, wl, device, kv_tokens, console)
     runs = run_rounds(order, systems.run)
+    at_trace = None
+    if length_scale < 1 and runs.get("core"):  # the KV target's measure at the trace's own (fitted) lengths too
+        at_trace = kv_at_lengths(model_dir, build_workload(trace_path, model_dir, requests, seed, 1.0), device,
+                                 console)
 
     import transformers
     config = {
@@ -223,6 +227,7 @@ def run_core_bench(requests: int = 200, preset: str = "small", model: Path | Non
         "mode": "offline: all requests submitted at t0",
     }
     report = _report(runs, order, {**{n: "--skip" for n in skip_set}, **systems.skipped}, config, ws)
+    report["core_kv_at_trace_lengths"] = at_trace
     json_path = write_json(out / "core.json", report)
     png_path = save_plot(lambda p: plot(report, runs, p), out / "core.png", console)
     console.rule("summary")
