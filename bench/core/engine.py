@@ -140,7 +140,7 @@ def kv_at_lengths(model_dir: Path, wl: Workload, device: str, console: Console) 
     last, partly filled block is a larger share of what it holds)."""
     res, _ = run_core(model_dir, wl.requests, device, console, f"core x{wl.length_scale:g}".ljust(14))
     ws = wl.summary()
-    return {"length_scale": wl.length_scale, "prompt_tokens_mean": ws["prompt_tokens"]["mean"],
-            "output_tokens_mean": ws["output_tokens"]["mean"],
+    return {"length_scale": wl.length_scale, "requests": len(wl.requests),
+            "prompt_tokens_mean": ws["prompt_tokens"]["mean"], "output_tokens_mean": ws["output_tokens"]["mean"],
             **{k: res.extra[k] for k in ("kv_waste", "kv_slots_allocated", "kv_slots_used",
                                          "kv_slots_allocated_peak", "preemptions", "steps")}}

@@ -117,10 +117,11 @@ def print_notes(console: Console, report: dict) -> None:
                   f"{c['kv_num_blocks'] * c['block_size']} slots), {c['preemptions']} preemptions")
     full = report.get("core_kv_at_trace_lengths")
     if full:
-        console.print(f"core KV waste at the trace's fitted lengths (x{full['length_scale']:g}: prompt mean "
-                      f"{full['prompt_tokens_mean']:.0f}, output mean {full['output_tokens_mean']:.0f} tokens; one "
-                      f"run, not a target's measure): {full['kv_waste'] * 100:.2f}% (peak "
-                      f"{full['kv_slots_allocated_peak']} slots), {full['preemptions']} preemptions")
+        console.print(
+            f"core KV waste at the trace's fitted lengths (x{full['length_scale']:g}, {full['requests']} requests: "
+            f"prompt mean {full['prompt_tokens_mean']:.0f}, output mean {full['output_tokens_mean']:.0f} tokens; "
+            f"one run, not a target's measure): {full['kv_waste'] * 100:.2f}% "
+            f"(peak {full['kv_slots_allocated_peak']} slots), {full['preemptions']} preemptions")
     best = report["static_best"]
     if best:
         s = systems[best]
