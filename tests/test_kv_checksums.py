@@ -19,7 +19,7 @@ from fleetwise.worker.kv.pull import KVClient, pull
 from fleetwise.worker.kv.slots import HeldChecksums, KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError
 
-from .test_internal_api import REQUEST, config
+from .test_internal_api import REQUEST, _decode, config
 from .workers import internal, start_worker
 
 pytestmark = pytest.mark.skipif(transfer.crc32_combine is None, reason="needs zlib-ng's crc32_combine")
@@ -50,7 +50,6 @@ def test_a_sender_sends_the_checksums_it_knows_and_a_wrong_one_is_caught():
     header = KVHeader("m", "float32", 2, 2, 3, 0, n)
     right = HeldChecksums(caches, bs, blocks, n).layers(0)
     wrong = [right[0], right[1] ^ 1]
-    from .test_internal_api import _decode
     assert len(_decode(header, _stream(header, KVLayers(caches, bs, blocks, 0, n, right), 3))) == 2
     with pytest.raises(KVTransferError, match="layer 1: checksum"):
         _decode(header, _stream(header, KVLayers(caches, bs, blocks, 0, n, wrong), 3))

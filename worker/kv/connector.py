@@ -172,23 +172,24 @@ class KVConnector:
             lease.readers += 1
         header = self.header(start, seq.num_prompt_tokens - start)
         bs = self.engine.block_manager.block_size
-        first = start // bs
+        first, lo = divmod(start, bs)
         blocks = seq.block_table[first:-(-seq.num_prompt_tokens // bs)]
-        return header, KVLayers(self.engine.runner.kv_caches, bs, blocks, start - first * bs,
-                                seq.num_prompt_tokens - first * bs, self._crcs(lease, start))
+        return header, KVLayers(self.engine.runner.kv_caches, bs, blocks, lo, seq.num_prompt_tokens - first * bs,
+                                None if lo else self._crcs(lease, first))
 
-    def _crcs(self, lease: KVLease, start: int) -> list[int] | None:
-        """The layers' CRC-32 of a stream of `lease` from `start` on, when its checksums are
-        taken and the range starts on a block; None: the stream computes them as it goes."""
+    @staticmethod
+    def _crcs(lease: KVLease, first: int) -> list[int] | None:
+        """The layers' CRC-32 of a stream of `lease` from block `first` on, when its checksums
+        are taken; None: the stream computes them as it goes."""
         taken = lease.checksums
-        if taken is None or start % self.engine.block_manager.block_size:
+        if taken is None:
             return None
         if not taken.done():
             taken.cancel()  # a pull faster than the thread: this one checksums as it sends
             return None
         if taken.cancelled() or taken.exception() is not None:
             return None
-        return taken.result().layers(start // self.engine.block_manager.block_size)
+        return taken.result().layers(first)
 
     def close_kv(self, handle: str) -> None:
         """Pairs with open_kv, whether the reader finished or not."""
