@@ -35,6 +35,8 @@ POLICIES = ("prefix_load", "round_robin", "least_outstanding")  # the first is t
 DEFAULT_POLICY = POLICIES[0]
 VLLM_ROUTER_POLICY = "round_robin"
 BASELINE = "fleetwise-baseline"  # `--baseline-python`: another install's router, its default policy
+# the reference proxies (floor.py): what Python itself costs, and migration's per-token work on top
+FLOOR, FLOOR_IDS = "python-floor", "python-floor+ids"
 
 # per fleetwise policy; "vs vllm-router": at most 2x its overhead (at most 0 where its is 0 or
 # less); "sustains": completed/s at least 95% of the offered rate, and no errors
@@ -178,14 +180,28 @@ def print_notes(console: Console, report: dict) -> None:
             console.print(f"[yellow]{note}[/yellow]")
         else:
             console.print(note)
+    _floor_note(console, systems)
     v = systems.get("vllm-router", {})
     if v.get("command"):
         console.print("vllm-router: " + " ".join(v["command"]))
 
 
+def _floor_note(console: Console, systems: dict) -> None:
+    """Where fleetwise's CPU per request goes: the bare proxy, migration's per-token work on
+    top of it, and the router's own work beyond both."""
+    def cpu(key: str) -> float | None:
+        return (systems.get(key, {}).get("open_loop") or {}).get("router_cpu_us_per_request")
+    bare, ids, ours = cpu(FLOOR), cpu(FLOOR_IDS), cpu(f"fleetwise/{DEFAULT_POLICY}")
+    if bare is None or ids is None or ours is None:
+        return
+    console.print(f"CPU µs per request: {FLOOR} {bare:.0f}; migration's per-token work adds {ids - bare:.0f} "
+                  f"({FLOOR_IDS} {ids:.0f}); fleetwise/{DEFAULT_POLICY} spends {ours - ids:.0f} more on routing, "
+                  f"retries, limits, metrics and its tasks ({ours:.0f})")
+
+
 COLORS = {"direct": "#555555", "fleetwise/prefix_load": "#dd8452",
           "fleetwise/round_robin": "#c44e52", "fleetwise/least_outstanding": "#8172b3", "vllm-router": "#4c72b0",
-          BASELINE: "#937860"}
+          BASELINE: "#937860", FLOOR: "#8c8c8c", FLOOR_IDS: "#64b5cd"}
 
 
 def plot(report: dict, runs: dict[str, System], path: Path) -> None:
@@ -229,7 +245,8 @@ def plot(report: dict, runs: dict[str, System], path: Path) -> None:
     rates = [run.achieved_rps for run in closed.values() if run is not None]
     bars = ax.bar(range(len(names)), rates, color=[COLORS.get(k, "#999999") for k in names])
     label_bars(ax, bars, [f"{v:.0f}" for v in rates])
-    ax.set_xticks(range(len(names)), [n.replace("fleetwise/", "fleetwise\n") for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace("fleetwise/", "fleetwise\n").replace("python-floor", "python\nfloor")
+                                      for n in names], fontsize=8)
     ax.set_ylabel("completed requests/s")
     ax.set_title(f"sustained rate, {report['config']['closed_loop_clients']} clients closed loop")
     ax.margins(y=0.15)
@@ -249,7 +266,7 @@ def build_report(runs: dict[str, System], skipped: dict[str, System], rate: int,
                  bodies: list[bytes], env: dict,
                  machine: dict) -> dict:
     systems: dict[str, dict] = {}
-    order = ["direct", *(f"fleetwise/{p}" for p in POLICIES), BASELINE, "vllm-router"]
+    order = ["direct", *(f"fleetwise/{p}" for p in POLICIES), BASELINE, FLOOR, FLOOR_IDS, "vllm-router"]
     for key in order:
         if key in skipped:
             systems[key] = {"label": skipped[key].label, "skipped": skipped[key].skipped}

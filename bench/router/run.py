@@ -47,6 +47,8 @@ from fleetwise.bench.router.load import make_bodies, poisson_schedule, split_sch
 from fleetwise.bench.router.report import (
     BASELINE,
     DEFAULT_POLICY,
+    FLOOR,
+    FLOOR_IDS,
     NUM_BACKENDS,
     POLICIES,
     VLLM_ROUTER_POLICY,
@@ -124,6 +126,11 @@ def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None, vllm_versi
         plan.append((BASELINE, f"fleetwise router of {baseline_python}, its default policy",
                      [baseline_python, "-m", "fleetwise", "router", "--config", str(cfg), "--host", "127.0.0.1",
                       "--port", "{port}", "--internal-token-file", str(token)]))
+    floor = [sys.executable, "-m", "fleetwise.bench.router", "floor", "--port", "{port}",
+             *(a for b in backends for a in ("--backend", b))]
+    plan.append((FLOOR, "reference: a bare Python proxy (protocol callbacks, no routing), answers passed whole", floor))
+    plan.append((FLOOR_IDS, "reference: the bare proxy with migration's per-token work (ids kept, answer assembled)",
+                 [*floor, "--ids"]))
     if vllm_cmd:
         plan.append(("vllm-router", f"vllm-router {vllm_version}, {VLLM_ROUTER_POLICY}",
                      [*vllm_cmd, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", *backends,

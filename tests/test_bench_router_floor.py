@@ -1,0 +1,71 @@
+"""The router benchmark's reference proxies (bench/router/floor.py): the bare one passes the
+backend's answer on whole; the one with migration's per-token work answers exactly what
+fleetwise's router answers, because it asks for the same stream and assembles it the same
+way. A backend that is gone is a 502, never a hang."""
+
+import sys
+
+import httpx
+import orjson
+import pytest
+
+from fleetwise.bench.router.backend import MODEL
+from fleetwise.bench.router.run import Servers, _router_config
+from fleetwise.net import free_port
+from fleetwise.procs import fleetwise_argv
+from fleetwise.up import write_token
+
+BODY = orjson.dumps({"model": MODEL, "prompt": "the floor of a proxy", "max_tokens": 7})
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    servers = Servers(tmp_path_factory.mktemp("floor"))
+    backend = f"http://127.0.0.1:{free_port()}"
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    urls = {"backend": backend}
+    servers.start("backend0", [sys.executable, "-m", "fleetwise.bench.router", "backend", "--port",
+                               backend.rsplit(":", 1)[1]], backend)
+    for name, extra in (("floor", []), ("floor_ids", ["--ids"]), ("floor_gone", [])):
+        port = free_port()
+        target = gone if name == "floor_gone" else backend
+        urls[name] = f"http://127.0.0.1:{port}"
+        servers.start(name, [sys.executable, "-m", "fleetwise.bench.router", "floor", "--port", str(port),
+                             "--backend", target, *extra], urls[name])
+    cfg = servers.logdir / "router.yaml"
+    _router_config(cfg, [backend])
+    port = free_port()
+    urls["router"] = f"http://127.0.0.1:{port}"
+    servers.start("router", fleetwise_argv("router", "--config", str(cfg), "--port", str(port),
+                                           "--internal-token-file", str(write_token(cfg.parent))), urls["router"])
+    try:
+        for name in ("backend0", "floor", "floor_ids", "router"):
+            servers.wait_ready(name, BODY)
+        yield urls
+    finally:
+        servers.stop_all()
+
+
+def post(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", content=BODY, headers={"content-type": "application/json"}, timeout=10)
+
+
+def test_the_bare_floor_passes_the_answer_on_whole(servers):
+    direct, floor = post(servers["backend"]), post(servers["floor"])
+    assert floor.status_code == direct.status_code == 200
+    assert floor.content == direct.content
+
+
+def test_the_floor_with_ids_answers_what_the_router_assembles(servers):
+    routed, floor = post(servers["router"]), post(servers["floor_ids"])
+    assert floor.status_code == routed.status_code == 200
+    assert floor.content == routed.content
+    answer = floor.json()
+    assert answer["choices"][0]["text"] == " tok" * 7  # the stand-in's seven events, assembled
+    assert answer["usage"]["completion_tokens"] == 7
+
+
+def test_a_backend_that_is_gone_is_a_502(servers):
+    r = post(servers["floor_gone"])
+    assert r.status_code == 502
+    assert "cannot connect" in r.json()["error"]
