@@ -23,6 +23,12 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
   reason; the first event also the prompt's ids, the response's id and time). Every output
   token gets an event then, even one whose text is held back. The router keeps the ids and
   strips the lines; an SSE client would ignore them anyway (an unknown field).
+- A call that also carries `x-fleetwise-coalesce: 1` (the router's, for a request it
+  answers whole) and asks no logprobs gets each output as its `fw:` line alone, with the
+  output's text in it (`text`), and the text as one event before the usage: the router keeps
+  the ids per token but parses one event instead of one per token. When such a stream moves,
+  the router passes on the text of the `fw:` lines since its last event before the resumed
+  stream. A worker that ignores the header sends its usual events, which read the same.
 - `POST /internal/resume` (`ResumeRequest`) continues a stream another worker was
   generating: the prompt, each unfinished choice's output so far (kept as output) and its
   random draws made, and the finished ones for usage. It answers as that stream would have
@@ -62,6 +68,7 @@ VERSION_HEADER = "x-fleetwise-protocol"
 REQUEST_ID_HEADER = "x-request-id"
 UNSUPPORTED_VERSION = "unsupported_protocol_version"
 TOKEN_IDS_HEADER = "x-fleetwise-token-ids"
+COALESCE_HEADER = "x-fleetwise-coalesce"  # with the token ids: the text as one event at the end
 TRACE_PREFIX = b"fw: "  # the line of a streamed event that carries its token ids
 MAX_RESUME_TOKENS = 1 << 20  # prompt or output ids in a resume request
 MAX_RESUME_CHOICES = 1024

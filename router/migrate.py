@@ -57,9 +57,11 @@ class Where:
     body: dict  # the client's request (a disaggregated one's sub-request)
     keys: list[int]
     prompt: list[int] | None = None  # known already from a prefill answer
+    coalesce: bool = False  # its text comes as one event at the end (an answer the router assembles)
 
 
-Call = Callable[[str, str, list[Replica], bytes, list[int]], Awaitable[Upstream]]
+# (model, role, replicas, payload, keys, coalesce) -> a stream
+Call = Callable[[str, str, list[Replica], bytes, list[int], bool], Awaitable[Upstream]]
 # (draining replica, the engine's request ids) -> each choice's KV lease there, or None: refused or failed
 Export = Callable[[Replica, list[str]], Awaitable[dict[int, str] | None]]
 
@@ -98,7 +100,7 @@ class Moving:
 class Mover:
     """What `migrating` needs of the router: a way to send, to mark a replica, its metrics;
     and the streams on each replica, for drains."""
-    call: Call                                    # (model, role, replicas, payload, keys) -> a stream
+    call: Call                                    # (model, role, replicas, payload, keys, coalesce) -> a stream
     broken: Callable[[Replica, UpstreamError], None]
     metrics: RouterMetrics
     max_kept: int
@@ -204,9 +206,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
                 mover.broken(failed, failure)
             if tracker.done:
                 return
-            why = tracker.why_not or ("migrations_exhausted" if moves >= mover.max_migrations else None)
-            if why is None and (not tracker.complete(where.body) or tracker.response_id is None):
-                why = "no_token_ids"
+            why = _why_not(tracker, mover, where, moves)
             if why is not None:
                 m.child(m.unmigratable, where.model, why).inc()
                 raise failure
@@ -215,7 +215,7 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
             others = [r for r in mover.replicas(where) if r is not failed]
             try:
                 up = await mover.call(where.model, where.role, others,
-                                      tracker.resume_body(where.kind, where.body, kv), where.keys)
+                                      tracker.resume_body(where.kind, where.body, kv), where.keys, where.coalesce)
             except RouterError as e:
                 m.child(m.unmigratable, where.model, "no_replica").inc()
                 raise UpstreamError(f"{failure}; no replica could take the stream over: {e}")
@@ -227,11 +227,21 @@ def migrating(up: Upstream, where: Where, mover: Mover) -> Upstream:
             current[0] = up
             m.child(m.migrations, where.model, reason).inc()
             gap_from = last
+            if unsent := tracker.unsent_text(where.kind, where.model):  # a coalesced stream's text so far
+                yield unsent
 
     def release() -> None:
         current[0].release()
 
     return Upstream(200, up.content_type, b"", relay(), release)
+
+
+def _why_not(tracker: Tracker, mover: Mover, where: Where, moves: int) -> str | None:
+    """Why a stream that broke cannot move (the unmigratable metric's reason), or None."""
+    why = tracker.why_not or ("migrations_exhausted" if moves >= mover.max_migrations else None)
+    if why is None and (not tracker.complete(where.body) or tracker.response_id is None):
+        why = "no_token_ids"
+    return why
 
 
 def _could_move(tracker: Tracker, mover: Mover, where: Where, on: Replica | None, moves_left: bool) -> bool:

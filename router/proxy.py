@@ -26,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from fleetwise.logs import incoming_request_id, request_id
 from fleetwise.protocol import (
     AUTH_HEADER,
+    COALESCE_HEADER,
     PROTOCOL_VERSION,
     REQUEST_ID_HEADER,
     TOKEN_IDS_HEADER,
@@ -164,15 +165,16 @@ class Router:
 
     async def call(self, model: str, role: str, replicas: list[Replica], path: str, payload: bytes,
                    stream: bool, keys: list[int], retry_on: frozenset[str] = frozenset(),
-                   late: Late | None = None) -> Upstream:
+                   late: Late | None = None, coalesce: bool = False) -> Upstream:
         """Sends to one replica after another until one takes the request; returns its answer
         (a 2xx, the request's own 4xx or 5xx, for a stream its first chunk) or, when every
-        replica was busy, a 429. See retries.py for when another replica is tried."""
+        replica was busy, a 429. See retries.py for when another replica is tried.
+        `coalesce`: a stream the router assembles, asked for with its text as one event."""
         tried: set[int] = set()
         last_error = "no replica of this role is available"
         busy = None
         policy = self.policy(model, role)
-        headers = self._auth_line + _HEADERS % request_id.get().encode()
+        headers = self._auth_line + _HEADERS % request_id.get().encode() + (_COALESCE if coalesce else b"")
         for _ in range(self.max_attempts):
             untried = [r for r in replicas if id(r) not in tried]
             replica = policy.choose(untried, keys) or last_resort(untried)
@@ -298,11 +300,11 @@ class Router:
         if route.mode == "colocated":
             mixed = route.replicas["mixed"]
             up = await self.call(route.name, "mixed", mixed, PATHS[kind], raw or orjson.dumps(body), True, keys,
-                                 retry_on=_STREAM)
+                                 retry_on=_STREAM, coalesce=not stream)
             if up.status == 200 and not up.content_type.startswith("text/event-stream"):
                 return await whole(up)  # a replica that answers whole (not a fleetwise worker): as it is
             if up.status == 200:
-                up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys))
+                up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys, coalesce=not stream))
         else:
             up = await self.handoffs.disaggregated(route, kind, body, subs, True, keys)
         if not stream and up.status == 200:
@@ -345,8 +347,9 @@ class Router:
         return migrating(up, where, self.mover)
 
     async def _resume(self, model: str, role: str, replicas: list[Replica], payload: bytes,
-                      keys: list[int]) -> Upstream:
-        return await self.call(model, role, replicas, "/internal/resume", payload, True, keys, retry_on=_STREAM)
+                      keys: list[int], coalesce: bool) -> Upstream:
+        return await self.call(model, role, replicas, "/internal/resume", payload, True, keys, retry_on=_STREAM,
+                               coalesce=coalesce)
 
     async def _export(self, replica: Replica, request_ids: list[str]) -> dict[int, str] | None:
         """A drained replica's streams handed over with their KV (migrate.py): each choice's
@@ -388,3 +391,4 @@ _STREAM = frozenset({RESET})
 # and, for streams, each event's token ids (migrate.py)
 _HEADERS = b"%s: %%s\r\n%s: %d\r\n%s: 1\r\n" % (REQUEST_ID_HEADER.encode(), VERSION_HEADER.encode(), PROTOCOL_VERSION,
                                                  TOKEN_IDS_HEADER.encode())
+_COALESCE = b"%s: 1\r\n" % COALESCE_HEADER.encode()

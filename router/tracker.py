@@ -46,6 +46,7 @@ class Ids:
     choices: dict[int, Choice] = field(default_factory=dict)
     kept: int = 0
     why_not: str | None = None  # set once the stream can no longer move
+    texts: list[tuple[int, int, str]] = field(default_factory=list)  # a coalesced stream's (line, choice, text)
 
 
 class Tracker:
@@ -65,6 +66,9 @@ class Tracker:
         self.errors = 0  # error events passed on: the request's own failure, a 5xx of the replica's
         self.done = False
         self.buf = b""
+        self.lines = 0  # `fw:` lines kept so far
+        self.noted = 0  # of them parsed
+        self.text_from = 0  # the lines before it had their text passed on in an event
         if prompt is not None:
             self.ids.prompt = prompt
             self._count(len(prompt))
@@ -123,15 +127,20 @@ class Tracker:
             if line == cut or not buf.startswith(_LEFT_TO_EVENTS, line + 1):
                 if self.keeping:
                     self.raw.append(buf[_SKIP:line])
+                    self.lines += 1
                     self.raw_bytes += line + LINE_COST
                     if self.raw_bytes > RAW_BYTES:
                         self.settle()
-                # an output whose text is held back (no line after its ids): no event for the client
-                return buf[line + 1:cut + 2] if line < cut else b""
+                # an output whose text is held back, or a coalesced stream's (no line after its ids): no event
+                if line >= cut:
+                    return b""
+                self.text_from = self.lines
+                return buf[line + 1:cut + 2]
         head = buf[:cut]
-        if _ERROR in head:
-            return self._events(head.split(b"\n\n"))
-        return self._many(head)
+        out = self._events(head.split(b"\n\n")) if _ERROR in head else self._many(head)
+        if out:
+            self.text_from = self.lines
+        return out
 
     def _many(self, head: bytes) -> bytes:
         """`feed` for several events and no error: split where an `fw:` line begins an event."""
@@ -183,6 +192,7 @@ class Tracker:
         if not self.keeping:
             return  # a stream that cannot move needs no more of its ids
         self.raw += traces
+        self.lines += len(traces)
         self.raw_bytes += sum(map(len, traces)) + LINE_COST * len(traces)
         if self.raw_bytes > RAW_BYTES:
             self.settle()
@@ -204,6 +214,7 @@ class Tracker:
                 self._note(d)
             except (TypeError, AttributeError):
                 self.ids.why_not = self.ids.why_not or "no_token_ids"  # not what a worker sends: not movable
+            self.noted += 1
         self.keeping = self.ids.why_not is None
 
     def _note(self, d: dict) -> None:
@@ -230,6 +241,9 @@ class Tracker:
         self._count(len(tokens))
         if d.get("finish_reason") is not None:
             choice.finished = True
+        text = d.get("text")
+        if isinstance(text, str) and text:
+            ids.texts.append((self.noted, index, text))
 
     def _count(self, tokens: int) -> None:
         ids = self.ids
@@ -240,9 +254,29 @@ class Tracker:
             ids.prompts = {}
             for c in ids.choices.values():
                 c.token_ids = []
+            ids.texts = []
             self.raw, self.raw_bytes, self.keeping = [], 0, False
 
     # -- resuming ---------------------------------------------------------------------------------
+
+    def unsent_text(self, kind: str, model: str) -> bytes:
+        """A coalesced stream's text that its `fw:` lines carried since the last event passed
+        on, as one event (b"" when there is none): what the client's answer would miss when
+        the stream goes on elsewhere. Passed on once."""
+        ids = self.settle()
+        texts: dict[int, list[str]] = {}
+        for line, index, text in ids.texts:
+            if line >= self.text_from:
+                texts.setdefault(index, []).append(text)
+        ids.texts, self.text_from = [], self.lines
+        if not texts:
+            return b""
+        chat = kind == "chat"
+        choices = [{"index": i, "delta": {"content": "".join(t)}} if chat else {"index": i, "text": "".join(t)}
+                   for i, t in sorted(texts.items())]
+        return b"data: " + orjson.dumps({"id": ids.response_id, "object": "chat.completion.chunk" if chat else
+                                         "text_completion", "created": ids.created, "model": model,
+                                         "choices": choices}) + b"\n\n"
 
     def num_prompts(self, request: dict) -> int:
         p = request.get("prompt")

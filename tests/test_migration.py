@@ -631,7 +631,7 @@ def test_a_stream_moves_to_the_replicas_discovery_has_now_not_those_of_when_it_b
     async def rest() -> AsyncIterator[bytes]:
         yield b'data: {"choices": [{"index": 0, "text": "b"}]}\n\ndata: [DONE]\n\n'
 
-    async def call(model, role, replicas, payload, keys) -> Upstream:
+    async def call(model, role, replicas, payload, keys, coalesce) -> Upstream:
         sent_to.append([r.url for r in replicas])
         return Upstream(200, "text/event-stream", b"", rest(), replica=replicas[0])
 

@@ -147,17 +147,20 @@ def test_the_pool_reuses_a_connection_the_replica_keeps_open(tiny_model_dir):
         worker.stop()
 
 
-def test_a_non_streamed_generation_whose_replica_dies_moves_to_another(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("logprobs", [1, None])
+def test_a_non_streamed_generation_whose_replica_dies_moves_to_another(tiny_model_dir, tmp_path, logprobs):
     """The router reads a non-streamed request as a stream (assemble.py): when its worker
     dies mid-generation the rest comes from another, and the client gets the whole answer
-    the uninterrupted worker gives, choices, logprobs and usage."""
+    the uninterrupted worker gives, choices, logprobs and usage. Without logprobs the stream
+    is coalesced (its text in the `fw:` lines, fleetwise/protocol.py): the text the dead
+    worker generated comes from those lines."""
     doomed = start_worker_process(tiny_model_dir, "mixed", "--block-size", "8", "--fault", "switches")
     slow_steps(doomed)
     other = start_worker(config(tiny_model_dir))
     write_router_config(tmp_path / "r.yaml", "tiny", mixed=[other.internal_url, doomed.internal_url])
     router = start_router(tmp_path / "r.yaml", policy="round_robin", probe_interval=60)
     body = {"prompt": "a long generation", "n": 2, "max_tokens": 200, "ignore_eos": True, "temperature": 0,
-            "logprobs": 1}
+            **({"logprobs": logprobs} if logprobs else {})}
     try:
         want = httpx.post(other.url + "/v1/completions", json={"model": "tiny", **body}, timeout=60).json()
         # round robin: `doomed`, `other`, then `doomed` again on the connection the first left open
@@ -177,6 +180,9 @@ def test_a_non_streamed_generation_whose_replica_dies_moves_to_another(tiny_mode
                                                                               got["usage"]["prompt_tokens_details"]}
         for g, w in zip(got["choices"], want["choices"]):
             assert (g["index"], g["text"], g["finish_reason"]) == (w["index"], w["text"], w["finish_reason"])
+            if not logprobs:
+                assert g["logprobs"] is None and len(g["text"]) > 0
+                continue
             assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
             assert g["logprobs"]["text_offset"] == w["logprobs"]["text_offset"]
             assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-4)

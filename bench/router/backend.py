@@ -4,7 +4,9 @@ answers at once (`python -m fleetwise.bench.router backend`).
 A request that does not ask for a stream gets a small fixed completion. One that does
 (`"stream": true`, as fleetwise's router asks every worker) gets `max_tokens` server-sent
 events the way a fleetwise worker sends them: with each event's `fw:` token-id line when the
-request carries `x-fleetwise-token-ids: 1`, the usage event when asked, `[DONE]`. Each event
+request carries `x-fleetwise-token-ids: 1` (with `x-fleetwise-coalesce: 1` too, each event is
+that line alone with its text, and the text comes as one event at the end), the usage event
+when asked, `[DONE]`. Each event
 carries `"t"`, the backend's CLOCK_MONOTONIC at its write, so that the load generator can
 tell how long the event took to reach it. Options: events paced `itl_s` apart (0: all at
 once); every `fail_every`-th completion answered 429 (a busy replica, which routers send
@@ -43,6 +45,9 @@ _USAGE = (b'data: {"id":"cmpl-bench","object":"text_completion","created":170000
 _FIRST_FW = (b'fw: {"index":0,"token_ids":[%d],"finish_reason":%s,"prompt_token_ids":'
              + orjson.dumps(PROMPT_IDS) + b',"id":"cmpl-bench","created":1700000000}\n')
 _FW = b'fw: {"index":0,"token_ids":[%d],"finish_reason":%s}\n'
+_TEXT = b' tok'  # each event's text
+_MERGED = (b'data: {"id":"cmpl-bench","object":"text_completion","created":1700000000,"model":"' + MODEL.encode()
+           + b'","choices":[{"index":0,"text":"%s","logprobs":null,"finish_reason":"length"}]}\n\n')
 _DONE = b"data: [DONE]\n\n"
 _STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
@@ -67,15 +72,22 @@ _GENERATE = {b"/v1/completions", b"/v1/chat/completions", b"/internal/decode", b
 _NOT_FOUND = (b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
 
 
-def stream_events(tokens: int, trace: bool, usage: bool) -> list[bytes]:
+def stream_events(tokens: int, trace: bool, usage: bool, coalesce: bool = False) -> list[bytes]:
     """The stream's pieces, one per write: its events (each stamped when it is written: `%f`
-    left to fill), then the usage event and [DONE] with the last."""
+    left to fill), then the usage event and [DONE] with the last. `coalesce` (with `trace`):
+    each event its `fw:` line alone, with its text and stamp, and the text as one event last."""
     out = []
     for k in range(tokens):
         last = k == tokens - 1
         finish = b'"length"' if last else b"null"
+        if trace and coalesce:
+            fw = (_FIRST_FW if k == 0 else _FW) % (7 + k, finish)
+            out.append(fw[:-2] + b',"text":"' + _TEXT + b'","t":%.6f}\n\n')
+            continue
         fw = ((_FIRST_FW if k == 0 else _FW) % (7 + k, finish)) if trace else b""
         out.append(fw + _EVENT.replace(b"%s", finish, 1))
+    if trace and coalesce:
+        out[-1] += (_MERGED % (_TEXT * tokens)).replace(b"%", b"%%")
     out[-1] += (_USAGE % (tokens, 96 + tokens) if usage else b"") + _DONE
     return out
 
@@ -92,7 +104,7 @@ class _Backend(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.behaviour, self.state = behaviour, state
         self.transport: asyncio.Transport | None = None
-        self.url, self.body, self.trace = b"", b"", False
+        self.url, self.body, self.trace, self.coalesce = b"", b"", False, False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -113,14 +125,17 @@ class _Backend(asyncio.Protocol):
         return False
 
     def on_message_begin(self) -> None:
-        self.url, self.body, self.trace = b"", b"", False
+        self.url, self.body, self.trace, self.coalesce = b"", b"", False, False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"x-fleetwise-token-ids" and value == b"1":
+        name = name.lower()
+        if name == b"x-fleetwise-token-ids" and value == b"1":
             self.trace = True
+        elif name == b"x-fleetwise-coalesce" and value == b"1":
+            self.coalesce = True
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -157,7 +172,7 @@ class _Backend(asyncio.Protocol):
             return
         tokens = request.get("max_tokens") or DEFAULT_TOKENS
         usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        pieces = stream_events(max(1, int(tokens)), self.trace, usage)
+        pieces = stream_events(max(1, int(tokens)), self.trace, usage, self.coalesce)
         if b.itl_s <= 0:
             now = time.monotonic()
             self.transport.write(_STREAM_HEAD + b"".join(_chunk(p % now) for p in pieces)

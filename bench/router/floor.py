@@ -4,7 +4,8 @@
 router), with no routing, retries, limits, metrics or tasks: a request goes on a kept
 connection to the next backend in turn, the answer comes back whole. `python-floor+ids` adds
 migration's per-token work exactly as the router does it: it asks for a stream with token
-ids, keeps the ids (`Tracker`) and assembles the whole answer (`assemble._Answer`).
+ids (and, as the router does for an answer it assembles, its text as one event), keeps the
+ids (`Tracker`) and assembles the whole answer (`assemble._Answer`).
 
 Neither is a router: a backend that fails fails the request, and nothing bounds a client.
 They answer what the language and the event loop cost (`python-floor` against vllm-router),
@@ -19,12 +20,12 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from fleetwise.protocol import TOKEN_IDS_HEADER
+from fleetwise.protocol import COALESCE_HEADER, TOKEN_IDS_HEADER
 from fleetwise.router.assemble import _Answer, as_stream
 from fleetwise.router.tracker import Tracker
 
 MAX_KEPT = 1 << 17  # the router's default bound on the token ids a stream keeps
-_IDS = f"{TOKEN_IDS_HEADER}: 1\r\n".encode()
+_IDS = f"{TOKEN_IDS_HEADER}: 1\r\n{COALESCE_HEADER}: 1\r\n".encode()  # as the router asks
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:

@@ -27,14 +27,17 @@ class Resumed:
     started: set[int] = field(default_factory=set)
 
 
-def tracer(prompts: list[list[int]], rid: str, created: int, n: int) -> Trace:
+def tracer(prompts: list[list[int]], rid: str, created: int, n: int, texts: bool = False) -> Trace:
     """The `fw:` lines of a stream: each output's token ids; the first of each prompt also
-    the prompt's and the engine's id of its request, the very first the response's id."""
+    the prompt's and the engine's id of its request, the very first the response's id.
+    `texts`: each line also carries its output's text (a coalesced stream)."""
     seen: set[int] = set()
 
     def line(i: int, out: RequestOutput) -> str:
         d: dict = {"index": i * n + out.index, "token_ids": out.token_ids,
                    "finish_reason": out.finish_reason if out.finished else None}
+        if texts:
+            d["text"] = out.text
         if i not in seen:
             if not seen:
                 d.update(id=rid, created=created)
@@ -58,10 +61,13 @@ def usage(prompts: list[list[int]], outs: dict, cached: int) -> dict:
 
 
 async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chunk],
-                 usage_chunk: Callable[[], dict] | None, trace: Trace | None = None) -> AsyncIterator[str]:
+                 usage_chunk: Callable[[], dict] | None, trace: Trace | None = None,
+                 merged: "Merged | None" = None) -> AsyncIterator[str]:
     """Server-sent events; an error after the stream started is sent as an error event.
-    With `trace`, every output gets an event, led by its `fw:` line. A stream whose choices
-    were exported (a drain's live migration) ends with an error event of code `migrated`."""
+    With `trace`, every output gets an event, led by its `fw:` line. With `merged` (a
+    coalesced stream, fleetwise/protocol.py) that line is the whole event and the chunks go
+    out as one event at the end. A stream whose choices were exported (a drain's live
+    migration) ends with an error event of code `migrated`."""
     moved = False
     try:
         async for item in stream:
@@ -69,14 +75,21 @@ async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chu
                 moved = True
                 continue
             chunk = make_chunk(*item)
-            if trace is not None:
+            if merged is not None and trace is not None:
+                if chunk is not None:
+                    merged.add(chunk)
+                yield trace(*item) + "\n"
+            elif trace is not None:
                 yield trace(*item) + (sse(chunk) if chunk is not None else "\n")
             elif chunk is not None:
                 yield sse(chunk)
         if moved:
             yield sse(error_body("the stream moved to another worker", "server_error", None, MIGRATED))
-        elif usage_chunk is not None:
-            yield sse(usage_chunk())
+        else:
+            if merged is not None and merged.first is not None:
+                yield sse(merged.chunk())
+            if usage_chunk is not None:
+                yield sse(usage_chunk())
     except APIError as e:
         yield sse(error_body(e.message, e.type, e.param, e.code))
     except EngineDead as e:
@@ -84,6 +97,35 @@ async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chu
     finally:
         await stream.aclose()
     yield "data: [DONE]\n\n"
+
+
+class Merged:
+    """A coalesced stream's chunks as one: per choice its text joined and its last finish
+    reason, under the first chunk's id, time and model."""
+
+    def __init__(self, chat: bool):
+        self.chat = chat
+        self.first: dict | None = None
+        self.texts: dict[int, list[str]] = {}
+        self.finish: dict[int, str | None] = {}
+
+    def add(self, chunk: dict) -> None:
+        if self.first is None:
+            self.first = chunk
+        for ch in chunk["choices"]:
+            k = ch["index"]
+            text = ch["delta"].get("content") if self.chat else ch["text"]
+            self.texts.setdefault(k, []).append(text or "")
+            self.finish[k] = ch["finish_reason"] or self.finish.get(k)
+
+    def chunk(self) -> dict:
+        assert self.first is not None
+        choices = []
+        for k in sorted(self.texts):
+            text = "".join(self.texts[k])
+            body: dict = {"delta": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": k, **body, "logprobs": None, "finish_reason": self.finish.get(k)})
+        return {**self.first, "choices": choices}
 
 
 class ResponseFormat:
@@ -114,7 +156,8 @@ class ResponseFormat:
 
     def completion_events(self, stream: Outputs, prompts: list[list[int]], rid: str, created: int, n: int,
                           include_usage: bool, trace: bool = False,
-                          resumed: Resumed | None = None) -> AsyncIterator[str]:
+                          resumed: Resumed | None = None, coalesce: bool = False) -> AsyncIterator[str]:
+        """`coalesce`: the text as one event at the end (only with `trace`; fleetwise/protocol.py)."""
         resumed = resumed or Resumed()
         counts: dict[int, int] = dict(resumed.counts)
         offsets: dict[int, int] = dict(resumed.sent)
@@ -141,10 +184,12 @@ class ResponseFormat:
                     "choices": [], "usage": usage(prompts, counts, cached[0])}
 
         return events(stream, chunk, usage_chunk if include_usage else None,
-                      tracer(prompts, rid, created, n) if trace else None)
+                      tracer(prompts, rid, created, n, coalesce) if trace else None,
+                      Merged(chat=False) if coalesce and trace else None)
 
     def chat_events(self, stream: Outputs, prompts: list[list[int]], rid: str, created: int, include_usage: bool,
-                    logprobs: bool, trace: bool = False, resumed: Resumed | None = None) -> AsyncIterator[str]:
+                    logprobs: bool, trace: bool = False, resumed: Resumed | None = None,
+                    coalesce: bool = False) -> AsyncIterator[str]:
         resumed = resumed or Resumed()
         counts: dict[int, int] = dict(resumed.counts)
         started: set[int] = set(resumed.started)
@@ -171,7 +216,8 @@ class ResponseFormat:
             return {**base, "choices": [], "usage": usage(prompts, counts, cached[0])}
 
         return events(stream, chunk, usage_chunk if include_usage else None,
-                      tracer(prompts, rid, created, 1) if trace else None)
+                      tracer(prompts, rid, created, 1, coalesce) if trace else None,
+                      Merged(chat=True) if coalesce and trace else None)
 
     # -- logprobs ------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from fleetwise.logs import request_id
-from fleetwise.protocol import TOKEN_IDS_HEADER
+from fleetwise.protocol import COALESCE_HEADER, TOKEN_IDS_HEADER
 
 from ..engine.async_engine import AsyncEngine, EngineDead, QueueFull, tagged
 from ..engine.engine import LLMEngine, RequestError
@@ -265,7 +265,8 @@ class WorkerAPI:
             if resumed is not None:
                 rid, created, state = resumed
             return StreamingResponse(self.format.completion_events(stream, prompts, rid, created, n, include_usage,
-                                                                   _traced(request), state),
+                                                                   _traced(request), state,
+                                                                   _coalesced(request) and req.logprobs is None),
                                      media_type="text/event-stream")
         choices, cached = await self.gather(stream, request, n)
         return self.format.completion(rid, created, choices, prompts, cached, req.logprobs is not None)
@@ -280,7 +281,8 @@ class WorkerAPI:
             if resumed is not None:
                 rid, created, state = resumed
             return StreamingResponse(self.format.chat_events(stream, [prompt], rid, created, include_usage,
-                                                             req.logprobs, _traced(request), state),
+                                                             req.logprobs, _traced(request), state,
+                                                             _coalesced(request) and not req.logprobs),
                                      media_type="text/event-stream")
         choices, cached = await self.gather(stream, request, 1)
         return self.format.chat(rid, created, choices, prompt, cached, req.logprobs)
@@ -289,3 +291,8 @@ class WorkerAPI:
 def _traced(request: Request) -> bool:
     """The caller (the router) asked for every event's token ids (fleetwise/protocol.py)."""
     return request.headers.get(TOKEN_IDS_HEADER) == "1"
+
+
+def _coalesced(request: Request) -> bool:
+    """The caller (the router, for an answer it assembles) asked for the text as one event."""
+    return request.headers.get(COALESCE_HEADER) == "1"

@@ -1,0 +1,70 @@
+"""A worker's coalesced stream (`x-fleetwise-coalesce: 1` with the token ids,
+fleetwise/protocol.py): each output is its `fw:` line alone, with its text; the text comes as
+one event before the usage, the same text the worker answers whole. With logprobs asked the
+stream keeps its event per token."""
+
+import json
+
+import httpx
+import pytest
+
+from fleetwise.protocol import COALESCE_HEADER, TOKEN_IDS_HEADER
+from fleetwise.worker.engine.config import EngineConfig
+
+from .workers import AUTH, start_worker
+
+HEADERS = {**AUTH, TOKEN_IDS_HEADER: "1", COALESCE_HEADER: "1"}
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    w = start_worker(EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", block_size=8, num_blocks=256))
+    yield w
+    w.stop()
+
+
+def read(worker, path: str, body: dict) -> tuple[list[dict], list[dict]]:
+    """(the `fw:` lines, the data events) of a stream."""
+    r = httpx.post(worker.internal_url + path, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                   headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    lines, events = [], []
+    for event in r.text.split("\n\n"):
+        for line in event.split("\n"):
+            if line.startswith("fw: "):
+                lines.append(json.loads(line[4:]))
+            elif line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    return lines, events
+
+
+def test_a_coalesced_completion_sends_its_text_once_and_in_its_fw_lines(worker):
+    body = {"model": "tiny", "prompt": "coalesced text", "max_tokens": 12, "n": 2, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(worker.url + "/v1/completions", json=body, timeout=60).json()
+    lines, events = read(worker, "/v1/completions", body)
+    assert len(lines) == 24  # one per output token of the two choices
+    [merged, usage] = events
+    assert usage["usage"]["completion_tokens"] == 24 and usage["choices"] == []
+    assert [c["text"] for c in merged["choices"]] == [c["text"] for c in whole["choices"]]
+    assert [c["finish_reason"] for c in merged["choices"]] == ["length", "length"]
+    for k in (0, 1):
+        assert "".join(d["text"] for d in lines if d["index"] == k) == whole["choices"][k]["text"]
+
+
+def test_a_coalesced_chat_sends_one_message_event(worker):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(worker.url + "/v1/chat/completions", json=body, timeout=60).json()
+    lines, events = read(worker, "/v1/chat/completions", body)
+    [merged, _] = events
+    assert merged["object"] == "chat.completion.chunk"
+    assert merged["choices"][0]["delta"] == {"role": "assistant", "content": whole["choices"][0]["message"]["content"]}
+    assert "".join(d["text"] for d in lines) == whole["choices"][0]["message"]["content"]
+
+
+def test_with_logprobs_the_stream_keeps_an_event_per_token(worker):
+    lines, events = read(worker, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5, "logprobs": 1,
+                                                     "temperature": 0, "ignore_eos": True})
+    assert len(events) == 6 and all(e["choices"][0]["logprobs"] for e in events[:5])
+    assert all("text" not in d for d in lines)
