@@ -6,8 +6,10 @@ API, /health for the kubelet and the operator's drains) and the internal port (/
 and the completion routes, with the shared token: the router's and the other workers' way
 in). The map is a JSON file of {"namespace/pod": {"url": "http://host:port", "internal":
 "http://host:port"}} (a bare string is the public URL alone), named by
-`FLEETWISE_ADDRESS_MAP` and read at each use. The router's Kubernetes discovery (internal
-URLs) and the operator's drains (public URLs) both find workers this way."""
+`FLEETWISE_ADDRESS_MAP` and read at each use. A map that names any pod names every pod with a
+worker: the others have no address, since where pod IPs cannot be reached they lead nowhere, or
+to whatever else answers there. The router's Kubernetes discovery (internal URLs) and the
+operator's drains (public URLs) both find workers this way."""
 
 import json
 import logging
@@ -39,13 +41,14 @@ def load_address_map(path: str | None = None) -> AddressMap:
 
 def worker_url(pod: dict, address_map: AddressMap, internal: bool = False) -> str | None:
     """The base URL of the worker in `pod` on its public port (`internal`: its internal
-    port), or None while it has no IP (or the map names no such URL for it)."""
+    port), or None while it has no IP (or the map, when there is one, names no such URL for it)."""
     meta, status = pod["metadata"], pod.get("status") or {}
-    mapped = address_map.get(f"{meta['namespace']}/{meta['name']}")
-    if isinstance(mapped, dict):
-        mapped = mapped.get("internal" if internal else "url")
+    if address_map:
+        mapped = address_map.get(f"{meta['namespace']}/{meta['name']}")
+        if isinstance(mapped, dict):
+            mapped = mapped.get("internal" if internal else "url")
+        elif internal:  # a bare string is the public URL alone
+            mapped = None
         return mapped.rstrip("/") if isinstance(mapped, str) and mapped else None
-    if isinstance(mapped, str) and mapped:
-        return None if internal else mapped.rstrip("/")
     ip = status.get("podIP")
     return f"http://{ip}:{WORKER_INTERNAL_PORT if internal else WORKER_PORT}" if ip else None

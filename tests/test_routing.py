@@ -112,6 +112,10 @@ def test_discovery_sends_to_the_internal_port_and_drains_ask_the_public_one():
     public_only = {"models/w": "http://127.0.0.1:1"}  # no internal address known: not routed to
     assert worker_url(pod, public_only) == "http://127.0.0.1:1"
     assert worker_url(pod, public_only, internal=True) is None
+    # a map names every pod with a worker: a pod it leaves out is not sent to its IP, where
+    # (kwok's pods) something else may answer
+    others = {"models/other": "http://127.0.0.1:1"}
+    assert worker_url(pod, others) is None and worker_url(pod, others, internal=True) is None
 
 
 class ScanLeastOutstanding:
