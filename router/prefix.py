@@ -103,12 +103,15 @@ class PrefixLoad:
         match = self.matches(keys) if keys else {}
         first = keys[0] if keys else 0
         best: Replica | None = None
-        best_score: tuple[float, int, int] | None = None
+        best_score = (0.0, 0)
         for r in live:
-            if r.outstanding + 1 > bound:
+            out = r.outstanding
+            if out + 1 > bound:
                 continue
-            score = (match.get(r.url, 0) - self.request_chunks * r.outstanding, -r.outstanding, _rank(first, r.url))
-            if best_score is None or score > best_score:
+            score = (match.get(r.url, 0) - self.request_chunks * out, -out)
+            # the rendezvous rank breaks ties only: computed for them alone
+            if best is None or score > best_score or (score == best_score and
+                                                      _rank(first, r.url) > _rank(first, best.url)):
                 best, best_score = r, score
         if best is None:  # every replica past the bound (only with slack 0): the least loaded
             best = min(live, key=lambda r: (r.outstanding, -_rank(first, r.url)))

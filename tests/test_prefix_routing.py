@@ -87,6 +87,22 @@ def test_new_prefixes_spread_over_the_replicas():
     assert min(counts) > 60, counts
 
 
+def test_the_choice_is_the_best_score_within_the_bound_ties_to_the_rendezvous_rank():
+    """The rule as a plain scan over (prefix saved less load, less loaded, rank) against the
+    policy on random loads and shared prefixes: the policy skips ranks it does not need."""
+    rng, p, rs = random.Random(3), PrefixLoad(slack=2), replicas(5)
+    prompts = [f"system prompt {k} " * (8 * k + 1) for k in range(6)]
+    for i in range(600):
+        for r in rs:
+            r.outstanding = rng.choice((0, 0, 1, 2, 5))
+        keys = prefix_blocks(rng.choice(prompts) + f"question {i}")
+        bound, match = p.bound(rs), p.matches(keys)
+        within = [r for r in rs if r.outstanding + 1 <= bound]
+        want = max(within, key=lambda r: (match.get(r.url, 0) - p.request_chunks * r.outstanding,
+                                          -r.outstanding, zlib.crc32(r.url.encode(), keys[0])))
+        assert p.choose(rs, keys) is want, i
+
+
 def test_a_hot_prefix_overflows_and_then_lives_on_both_replicas():
     rs, p = replicas(4), PrefixLoad(load_factor=1.25, slack=1)
     keys = prefix_blocks(SYSTEM + "q")
