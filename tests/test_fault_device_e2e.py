@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from fleetwise.testenv.cluster import wait_for
+
 from .detecting_fleet import assert_restarted, detecting_fleet
 from .test_fault_loop_e2e import load
 from .workers import AUTH
@@ -56,12 +58,6 @@ def _watch(loop, seconds: float, until=lambda: False) -> list:
     return windows
 
 
-def _next_window(loop, seconds: float) -> None:
-    seen, t0 = loop.last, time.monotonic()
-    while loop.last is seen and time.monotonic() - t0 < seconds:
-        time.sleep(0.05)
-
-
 def test_a_1_3x_slow_device_is_quarantined_within_three_windows_and_twice_the_load_is_not_flagged(fleet):
     fleet, procs, faults = fleet
     loop, router = faults.loop, procs[-1].url
@@ -85,7 +81,8 @@ def test_a_1_3x_slow_device_is_quarantined_within_three_windows_and_twice_the_lo
         slow = fleet.workers["mixed-1"]
         # slowed as a window begins: the three windows it is given are whole ones (slowed part of
         # the way into one, that window scores little and only two are left to score high twice)
-        _next_window(loop, WINDOW + 5)
+        seen = loop.last
+        wait_for(lambda: loop.last is not seen, WINDOW + 5, 0.05, what="the next window")
         r = httpx.post(slow.internal_url + "/internal/faults", json={"slow_factor": SLOW_FACTOR}, headers=AUTH)
         assert r.status_code == 200, r.text
         t0 = time.monotonic()
