@@ -1,0 +1,52 @@
+"""The router's per-request metrics (`Tally`) read exactly as prometheus_client's own
+counters and histograms would, given the same updates."""
+
+import random
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from fleetwise.router.metrics import BUCKETS, RouterMetrics, Tally
+
+
+def _exposition(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+def test_a_tally_is_exposed_as_prometheus_clients_counter_and_histogram():
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counts = Tally("x_requests", "Requests.", ["model_name", "status"], ours)
+    seconds = Tally("x_seconds", "Latency.", ["model_name"], ours, buckets=BUCKETS)
+    ref_counts = Counter("x_requests", "Requests.", ["model_name", "status"], registry=theirs)
+    ref_seconds = Histogram("x_seconds", "Latency.", ["model_name"], buckets=BUCKETS, registry=theirs)
+    assert _exposition(ours) == _exposition(theirs)  # no series yet: the families alone
+    rng = random.Random(0)
+    # bounds themselves (a bucket counts values <= its bound), zero, beyond the last bound
+    values = [*BUCKETS, 0.0, 0.0004999, 61.0, 1e9] + [rng.expovariate(50) for _ in range(500)]
+    for v in values:
+        model, status = rng.choice(["a", "b"]), rng.choice(["200", "429", "503"])
+        counts.labels(model, status).inc()
+        ref_counts.labels(model, status).inc()
+        seconds.labels(model).observe(v)
+        ref_seconds.labels(model).observe(v)
+    counts.labels("a", "200").inc(2.5)
+    ref_counts.labels("a", "200").inc(2.5)
+    ours_text = _exposition(ours)
+    assert ours_text == _exposition(theirs)
+    assert 'x_seconds_bucket{le="0.0005",model_name="a"}' in ours_text and "_created" not in ours_text
+
+
+def test_the_routers_registry_names_each_family_once_and_refuses_wrong_label_counts():
+    m = RouterMetrics()
+    m.child(m.requests, "tiny", "colocated", "200").inc()
+    m.child(m.latency, "tiny").observe(0.003)
+    assert m.child(m.latency, "tiny") is m.child(m.latency, "tiny")
+    text = generate_latest(m.registry).decode()
+    assert 'fleetwise_router_requests_total{mode="colocated",model_name="tiny",status="200"} 1.0' in text
+    assert 'fleetwise_router_request_seconds_bucket{le="0.005",model_name="tiny"} 1.0' in text
+    assert 'fleetwise_router_request_seconds_bucket{le="0.002",model_name="tiny"} 0.0' in text
+    try:
+        m.requests.labels("tiny")
+    except ValueError as e:
+        assert "3 label values" in str(e)
+    else:
+        raise AssertionError("a wrong number of label values must be refused")
