@@ -103,6 +103,19 @@ class Servers:
         stop_all([[p for p in self.procs.values() if p not in backends], backends], grace=3.0)
 
 
+def start_backends(servers: Servers, bodies: list[bytes], n: int = NUM_BACKENDS) -> list[str]:
+    """`n` stand-in backends up and answering; their URLs."""
+    backends = []
+    for k in range(n):
+        port = free_port()
+        servers.start(f"backend{k}", [sys.executable, "-m", "fleetwise.bench.router", "backend", "--port", str(port)],
+                      f"http://127.0.0.1:{port}")
+        backends.append(f"http://127.0.0.1:{port}")
+    for k in range(n):
+        servers.wait_ready(f"backend{k}", bodies[0])
+    return backends
+
+
 def _router_config(path: Path, backends: list[str]) -> None:
     path.write_text("models:\n  - name: " + MODEL + "\n    mixed:\n"
                     + "".join(f"      - {u}\n" for u in backends))
@@ -143,14 +156,7 @@ def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None, vllm_versi
 def _start_systems(servers: Servers, bodies: list[bytes], vllm_cmd: list[str] | None, vllm_version: str | None,
                    skipped: dict[str, System], console: Console, baseline_python: str | None = None) -> list[System]:
     """The backends, then every system up and answering, before any measurement."""
-    backends = []
-    for k in range(NUM_BACKENDS):
-        port = free_port()
-        servers.start(f"backend{k}", [sys.executable, "-m", "fleetwise.bench.router", "backend", "--port", str(port)],
-                      f"http://127.0.0.1:{port}")
-        backends.append(f"http://127.0.0.1:{port}")
-    for k in range(NUM_BACKENDS):
-        servers.wait_ready(f"backend{k}", bodies[0])
+    backends = start_backends(servers, bodies)
     cfg = servers.logdir / "router.yaml"
     _router_config(cfg, backends)
     systems: list[System] = []
