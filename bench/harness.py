@@ -8,6 +8,8 @@ Targets and their one comparison rule live in bench/targets.py; this module re-e
 them for the benchmarks that import them from here.
 """
 
+import asyncio
+import ctypes
 import json
 import os
 import time
@@ -45,6 +47,81 @@ def process_cpu_seconds(pid: int | None) -> float | None:
 
 
 # -- statistics -----------------------------------------------------------------------------
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_MONOTONIC, _TFD_NONBLOCK, _TFD_CLOEXEC, _TFD_TIMER_ABSTIME = 1, 0o4000, 0o2000000, 1
+
+
+class Alarm:
+    """Waits on the running event loop until a time on `time.perf_counter()`'s clock, to a few
+    microseconds: a Linux timerfd the loop watches. The loop's own timers (asyncio.sleep) fire
+    on whole milliseconds, up to 0.3 ms early and 0.65 ms late under uvloop: an open loop's
+    sends scheduled apart leave together, and a server with one event loop sees bursts that
+    its schedule does not have. Elsewhere (no timerfd, or perf_counter not CLOCK_MONOTONIC)
+    it falls back to asyncio.sleep. One waiter at a time; use as an async context manager."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop = asyncio.get_running_loop()
+        if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+            self._settime = libc.timerfd_settime
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self.fd = fd
+            self.loop.add_reader(fd, self._fired)
+
+    async def __aenter__(self) -> "Alarm":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def until(self, t: float) -> None:
+        """Returns at `t` (a `time.perf_counter()` value) or, when it has passed, at once."""
+        if t <= time.perf_counter():
+            return
+        if self.fd < 0:
+            while (wait := t - time.perf_counter()) > 0:  # a loop's timer may fire a little early
+                await asyncio.sleep(wait)
+            return
+        spec = _Itimerspec()
+        sec = int(t)
+        spec.it_value.tv_sec, spec.it_value.tv_nsec = sec, min(int((t - sec) * 1e9), 999_999_999)
+        if self._settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def _fired(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            return
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def percentile(values: Iterable[float], q: float) -> float:

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 
 from fleetwise.bench.goodput.workload import Request
+from fleetwise.bench.harness import Alarm
 
 REQUEST_TIMEOUT_S = 120.0
 
@@ -89,13 +90,12 @@ async def open_loop(url: str, requests: list[Request], model: str,
     async with aiohttp.ClientSession(connector=connector) as session:
         t0 = time.perf_counter()
         tasks = []
-        for req, payload, out in zip(requests, payloads, outcomes):
-            delay = t0 + req.at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, url, payload, out, t0 + req.at)))
-            if tick:
-                tasks[-1].add_done_callback(lambda _: tick(1))
+        async with Alarm() as alarm:
+            for req, payload, out in zip(requests, payloads, outcomes):
+                await alarm.until(t0 + req.at)
+                tasks.append(asyncio.create_task(one(session, url, payload, out, t0 + req.at)))
+                if tick:
+                    tasks[-1].add_done_callback(lambda _: tick(1))
         await asyncio.gather(*tasks)
         return outcomes, time.perf_counter() - t0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetwise.bench.harness import summary
+from fleetwise.bench.harness import Alarm, summary
 from fleetwise.bench.router.backend import MODEL
 
 NUM_PREFIXES = 16             # shared prompt prefixes (so prefix affinity has something to find)
@@ -243,13 +243,12 @@ async def open_loop(session: Any, urls: list[str], bodies: list[bytes], schedule
 
     cpu0, lg0 = cpu() if cpu else None, time.process_time()
     start = time.perf_counter() + 0.002
-    for i in range(n):
-        delay = start + schedule[i] - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = asyncio.create_task(one(i))
-        pending.add(t)
-        t.add_done_callback(pending.discard)
+    async with Alarm() as alarm:  # each send at its time, not on the loop's millisecond ticks
+        for i in range(n):
+            await alarm.until(start + schedule[i])
+            t = asyncio.create_task(one(i))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
     if pending:
         await asyncio.gather(*pending)
     cpu1, lg1 = cpu() if cpu else None, time.process_time()
