@@ -49,6 +49,59 @@ def process_cpu_seconds(pid: int | None) -> float | None:
 # -- statistics -----------------------------------------------------------------------------
 
 
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks."""
+    return float(np.percentile(np.asarray(list(values), dtype=np.float64), q))
+
+
+def _q(name: str) -> float:
+    """"p50" -> 50, "p999" -> 99.9."""
+    digits = name[1:]
+    return int(digits) / 10 ** max(0, len(digits) - 2)
+
+
+def summary(values: Iterable[float | int | None], *fields: str, scale: float = 1.0) -> dict[str, Any] | None:
+    """Named statistics of the values (None left out), each times `scale`; None when no value is
+    left. Fields: pNN (p50, p90, p99, p999 = 99.9), mean, median, min, max, std, total, n.
+    min, max and total of whole numbers stay whole numbers."""
+    a = np.asarray([v for v in values if v is not None])
+    if a.size == 0:
+        return None
+    if scale != 1.0:
+        a = a * scale
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f == "n":
+            out[f] = int(a.size)
+        elif f in ("min", "max", "total"):
+            out[f] = (a.min() if f == "min" else a.max() if f == "max" else a.sum()).item()
+        elif f in ("mean", "median", "std"):
+            out[f] = float(getattr(np, f)(a))
+        else:
+            out[f] = percentile(a, _q(f))
+    return out
+
+
+def over_runs(values: Iterable[float]) -> dict[str, Any]:
+    """One measure over repeated runs: the median, the extremes, and the spread, (max - min) /
+    median, the share by which the runs disagree."""
+    v = [float(x) for x in values]
+    med = float(np.median(v))
+    return {"median": med, "min": min(v), "max": max(v), "spread": (max(v) - min(v)) / med if med else 0.0,
+            "n": len(v), "values": v}
+
+
+def rotated(names: list[str], rounds: int) -> list[list[str]]:
+    """An order of `names` for each round, turned a share of the list each round so that no
+    name keeps its place (and whatever else the machine does at that time)."""
+    n = len(names)
+    turn = max(1, n // max(1, rounds))
+    return [names[(r * turn) % n:] + names[:(r * turn) % n] for r in range(rounds)] if n else []
+
+
+# -- open loops ---------------------------------------------------------------------------
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
@@ -122,56 +175,6 @@ class Alarm:
             self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between the closest ranks."""
-    return float(np.percentile(np.asarray(list(values), dtype=np.float64), q))
-
-
-def _q(name: str) -> float:
-    """"p50" -> 50, "p999" -> 99.9."""
-    digits = name[1:]
-    return int(digits) / 10 ** max(0, len(digits) - 2)
-
-
-def summary(values: Iterable[float | int | None], *fields: str, scale: float = 1.0) -> dict[str, Any] | None:
-    """Named statistics of the values (None left out), each times `scale`; None when no value is
-    left. Fields: pNN (p50, p90, p99, p999 = 99.9), mean, median, min, max, std, total, n.
-    min, max and total of whole numbers stay whole numbers."""
-    a = np.asarray([v for v in values if v is not None])
-    if a.size == 0:
-        return None
-    if scale != 1.0:
-        a = a * scale
-    out: dict[str, Any] = {}
-    for f in fields:
-        if f == "n":
-            out[f] = int(a.size)
-        elif f in ("min", "max", "total"):
-            out[f] = (a.min() if f == "min" else a.max() if f == "max" else a.sum()).item()
-        elif f in ("mean", "median", "std"):
-            out[f] = float(getattr(np, f)(a))
-        else:
-            out[f] = percentile(a, _q(f))
-    return out
-
-
-def over_runs(values: Iterable[float]) -> dict[str, Any]:
-    """One measure over repeated runs: the median, the extremes, and the spread, (max - min) /
-    median, the share by which the runs disagree."""
-    v = [float(x) for x in values]
-    med = float(np.median(v))
-    return {"median": med, "min": min(v), "max": max(v), "spread": (max(v) - min(v)) / med if med else 0.0,
-            "n": len(v), "values": v}
-
-
-def rotated(names: list[str], rounds: int) -> list[list[str]]:
-    """An order of `names` for each round, turned a share of the list each round so that no
-    name keeps its place (and whatever else the machine does at that time)."""
-    n = len(names)
-    turn = max(1, n // max(1, rounds))
-    return [names[(r * turn) % n:] + names[:(r * turn) % n] for r in range(rounds)] if n else []
 
 
 # -- console and progress ---------------------------------------------------------------------
