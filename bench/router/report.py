@@ -205,6 +205,8 @@ COLORS = {"direct": "#555555", "fleetwise/prefix_load": "#dd8452",
 
 
 def plot(report: dict, runs: dict[str, System], path: Path) -> None:
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     systems = report["systems"]
     opened = {k: s.open for k, s in runs.items() if s.open is not None}
     measured = list(opened)
@@ -214,6 +216,9 @@ def plot(report: dict, runs: dict[str, System], path: Path) -> None:
     for k, run in opened.items():
         cdf(ax, run.latencies_s * 1e3, label=k, color=COLORS.get(k))
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2, 5 ms: labels that fit
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency, ms (log)")
     ax.set_ylabel("CDF")
     ax.set_title(f"open loop, {report['config']['rate']} req/s (Poisson)")
