@@ -32,3 +32,10 @@ def test_under_load_every_request_of_the_window_is_stamped_in_path_order():
     assert seg["begin->written"]["p50"] >= max(p["p50"] for n, p in seg.items() if n != "begin->written")
     # the router's CPU in a stretch cannot exceed the stretch's wall time (same stamps)
     assert r["cpu"]["task->sent"]["p50"] <= seg["task->sent"]["p50"] + 1e-3
+
+
+@pytest.mark.parametrize("kwargs, says", [({"rate": 0}, "positive"), ({"seconds": -1}, "positive"),
+                                          ({"policy": "nope"}, "unknown routing policy 'nope'")])
+def test_bad_arguments_are_refused_before_anything_starts(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        run_segments(**kwargs)

@@ -44,7 +44,10 @@ def main(argv: list[str]) -> None:
         import json
 
         from fleetwise.bench.router.segments import run_segments
-        report = run_segments(args.rate, args.seconds, args.policy)
+        try:
+            report = run_segments(args.rate, args.seconds, args.policy)
+        except ValueError as e:
+            ap.error(str(e))
         if args.out:
             with open(args.out, "w") as out:
                 json.dump(report, out, indent=1)

@@ -131,6 +131,11 @@ def summarize(rows: list[dict[str, float]]) -> dict:
 
 def run_segments(rate: float = 500.0, seconds: float = 10.0, policy: str = "prefix_load",
                  console: Console | None = None) -> dict:
+    from fleetwise.router.policies import make_policy
+
+    if rate <= 0 or seconds <= 0:
+        raise ValueError("--rate and --seconds must be positive")
+    make_policy(policy)  # an unknown name fails here, not after the router's start times out
     console = console or make_console(120)
     bodies = make_bodies(SEED)
     servers = Servers(Path(tempfile.mkdtemp(prefix="fleetwise-bench-segments-")))
