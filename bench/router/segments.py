@@ -181,6 +181,7 @@ def _print(console: Console, report: dict) -> None:
             "task->sent": "routing, checks, the request written", "sent->head": "the replica's round trip",
             "head->resumed": "waiting for the event loop", "resumed->written": "the answer read, assembled, written",
             "begin->written": "all of it"}
+
     def cells(p: dict) -> list[str]:
         return [f"{p.get(q, float('nan')):.3f}" for q in ("p50", "p90", "p99")]
 
