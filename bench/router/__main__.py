@@ -41,16 +41,16 @@ def main(argv: list[str]) -> None:
         from fleetwise.bench.router.floor import serve_floor
         serve_floor(args.host, args.port, args.backend, args.ids)
     elif args.cmd == "segments":
-        import json
+        from pathlib import Path
 
+        from fleetwise.bench.harness import write_json
         from fleetwise.bench.router.segments import run_segments
         try:
             report = run_segments(args.rate, args.seconds, args.policy)
         except ValueError as e:
             ap.error(str(e))
         if args.out:
-            with open(args.out, "w") as out:
-                json.dump(report, out, indent=1)
+            write_json(Path(args.out), report)
     elif args.cmd == "traced-router":
         from fleetwise.bench.router.segments import serve_traced
         serve_traced(args.config, args.port, args.internal_token_file, args.policy, args.out)

@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fleetwise.bench.harness import make_console
+from fleetwise.bench.harness import make_console, summary
 from fleetwise.bench.router.load import make_bodies, open_loop, poisson_schedule, session
 from fleetwise.bench.router.run import Servers, _router_config, start_backends
 from fleetwise.bench.router.systems import SEED
@@ -118,8 +117,7 @@ def summarize(rows: list[dict[str, float]]) -> dict:
     out: dict = {"requests": len(whole), "segments": {}, "cpu": {}}
 
     def pct(values: list[float]) -> dict:
-        a = np.asarray(values) * 1e3
-        return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)} if len(a) else {}
+        return summary(values, "p50", "p90", "p99", scale=1e3) or {}
 
     for a, b in itertools.pairwise(POINTS):
         out["segments"][f"{a}->{b}"] = pct([r[b] - r[a] for r in whole])
