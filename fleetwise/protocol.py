@@ -24,11 +24,17 @@ Migration (version 1 still: each piece is one an older peer ignores or answers 4
   token gets an event then, even one whose text is held back. The router keeps the ids and
   strips the lines; an SSE client would ignore them anyway (an unknown field).
 - A call that also carries `x-fleetwise-coalesce: 1` (the router's, for a request it
-  answers whole) and asks no logprobs gets each output as its `fw:` line alone, with the
-  output's text in it (`text`), and the text as one event before the usage: the router keeps
-  the ids per token but parses one event instead of one per token. When such a stream moves,
-  the router passes on the text of the `fw:` lines since its last event before the resumed
-  stream. A worker that ignores the header sends its usual events, which read the same.
+  answers whole) and asks no logprobs gets its outputs as `fw:` lines alone, with their text
+  in them (`text`), and the text as one event before the usage: the router keeps the ids
+  but parses one event instead of one per token. The lines are held and merged, one line per
+  choice with every id since its last (`COALESCED_IDS_EVERY_S`): a prompt's first goes at
+  once, the others at most that often, and whatever is held goes before the stream's last
+  events (the text, an error, `migrated`). The router wakes a few times per second per such
+  request instead of once per token; a worker that fails holding ids costs a recompute of
+  at most that much output, which the client never saw. When such a stream moves, the
+  router passes on the text of the `fw:` lines since its last event before the resumed
+  stream. A worker that ignores the header sends its usual events, which read the same, and
+  one of the release before sends a line per token, which reads the same too.
 - `POST /internal/resume` (`ResumeRequest`) continues a stream another worker was
   generating: the prompt, each unfinished choice's output so far (kept as output) and its
   random draws made, and the finished ones for usage. It answers as that stream would have
@@ -69,6 +75,7 @@ REQUEST_ID_HEADER = "x-request-id"
 UNSUPPORTED_VERSION = "unsupported_protocol_version"
 TOKEN_IDS_HEADER = "x-fleetwise-token-ids"
 COALESCE_HEADER = "x-fleetwise-coalesce"  # with the token ids: the text as one event at the end
+COALESCED_IDS_EVERY_S = 0.25  # a coalesced stream's held `fw:` lines go at most this often
 TRACE_PREFIX = b"fw: "  # the line of a streamed event that carries its token ids
 MAX_RESUME_TOKENS = 1 << 20  # prompt or output ids in a resume request
 MAX_RESUME_CHOICES = 1024

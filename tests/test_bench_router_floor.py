@@ -69,3 +69,19 @@ def test_a_backend_that_is_gone_is_a_502(servers):
     r = post(servers["floor_gone"])
     assert r.status_code == 502
     assert "cannot connect" in r.json()["error"]
+
+
+@pytest.mark.parametrize("itl_s, lines", [(0.0, 2), (0.05, 4), (0.25, 13)])
+def test_the_stand_in_holds_a_coalesced_streams_ids_as_a_worker_does(itl_s, lines):
+    """The first token's line at once, then one line per quarter second of tokens (none
+    written in between) and the rest at the end: every id once, in order, the text whole."""
+    from fleetwise.bench.router.backend import stream_events
+    from fleetwise.router.assemble import _Answer
+    from fleetwise.router.tracker import Tracker
+
+    pieces = stream_events(13, True, True, coalesce=True, itl_s=itl_s)
+    assert len(pieces) == 13 and sum(1 for p in pieces if p.startswith(b"fw: ")) == lines
+    tracker, answer = Tracker(1 << 17), _Answer("completion")
+    answer.take(tracker.feed(b"".join(p % 0.0 for p in pieces if p)))
+    assert tracker.done and tracker.choices[0].token_ids == list(range(7, 20)) and tracker.choices[0].finished
+    assert orjson.loads(answer.whole())["choices"][0]["text"] == " tok" * 13

@@ -1,7 +1,7 @@
 """A worker's coalesced stream (`x-fleetwise-coalesce: 1` with the token ids,
-fleetwise/protocol.py): each output is its `fw:` line alone, with its text; the text comes as
-one event before the usage, the same text the worker answers whole. With logprobs asked the
-stream keeps its event per token."""
+fleetwise/protocol.py): the outputs are `fw:` lines alone, with their text, held and merged per
+choice (`HeldIds`); the text comes as one event before the usage, the same text the worker
+answers whole. With logprobs asked the stream keeps its event per token."""
 
 import json
 
@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from fleetwise.protocol import COALESCE_HEADER, TOKEN_IDS_HEADER
+from fleetwise.worker.api.responses import HeldIds
 from fleetwise.worker.engine.config import EngineConfig
 
 from .workers import AUTH, start_worker
@@ -43,7 +44,10 @@ def test_a_coalesced_completion_sends_its_text_once_and_in_its_fw_lines(worker):
             "ignore_eos": True}
     whole = httpx.post(worker.url + "/v1/completions", json=body, timeout=60).json()
     lines, events = read(worker, "/v1/completions", body)
-    assert len(lines) == 24  # one per output token of the two choices
+    for k in (0, 1):  # every output token's id, in fewer lines than tokens (merged: at most 4 a second)
+        assert sum(len(d["token_ids"]) for d in lines if d["index"] == k) == 12
+    assert len(lines) < 24
+    assert [d["finish_reason"] for d in lines if d["finish_reason"]] == ["length", "length"]
     [merged, usage] = events
     assert usage["usage"]["completion_tokens"] == 24 and usage["choices"] == []
     assert [c["text"] for c in merged["choices"]] == [c["text"] for c in whole["choices"]]
@@ -68,3 +72,28 @@ def test_with_logprobs_the_stream_keeps_an_event_per_token(worker):
                                                      "temperature": 0, "ignore_eos": True})
     assert len(events) == 6 and all(e["choices"][0]["logprobs"] for e in events[:5])
     assert all("text" not in d for d in lines)
+
+
+def test_held_lines_go_merged_per_choice_a_prompts_first_at_once():
+    now = [0.0]
+    held = HeldIds(every=0.25, clock=lambda: now[0])
+    first = held.add({"index": 0, "token_ids": [5], "finish_reason": None, "text": "a", "prompt": 0,
+                      "prompt_token_ids": [1, 2], "request_id": "r0", "id": "cmpl-1", "created": 7})
+    assert [json.loads(x[4:]) for x in first.split("\n\n") if x] == [
+        {"index": 0, "token_ids": [5], "finish_reason": None, "text": "a", "prompt": 0, "prompt_token_ids": [1, 2],
+         "request_id": "r0", "id": "cmpl-1", "created": 7}]
+    now[0] = 0.1
+    assert held.add({"index": 1, "token_ids": [6], "finish_reason": None, "text": "b"}) == ""
+    assert held.add({"index": 0, "token_ids": [8], "finish_reason": None, "text": "c"}) == ""
+    now[0] = 0.24
+    assert held.add({"index": 0, "token_ids": [9, 10], "finish_reason": "length", "text": "de"}) == ""
+    now[0] = 0.26  # a quarter second since the first line went
+    sent = held.add({"index": 1, "token_ids": [11], "finish_reason": "stop", "text": "f"})
+    assert sent.endswith("\n\n") and sent.count("\n\n") == 2
+    assert [json.loads(x[4:]) for x in sent.split("\n\n") if x] == [
+        {"index": 1, "token_ids": [6, 11], "finish_reason": "stop", "text": "bf"},
+        {"index": 0, "token_ids": [8, 9, 10], "finish_reason": "length", "text": "cde"}]
+    assert held.lines == {}
+    now[0] = 0.3
+    assert held.add({"index": 0, "token_ids": [12], "finish_reason": None, "text": "g"}) == ""
+    assert json.loads(held.flush()[4:]) == {"index": 0, "token_ids": [12], "finish_reason": None, "text": "g"}

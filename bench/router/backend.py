@@ -4,8 +4,9 @@ answers at once (`python -m fleetwise.bench.router backend`).
 A request that does not ask for a stream gets a small fixed completion. One that does
 (`"stream": true`, as fleetwise's router asks every worker) gets `max_tokens` server-sent
 events the way a fleetwise worker sends them: with each event's `fw:` token-id line when the
-request carries `x-fleetwise-token-ids: 1` (with `x-fleetwise-coalesce: 1` too, each event is
-that line alone with its text, and the text comes as one event at the end), the usage event
+request carries `x-fleetwise-token-ids: 1` (with `x-fleetwise-coalesce: 1` too, the lines
+alone with their text, held and merged as a worker holds them, and the text as one event at
+the end), the usage event
 when asked, `[DONE]`. Each event
 carries `"t"`, the backend's CLOCK_MONOTONIC at its write, so that the load generator can
 tell how long the event took to reach it. Options: events paced `itl_s` apart (0: all at
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from fleetwise.protocol import COALESCED_IDS_EVERY_S
 
 MODEL = "bench-model"
 
@@ -72,22 +75,38 @@ _GENERATE = {b"/v1/completions", b"/v1/chat/completions", b"/internal/decode", b
 _NOT_FOUND = (b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
 
 
-def stream_events(tokens: int, trace: bool, usage: bool, coalesce: bool = False) -> list[bytes]:
-    """The stream's pieces, one per write: its events (each stamped when it is written: `%f`
-    left to fill), then the usage event and [DONE] with the last. `coalesce` (with `trace`):
-    each event its `fw:` line alone, with its text and stamp, and the text as one event last."""
+def stream_events(tokens: int, trace: bool, usage: bool, coalesce: bool = False, itl_s: float = 0.0) -> list[bytes]:
+    """The stream's pieces, one per token (each stamped when it is written: `%f` left to
+    fill), then the usage event and [DONE] with the last. `coalesce` (with `trace`): the `fw:`
+    lines alone, with their text and stamp, held and merged as a worker does
+    (fleetwise/protocol.py): the first token's line at once, the others every
+    COALESCED_IDS_EVERY_S at `itl_s` apart (b"": nothing written for that token) and at the
+    end; then the text as one event."""
+    if trace and coalesce:
+        return _coalesced(tokens, usage, round(COALESCED_IDS_EVERY_S / itl_s) if itl_s > 0 else tokens)
     out = []
     for k in range(tokens):
-        last = k == tokens - 1
-        finish = b'"length"' if last else b"null"
-        if trace and coalesce:
-            fw = (_FIRST_FW if k == 0 else _FW) % (7 + k, finish)
-            out.append(fw[:-2] + b',"text":"' + _TEXT + b'","t":%.6f}\n\n')
-            continue
+        finish = b'"length"' if k == tokens - 1 else b"null"
         fw = ((_FIRST_FW if k == 0 else _FW) % (7 + k, finish)) if trace else b""
         out.append(fw + _EVENT.replace(b"%s", finish, 1))
-    if trace and coalesce:
-        out[-1] += (_MERGED % (_TEXT * tokens)).replace(b"%", b"%%")
+    out[-1] += (_USAGE % (tokens, 96 + tokens) if usage else b"") + _DONE
+    return out
+
+
+def _coalesced(tokens: int, usage: bool, every: int) -> list[bytes]:
+    first = _FIRST_FW % (7, b'"length"' if tokens == 1 else b"null")
+    out = [first[:-2] + b',"text":"' + _TEXT + b'","t":%.6f}\n\n']
+    held: list[int] = []
+    for k in range(1, tokens):
+        held.append(7 + k)
+        if len(held) < max(1, every) and k < tokens - 1:
+            out.append(b"")
+            continue
+        finish = b'"length"' if k == tokens - 1 else b"null"
+        out.append(b'fw: {"index":0,"token_ids":[%s],"finish_reason":%s,"text":"%s","t":%%.6f}\n\n'
+                   % (b",".join(b"%d" % t for t in held), finish, _TEXT * len(held)))
+        held = []
+    out[-1] += (_MERGED % (_TEXT * tokens)).replace(b"%", b"%%")
     out[-1] += (_USAGE % (tokens, 96 + tokens) if usage else b"") + _DONE
     return out
 
@@ -172,10 +191,10 @@ class _Backend(asyncio.Protocol):
             return
         tokens = request.get("max_tokens") or DEFAULT_TOKENS
         usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        pieces = stream_events(max(1, int(tokens)), self.trace, usage, self.coalesce)
+        pieces = stream_events(max(1, int(tokens)), self.trace, usage, self.coalesce, b.itl_s)
         if b.itl_s <= 0:
             now = time.monotonic()
-            self.transport.write(_STREAM_HEAD + b"".join(_chunk(p % now) for p in pieces)
+            self.transport.write(_STREAM_HEAD + b"".join(_chunk(p % now) for p in pieces if p)
                                  + b"0\r\n\r\n")
             return
         self.transport.write(_STREAM_HEAD)
@@ -204,14 +223,15 @@ class _State:
         if t is None:
             self.open.pop(conn, None)
             return
-        data = _chunk(pieces[k] % time.monotonic())
+        data = _chunk(pieces[k] % time.monotonic()) if pieces[k] else b""  # b"": a token whose line is held
         if k + 1 == len(pieces):
             t.write(data + b"0\r\n\r\n")
             self.open.pop(conn, None)
             if not keep_alive:
                 t.close()
         else:
-            t.write(data)
+            if data:
+                t.write(data)
             self.open[conn] = (pieces, k + 1, keep_alive)
 
     async def tick(self) -> None:

@@ -2,8 +2,11 @@
 logprobs, and an error after a stream started sent as an error event."""
 
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from fleetwise.protocol import COALESCED_IDS_EVERY_S
 
 from ..engine.async_engine import EngineDead
 from ..engine.engine import RequestOutput
@@ -14,7 +17,7 @@ from .openai import APIError, error_body
 
 Outputs = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, output) as they come
 Chunk = dict | None  # one event's body; None: nothing to send for this output
-Trace = Callable[[int, RequestOutput], str]  # an event's `fw:` line (fleetwise/protocol.py)
+Trace = Callable[[int, RequestOutput], dict]  # an event's `fw:` line's fields (fleetwise/protocol.py)
 
 
 @dataclass
@@ -28,12 +31,12 @@ class Resumed:
 
 
 def tracer(prompts: list[list[int]], rid: str, created: int, n: int, texts: bool = False) -> Trace:
-    """The `fw:` lines of a stream: each output's token ids; the first of each prompt also
-    the prompt's and the engine's id of its request, the very first the response's id.
+    """The `fw:` lines' fields of a stream: each output's token ids; the first of each prompt
+    also the prompt's and the engine's id of its request, the very first the response's id.
     `texts`: each line also carries its output's text (a coalesced stream)."""
     seen: set[int] = set()
 
-    def line(i: int, out: RequestOutput) -> str:
+    def line(i: int, out: RequestOutput) -> dict:
         d: dict = {"index": i * n + out.index, "token_ids": out.token_ids,
                    "finish_reason": out.finish_reason if out.finished else None}
         if texts:
@@ -43,8 +46,44 @@ def tracer(prompts: list[list[int]], rid: str, created: int, n: int, texts: bool
                 d.update(id=rid, created=created)
             seen.add(i)
             d.update(prompt=i, prompt_token_ids=prompts[i], request_id=out.request_id)
-        return f"fw: {json.dumps(d)}\n"
+        return d
     return line
+
+
+def fw(line: dict) -> str:
+    return f"fw: {json.dumps(line)}\n"
+
+
+class HeldIds:
+    """A coalesced stream's `fw:` lines, held back and sent merged, one per choice
+    (fleetwise/protocol.py): the client sees nothing of the stream before its end, so a line
+    per output token would only wake the router once per token. A prompt's first line goes
+    at once (the router then knows the prompt, and a drain may move the stream); the others
+    at most every `every` seconds, and all that is held before the stream's last events."""
+
+    def __init__(self, every: float = COALESCED_IDS_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = every, clock
+        self.lines: dict[int, dict] = {}
+        self.sent_at = clock()
+
+    def add(self, line: dict) -> str:
+        """The lines to send now ("" while they wait)."""
+        held = self.lines.get(line["index"])
+        if held is None:
+            self.lines[line["index"]] = {**line, "token_ids": list(line["token_ids"])}
+        else:
+            held["token_ids"] += line["token_ids"]
+            held["finish_reason"] = line["finish_reason"]
+            held["text"] = held.get("text", "") + line.get("text", "")
+        if "prompt_token_ids" in line or self.clock() - self.sent_at >= self.every:
+            return self.flush()
+        return ""
+
+    def flush(self) -> str:
+        """Every held line, each an event of its own."""
+        self.sent_at = self.clock()
+        lines, self.lines = self.lines, {}
+        return "".join(fw(d) + "\n" for d in lines.values())
 
 
 def sse(obj: dict) -> str:
@@ -65,24 +104,29 @@ async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chu
                  merged: "Merged | None" = None) -> AsyncIterator[str]:
     """Server-sent events; an error after the stream started is sent as an error event.
     With `trace`, every output gets an event, led by its `fw:` line. With `merged` (a
-    coalesced stream, fleetwise/protocol.py) that line is the whole event and the chunks go
-    out as one event at the end. A stream whose choices were exported (a drain's live
-    migration) ends with an error event of code `migrated`."""
+    coalesced stream, fleetwise/protocol.py) the `fw:` lines are the events, held back and
+    merged (`HeldIds`), and the chunks go out as one event at the end. A stream whose choices
+    were exported (a drain's live migration) ends with an error event of code `migrated`,
+    after every id sampled before it."""
     moved = False
+    held = HeldIds() if merged is not None and trace is not None else None
     try:
         async for item in stream:
             if item[1].finish_reason == MIGRATED:  # its KV left for another worker: not an end
                 moved = True
                 continue
             chunk = make_chunk(*item)
-            if merged is not None and trace is not None:
+            if held is not None and trace is not None and merged is not None:
                 if chunk is not None:
                     merged.add(chunk)
-                yield trace(*item) + "\n"
+                if lines := held.add(trace(*item)):
+                    yield lines
             elif trace is not None:
-                yield trace(*item) + (sse(chunk) if chunk is not None else "\n")
+                yield fw(trace(*item)) + (sse(chunk) if chunk is not None else "\n")
             elif chunk is not None:
                 yield sse(chunk)
+        if held is not None and held.lines:
+            yield held.flush()
         if moved:
             yield sse(error_body("the stream moved to another worker", "server_error", None, MIGRATED))
         else:
@@ -91,12 +135,17 @@ async def events(stream: Outputs, make_chunk: Callable[[int, RequestOutput], Chu
             if usage_chunk is not None:
                 yield sse(usage_chunk())
     except APIError as e:
-        yield sse(error_body(e.message, e.type, e.param, e.code))
+        yield _held(held) + sse(error_body(e.message, e.type, e.param, e.code))
     except EngineDead as e:
-        yield sse(error_body(str(e), "server_error", None, "engine_unavailable"))
+        yield _held(held) + sse(error_body(str(e), "server_error", None, "engine_unavailable"))
     finally:
         await stream.aclose()
     yield "data: [DONE]\n\n"
+
+
+def _held(held: HeldIds | None) -> str:
+    """What a coalesced stream still holds, sent before its error event: ids the router keeps."""
+    return held.flush() if held is not None and held.lines else ""
 
 
 class Merged:
