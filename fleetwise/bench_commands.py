@@ -103,13 +103,14 @@ def bench_router(
     rate: int = typer.Option(500, "--rate", help="Requests per second offered."),
     seconds: float = typer.Option(10.0, "--seconds", help="Duration of each run."),
     skip_vllm_router: bool = typer.Option(False, "--skip-vllm-router", help="Leave out the vllm-router baseline."),
-    cases: str = typer.Option("stream,handoff,retry,migrate", "--cases",
-                              help="Further cases after the first: stream, handoff, retry, migrate (comma-separated; "
-                                   "'' none)."),
+    cases: str = typer.Option("stream,whole,handoff,retry,migrate", "--cases",
+                              help="Further cases after the first: stream, whole, handoff, retry, migrate "
+                                   "(comma-separated; '' none)."),
     case_seconds: float = typer.Option(6.0, "--case-seconds", help="Open-loop seconds per system in each case."),
-    stream_rate: float = typer.Option(100.0, "--stream-rate", help="Streamed requests per second offered."),
-    tokens: int = typer.Option(64, "--tokens", help="Events per streamed answer."),
-    itl_ms: float = typer.Option(1.0, "--itl-ms", help="Milliseconds between a stream's events at the backend."),
+    stream_rate: float = typer.Option(100.0, "--stream-rate",
+                                      help="Requests per second offered in the stream and whole cases."),
+    tokens: int = typer.Option(64, "--tokens", help="Tokens per answer in the stream and whole cases."),
+    itl_ms: float = typer.Option(1.0, "--itl-ms", help="Milliseconds between tokens at the backend (stream, whole)."),
     fail_every: int = typer.Option(10, "--fail-every", help="Retry case: every k-th request at a backend gets 429."),
     baseline_python: str = typer.Option("", "--baseline-python",
                                         help="The Python of another fleetwise install (say, the main branch's) whose "

@@ -4,6 +4,7 @@ fleetwise's router answers, because it asks for the same stream and assembles it
 way. A backend that is gone is a 502, never a hang."""
 
 import sys
+import time
 
 import httpx
 import orjson
@@ -71,17 +72,48 @@ def test_a_backend_that_is_gone_is_a_502(servers):
     assert "cannot connect" in r.json()["error"]
 
 
-@pytest.mark.parametrize("itl_s, lines", [(0.0, 2), (0.05, 4), (0.25, 13)])
-def test_the_stand_in_holds_a_coalesced_streams_ids_as_a_worker_does(itl_s, lines):
+@pytest.mark.parametrize("itl_s, per_token, lines", [(0.0, False, 2), (0.05, False, 4), (0.25, False, 13),
+                                                     (0.0, True, 13)])
+def test_the_stand_in_holds_a_coalesced_streams_ids_as_a_worker_does(itl_s, per_token, lines):
     """The first token's line at once, then one line per quarter second of tokens (none
-    written in between) and the rest at the end: every id once, in order, the text whole."""
+    written in between) and the rest at the end: every id once, in order, the text whole.
+    As a worker of the release before: a line per token."""
     from fleetwise.bench.router.backend import stream_events
     from fleetwise.router.assemble import _Answer
     from fleetwise.router.tracker import Tracker
 
-    pieces = stream_events(13, True, True, coalesce=True, itl_s=itl_s)
+    pieces = stream_events(13, True, True, coalesce=True, itl_s=itl_s, ids_per_token=per_token)
     assert len(pieces) == 13 and sum(1 for p in pieces if p.startswith(b"fw: ")) == lines
     tracker, answer = Tracker(1 << 17), _Answer("completion")
     answer.take(tracker.feed(b"".join(p % 0.0 for p in pieces if p)))
     assert tracker.done and tracker.choices[0].token_ids == list(range(7, 20)) and tracker.choices[0].finished
     assert orjson.loads(answer.whole())["choices"][0]["text"] == " tok" * 13
+
+
+def test_a_paced_stand_in_answers_whole_when_a_stream_of_as_many_tokens_ends(tmp_path):
+    """At `--itl-ms`, a completion answered whole takes as long as the stream of as many
+    tokens (the same ticker writes both), and holds that many tokens."""
+    servers = Servers(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}"
+    servers.start("paced", [sys.executable, "-m", "fleetwise.bench.router", "backend", "--port",
+                            url.rsplit(":", 1)[1], "--itl-ms", "10"], url)
+    try:
+        servers.wait_ready("paced", BODY)
+        body = {"model": MODEL, "prompt": "paced", "max_tokens": 20}
+        with httpx.Client(timeout=10) as client:
+            took = {}
+            for stream in (False, True, False, True):
+                t0 = time.perf_counter()
+                r = client.post(url + "/v1/completions", json={**body, "stream": stream})
+                took.setdefault(stream, []).append(time.perf_counter() - t0)
+                assert r.status_code == 200
+                if not stream:
+                    answer = r.json()
+                    assert answer["usage"]["completion_tokens"] == 20 and answer["choices"][0]["text"] == " tok" * 20
+                else:
+                    assert r.text.count("data: {") == 20
+        whole, streamed = min(took[False]), min(took[True])
+        assert whole >= 0.19 and streamed >= 0.19  # 19 ticks of 10 ms after the first token
+        assert abs(whole - streamed) < 0.05
+    finally:
+        servers.stop_all()

@@ -18,6 +18,8 @@ def main(argv: list[str]) -> None:
     b.add_argument("--itl-ms", type=float, default=0.0, help="Milliseconds between a stream's events (0: at once).")
     b.add_argument("--fail-every", type=int, default=0, help="Answer 429 to every k-th completion (0: never).")
     b.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
+    b.add_argument("--ids-per-token", action="store_true",
+                   help="A coalesced stream's token ids in a line per token, as workers of the release before.")
     f = sub.add_parser("floor", help="The reference proxy: protocol callbacks only, no routing (floor.py).")
     f.add_argument("--host", default="127.0.0.1")
     f.add_argument("--port", type=int, required=True)
@@ -36,7 +38,8 @@ def main(argv: list[str]) -> None:
     t.add_argument("--out", required=True, help="Where each request's stamps go (JSON) when it stops.")
     args = ap.parse_args(argv)
     if args.cmd == "backend":
-        serve_backend(args.host, args.port, Behaviour(args.itl_ms / 1e3, args.fail_every, args.role))
+        serve_backend(args.host, args.port,
+                      Behaviour(args.itl_ms / 1e3, args.fail_every, args.role, args.ids_per_token))
     elif args.cmd == "floor":
         from fleetwise.bench.router.floor import serve_floor
         serve_floor(args.host, args.port, args.backend, args.ids)

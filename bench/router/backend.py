@@ -6,14 +6,15 @@ A request that does not ask for a stream gets a small fixed completion. One that
 events the way a fleetwise worker sends them: with each event's `fw:` token-id line when the
 request carries `x-fleetwise-token-ids: 1` (with `x-fleetwise-coalesce: 1` too, the lines
 alone with their text, held and merged as a worker holds them, and the text as one event at
-the end), the usage event
-when asked, `[DONE]`. Each event
-carries `"t"`, the backend's CLOCK_MONOTONIC at its write, so that the load generator can
-tell how long the event took to reach it. Options: events paced `itl_s` apart (0: all at
-once); every `fail_every`-th completion answered 429 (a busy replica, which routers send
-elsewhere); the prefill role answers fleetwise's `/internal/prefill` (and a completion
-whole, as vllm-router's prefill step asks), the decode role `/internal/decode` as a stream.
-No KV moves: the two-hop benchmark measures the router's hops, not a transfer.
+the end), the usage event when asked, `[DONE]`. Each event carries `"t"`, the backend's
+CLOCK_MONOTONIC at its write, so that the load generator can tell how long the event took to
+reach it. Options: events paced `itl_s` apart (0: all at once), and then a whole answer of
+`max_tokens` tokens sent when a stream of as many would end; a coalesced stream's ids in a
+line per token, as workers of the release before sent them; every `fail_every`-th completion
+answered 429 (a busy replica, which routers send elsewhere); the prefill role answers
+fleetwise's `/internal/prefill` (and a completion whole, as vllm-router's prefill step asks),
+the decode role `/internal/decode` as a stream. No KV moves: the two-hop benchmark measures
+the router's hops, not a transfer.
 """
 
 import asyncio
@@ -55,11 +56,19 @@ _DONE = b"data: [DONE]\n\n"
 _STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
+def whole_completion(tokens: int) -> bytes:
+    """A whole answer of `tokens` tokens, the text a coalesced stream of as many assembles to."""
+    return (b'{"id":"cmpl-bench","object":"text_completion","created":1700000000,"model":"' + MODEL.encode()
+            + b'","choices":[{"index":0,"text":"' + _TEXT * tokens + b'","logprobs":null,"finish_reason":"length"}],'
+            b'"usage":{"prompt_tokens":96,"completion_tokens":%d,"total_tokens":%d}}' % (tokens, 96 + tokens))
+
+
 @dataclass(frozen=True)
 class Behaviour:
-    itl_s: float = 0.0   # seconds between a stream's events; 0: all in one write
+    itl_s: float = 0.0   # seconds between a stream's events (and per token of a whole answer); 0: at once
     fail_every: int = 0  # every k-th completion gets 429; 0: none
     role: str = "mixed"  # mixed | prefill | decode
+    ids_per_token: bool = False  # a coalesced stream's `fw:` line per token, as workers of the release before
 
 
 def _response(status: bytes, body: bytes, keep_alive: bool) -> bytes:
@@ -75,15 +84,18 @@ _GENERATE = {b"/v1/completions", b"/v1/chat/completions", b"/internal/decode", b
 _NOT_FOUND = (b"404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
 
 
-def stream_events(tokens: int, trace: bool, usage: bool, coalesce: bool = False, itl_s: float = 0.0) -> list[bytes]:
+def stream_events(tokens: int, trace: bool, usage: bool, coalesce: bool = False, itl_s: float = 0.0,
+                  ids_per_token: bool = False) -> list[bytes]:
     """The stream's pieces, one per token (each stamped when it is written: `%f` left to
     fill), then the usage event and [DONE] with the last. `coalesce` (with `trace`): the `fw:`
     lines alone, with their text and stamp, held and merged as a worker does
     (fleetwise/protocol.py): the first token's line at once, the others every
     COALESCED_IDS_EVERY_S at `itl_s` apart (b"": nothing written for that token) and at the
-    end; then the text as one event."""
+    end (`ids_per_token`: a line per token, as a worker of the release before); then the
+    text as one event."""
     if trace and coalesce:
-        return _coalesced(tokens, usage, round(COALESCED_IDS_EVERY_S / itl_s) if itl_s > 0 else tokens)
+        every = 1 if ids_per_token else round(COALESCED_IDS_EVERY_S / itl_s) if itl_s > 0 else tokens
+        return _coalesced(tokens, usage, every)
     out = []
     for k in range(tokens):
         finish = b'"length"' if k == tokens - 1 else b"null"
@@ -186,12 +198,16 @@ class _Backend(asyncio.Protocol):
             return
         body = orjson.loads(self.body) if self.body else {}
         request = body.get("request", body) if path.startswith(b"/internal/") else body
+        tokens = max(1, int(request.get("max_tokens") or DEFAULT_TOKENS))
         if not request.get("stream") or b.role == "prefill":
+            if b.itl_s > 0 and b.role == "mixed":  # generated as a stream would be, answered at its end
+                answer = _response(b"200 OK", whole_completion(tokens), keep_alive)
+                self.state.start(self, [b""] * (tokens - 1) + [answer], keep_alive, whole=True)
+                return
             self.transport.write(_response(b"200 OK", COMPLETION, keep_alive))
             return
-        tokens = request.get("max_tokens") or DEFAULT_TOKENS
         usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        pieces = stream_events(max(1, int(tokens)), self.trace, usage, self.coalesce, b.itl_s)
+        pieces = stream_events(tokens, self.trace, usage, self.coalesce, b.itl_s, b.ids_per_token)
         if b.itl_s <= 0:
             now = time.monotonic()
             self.transport.write(_STREAM_HEAD + b"".join(_chunk(p % now) for p in pieces if p)
@@ -202,37 +218,42 @@ class _Backend(asyncio.Protocol):
 
 
 class _State:
-    """The backend's request count and its paced streams: one ticker writes the next event
-    of every open stream each `itl_s` (one wake-up per tick, whatever the number of streams)."""
+    """The backend's request count and its paced answers: one ticker writes the next event
+    of every open stream each `itl_s` (one wake-up per tick, whatever the number of streams),
+    and a whole answer when a stream of as many tokens would end."""
 
     def __init__(self, itl_s: float) -> None:
         self.count = 0
         self.itl_s = itl_s
-        self.open: dict[_Backend, tuple[list[bytes], int, bool]] = {}
+        self.open: dict[_Backend, tuple[list[bytes], int, bool, bool]] = {}  # pieces, next, keep-alive, whole
         self.wake = asyncio.Event()
 
     def streaming(self, conn: _Backend) -> bool:
         return conn in self.open
 
-    def start(self, conn: _Backend, pieces: list[bytes], keep_alive: bool) -> None:
-        self._write(conn, pieces, 0, keep_alive)
+    def start(self, conn: _Backend, pieces: list[bytes], keep_alive: bool, whole: bool = False) -> None:
+        """`whole`: the last piece is a whole response, written as it is; the others are b""."""
+        self._write(conn, pieces, 0, keep_alive, whole)
         self.wake.set()
 
-    def _write(self, conn: _Backend, pieces: list[bytes], k: int, keep_alive: bool) -> None:
+    def _write(self, conn: _Backend, pieces: list[bytes], k: int, keep_alive: bool, whole: bool) -> None:
         t = conn.transport
         if t is None:
             self.open.pop(conn, None)
             return
-        data = _chunk(pieces[k] % time.monotonic()) if pieces[k] else b""  # b"": a token whose line is held
-        if k + 1 == len(pieces):
-            t.write(data + b"0\r\n\r\n")
+        last = k + 1 == len(pieces)
+        if whole:
+            data = pieces[k]
+        else:  # b"": a token whose line is held
+            data = (_chunk(pieces[k] % time.monotonic()) if pieces[k] else b"") + (b"0\r\n\r\n" if last else b"")
+        if data:
+            t.write(data)
+        if last:
             self.open.pop(conn, None)
             if not keep_alive:
                 t.close()
         else:
-            if data:
-                t.write(data)
-            self.open[conn] = (pieces, k + 1, keep_alive)
+            self.open[conn] = (pieces, k + 1, keep_alive, whole)
 
     async def tick(self) -> None:
         while True:
@@ -240,8 +261,8 @@ class _State:
                 self.wake.clear()
                 await self.wake.wait()
             await asyncio.sleep(self.itl_s)
-            for conn, (pieces, k, keep_alive) in list(self.open.items()):
-                self._write(conn, pieces, k, keep_alive)
+            for conn, (pieces, k, keep_alive, whole) in list(self.open.items()):
+                self._write(conn, pieces, k, keep_alive, whole)
 
 
 def serve_backend(host: str, port: int, behaviour: Behaviour = Behaviour()) -> None:

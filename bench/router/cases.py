@@ -4,6 +4,11 @@ fleetwise's router (its default policy) and vllm-router in the same rounds:
   stream    streamed completions of `tokens` events, paced `itl_ms` apart: the added latency
             to the first event and to the end, each event's delay from the backend's write to
             the client, the router's CPU per request and per relayed token
+  whole     completions answered whole, generated at the stream case's pace (`tokens` tokens
+            `itl_ms` apart): fleetwise's router asks for a coalesced stream and keeps its ids
+            (migration's work on a request answered whole), vllm-router and direct get the
+            answer at the end; and fleetwise's router again over stand-ins that send a line of
+            ids per token, as workers of the release before did (`fleetwise-ids-per-token`)
   handoff   disaggregated: a prefill and a decode backend; fleetwise's router does its
             /internal/prefill -> /internal/decode handoff, vllm-router its PD mode
             (`--vllm-pd-disaggregation`: a prefill request, then the decode request);
@@ -35,7 +40,7 @@ from fleetwise.bench.router.systems import SEED, System, measure_all
 from fleetwise.net import free_port
 from fleetwise.procs import fleetwise_argv
 
-CASES = ("stream", "handoff", "retry", "migrate")
+CASES = ("stream", "whole", "handoff", "retry", "migrate")
 OWN_RUN = ("migrate",)  # not over the stand-in backends: run.py runs it on its own
 TARGETS = {
     "p50_overhead_vs_vllm_router": Target(AT_MOST, 2.0, "p50 overhead / vllm-router's", "<= 2x"),
@@ -49,10 +54,10 @@ class Cases:
     """Which further cases run, and their load."""
     names: tuple[str, ...] = CASES
     rate: float = 500.0         # handoff and retry: requests/s offered
-    stream_rate: float = 100.0  # stream: requests/s offered
+    stream_rate: float = 100.0  # stream and whole: requests/s offered
     seconds: float = 6.0        # each system, open loop
-    tokens: int = 64            # stream: events per request
-    itl_ms: float = 1.0         # stream: between events
+    tokens: int = 64            # stream and whole: tokens per request
+    itl_ms: float = 1.0         # stream and whole: between tokens
     fail_every: int = 10        # retry: every k-th request at a backend gets 429
 
 
@@ -62,22 +67,25 @@ class Case:
     rate: float
     stream: bool
     backends: list[tuple[str, list[str]]]  # (role, extra backend arguments) per backend
-    tokens: int = 16
+    tokens: int | None = None  # max_tokens asked (None: the bodies' own)
+    per_token_too: bool = False  # also fleetwise's router over backends that send ids per token
 
 
 def make_cases(rate: float, stream_rate: float, tokens: int, itl_ms: float, fail_every: int) -> dict[str, Case]:
     itl = ["--itl-ms", f"{itl_ms:g}"]
     return {
         "stream": Case("stream", stream_rate, True, [("mixed", itl), ("mixed", itl)], tokens),
+        "whole": Case("whole", stream_rate, False, [("mixed", itl), ("mixed", itl)], tokens, per_token_too=True),
         "handoff": Case("handoff", rate, False, [("prefill", []), ("decode", [])]),
         "retry": Case("retry", rate, False, [("mixed", ["--fail-every", str(fail_every)])] * 2),
     }
 
 
 def case_bodies(case: Case, bodies: list[bytes]) -> list[bytes]:
-    if not case.stream:
+    if case.tokens is None:
         return bodies
-    return [json.dumps({**json.loads(b), "stream": True, "max_tokens": case.tokens}, separators=(",", ":")).encode()
+    extra = {"stream": True} if case.stream else {}
+    return [json.dumps({**json.loads(b), **extra, "max_tokens": case.tokens}, separators=(",", ":")).encode()
             for b in bodies]
 
 
@@ -85,8 +93,11 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
                console: Console, baseline_python: str | None = None) -> list[System]:
     """The case's backends and systems, up and answering. `servers`: run.Servers;
     `baseline_python`: another install's Python whose router runs too (`fleetwise-baseline`)."""
+    backends = list(case.backends)
+    if case.per_token_too:
+        backends += [(role, [*extra, "--ids-per-token"]) for role, extra in case.backends]
     urls = []
-    for k, (role, extra) in enumerate(case.backends):
+    for k, (role, extra) in enumerate(backends):
         port = free_port()
         servers.start(f"backend-{case.name}{k}", [sys.executable, "-m", "fleetwise.bench.router", "backend",
                                                    "--port", str(port), "--role", role, *extra],
@@ -94,13 +105,8 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
         urls.append(f"http://127.0.0.1:{port}")
     for k in range(len(urls)):
         servers.wait_ready(f"backend-{case.name}{k}", bodies[0])
-    cfg = servers.logdir / f"router-{case.name}.yaml"
-    roles = ("prefill", "decode") if case.name == "handoff" else ("mixed", "mixed")
-    by_role: dict[str, list[str]] = {}
-    for role, url in zip(roles, urls):
-        by_role.setdefault(role, []).append(url)
-    cfg.write_text("models:\n  - name: " + MODEL + "\n" + "".join(
-        f"    {role}:\n" + "".join(f"      - {u}\n" for u in us) for role, us in by_role.items()))
+    urls, per_token_urls = urls[:len(case.backends)], urls[len(case.backends):]
+    cfg = _case_config(servers.logdir / f"router-{case.name}.yaml", case, urls)
     direct = [urls[1] + "/v1/completions"] if case.name == "handoff" else [u + "/v1/completions" for u in urls]
     systems = [System("direct", "direct to the backends" + (" (the decode one: one hop)" if case.name == "handoff"
                                                             else " (client round-robin)"), direct)]
@@ -108,6 +114,11 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
                                          "--internal-token-file", str(token)))]
     if baseline_python:
         plan.append(("fleetwise-baseline", [baseline_python, *plan[0][1][1:]]))  # the same command, its Python
+    if per_token_urls:
+        per_token = _case_config(servers.logdir / f"router-{case.name}-per-token.yaml", case, per_token_urls)
+        plan.append(("fleetwise-ids-per-token", fleetwise_argv(
+            "router", "--config", str(per_token), "--host", "127.0.0.1", "--port", "{port}",
+            "--internal-token-file", str(token))))
     if vllm_cmd:
         workers = (["--vllm-pd-disaggregation", "--prefill", urls[0], "--decode", urls[1]]
                    if case.name == "handoff" else ["--worker-urls", *urls])
@@ -124,6 +135,17 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
     for s in systems[1:]:
         s.startup_s = servers.wait_ready(f"{s.key}-{case.name}", bodies[0])
     return systems
+
+
+def _case_config(path: Path, case: Case, urls: list[str]) -> Path:
+    """The router's endpoints file over the case's backends (the handoff's: prefill, then decode)."""
+    roles = ("prefill", "decode") if case.name == "handoff" else ("mixed",) * len(urls)
+    by_role: dict[str, list[str]] = {}
+    for role, url in zip(roles, urls):
+        by_role.setdefault(role, []).append(url)
+    path.write_text("models:\n  - name: " + MODEL + "\n" + "".join(
+        f"    {role}:\n" + "".join(f"      - {u}\n" for u in us) for role, us in by_role.items()))
+    return path
 
 
 def run_case(case: Case, systems: list[System], bodies: list[bytes], seconds: float, rounds: int,
@@ -146,7 +168,7 @@ def _round_overhead(system: System, direct: System, field: str, q: float) -> flo
 def case_report(case: Case, systems: list[System], seconds: float) -> dict:
     direct = systems[0]
     out: dict = {"rate": case.rate, "seconds": seconds, "stream": case.stream,
-                 "tokens_per_request": case.tokens if case.stream else None,
+                 "tokens_per_request": case.tokens,
                  "backends": [{"role": r, "args": a} for r, a in case.backends], "systems": {}}
     for s in systems:
         o, c = s.open, s.closed
@@ -208,8 +230,10 @@ def tracker_cost(tokens: int = 64, repeat: int = 300) -> dict:
 
 
 def print_case(console: Console, name: str, report: dict) -> None:
+    tokens = report.get("tokens_per_request")
     t = Table(title=f"{name}: {report['rate']:g} req/s offered"
-              + (f", {report['tokens_per_request']} events per stream" if report["stream"] else ""))
+              + (f", {tokens} events per stream" if report["stream"] else
+                 f", answers of {tokens} tokens" if tokens else ""))
     cols = ["system", "req/s done", "errors", "latency p50/p99 ms", "overhead p50/p99 ms"]
     if report["stream"]:
         cols += ["TTFT overhead p50/p99", "event delay p50/p99 ms", "µs CPU/token"]
@@ -233,6 +257,11 @@ def print_case(console: Console, name: str, report: dict) -> None:
         row += ["-" if cpu is None else f"{cpu:.0f}", f"{c['achieved_rps']:.0f}"]
         t.add_row(*row)
     console.print(t)
+    held, per_token = (report["systems"].get(k, {}).get("open_loop", {}).get("router_cpu_us_per_request")
+                       for k in ("fleetwise", "fleetwise-ids-per-token"))
+    if held and per_token:
+        console.print(f"  fleetwise's CPU per request: {held:.0f} µs with the ids held and merged, {per_token:.0f} µs "
+                      f"with a line per token ({per_token / held:.1f}x)")
     if report["targets"]:
         console.print("  targets (fleetwise vs vllm-router): " + ", ".join(
             f"{TARGETS[k].label} {TARGETS[k].shown} {mark(v)}" for k, v in report["targets"].items()))
