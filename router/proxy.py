@@ -136,6 +136,8 @@ class Router:
             for policy in self.policies.values():
                 policy.forget(url)
         replicas = [r for route in self.source.models().values() for r in route.all()]
+        for r in replicas:
+            self._gauge(r)
         self.mover.drain([r for r in replicas if r.routable], time.monotonic())
         await asyncio.gather(*(self._probe(r) for r in replicas))
 
@@ -149,12 +151,16 @@ class Router:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _acquire(self, replica: Replica) -> Callable[[], None]:
-        replica.outstanding += 1
-        if replica not in self._gauged:  # the gauge reads the count when scraped, not set per request
+    def _gauge(self, replica: Replica) -> None:
+        """Its outstanding gauge reads the count when scraped, not set per request; every
+        replica is gauged by the probe round that finds it, before a request can reach it."""
+        if replica not in self._gauged:
             self._gauged.add(replica)
             self.metrics.child(self.metrics.outstanding, replica.model, replica.role, replica.url).set_function(
                 lambda: replica.outstanding)
+
+    def _acquire(self, replica: Replica) -> Callable[[], None]:
+        replica.outstanding += 1
         done: list[int] = []
 
         def release() -> None:

@@ -28,15 +28,13 @@ class Replica:
         """A slow KV link from that prefill replica is being routed around."""
         return self.avoid.get(prefill_url, 0.0) > now
 
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        if name in ROUTING_STATE:
-            for hook in self.__dict__.get("_watchers", ()):
-                hook(self)
-
     def watch(self, hook: Callable[["Replica"], None]) -> None:
-        """Calls `hook(replica)` after every change of `healthy`, `routable` or `outstanding`."""
+        """Calls `hook(replica)` after every change of `healthy`, `routable` or `outstanding`.
+        Only a watched replica pays for the check on each assignment: it becomes a
+        `_Watched` one (the router changes `outstanding` twice per request)."""
         self.__dict__.setdefault("_watchers", []).append(hook)
+        if type(self) is Replica:
+            self.__class__ = _Watched
 
     def unwatch(self, hook: Callable[["Replica"], None]) -> None:
         watchers = self.__dict__.get("_watchers", [])
@@ -61,6 +59,16 @@ class Replica:
             self.failures += 1
             self.healthy = False
         return was != self.healthy or self.failures <= 1
+
+
+class _Watched(Replica):
+    """A replica with watchers (`Replica.watch`): each change of its routing state is told."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in ROUTING_STATE:
+            for hook in self.__dict__.get("_watchers", ()):
+                hook(self)
 
 
 def last_resort(replicas: list[Replica]) -> Replica | None:

@@ -1,6 +1,7 @@
 """The router's per-request metrics (`Tally`) read exactly as prometheus_client's own
 counters and histograms would, given the same updates."""
 
+import asyncio
 import random
 
 import pytest
@@ -47,3 +48,33 @@ def test_the_routers_registry_exposes_its_tallies_and_refuses_a_wrong_number_of_
     assert 'fleetwise_router_request_seconds_bucket{le="0.002",model_name="tiny"} 0.0' in text
     with pytest.raises(ValueError, match="3 label values, not 1"):
         m.requests.labels("tiny")
+
+
+def test_a_replica_found_by_a_probe_round_is_gauged_before_any_request(tmp_path):
+    """The outstanding gauge reads each replica's count when scraped: a replica that
+    discovery brings in is gauged by the probe round that finds it (none is reachable here,
+    and a request sent to one counts while it is out)."""
+    asyncio.run(_gauged_by_probes(tmp_path))
+
+
+async def _gauged_by_probes(tmp_path) -> None:
+    from fleetwise.router.endpoints import StaticEndpoints
+    from fleetwise.router.proxy import Router
+
+    config = tmp_path / "router.yaml"
+    config.write_text("models:\n  - name: m\n    mixed:\n      - http://127.0.0.1:9\n")
+    router = Router(StaticEndpoints(config), probe_interval=3600)
+    await router.start()
+    try:
+        await router.probe_all()
+        assert 'url="http://127.0.0.1:9"} 0.0' in _exposition(router.metrics.registry)
+        config.write_text("models:\n  - name: m\n    mixed:\n      - http://127.0.0.1:9\n      - http://127.0.0.1:11\n")
+        await router.probe_all()
+        [_, added] = router.source.models()["m"].replicas["mixed"]
+        release = router._acquire(added)
+        page = _exposition(router.metrics.registry)
+        assert 'fleetwise_router_replica_outstanding{model_name="m",role="mixed",url="http://127.0.0.1:11"} 1.0' in page
+        release()
+        assert 'url="http://127.0.0.1:11"} 0.0' in _exposition(router.metrics.registry).split("outstanding")[-1]
+    finally:
+        await router.stop()
