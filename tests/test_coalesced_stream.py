@@ -97,3 +97,35 @@ def test_held_lines_go_merged_per_choice_a_prompts_first_at_once():
     now[0] = 0.3
     assert held.add({"index": 0, "token_ids": [12], "finish_reason": None, "text": "g"}) == ""
     assert json.loads(held.flush()[4:]) == {"index": 0, "token_ids": [12], "finish_reason": None, "text": "g"}
+
+
+def test_held_ids_go_out_before_a_drains_migrated_event_and_before_an_engine_error():
+    """Every id sampled before the stream ends is sent first: the router resumes from them
+    (a drain's KV holds exactly those tokens)."""
+    import asyncio
+
+    from fleetwise.worker.api.responses import Merged, events, tracer
+    from fleetwise.worker.engine.async_engine import EngineDead
+    from fleetwise.worker.engine.engine import RequestOutput
+    from fleetwise.worker.engine.migration import MIGRATED
+
+    async def outputs(end: str):
+        for k in range(5):
+            yield 0, RequestOutput("r0", 0, [10 + k], f"t{k}")
+        if end == "migrated":
+            yield 0, RequestOutput("r0", 0, [], "", finished=True, finish_reason=MIGRATED)
+        else:
+            raise EngineDead("the engine is gone")
+
+    async def read(end: str) -> list[str]:
+        chunk = lambda i, out: {"id": "c", "choices": [{"index": out.index, "text": out.text,  # noqa: E731
+                                                       "finish_reason": None}]}
+        return [e async for e in events(outputs(end), chunk, None, tracer([[1, 2]], "c", 0, 1, True),
+                                        Merged(chat=False))]
+
+    for end, code in (("migrated", MIGRATED), ("engine", "engine_unavailable")):
+        sent = "".join(asyncio.run(read(end)))
+        ids = [t for line in sent.split("\n") if line.startswith("fw: ") for t in json.loads(line[4:])["token_ids"]]
+        assert ids == [10, 11, 12, 13, 14]
+        assert sent.index(f'"code": "{code}"') > sent.rindex("fw: ")
+        assert sent.count("fw: ") == 2  # the first at once, the other four held and merged
