@@ -269,8 +269,8 @@ def print_case(console: Console, name: str, report: dict) -> None:
 
 def plot_cases(cases: dict, path: Path) -> None:
     from fleetwise.bench.harness import figure, finish, label_bars
-    fig, axes = figure(3, (18, 5))
-    colors = {"fleetwise": "#dd8452", "vllm-router": "#4c72b0"}
+    fig, axes = figure(4, (24, 5))
+    colors = {"fleetwise": "#dd8452", "vllm-router": "#4c72b0", "fleetwise-ids-per-token": "#c44e52"}
     ax = axes[0]
     names = list(cases)
     width = 0.2
@@ -313,4 +313,20 @@ def plot_cases(cases: dict, path: Path) -> None:
     ax.set_ylabel("completed requests/s, closed loop")
     ax.set_title("sustained rate per case")
     ax.grid(alpha=0.3, axis="y")
-    finish(fig, path, "router cases: streams, the prefill -> decode handoff, retries")
+
+    ax = axes[3]
+    labels, cpus, cols = [], [], []
+    for n in names:
+        for key in ("fleetwise", "fleetwise-ids-per-token", "vllm-router"):
+            cpu = (cases[n]["systems"].get(key) or {}).get("open_loop", {}).get("router_cpu_us_per_request")
+            if cpu:
+                labels.append(f"{n}\n" + {"fleetwise-ids-per-token": "ids per token"}.get(key, key))
+                cpus.append(cpu)
+                cols.append(colors[key])
+    bars = ax.bar(range(len(labels)), cpus, color=cols)
+    label_bars(ax, bars, [f"{v:.0f}" for v in cpus])
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
+    ax.set_ylabel("router CPU µs per request, open loop")
+    ax.set_title("router CPU per request (whole: ids held, or a line per token)")
+    ax.grid(alpha=0.3, axis="y")
+    finish(fig, path, "router cases: streams, whole answers, the prefill -> decode handoff, retries")
