@@ -58,10 +58,12 @@ class Handoffs:
         self.background: set[asyncio.Task] = set()  # lease releases: held until done, or they may be collected
 
     async def disaggregated(self, route: ModelRoute, kind: str, body: dict, subs: list[tuple[dict, int]],
-                            stream: bool, keys: list[int]) -> Upstream:
+                            stream: bool, keys: list[int], coalesce: bool = False) -> Upstream:
+        """`coalesce`: the decode streams are for an answer the router assembles, asked for
+        with their text as one event (fleetwise/protocol.py)."""
         if len(subs) == 1:
-            return await self.handoff(route, kind, body, stream, keys)
-        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys) for sub, _ in subs),
+            return await self.handoff(route, kind, body, stream, keys, coalesce)
+        outcomes = await asyncio.gather(*(self.handoff(route, kind, sub, stream, keys, coalesce) for sub, _ in subs),
                                         return_exceptions=True)
         ups = [u for u in outcomes if not isinstance(u, BaseException)]
         errors = [u for u in outcomes if isinstance(u, BaseException)]
@@ -96,7 +98,8 @@ class Handoffs:
             delay *= 2
         raise AssertionError("unreachable")
 
-    async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int]) -> Upstream:
+    async def handoff(self, route: ModelRoute, kind: str, body: dict, stream: bool, keys: list[int],
+                      coalesce: bool = False) -> Upstream:
         model = route.name
         pre = await self.prefill(route, kind, body, keys)
         if pre.status != 200:
@@ -118,12 +121,12 @@ class Handoffs:
             if first.kv_early:  # one that came up meanwhile may be of an older release
                 decodes = [d for d in decodes if d.reads_kv(KV_STREAM_SEGMENTED)] or decodes
             up = await self.call(model, "decode", decodes, "/internal/decode", dbody, stream, keys,
-                                 retry_on=self.stream_retry if stream else frozenset())
+                                 retry_on=self.stream_retry if stream else frozenset(), coalesce=coalesce)
             # a decode worker answers 200 only after it pulled the KV (and let the lease go)
             taken = up.status == 200
             if stream and taken:
                 return self.migrating(up, Where(model, "decode", route.replicas["decode"], kind, body, keys,
-                                                first.prompt_token_ids))
+                                                first.prompt_token_ids, coalesce=coalesce))
             return up
         finally:
             if first.handle and not taken:

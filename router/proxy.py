@@ -312,7 +312,7 @@ class Router:
             if up.status == 200:
                 up = self._migrating(up, Where(route.name, "mixed", mixed, kind, body, keys, coalesce=not stream))
         else:
-            up = await self.handoffs.disaggregated(route, kind, body, subs, True, keys)
+            up = await self.handoffs.disaggregated(route, kind, body, subs, True, keys, coalesce=not stream)
         if not stream and up.status == 200:
             up = await assemble(up, kind)
         return up

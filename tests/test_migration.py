@@ -9,6 +9,7 @@ streams move with their KV, with the same result."""
 import json
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -225,6 +226,41 @@ def test_a_completion_with_several_prompts_migrates_exactly(fleets):
     want, got = migrated(fleets, "colocated", body, 12)
     same(want, got)
     assert sorted(got["text"]) == [0, 1, 2, 3] and got["usage"]["completion_tokens"] == 4 * 70
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_a_whole_answer_whose_worker_is_killed_midway_is_the_uninterrupted_one(fleets, mode):
+    """A request answered whole is a coalesced stream between the router and the worker, its
+    ids held and sent a few times a second: the worker killed after several of those, the
+    answer is the one it would have been, and the client never sees the move."""
+    routers, procs = fleets
+    router = routers[mode]
+    role = "mixed" if mode == "colocated" else "decode"
+    body = {"model": "tiny", "prompt": f"an answer assembled whole, {mode}", "max_tokens": 150, "temperature": 0,
+            "ignore_eos": True}
+    settle(routers, mode)
+    want = httpx.post(router.url + "/v1/completions", json=body, timeout=120).json()
+    before = migrations(router)
+    killed: list = []
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, router.url + "/v1/completions", json=body, timeout=120)
+        deadline = time.monotonic() + 30
+        while not (busy := [r.url for r in router.router.source.models()["tiny"].replicas[role] if r.outstanding]):
+            assert time.monotonic() < deadline and not answer.done(), "the request never reached a worker"
+            time.sleep(0.01)
+        time.sleep(0.7)  # 150 steps of at least 10 ms: mid-way, after a few held lines went
+        assert not answer.done(), "the answer came before the kill"
+        proc = next(p for p in procs[role] if p.internal_url == busy[0])
+        proc.kill()
+        killed.append(proc)
+        got = answer.result()
+    restart(killed, router)
+    assert got.status_code == 200, got.text
+    got_body = got.json()
+    assert got_body["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got_body["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"] == "length"
+    assert got_body["usage"]["completion_tokens"] == want["usage"]["completion_tokens"] == 150
+    assert migrations(router) >= before + 1
 
 
 def draining(router, k: int):
