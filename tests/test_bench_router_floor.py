@@ -117,3 +117,17 @@ def test_a_paced_stand_in_answers_whole_when_a_stream_of_as_many_tokens_ends(tmp
         assert abs(whole - streamed) < 0.05
     finally:
         servers.stop_all()
+
+
+def test_the_benchmarks_servers_never_import_from_the_working_directory(tmp_path, monkeypatch):
+    """A `--baseline-python` router started from a checkout runs its own install's code,
+    not the checkout's: the working directory is not on a server's import path."""
+    (tmp_path / "fleetwise").mkdir()
+    (tmp_path / "fleetwise" / "__init__.py").write_text("raise SystemExit('imported the checkout')\n")
+    monkeypatch.chdir(tmp_path)
+    servers = Servers(tmp_path / "logs")
+    p = servers.start("probe", [sys.executable, "-c", "import fleetwise, os; print('from', os.path.dirname("
+                                                      "fleetwise.__file__))"], "")
+    assert p.popen is not None and p.popen.wait(timeout=60) == 0
+    printed = (tmp_path / "logs" / "probe.log").read_text()
+    assert "imported the checkout" not in printed and str(tmp_path / "fleetwise") not in printed

@@ -77,15 +77,18 @@ READY_TIMEOUT_S = 60.0
 
 class Servers:
     """The servers of one run, by name: each its own process with its log in `logdir`,
-    ending with the benchmark even if it is killed outright."""
+    ending with the benchmark even if it is killed outright. Each imports fleetwise from its
+    interpreter's install, never from the working directory (`PYTHONSAFEPATH`): run from a
+    checkout, `python -m fleetwise` would otherwise import the checkout's code, and a
+    `--baseline-python` router would run the code it is compared with."""
 
     def __init__(self, logdir: Path):
         self.logdir = logdir
         self.procs: dict[str, Process] = {}
 
     def start(self, name: str, argv: list[str], url: str) -> Process:
-        p = Process(name, argv, self.logdir / f"{name.replace('/', '_')}.log", url, env={"PYTHONUNBUFFERED": "1"},
-                    die_with_parent=True).start()
+        p = Process(name, argv, self.logdir / f"{name.replace('/', '_')}.log", url,
+                    env={"PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}, die_with_parent=True).start()
         self.procs[name] = p
         return p
 
