@@ -140,7 +140,9 @@ class PrefixLoad:
 
     def _record(self, url: str, keys: list[int]) -> None:
         """`url` now holds these blocks, the most recently used of its blocks."""
-        held = self.held.setdefault(url, OrderedDict())
+        held = self.held.get(url)
+        if held is None:  # not setdefault: that builds an OrderedDict on every request
+            held = self.held[url] = OrderedDict()
         for key in reversed(keys):  # the leading blocks, shared the most, are evicted last
             if key in held:
                 held.move_to_end(key)
