@@ -114,8 +114,11 @@ ROUTER = Dashboard("fleetwise-router", "fleetwise / router",
               + quantiles(c.ROUTER_TTFT_SECONDS, "model_name", (0.99,))),
     ],
     "Replicas": [
-        Panel("Healthy replicas by role", "short", [(f"sum by (model_name, role) ({c.ROUTER_REPLICA_HEALTHY}{{{M}}})",
-                                                     "{{model_name}} {{role}}")]),
+        # each router pod reports every replica (the chart runs two): a replica counts once, as healthy
+        # when some router finds it so
+        Panel("Healthy replicas by role", "short", [(
+            f"sum by (model_name, role) (max by (model_name, role, url) ({c.ROUTER_REPLICA_HEALTHY}{{{M}}}))",
+            "{{model_name}} {{role}}")]),
         Panel("Outstanding requests per replica", "short", [
             (f"max by (url) ({c.ROUTER_REPLICA_OUTSTANDING}{{{M}}})", "{{url}}")]),
         Panel("Replica 5xx and timeouts/s", "short", [
