@@ -2,6 +2,7 @@
 counters and histograms would, given the same updates."""
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -68,7 +69,9 @@ async def _gauged_by_probes(tmp_path) -> None:
     try:
         await router.probe_all()
         assert 'url="http://127.0.0.1:9"} 0.0' in _exposition(router.metrics.registry)
+        seen = config.stat().st_mtime_ns
         config.write_text("models:\n  - name: m\n    mixed:\n      - http://127.0.0.1:9\n      - http://127.0.0.1:11\n")
+        os.utime(config, ns=(seen + 10**9, seen + 10**9))  # a reload goes by the time: never the same tick
         await router.probe_all()
         [_, added] = router.source.models()["m"].replicas["mixed"]
         release = router._acquire(added)
