@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from fleetwise.bench.router.backend import MODEL
-from fleetwise.bench.router.run import Servers, _router_config
+from fleetwise.bench.router.cases import router_config
+from fleetwise.bench.router.run import Servers
 from fleetwise.net import free_port
 from fleetwise.procs import fleetwise_argv
 from fleetwise.up import write_token
@@ -34,7 +35,7 @@ def servers(tmp_path_factory):
         servers.start(name, [sys.executable, "-m", "fleetwise.bench.router", "floor", "--port", str(port),
                              "--backend", target, *extra], urls[name])
     cfg = servers.logdir / "router.yaml"
-    _router_config(cfg, [backend])
+    router_config(cfg, [backend])
     port = free_port()
     urls["router"] = f"http://127.0.0.1:{port}"
     servers.start("router", fleetwise_argv("router", "--config", str(cfg), "--port", str(port),

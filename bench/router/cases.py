@@ -106,7 +106,8 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
     for k in range(len(urls)):
         servers.wait_ready(f"backend-{case.name}{k}", bodies[0])
     urls, per_token_urls = urls[:len(case.backends)], urls[len(case.backends):]
-    cfg = _case_config(servers.logdir / f"router-{case.name}.yaml", case, urls)
+    roles = ("prefill", "decode") if case.name == "handoff" else ()
+    cfg = router_config(servers.logdir / f"router-{case.name}.yaml", urls, roles)
     direct = [urls[1] + "/v1/completions"] if case.name == "handoff" else [u + "/v1/completions" for u in urls]
     systems = [System("direct", "direct to the backends" + (" (the decode one: one hop)" if case.name == "handoff"
                                                             else " (client round-robin)"), direct)]
@@ -115,7 +116,7 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
     if baseline_python:
         plan.append(("fleetwise-baseline", [baseline_python, *plan[0][1][1:]]))  # the same command, its Python
     if per_token_urls:
-        per_token = _case_config(servers.logdir / f"router-{case.name}-per-token.yaml", case, per_token_urls)
+        per_token = router_config(servers.logdir / f"router-{case.name}-per-token.yaml", per_token_urls, roles)
         plan.append(("fleetwise-ids-per-token", fleetwise_argv(
             "router", "--config", str(per_token), "--host", "127.0.0.1", "--port", "{port}",
             "--internal-token-file", str(token))))
@@ -137,11 +138,11 @@ def start_case(case: Case, servers, bodies: list[bytes], token: Path, vllm_cmd: 
     return systems
 
 
-def _case_config(path: Path, case: Case, urls: list[str]) -> Path:
-    """The router's endpoints file over the case's backends (the handoff's: prefill, then decode)."""
-    roles = ("prefill", "decode") if case.name == "handoff" else ("mixed",) * len(urls)
+def router_config(path: Path, urls: list[str], roles: tuple[str, ...] = ()) -> Path:
+    """fleetwise's endpoints file over stand-in backends: each URL with its role in `roles`
+    (none: every one mixed)."""
     by_role: dict[str, list[str]] = {}
-    for role, url in zip(roles, urls):
+    for role, url in zip(roles or ("mixed",) * len(urls), urls):
         by_role.setdefault(role, []).append(url)
     path.write_text("models:\n  - name: " + MODEL + "\n" + "".join(
         f"    {role}:\n" + "".join(f"      - {u}\n" for u in us) for role, us in by_role.items()))

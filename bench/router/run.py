@@ -31,7 +31,7 @@ import numpy as np
 from rich.console import Console
 
 from fleetwise.bench.harness import make_console, progress, save_plot, write_json, wrote
-from fleetwise.bench.router.backend import MODEL, run_loop
+from fleetwise.bench.router.backend import run_loop
 from fleetwise.bench.router.cases import (
     OWN_RUN,
     Cases,
@@ -39,6 +39,7 @@ from fleetwise.bench.router.cases import (
     make_cases,
     plot_cases,
     print_case,
+    router_config,
     run_case,
     start_case,
     tracker_cost,
@@ -119,11 +120,6 @@ def start_backends(servers: Servers, bodies: list[bytes], n: int = NUM_BACKENDS)
     return backends
 
 
-def _router_config(path: Path, backends: list[str]) -> None:
-    path.write_text("models:\n  - name: " + MODEL + "\n    mixed:\n"
-                    + "".join(f"      - {u}\n" for u in backends))
-
-
 def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None, vllm_version: str | None,
           baseline_python: str | None = None) -> list[tuple[str, str, list[str] | None]]:
     """(key, label, command with {port} and {port2} to fill in) of every system; None: direct.
@@ -161,7 +157,7 @@ def _start_systems(servers: Servers, bodies: list[bytes], vllm_cmd: list[str] | 
     """The backends, then every system up and answering, before any measurement."""
     backends = start_backends(servers, bodies)
     cfg = servers.logdir / "router.yaml"
-    _router_config(cfg, backends)
+    router_config(cfg, backends)
     systems: list[System] = []
     for key, label, argv in _plan(cfg, backends, vllm_cmd, vllm_version, baseline_python):
         if argv is None:

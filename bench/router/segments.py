@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetwise.bench.harness import make_console, summary
+from fleetwise.bench.router.cases import router_config
 from fleetwise.bench.router.load import make_bodies, open_loop, poisson_schedule, session
-from fleetwise.bench.router.run import Servers, _router_config, start_backends
+from fleetwise.bench.router.run import Servers, start_backends
 from fleetwise.bench.router.systems import SEED
 from fleetwise.net import free_port
 
@@ -141,7 +142,7 @@ def run_segments(rate: float = 500.0, seconds: float = 10.0, policy: str = "pref
     try:
         backends = start_backends(servers, bodies)
         cfg, token = servers.logdir / "router.yaml", servers.logdir / "internal-token"
-        _router_config(cfg, backends)
+        router_config(cfg, backends)
         token.write_text("segments-" + "0" * 24)
         port = free_port()
         router = servers.start("router", [sys.executable, "-m", "fleetwise.bench.router", "traced-router",
