@@ -7,6 +7,7 @@ a small fixed completion, one process each) take the requests. The same load goe
   fleetwise/POLICY   through `fleetwise router` over the same backends: prefix_load
                      (its default), round_robin and least_outstanding
   vllm-router        through `vllm-router` (the Rust router, round_robin) over them
+  vllm-router/cache_aware  the same with its default policy, prefix-aware as fleetwise's default
 
 First an open loop: Poisson arrivals at `rate` requests/s, `seconds` of them per system,
 the same seeded schedule and bodies for all. Then a closed loop for the rate each one
@@ -52,7 +53,8 @@ from fleetwise.bench.router.report import (
     FLOOR_IDS,
     NUM_BACKENDS,
     POLICIES,
-    VLLM_ROUTER_POLICY,
+    VLLM_ROUTER_DEFAULT,
+    VLLM_ROUTERS,
     build_report,
     plot,
     print_notes,
@@ -144,11 +146,13 @@ def _plan(cfg: Path, backends: list[str], vllm_cmd: list[str] | None, vllm_versi
     plan.append((FLOOR_IDS, "reference: the bare proxy with migration's per-token work (ids kept, answer assembled)",
                  [*floor, "--ids"]))
     if vllm_cmd:
-        plan.append(("vllm-router", f"vllm-router {vllm_version}, {VLLM_ROUTER_POLICY}",
-                     [*vllm_cmd, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", *backends,
-                      "--policy", VLLM_ROUTER_POLICY, "--prometheus-port", "{port2}",
-                      "--worker-startup-check-interval", "1", "--worker-startup-timeout-secs", "60",
-                      "--log-level", "warning"]))
+        for key, policy in VLLM_ROUTERS.items():
+            plan.append((key, f"vllm-router {vllm_version}, {policy}"
+                         + (" (its default)" if policy == VLLM_ROUTER_DEFAULT else ""),
+                         [*vllm_cmd, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", *backends,
+                          "--policy", policy, "--prometheus-port", "{port2}",
+                          "--worker-startup-check-interval", "1", "--worker-startup-timeout-secs", "60",
+                          "--log-level", "warning"]))
     return plan
 
 
@@ -173,9 +177,9 @@ def _start_systems(servers: Servers, bodies: list[bytes], vllm_cmd: list[str] | 
         try:
             s.startup_s = servers.wait_ready(s.key, bodies[0])
         except ProcessError as e:
-            if s.key != "vllm-router":
+            if s.key not in VLLM_ROUTERS:
                 raise
-            console.print(f"[yellow]vllm-router left out: {e}[/yellow]")
+            console.print(f"[yellow]{s.key} left out: {e}[/yellow]")
             servers.stop(s.key)
             systems.remove(s)
             s.skipped = f"did not start: {str(e).splitlines()[0]}"
@@ -261,7 +265,7 @@ def run_router_bench(out: Path = Path("bench/results"), rate: int = 500, seconds
 
     skipped: dict[str, System] = {}
     if not vllm_cmd:
-        skipped["vllm-router"] = System("vllm-router", "vllm-router", [], skipped=vllm_skip)
+        skipped.update({k: System(k, k, [], skipped=vllm_skip) for k in VLLM_ROUTERS})
     servers = Servers(Path(tempfile.mkdtemp(prefix="fleetwise-bench-router-")))
     old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(128 + signal.SIGTERM))
     try:
