@@ -38,6 +38,8 @@ DEFAULT_POLICY = POLICIES[0]
 VLLM_ROUTER_POLICY = "round_robin"
 VLLM_ROUTER_DEFAULT = "cache_aware"
 VLLM_ROUTERS = {"vllm-router": VLLM_ROUTER_POLICY, f"vllm-router/{VLLM_ROUTER_DEFAULT}": VLLM_ROUTER_DEFAULT}
+# how the targets and ratios against each vllm-router system are named: p99_overhead_vs_vllm_router{suffix}
+VS_SUFFIX = {"vllm-router": "", f"vllm-router/{VLLM_ROUTER_DEFAULT}": "_default"}
 BASELINE = "fleetwise-baseline"  # `--baseline-python`: another install's router, its default policy
 # the reference proxies (floor.py): what Python itself costs, and migration's per-token work on top
 FLOOR, FLOOR_IDS = "python-floor", "python-floor+ids"
@@ -83,9 +85,7 @@ def round_overheads(system: System, direct: System) -> dict | None:
 
 
 # the vllm-router system each "vs" target compares with
-VS = {"p50_overhead_vs_vllm_router": "vllm-router", "p99_overhead_vs_vllm_router": "vllm-router",
-      "p50_overhead_vs_vllm_router_default": f"vllm-router/{VLLM_ROUTER_DEFAULT}",
-      "p99_overhead_vs_vllm_router_default": f"vllm-router/{VLLM_ROUTER_DEFAULT}"}
+VS = {f"{p}_overhead_vs_vllm_router{suffix}": key for key, suffix in VS_SUFFIX.items() for p in ("p50", "p99")}
 
 
 def evaluate(systems: dict) -> dict:
@@ -303,11 +303,10 @@ def build_report(runs: dict[str, System], skipped: dict[str, System], rate: int,
             s["overhead_pooled_ms"] = overheads(s, direct)
             s["closed_loop_overhead_ms"] = overheads(s, direct, "closed_loop")
             s["max_rps_vs_direct"] = _ratio(s["closed_loop"]["achieved_rps"], direct["closed_loop"]["achieved_rps"])
-    for vkey in VLLM_ROUTERS:
+    for vkey, suffix in VS_SUFFIX.items():
         vllm_rps = systems.get(vkey, {}).get("closed_loop", {}).get("achieved_rps")
         if vllm_rps is None:
             continue
-        suffix = "" if vkey == "vllm-router" else "_default"
         for key, s in systems.items():
             if key.startswith("fleetwise") and "closed_loop" in s:
                 s[f"max_rps_vs_vllm_router{suffix}"] = _ratio(s["closed_loop"]["achieved_rps"], vllm_rps)
