@@ -24,6 +24,15 @@ def _bench(module: str, name: str) -> Callable[..., None]:
         raise typer.Exit(2)
 
 
+def _listed(text: str, param: str, kind: type = int) -> list:
+    """A comma-separated option's values; a clear error naming the option otherwise."""
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        what = "whole numbers" if kind is int else "numbers, e.g. 0.5,1.0"
+        raise typer.BadParameter(f"comma-separated {what}", param_hint=param)
+
+
 @bench_app.command("core")
 def bench_core(
     requests: int = typer.Option(200, "--requests", help="Requests drawn from the Azure conversation trace."),
@@ -39,10 +48,7 @@ def bench_core(
     threads: int = typer.Option(None, "--threads", min=1, help="torch threads for every system (default: torch's)."),
 ):
     """Throughput and latency of the core against transformers, on trace-shaped requests."""
-    try:
-        sizes = tuple(int(x) for x in static_batch_sizes.split(","))
-    except ValueError:
-        raise typer.BadParameter("comma-separated whole numbers", param_hint="--static-batch-sizes")
+    sizes = tuple(_listed(static_batch_sizes, "--static-batch-sizes"))
     run_core_bench = _bench("fleetwise.bench.core.run", "run_core_bench")
     run_core_bench(requests=requests, preset=preset, model=model, trace=trace, out=out, seed=seed, skip=skip,
                    repeats=repeats, static_batch_sizes=sizes, threads=threads)
@@ -62,8 +68,25 @@ def bench_pd(
 ):
     """KV transfer throughput vs a raw socket copy; disaggregated vs colocated end-to-end latency."""
     run_pd_bench = _bench("fleetwise.bench.pd.run", "run_pd_bench")
-    run_pd_bench(out=out, preset=preset, prompt_lengths=[int(x) for x in prompt_lengths.split(",")], repeats=repeats,
+    run_pd_bench(out=out, preset=preset, prompt_lengths=_listed(prompt_lengths, "--prompt-lengths"), repeats=repeats,
                  kv_early=kv_early, chunk_tokens=chunk_tokens)
+
+
+@bench_app.command("pd-early")
+def bench_pd_early(
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Where the JSON result and the PNG plot go."),
+    prompt_lengths: str = typer.Option("1024,2048,4096", "--prompt-lengths", help="Comma-separated prompt lengths."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Requests per prompt length, mode and chunk budget."),
+    chunk_tokens: str = typer.Option("256,512,2048", "--chunk-tokens",
+                                     help="Comma-separated token budgets per step (chunked prefill), a fleet each."),
+    modelled_gpu: str = typer.Option("A100", "--modelled-gpu", help="The modelled workers' GPU product."),
+    modelled_forward: str = typer.Option("llama2-70b:tp2", "--modelled-forward",
+                                         help="The modelled workers' MODEL:tpN; their KV cache has its shape."),
+):
+    """TTFT of colocated, late and early handoffs on modelled workers carrying the model's real KV size."""
+    run = _bench("fleetwise.bench.pd.early", "run_pd_early_bench")
+    run(out=out, lengths=_listed(prompt_lengths, "--prompt-lengths"), repeats=repeats,
+        chunk_tokens=_listed(chunk_tokens, "--chunk-tokens"), gpu=modelled_gpu, forward=modelled_forward)
 
 
 @bench_app.command("pd-load")
@@ -86,10 +109,7 @@ def bench_pd_load(
     """1 prefill + 1 decode worker vs 2 mixed workers under bursty trace arrivals: TBT and TTFT."""
     if fleet not in ("modelled", "cpu"):
         raise typer.BadParameter("modelled or cpu", param_hint="--fleet")
-    try:
-        multipliers = [float(x) for x in loads.split(",")] if loads else None
-    except ValueError:
-        raise typer.BadParameter("comma-separated numbers", param_hint="--loads")
+    multipliers = _listed(loads, "--loads", float) if loads else None
     if multipliers is not None and (not multipliers or min(multipliers) <= 0):
         raise typer.BadParameter("positive numbers", param_hint="--loads")
     run = _bench("fleetwise.bench.pd.load_run", "run_pd_load_bench")
@@ -177,10 +197,7 @@ def bench_goodput(
     """SLO goodput of the router against vllm-router's policies, real workers, prefix-skewed load."""
     if fleet not in ("modelled", "cpu"):
         raise typer.BadParameter("modelled or cpu", param_hint="--fleet")
-    try:
-        load_list = [float(x) for x in loads.split(",")]
-    except ValueError:
-        raise typer.BadParameter("comma-separated numbers, e.g. 0.5,1.0", param_hint="--loads")
+    load_list = _listed(loads, "--loads", float)
     run_goodput_bench = _bench("fleetwise.bench.goodput.run", "run_goodput_bench")
     run_goodput_bench(out=out, preset=preset, workers=workers, loads=load_list, seconds=seconds, repeats=repeats,
                       ttft_s=ttft, tpot_s=tpot, policies=policy, trace=trace, skip_vllm_router=skip_vllm_router,

@@ -80,7 +80,7 @@ class Fleet:
         return [self.prefill, self.decode, self.mixed]
 
 
-def _server(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None) -> Process:
+def server(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None) -> Process:
     port = free_port()
     return Process(name, fleetwise_argv(*args, "--port", str(port)), logs / f"{name}.log", f"http://127.0.0.1:{port}",
                    env=env or {})
@@ -96,8 +96,8 @@ def plan_fleet(model_dir: Path, worker_args: list[str], out: Path, kv_early: boo
     out.mkdir(parents=True, exist_ok=True)
     token = ["--internal-token-file", str(write_token(out))]
     internal = {role: free_port() for role in ("prefill", "decode", "mixed")}
-    prefill, decode, mixed = (_server(role, ["worker", "--model", str(model_dir), "--role", role, *token,
-                                             "--internal-port", str(internal[role]), *worker_args], logs)
+    prefill, decode, mixed = (server(role, ["worker", "--model", str(model_dir), "--role", role, *token,
+                                            "--internal-port", str(internal[role]), *worker_args], logs)
                               for role in ("prefill", "decode", "mixed"))
     fleet = Fleet(name, prefill, decode, mixed, internal={r: f"http://127.0.0.1:{p}" for r, p in internal.items()},
                   token_file=Path(token[1]))
@@ -108,7 +108,7 @@ def plan_fleet(model_dir: Path, worker_args: list[str], out: Path, kv_early: boo
         path = out / f"router-{mode}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         early = {KV_EARLY_ENV: "1"} if kv_early and mode == "disaggregated" else None  # early handoffs
-        fleet.routers[mode] = _server(f"router-{mode}", ["router", "--config", str(path), *token], logs, early)
+        fleet.routers[mode] = server(f"router-{mode}", ["router", "--config", str(path), *token], logs, early)
     return fleet
 
 
