@@ -177,13 +177,28 @@ def start_cluster(workdir: Path) -> Cluster:
 def install(cluster: Cluster, b: Path) -> None:
     cluster.kubectl("apply", "-f", str(CRDS))
     for crd in ("modeldeployments", "powerbudgets", "faultpolicies"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}.fleetwise.dev", "--timeout=60s")
+        _wait_established(cluster, f"{crd}.fleetwise.dev")
     cluster.kubectl("create", "namespace", SYSTEM_NS)
     _wait_default_sa(cluster, SYSTEM_NS)
     # the chart's own RBAC, rendered by helm, is all the operator under test may use
     rendered = subprocess.run([str(b / "helm"), "template", "t", str(CHART), "--namespace", SYSTEM_NS,
                                "--show-only", "templates/rbac.yaml"], capture_output=True, text=True, check=True)
     cluster.kubectl("apply", "-f", "-", input=rendered.stdout)
+
+
+def _wait_established(cluster: Cluster, crd: str, timeout: float = 90) -> None:
+    """Until the API server serves the CRD. `kubectl wait` alone gives up at once on an error
+    (a busy API server's discovery not caught up yet), with nothing said of why."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        r = cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", f"--timeout={max(1, int(left))}s",
+                            check=False)
+        if r.returncode == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the CRD {crd} was not established in {timeout:g} s: {(r.stderr or r.stdout).strip()}")
+        time.sleep(0.5)
 
 
 def _wait_default_sa(cluster: Cluster, ns: str, timeout: float = 60) -> None:
