@@ -56,8 +56,7 @@ from fleetwise.bench.harness import (
 from fleetwise.bench.models import preset_model
 from fleetwise.bench.pd.e2e import Prompts, complete, kv_counters
 from fleetwise.bench.pd.kv import stats
-from fleetwise.bench.pd.run import plan_fleet, server
-from fleetwise.procs import ProcessError, stop_all, wait_healthy
+from fleetwise.bench.pd.run import plan_fleet, running, server
 
 MODES = ("colocated", "late", "early")
 # the modelled models' KV as a config: (layers, KV heads, head dim), float16
@@ -66,7 +65,6 @@ MAX_TOKENS = 8
 TARGET_FROM = 2048  # the target holds from this prompt length on
 TARGETS = {"early_ttft_over_colocated": Target(AT_MOST, 1.10, "early handoff TTFT / colocated's (each its best)",
                                                "<= 1.10x")}
-READY_TIMEOUT_S = 300.0
 
 
 def kv_shaped_model(model_dir: Path, forward: str) -> Path:
@@ -126,25 +124,10 @@ def _run_chunk(model_dir: Path, out: Path, gpu: str, forward: str, chunk: int, l
     late = server("router-late", ["router", "--config", str(out / "router-disaggregated.yaml"),
                                   "--internal-token-file", str(fleet.token_file)], out / "logs")
     routers = {"colocated": fleet.routers["colocated"], "early": fleet.routers["disaggregated"], "late": late}
-    procs = [*fleet.workers, *routers.values()]
-    try:
-        for p in procs:
-            p.start()
-        with console.status(f"chunks of {chunk}: starting workers and routers"):
-            wait_healthy(procs, READY_TIMEOUT_S, interval=0.3)
-        with progress(console) as bar:
-            task = bar.add_task(f"chunks of {chunk}", total=len(lengths) * repeats * len(MODES))
-            return asyncio.run(_measure({m: p.url for m, p in routers.items()}, fleet.decode.url, fleet.name,
-                                        Prompts(model_dir, seed=chunk), lengths, repeats, bar, task))
-    except ProcessError as e:
-        raise SystemExit(f"error: {e}")
-    finally:
-        stop_all([list(routers.values()), fleet.workers])
-
-
-def _median(trials: list[dict], key: str) -> float | None:
-    values = [t[key] for t in trials if t[key] is not None]
-    return float(np.median(values)) if values else None
+    with running([list(routers.values()), fleet.workers], console), progress(console) as bar:
+        task = bar.add_task(f"chunks of {chunk}", total=len(lengths) * repeats * len(MODES))
+        return asyncio.run(_measure({m: p.url for m, p in routers.items()}, fleet.decode.url, fleet.name,
+                                    Prompts(model_dir, seed=chunk), lengths, repeats, bar, task))
 
 
 def summarize(runs: dict[int, dict[str, dict[str, list[dict]]]], lengths: list[int]) -> dict:
@@ -155,8 +138,8 @@ def summarize(runs: dict[int, dict[str, dict[str, list[dict]]]], lengths: list[i
         rows = {}
         for L, by_mode in by_length.items():
             row: dict[str, Any] = {m: {"ttft_s": stats([t["ttft_s"] for t in trials]),
-                                       "pull_s": _median(trials, "pull_s"),
-                                       "pull_bytes": _median(trials, "pull_bytes"),
+                                       "pull_s": float(np.median([t["pull_s"] for t in trials])),
+                                       "pull_bytes": float(np.median([t["pull_bytes"] for t in trials])),
                                        "recomputes": sum(t["recomputes"] for t in trials),
                                        "trials": trials} for m, trials in by_mode.items()}
             colo = row["colocated"]["ttft_s"]["median"]

@@ -31,6 +31,8 @@ import json
 import os
 import platform
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -185,14 +187,14 @@ async def _measure(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int],
     }
 
 
-def _run_fleet(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], repeats: int, sock_bytes: int,
-               console: Console) -> dict:
-    """Start the fleet, measure, stop it (also on SIGTERM, as on Ctrl-C)."""
+@contextmanager
+def running(groups: list[list[Process]], console: Console) -> Iterator[None]:
+    """The processes started (the last group first) and healthy; on the way out, also on
+    SIGTERM as on Ctrl-C, stopped group after group (routers before the workers they call)."""
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
     old_term = signal.signal(signal.SIGTERM, on_term)
-    procs = [*fleet.workers, *fleet.routers.values()]
-    sock = None
+    procs = [p for group in reversed(groups) for p in group]
     try:
         for p in procs:
             if p.log is not None and p.log.exists():
@@ -201,16 +203,24 @@ def _run_fleet(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], rep
         with console.status("starting workers and routers") as status:
             wait_healthy(procs, READY_TIMEOUT_S, interval=0.3, on_progress=lambda n, total: status.update(
                 f"starting workers and routers: {n}/{total} healthy"))
-        sock = SocketCopy(sock_bytes)
-        return asyncio.run(_measure(fleet, model_dir, cfg, lengths, repeats, sock, console))
+        yield
     except ProcessError as e:
         raise SystemExit(f"error: {e}")
     finally:
-        if sock is not None:
-            sock.close()
         with console.status("stopping workers and routers"):
-            stop_all([list(fleet.routers.values()), fleet.workers])
+            stop_all(groups)
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _run_fleet(fleet: Fleet, model_dir: Path, cfg: dict, lengths: list[int], repeats: int, sock_bytes: int,
+               console: Console) -> dict:
+    """Start the fleet, measure, stop it."""
+    with running([list(fleet.routers.values()), fleet.workers], console):
+        sock = SocketCopy(sock_bytes)
+        try:
+            return asyncio.run(_measure(fleet, model_dir, cfg, lengths, repeats, sock, console))
+        finally:
+            sock.close()
 
 
 def _print_setup(console: Console, model_dir: Path, cfg: dict, ctx: dict, lengths: list[int], repeats: int,
