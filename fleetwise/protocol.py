@@ -93,6 +93,7 @@ KV_STREAM_VERSIONS = (1, 2, 3, 4)  # read and sent on request; 1 until the relea
 # for early prefills only while every decode replica it may choose reads version 4
 KV_STREAM_SEGMENTED = 4
 MAX_KV_HEADER_BYTES = 64 << 10  # a KV stream whose JSON header claims more is refused unread
+MAX_KV_SEGMENT_TOKENS = 1 << 20  # a segmented stream's segment size (tokens) is at most this
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 Kind = Literal["completion", "chat"]
@@ -122,6 +123,10 @@ class PrefillAnswer(_Message):
     prompt_token_ids: list[int]
     first_token: int | None
     kv_early: bool = False
+    # with kv_early: the tokens per segment to pull the stream in, the prefill worker's step
+    # budget, so that a segment is one step's chunk and leaves layer by layer as the step
+    # computes it (kv/early.py); 0: the decode worker's own default (an older prefill worker)
+    kv_segment_tokens: int = Field(default=0, ge=0, le=MAX_KV_SEGMENT_TOKENS)
     first_logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
@@ -140,6 +145,7 @@ class DecodeRequest(_Message):
     handle: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,256}$")
     # the handle names an early prefill (PrefillAnswer.kv_early): the first token comes with its KV
     kv_early: bool = False
+    kv_segment_tokens: int = Field(default=0, ge=0, le=MAX_KV_SEGMENT_TOKENS)  # PrefillAnswer's
     # after `handle`, whose value its check reads; checked when left out too
     prefill_url: str | None = Field(default=None, validate_default=True)
 

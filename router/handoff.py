@@ -114,7 +114,8 @@ class Handoffs:
         # a DecodeRequest, from a validated PrefillAnswer
         dbody = orjson.dumps({"kind": kind, "request": body, "prompt_token_ids": first.prompt_token_ids,
                               "first_token": first.first_token, "first_logprob": first.first_logprob,
-                              "handle": first.handle, "prefill_url": prefill_url, "kv_early": first.kv_early})
+                              "handle": first.handle, "prefill_url": prefill_url, "kv_early": first.kv_early,
+                              "kv_segment_tokens": first.kv_segment_tokens})
         taken = False
         try:
             decodes = paired(route.replicas["decode"], prefill_url, time.time())

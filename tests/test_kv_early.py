@@ -1,8 +1,9 @@
 """A prefill's KV streamed while its prompt is still being computed (kv/early.py): a
-segmented stream (version 4) read while the engine computes later chunks carries exactly
-the keys and values, and the first token, that the finished prefill holds; a prefill that is
-aborted half-way breaks the stream, and the blocks it was reading stay out of anyone else's
-hands until the stream is over."""
+segmented stream (version 4) read while the engine computes carries exactly the keys and
+values, and the first token, that the finished prefill holds; each layer of a segment goes
+once the step computing it has written that layer, never before, and not only once the step
+is over; a prefill that is aborted half-way breaks the stream, and the blocks it was reading
+stay out of anyone else's hands until the stream is over."""
 
 import json
 import socket
@@ -16,6 +17,7 @@ from fleetwise.worker.engine.config import EngineConfig
 from fleetwise.worker.engine.engine import LLMEngine
 from fleetwise.worker.engine.sequence import SamplingParams
 from fleetwise.worker.kv.connector import KVConnector
+from fleetwise.worker.kv.early import Progress
 from fleetwise.worker.kv.receive import receive
 from fleetwise.worker.kv.slots import KVLayers
 from fleetwise.worker.kv.transfer import KVTransferError, encode, encode_segments, stream_size
@@ -31,26 +33,50 @@ def engine(model_dir) -> tuple[LLMEngine, KVConnector]:
     return core, connector
 
 
+class Noted:
+    """A segment's layer source that notes, for each layer it hands the encoder, the
+    prefill's progress at that moment."""
+
+    def __init__(self, reader: "Reader", start: int, end: int, layers):
+        self.reader, self.start, self.end, self.layers = reader, start, end, layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def views(self, layer: int):
+        views = self.layers.views(layer)
+        self.reader.note(self.start, self.end, layer)
+        return views
+
+
 class Reader(threading.Thread):
     """A segmented stream encoded in its own thread, as the prefill worker's response does;
-    notes how much of the prompt was computed when each segment went."""
+    notes the prefill's progress as each layer of each segment goes."""
 
-    def __init__(self, connector: KVConnector, handle: str):
+    def __init__(self, connector: KVConnector, handle: str, segment_tokens: int = SEGMENT):
         super().__init__(daemon=True)
         self.connector, self.handle = connector, handle
         self.early = connector.early[handle]
-        self.header, segs, first = connector.open_segments(handle, 0, SEGMENT)
+        self.header, segs, first = connector.open_segments(handle, 0, segment_tokens)
         self.frames = encode_segments(self.header, self._noted(segs), first)
-        self.computed_at: list[int] = []
-        self.sent = 0
+        self.sent: dict[tuple[int, int], tuple[int, Progress]] = {}  # (segment start, layer): (end, progress)
+        self.changed = threading.Condition()
         self.stream = b""
         self.error: Exception | None = None
 
     def _noted(self, segs):
         for start, n, layers in segs:
-            self.computed_at.append(self.early.progress.computed)
-            yield start, n, layers
-            self.sent = start + n
+            yield start, n, Noted(self, start, start + n, layers)
+
+    def note(self, start: int, end: int, layer: int) -> None:
+        p = self.early.progress
+        with self.changed:
+            self.sent[start, layer] = (end, Progress(p.computed, [], p.scheduled, p.layers))
+            self.changed.notify_all()
+
+    def wait_sent(self, start: int, layer: int, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: (start, layer) in self.sent, timeout)
 
     def run(self):
         try:
@@ -62,14 +88,10 @@ class Reader(threading.Thread):
 
 
 def step_until_done(core: LLMEngine, connector: KVConnector, reader: Reader, stop_after: int | None = None) -> None:
-    """The engine loop's rounds (expire, then a step), each time letting the reader take
-    every segment that is computed before the next chunk is."""
+    """The engine loop's rounds (expire, then a step) until the prefill is done (or
+    aborted once `stop_after` tokens are computed)."""
     while core.has_work():
         connector.expire()
-        ready = (connector.early[reader.handle].progress.computed // SEGMENT) * SEGMENT
-        deadline = time.monotonic() + 10
-        while reader.sent < ready and reader.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.002)
         if stop_after is not None and connector.early[reader.handle].progress.computed >= stop_after:
             core.abort_request(reader.handle)
             break
@@ -95,26 +117,54 @@ def received(model_dir, header, stream: bytes) -> tuple[list[tuple[torch.Tensor,
     return list(KVLayers(core.runner.kv_caches, BS, res.blocks.tolist(), 0, res.num_tokens)), first
 
 
-def early_prefill(model_dir) -> tuple[LLMEngine, KVConnector, Reader]:
+def early_prefill(model_dir, segment_tokens: int = SEGMENT) -> tuple[LLMEngine, KVConnector, Reader]:
     """An early prefill of PROMPT, its segmented stream being read in a thread."""
     core, connector = engine(model_dir)
     connector.expect_early("p", len(PROMPT))
     core.add_request("p", PROMPT, SamplingParams(max_tokens=1, temperature=0), hold_kv=True)
-    reader = Reader(connector, "p")
+    reader = Reader(connector, "p", segment_tokens)
     reader.start()
     return core, connector, reader
 
 
+def holding_a_layer(connector: KVConnector, reader: Reader, start: int, layer: int) -> list[bool]:
+    """Each step that computes token `start` waits, once it has written layer `layer`, for
+    the reader to send that layer of the segment from `start` (at most 10 s) before it goes
+    on; the list gets whether the reader did."""
+    got: list[bool] = []
+    step_started = connector.step_started
+
+    def started(batch):
+        layer_done = step_started(batch)
+        p = reader.early.progress
+        if layer_done is None or not p.computed <= start < p.scheduled:
+            return layer_done
+
+        def held(i: int) -> None:
+            layer_done(i)
+            if i == layer:
+                got.append(reader.wait_sent(start, layer))
+        return held
+    connector.step_started = started  # type: ignore[method-assign]
+    return got
+
+
 def test_a_stream_read_while_chunks_compute_carries_the_kv_and_first_token_of_the_finished_prefill(tiny_model_dir):
     core, connector, reader = early_prefill(tiny_model_dir)
+    layers = core.model_config.num_hidden_layers
+    # the last segment's first layer goes while the last chunk's later layers still compute
+    overlapped = holding_a_layer(connector, reader, 48, 0)
     step_until_done(core, connector, reader)
     assert reader.error is None
     assert len(reader.stream) == stream_size(reader.header, SEGMENT)
-    # it started while the prompt was still being computed: each segment once its chunk was
-    assert reader.computed_at == [16, 32, 48, 48, 60]  # four of five segments before the last chunk
+    assert overlapped == [True]
+    # no layer went before the step that computes its tokens had written it
+    assert len(reader.sent) == 5 * layers
+    assert all(p.has(end, layer) for (_, layer), (end, p) in reader.sent.items())
+    assert reader.sent[48, 0][1].computed == 48  # before the prompt's last chunk was done
     # what the finished prefill holds under its lease, read the usual way afterwards
-    header, layers = connector.open_kv("p")
-    after = b"".join(map(bytes, encode(header, layers, 3)))
+    header, held = connector.open_kv("p")
+    after = b"".join(map(bytes, encode(header, held, 3)))
     connector.close_kv("p")
     want = list(KVLayers(core.runner.kv_caches, BS, connector.leases["p"].seq.block_table, 0, len(PROMPT)))
     got, first = received(tiny_model_dir, reader.header, reader.stream)
@@ -128,6 +178,26 @@ def test_a_stream_read_while_chunks_compute_carries_the_kv_and_first_token_of_th
     assert connector.release_kv("p")
     connector.expire()
     assert not connector.early and not connector.leases and core.block_manager.num_free_blocks == free_before
+
+
+def test_a_segment_of_one_chunk_leaves_layer_by_layer_while_its_step_computes(tiny_model_dir):
+    """Segments of the step budget (what a prefill worker announces): every layer of every
+    segment goes before the step that computes it is over."""
+    core, connector, reader = early_prefill(tiny_model_dir, CHUNK)
+    last = core.model_config.num_hidden_layers - 1
+    overlapped = [holding_a_layer(connector, reader, start, last - 1) for start in range(0, len(PROMPT), CHUNK)]
+    step_until_done(core, connector, reader)
+    assert reader.error is None and overlapped == [[True]] * 4
+    for start in range(0, len(PROMPT), CHUNK):
+        for layer in range(last):  # all but the last before the step was over
+            end, p = reader.sent[start, layer]
+            assert p.computed == start and p.scheduled == end and p.has(end, layer)
+    got, _ = received(tiny_model_dir, reader.header, reader.stream)
+    want = list(KVLayers(core.runner.kv_caches, BS, connector.leases["p"].seq.block_table, 0, len(PROMPT)))
+    assert all(torch.equal(x, y) for pair, w in zip(got, want) for x, y in zip(pair, w))
+    assert connector.release_kv("p")
+    connector.expire()
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
 
 
 def test_an_aborted_prefill_breaks_its_stream_and_its_read_blocks_stay_pinned_until_released(tiny_model_dir):
@@ -184,6 +254,13 @@ def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_w
         expect_early(handle, n)
         answered_at.append(connector.early[handle].progress.computed)
     connector.expect_early = noted
+    segment_sizes: list[int] = []
+    open_segments = connector.open_segments
+
+    def opened(handle, start, segment_tokens):  # the decode worker pulls in the prefill's step budget
+        segment_sizes.append(segment_tokens)
+        return open_segments(handle, start, segment_tokens)
+    connector.open_segments = opened
     try:
         for prompt in [list(range(5, 205)), list(range(7, 40))]:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
@@ -195,7 +272,7 @@ def test_a_router_with_early_handoffs_gives_the_mixed_workers_tokens_and_pulls_w
         metrics = workers["decode"].core.metrics
         assert sum(metrics.kv_recomputes.labels(model_name="tiny", role="decode", reason=r)._value.get()
                    for r in ("corrupt", "mismatch", "refused", "unreachable", "no_blocks")) == 0
-        assert answered_at == [0, 0]
+        assert answered_at == [0, 0] and segment_sizes == [32, 32]
         workers["prefill"].wait_idle()
     finally:
         router.stop()

@@ -69,6 +69,25 @@ def test_the_engine_waits_out_the_modelled_time_and_its_prefix_cache_saves_it(ti
     assert [t for o in _run(again, "c", shared + [11, 12, 13], 4) for t in o.token_ids] == tokens  # deterministic
 
 
+def test_a_step_asked_for_its_layers_reports_each_after_its_share_of_the_modelled_time(tiny_model_dir):
+    """An early prefill's stream sends a layer once it is written: the modelled step tells
+    of layer i no sooner than (i + 1) / layers of its time, in order, and takes no longer
+    for being asked."""
+    engine = _engine(tiny_model_dir)
+    seq = Sequence(list(range(1, 1025)), SamplingParams(max_tokens=2))
+    engine.block_manager.allocate(seq, 1024, [])
+    batch = ScheduledBatch([seq], [1024])
+    layers = engine.model_config.num_hidden_layers
+    told: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    rows, out = engine.runner.run(batch, lambda i: told.append((i, time.perf_counter())))
+    took = time.perf_counter() - t0
+    step = step_seconds(PERF, batch)
+    assert [i for i, _ in told] == list(range(layers)) and rows == [0] and out is not None
+    assert all(at - t0 >= step * (i + 1) / layers for i, at in told)
+    assert step <= took < step + 0.25
+
+
 def test_num_blocks_overrides_the_modelled_kv_capacity_and_the_gpu_is_required(tiny_model_dir):
     assert _engine(tiny_model_dir, num_blocks=64).block_manager.num_blocks == 64
     with pytest.raises(ValueError, match="needs modelled_gpu"):

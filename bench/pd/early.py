@@ -1,13 +1,14 @@
 """`fleetwise bench pd-early`: what the early handoff buys in time to first token.
 
 A late handoff moves a prompt's KV after the prefill worker has computed all of it; an early
-one (the router's FLEETWISE_KV_EARLY=1, worker/kv/early.py) streams each chunk's KV, every
-layer of it, while chunked prefill computes the next (Splitwise's overlap), so that only the
-last chunk's transfer is left when the prompt is done. Three routers over the same workers:
+one (the router's FLEETWISE_KV_EARLY=1, worker/kv/early.py) streams each layer of each chunk
+as soon as the forward pass has written it, while the step computes the next layers and
+chunked prefill the next chunks (Splitwise's overlap), so that only the last layer's
+transfer is left when the prompt is done. Three routers over the same workers:
 
   colocated   one mixed worker computes the prompt and generates
   late        a prefill worker, then a decode worker that pulls the whole KV
-  early       the same two workers, the KV streamed chunk by chunk
+  early       the same two workers, the KV streamed layer by layer as it is computed
 
 The overlap needs a device that computes while the host moves the KV. On this project's CPU
 machines the small model's forward pass and the transfer share the cores, so `bench pd
@@ -23,9 +24,9 @@ overlap is for.
 Each chunk budget (`--chunk-tokens`, every worker's token budget per step) is a fleet of its
 own; within it the modes take turns request by request, in rotated order, each request with
 a prompt of its own (random token ids, never repeated: no prefix cache helps). Smaller
-chunks leave less to move after the last one, and cost the prompt pass more steps. Target:
-the early handoff's TTFT (its best chunk budget) within 10% of colocated's (its best),
-at every prompt length from 2k tokens. The result goes to OUT/pd_early.json and .png.
+chunks cost the prompt pass more steps. Target: the early handoff's TTFT (its best chunk
+budget) within 10% of colocated's (its best), at every prompt length from 2k tokens. The
+result goes to OUT/pd_early.json and .png.
 """
 
 import asyncio

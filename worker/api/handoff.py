@@ -27,7 +27,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from fleetwise.openai_schema import ERRORS, ROUTES, errors
-from fleetwise.protocol import AUTH_HEADER, DecodeRequest, PrefillAnswer, PrefillRequest, ResumeRequest, bearer
+from fleetwise.protocol import (
+    AUTH_HEADER,
+    MAX_KV_SEGMENT_TOKENS,
+    DecodeRequest,
+    PrefillAnswer,
+    PrefillRequest,
+    ResumeRequest,
+    bearer,
+)
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError
@@ -44,7 +52,7 @@ from .service import WorkerAPI, engine_request_id
 log = logging.getLogger(__name__)
 
 LEASES_FULL_RETRY_SECONDS = 1  # leases go as decode workers pull them: soon
-KV_SEGMENT_TOKENS = 256  # an early prefill's stream: tokens per segment (a segment goes once computed)
+KV_SEGMENT_TOKENS = 256  # an early prefill's stream: tokens per segment, where its prefill worker names none
 
 
 async def _parse(api: WorkerAPI, kind: str, body: dict) -> tuple[CompletionRequest | ChatCompletionRequest,
@@ -213,6 +221,7 @@ class Handoff:
                 self.connector.end_admission(blocks)
         self._background(drain())
         return PrefillAnswer(handle=rid, prompt_token_ids=prompt, first_token=None, kv_early=True,
+                             kv_segment_tokens=min(self.api.core.config.max_num_batched_tokens, MAX_KV_SEGMENT_TOKENS),
                              model_id=self.connector.model_id, kv_lease_seconds=self.connector.lease_seconds)
 
     def _background(self, work: Awaitable[None]) -> None:
@@ -256,7 +265,8 @@ class Handoff:
                 raise _error(400, str(e), e.param)
             if body.kv_early:
                 assert body.handle is not None and body.prefill_url is not None  # DecodeRequest's checks
-                first = await self._transfer(res, body.prefill_url, body.handle, KV_SEGMENT_TOKENS)
+                first = await self._transfer(res, body.prefill_url, body.handle,
+                                             body.kv_segment_tokens or KV_SEGMENT_TOKENS)
                 await engine.call(connector.activate_early, rid, _first_token(first, api.core.model_config.vocab_size))
             else:
                 received = False

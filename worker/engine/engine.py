@@ -266,8 +266,9 @@ class LLMEngine:
             try:
                 if self.fault_hook:
                     self.fault_hook(batch)
+                layer_done = self.kv_connector.step_started(batch) if self.kv_connector is not None else None
                 self.clock.start()
-                rows, sampled = self.runner.run(batch)
+                rows, sampled = self.runner.run(batch, layer_done)
                 device = self.clock.stop()
                 if self.switches is not None:  # a slow GPU: the forward pass itself takes longer
                     device += self.switches.after_forward(device, self.clock)

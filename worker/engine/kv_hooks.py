@@ -3,13 +3,19 @@ prefill -> decode handoff (kv/connector.py is the connector; this package never 
 
 As vLLM v1's scheduler-side connector, it is told when a request finishes and may keep
 the request's blocks instead of the engine freeing them; it lets them go in `expire`,
-which the engine loop calls every round. The engine calls all three methods on its own
-thread. A plain engine has no connector and frees every finished request's blocks at once.
+which the engine loop calls every round. It is also shown each batch before it runs, and
+may ask to hear of each layer the forward pass has written (a prompt's KV streamed layer by
+layer while it computes, kv/early.py). The engine calls every method on its own thread.
+A plain engine has no connector and frees every finished request's blocks at once.
 """
 
+from collections.abc import Callable
 from typing import Protocol
 
+from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+LayerDone = Callable[[int], None]  # called with a layer's index once the forward pass has written (queued) it
 
 
 class KVHooks(Protocol):
@@ -24,4 +30,9 @@ class KVHooks(Protocol):
 
     def expire(self) -> None:
         """Frees the blocks of holdings whose time is up."""
+        ...
+
+    def step_started(self, batch: ScheduledBatch) -> LayerDone | None:
+        """`batch` is about to run (its blocks allocated). A callback: the runner calls it
+        after each layer of this forward pass; None: nobody asks."""
         ...

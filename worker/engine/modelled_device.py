@@ -44,6 +44,7 @@ from ..model.llama import ModelConfig
 from ..model.sampler import SamplerOutput, TokenLogprob
 from .config import EngineConfig
 from .device_clock import DeviceClock
+from .kv_hooks import LayerDone
 from .runner import ModelRunner
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -127,7 +128,10 @@ class ModelledRunner(ModelRunner):
     def device_clock(self) -> DeviceClock:
         return ModelledClock(self)
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
+    def run(self, batch: ScheduledBatch, layer_done: LayerDone | None = None
+            ) -> tuple[list[int], SamplerOutput | None]:
+        """The modelled step waited out; with `layer_done`, layer by layer (each an equal
+        share of the step), telling it of each layer as a forward pass would."""
         t0 = time.perf_counter()
         self.last_seconds = step_seconds(self.perf, batch)
         due = t0 + self.last_seconds
@@ -136,7 +140,13 @@ class ModelledRunner(ModelRunner):
         tokens = [modelled_token(batch.seqs[i]) for i in rows]
         logprobs: list[TokenLogprob | None] = [
             None if batch.seqs[i].params.logprobs is None else (0.0, [(t, 0.0)]) for i, t in zip(rows, tokens)]
-        if (left := due - time.perf_counter()) > 0:
+        if layer_done is not None:
+            layers = self.model_config.num_hidden_layers
+            for i in range(layers):  # against the step's start: no layer's oversleep adds up
+                if (left := t0 + self.last_seconds * (i + 1) / layers - time.perf_counter()) > 0:
+                    time.sleep(left)
+                layer_done(i)
+        elif (left := due - time.perf_counter()) > 0:
             time.sleep(left)
         return rows, SamplerOutput(tokens, logprobs) if rows else None
 

@@ -7,6 +7,7 @@ from ..model.llama import DTYPES, ModelConfig, load_model
 from ..model.sampler import SamplerOutput, SamplingMetadata, sample
 from .config import EngineConfig
 from .device_clock import DeviceClock
+from .kv_hooks import LayerDone
 from .phases import PhaseClock
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -118,15 +119,18 @@ class ModelRunner:
         return slots.reshape(tables.shape[0], -1)[:, :length]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
-        """Returns the rows of `batch` that produced a token, and the tokens."""
+    def run(self, batch: ScheduledBatch, layer_done: LayerDone | None = None
+            ) -> tuple[list[int], SamplerOutput | None]:
+        """Returns the rows of `batch` that produced a token, and the tokens. `layer_done`
+        is called with each layer's index once its keys and values are written (queued, on
+        a GPU) into the cache."""
         clock = self.clock
         if clock is not None:
             clock.start()
         ids, positions, meta, logits_indices, rows = self.prepare(batch)
         if clock is not None:
             clock.lap("prepare")
-        logits = self.model(ids, positions, self.kv_caches, meta, logits_indices)
+        logits = self.model(ids, positions, self.kv_caches, meta, logits_indices, layer_done)
         if clock is not None:
             clock.lap("forward")
         if not rows:

@@ -2,10 +2,11 @@
 (prefill side) and fills blocks reserved for a prompt computed elsewhere (decode side).
 
 The engine sees it only through engine/kv_hooks.py (a finished request, an id in use, the
-loop's round); the handoff routes (api/handoff.py) call the rest. On the prefill side the
-blocks stay under a lease, named by the request id, until the decode worker releases it
-or it expires; on the decode side the engine takes the request (add_prefilled), the
-pulled keys and values are written into its blocks, and the engine activates it.
+loop's round, a step about to run and its layers); the handoff routes (api/handoff.py) call
+the rest. On the prefill side the blocks stay under a lease, named by the request id,
+until the decode worker releases it or it expires; on the decode side the engine takes the
+request (add_prefilled), the pulled keys and values are written into its blocks, and the
+engine activates it.
 
 Leases are capped (`max_kv_leases`, and `max_kv_lease_fraction` of the blocks): a flood of
 prefills that nobody pulls must not take the blocks this worker's own traffic needs. A
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.engine import LLMEngine, RequestOutput
+from ..engine.kv_hooks import LayerDone
+from ..engine.scheduler import ScheduledBatch
 from ..engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
@@ -265,12 +268,51 @@ class KVConnector:
             else:
                 broken = f"ended ({reason}) before its prompt was computed"
         blocks = seq.block_table[:-(-computed // self.engine.block_manager.block_size)]
+        self._pin(early, blocks)
+        early.publish(computed, blocks, first, broken)
+
+    def _pin(self, early: EarlyPrefill, blocks: list[int]) -> None:
+        """A reference more on each of `blocks` not pinned yet: no one else gets them."""
         if early.pin is None:
             early.pin = Sequence([0], SamplingParams(max_tokens=1), f"{early.handle}#pin")
-        for block in blocks[len(early.pin.block_table):]:  # a reference more: no one else gets them
+        for block in blocks[len(early.pin.block_table):]:
             self.engine.block_manager.blocks[block].ref_count += 1
             early.pin.block_table.append(block)
-        early.publish(computed, blocks, first, broken)
+
+    def step_started(self, batch: ScheduledBatch) -> LayerDone | None:
+        """Before a step (the engine thread): each early prefill in `batch` publishes the
+        tokens the step computes and pins their blocks; the callback then tells them of each
+        layer written (with a CUDA event per layer on a GPU, whose host only queued it)."""
+        if not self.early:
+            return None
+        bs = self.engine.block_manager.block_size
+        steps = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            early = self.early.get(seq.request_id)
+            if early is None or early.done or seq.num_computed_tokens >= seq.num_prompt_tokens:
+                continue
+            pinned = early.pin.block_table if early.pin is not None else []
+            if seq.block_table[:len(pinned)] != pinned:  # preempted and started again in other blocks
+                early.deadline = 0.0
+                early.publish(early.progress.computed, early.progress.block_ids, broken="was preempted")
+                continue
+            scheduled = min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
+            blocks = seq.block_table[:-(-scheduled // bs)]
+            self._pin(early, blocks)
+            early.begin_step(scheduled, blocks)
+            steps.append(early)
+        if not steps:
+            return None
+        on_gpu = self.engine.runner.device.type == "cuda"
+
+        def layer_done(layer: int) -> None:
+            event = None
+            if on_gpu:
+                event = torch.cuda.Event()
+                event.record()
+            for early in steps:
+                early.layer_done(layer, event)
+        return layer_done
 
     def open_segments(self, handle: str, start: int, segment_tokens: int
                       ) -> tuple[KVHeader, Iterator[tuple[int, int, LayerSource]], Callable[[], dict]]:

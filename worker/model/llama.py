@@ -7,6 +7,7 @@ reads keys and values of every sequence through its block table (see attention.p
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,12 +183,16 @@ class LlamaForCausalLM(nn.Module):
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits for the tokens at `logits_indices` only."""
+                meta: AttentionMetadata, logits_indices: torch.Tensor,
+                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Returns float32 logits for the tokens at `logits_indices` only; calls
+        `layer_done(i)` once layer i has written its keys and values (queued them, on a GPU)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, cos, sin, kv_cache, meta)
+            if layer_done is not None:
+                layer_done(i)
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()
 
