@@ -200,6 +200,38 @@ def test_a_segment_of_one_chunk_leaves_layer_by_layer_while_its_step_computes(ti
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
 
 
+class Event:
+    """A CUDA event's part that a stream uses: a host that waits for the layer's kernels."""
+
+    def __init__(self):
+        self.waited = 0
+
+    def synchronize(self) -> None:
+        self.waited += 1
+
+
+def test_on_a_gpu_a_layer_of_the_step_in_flight_is_read_only_after_its_event(tiny_model_dir):
+    """Where the host only queued a layer, the stream waits on that layer's event before it
+    reads the layer; once the tokens are computed (the step's tokens were sampled, so its
+    kernels are done) it waits on none; a layer not yet written is not read at all."""
+    from fleetwise.worker.kv.early import EarlyPrefill, LayerWise
+    early = EarlyPrefill("p", 32, float("inf"))
+    caches = [torch.zeros(2, 64, 1, 4) for _ in range(3)]
+    layers = LayerWise(early, 16, KVLayers(caches, BS, [0, 1], 0, 16), 0.2, None)
+    early.begin_step(16, [0, 1])
+    events = [Event(), Event()]
+    for i, event in enumerate(events):
+        early.layer_done(i, event)
+    layers.views(1)
+    assert [e.waited for e in events] == [0, 1]
+    with pytest.raises(KVTransferError, match="scheduled with layer 2 done"):
+        layers.views(2)  # the third layer is not written yet: the stream waits, then gives up
+    early.publish(16, [0, 1])
+    layers.views(0)
+    layers.views(2)
+    assert [e.waited for e in events] == [0, 1]
+
+
 def test_an_aborted_prefill_breaks_its_stream_and_its_read_blocks_stay_pinned_until_released(tiny_model_dir):
     core, connector, reader = early_prefill(tiny_model_dir)
     step_until_done(core, connector, reader, stop_after=2 * CHUNK)
