@@ -255,10 +255,10 @@ def run_pd_bench(out: Path = Path("bench/results"), preset: str = "small",
     need = prompt_lengths[-1] + MAX_TOKENS
     model_dir, ctx = _model_dir(out, preset, need, console)
     name = model_dir.name
-    batched = max(MIN_BATCHED_TOKENS, need)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise SystemExit("error: --chunk-tokens must be at least 1")
-    worker_args = ["--kv-cache-mib", str(KV_CACHE_MIB), "--max-num-batched-tokens", str(chunk_tokens or batched),
+    batched = chunk_tokens or max(MIN_BATCHED_TOKENS, need)  # every worker's step budget
+    worker_args = ["--kv-cache-mib", str(KV_CACHE_MIB), "--max-num-batched-tokens", str(batched),
                    "--kv-lease-seconds", str(KV_LEASE_SECONDS), "--served-model-name", name]
     fleet = plan_fleet(model_dir, worker_args, out, kv_early)
 
