@@ -201,19 +201,15 @@ def test_a_segment_of_one_chunk_leaves_layer_by_layer_while_its_step_computes(ti
 
 
 class Event:
-    """A CUDA event's part that a stream uses: a host that waits for the layer's kernels."""
-
-    def __init__(self):
-        self.waited = 0
-
-    def synchronize(self) -> None:
-        self.waited += 1
+    """Stands for a CUDA event: which one a stream waits for is what matters."""
 
 
-def test_on_a_gpu_a_layer_of_the_step_in_flight_is_read_only_after_its_event(tiny_model_dir):
-    """Where the host only queued a layer, the stream waits on that layer's event before it
-    reads the layer; once the tokens are computed (the step's tokens were sampled, so its
-    kernels are done) it waits on none; a layer not yet written is not read at all."""
+def test_on_a_gpu_a_layer_is_read_after_the_event_of_its_write(tiny_model_dir):
+    """Where the host only queued the work, the stream's gather waits (on the device) for
+    the event recorded after the layer of the step in flight, or, once the tokens are
+    computed, for the one recorded when that was published (a middle chunk samples nothing,
+    so nothing else orders the gather after its writes); a layer not yet written is not
+    read at all."""
     from fleetwise.worker.kv.early import EarlyPrefill, LayerWise
     early = EarlyPrefill("p", 32, float("inf"))
     caches = [torch.zeros(2, 64, 1, 4) for _ in range(3)]
@@ -222,14 +218,68 @@ def test_on_a_gpu_a_layer_of_the_step_in_flight_is_read_only_after_its_event(tin
     events = [Event(), Event()]
     for i, event in enumerate(events):
         early.layer_done(i, event)
-    layers.views(1)
-    assert [e.waited for e in events] == [0, 1]
+    assert layers.ready(1) is events[1] and layers.ready(0) is events[0]
+    assert layers.pending(2) and not layers.pending(1)
     with pytest.raises(KVTransferError, match="scheduled with layer 2 done"):
-        layers.views(2)  # the third layer is not written yet: the stream waits, then gives up
-    early.publish(16, [0, 1])
-    layers.views(0)
-    layers.views(2)
-    assert [e.waited for e in events] == [0, 1]
+        layers.ready(2)  # the third layer is not written yet: the stream waits, then gives up
+    written = Event()
+    early.publish(16, [0, 1], written=written)
+    assert layers.ready(0) is written and layers.ready(2) is written and not layers.pending(2)
+
+
+def test_a_stream_sends_the_layers_written_before_it_waits_for_the_next(tiny_model_dir):
+    """The response takes frames in batches of megabytes, or up to a flush: a layer still
+    being computed flushes what is ready, so that a small layer does not wait for the next."""
+    from fleetwise.protocol import KVHeader
+    from fleetwise.worker.api.kv_stream import HOP_BYTES, _take
+    from fleetwise.worker.kv.early import EarlyPrefill, segments
+    early = EarlyPrefill("p", 16, float("inf"))
+    caches = [torch.zeros(2, 64, 1, 4, dtype=torch.float16) for _ in range(3)]
+    header = KVHeader("m", "float16", 3, 1, 4, 0, 16)
+    frames = encode_segments(header, segments(early, caches, BS, 0, 16, 5.0), lambda: {"first_token": 1})
+    next(frames)  # the preamble, which the response sends alone
+    early.begin_step(16, [0, 1])
+    early.layer_done(0, None)
+    took: list = []
+    thread = threading.Thread(target=lambda: took.append(_take(frames, HOP_BYTES)), daemon=True)
+    thread.start()
+    thread.join(3)
+    assert took, "the layer that was ready waited for the next one"
+    assert sum(map(len, took[0])) == 12 + 20 + header.payload_bytes  # the segment's head and layer 0
+    for layer in (1, 2):
+        early.layer_done(layer, None)
+    early.publish(16, [0, 1], first={"first_token": 1})
+    rest = b"".join(map(bytes, frames))
+    assert len(rest) + sum(map(len, took[0])) + len(header_bytes(header)) == stream_size(header, 16)
+
+
+def header_bytes(header) -> bytes:
+    from fleetwise.worker.kv.transfer import _preamble
+    return _preamble(header, 4)
+
+
+def test_a_step_that_fails_while_its_kv_streams_breaks_the_stream_and_the_prompt_still_completes(tiny_model_dir):
+    """The failed step's sequences run again one by one, rewriting layers a stream may be
+    reading: the stream breaks (the decode side recomputes), the prefill itself finishes."""
+    core, connector, reader = early_prefill(tiny_model_dir)
+    step_started = connector.step_started
+
+    def failing(batch):
+        layer_done = step_started(batch)
+        if layer_done is None or reader.early.progress.scheduled != 2 * CHUNK:
+            return layer_done
+
+        def fail(i: int) -> None:
+            layer_done(i)
+            raise RuntimeError("a device error in the second chunk")
+        return fail
+    connector.step_started = failing  # type: ignore[method-assign]
+    step_until_done(core, connector, reader)
+    assert isinstance(reader.error, KVTransferError) and "step that failed" in str(reader.error)
+    assert connector.leases["p"].seq.num_computed_tokens >= len(PROMPT)  # computed all the same, and held
+    assert connector.release_kv("p")
+    connector.expire()
+    assert not connector.early and core.block_manager.num_free_blocks == core.block_manager.num_blocks
 
 
 def test_an_aborted_prefill_breaks_its_stream_and_its_read_blocks_stay_pinned_until_released(tiny_model_dir):

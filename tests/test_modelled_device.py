@@ -85,7 +85,7 @@ def test_a_step_asked_for_its_layers_reports_each_after_its_share_of_the_modelle
     step = step_seconds(PERF, batch)
     assert [i for i, _ in told] == list(range(layers)) and rows == [0] and out is not None
     assert all(at - t0 >= step * (i + 1) / layers for i, at in told)
-    assert step <= took < step + 0.25
+    assert step <= took < step + 0.5
 
 
 def test_num_blocks_overrides_the_modelled_kv_capacity_and_the_gpu_is_required(tiny_model_dir):

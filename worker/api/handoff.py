@@ -42,7 +42,7 @@ from ..engine.engine import RequestError
 from ..engine.sequence import SamplingParams
 from ..kv.connector import KVConnector, KVReservation
 from ..kv.pull import KVClient, pull, pull_segments
-from ..kv.transfer import KVTransferError, client_session, stream_size
+from ..kv.transfer import MAX_SEGMENTS, KVTransferError, client_session, stream_size
 from .export import add_export_route
 from .kv_stream import KVStreamResponse, kv_response
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
@@ -265,8 +265,9 @@ class Handoff:
                 raise _error(400, str(e), e.param)
             if body.kv_early:
                 assert body.handle is not None and body.prefill_url is not None  # DecodeRequest's checks
-                first = await self._transfer(res, body.prefill_url, body.handle,
-                                             body.kv_segment_tokens or KV_SEGMENT_TOKENS)
+                segment = max(body.kv_segment_tokens or KV_SEGMENT_TOKENS,  # in at most MAX_SEGMENTS
+                              -(-(res.num_tokens if res is not None else 0) // MAX_SEGMENTS), 1)
+                first = await self._transfer(res, body.prefill_url, body.handle, segment)
                 await engine.call(connector.activate_early, rid, _first_token(first, api.core.model_config.vocab_size))
             else:
                 received = False

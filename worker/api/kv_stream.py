@@ -64,7 +64,7 @@ def _take(frames: Iterator[bytes | memoryview], at_least: int) -> list[bytes | m
 
 
 def _corrupted(frames: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-    for i, frame in enumerate(frames):
+    for i, frame in enumerate(f for f in frames if len(f)):  # FLUSH is not sent
         if i == 1:  # the first layer's frame, its head when sent in place, or a segment's head: it no longer reads
             frame = memoryview(bytearray(frame))
             frame[-1] ^= 0xFF

@@ -253,8 +253,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.switches is not None:
             self.switches.hold_stall()
-        t0 = time.perf_counter()
-        cpu0 = time.thread_time() if self.step_trace is not None else 0.0
+        t0, cpu0 = time.perf_counter(), time.thread_time() if self.step_trace is not None else 0.0
         bm = self.block_manager
         q0, h0 = bm.prefix_queries, bm.prefix_hits
         batch = self.scheduler.schedule()
@@ -279,6 +278,8 @@ class LLMEngine:
                 outputs = self._process(batch, rows, sampled)
             except Exception:
                 log.exception("a step of %d sequences failed; running them one by one", len(batch.seqs))
+                if self.kv_connector is not None:  # streams of what the step was writing break
+                    self.kv_connector.step_failed(batch)
                 outputs, error = self._run_isolated(batch)
             self.failed_steps = self.failed_steps + 1 if error else 0
             self.last_step_error = error or self.last_step_error
@@ -287,8 +288,7 @@ class LLMEngine:
         self.last_step_seconds, self.last_step_forward_seconds = time.perf_counter() - t0, forward
         used = bm.num_blocks - bm.num_free_blocks
         self.metrics.on_step(self.last_step_seconds, forward, device, batch.num_tokens, len(batch.seqs),
-                             self.num_running, self.num_waiting, used, bm.num_free_blocks,
-                             len(batch.preempted))
+                             self.num_running, self.num_waiting, used, bm.num_free_blocks, len(batch.preempted))
         if self.step_trace is not None and batch:
             self.step_trace.record(t0, self.last_step_seconds, time.thread_time() - cpu0, made,
                                    self.num_running + self.num_waiting, first)

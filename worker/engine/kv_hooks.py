@@ -36,3 +36,8 @@ class KVHooks(Protocol):
         """`batch` is about to run (its blocks allocated). A callback: the runner calls it
         after each layer of this forward pass; None: nobody asks."""
         ...
+
+    def step_failed(self, batch: ScheduledBatch) -> None:
+        """The step of `batch` raised (in its forward pass or after); its sequences are run
+        again one by one."""
+        ...

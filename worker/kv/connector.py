@@ -39,7 +39,7 @@ from ..engine.scheduler import ScheduledBatch
 from ..engine.sequence import SamplingParams, Sequence, SequenceStatus
 from ..model.files import model_id
 from ..model.sampler import TokenLogprob
-from .early import EarlyPrefill, first_token, segments
+from .early import EarlyPrefill, first_token, recorded, segments
 from .receive import KVSink
 from .slots import CacheSink, HeldChecksums, KVLayers, StagingSink
 from .transfer import DTYPE_NAMES, KVHeader, LayerSource, crc32_combine
@@ -235,11 +235,10 @@ class KVConnector:
             items = list(self.early.items())
         for handle, early in items:
             if early.done:
-                if early.readers == 0 and early.deadline <= now:
-                    with self._lease_lock:
-                        self.early.pop(handle, None)
-                    if early.pin is not None:
-                        self.engine.block_manager.free(early.pin)
+                with self._lease_lock:  # with the check: a stream opened meanwhile keeps it
+                    gone = early.readers == 0 and early.deadline <= now and self.early.pop(handle, None) is not None
+                if gone and early.pin is not None:
+                    self.engine.block_manager.free(early.pin)
                 continue
             seqs = self.engine.requests.get(handle)
             if seqs:
@@ -268,16 +267,8 @@ class KVConnector:
             else:
                 broken = f"ended ({reason}) before its prompt was computed"
         blocks = seq.block_table[:-(-computed // self.engine.block_manager.block_size)]
-        self._pin(early, blocks)
-        early.publish(computed, blocks, first, broken)
-
-    def _pin(self, early: EarlyPrefill, blocks: list[int]) -> None:
-        """A reference more on each of `blocks` not pinned yet: no one else gets them."""
-        if early.pin is None:
-            early.pin = Sequence([0], SamplingParams(max_tokens=1), f"{early.handle}#pin")
-        for block in blocks[len(early.pin.block_table):]:
-            self.engine.block_manager.blocks[block].ref_count += 1
-            early.pin.block_table.append(block)
+        early.hold(self.engine.block_manager, blocks)
+        early.publish(computed, blocks, first, broken, recorded(self.engine.runner.device))
 
     def step_started(self, batch: ScheduledBatch) -> LayerDone | None:
         """Before a step (the engine thread): each early prefill in `batch` publishes the
@@ -298,21 +289,28 @@ class KVConnector:
                 continue
             scheduled = min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
             blocks = seq.block_table[:-(-scheduled // bs)]
-            self._pin(early, blocks)
+            early.hold(self.engine.block_manager, blocks)
             early.begin_step(scheduled, blocks)
             steps.append(early)
         if not steps:
             return None
-        on_gpu = self.engine.runner.device.type == "cuda"
 
         def layer_done(layer: int) -> None:
-            event = None
-            if on_gpu:
-                event = torch.cuda.Event()
-                event.record()
+            event = recorded(self.engine.runner.device)
             for early in steps:
                 early.layer_done(layer, event)
         return layer_done
+
+    def step_failed(self, batch: ScheduledBatch) -> None:
+        """The step of `batch` failed: the layers it wrote will be written again (engine.py
+        runs its sequences one by one), perhaps while a stream reads them, so the streams of
+        its early prefills that were in flight break (the decode side recomputes)."""
+        for seq in batch.seqs:
+            early = self.early.get(seq.request_id)
+            if early is not None and not early.done and early.progress.scheduled > early.progress.computed:
+                early.deadline = 0.0
+                early.publish(early.progress.computed, early.progress.block_ids,
+                              broken="was in a step that failed while its KV streamed")
 
     def open_segments(self, handle: str, start: int, segment_tokens: int
                       ) -> tuple[KVHeader, Iterator[tuple[int, int, LayerSource]], Callable[[], dict]]:

@@ -7,9 +7,11 @@ is submitted) has an `EarlyPrefill`, into which the connector publishes, on the 
 thread: before each step that computes some of its prompt, the tokens scheduled and their
 blocks, which it pins (one reference more each) so that neither a preemption nor an abort
 hands them to another request while a stream reads them; after each layer of that step, the
-layers done (with a CUDA event per layer where the cache is on a GPU: the host has only
-queued the layer); each round of the engine loop, the tokens computed; when the request
-finishes, its first token.
+layers done; each round of the engine loop, the tokens computed; when the request finishes,
+its first token. Where the cache is on a GPU the host has only queued that work: each layer
+and each round's publication carries a CUDA event recorded after it, which a stream's
+gather (on a CUDA stream of its own, not behind the forward pass queued on the engine's)
+waits for on the device.
 
 A segmented stream (version 4, kv/transfer.py) reads that progress from another thread
 (`segments`): each segment of a fixed number of tokens goes once it is scheduled, one layer
@@ -17,10 +19,9 @@ frame at a time as each layer of it is computed, and the first token last. A seg
 tokens are one step's chunk (the prefill worker announces its step budget as the segment
 size) thus leaves the worker layer by layer while the step computes the next layers; only
 the last layer's frame is left when the prompt is done. A stream waits for the engine at
-most `wait_seconds` between two layers; a prefill preempted (its computed tokens went back)
-or ended without its prompt computed breaks the stream, and the decode side recomputes the
-prompt. A step that fails and is run again (engine.py's `_run_isolated`) writes the same
-keys and values again: a layer frame sent from the failed attempt carries them.
+most `wait_seconds` between two layers; a prefill preempted (its computed tokens went back),
+ended without its prompt computed, or in a step that failed (its layers may be written again
+while a stream reads them) breaks the stream, and the decode side recomputes the prompt.
 """
 
 import threading
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.sequence import Sequence
+from ..engine.block_manager import BlockManager
+from ..engine.sequence import SamplingParams, Sequence
 from .slots import KVLayers
 from .transfer import SEGMENT_WAIT_S, KVTransferError
 
@@ -45,12 +47,19 @@ class Progress:
     scheduled: int = 0                 # the step in flight computes the prompt up to here (>= computed)
     layers: int = 0                    # layers of the step in flight done (the scheduled tokens' in them)
     events: list = field(default_factory=list)  # on a GPU: a CUDA event per layer done, to wait on
+    written: "torch.cuda.Event | None" = None  # on a GPU: after the computed tokens' writes
     first: dict | None = None          # once finished: first_token, first_logprob, finish_reason
     broken: str | None = None          # why the stream cannot go on
 
     def has(self, tokens: int, layer: int) -> bool:
         """Whether layer `layer` of the prompt's first `tokens` tokens is written (or queued, on a GPU)."""
         return self.computed >= tokens or (self.scheduled >= tokens and self.layers > layer)
+
+    def event(self, tokens: int, layer: int) -> "torch.cuda.Event | None":
+        """On a GPU, what to wait for before reading layer `layer` of the first `tokens` tokens."""
+        if self.computed >= tokens:
+            return self.written
+        return self.events[layer] if layer < len(self.events) else None
 
 
 class EarlyPrefill:
@@ -67,13 +76,22 @@ class EarlyPrefill:
         self.readers = 0
         self.done = False                  # finished or broken: nothing more is published
 
+    def hold(self, block_manager: BlockManager, blocks: list[int]) -> None:
+        """A reference more on each of `blocks` not pinned yet: no one else gets them."""
+        if self.pin is None:
+            self.pin = Sequence([0], SamplingParams(max_tokens=1), f"{self.handle}#pin")
+        for block in blocks[len(self.pin.block_table):]:
+            block_manager.blocks[block].ref_count += 1
+            self.pin.block_table.append(block)
+
     def publish(self, computed: int, block_ids: list[int], first: dict | None = None,
-                broken: str | None = None) -> None:
-        """Between steps: `computed` tokens are in the cache, no step of them in flight."""
+                broken: str | None = None, written: "torch.cuda.Event | None" = None) -> None:
+        """Between steps: `computed` tokens are in the cache (on a GPU, once `written` is
+        done), no step of them in flight."""
         with self.cond:
             p = self.progress
             p.computed, p.block_ids, p.scheduled, p.layers, p.events = computed, list(block_ids), computed, 0, []
-            p.first, p.broken = first, broken
+            p.first, p.broken, p.written = first, broken, written
             self.done = first is not None or broken is not None
             self.cond.notify_all()
 
@@ -104,14 +122,23 @@ class EarlyPrefill:
                 if p.broken is not None:
                     raise KVTransferError(f"the prefill {self.handle} {p.broken}", "refused")
                 if p.computed >= tokens or self.done or (layer is not None and p.has(tokens, layer)):
-                    return Progress(p.computed, p.block_ids, p.scheduled, p.layers, list(p.events), p.first,
-                                    p.broken)
+                    return Progress(p.computed, p.block_ids, p.scheduled, p.layers, list(p.events), p.written,
+                                    p.first, p.broken)
                 left = end - time.monotonic()
                 if left <= 0:
                     what = "computed" if layer is None else f"scheduled with layer {layer} done:"
                     raise KVTransferError(f"the prefill {self.handle} {what} {p.computed} of {tokens} "
                                           f"tokens in {timeout:.0f} s", "unreachable")
                 self.cond.wait(left)
+
+
+def recorded(device: torch.device) -> "torch.cuda.Event | None":
+    """On a GPU, an event after everything queued so far on the device's current stream."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class LayerWise:
@@ -126,23 +153,34 @@ class LayerWise:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def ready(self, layer: int) -> None:
+    def ready(self, layer: int) -> "torch.cuda.Event | None":
+        """Waits until the engine has written (queued, on a GPU) the layer; returns, on a
+        GPU, the event after which its bytes are there."""
         p = self.early.wait(self.end, layer, self.wait_seconds)
         if not p.has(self.end, layer):
             raise KVTransferError(f"the prefill {self.early.handle} ended at {p.computed} of "
                                   f"{self.early.num_prompt_tokens} prompt tokens", "refused")
-        if p.computed < self.end and layer < len(p.events):
-            p.events[layer].synchronize()
+        return p.event(self.end, layer)
+
+    def pending(self, layer: int) -> bool:
+        """Whether the layer is not written yet (a stream sends what it has before waiting)."""
+        early = self.early
+        with early.cond:
+            return not (early.progress.has(self.end, layer) or early.done)
 
     def views(self, layer: int) -> list[memoryview] | None:
+        if self.side is not None:
+            return None  # a GPU cache: gathered
         self.ready(layer)
         return self.layers.views(layer)
 
     def gather(self, layer: int, out: torch.Tensor) -> torch.Tensor:
-        self.ready(layer)
+        event = self.ready(layer)
         if self.side is None:
             return self.layers.gather(layer, out)
         with torch.cuda.stream(self.side):
+            if event is not None:
+                self.side.wait_event(event)
             self.layers.gather(layer, out)
         self.side.synchronize()
         return out

@@ -79,7 +79,7 @@ SEGMENTED = KV_STREAM_SEGMENTED  # the version of a segmented stream, sent only 
 NEWEST = max(v for v in VERSIONS if v != SEGMENTED)  # what a receiver asks for (4 only by name)
 FIRST_BYTES = 4096  # the first-token frame's JSON, padded: the stream's length is known up front
 MAX_SEGMENTS = 4096  # a segmented stream in more segments than this is refused
-FLUSH = b""  # yielded after each segment by encode_segments: not sent
+FLUSH = b""  # yielded by encode_segments after each segment and before a layer not computed yet: not sent
 SEGMENT_WAIT_S = 300.0  # the longest a segmented stream pauses between two segments (a prefill in progress)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -158,7 +158,8 @@ def encode_segments(header: KVHeader, segments: Iterator[tuple[int, int, LayerSo
     """Frames of a segmented stream (version 4): after the preamble and header, each segment
     of `segments` ((first token, tokens, its layers), in order, covering the header's range)
     as its segment head and one frame per layer, then `FLUSH` (nothing to send: what came
-    before may go out now, the next segment may be a while); then the first-token frame
+    before may go out now, the next segment may be a while; also before a layer the source
+    says is `pending`, still being computed); then the first-token frame
     with `first()` as JSON, padded to `FIRST_BYTES`, and the trailer."""
     yield _preamble(header, SEGMENTED)
     for start, n, layers in segments:
@@ -186,7 +187,10 @@ def _layer_frames(header: KVHeader, layers: LayerSource, version: int,
                   pinned: bool) -> Iterator[bytes | memoryview]:
     in_place = getattr(layers, "views", None)
     known = getattr(layers, "crc32", None) if version != 2 else None  # every other version's is CRC-32
+    pending = getattr(layers, "pending", None)  # a layer still being computed (kv/early.py)
     for i in range(len(layers)):
+        if pending is not None and pending(i):
+            yield FLUSH  # what is ready goes before the wait
         views = in_place(i) if in_place is not None else None
         if views is not None:
             crc = known(i) if known is not None else None
