@@ -3,8 +3,11 @@
 A prefill worker computes the prompt and the first token and keeps the prompt's blocks
 under a lease; the router passes the handle to a decode worker, which reserves blocks,
 pulls the keys and values (kv/transfer.py), releases the lease and decodes the rest in its
-own batch. A pull that fails for any reason is never used: the prompt is recomputed. The
-bodies are the internal protocol's (fleetwise/protocol.py).
+own batch. A pull that fails for any reason is never used: the prompt is recomputed. A
+decode worker with no blocks to spare for the prompt waits for its running decodes to free
+some (`KV_BLOCKS_WAIT_S`, first come first served) before it falls back to recomputing: a
+prompt pass among its decodes is the stall disaggregation is for avoiding. The bodies are
+the internal protocol's (fleetwise/protocol.py).
 
 These routes are served only by the internal listener, behind the shared token
 (server.py): the prefill address a decode request names comes from an authenticated
@@ -15,6 +18,7 @@ blocks are admitted against the connector's lease caps, or get 429.
 """
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -52,6 +56,7 @@ from .service import WorkerAPI, engine_request_id
 log = logging.getLogger(__name__)
 
 LEASES_FULL_RETRY_SECONDS = 1  # leases go as decode workers pull them: soon
+KV_BLOCKS_WAIT_S = 10.0  # a decode request with no blocks to spare waits this long for some, then recomputes
 KV_SEGMENT_TOKENS = 256  # an early prefill's stream: tokens per segment, where its prefill worker names none
 
 
@@ -143,6 +148,7 @@ class Handoff:
         self.sessions: list[aiohttp.ClientSession] = []
         self.kv_client = KVClient(self.headers)
         self.background: set[asyncio.Task] = set()
+        self.waiting_blocks: collections.deque[str] = collections.deque()  # decode requests, oldest first
 
     def http(self) -> aiohttp.ClientSession:
         """One pooled client per worker, made in the serving event loop."""
@@ -263,6 +269,8 @@ class Handoff:
                                         body.first_logprob)
             except RequestError as e:
                 raise _error(400, str(e), e.param)
+            if res is None:
+                res = await self._blocks_freed(rid)
             if body.kv_early:
                 assert body.handle is not None and body.prefill_url is not None  # DecodeRequest's checks
                 segment = max(body.kv_segment_tokens or KV_SEGMENT_TOKENS,  # in at most MAX_SEGMENTS
@@ -283,6 +291,26 @@ class Handoff:
         if isinstance(req, CompletionRequest):
             return await api.respond_completion(req, [prompt], stream, request)
         return await api.respond_chat(req, prompt, stream, request)
+
+    async def _blocks_freed(self, rid: str) -> KVReservation | None:
+        """No blocks to spare for a handed-over prompt: it waits, at most `KV_BLOCKS_WAIT_S`
+        and first come first served among those waiting, for running decodes to end and free
+        theirs, rather than have its prompt recomputed here (a prompt pass inside every running
+        decode's steps, what disaggregation keeps out of them). None: still none."""
+        self.waiting_blocks.append(rid)
+        deadline, delay = time.monotonic() + KV_BLOCKS_WAIT_S, 0.005
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.05)
+                if self.waiting_blocks[0] == rid:
+                    res = await self.engine.call(self.connector.retry_reserve, rid)
+                    if res is not None:
+                        return res
+            log.info("no KV blocks freed for %s in %.0f s: its prompt is recomputed here", rid, KV_BLOCKS_WAIT_S)
+            return None
+        finally:
+            self.waiting_blocks.remove(rid)
 
     async def _pull(self, res: KVReservation | None, url: str, handle: str) -> bool:
         return await self._transfer(res, url, handle) is not None

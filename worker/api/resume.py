@@ -25,7 +25,7 @@ from fleetwise.protocol import ResumeChoice, ResumeRequest
 
 from ..engine.async_engine import tagged
 from ..engine.engine import RequestError, RequestOutput
-from ..engine.migration import activate_moved, add_moved
+from ..engine.migration import activate_moved, add_moved, add_resumed
 from ..engine.sequence import SamplingParams, Sequence
 from ..kv.connector import KVReservation
 from .openai import APIError, ChatCompletionRequest, CompletionRequest
@@ -129,7 +129,7 @@ async def _start(api: WorkerAPI, body: ResumeRequest, i: int, prompt: list[int],
         if moving:
             sent, reserved, follows = await engine.call(add_moved, api.core, rid, prompt, params, args)
         else:
-            sent = await engine.call(api.core.add_resumed, rid, prompt, params, args)
+            sent = await engine.call(add_resumed, api.core, rid, prompt, params, args)
     except RequestError as e:
         engine.abort(rid)
         raise APIError(400, str(e), param=e.param)

@@ -156,7 +156,17 @@ class LLMEngine:
         seq.skip_draws = 1  # the prefill worker made the first draw of a seeded request
         seq.status = SequenceStatus.RESERVED
         self.requests[request_id] = [seq]
-        bm = self.block_manager
+        return self.allocate_reserved(request_id)
+
+    def allocate_reserved(self, request_id: str) -> Sequence | None:
+        """Blocks for a RESERVED request's prompt (add_prefilled's; again, when there were
+        none), reusing the prefix cache. None: none to spare, or no such request waits."""
+        seqs = self.requests.get(request_id)
+        if not seqs or seqs[0].status != SequenceStatus.RESERVED:
+            return None
+        seq, bm = seqs[0], self.block_manager
+        if seq.block_table:
+            return seq
         computed = bm.get_computed_blocks(seq)
         num_new = seq.num_prompt_tokens - len(computed) * bm.block_size
         if not bm.can_allocate(seq, num_new, computed, self.scheduler.watermark):
@@ -175,44 +185,6 @@ class LLMEngine:
         seq.first_token_time = seq.last_token_time = time.monotonic()
         lp = seq.output_logprobs[0] if seq.output_logprobs else None
         return [self._emit(seq, seq.last_token, lp)]
-
-    # -- a request another worker was generating (migration) ---------------------------
-
-    def add_resumed(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    choices: list[tuple[int, list[int], int]]) -> dict[int, int]:
-        """Continues the choices (index, output token ids so far, random draws made) of a
-        request another worker was generating. The outputs are kept as output, replayed
-        through the same text and stop logic, so penalties, held-back stop text and counts
-        come out as without the move; the prompt and outputs are recomputed here. Returns
-        each choice's characters of text already sent."""
-        if not choices:
-            raise RequestError("choices: nothing to continue", "choices")
-        seqs = self._new_request(request_id, prompt_token_ids, params)
-        by_index = {seq.index: seq for seq in seqs}
-        kept, sent = [], {}
-        for index, outputs, draws in choices:
-            seq = by_index.get(index)
-            if seq is None or seq in kept:
-                raise RequestError(f"choices: index {index} is not a choice of this request (n={params.n})", "choices")
-            for j, token in enumerate(outputs):
-                seq.append_token(token)
-                _, reason = self._text_step(seq, token)
-                if reason is not None:
-                    raise RequestError(f"choices[{index}].output_token_ids: the output ends ({reason}) at "
-                                       f"token {j}, before the last", "choices")
-            seq.skip_draws = draws
-            kept.append(seq)
-            sent[index] = self._text[seq.seq_id].emitted
-        for seq in seqs:
-            if seq not in kept:
-                self._text.pop(seq.seq_id, None)
-        kept[0].parent = None
-        for seq in kept[1:]:
-            seq.parent = kept[0]
-        for seq in kept:
-            self.scheduler.add(seq)
-        self.requests[request_id] = kept
-        return sent
 
     def abort_request(self, request_id: str) -> None:
         for seq in list(self.requests.get(request_id, [])):

@@ -48,11 +48,48 @@ def export_running(engine: LLMEngine, request_ids: list[str]) -> tuple[list[Sequ
     return contexts, outs
 
 
+def add_resumed(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                choices: list[tuple[int, list[int], int]]) -> dict[int, int]:
+    """Continues the choices (index, output token ids so far, random draws made) of a
+    request another worker was generating. The outputs are kept as output, replayed
+    through the same text and stop logic, so penalties, held-back stop text and counts
+    come out as without the move; the prompt and outputs are recomputed here. Returns
+    each choice's characters of text already sent."""
+    if not choices:
+        raise RequestError("choices: nothing to continue", "choices")
+    seqs = engine._new_request(request_id, prompt_token_ids, params)
+    by_index = {seq.index: seq for seq in seqs}
+    kept, sent = [], {}
+    for index, outputs, draws in choices:
+        seq = by_index.get(index)
+        if seq is None or seq in kept:
+            raise RequestError(f"choices: index {index} is not a choice of this request (n={params.n})", "choices")
+        for j, token in enumerate(outputs):
+            seq.append_token(token)
+            _, reason = engine._text_step(seq, token)
+            if reason is not None:
+                raise RequestError(f"choices[{index}].output_token_ids: the output ends ({reason}) at "
+                                   f"token {j}, before the last", "choices")
+        seq.skip_draws = draws
+        kept.append(seq)
+        sent[index] = engine._text[seq.seq_id].emitted
+    for seq in seqs:
+        if seq not in kept:
+            engine._text.pop(seq.seq_id, None)
+    kept[0].parent = None
+    for seq in kept[1:]:
+        seq.parent = kept[0]
+    for seq in kept:
+        engine.scheduler.add(seq)
+    engine.requests[request_id] = kept
+    return sent
+
+
 def add_moved(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
               choices: list[tuple[int, list[int], int]]
               ) -> tuple[dict[int, int], dict[int, Sequence | None], dict[int, int]]:
     """Takes the choices (index, output so far, draws made) of a request whose KV is on its
-    way, as `LLMEngine.add_resumed` would, and sets blocks aside for each one's context,
+    way, as `add_resumed` would, and sets blocks aside for each one's context,
     reusing what the prefix cache holds. The first choice that gets blocks leads: the
     others share its blocks of their common prompt (its full blocks), so the prompt is
     pulled once, not once per choice. Returns each choice's characters of text already
@@ -60,7 +97,7 @@ def add_moved(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], p
     token), or None when there are no blocks to spare (it is recomputed then); and, for a
     choice that shares the leader's blocks, the leader's index (its keys and values are
     whole only once the leader's have arrived too)."""
-    sent = engine.add_resumed(request_id, prompt_token_ids, params, choices)
+    sent = add_resumed(engine, request_id, prompt_token_ids, params, choices)
     bm, scheduler = engine.block_manager, engine.scheduler
     reserved: dict[int, Sequence | None] = {}
     follows: dict[int, int] = {}

@@ -22,7 +22,7 @@ from a block boundary then sends them instead of reading every byte on the pull'
 
 Threads: the lease methods called by the engine (request_finished, expire, release_kv)
 run on the engine thread, the readers of a lease (open_kv, close_kv and the gathers) on
-the HTTP side, hence the lease lock; reserve_kv and activate_kv run on the engine thread.
+the HTTP side, hence the lease lock; reserve_kv, retry_reserve, activate_kv: engine thread.
 """
 
 import concurrent.futures
@@ -41,7 +41,7 @@ from ..model.files import model_id
 from ..model.sampler import TokenLogprob
 from .early import EarlyPrefill, first_token, recorded, segments
 from .receive import KVSink
-from .slots import CacheSink, HeldChecksums, KVLayers, StagingSink
+from .slots import CacheSink, HeldChecksums, KVLayers, StagingSink, taken_crcs
 from .transfer import DTYPE_NAMES, KVHeader, LayerSource, crc32_combine
 
 # a held prompt's checksums are taken here, off the engine and the event loop (the CRC releases the GIL)
@@ -178,21 +178,7 @@ class KVConnector:
         first, lo = divmod(start, bs)
         blocks = seq.block_table[first:-(-seq.num_prompt_tokens // bs)]
         return header, KVLayers(self.engine.runner.kv_caches, bs, blocks, lo, seq.num_prompt_tokens - first * bs,
-                                None if lo else self._crcs(lease, first))
-
-    @staticmethod
-    def _crcs(lease: KVLease, first: int) -> list[int] | None:
-        """The layers' CRC-32 of a stream of `lease` from block `first` on, when its checksums
-        are taken; None: the stream computes them as it goes."""
-        taken = lease.checksums
-        if taken is None:
-            return None
-        if not taken.done():
-            taken.cancel()  # a pull faster than the thread: this one checksums as it sends
-            return None
-        if taken.cancelled() or taken.exception() is not None:
-            return None
-        return taken.result().layers(first)
+                                None if lo else taken_crcs(lease.checksums, first))
 
     def close_kv(self, handle: str) -> None:
         """Pairs with open_kv, whether the reader finished or not."""
@@ -339,13 +325,20 @@ class KVConnector:
                    params: SamplingParams, first_logprob: TokenLogprob | None = None) -> KVReservation | None:
         """Takes a request whose prompt was computed elsewhere. Returns the slots to fill,
         or None when there are no blocks to spare (the prompt is then recomputed here)."""
-        seq = self.engine.add_prefilled(request_id, prompt_token_ids, first_token, params, first_logprob)
+        return self._reservation(self.engine.add_prefilled(request_id, prompt_token_ids, first_token, params,
+                                                           first_logprob))
+
+    def retry_reserve(self, request_id: str) -> KVReservation | None:
+        """Another try for a request reserve_kv found no blocks for (decodes end, theirs free)."""
+        return self._reservation(self.engine.allocate_reserved(request_id))
+
+    def _reservation(self, seq: Sequence | None) -> KVReservation | None:
         if seq is None:
             return None
         first = seq.num_computed_tokens // self.engine.block_manager.block_size
         blocks = torch.tensor(seq.block_table[first:], dtype=torch.long, device=self.engine.runner.device)
-        return KVReservation(request_id, seq.num_computed_tokens,
-                             seq.num_prompt_tokens - seq.num_computed_tokens, blocks)
+        return KVReservation(seq.request_id, seq.num_computed_tokens, seq.num_prompt_tokens - seq.num_computed_tokens,
+                             blocks)
 
     def write_kv(self, res: KVReservation, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Received keys and values of one layer into the reserved blocks: whole blocks in

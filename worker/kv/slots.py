@@ -7,6 +7,7 @@ slots b * block_size .. (b + 1) * block_size - 1: the tokens of one block are co
 memory, and so are those of consecutive blocks.
 """
 
+import concurrent.futures
 from collections.abc import Callable, Iterator
 from functools import cached_property
 
@@ -74,6 +75,19 @@ class HeldChecksums:
                     crc = crc32_combine(crc, row[kind + j], self.sizes[j])
             out.append(crc)
         return out
+
+
+def taken_crcs(taken: "concurrent.futures.Future[HeldChecksums] | None", first: int) -> list[int] | None:
+    """The layers' CRC-32 of a stream of a held prompt from block `first` on, when its
+    checksums (`taken`, in a thread) are there; None: the stream computes them as it goes."""
+    if taken is None:
+        return None
+    if not taken.done():
+        taken.cancel()  # a pull faster than the thread: this one checksums as it sends
+        return None
+    if taken.cancelled() or taken.exception() is not None:
+        return None
+    return taken.result().layers(first)
 
 
 class KVLayers:
