@@ -104,7 +104,7 @@ async def _measure(routers: dict[str, str], decode_url: str, name: str, prompts:
         for L in lengths:
             out[str(L)] = {m: [] for m in MODES}
             for i in range(repeats):
-                for mode in MODES[i % 3:] + MODES[:i % 3]:
+                for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
                     bar.update(task, description=f"{L} tokens: {mode} {i + 1}/{repeats}")
                     c0 = await kv_counters(http, decode_url)
                     r = await complete(http, routers[mode], name, prompts.new(L), MAX_TOKENS)

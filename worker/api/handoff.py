@@ -274,7 +274,7 @@ class Handoff:
             if body.kv_early:
                 assert body.handle is not None and body.prefill_url is not None  # DecodeRequest's checks
                 segment = max(body.kv_segment_tokens or KV_SEGMENT_TOKENS,  # in at most MAX_SEGMENTS
-                              -(-(res.num_tokens if res is not None else 0) // MAX_SEGMENTS), 1)
+                              -(-(res.num_tokens if res is not None else 0) // MAX_SEGMENTS))
                 first = await self._transfer(res, body.prefill_url, body.handle, segment)
                 await engine.call(connector.activate_early, rid, _first_token(first, api.core.model_config.vocab_size))
             else:

@@ -231,8 +231,7 @@ class KVConnector:
                 early.seen = True
                 self._publish(early, seqs[0], None)
             elif early.seen or now - early.created > self.lease_seconds:  # gone, or never came: it never ran
-                early.deadline = 0.0
-                early.publish(early.progress.computed, early.progress.block_ids, broken="ended")
+                early.break_off("ended")
 
     def _publish(self, early: EarlyPrefill, seq: Sequence, reason: str | None) -> None:
         """`seq`'s progress into `early`, its new blocks pinned; `reason`: it has just finished."""
@@ -240,8 +239,7 @@ class KVConnector:
         first, broken = None, None
         if reason is None:  # still running
             if computed < early.progress.computed:  # preempted: its blocks went back (the pins keep them)
-                early.deadline = 0.0
-                early.publish(early.progress.computed, early.progress.block_ids, broken="was preempted")
+                early.break_off("was preempted")
                 return
             if computed == early.progress.computed:
                 return
@@ -270,8 +268,7 @@ class KVConnector:
                 continue
             pinned = early.pin.block_table if early.pin is not None else []
             if seq.block_table[:len(pinned)] != pinned:  # preempted and started again in other blocks
-                early.deadline = 0.0
-                early.publish(early.progress.computed, early.progress.block_ids, broken="was preempted")
+                early.break_off("was preempted")
                 continue
             scheduled = min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
             blocks = seq.block_table[:-(-scheduled // bs)]
@@ -294,9 +291,7 @@ class KVConnector:
         for seq in batch.seqs:
             early = self.early.get(seq.request_id)
             if early is not None and not early.done and early.progress.scheduled > early.progress.computed:
-                early.deadline = 0.0
-                early.publish(early.progress.computed, early.progress.block_ids,
-                              broken="was in a step that failed while its KV streamed")
+                early.break_off("was in a step that failed while its KV streamed")
 
     def open_segments(self, handle: str, start: int, segment_tokens: int
                       ) -> tuple[KVHeader, Iterator[tuple[int, int, LayerSource]], Callable[[], dict]]:

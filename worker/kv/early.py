@@ -95,6 +95,11 @@ class EarlyPrefill:
             self.done = first is not None or broken is not None
             self.cond.notify_all()
 
+    def break_off(self, why: str) -> None:
+        """The stream cannot go on (`why`): its readers fail, and it is let go once unread."""
+        self.deadline = 0.0
+        self.publish(self.progress.computed, self.progress.block_ids, broken=why)
+
     def begin_step(self, scheduled: int, block_ids: list[int]) -> None:
         """A step computing the prompt up to `scheduled` is about to run over `block_ids`."""
         with self.cond:
@@ -197,7 +202,7 @@ def segments(early: EarlyPrefill, caches: list[torch.Tensor], block_size: int, s
     while at < total:
         end = min(at + segment_tokens, total)
         p = early.wait(end, 0, wait_seconds)
-        if max(p.computed, p.scheduled) < end:
+        if not p.has(end, 0):
             raise KVTransferError(f"the prefill {early.handle} ended at {p.computed} of {total} prompt tokens",
                                   "refused")
         first = at // block_size
